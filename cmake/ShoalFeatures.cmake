@@ -1,0 +1,76 @@
+# Finds shoal's dependencies (all from Debian's packages; CUDA/NCCL from /usr/local/cuda) and
+# prints what was found and what was not, so a build log says which features a binary has.
+
+set(_shoal_found "")
+set(_shoal_missing "")
+macro(shoal_report name ok detail)
+  if(${ok})
+    message(STATUS "shoal: ${name}: found ${detail}")
+  else()
+    message(STATUS "shoal: ${name}: NOT found ${detail}")
+  endif()
+endmacro()
+
+find_package(absl CONFIG REQUIRED)
+shoal_report("abseil" absl_FOUND "")
+find_package(Torch REQUIRED)
+shoal_report("LibTorch" Torch_FOUND "${Torch_VERSION} (${TORCH_INSTALL_PREFIX})")
+find_package(Protobuf REQUIRED)
+shoal_report("Protocol Buffers" Protobuf_FOUND "${Protobuf_VERSION}")
+find_package(gRPC CONFIG QUIET)
+shoal_report("gRPC" gRPC_FOUND "${gRPC_VERSION}")
+find_package(MPI COMPONENTS CXX QUIET)
+shoal_report("MPI" MPI_CXX_FOUND "${MPI_CXX_VERSION}")
+find_package(tomlplusplus CONFIG REQUIRED)
+shoal_report("toml++" tomlplusplus_FOUND "")
+find_package(nlohmann_json CONFIG REQUIRED)
+shoal_report("nlohmann_json" nlohmann_json_FOUND "")
+find_package(CLI11 CONFIG REQUIRED)
+shoal_report("CLI11" CLI11_FOUND "")
+find_package(OpenSSL REQUIRED COMPONENTS Crypto)
+shoal_report("OpenSSL" OpenSSL_FOUND "${OPENSSL_VERSION}")
+find_package(GTest CONFIG QUIET)
+if(NOT GTest_FOUND)
+  find_package(GTest QUIET)
+endif()
+shoal_report("GoogleTest" GTest_FOUND "")
+find_path(GLOO_INCLUDE_DIR gloo/context.h)
+if(GLOO_INCLUDE_DIR)
+  set(SHOAL_HAVE_GLOO ON)
+endif()
+shoal_report("Gloo headers" SHOAL_HAVE_GLOO "${GLOO_INCLUDE_DIR}")
+
+# CUDA and NCCL: only from the toolkit under /usr/local/cuda; compiled in where present.
+set(SHOAL_CUDA_ROOT "/usr/local/cuda" CACHE PATH "CUDA toolkit root")
+if(EXISTS "${SHOAL_CUDA_ROOT}/bin/nvcc")
+  set(SHOAL_HAVE_CUDA ON)
+endif()
+shoal_report("CUDA toolkit" SHOAL_HAVE_CUDA "(${SHOAL_CUDA_ROOT}; the CPU build of LibTorch is used either way)")
+find_library(NCCL_LIBRARY nccl HINTS ${SHOAL_CUDA_ROOT}/lib64 ${SHOAL_CUDA_ROOT}/lib)
+if(NCCL_LIBRARY)
+  set(SHOAL_HAVE_NCCL ON)
+endif()
+shoal_report("NCCL" SHOAL_HAVE_NCCL "${NCCL_LIBRARY}")
+
+# Which BLAS LibTorch will call: Debian's LibTorch links libblas.so.3, which the alternatives
+# system points at the reference BLAS unless an OpenBLAS variant is installed. The reference
+# BLAS makes every matmul ~20x slower, so say so loudly.
+find_file(SHOAL_LIBBLAS libblas.so.3 PATHS /usr/lib/${CMAKE_LIBRARY_ARCHITECTURE} /usr/lib NO_DEFAULT_PATH)
+if(SHOAL_LIBBLAS)
+  get_filename_component(_blas_real "${SHOAL_LIBBLAS}" REALPATH)
+  if(_blas_real MATCHES "openblas")
+    message(STATUS "shoal: BLAS used by LibTorch: OpenBLAS (${_blas_real})")
+  else()
+    message(WARNING
+      "\n**************************************************************\n"
+      "shoal: LibTorch will use the REFERENCE BLAS (${_blas_real}).\n"
+      "Matrix multiplies will be about 20x slower. Install OpenBLAS:\n"
+      "    apt-get install libopenblas0-pthread\n"
+      "**************************************************************")
+  endif()
+else()
+  message(WARNING "shoal: could not find libblas.so.3; cannot tell which BLAS LibTorch uses")
+endif()
+
+# LibTorch's exported flags carry -D_GLIBCXX_USE_CXX11_ABI and the c10d defines.
+set(SHOAL_TORCH_FLAGS ${TORCH_CXX_FLAGS})

@@ -1,0 +1,65 @@
+// Checkpoints: one directory per step under a root, `<root>/step_00000010/`, holding
+//   model.safetensors      the weights, names like "blocks.0.attn.qkv.weight"
+//   optimizer.safetensors  optimizer state, names like "exp_avg.blocks.0.attn.qkv.weight"
+//   manifest.json          {"format": "shoal-checkpoint-v1", "step": 10, "config": "<TOML>",
+//                           "rng": {...}, "data": {...}, "extra": {...},
+//                           "files": {"model.safetensors": {"sha256": "..", "bytes": N}, ...}}
+// A checkpoint is written into "<root>/.tmp-step_00000010-<pid>", every file fsynced, then
+// renamed into place and the root fsynced: a crash at any point leaves the previous checkpoints
+// intact, and a half-written one is never mistaken for a valid one. Blocking; not thread-safe.
+#ifndef SHOAL_RUNTIME_CHECKPOINT_H_
+#define SHOAL_RUNTIME_CHECKPOINT_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "runtime/safetensors.h"
+
+namespace shoal::runtime {
+
+struct CheckpointState {
+  int64_t step = 0;                 // optimizer steps completed
+  std::string config_toml;          // the run's config, for the record and for checks
+  nlohmann::json rng;               // RNG / sampler state needed for a bit-exact resume
+  nlohmann::json data;              // data position (next step, dataset identity)
+  nlohmann::json extra;             // anything else the trainer wants back (e.g. metrics)
+  NamedTensors model;               // weights
+  NamedTensors optimizer;           // optimizer state
+};
+
+class CheckpointStore {
+ public:
+  // `root` is created on first Save. `keep` newest checkpoints survive a Save (0: keep all).
+  CheckpointStore(std::string root, int keep);
+
+  // Writes the checkpoint for state.step atomically, then prunes old ones beyond `keep`.
+  // Returns the final directory path. An existing checkpoint of the same step is replaced.
+  absl::StatusOr<std::string> Save(const CheckpointState& state);
+
+  // Loads and verifies one checkpoint directory (manifest format, every file's size and
+  // sha256, safetensors structure). kNotFound / kDataLoss naming the file at fault.
+  static absl::StatusOr<CheckpointState> Load(const std::string& step_dir);
+
+  // Newest checkpoint that loads and verifies; invalid ones are skipped, and for each one a
+  // line "<dir>: <reason>" is appended to `skipped`. std::nullopt when there is none.
+  absl::StatusOr<std::optional<CheckpointState>> LoadLatest(std::vector<std::string>* skipped) const;
+
+  // Step directories currently under root (valid or not), oldest first.
+  absl::StatusOr<std::vector<std::string>> ListStepDirs() const;
+
+  const std::string& root() const { return root_; }
+
+ private:
+  std::string root_;
+  int keep_;
+};
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_CHECKPOINT_H_

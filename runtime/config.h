@@ -1,0 +1,91 @@
+// The training configuration: a TOML file with sections [model], [data], [train], [optim] and
+// [checkpoint], plus command-line overrides `section.key=value`. Parsing is strict: an unknown
+// section or key, a value of the wrong type, or an impossible value is an error whose message
+// names the key (as "model.n_embd") and the file. Config is a plain value; copy it freely.
+#ifndef SHOAL_RUNTIME_CONFIG_H_
+#define SHOAL_RUNTIME_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace shoal::runtime {
+
+struct ModelConfig {
+  int n_layer = 4;         // transformer blocks
+  int n_head = 4;          // attention heads; must divide n_embd
+  int n_embd = 128;        // model width
+  int block_size = 128;    // context length (tokens)
+  int vocab_size = 256;    // token ids are < vocab_size; <= 65536 (uint16 token files)
+};
+
+struct DataConfig {
+  std::string dir;                 // folder with train.bin, val.bin (and meta.json)
+  bool verify_checksums = true;    // check meta.json's sha256 of each token file on open
+};
+
+struct TrainConfig {
+  int64_t steps = 100;             // optimizer steps
+  int batch_size = 16;             // sequences per micro-batch
+  int grad_accum = 1;              // micro-batches per optimizer step
+  uint64_t seed = 1337;            // model init and data order
+  int log_every = 10;              // steps between log lines
+  int eval_every = 100;            // steps between validation runs (0: only at the end)
+  int eval_batches = 8;            // batches in the fixed validation set
+  std::string out_dir = "runs/default";  // metrics.jsonl and (by default) checkpoints
+  int omp_threads = 0;             // LibTorch/OpenMP threads; 0: chosen by shoal
+  int blas_threads = 0;            // OpenBLAS threads; 0: chosen by shoal
+};
+
+struct OptimConfig {
+  double lr = 6e-4;                // peak learning rate
+  double min_lr_ratio = 0.1;       // cosine decays to lr * min_lr_ratio
+  int64_t warmup_steps = 10;       // linear warm-up from 0 to lr
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;       // on 2-D weights only
+  double grad_clip = 1.0;          // global L2 norm; 0 disables
+};
+
+struct CheckpointConfig {
+  std::string dir;                 // default: <train.out_dir>/checkpoints
+  int every = 0;                   // steps between checkpoints; 0: only at the end
+  int keep = 3;                    // newest checkpoints kept; older ones are deleted
+};
+
+struct Config {
+  ModelConfig model;
+  DataConfig data;
+  TrainConfig train;
+  OptimConfig optim;
+  CheckpointConfig checkpoint;
+  std::string source = "<defaults>";   // where it came from, for messages
+
+  // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config.
+  std::string ToToml() const;
+};
+
+// Parses TOML text (`source` names it in messages), applies `overrides` ("section.key=value";
+// the value is read as a TOML value, and as a string when that fails), then validates.
+// kInvalidArgument names the offending key or override.
+absl::StatusOr<Config> ParseConfig(const std::string& toml_text, const std::string& source,
+                                   const std::vector<std::string>& overrides = {});
+
+// Reads and parses a file; kNotFound names a missing file.
+absl::StatusOr<Config> LoadConfig(const std::string& path,
+                                  const std::vector<std::string>& overrides = {});
+
+// Checks the values that do not need the data: positive sizes, n_embd % n_head == 0,
+// 0 < beta < 1, min_lr_ratio in [0, 1], vocab_size <= 65536, ... Fills checkpoint.dir
+// from train.out_dir when empty is NOT done here (see ResolvedCheckpointDir).
+absl::Status ValidateConfig(const Config& config);
+
+// checkpoint.dir, or <train.out_dir>/checkpoints when it is empty.
+std::string ResolvedCheckpointDir(const Config& config);
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_CONFIG_H_

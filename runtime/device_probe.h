@@ -1,0 +1,49 @@
+// What this machine can do, measured rather than assumed: the BLAS library LibTorch calls, the
+// thread pools (LibTorch's OpenMP pool and OpenBLAS's own pthread pool, which oversubscribe a
+// small machine when both run wide), and the fp32 GEMM peak used as the MFU denominator.
+// Functions here change process-wide settings; call them from one thread at start-up.
+#ifndef SHOAL_RUNTIME_DEVICE_PROBE_H_
+#define SHOAL_RUNTIME_DEVICE_PROBE_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "runtime/config.h"
+
+namespace shoal::runtime {
+
+struct ThreadPlan {
+  int omp_threads = 1;   // LibTorch intra-op (OpenMP) threads: shoal's kernels, copies, adds
+  int blas_threads = 1;  // OpenBLAS threads: every matmul
+  std::string reason;    // why, for the log
+};
+
+// Logical CPUs this process may run on (sched_getaffinity).
+int AvailableCores();
+
+// The plan for a model: explicit values win (0 = choose). shoal's kernels and the GEMMs run one
+// after another, so both pools may use every core; they only collide if idle workers spin, which
+// shoal prevents (see PrepareProcessEnvironment).
+ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads);
+
+// Sets both pools. kFailedPrecondition if the BLAS thread count cannot be set (not OpenBLAS).
+absl::Status ApplyThreadPlan(const ThreadPlan& plan);
+
+// "OpenBLAS 0.3.21 ... (pthread)" or "reference BLAS (slow!)" from the loaded library.
+std::string DescribeBlas();
+
+// Sets the environment that the thread pools read when they start, before they start:
+// OMP_WAIT_POLICY=passive and OpenBLAS's short thread timeout, so the idle workers of one pool
+// sleep instead of spinning while the other works. Both libraries read these variables when
+// they load, so launch/ calls this first thing in main and re-executes the binary once if they
+// were not already set. Returns true when the caller must re-exec.
+bool NeedsEnvironmentReexec();
+
+// fp32 GEMM peak of this machine in GFLOP/s with every core on BLAS (best of several 2048^3
+// matmuls). Cached per machine (host name, CPU model, core count) in
+// $SHOAL_CACHE_DIR or ~/.cache/shoal/peak_gflops.json; `refresh` re-measures.
+absl::StatusOr<double> PeakGflops(bool refresh = false);
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_DEVICE_PROBE_H_

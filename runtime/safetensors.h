@@ -1,0 +1,39 @@
+// Reading and writing the safetensors format: an 8-byte little-endian header length, a JSON
+// header {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+// "__metadata__": {"k": "v"}}, then the raw little-endian tensor bytes. Files written here load
+// in the reference safetensors library and vice versa. Reading validates everything it is given
+// (header size and JSON, dtypes, shapes against offsets, offsets inside the file, overlaps).
+#ifndef SHOAL_RUNTIME_SAFETENSORS_H_
+#define SHOAL_RUNTIME_SAFETENSORS_H_
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace shoal::runtime {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+// Writes `tensors` (CPU; F32, F64, F16, BF16, I64, I32, I16, I8, U8, BOOL; any strides: they are
+// written contiguous) in the given order, plus string `metadata`, and fsyncs the file.
+// kInvalidArgument for an unsupported dtype or duplicate name; kInternal for I/O errors.
+absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+
+struct SafetensorsFile {
+  std::map<std::string, at::Tensor> tensors;   // owned CPU tensors
+  std::map<std::string, std::string> metadata;
+};
+
+// kNotFound if missing; kDataLoss naming the file and the problem for anything malformed.
+absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_SAFETENSORS_H_

@@ -1,0 +1,118 @@
+// The training loop of one worker (single process for now; data-parallel and pipeline ranks
+// will drive the same StepEngine through parallel/).
+//
+// StepEngine: model + AdamW + schedule, one optimizer step over explicit micro-batches
+// (zero grads, forward/backward each micro-batch with loss / grad_accum, global grad norm,
+// clip, AdamW at the scheduled lr). It needs no data files, so tests drive it directly.
+//
+// Trainer: everything around it, built in a fixed order: thread pools, data, model, optimizer,
+// resume, metrics. Run() loops over steps, logs every train.log_every steps, evaluates every
+// train.eval_every steps on a fixed validation set, checkpoints every checkpoint.every steps
+// and at the end, and stops early (with a checkpoint) when *stop_requested turns true.
+// Blocking; not thread-safe.
+#ifndef SHOAL_RUNTIME_TRAINER_H_
+#define SHOAL_RUNTIME_TRAINER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "parallel/adamw.h"
+#include "runtime/checkpoint.h"
+#include "runtime/config.h"
+#include "runtime/gpt.h"
+#include "runtime/metrics.h"
+#include "runtime/sampler.h"
+#include "runtime/token_file.h"
+
+namespace shoal::runtime {
+
+struct StepStats {
+  double loss = 0;       // mean over the micro-batches
+  double grad_norm = 0;  // global L2 norm before clipping
+  double lr = 0;
+};
+
+class StepEngine {
+ public:
+  explicit StepEngine(const Config& config);
+
+  // One optimizer step `step` (0-based) over micro-batches of (tokens, targets), each (B, T)
+  // int64. Throws c10::Error on a malformed batch (the Trainer turns that into a status).
+  StepStats Step(int64_t step, const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
+
+  Gpt& model() { return *model_; }
+  parallel::AdamW& optimizer() { return *optimizer_; }
+
+ private:
+  Config config_;
+  std::unique_ptr<Gpt> model_;
+  std::unique_ptr<parallel::AdamW> optimizer_;
+};
+
+struct TrainOptions {
+  bool resume = false;                 // continue from the newest valid checkpoint
+  int64_t stop_after = 0;              // >0: stop (with a checkpoint) after this many steps
+  bool bench = false;                  // no eval, no checkpoints, no metrics file
+  int64_t bench_warmup_steps = 3;      // bench: steps excluded from the timing
+  bool log = true;                     // print log lines to stderr
+  const std::atomic<bool>* stop_requested = nullptr;  // e.g. set by SIGTERM
+};
+
+struct TrainResult {
+  int64_t first_step = 0;              // 0, or the resumed step
+  int64_t last_step = 0;               // steps completed at the end
+  std::vector<double> losses;          // per step run in this invocation
+  double last_val_loss = -1;           // -1 if never evaluated
+  double first_val_loss = -1;
+  double tokens_per_s = 0;             // over the timed steps
+  double step_time_ms = 0;
+  double mfu = 0;
+  double peak_gflops = 0;
+  int omp_threads = 0;
+  int blas_threads = 0;
+  std::string checkpoint;              // last checkpoint written, if any
+  bool stopped_early = false;
+};
+
+class Trainer {
+ public:
+  // Builds the whole worker. Errors: bad data (named file), bad checkpoint when resuming with
+  // none valid is NOT an error (starts fresh, logging the skipped ones), thread setup failure.
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const Config& config,
+                                                          const TrainOptions& options);
+  absl::StatusOr<TrainResult> Run();
+
+  // Mean loss over the fixed validation set.
+  double Evaluate();
+
+  StepEngine& engine() { return *engine_; }
+
+ private:
+  Trainer(Config config, TrainOptions options) : config_(std::move(config)), options_(options) {}
+  absl::Status Resume();
+  absl::StatusOr<std::string> SaveCheckpoint(int64_t step);
+
+  Config config_;
+  TrainOptions options_;
+  TokenDataset data_;
+  std::unique_ptr<BatchSampler> train_sampler_;
+  std::unique_ptr<BatchSampler> val_sampler_;
+  std::unique_ptr<StepEngine> engine_;
+  std::unique_ptr<CheckpointStore> checkpoints_;
+  std::optional<MetricsFile> metrics_;
+  int64_t start_step_ = 0;
+  double peak_gflops_ = 0;
+  int omp_threads_ = 0, blas_threads_ = 0;
+};
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_TRAINER_H_

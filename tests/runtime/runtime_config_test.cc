@@ -1,0 +1,356 @@
+// Tests for runtime/config: the strict TOML schema, overrides, validation and the ToToml round
+// trip. Files are real (a mkdtemp folder) where LoadConfig is under test.
+#include "runtime/config.h"
+
+#include <stdlib.h>
+
+#include <string>
+#include <vector>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "common/file_util.h"
+
+namespace shoal::runtime {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kMinimal[] = R"([data]
+dir = "data/tiny"
+)";
+
+absl::StatusOr<Config> Parse(const std::string& text, const std::vector<std::string>& overrides = {}) {
+  return ParseConfig(text, "test.toml", overrides);
+}
+
+// The message as a std::string, which gmock prints readably.
+std::string Msg(const absl::Status& s) { return std::string(s.message()); }
+
+// Field-by-field equality, ignoring `source`.
+void ExpectSameValues(const Config& a, const Config& b) {
+  EXPECT_EQ(a.model.n_layer, b.model.n_layer);
+  EXPECT_EQ(a.model.n_head, b.model.n_head);
+  EXPECT_EQ(a.model.n_embd, b.model.n_embd);
+  EXPECT_EQ(a.model.block_size, b.model.block_size);
+  EXPECT_EQ(a.model.vocab_size, b.model.vocab_size);
+  EXPECT_EQ(a.data.dir, b.data.dir);
+  EXPECT_EQ(a.data.verify_checksums, b.data.verify_checksums);
+  EXPECT_EQ(a.train.steps, b.train.steps);
+  EXPECT_EQ(a.train.batch_size, b.train.batch_size);
+  EXPECT_EQ(a.train.grad_accum, b.train.grad_accum);
+  EXPECT_EQ(a.train.seed, b.train.seed);
+  EXPECT_EQ(a.train.log_every, b.train.log_every);
+  EXPECT_EQ(a.train.eval_every, b.train.eval_every);
+  EXPECT_EQ(a.train.eval_batches, b.train.eval_batches);
+  EXPECT_EQ(a.train.out_dir, b.train.out_dir);
+  EXPECT_EQ(a.train.omp_threads, b.train.omp_threads);
+  EXPECT_EQ(a.train.blas_threads, b.train.blas_threads);
+  EXPECT_EQ(a.optim.lr, b.optim.lr);  // exact: the round trip must not lose bits
+  EXPECT_EQ(a.optim.min_lr_ratio, b.optim.min_lr_ratio);
+  EXPECT_EQ(a.optim.warmup_steps, b.optim.warmup_steps);
+  EXPECT_EQ(a.optim.beta1, b.optim.beta1);
+  EXPECT_EQ(a.optim.beta2, b.optim.beta2);
+  EXPECT_EQ(a.optim.eps, b.optim.eps);
+  EXPECT_EQ(a.optim.weight_decay, b.optim.weight_decay);
+  EXPECT_EQ(a.optim.grad_clip, b.optim.grad_clip);
+  EXPECT_EQ(a.checkpoint.dir, b.checkpoint.dir);
+  EXPECT_EQ(a.checkpoint.every, b.checkpoint.every);
+  EXPECT_EQ(a.checkpoint.keep, b.checkpoint.keep);
+}
+
+TEST(ConfigTest, MinimalFileGivesDefaults) {
+  absl::StatusOr<Config> c = Parse(kMinimal);
+  ASSERT_TRUE(c.ok()) << c.status();
+  Config expected;
+  expected.data.dir = "data/tiny";
+  ExpectSameValues(*c, expected);
+  EXPECT_EQ(c->source, "test.toml");
+}
+
+TEST(ConfigTest, ParsesEverySection) {
+  absl::StatusOr<Config> c = Parse(R"(
+[model]
+n_layer = 2
+n_head = 2
+n_embd = 64
+block_size = 32
+vocab_size = 65536
+[data]
+dir = "/d"
+verify_checksums = false
+[train]
+steps = 5000000000
+batch_size = 4
+grad_accum = 2
+seed = 7
+log_every = 1
+eval_every = 0
+eval_batches = 3
+out_dir = "runs/x"
+omp_threads = 2
+blas_threads = 1
+[optim]
+lr = 3e-4
+min_lr_ratio = 0
+warmup_steps = 0
+beta1 = 0.8
+beta2 = 0.99
+eps = 1e-6
+weight_decay = 0.0
+grad_clip = 0
+[checkpoint]
+dir = "/ckpt"
+every = 50
+keep = 0
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model.n_layer, 2);
+  EXPECT_EQ(c->model.vocab_size, 65536);
+  EXPECT_FALSE(c->data.verify_checksums);
+  EXPECT_EQ(c->train.steps, 5000000000LL);
+  EXPECT_EQ(c->train.seed, 7u);
+  EXPECT_EQ(c->train.out_dir, "runs/x");
+  EXPECT_EQ(c->optim.lr, 3e-4);
+  EXPECT_EQ(c->optim.min_lr_ratio, 0.0);  // integer accepted where a float is expected
+  EXPECT_EQ(c->optim.grad_clip, 0.0);
+  EXPECT_EQ(c->checkpoint.dir, "/ckpt");
+  EXPECT_EQ(c->checkpoint.every, 50);
+  EXPECT_EQ(ResolvedCheckpointDir(*c), "/ckpt");
+}
+
+TEST(ConfigTest, UnknownKeyIsRejectedWithSuggestion) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[model]\nn_layr = 3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'model.n_layr' in test.toml"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_layer"));
+}
+
+TEST(ConfigTest, UnknownSectionIsRejected) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[modle]\nn_layer = 3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("'modle'"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("test.toml"));
+}
+
+TEST(ConfigTest, TopLevelKeyIsRejected) {
+  absl::StatusOr<Config> c = Parse("lr = 0.1\n" + std::string(kMinimal));
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'lr'"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.lr"));
+}
+
+TEST(ConfigTest, NestedTableInSectionIsRejected) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[model.extra]\nx = 1\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.extra"));
+}
+
+TEST(ConfigTest, WrongTypeNamesKeyAndTypes) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[model]\nn_layer = \"four\"\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()),
+              HasSubstr("model.n_layer must be an integer (got string) in test.toml"));
+
+  c = Parse(std::string(kMinimal) + "[model]\nn_layer = 4.0\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_layer must be an integer (got float)"));
+
+  c = Parse(std::string(kMinimal) + "[optim]\nlr = true\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.lr"));
+
+  c = Parse("[data]\ndir = 3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("data.dir must be a string (got integer)"));
+
+  c = Parse("[data]\ndir = \"x\"\nverify_checksums = 1\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("data.verify_checksums"));
+
+  c = Parse("model = 3\n" + std::string(kMinimal));
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model must be a table"));
+}
+
+TEST(ConfigTest, IntegerOutOfIntRangeIsRejected) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[model]\nn_layer = 4294967297\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_layer"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("out of range"));
+
+  c = Parse(std::string(kMinimal) + "[train]\nseed = -1\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("train.seed"));
+}
+
+TEST(ConfigTest, SyntaxErrorReportsSourceAndLine) {
+  absl::StatusOr<Config> c = Parse("[data]\ndir = \"x\"\n[model]\nn_layer = = 3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("test.toml:4:"));
+}
+
+TEST(ConfigTest, EmbdNotDivisibleByHeadShowsBothNumbers) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + "[model]\nn_embd = 100\nn_head = 3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_embd (100)"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_head (3)"));
+}
+
+TEST(ConfigTest, ValidationNamesEachBadKey) {
+  struct Case {
+    const char* override_text;
+    const char* key;
+  };
+  const Case cases[] = {
+      {"train.steps=0", "train.steps"},
+      {"train.batch_size=0", "train.batch_size"},
+      {"train.grad_accum=-1", "train.grad_accum"},
+      {"model.n_layer=0", "model.n_layer"},
+      {"model.n_head=0", "model.n_head"},
+      {"model.block_size=0", "model.block_size"},
+      {"model.vocab_size=1", "model.vocab_size"},
+      {"model.vocab_size=65537", "model.vocab_size"},
+      {"train.eval_batches=0", "train.eval_batches"},
+      {"train.log_every=0", "train.log_every"},
+      {"train.eval_every=-1", "train.eval_every"},
+      {"train.omp_threads=-1", "train.omp_threads"},
+      {"train.blas_threads=-2", "train.blas_threads"},
+      {"checkpoint.every=-1", "checkpoint.every"},
+      {"checkpoint.keep=-1", "checkpoint.keep"},
+      {"optim.lr=0", "optim.lr"},
+      {"optim.min_lr_ratio=1.5", "optim.min_lr_ratio"},
+      {"optim.min_lr_ratio=-0.1", "optim.min_lr_ratio"},
+      {"optim.warmup_steps=-1", "optim.warmup_steps"},
+      {"optim.beta1=1.0", "optim.beta1"},
+      {"optim.beta2=-0.5", "optim.beta2"},
+      {"optim.eps=0", "optim.eps"},
+      {"optim.weight_decay=-0.1", "optim.weight_decay"},
+      {"optim.grad_clip=-1", "optim.grad_clip"},
+      {"data.dir=\"\"", "data.dir"},
+  };
+  for (const Case& c : cases) {
+    absl::StatusOr<Config> config = Parse(kMinimal, {c.override_text});
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << c.override_text;
+    EXPECT_THAT(Msg(config.status()), HasSubstr(c.key)) << c.override_text;
+  }
+  // Boundary values that are fine.
+  EXPECT_TRUE(Parse(kMinimal, {"model.vocab_size=2", "optim.beta1=0", "optim.min_lr_ratio=1",
+                               "train.eval_every=0", "checkpoint.keep=0", "optim.grad_clip=0"})
+                  .ok());
+}
+
+TEST(ConfigTest, OverridesApplyInOrder) {
+  absl::StatusOr<Config> c =
+      Parse(kMinimal, {"model.n_layer=6", "optim.lr=1e-3", "optim.beta1 = 0.5",
+                       "data.dir=/tmp/some dir", "train.out_dir=\"quoted # dir\"",
+                       "data.verify_checksums=false", "model.n_layer=8", "checkpoint.dir=2024"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model.n_layer, 8);
+  EXPECT_EQ(c->optim.lr, 1e-3);
+  EXPECT_EQ(c->optim.beta1, 0.5);
+  EXPECT_EQ(c->data.dir, "/tmp/some dir");        // not TOML: taken as a string
+  EXPECT_EQ(c->train.out_dir, "quoted # dir");    // a TOML string
+  EXPECT_FALSE(c->data.verify_checksums);
+  EXPECT_EQ(c->checkpoint.dir, "2024");           // a string key takes the raw text
+  EXPECT_EQ(ResolvedCheckpointDir(*c), "2024");
+}
+
+TEST(ConfigTest, BadOverridesNameTheOverride) {
+  const char* bad[] = {
+      "model.n_layer",      // no '='
+      "n_layer=3",          // no section
+      "model.n_layr=3",     // unknown key
+      "modle.n_layer=3",    // unknown section
+      "model.n_layer=abc",  // not an integer (falls back to a string)
+      "model.n_layer=3.5",  // float for an integer
+      "optim.lr=fast",      // string for a float
+  };
+  for (const char* o : bad) {
+    absl::StatusOr<Config> c = Parse(kMinimal, {o});
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << o;
+    EXPECT_THAT(Msg(c.status()), HasSubstr(o)) << o;
+  }
+  absl::StatusOr<Config> c = Parse(kMinimal, {"model.n_layr=3"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_layer"));  // the suggestion
+  c = Parse(kMinimal, {"model.n_layer=abc"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("model.n_layer must be an integer (got string)"));
+}
+
+TEST(ConfigTest, ToTomlRoundTrips) {
+  Config original;
+  original.model = {3, 2, 10, 17, 65536};
+  original.data.dir = "dir with \"quotes\", \\backslash\\, tab\t, newline\n and unicode \xC3\xA9";
+  original.data.verify_checksums = false;
+  original.train.steps = 12345678901LL;
+  original.train.batch_size = 3;
+  original.train.grad_accum = 5;
+  original.train.seed = 9007199254740993ULL;  // not representable as a double
+  original.train.log_every = 7;
+  original.train.eval_every = 0;
+  original.train.eval_batches = 2;
+  original.train.out_dir = "runs/#not-a-comment";
+  original.train.omp_threads = 3;
+  original.train.blas_threads = 1;
+  original.optim.lr = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
+  original.optim.min_lr_ratio = 1.0;
+  original.optim.warmup_steps = 123;
+  original.optim.beta1 = 1.0 / 3.0;
+  original.optim.beta2 = 0.999;
+  original.optim.eps = 1e-300;
+  original.optim.weight_decay = 0.0;
+  original.optim.grad_clip = 2.5;
+  original.checkpoint.dir = "";
+  original.checkpoint.every = 4;
+  original.checkpoint.keep = 9;
+
+  const std::string text = original.ToToml();
+  absl::StatusOr<Config> parsed = ParseConfig(text, "roundtrip.toml");
+  ASSERT_TRUE(parsed.ok()) << parsed.status() << "\n" << text;
+  ExpectSameValues(original, *parsed);
+  EXPECT_EQ(parsed->ToToml().substr(parsed->ToToml().find('\n')),
+            text.substr(text.find('\n')));  // same text after the "from <source>" comment
+
+  // The defaults round-trip too.
+  Config defaults;
+  defaults.data.dir = "d";
+  parsed = ParseConfig(defaults.ToToml(), "defaults.toml");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  ExpectSameValues(defaults, *parsed);
+}
+
+TEST(ConfigTest, ResolvedCheckpointDirDefaultsUnderOutDir) {
+  Config c;
+  c.train.out_dir = "runs/a/";
+  EXPECT_EQ(ResolvedCheckpointDir(c), "runs/a/checkpoints");
+  c.checkpoint.dir = "/elsewhere";
+  EXPECT_EQ(ResolvedCheckpointDir(c), "/elsewhere");
+}
+
+TEST(ConfigTest, LoadConfigReadsFileAndReportsMissing) {
+  char tmpl[] = "/tmp/shoal_config_test_XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  const std::string path = dir + "/run.toml";
+  ASSERT_TRUE(WriteFileSynced(path, "[data]\ndir = \"x\"\n[model]\nn_layer = 2\n").ok());
+
+  absl::StatusOr<Config> c = LoadConfig(path, {"model.n_head=2"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model.n_layer, 2);
+  EXPECT_EQ(c->model.n_head, 2);
+  EXPECT_EQ(c->source, path);
+
+  ASSERT_TRUE(WriteFileSynced(path, "[data]\ndir = \"x\"\n[model]\nheads = 2\n").ok());
+  c = LoadConfig(path);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr(path));
+
+  c = LoadConfig(dir + "/missing.toml");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("missing.toml"));
+  ASSERT_TRUE(RemoveAll(dir).ok());
+}
+
+}  // namespace
+}  // namespace shoal::runtime
