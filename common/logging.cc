@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <iomanip>
 
 namespace shoal {
 namespace {
@@ -28,7 +29,8 @@ LogLine::LogLine(LogLevel level, const char* file, int line) : level_(level) {
   std::strftime(stamp, sizeof(stamp), "%m%d %H:%M:%S", &local);
   const char* base = std::strrchr(file, '/');
   stream_ << kLetters[static_cast<int>(level)] << stamp << '.'
-          << static_cast<int>(tv.tv_usec / 1000) << ' ' << (base ? base + 1 : file) << ':'
+          << std::setw(3) << std::setfill('0') << static_cast<int>(tv.tv_usec / 1000)
+          << std::setfill(' ') << ' ' << (base ? base + 1 : file) << ':'
           << line << "] ";
 }
 

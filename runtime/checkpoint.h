@@ -38,19 +38,26 @@ class CheckpointStore {
   // `root` is created on first Save. `keep` newest checkpoints survive a Save (0: keep all).
   CheckpointStore(std::string root, int keep);
 
-  // Writes the checkpoint for state.step atomically, then prunes old ones beyond `keep`.
-  // Returns the final directory path. An existing checkpoint of the same step is replaced.
+  // Writes the checkpoint for state.step atomically, then prunes the oldest step directories
+  // beyond `keep` (never the one just written, even when newer steps exist; a failed prune is
+  // logged, not returned). Returns the final directory path. An existing checkpoint of the same
+  // step is replaced atomically. Before writing, removes stale "<root>/.tmp-*" directories: those
+  // whose writer pid is no longer alive, or is this process. kInvalidArgument for a step outside
+  // [0, 99999999]; kInternal for I/O errors (the temporary is removed, nothing else changes).
   absl::StatusOr<std::string> Save(const CheckpointState& state);
 
   // Loads and verifies one checkpoint directory (manifest format, every file's size and
-  // sha256, safetensors structure). kNotFound / kDataLoss naming the file at fault.
+  // sha256, safetensors structure). kNotFound if `step_dir` does not exist; kDataLoss naming
+  // the file at fault for anything missing or corrupt inside it (including a manifest whose
+  // step disagrees with a step_XXXXXXXX directory name). Tensors come back sorted by name.
   static absl::StatusOr<CheckpointState> Load(const std::string& step_dir);
 
   // Newest checkpoint that loads and verifies; invalid ones are skipped, and for each one a
   // line "<dir>: <reason>" is appended to `skipped`. std::nullopt when there is none.
   absl::StatusOr<std::optional<CheckpointState>> LoadLatest(std::vector<std::string>* skipped) const;
 
-  // Step directories currently under root (valid or not), oldest first.
+  // Paths "<root>/step_XXXXXXXX" (exactly 8 digits, directories only) currently under root,
+  // valid or not, oldest first. Empty when root does not exist yet.
   absl::StatusOr<std::vector<std::string>> ListStepDirs() const;
 
   const std::string& root() const { return root_; }

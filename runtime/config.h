@@ -64,13 +64,17 @@ struct Config {
   CheckpointConfig checkpoint;
   std::string source = "<defaults>";   // where it came from, for messages
 
-  // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config.
+  // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config (all but
+  // `source`; train.seed must fit in int64, as TOML integers do).
   std::string ToToml() const;
 };
 
-// Parses TOML text (`source` names it in messages), applies `overrides` ("section.key=value";
-// the value is read as a TOML value, and as a string when that fails), then validates.
-// kInvalidArgument names the offending key or override.
+// Parses TOML text (`source` names it in messages), applies `overrides` ("section.key=value",
+// in order; the value is read as a TOML value, and as a string when that fails; a string key
+// takes the raw text unless it is a quoted TOML string), then validates. Integers are accepted
+// where floats are expected; an integer outside int's range for an int field is an error.
+// kInvalidArgument names the offending key (with the line) or override; TOML syntax errors
+// read "<source>:<line>:<column>: ...".
 absl::StatusOr<Config> ParseConfig(const std::string& toml_text, const std::string& source,
                                    const std::vector<std::string>& overrides = {});
 
@@ -79,8 +83,10 @@ absl::StatusOr<Config> LoadConfig(const std::string& path,
                                   const std::vector<std::string>& overrides = {});
 
 // Checks the values that do not need the data: positive sizes, n_embd % n_head == 0,
-// 0 < beta < 1, min_lr_ratio in [0, 1], vocab_size <= 65536, ... Fills checkpoint.dir
-// from train.out_dir when empty is NOT done here (see ResolvedCheckpointDir).
+// 0 <= beta < 1, min_lr_ratio in [0, 1], vocab_size in [2, 65536], finite lr/eps/decay/clip,
+// non-empty data.dir and train.out_dir. kInvalidArgument lists every problem, each naming its
+// key. Filling an empty checkpoint.dir from train.out_dir is NOT done here (see
+// ResolvedCheckpointDir).
 absl::Status ValidateConfig(const Config& config);
 
 // checkpoint.dir, or <train.out_dir>/checkpoints when it is empty.

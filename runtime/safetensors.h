@@ -2,7 +2,9 @@
 // header {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
 // "__metadata__": {"k": "v"}}, then the raw little-endian tensor bytes. Files written here load
 // in the reference safetensors library and vice versa. Reading validates everything it is given
-// (header size and JSON, dtypes, shapes against offsets, offsets inside the file, overlaps).
+// (header size and JSON, dtypes, shapes against offsets, offsets inside the file, overlaps,
+// duplicate names); bytes no tensor claims are allowed, unknown fields of an entry ignored.
+// Both calls block; neither keeps state, so they are thread-safe for distinct paths.
 #ifndef SHOAL_RUNTIME_SAFETENSORS_H_
 #define SHOAL_RUNTIME_SAFETENSORS_H_
 
