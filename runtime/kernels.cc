@@ -167,6 +167,9 @@ double CrossEntropyRow(float* l, int64_t target, int64_t v) {
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < v; ++j) mx = std::max(mx, l[j]);
+  // log p[target] = (l[target] - max) - log(sum): taken from the shifted logit before the row is
+  // overwritten, so it stays exact when p[target] underflows (ExpF clamps at e^-87).
+  const double shifted_target = static_cast<double>(l[target]) - mx;
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < v; ++j) {
@@ -174,8 +177,7 @@ double CrossEntropyRow(float* l, int64_t target, int64_t v) {
     l[j] = e;
     sum += e;
   }
-  // log p[target] from the shifted logit, exact even when p underflows.
-  const double logp = static_cast<double>(std::log(l[target])) - std::log(static_cast<double>(sum));
+  const double logp = shifted_target - std::log(static_cast<double>(sum));
   const float inv = 1.0f / sum;
 #pragma omp simd
   for (int64_t j = 0; j < v; ++j) l[j] *= inv;

@@ -24,7 +24,7 @@ void GeluForward(const float* x, int64_t n, float* out);
 void GeluBackward(const float* x, const float* dout, int64_t n, float* dx);
 
 // In place over `rows` score matrices of (T, T): row i becomes softmax(scale * s[i, 0..i]) with
-// zeros above the diagonal (causal attention).
+// zeros above the diagonal (causal attention). REQUIRES: scale > 0.
 void CausalSoftmaxForward(float* scores, int64_t rows, int64_t t, float scale);
 // dS = scale * P * (dP - rowsum(dP * P)), lower triangle only, zeros above; in place into dp.
 void CausalSoftmaxBackward(const float* p, float* dp, int64_t rows, int64_t t, float scale);
