@@ -7,11 +7,42 @@
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "common/simd.h"
 
 namespace shoal::parallel {
 namespace {
 constexpr int64_t kNormBlock = 4096;
 constexpr int64_t kStepGrain = 16384;
+
+struct AdamWConstants {
+  float decay, b1, one_minus_b1, b2, one_minus_b2, step_size, bc2_sqrt, eps, scale;
+};
+
+// The fused update of elements [0, n): one read of p, g, m, v and one write of p, m, v each.
+SHOAL_SIMD_CLONES
+void AdamWRange(const AdamWConstants& k, const float* gr, float* p, float* m, float* v,
+                int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gr[i] * k.scale;
+    const float pi = p[i] * k.decay;
+    const float mi = m[i] * k.b1 + g * k.one_minus_b1;
+    const float vi = v[i] * k.b2 + k.one_minus_b2 * (g * g);
+    const float denom = std::sqrt(vi) / k.bc2_sqrt + k.eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = pi - k.step_size * (mi / denom);
+  }
+}
+
+SHOAL_SIMD_CLONES
+double SumSquares(const float* g, int64_t n) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
+  return s;
+}
+
 }  // namespace
 
 double GlobalL2Norm(const std::vector<at::Tensor>& flats) {
@@ -23,10 +54,8 @@ double GlobalL2Norm(const std::vector<at::Tensor>& flats) {
     std::vector<double> partial(blocks, 0.0);
     at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t end = std::min(n, (b + 1) * kNormBlock);
-        double s = 0;
-        for (int64_t i = b * kNormBlock; i < end; ++i) s += static_cast<double>(g[i]) * g[i];
-        partial[b] = s;
+        const int64_t begin = b * kNormBlock;
+        partial[b] = SumSquares(g + begin, std::min(n, begin + kNormBlock) - begin);
       }
     });
     for (double s : partial) total += s;  // fixed order: independent of the thread count
@@ -52,32 +81,24 @@ void AdamW::Step(double lr, double grad_scale) {
   const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(steps_));
   const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(steps_));
   // Constants rounded to float once, as torch.optim.AdamW's tensor ops do.
-  const float b1 = static_cast<float>(options_.beta1);
-  const float one_minus_b1 = static_cast<float>(1.0 - options_.beta1);
-  const float b2 = static_cast<float>(options_.beta2);
-  const float one_minus_b2 = static_cast<float>(1.0 - options_.beta2);
-  const float step_size = static_cast<float>(lr / bc1);
-  const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-  const float eps = static_cast<float>(options_.eps);
-  const float scale = static_cast<float>(grad_scale);
+  AdamWConstants k;
+  k.b1 = static_cast<float>(options_.beta1);
+  k.one_minus_b1 = static_cast<float>(1.0 - options_.beta1);
+  k.b2 = static_cast<float>(options_.beta2);
+  k.one_minus_b2 = static_cast<float>(1.0 - options_.beta2);
+  k.step_size = static_cast<float>(lr / bc1);
+  k.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
+  k.eps = static_cast<float>(options_.eps);
+  k.scale = static_cast<float>(grad_scale);
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     const ParamGroup& group = groups_[gi];
-    const float decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
+    k.decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
     float* p = group.params->flat().data_ptr<float>();
     const float* gr = group.grads->flat().data_ptr<float>();
     float* m = exp_avg_[gi].flat().data_ptr<float>();
     float* v = exp_avg_sq_[gi].flat().data_ptr<float>();
     at::parallel_for(0, group.params->numel(), kStepGrain, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const float g = gr[i] * scale;
-        const float pi = p[i] * decay;
-        const float mi = m[i] * b1 + g * one_minus_b1;
-        const float vi = v[i] * b2 + one_minus_b2 * (g * g);
-        const float denom = std::sqrt(vi) / bc2_sqrt + eps;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = pi - step_size * (mi / denom);
-      }
+      AdamWRange(k, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
     });
   }
 }

@@ -7,15 +7,11 @@
 #include <cstring>
 #include <vector>
 
-// The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
-// load time by the CPU, so one binary runs on every host of a mixed cluster and still uses the
-// wide vectors where they exist. `omp simd` (with -fopenmp-simd) lets GCC vectorise the float
-// reductions; the summation order then depends only on the vector width, not on the threads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SHOAL_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-#else
-#define SHOAL_SIMD_CLONES
-#endif
+#include "common/simd.h"
+
+// The inner loops below are plain functions marked SHOAL_SIMD_CLONES (see common/simd.h), called
+// from the ATen parallel_for lambdas; the summation order of their `omp simd` reductions depends
+// only on the vector width, never on the thread count.
 
 namespace shoal::runtime::kernels {
 namespace {
