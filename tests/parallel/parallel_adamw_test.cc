@@ -18,6 +18,7 @@
 
 #include "memory/flat_buffer.h"
 #include "parallel/adamw.h"
+#include "tests/aten_test_util.h"
 
 namespace shoal::parallel {
 namespace {
@@ -25,15 +26,7 @@ namespace {
 using memory::FlatBuffer;
 using StateList = std::vector<std::pair<std::string, at::Tensor>>;
 
-// Restores LibTorch's thread count at scope exit.
-class ThreadCountGuard {
- public:
-  ThreadCountGuard() : saved_(at::get_num_threads()) {}
-  ~ThreadCountGuard() { at::set_num_threads(saved_); }
-
- private:
-  int saved_;
-};
+using shoal::testing::ThreadCountGuard;
 
 // Two parameter groups as the model uses them: 2-D weights with decay, vectors without.
 // Sizes are not multiples of the 16-element alignment, so padding is present.

@@ -15,20 +15,14 @@
 #include <gtest/gtest.h>
 
 #include "runtime/kernels.h"
+#include "tests/aten_test_util.h"
 
 namespace shoal::runtime::kernels {
 namespace {
 
 constexpr double kRelTol = 2e-6;
 
-class ThreadCountGuard {
- public:
-  ThreadCountGuard() : saved_(at::get_num_threads()) {}
-  ~ThreadCountGuard() { at::set_num_threads(saved_); }
-
- private:
-  int saved_;
-};
+using shoal::testing::ThreadCountGuard;
 
 at::Tensor RandnF(std::vector<int64_t> shape, uint64_t seed, double std = 1.0, double mean = 0.0) {
   at::manual_seed(seed);

@@ -62,28 +62,22 @@ class TrainerTest : public ::testing::Test {
     return RunCommand(cmd);
   }
 
-  // Per-step training losses from a run's metrics.jsonl, in file order.
+  // Field `field` of every record of kind `kind` in a run's metrics.jsonl, in file order.
+  std::vector<double> Metric(const std::string& run, const std::string& kind,
+                             const std::string& field) {
+    std::vector<double> out;
+    std::istringstream in(shoal::testing::ReadTextFile(tmp_ / (run + "/metrics.jsonl")));
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line);
+      if (j["kind"] == kind) out.push_back(j[field].get<double>());
+    }
+    return out;
+  }
   std::vector<double> StepLosses(const std::string& run) {
-    std::vector<double> out;
-    std::istringstream in(shoal::testing::ReadTextFile(tmp_ / (run + "/metrics.jsonl")));
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line);
-      if (j["kind"] == "train") out.push_back(j["step_loss"].get<double>());
-    }
-    return out;
+    return Metric(run, "train", "step_loss");
   }
-
-  std::vector<double> ValLosses(const std::string& run) {
-    std::vector<double> out;
-    std::istringstream in(shoal::testing::ReadTextFile(tmp_ / (run + "/metrics.jsonl")));
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line);
-      if (j["kind"] == "val") out.push_back(j["val_loss"].get<double>());
-    }
-    return out;
-  }
+  std::vector<double> ValLosses(const std::string& run) { return Metric(run, "val", "val_loss"); }
 
   TempDir tmp_;
 };
