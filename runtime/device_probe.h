@@ -21,9 +21,9 @@ struct ThreadPlan {
 // Logical CPUs this process may run on (sched_getaffinity).
 int AvailableCores();
 
-// The plan for a model: explicit values win (0 = choose). shoal's kernels and the GEMMs run one
-// after another, so both pools may use every core; they only collide if idle workers spin, which
-// shoal prevents (see PrepareProcessEnvironment).
+// The plan for a model: explicit values win (0 = choose). By default BLAS gets every core and
+// the LibTorch pool (shoal's fused kernels) one thread: the matmuls dominate a step, and one busy
+// pool never fights the other's spinning workers.
 ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads);
 
 // Sets both pools. kFailedPrecondition if the BLAS thread count cannot be set (not OpenBLAS).
@@ -32,11 +32,10 @@ absl::Status ApplyThreadPlan(const ThreadPlan& plan);
 // "OpenBLAS 0.3.21 ... (pthread)" or "reference BLAS (slow!)" from the loaded library.
 std::string DescribeBlas();
 
-// Sets the environment that the thread pools read when they start, before they start:
-// OMP_WAIT_POLICY=passive and OpenBLAS's short thread timeout, so the idle workers of one pool
-// sleep instead of spinning while the other works. Both libraries read these variables when
-// they load, so launch/ calls this first thing in main and re-executes the binary once if they
-// were not already set. Returns true when the caller must re-exec.
+// Sets OMP_WAIT_POLICY=passive unless the user chose a policy, so that when a config asks for
+// several OpenMP threads their idle workers sleep instead of spinning against OpenBLAS's. libgomp
+// reads it when it loads, before main, so launch/ calls this first thing and re-executes the
+// binary once when it returns true.
 bool NeedsEnvironmentReexec();
 
 // fp32 GEMM peak of this machine in GFLOP/s with every core on BLAS (best of several 2048^3
