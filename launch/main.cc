@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "common/logging.h"
+#include "launch/launcher.h"
 #include "runtime/config.h"
 #include "runtime/device_probe.h"
 #include "runtime/prepare_data.h"
@@ -108,6 +109,10 @@ int main(int argc, char** argv) {
   if (shoal::runtime::NeedsEnvironmentReexec()) {
     ::execv("/proc/self/exe", argv);
     // execv failed: carry on with the pools as they are.
+  }
+  // `shoal run [launcher flags] -- <worker subcommand ...>` has its own parser.
+  if (argc >= 2 && std::string(argv[1]) == "run") {
+    return shoal::launch::RunLauncherMain(argc - 1, argv + 1);
   }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
