@@ -13,11 +13,18 @@
 #include <string>
 #include <vector>
 
+#include <ATen/ATen.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "comm/backend.h"
+#include "comm/store.h"
 #include "common/logging.h"
+#include "common/sha256.h"
+#include "common/status.h"
+#include "launch/env.h"
 #include "launch/launcher.h"
 #include "runtime/config.h"
 #include "runtime/device_probe.h"
@@ -62,18 +69,85 @@ int RunPrepareData(const runtime::PrepareDataOptions& options) {
   return 0;
 }
 
+// The first 13 hex digits of a digest as a double (exact: 52 bits), to compare across ranks.
+double DigestPrefix(const std::string& hex) {
+  return static_cast<double>(std::stoull(hex.substr(0, 13), nullptr, 16));
+}
+
+// Ranks of one job must run the same binary on the same config: rank 0 broadcasts both hashes,
+// every rank compares. kFailedPrecondition says which differs.
+absl::Status CheckSameRun(comm::Backend* backend, const runtime::Config& config,
+                          absl::Duration timeout) {
+  SHOAL_ASSIGN_OR_RETURN(std::string binary, Sha256File("/proc/self/exe"));
+  const std::string toml = config.ToToml();
+  // The first line of ToToml names the file it came from, which may differ between hosts.
+  const std::string body = toml.substr(toml.find('\n') + 1);
+  at::Tensor mine = at::empty({2}, at::kDouble);
+  mine[0] = DigestPrefix(Sha256Hex(body.data(), body.size()));
+  mine[1] = DigestPrefix(binary);
+  at::Tensor theirs = mine.clone();
+  SHOAL_RETURN_IF_ERROR(backend->Broadcast(theirs, 0, {timeout})->Wait());
+  if (theirs[0].item<double>() != mine[0].item<double>()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank ", backend->rank(), " runs a different config than rank 0 (", config.source,
+        "); every rank must get the same config and --set overrides"));
+  }
+  if (theirs[1].item<double>() != mine[1].item<double>()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "rank ", backend->rank(), " runs a different shoal binary than rank 0"));
+  }
+  return absl::OkStatus();
+}
+
+// Joins the job's data-parallel group when the environment says there is one.
+absl::StatusOr<std::unique_ptr<comm::Backend>> JoinGroup(const launch::DistributedEnv& env,
+                                                         const runtime::Config& config) {
+  const absl::Duration timeout = absl::Seconds(config.parallel.timeout_s);
+  comm::BackendOptions bo;
+  bo.kind = config.parallel.backend;
+  bo.rank = env.rank;
+  bo.world_size = env.world_size;
+  bo.timeout = timeout;
+  if (bo.kind != "mpi") {
+    comm::TcpStoreOptions so;
+    so.host = env.master_addr;
+    so.port = env.master_port;
+    so.is_server = env.rank == 0;
+    so.world_size = env.world_size;
+    so.timeout = timeout;
+    SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<comm::Store> store, comm::MakeTcpStore(so));
+    // A fresh namespace per restart, so a restarted group never reads the last one's keys.
+    bo.store = comm::MakePrefixStore(absl::StrCat("shoal/restart-", env.restart_count), store);
+  }
+  SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::Backend> backend, comm::CreateBackend(bo));
+  SHOAL_RETURN_IF_ERROR(CheckSameRun(backend.get(), config, timeout));
+  return backend;
+}
+
 int RunTrain(const std::string& config_path, const std::vector<std::string>& overrides,
              runtime::TrainOptions options) {
   auto config = runtime::LoadConfig(config_path, overrides);
   if (!config.ok()) return Fail(config.status());
+  auto env = launch::DetectDistributedEnv();
+  if (!env.ok()) return Fail(env.status());
+  std::unique_ptr<comm::Backend> backend;
+  if (env->world_size > 1) {
+    auto joined = JoinGroup(*env, *config);
+    if (!joined.ok()) return Fail(joined.status());
+    backend = std::move(*joined);
+    options.backend = backend.get();
+    options.nodes = std::max(1, env->world_size / std::max(1, env->local_world_size));
+  }
   options.stop_requested = &g_stop;
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
+  std::signal(SIGUSR1, OnSignal);  // Slurm's warning before preemption or the time limit
   auto trainer = runtime::Trainer::Create(*config, options);
   if (!trainer.ok()) return Fail(trainer.status());
   auto result = (*trainer)->Run();
   if (!result.ok()) return Fail(result.status());
   if (!options.bench) {
+    if (env->rank != 0) return result->stopped_early ? 128 + g_signal.load() : 0;
     if (result->first_val_loss >= 0) {
       std::fprintf(stderr, "val loss %.4f -> %.4f\n", result->first_val_loss,
                    result->last_val_loss);
@@ -82,8 +156,10 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     if (result->stopped_early) return 128 + g_signal.load();
     return 0;
   }
+  if (env->rank != 0) return 0;
   const runtime::Config& c = *config;
   nlohmann::json j = {
+      {"ranks", env->world_size},
       {"config", config_path},
       {"steps_timed", static_cast<int64_t>(result->losses.size()) - options.bench_warmup_steps},
       {"tokens_per_s", result->tokens_per_s},
@@ -166,7 +242,27 @@ int main(int argc, char** argv) {
                           "Cores to use for both thread pools (0: all)")
       ->check(CLI::NonNegativeNumber);
 
+  // env: what rank discovery sees (for launch scripts and tests)
+  auto* env_cmd = app.add_subcommand(
+      "env", "Print this process's place in a distributed job (rank, world size, ...) as JSON");
+
   CLI11_PARSE(app, argc, argv);
+
+  if (*env_cmd) {
+    auto env = shoal::launch::DetectDistributedEnv();
+    if (!env.ok()) return shoal::Fail(env.status());
+    nlohmann::json j = {{"rank", env->rank},
+                        {"world_size", env->world_size},
+                        {"local_rank", env->local_rank},
+                        {"local_world_size", env->local_world_size},
+                        {"node_rank", env->node_rank},
+                        {"master_addr", env->master_addr},
+                        {"master_port", env->master_port},
+                        {"restart_count", env->restart_count},
+                        {"source", env->source}};
+    std::cout << j.dump() << std::endl;
+    return 0;
+  }
 
   if (*prep_cmd) {
     prep.progress = !no_progress;

@@ -23,8 +23,10 @@ int FlatBuffer::Add(std::string name, std::vector<int64_t> shape) {
   return static_cast<int>(entries_.size()) - 1;
 }
 
-void FlatBuffer::Allocate() {
+void FlatBuffer::Allocate(int64_t pad_multiple) {
   TORCH_CHECK(!allocated(), "FlatBuffer allocated twice");
+  TORCH_CHECK(pad_multiple >= 1, "FlatBuffer pad_multiple must be >= 1");
+  size_ = (size_ + pad_multiple - 1) / pad_multiple * pad_multiple;
   flat_ = at::zeros({size_}, at::kFloat);
 }
 

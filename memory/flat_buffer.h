@@ -33,8 +33,9 @@ class FlatBuffer {
   // REQUIRES: not yet allocated; `name` unique within this buffer.
   int Add(std::string name, std::vector<int64_t> shape);
 
-  // Allocates zeroed float32 CPU storage for the layout.
-  void Allocate();
+  // Allocates zeroed float32 CPU storage for the layout, its size rounded up to a multiple of
+  // `pad_multiple` elements (so that N ranks can each own an equal shard of it).
+  void Allocate(int64_t pad_multiple = 1);
 
   // A buffer with the same layout and fresh zeroed storage (gradients, optimizer moments).
   // REQUIRES: allocated.

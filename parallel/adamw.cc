@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/simd.h"
+#include "common/status.h"
 
 namespace shoal::parallel {
 namespace {
@@ -68,13 +69,21 @@ double ClipScale(double norm, double max_norm) {
   return std::min(1.0, max_norm / (norm + 1e-6));
 }
 
-AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
-    : groups_(std::move(groups)), options_(options) {
-  for (const ParamGroup& g : groups_) {
-    exp_avg_.push_back(g.params->MakeLike());
-    exp_avg_sq_.push_back(g.params->MakeLike());
+AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard)
+    : groups_(std::move(groups)), options_(options), shard_(shard) {
+  TORCH_CHECK(shard_.count >= 1 && shard_.index >= 0 && shard_.index < shard_.count,
+              "AdamW: bad shard ", shard_.index, " of ", shard_.count);
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    TORCH_CHECK(groups_[g].params->numel() % shard_.count == 0, "AdamW: group of ",
+                groups_[g].params->numel(), " elements cannot be split into ", shard_.count,
+                " shards");
+    exp_avg_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
+    exp_avg_sq_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
   }
 }
+
+int64_t AdamW::ShardSize(int g) const { return groups_[g].params->numel() / shard_.count; }
+int64_t AdamW::ShardBegin(int g) const { return ShardSize(g) * shard_.index; }
 
 void AdamW::Step(double lr, double grad_scale) {
   ++steps_;
@@ -92,25 +101,46 @@ void AdamW::Step(double lr, double grad_scale) {
   k.scale = static_cast<float>(grad_scale);
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
     const ParamGroup& group = groups_[gi];
+    const int64_t begin = ShardBegin(static_cast<int>(gi));
     k.decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
-    float* p = group.params->flat().data_ptr<float>();
-    const float* gr = group.grads->flat().data_ptr<float>();
-    float* m = exp_avg_[gi].flat().data_ptr<float>();
-    float* v = exp_avg_sq_[gi].flat().data_ptr<float>();
-    at::parallel_for(0, group.params->numel(), kStepGrain, [&](int64_t i0, int64_t i1) {
+    float* p = group.params->flat().data_ptr<float>() + begin;
+    const float* gr = group.grads->flat().data_ptr<float>() + begin;
+    float* m = exp_avg_[gi].data_ptr<float>();
+    float* v = exp_avg_sq_[gi].data_ptr<float>();
+    at::parallel_for(0, ShardSize(static_cast<int>(gi)), kStepGrain, [&](int64_t i0, int64_t i1) {
       AdamWRange(k, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
     });
   }
 }
 
+void AdamW::AppendNamedViews(int g, const at::Tensor& full_m, const at::Tensor& full_v,
+                             std::vector<std::pair<std::string, at::Tensor>>* out) const {
+  for (const memory::FlatBuffer::Entry& e : groups_[g].params->entries()) {
+    out->emplace_back("exp_avg." + e.name, full_m.narrow(0, e.offset, e.numel).view(e.shape));
+    out->emplace_back("exp_avg_sq." + e.name, full_v.narrow(0, e.offset, e.numel).view(e.shape));
+  }
+}
+
 std::vector<std::pair<std::string, at::Tensor>> AdamW::StateDict() const {
+  TORCH_CHECK(shard_.count == 1, "AdamW::StateDict on a sharded optimizer: use GatherStateDict");
   std::vector<std::pair<std::string, at::Tensor>> out;
-  for (size_t gi = 0; gi < groups_.size(); ++gi) {
-    const auto& entries = groups_[gi].params->entries();
-    for (size_t e = 0; e < entries.size(); ++e) {
-      out.emplace_back("exp_avg." + entries[e].name, exp_avg_[gi].View(static_cast<int>(e)));
-      out.emplace_back("exp_avg_sq." + entries[e].name, exp_avg_sq_[gi].View(static_cast<int>(e)));
-    }
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    AppendNamedViews(static_cast<int>(g), exp_avg_[g], exp_avg_sq_[g], &out);
+  }
+  out.emplace_back("step", at::scalar_tensor(steps_, at::kLong));
+  return out;
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> AdamW::GatherStateDict(
+    comm::Backend* backend) const {
+  if (shard_.count == 1) return StateDict();
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const int64_t n = groups_[g].params->numel();
+    at::Tensor full_m = at::empty({n}, at::kFloat), full_v = at::empty({n}, at::kFloat);
+    SHOAL_RETURN_IF_ERROR(backend->AllGather(full_m, exp_avg_[g])->Wait());
+    SHOAL_RETURN_IF_ERROR(backend->AllGather(full_v, exp_avg_sq_[g])->Wait());
+    AppendNamedViews(static_cast<int>(g), full_m, full_v, &out);
   }
   out.emplace_back("step", at::scalar_tensor(steps_, at::kLong));
   return out;
@@ -125,28 +155,34 @@ absl::Status AdamW::LoadStateDict(const std::vector<std::pair<std::string, at::T
   }
   const int64_t steps = step_it->second.item<int64_t>();
   if (steps < 0) return absl::DataLossError("optimizer state: negative 'step'");
-  // Check everything before copying anything, so a bad state leaves the optimizer untouched.
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  for (size_t gi = 0; gi < groups_.size(); ++gi) {
-    const auto& entries = groups_[gi].params->entries();
-    for (size_t e = 0; e < entries.size(); ++e) {
-      for (const auto& [prefix, buf] : {std::make_pair("exp_avg.", &exp_avg_[gi]),
-                                        std::make_pair("exp_avg_sq.", &exp_avg_sq_[gi])}) {
-        const std::string name = prefix + entries[e].name;
+  // Assemble full moment buffers first; nothing of the optimizer changes unless all is right.
+  std::vector<at::Tensor> full_m, full_v;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const int64_t n = groups_[g].params->numel();
+    full_m.push_back(at::zeros({n}, at::kFloat));
+    full_v.push_back(at::zeros({n}, at::kFloat));
+    for (const memory::FlatBuffer::Entry& e : groups_[g].params->entries()) {
+      for (const auto& [prefix, full] : {std::make_pair("exp_avg.", &full_m.back()),
+                                         std::make_pair("exp_avg_sq.", &full_v.back())}) {
+        const std::string name = prefix + e.name;
         auto it = by_name.find(name);
         if (it == by_name.end()) {
           return absl::DataLossError(absl::StrCat("optimizer state: missing tensor ", name));
         }
-        at::Tensor dst = buf->View(static_cast<int>(e));
+        at::Tensor dst = full->narrow(0, e.offset, e.numel).view(e.shape);
         if (it->second.sizes() != dst.sizes() || it->second.scalar_type() != at::kFloat) {
           return absl::DataLossError(absl::StrCat("optimizer state: tensor ", name,
                                                   " has the wrong shape or dtype"));
         }
-        copies.emplace_back(dst, it->second);
+        dst.copy_(it->second);
       }
     }
   }
-  for (auto& [dst, src] : copies) dst.copy_(src);
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const int64_t begin = ShardBegin(static_cast<int>(g)), size = ShardSize(static_cast<int>(g));
+    exp_avg_[g].copy_(full_m[g].narrow(0, begin, size));
+    exp_avg_sq_[g].copy_(full_v[g].narrow(0, begin, size));
+  }
   steps_ = steps;
   return absl::OkStatus();
 }

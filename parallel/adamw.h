@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "absl/status/status.h"
+#include "comm/backend.h"
 #include "memory/flat_buffer.h"
 
 namespace shoal::parallel {
@@ -36,6 +37,16 @@ struct ParamGroup {
   bool decay;
 };
 
+// ZeRO-1 sharding of the optimizer: rank `index` of `count` owns elements
+// [index * n / count, (index + 1) * n / count) of every group's flat buffer (n = numel(), which
+// the model pads to a multiple of count). It keeps moments for that range only and steps only it;
+// the caller reduce-scatters gradients into that range before Step and all-gathers parameters
+// after. count = 1 is plain AdamW.
+struct Shard {
+  int index = 0;
+  int count = 1;
+};
+
 // sqrt(sum of squares) over the given flat gradient buffers, accumulated in double over fixed
 // 4096-element blocks so the result does not depend on the thread count.
 double GlobalL2Norm(const std::vector<at::Tensor>& flats);
@@ -46,25 +57,44 @@ double ClipScale(double norm, double max_norm);
 
 class AdamW {
  public:
-  AdamW(std::vector<ParamGroup> groups, AdamWOptions options);
+  // REQUIRES: each group's numel() is a multiple of shard.count.
+  AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard = {});
 
-  // One update with learning rate `lr`, gradients multiplied by `grad_scale` first.
+  // One update of this rank's shard with learning rate `lr`, gradients multiplied by
+  // `grad_scale` first.
   void Step(double lr, double grad_scale);
+
+  // The range of group `g` this rank owns: [ShardBegin(g), ShardBegin(g) + ShardSize(g)).
+  int64_t ShardBegin(int g) const;
+  int64_t ShardSize(int g) const;
+  const Shard& shard() const { return shard_; }
 
   // Updates taken so far (t in the bias corrections).
   int64_t steps() const { return steps_; }
 
-  // State as named tensors: "exp_avg.<param>", "exp_avg_sq.<param>" per parameter, and
-  // "step" (int64 scalar). Views share storage with the optimizer.
+  // Full (unsharded) state as named tensors: "exp_avg.<param>", "exp_avg_sq.<param>" per
+  // parameter, and "step" (int64 scalar). REQUIRES: not sharded (count == 1); the tensors are
+  // views that share storage with the optimizer.
   std::vector<std::pair<std::string, at::Tensor>> StateDict() const;
-  // Restores StateDict() output; kDataLoss names a missing tensor or a shape mismatch.
+  // The same for a sharded optimizer: all-gathers the moments over `backend` (a collective:
+  // every rank of the group calls it). kUnavailable / kDeadlineExceeded from the backend.
+  absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> GatherStateDict(
+      comm::Backend* backend) const;
+  // Restores a full state (from either of the above, possibly saved with another shard count)
+  // and keeps this rank's shard. kDataLoss names a missing tensor or a shape mismatch; nothing
+  // changes unless everything is right.
   absl::Status LoadStateDict(const std::vector<std::pair<std::string, at::Tensor>>& state);
 
  private:
+  // Per-parameter views of full-size flat moment buffers laid out like group g's params.
+  void AppendNamedViews(int g, const at::Tensor& full_m, const at::Tensor& full_v,
+                        std::vector<std::pair<std::string, at::Tensor>>* out) const;
+
   std::vector<ParamGroup> groups_;
-  std::vector<memory::FlatBuffer> exp_avg_;
-  std::vector<memory::FlatBuffer> exp_avg_sq_;
+  std::vector<at::Tensor> exp_avg_;     // per group, ShardSize(g) elements
+  std::vector<at::Tensor> exp_avg_sq_;
   AdamWOptions options_;
+  Shard shard_;
   int64_t steps_ = 0;
 };
 

@@ -66,13 +66,17 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(checkpoint, dir, Kind::kString),
       SHOAL_FIELD(checkpoint, every, Kind::kInt),
       SHOAL_FIELD(checkpoint, keep, Kind::kInt),
+      SHOAL_FIELD(parallel, backend, Kind::kString),
+      SHOAL_FIELD(parallel, zero, Kind::kInt),
+      SHOAL_FIELD(parallel, bucket_mb, Kind::kDouble),
+      SHOAL_FIELD(parallel, timeout_s, Kind::kDouble),
   };
   return *kSchema;
 }
 
 #undef SHOAL_FIELD
 
-constexpr const char* kSections[] = {"model", "data", "train", "optim", "checkpoint"};
+constexpr const char* kSections[] = {"model", "data", "train", "optim", "checkpoint", "parallel"};
 
 const Field* FindField(absl::string_view section, absl::string_view key) {
   for (const Field& f : Schema()) {
@@ -465,6 +469,18 @@ absl::Status ValidateConfig(const Config& c) {
 
   non_negative("checkpoint.every", c.checkpoint.every);
   non_negative("checkpoint.keep", c.checkpoint.keep);
+
+  p.Check(c.parallel.backend == "gloo" || c.parallel.backend == "mpi" ||
+              c.parallel.backend == "nccl",
+          absl::StrCat("parallel.backend must be \"gloo\", \"mpi\" or \"nccl\" (got \"",
+                       c.parallel.backend, "\")"));
+  p.Check(c.parallel.zero == 0 || c.parallel.zero == 1,
+          absl::StrCat("parallel.zero must be 0 (off) or 1 (shard optimizer state; got ",
+                       c.parallel.zero, ")"));
+  p.Check(std::isfinite(c.parallel.bucket_mb) && c.parallel.bucket_mb > 0,
+          absl::StrCat("parallel.bucket_mb must be finite and > 0 (got ", c.parallel.bucket_mb, ")"));
+  p.Check(std::isfinite(c.parallel.timeout_s) && c.parallel.timeout_s > 0,
+          absl::StrCat("parallel.timeout_s must be finite and > 0 (got ", c.parallel.timeout_s, ")"));
 
   if (p.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("invalid config ", c.source, ": ", p.Join()));

@@ -1,5 +1,5 @@
 // The training configuration: a TOML file with sections [model], [data], [train], [optim] and
-// [checkpoint], plus command-line overrides `section.key=value`. Parsing is strict: an unknown
+// [checkpoint] and [parallel], plus command-line overrides `section.key=value`. Parsing is strict: an unknown
 // section or key, a value of the wrong type, or an impossible value is an error whose message
 // names the key (as "model.n_embd") and the file. Config is a plain value; copy it freely.
 #ifndef SHOAL_RUNTIME_CONFIG_H_
@@ -56,12 +56,20 @@ struct CheckpointConfig {
   int keep = 3;                    // newest checkpoints kept; older ones are deleted
 };
 
+struct ParallelConfig {
+  std::string backend = "gloo";    // collectives between ranks: "gloo", "mpi" or "nccl"
+  int zero = 0;                    // 1: shard optimizer state across data-parallel ranks (ZeRO-1)
+  double bucket_mb = 25;           // gradient all-reduce bucket size
+  double timeout_s = 60;           // rendezvous and collective timeout
+};
+
 struct Config {
   ModelConfig model;
   DataConfig data;
   TrainConfig train;
   OptimConfig optim;
   CheckpointConfig checkpoint;
+  ParallelConfig parallel;
   std::string source = "<defaults>";   // where it came from, for messages
 
   // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config (all but

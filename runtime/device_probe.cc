@@ -97,10 +97,13 @@ bool NeedsEnvironmentReexec() {
 }
 
 absl::StatusOr<double> PeakGflops(bool refresh) {
+  // The machine's peak, even when this process is bound to fewer cores (mpirun binds each rank
+  // to one): measured on the cores we may use, scaled to every online core.
   const int cores = AvailableCores();
+  const int online = std::max<int>(cores, static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN)));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
-  const std::string key = absl::StrCat(host, "|", CpuModel(), "|", cores, " cores");
+  const std::string key = absl::StrCat(host, "|", CpuModel(), "|", online, " cores");
   const std::string dir = CacheDir();
   const std::string path = dir + "/peak_gflops.json";
   nlohmann::json cache = nlohmann::json::object();
@@ -131,6 +134,7 @@ absl::StatusOr<double> PeakGflops(bool refresh) {
   }
   if (set_blas) set_blas(saved_blas);
   at::set_num_threads(saved_omp);
+  best *= static_cast<double>(online) / cores;
   cache[key] = best;
   if (MakeDirs(dir).ok()) {
     absl::Status s = WriteFileAtomic(path, cache.dump(2));

@@ -39,7 +39,8 @@ std::string DescribeBlas();
 bool NeedsEnvironmentReexec();
 
 // fp32 GEMM peak of this machine in GFLOP/s with every core on BLAS (best of several 2048^3
-// matmuls). Cached per machine (host name, CPU model, core count) in
+// matmuls; a process bound to fewer cores measures on those and scales to all online cores).
+// Cached per machine (host name, CPU model, core count) in
 // $SHOAL_CACHE_DIR or ~/.cache/shoal/peak_gflops.json; `refresh` re-measures.
 absl::StatusOr<double> PeakGflops(bool refresh = false);
 

@@ -252,15 +252,21 @@ std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
 
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& config, uint64_t seed) : config_(config) {
+Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple) : config_(config) {
   const std::vector<ParamSpec> specs = DeclareParameters(config);
+  piece_params_.resize(config.n_layer + 2);
   for (const ParamSpec& s : specs) {
     const int group = s.decay ? kDecay : kNoDecay;
     where_.emplace_back(group, params_[group].Add(s.name, s.shape));
     names_.push_back(s.name);
+    // Owner piece: embeddings -> 0, blocks.<l>. -> l + 1, ln_f -> the head.
+    int piece = 0;
+    if (s.name.rfind("blocks.", 0) == 0) piece = 1 + std::stoi(s.name.substr(7));
+    if (s.name.rfind("ln_f.", 0) == 0) piece = config.n_layer + 1;
+    piece_params_[piece].push_back(where_.back());
   }
   for (int g = 0; g < 2; ++g) {
-    params_[g].Allocate();
+    params_[g].Allocate(pad_multiple);
     grads_[g] = params_[g].MakeLike();
   }
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
@@ -302,15 +308,26 @@ Param Gpt::Lookup(const std::string& name) const {
 }
 
 double Gpt::ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets,
-                            float loss_scale) {
+                            float loss_scale, const std::function<void(int piece)>& on_piece_done) {
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
   for (auto& piece : pieces_) x = piece->Forward(x, mb);
   const double loss = x.item<double>();
   loss_grad_.fill_(static_cast<double>(loss_scale));
   at::Tensor g = loss_grad_;
-  for (auto it = pieces_.rbegin(); it != pieces_.rend(); ++it) g = (*it)->Backward(g);
+  for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) {
+    g = pieces_[p]->Backward(g);
+    if (on_piece_done) on_piece_done(p);
+  }
   return loss;
+}
+
+std::vector<std::pair<int, int>> Gpt::BackwardReadyOrder() const {
+  std::vector<std::pair<int, int>> order;
+  for (int p = static_cast<int>(piece_params_.size()) - 1; p >= 0; --p) {
+    order.insert(order.end(), piece_params_[p].rbegin(), piece_params_[p].rend());
+  }
+  return order;
 }
 
 double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {

@@ -19,6 +19,7 @@
 #define SHOAL_RUNTIME_GPT_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -69,13 +70,18 @@ class Gpt {
   // Lays out and initialises the parameters: GPT-2 init, N(0, 0.02) for weights and embeddings,
   // N(0, 0.02 / sqrt(2 n_layer)) for the two residual projections of every block, zero biases,
   // unit LayerNorm gains; drawn from a generator seeded with `seed`, in declaration order.
-  Gpt(const ModelConfig& config, uint64_t seed);
+  // `pad_multiple`: each flat buffer's size is rounded up to a multiple of it (the data-parallel
+  // group size, so ZeRO-1 shards are equal).
+  Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple = 1);
   ~Gpt();
 
   // One micro-batch: forward, loss, backward with the loss scaled by `loss_scale` (1 / grad_accum
   // for a mean over micro-batches). Gradients are ADDED to the gradient buffers.
   // tokens, targets: (B, T) int64 with T <= block_size. Returns the (unscaled) mean loss.
-  double ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets, float loss_scale);
+  // `on_piece_done(p)`, if given, runs right after piece p's backward (pieces run in reverse),
+  // when the gradients of PieceParams(p) are final: data parallelism starts its all-reduce there.
+  double ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets, float loss_scale,
+                         const std::function<void(int piece)>& on_piece_done = nullptr);
   // Forward only; returns the mean loss. Gradients untouched.
   double Loss(const at::Tensor& tokens, const at::Tensor& targets);
   // Forward only; the logits (B, T, V) as a new tensor.
@@ -102,6 +108,14 @@ class Gpt {
   // excludes the position embeddings (they cost no matmul).
   double FlopsPerToken() const;
 
+  // Parameters as (group, entry index into params(group)) whose gradients are final once piece
+  // p's backward has run. The tied wte belongs to the embedding (piece 0), which runs last.
+  const std::vector<std::pair<int, int>>& PieceParams(int piece) const {
+    return piece_params_[piece];
+  }
+  // Every parameter in the order backward finishes them.
+  std::vector<std::pair<int, int>> BackwardReadyOrder() const;
+
   const ModelConfig& config() const { return config_; }
   const std::vector<std::unique_ptr<Piece>>& pieces() const { return pieces_; }
 
@@ -114,6 +128,7 @@ class Gpt {
   std::vector<std::pair<int, int>> where_;   // per declared param: (group, index)
   std::vector<std::string> names_;
   std::vector<std::unique_ptr<Piece>> pieces_;
+  std::vector<std::vector<std::pair<int, int>>> piece_params_;
   at::Tensor loss_grad_;
 };
 

@@ -24,7 +24,9 @@
 #include <ATen/core/Tensor.h>
 
 #include "absl/status/statusor.h"
+#include "comm/backend.h"
 #include "parallel/adamw.h"
+#include "parallel/data_parallel.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/gpt.h"
@@ -42,19 +44,29 @@ struct StepStats {
 
 class StepEngine {
  public:
-  explicit StepEngine(const Config& config);
+  // `backend`: the data-parallel group (not owned; null or size 1 for a single process).
+  explicit StepEngine(const Config& config, comm::Backend* backend = nullptr);
 
   // One optimizer step `step` (0-based) over micro-batches of (tokens, targets), each (B, T)
-  // int64. Throws c10::Error on a malformed batch (the Trainer turns that into a status).
-  StepStats Step(int64_t step, const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
+  // int64. With a data-parallel group: gradients synced (bucketed all-reduce overlapping backward,
+  // or ZeRO-1), and the returned loss is the group mean. Errors from collectives come back as
+  // statuses; a malformed batch throws c10::Error (the Trainer turns that into a status).
+  absl::StatusOr<StepStats> Step(int64_t step,
+                                 const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
+
+  // Full optimizer state (a collective under ZeRO-1: every rank calls it).
+  absl::StatusOr<NamedTensors> OptimizerState();
 
   Gpt& model() { return *model_; }
   parallel::AdamW& optimizer() { return *optimizer_; }
+  parallel::DataParallel* data_parallel() { return dp_.get(); }
 
  private:
   Config config_;
+  comm::Backend* backend_;
   std::unique_ptr<Gpt> model_;
   std::unique_ptr<parallel::AdamW> optimizer_;
+  std::unique_ptr<parallel::DataParallel> dp_;
 };
 
 struct TrainOptions {
@@ -64,6 +76,8 @@ struct TrainOptions {
   int64_t bench_warmup_steps = 3;      // bench: steps excluded from the timing
   bool log = true;                     // print log lines to stderr
   const std::atomic<bool>* stop_requested = nullptr;  // e.g. set by SIGTERM
+  comm::Backend* backend = nullptr;    // data-parallel group (not owned); null: one process
+  int nodes = 1;                       // hosts in the job, for MFU (each has the measured peak)
 };
 
 struct TrainResult {
@@ -111,6 +125,7 @@ class Trainer {
   int64_t start_step_ = 0;
   double peak_gflops_ = 0;
   int omp_threads_ = 0, blas_threads_ = 0;
+  int rank_ = 0, world_ = 1;
 };
 
 }  // namespace shoal::runtime
