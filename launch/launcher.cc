@@ -320,6 +320,7 @@ int Supervise(WorkerGroupSpec spec) {
       Say(absl::StrCat("error: ", result.status().message()));
       return 1;
     }
+    if (result->root_cause >= 0) PrintFailureReport(spec, *result);
     if (result->terminating_signal != 0) {
       Say(absl::StrCat("received ", SignalName(result->terminating_signal),
                        "; forwarded it to the ranks, which have exited",
@@ -338,7 +339,6 @@ int Supervise(WorkerGroupSpec spec) {
       Say("error: worker group failed without a root cause");
       return 1;
     }
-    PrintFailureReport(spec, *result);
     const int code = result->ranks[result->root_cause].ShellCode();
     if (restart >= spec.max_restarts) {
       if (spec.max_restarts > 0) {

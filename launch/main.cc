@@ -4,6 +4,7 @@
 //   shoal bench train --config FILE [--steps N] [--threads T] [--set ...]
 // Only this file decides how the process ends: a status becomes a message and an exit code
 // (2: bad input or usage, 1: anything else, 130/143: interrupted).
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -20,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "comm/backend.h"
+#include "comm/comm_bench.h"
 #include "comm/store.h"
 #include "common/logging.h"
 #include "common/sha256.h"
@@ -176,6 +178,98 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
   return 0;
 }
 
+// Runs `command` (through /bin/sh), echoing its output to stderr; returns the last line that
+// parses as a JSON object (a launcher's "[rank0]: " prefix removed), or an error naming the
+// command.
+absl::StatusOr<nlohmann::json> RunForJson(const std::string& command) {
+  FILE* p = ::popen((command + " 2>&1").c_str(), "r");
+  if (p == nullptr) return absl::InternalError("cannot run: " + command);
+  char buf[8192];
+  nlohmann::json last;
+  while (std::fgets(buf, sizeof(buf), p) != nullptr) {
+    std::fputs(buf, stderr);
+    std::string line(buf);
+    const size_t brace = line.find('{');
+    if (brace == std::string::npos) continue;
+    auto j = nlohmann::json::parse(line.substr(brace), nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("tokens_per_s")) last = j;
+  }
+  const int status = ::pclose(p);
+  if (status != 0 || last.is_null()) {
+    return absl::InternalError(absl::StrCat("benchmark run failed (status ", status, "): ", command));
+  }
+  return last;
+}
+
+std::string SelfPath() {
+  char path[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return "shoal";
+  path[n] = 0;
+  return path;
+}
+
+// `shoal bench dp`: 2 ranks x 1 thread against 1 rank x 2 threads at the same global batch.
+int RunBenchDp(const std::string& config_path, const std::vector<std::string>& overrides,
+               int64_t steps) {
+  auto config = runtime::LoadConfig(config_path, overrides);
+  if (!config.ok()) return Fail(config.status());
+  const int batch = config->train.batch_size;
+  if (batch % 2 != 0) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "bench dp splits train.batch_size over 2 ranks; it must be even (got ", batch, ")")));
+  }
+  std::string sets;
+  for (const std::string& o : overrides) sets += " --set '" + o + "'";
+  const std::string self = SelfPath();
+  const std::string common = absl::StrCat(" bench train --config ", config_path, " --steps ",
+                                          steps, sets, " --set train.omp_threads=1");
+  auto one = RunForJson(absl::StrCat(self, common, " --set train.blas_threads=2"));
+  if (!one.ok()) return Fail(one.status());
+  auto two = RunForJson(absl::StrCat(self, " run --standalone --nproc-per-node 2 --", common,
+                                     " --set train.blas_threads=1 train.batch_size=", batch / 2));
+  if (!two.ok()) return Fail(two.status());
+  const double a = (*one)["tokens_per_s"].get<double>(), b = (*two)["tokens_per_s"].get<double>();
+  nlohmann::json j = {{"bench", "dp"},
+                      {"config", config_path},
+                      {"global_batch", batch},
+                      {"tokens_per_s_1rank_2threads", a},
+                      {"tokens_per_s_2ranks_1thread", b},
+                      {"ratio", b / a}};
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
+// `shoal bench comm`: inside a rank, run the benchmark; outside, start the ranks first.
+int RunBenchComm(const std::string& backend, int ranks, int64_t max_mb, int iterations,
+                 int argc, char** argv) {
+  auto env = launch::DetectDistributedEnv();
+  if (!env.ok()) return Fail(env.status());
+  if (env->world_size == 1 && ranks > 1) {
+    std::string args;
+    for (int i = 1; i < argc; ++i) args += std::string(" '") + argv[i] + "'";
+    const std::string self = SelfPath();
+    const std::string cmd =
+        backend == "mpi"
+            ? absl::StrCat("mpirun --allow-run-as-root --oversubscribe -np ", ranks, " ", self,
+                           args)
+            : absl::StrCat(self, " run --standalone --nproc-per-node ", ranks, " --", args);
+    const int status = std::system(cmd.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+  }
+  comm::CommBenchOptions o;
+  o.backend = backend;
+  o.rank = env->rank;
+  o.world_size = env->world_size;
+  o.master_addr = env->master_addr;
+  o.master_port = env->master_port;
+  o.max_bytes = max_mb << 20;
+  o.iterations = iterations;
+  absl::Status s = comm::RunCommBench(o);
+  if (!s.ok()) return Fail(s);
+  return 0;
+}
+
 }  // namespace
 }  // namespace shoal
 
@@ -246,7 +340,45 @@ int main(int argc, char** argv) {
   auto* env_cmd = app.add_subcommand(
       "env", "Print this process's place in a distributed job (rank, world size, ...) as JSON");
 
+  // bench dp
+  auto* bench_dp = bench_cmd->add_subcommand(
+      "dp", "Data parallel on one host: 2 ranks x 1 thread vs 1 rank x 2 threads, same global batch");
+  std::string dp_config;
+  std::vector<std::string> dp_overrides;
+  int64_t dp_steps = 10;
+  bench_dp->add_option("--config", dp_config, "TOML config file")->required();
+  bench_dp->add_option("--set", dp_overrides, "Override a config value: section.key=value")
+      ->expected(1, -1);
+  bench_dp->add_option("--steps", dp_steps, "Timed steps per run")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
+  // bench comm
+  auto* bench_comm = bench_cmd->add_subcommand(
+      "comm", "All-reduce time and bus bandwidth, 4 KB .. 256 MB, beside raw loopback TCP");
+  std::string comm_backend = "gloo";
+  int comm_ranks = 2;
+  int64_t comm_max_mb = 256;
+  int comm_iterations = 10;
+  bench_comm->add_option("--backend", comm_backend, "gloo or mpi")
+      ->check(CLI::IsMember({"gloo", "mpi", "nccl"}))
+      ->capture_default_str();
+  bench_comm->add_option("--ranks", comm_ranks, "Ranks to start (when not already in a job)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench_comm->add_option("--max-mb", comm_max_mb, "Largest message (MB)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  bench_comm->add_option("--iterations", comm_iterations, "Timed all-reduces per size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
+
+  if (*bench_dp) return shoal::RunBenchDp(dp_config, dp_overrides, dp_steps);
+  if (*bench_comm) {
+    return shoal::RunBenchComm(comm_backend, comm_ranks, comm_max_mb, comm_iterations, argc, argv);
+  }
 
   if (*env_cmd) {
     auto env = shoal::launch::DetectDistributedEnv();

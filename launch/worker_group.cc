@@ -263,7 +263,9 @@ void WorkerGroup::Emit(Worker& w, const Stream& s, const std::string& line) {
 
 void WorkerGroup::ReadStream(Worker& w, Stream& s) {
   char buf[65536];
-  for (;;) {
+  // A bounded number of reads, so one rank that writes without pause cannot starve the others
+  // or the signal handling; poll() comes back to it at once.
+  for (int reads = 0; reads < 16; ++reads) {
     const ssize_t n = ::read(s.fd, buf, sizeof(buf));
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return;  // EAGAIN: nothing more for now

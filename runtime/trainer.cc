@@ -167,7 +167,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   if (options.resume) SHOAL_RETURN_IF_ERROR(t->Resume());
 
   // 6. Metrics: MFU denominator and the JSONL file.
-  SHOAL_ASSIGN_OR_RETURN(t->peak_gflops_, PeakGflops());
+  // Rank 0 measures (or reads the cache) while the others wait in the broadcast, so ranks
+  // sharing a host do not measure at once and see half the machine each.
+  if (t->rank_ == 0) {
+    SHOAL_ASSIGN_OR_RETURN(t->peak_gflops_, PeakGflops());
+  }
+  if (t->world_ > 1) {
+    at::Tensor peak = at::full({1}, t->peak_gflops_, at::kDouble);
+    SHOAL_RETURN_IF_ERROR(
+        options.backend->Broadcast(peak, 0, {absl::Seconds(c.parallel.timeout_s)})->Wait());
+    t->peak_gflops_ = peak.item<double>();
+  }
   if (!options.bench && t->rank_ == 0) {
     SHOAL_RETURN_IF_ERROR(MakeDirs(c.train.out_dir));
     SHOAL_ASSIGN_OR_RETURN(MetricsFile m, MetricsFile::Open(c.train.out_dir + "/metrics.jsonl"));

@@ -335,7 +335,9 @@ TEST(DetectDistributedEnv, ProcessEnvironment) {
   // The no-argument form reads the real environment; whatever ctest runs under, it must
   // either succeed or name a variable, and never crash.
   absl::StatusOr<DistributedEnv> e = DetectDistributedEnv();
-  if (!e.ok()) EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  if (!e.ok()) {
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  }
 }
 
 using Hosts = std::vector<std::string>;

@@ -67,7 +67,12 @@ class RunTest : public ::testing::Test {
   // Writes a worker script and returns its path.
   std::string Script(const std::string& name, const std::string& body) {
     const std::string path = tmp_ / name;
-    WriteTextFile(path, "set -u\ncd " + tmp_.path() + "\n" + body);
+    // wait_for FILE: a rank waits (at most 20 s) for another to get somewhere, so that a test
+    // does not depend on which process the scheduler runs first.
+    WriteTextFile(path, "set -u\ncd " + tmp_.path() +
+                            "\nwait_for() { i=0; while [ ! -e \"$1\" ] && [ $i -lt 400 ]; do "
+                            "sleep 0.05; i=$((i+1)); done; }\n" +
+                            body);
     return path;
   }
 
@@ -241,9 +246,9 @@ TEST_F(RunTest, OneRankFailsTheOthersAreStopped) {
                         Script("fail.sh",
                                "if [ $RANK = 1 ]; then\n"
                                "  i=0; while [ $i -lt 15 ]; do echo \"line $i\"; i=$((i+1)); done\n"
-                               "  sleep 0.5; echo 'about to fail' >&2; exit 3\n"
+                               "  wait_for pid0; wait_for pid2; echo 'about to fail' >&2; exit 3\n"
                                "fi\n"
-                               "echo $$ > pid$RANK; exec sleep 60\n"));
+                               "echo $$ > pid$RANK.tmp; mv pid$RANK.tmp pid$RANK; exec sleep 60\n"));
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   EXPECT_EQ(r.exit_code, 3) << r.output;
   EXPECT_LT(seconds, 30) << "the sleeping ranks were not stopped";
@@ -279,8 +284,9 @@ TEST_F(RunTest, RankIgnoringSigtermIsKilled) {
   const auto start = Clock::now();
   CommandResult r = Run("--nproc-per-node 2 --stop-grace 1",
                         Script("stubborn.sh",
-                               "if [ $RANK = 1 ]; then sleep 0.3; exit 4; fi\n"
-                               "trap '' TERM\necho $$ > pid0\nexec sleep 60\n"));
+                               "if [ $RANK = 1 ]; then wait_for pid0; exit 4; fi\n"
+                               "trap '' TERM\necho $$ > pid0.tmp; mv pid0.tmp pid0\n"
+                               "exec sleep 60\n"));
   EXPECT_EQ(r.exit_code, 4) << r.output;
   EXPECT_LT(std::chrono::duration<double>(Clock::now() - start).count(), 30);
   EXPECT_TRUE(Contains(r.output, "Stopped by the launcher: rank 0 (SIGKILL) (some needed "
@@ -305,8 +311,12 @@ TEST_F(RunTest, RestartsWithResumeUntilSuccess) {
                         Script("flaky.sh",
                                "echo \"attempt $SHOAL_RESTART_COUNT/$TORCHELASTIC_RESTART_COUNT "
                                "max $TORCHELASTIC_MAX_RESTARTS args [$*]\"\n"
-                               "if [ $RANK = 1 ] && [ $SHOAL_RESTART_COUNT -lt 2 ]; then exit 9; fi\n"
-                               "if [ $RANK = 0 ] && [ $SHOAL_RESTART_COUNT -lt 2 ]; then exec sleep 60; fi\n"),
+                               "if [ $RANK = 1 ] && [ $SHOAL_RESTART_COUNT -lt 2 ]; then\n"
+                               "  wait_for started$SHOAL_RESTART_COUNT; exit 9\n"
+                               "fi\n"
+                               "if [ $RANK = 0 ] && [ $SHOAL_RESTART_COUNT -lt 2 ]; then\n"
+                               "  touch started$SHOAL_RESTART_COUNT; exec sleep 60\n"
+                               "fi\n"),
                         "--data x");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   for (const std::string rank : {"[rank0]: ", "[rank1]: "}) {
@@ -365,7 +375,9 @@ TEST_F(RunTest, SigintReachesWorkersOnce) {
   const std::string script = Script("count.sh",
                                     "n=0\ntrap 'n=$((n+1)); echo \"INT $n\"' INT\n"
                                     "echo ready\n"
-                                    "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n"
+                                    "i=0; while [ $n -eq 0 ] && [ $i -lt 300 ]; do sleep 0.1; "
+                                    "i=$((i+1)); done\n"
+                                    "sleep 0.5\n"  // a duplicate would arrive by now
                                     "exit 0\n");
   const pid_t launcher = Start("--worker-binary /bin/sh -- " + script);
   ASSERT_TRUE(WaitForOutput("]: ready", 1, std::chrono::seconds(30))) << Output();
@@ -414,6 +426,52 @@ TEST_F(RunTest, KilledLauncherTakesItsRanksAlong) {
     EXPECT_TRUE(WaitUntil([&] { return !Alive(pid); }, std::chrono::seconds(10)))
         << "rank " << rank << " (pid " << pid << ") outlived the launcher";
   }
+}
+
+// The path the launcher exists for: two real `shoal train` ranks over Gloo, one of them killed
+// mid-run; the launcher restarts the group and the ranks resume from the newest checkpoint.
+TEST_F(RunTest, TrainerRanksResumeAfterOneIsKilled) {
+  WriteTextFile(tmp_ / "a.txt", testing::SyntheticText(20000));
+  CommandResult prep =
+      Shoal("prepare-data --no-progress --input " + (tmp_ / "a.txt") + " --out " + (tmp_ / "data"));
+  ASSERT_EQ(prep.exit_code, 0) << prep.output;
+  WriteTextFile(tmp_ / "c.toml",
+                "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n"
+                "vocab_size = 256\n\n[train]\nsteps = 3000\nbatch_size = 2\nlog_every = 1000\n"
+                "eval_batches = 1\n\n[checkpoint]\nevery = 50\n");
+  const pid_t launcher =
+      Start("--standalone --nproc-per-node 2 --max-restarts 1 -- train --config " +
+            (tmp_ / "c.toml") + " --set data.dir=" + (tmp_ / "data") +
+            " train.out_dir=" + (tmp_ / "run"));
+  ASSERT_TRUE(WaitUntil([&] { return Contains(Output(), "saved checkpoint"); },
+                        std::chrono::seconds(60)))
+      << Output();
+  // Rank 1 is the launcher's child whose environment says RANK=1.
+  pid_t rank1 = 0;
+  const std::string children = ReadTextFile("/proc/" + std::to_string(launcher) + "/task/" +
+                                            std::to_string(launcher) + "/children");
+  for (size_t at = 0; at < children.size();) {
+    const size_t end = children.find(' ', at);
+    const std::string pid = children.substr(at, end - at);
+    at = end == std::string::npos ? children.size() : end + 1;
+    if (pid.empty()) continue;
+    std::string environ = ReadTextFile("/proc/" + pid + "/environ");
+    if (Contains(std::string(1, '\0') + environ, std::string(1, '\0') + "RANK=1" + '\0')) {
+      rank1 = std::stoi(pid);
+    }
+  }
+  ASSERT_NE(rank1, 0) << "no rank 1 among the launcher's children: " << children;
+  ::kill(rank1, SIGKILL);
+  EXPECT_EQ(Wait(launcher, std::chrono::seconds(90)), 0) << Output();
+  const std::string out = Output();
+  EXPECT_TRUE(Contains(out, "  rank      : 1 (local_rank: 1)")) << out;
+  EXPECT_TRUE(Contains(out, "  exitcode  : -9 (SIGKILL)")) << out;
+  EXPECT_TRUE(Contains(out, "restarting the worker group (restart 1 of 1)")) << out;
+  EXPECT_TRUE(Contains(out, "resumed from")) << out;
+  EXPECT_TRUE(Contains(out, "[rank0]: checkpoint: ")) << out;
+  EXPECT_TRUE(testing::ReadTextFile(tmp_ / "run/checkpoints/step_00003000/manifest.json").size() >
+              0)
+      << out;
 }
 
 TEST_F(RunTest, UnexecutableWorkerFails) {
