@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <csignal>
+#include <ctime>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -39,8 +40,23 @@ namespace {
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signal{0};
 
+std::atomic<int64_t> g_first_signal_ms{0};
+
+int64_t NowMs() {
+  timespec ts;
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);  // async-signal-safe
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+// First SIGINT/SIGTERM/SIGUSR1: finish the step, checkpoint, exit. A second one exits at once,
+// unless it comes within 2 s of the first: under `shoal run` inside Slurm a rank can get the same
+// SIGTERM twice (from Slurm and forwarded by the launcher), which must not cut the checkpoint.
 void OnSignal(int sig) {
-  if (g_stop.exchange(true)) std::_Exit(128 + sig);  // second signal: leave now
+  if (g_stop.exchange(true)) {
+    if (NowMs() - g_first_signal_ms.load() < 2000) return;
+    std::_Exit(128 + sig);
+  }
+  g_first_signal_ms = NowMs();
   g_signal = sig;
 }
 
