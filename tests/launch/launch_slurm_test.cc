@@ -210,5 +210,37 @@ TEST_F(SlurmTest, FailingRanksFailTheJob) {
   EXPECT_TRUE(Contains(job.output, "missing.toml")) << job.output;
 }
 
+TEST_F(SlurmTest, OneNodeScriptTrainsTwoDataParallelRanks) {
+  // A real training job: 2 Slurm tasks, data parallel over Gloo, a few steps of a small GPT.
+  testing::WriteTextFile(cluster_->path("corpus.txt"), testing::SyntheticText(40000));
+  CommandResult prep = RunCommand(std::string(SHOAL_BINARY) + " prepare-data --no-progress --input " +
+                                  cluster_->path("corpus.txt") + " --out " + cluster_->path("data"));
+  ASSERT_EQ(prep.exit_code, 0) << prep.output;
+  testing::WriteTextFile(cluster_->path("tiny.toml"), R"([model]
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+[train]
+steps = 10
+batch_size = 4
+log_every = 5
+eval_every = 0
+eval_batches = 1
+blas_threads = 1
+[optim]
+lr = 3e-3
+warmup_steps = 2
+)");
+  Job job = RunJob("train-1node.sbatch", "--ntasks=2",
+                   "train --config " + cluster_->path("tiny.toml") + " --set data.dir=" +
+                       cluster_->path("data") + " train.out_dir=" + cluster_->path("run"));
+  ASSERT_EQ(job.state, "COMPLETED") << job.output;
+  EXPECT_TRUE(Contains(job.output, "data parallel: 2 ranks over gloo")) << job.output;
+  EXPECT_TRUE(Contains(job.output, "step 10/10")) << job.output;
+  EXPECT_TRUE(testing::ReadTextFile(cluster_->path("run/checkpoints/step_00000010/manifest.json"))
+                  .find("\"step\": 10") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace shoal
