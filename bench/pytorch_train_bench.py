@@ -4,6 +4,9 @@ the same batch and context, a standard training step (forward, cross-entropy, ba
 clip_grad_norm_, AdamW), timed after warm-up steps.
 
 Run one setting:   pytorch_train_bench.py --config configs/tiny.toml --steps 20
+Data parallel:     python3 -m torch.distributed.run --nproc_per_node 2 pytorch_train_bench.py ...
+                   (DistributedDataParallel over gloo; --batch-size is per rank; rank 0 prints
+                   the global tokens/s)
 The thread pools are set by the caller through OMP_NUM_THREADS / OPENBLAS_NUM_THREADS /
 OMP_WAIT_POLICY (OpenBLAS reads its variables when it loads). Prints one JSON line.
 """
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=0, help="per rank; 0: the config's")
     args = ap.parse_args()
     with open(args.config, "rb") as f:
         try:
@@ -42,16 +46,23 @@ def main():
     if threads > 0:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
     model = GPT(m)
     for name, p in model.named_parameters():   # GPT-2 init, as shoal does
         if p.dim() == 2:
             torch.nn.init.normal_(p, 0.0, 0.02)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() != 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8, foreach=True)
-    b, T, V = t["batch_size"], m["block_size"], m["vocab_size"]
+    b, T, V = args.batch_size or t["batch_size"], m["block_size"], m["vocab_size"]
     x = torch.randint(V, (b, T))
     y = torch.randint(V, (b, T))
     times = []
@@ -67,7 +78,9 @@ def main():
         if step >= args.warmup:
             times.append(dt)
     step_s = sum(times) / len(times)
-    print(json.dumps({"tokens_per_s": b * T / step_s, "step_time_ms": 1e3 * step_s,
+    if rank != 0:
+        return
+    print(json.dumps({"tokens_per_s": world * b * T / step_s, "ranks": world, "step_time_ms": 1e3 * step_s,
                       "omp_threads": torch.get_num_threads(),
                       "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
