@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
@@ -228,6 +229,58 @@ TEST_F(DataParallelTest, CheckpointOfTwoRanksResumesOnFourAndOnOne) {
     }
     ExpectMatchesReference(run, 2);
   }
+}
+
+TEST_F(DataParallelTest, GradientAccumulationSyncsTheSameMean) {
+  // 2 ranks x 2 micro-batches of 1 sequence cover the same 4 global samples per step as the
+  // 1-rank reference with batch 4 (the sampler numbers samples globally).
+  auto results = RunRanks(2, TrainCommand("accum", 1, "train.grad_accum=2 parallel.bucket_mb=0.02"));
+  for (auto& r : results) ASSERT_EQ(r.exit_code, 0) << r.output;
+  ExpectMatchesReference("accum", 2);
+}
+
+TEST_F(DataParallelTest, UnreachableMasterFailsWithinTheTimeout) {
+  const int port = FreePort();  // nobody listens there
+  const auto start = std::chrono::steady_clock::now();
+  CommandResult r = RunCommand("RANK=1 LOCAL_RANK=1 WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 "
+                               "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
+                               TrainCommand("unreachable", 2, "parallel.timeout_s=3"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(std::to_string(port)), std::string::npos) << r.output;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60));  // no hang
+}
+
+TEST_F(DataParallelTest, TakenMasterPortIsAClearError) {
+  // Something else already listens on the master port.
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::listen(fd, 1), 0);
+  socklen_t len = sizeof(addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  const int port = ntohs(addr.sin_port);
+  CommandResult r = RunCommand("RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 "
+                               "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
+                               TrainCommand("taken", 2, "parallel.timeout_s=3"));
+  ::close(fd);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find(std::to_string(port)), std::string::npos) << r.output;
+}
+
+TEST_F(DataParallelTest, WrongWorldSizeFailsWithinTheTimeout) {
+  // Two ranks start, but each was told the job has three.
+  const int port = FreePort();
+  const std::string env = "WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                          std::to_string(port) + " ";
+  const auto start = std::chrono::steady_clock::now();
+  CommandResult r = RunCommand(
+      "bash -c '(RANK=0 LOCAL_RANK=0 " + env + TrainCommand("world", 2, "parallel.timeout_s=3") +
+      ") & (RANK=1 LOCAL_RANK=1 " + env + TrainCommand("world", 2, "parallel.timeout_s=3") +
+      "); wait'");
+  EXPECT_NE(r.output.find("error"), std::string::npos) << r.output;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60));  // no hang
 }
 
 TEST_F(DataParallelTest, RanksWithDifferentConfigsAreRefused) {
