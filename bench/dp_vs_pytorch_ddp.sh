@@ -10,13 +10,7 @@ STEPS=${STEPS:-10}
 [[ -x build/shoal ]] || { echo "build first: scripts/build" >&2; exit 1; }
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
-/usr/bin/python3 - "$data" <<'PY'
-import os, sys, random
-random.seed(0)
-for name, n in (("train.bin", 400000), ("val.bin", 40000)):
-    with open(os.path.join(sys.argv[1], name), "wb") as f:
-        f.write(bytes(random.getrandbits(8) if i % 2 == 0 else 0 for i in range(2 * n)))
-PY
+/usr/bin/python3 bench/random_tokens.py "$data"
 batch=$(/usr/bin/python3 -c "import tomllib; print(tomllib.load(open('$cfg','rb'))['train']['batch_size'])")
 shoal=$(build/shoal bench dp --config "$cfg" --steps "$STEPS" --set data.dir="$data" 2>/dev/null | tail -1)
 echo "shoal   $shoal"

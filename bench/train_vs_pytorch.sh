@@ -13,13 +13,7 @@ configs=("$@")
 # Token data: speed does not depend on the text, so random bytes do if no corpus is prepared.
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
-/usr/bin/python3 - "$data" <<'PY'
-import os, sys, random
-random.seed(0)
-for name, n in (("train.bin", 400000), ("val.bin", 40000)):
-    with open(os.path.join(sys.argv[1], name), "wb") as f:
-        f.write(bytes(random.getrandbits(8) if i % 2 == 0 else 0 for i in range(2 * n)))
-PY
+/usr/bin/python3 bench/random_tokens.py "$data"
 
 cores=$(nproc)
 for cfg in "${configs[@]}"; do
