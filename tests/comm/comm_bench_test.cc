@@ -20,6 +20,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "tests/comm/rank_launcher.h"
+#include "tests/test_util.h"
 
 namespace shoal::comm {
 namespace {
@@ -79,22 +80,10 @@ int RunRank(const std::string& backend, int rank, int world) {
   return 0;
 }
 
-int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 TEST(CommBenchTest, GlooTwoRanksReportEverySizeLoopbackAndJson) {
   // Rank 0 serves the store itself; the port is probed free here (a small race, rarely lost).
   const auto results = ::shoal::testing::LaunchRanks(
-      {0, 1}, {{"SHOAL_COMM_TEST_PORT", std::to_string(FreePort())}}, std::chrono::seconds(100));
+      {0, 1}, {{"SHOAL_COMM_TEST_PORT", std::to_string(::shoal::testing::FreePort())}}, std::chrono::seconds(100));
   for (const auto& r : results) {
     EXPECT_EQ(r.exit_code, 0) << ::shoal::testing::DescribeRanks(results);
   }

@@ -43,19 +43,6 @@ std::shared_ptr<Store> Client(int port, absl::Duration timeout = absl::Seconds(1
   return s.ok() ? *s : nullptr;
 }
 
-// A port nothing listens on: bound (so the kernel picks a free one), then closed.
-int UnusedPort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 TEST(TcpStoreTest, ServerOnPortZeroPicksAFreePortThatClientsReach) {
   auto server = Server();
   ASSERT_NE(server, nullptr);
@@ -103,7 +90,7 @@ TEST(TcpStoreTest, MissingKeyIsDeadlineExceededNamingTheKey) {
 }
 
 TEST(TcpStoreTest, NobodyListeningIsUnavailableNamingHostAndPort) {
-  const int port = UnusedPort();
+  const int port = ::shoal::testing::FreePort();
   TcpStoreOptions o;
   o.port = port;
   o.timeout = absl::Seconds(2);

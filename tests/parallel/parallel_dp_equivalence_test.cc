@@ -53,19 +53,6 @@ warmup_steps = 4
 timeout_s = 60
 )";
 
-int FreePort() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  socklen_t len = sizeof(addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 class DataParallelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -100,7 +87,7 @@ class DataParallelTest : public ::testing::Test {
 
   // Starts `n` ranks as the launchers do (environment variables), waits for all.
   static std::vector<CommandResult> RunRanks(int n, const std::string& command) {
-    const int port = FreePort();
+    const int port = ::shoal::testing::FreePort();
     std::vector<TempDir*> logs;
     std::string script = "pids=''; ";
     TempDir logdir;
@@ -240,7 +227,7 @@ TEST_F(DataParallelTest, GradientAccumulationSyncsTheSameMean) {
 }
 
 TEST_F(DataParallelTest, UnreachableMasterFailsWithinTheTimeout) {
-  const int port = FreePort();  // nobody listens there
+  const int port = ::shoal::testing::FreePort();  // nobody listens there
   const auto start = std::chrono::steady_clock::now();
   CommandResult r = RunCommand("RANK=1 LOCAL_RANK=1 WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 "
                                "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
@@ -271,7 +258,7 @@ TEST_F(DataParallelTest, TakenMasterPortIsAClearError) {
 
 TEST_F(DataParallelTest, WrongWorldSizeFailsWithinTheTimeout) {
   // Two ranks start, but each was told the job has three.
-  const int port = FreePort();
+  const int port = ::shoal::testing::FreePort();
   const std::string env = "WORLD_SIZE=3 LOCAL_WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
                           std::to_string(port) + " ";
   const auto start = std::chrono::steady_clock::now();
@@ -284,7 +271,7 @@ TEST_F(DataParallelTest, WrongWorldSizeFailsWithinTheTimeout) {
 }
 
 TEST_F(DataParallelTest, RanksWithDifferentConfigsAreRefused) {
-  const int port = FreePort();
+  const int port = ::shoal::testing::FreePort();
   const std::string env = "WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
                           std::to_string(port) + " ";
   const std::string cmd0 = "RANK=0 LOCAL_RANK=0 " + env + TrainCommand("bad", 2, "parallel.timeout_s=10");
