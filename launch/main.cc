@@ -292,7 +292,9 @@ int RunBenchComm(const std::string& backend, int ranks, int64_t max_mb, int iter
 int main(int argc, char** argv) {
   // The thread pools read their idle policy from the environment when the libraries load, which
   // is before main: set it and start again once (see device_probe.h).
-  if (shoal::runtime::NeedsEnvironmentReexec()) {
+  // Only the subcommands that train need it; the others skip a second load of LibTorch.
+  const bool trains = argc >= 2 && (std::string(argv[1]) == "train" || std::string(argv[1]) == "bench");
+  if (trains && shoal::runtime::NeedsEnvironmentReexec()) {
     ::execv("/proc/self/exe", argv);
     // execv failed: carry on with the pools as they are.
   }

@@ -206,7 +206,9 @@ TEST_F(SlurmTest, FailingRanksFailTheJob) {
   Job job = RunJob("train-1node.sbatch", "--ntasks=2",
                    "train --config " + cluster_->path("missing.toml"));
   EXPECT_EQ(job.state, "FAILED") << job.output;
-  EXPECT_EQ(job.exit_code, "2:0") << job.output;  // shoal's exit code for bad input
+  // shoal exits 2 for bad input; which task's status srun passes on first depends on timing
+  // (the other task may be killed once one fails), so only require a failure.
+  EXPECT_NE(job.exit_code, "0:0") << job.output;
   EXPECT_TRUE(Contains(job.output, "missing.toml")) << job.output;
 }
 
