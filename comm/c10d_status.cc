@@ -2,12 +2,9 @@
 
 #include <c10/util/Exception.h>
 
-#include <cctype>
-
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
-#include "absl/strings/ascii.h"
 
 namespace shoal::comm::internal {
 

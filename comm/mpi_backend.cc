@@ -287,9 +287,10 @@ class MpiWork final : public Work {
         return s;
       }
       // MPI moves data only inside MPI calls (libnbc's schedules advance in MPI_Test), so a
-      // sleep between tests stalls large transfers: sleeping from 50 ms on cut a 256 MiB
-      // all-reduce between two ranks from 1.2 to 0.34 GB/s. Yielding keeps the pace and still
-      // hands the core to a peer that shares it; only a long wait backs off to sleeping.
+      // sleep between tests stalls large transfers: sleeping 50 us between tests after 50 ms
+      // gave 0.30-0.34 GB/s bus bandwidth for 64-256 MiB between two ranks on a 2-core host,
+      // yielding instead gives 0.73-0.83 GB/s. Yielding still hands the core to a peer that
+      // shares it; only a long wait backs off to sleeping.
       if (elapsed < std::chrono::milliseconds(1)) continue;
       if (elapsed < std::chrono::seconds(2)) {
         sched_yield();

@@ -80,7 +80,11 @@ int RunGlooRank() {
     const absl::Status& s = backend.status();
     std::printf("rank %d: rendezvous without rank %d: %s (%.2f s)\n", rank, world - 1,
                 s.ToString().c_str(), took);
-    const bool ok = (absl::IsDeadlineExceeded(s) || absl::IsUnavailable(s)) && took < 20;
+    // The message names who is missing (the ranks all run on this LibTorch, so the key layout
+    // the backend reads it from is known).
+    const bool ok = (absl::IsDeadlineExceeded(s) || absl::IsUnavailable(s)) && took < 20 &&
+                    absl::StrContains(s.message(), "never arrived: rank " +
+                                                        std::to_string(world - 1));
     return ok ? 0 : 1;
   }
   if (!backend.ok()) {
@@ -139,11 +143,11 @@ class GlooCaseTest : public ::testing::Test {
 void RegisterGlooTests() {
   for (int world : {1, 2, 4}) {
     for (bool file_store : {false, true}) {
-      // The file store is a second way in, not a second suite: worlds of 2 only.
+      // The file store is a second way in, not a second suite: a few cases, worlds of 2.
       if (file_store && world != 2) continue;
       for (const Case& c : AllCases()) {
         if (!c.gloo || world < c.min_world) continue;
-        if (file_store && (c.last_rank_missing || c.backend_timeout < absl::Seconds(60))) continue;
+        if (file_store && !c.via_file_store) continue;
         const std::string suite =
             std::string("Gloo") + (file_store ? "File" : "Tcp") + "World" + std::to_string(world);
         const Case* cp = &c;

@@ -61,6 +61,16 @@ inline absl::Status ExpectTensor(const at::Tensor& got, const at::Tensor& want,
 
 inline std::vector<int64_t> Sizes() { return {1, 1000, int64_t{1} << 20}; }
 
+inline const char* ReduceOpName(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum: return "sum";
+    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kMax: return "max";
+    case ReduceOp::kMin: return "min";
+  }
+  return "?";
+}
+
 // The closed-form factor f(N) with result[i] = f * i, for contributions (r+1)*i.
 inline double ReduceFactor(ReduceOp op, int n) {
   switch (op) {
@@ -72,22 +82,21 @@ inline double ReduceFactor(ReduceOp op, int n) {
   return 0;
 }
 
-inline absl::Status AllReduceWith(Backend& b, ReduceOp op) {
+// Every op on every size: one case, so one set of rank processes, for the four of them.
+inline absl::Status AllReduceSumAvgMaxMin(Backend& b) {
   const int n = b.size();
-  for (int64_t size : Sizes()) {
-    at::Tensor index = at::arange(size, at::kFloat);
-    at::Tensor t = index * static_cast<float>(b.rank() + 1);
-    CONF_OK(WaitOn(b.AllReduce(t, op)));
-    CONF_OK(ExpectTensor(t, index * ReduceFactor(op, n), absl::StrCat("allreduce of ", size),
-                         op == ReduceOp::kAvg ? 1e-6 : 0));
+  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin}) {
+    for (int64_t size : Sizes()) {
+      at::Tensor index = at::arange(size, at::kFloat);
+      at::Tensor t = index * static_cast<float>(b.rank() + 1);
+      CONF_OK(WaitOn(b.AllReduce(t, op)));
+      CONF_OK(ExpectTensor(t, index * ReduceFactor(op, n),
+                           absl::StrCat("allreduce ", ReduceOpName(op), " of ", size),
+                           op == ReduceOp::kAvg ? 1e-6 : 0));
+    }
   }
   return absl::OkStatus();
 }
-
-inline absl::Status AllReduceSum(Backend& b) { return AllReduceWith(b, ReduceOp::kSum); }
-inline absl::Status AllReduceAvg(Backend& b) { return AllReduceWith(b, ReduceOp::kAvg); }
-inline absl::Status AllReduceMax(Backend& b) { return AllReduceWith(b, ReduceOp::kMax); }
-inline absl::Status AllReduceMin(Backend& b) { return AllReduceWith(b, ReduceOp::kMin); }
 
 // Sums in double, int32 and int64; an int64 average truncates toward zero.
 inline absl::Status AllReduceDtypes(Backend& b) {
@@ -136,7 +145,7 @@ inline absl::Status ReduceScatter(Backend& b) {
       CONF_OK(WaitOn(b.ReduceScatter(output, input, op)));
       at::Tensor mine = at::arange(b.rank() * shard, (b.rank() + 1) * shard, at::kFloat);
       CONF_OK(ExpectTensor(output, mine * ReduceFactor(op, n),
-                           absl::StrCat("reduce_scatter ", static_cast<int>(op), " of shard ",
+                           absl::StrCat("reduce_scatter ", ReduceOpName(op), " of shard ",
                                         shard),
                            op == ReduceOp::kAvg ? 1e-6 : 0));
     }
@@ -322,25 +331,24 @@ struct Case {
   // Rendezvous case: the last rank is never started; the others' CreateBackend must fail with
   // kDeadlineExceeded or kUnavailable within a generous bound (run is unused).
   bool last_rank_missing = false;
+  // Also run (Gloo, world of 2) with the ranks meeting through a file store instead of TCP.
+  bool via_file_store = false;
 };
 
 inline const std::vector<Case>& AllCases() {
   static const std::vector<Case> cases = {
-      {"AllReduceSum", AllReduceSum},
-      {"AllReduceAvg", AllReduceAvg},
-      {"AllReduceMax", AllReduceMax},
-      {"AllReduceMin", AllReduceMin},
+      {"AllReduceSumAvgMaxMin", AllReduceSumAvgMaxMin, 1, true, true, absl::Seconds(60), false, true},
       {"AllReduceDtypes", AllReduceDtypes},
       {"AllReduceHalfPrecision", AllReduceHalfPrecision},
       {"ReduceScatter", ReduceScatter},
       {"AllGather", AllGather},
       {"BroadcastFromEachRoot", BroadcastFromEachRoot},
-      {"SendRecvRing", SendRecvRing, 2},
+      {"SendRecvRing", SendRecvRing, 2, true, true, absl::Seconds(60), false, true},
       // Not last: under MPI the late rank's all-reduce completes while the others are already
       // in the next case's collective (MPI progresses inside MPI calls only).
       {"SlowPeerTimesOut", SlowPeerTimesOut, 2},
       {"Barrier", Barrier},
-      {"ManyOpsInSequence", ManyOpsInSequence},
+      {"ManyOpsInSequence", ManyOpsInSequence, 1, true, true, absl::Seconds(60), false, true},
       {"ArgumentErrors", ArgumentErrors},
       // A dead peer takes the whole job down under OpenMPI 4.1 (no ULFM): Gloo only.
       {"PeerExitsBeforeAllReduce", PeerExitsBeforeAllReduce, 2, true, false, absl::Seconds(3)},
