@@ -29,6 +29,7 @@
 #include "common/status.h"
 #include "launch/env.h"
 #include "launch/launcher.h"
+#include "launch/subcommands.h"
 #include "runtime/config.h"
 #include "runtime/device_probe.h"
 #include "runtime/prepare_data.h"
@@ -302,6 +303,17 @@ int main(int argc, char** argv) {
   if (argc >= 2 && std::string(argv[1]) == "run") {
     return shoal::launch::RunLauncherMain(argc - 1, argv + 1);
   }
+  // The coordinator's subcommands parse their own flags (launch/subcommands.h).
+  if (argc >= 2) {
+    const std::string sub = argv[1];
+    if (sub == "coordinator") return shoal::launch::CoordinatorMain(argc - 1, argv + 1);
+    if (sub == "status") return shoal::launch::StatusMain(argc - 1, argv + 1);
+    if (sub == "simulate") return shoal::launch::SimulateMain(argc - 1, argv + 1);
+    if (sub == "profile") return shoal::launch::ProfileMain(argc - 1, argv + 1);
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "coordinator") {
+      return shoal::launch::BenchCoordinatorMain(argc - 2, argv + 2);
+    }
+  }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "shoal 0.1.0");
@@ -353,6 +365,12 @@ int main(int argc, char** argv) {
   bench_train->add_option("--threads", bench_threads,
                           "Cores to use for both thread pools (0: all)")
       ->check(CLI::NonNegativeNumber);
+
+  // Listed for --help; parsed by their own mains above.
+  app.add_subcommand("coordinator", "Run the coordinator service (gRPC, HTTP status and dashboard)");
+  app.add_subcommand("status", "Show the cluster as the coordinator sees it");
+  app.add_subcommand("simulate", "Run the coordinator's membership and solver on virtual devices");
+  app.add_subcommand("profile", "Measure this machine's device profile (as workers send it)");
 
   // env: what rank discovery sees (for launch scripts and tests)
   auto* env_cmd = app.add_subcommand(
