@@ -125,4 +125,12 @@ std::string DirName(const std::string& path) {
   return path.substr(0, slash);
 }
 
+std::string SelfExecutablePath() {
+  char path[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return "shoal";
+  path[n] = 0;
+  return path;
+}
+
 }  // namespace shoal

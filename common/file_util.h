@@ -40,6 +40,10 @@ absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir);
 // Parent directory of `path` ("." for a bare name).
 std::string DirName(const std::string& path);
 
+// The running binary's path (/proc/self/exe), or "shoal" if it cannot be read: for re-running
+// this binary as a child (benchmarks, the launcher).
+std::string SelfExecutablePath();
+
 }  // namespace shoal
 
 #endif  // SHOAL_COMMON_FILE_UTIL_H_

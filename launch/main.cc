@@ -1,6 +1,8 @@
 // shoal: one binary, every role. Subcommands:
 //   shoal prepare-data --input PATH... --out DIR [--val-fraction F] [--tokenizer byte]
 //   shoal train --config FILE [--set section.key=value ...] [--resume] [--stop-after N]
+//               [--throttle F] [--coordinator HOST:PORT [--coordinator-token-file F]
+//               [--coordinator-ca F] [--coordinator-timeout S]]
 //   shoal bench train --config FILE [--steps N] [--threads T] [--set ...]
 // Only this file decides how the process ends: a status becomes a message and an exit code
 // (2: bad input or usage, 1: anything else, 130/143: interrupted).
@@ -24,12 +26,14 @@
 #include "comm/backend.h"
 #include "comm/comm_bench.h"
 #include "comm/store.h"
+#include "common/file_util.h"
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "common/status.h"
 #include "launch/env.h"
 #include "launch/launcher.h"
 #include "launch/subcommands.h"
+#include "launch/worker_link.h"
 #include "runtime/config.h"
 #include "runtime/device_probe.h"
 #include "runtime/prepare_data.h"
@@ -63,9 +67,12 @@ void OnSignal(int sig) {
 
 int Fail(const absl::Status& status) {
   std::fprintf(stderr, "shoal: error: %s\n", std::string(status.message()).c_str());
+  // A wrong coordinator token is bad input too: retrying the same command cannot help.
   const bool user_error = status.code() == absl::StatusCode::kInvalidArgument ||
                           status.code() == absl::StatusCode::kNotFound ||
-                          status.code() == absl::StatusCode::kFailedPrecondition;
+                          status.code() == absl::StatusCode::kFailedPrecondition ||
+                          status.code() == absl::StatusCode::kUnauthenticated ||
+                          status.code() == absl::StatusCode::kPermissionDenied;
   return user_error ? 2 : 1;
 }
 
@@ -143,8 +150,15 @@ absl::StatusOr<std::unique_ptr<comm::Backend>> JoinGroup(const launch::Distribut
   return backend;
 }
 
+// The nearest folder of `path` (or above it) that exists: the disk tier's place in the profile
+// before the run has created its output folder.
+std::string ExistingAncestor(std::string path) {
+  while (!path.empty() && path != "." && path != "/" && !PathExists(path)) path = DirName(path);
+  return path.empty() ? "." : path;
+}
+
 int RunTrain(const std::string& config_path, const std::vector<std::string>& overrides,
-             runtime::TrainOptions options) {
+             runtime::TrainOptions options, launch::WorkerLinkOptions link_options = {}) {
   auto config = runtime::LoadConfig(config_path, overrides);
   if (!config.ok()) return Fail(config.status());
   auto env = launch::DetectDistributedEnv();
@@ -157,22 +171,52 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     options.backend = backend.get();
     options.nodes = std::max(1, env->world_size / std::max(1, env->local_world_size));
   }
+  // Mesh mode: join the coordinator after the data-parallel rendezvous, not before. By then
+  // every rank is known to run the same binary and config (so all send the same job spec), and
+  // the group lets ranks on one host take turns profiling the device; the assignment still
+  // comes before the trainer is built, which is where a layout will decide what it builds.
+  std::unique_ptr<launch::WorkerLink> link;
+  if (!link_options.coordinator.empty()) {
+    link_options.throttle = options.throttle;
+    link_options.disk_path = ExistingAncestor(config->train.out_dir);
+    auto started = launch::WorkerLink::Start(link_options, *config, *env, backend.get(), &g_stop);
+    if (!started.ok()) return Fail(started.status());
+    link = std::move(*started);
+    launch::WorkerLink* l = link.get();
+    options.on_step = [l](const runtime::StepReport& r) { l->OnStep(r); };
+  }
   options.stop_requested = &g_stop;
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGUSR1, OnSignal);  // Slurm's warning before preemption or the time limit
   auto trainer = runtime::Trainer::Create(*config, options);
-  if (!trainer.ok()) return Fail(trainer.status());
+  if (!trainer.ok()) {
+    if (link) link->Close(absl::StrCat("failed: ", trainer.status().message()));
+    return Fail(trainer.status());
+  }
   auto result = (*trainer)->Run();
+  if (link) {
+    link->Close(!result.ok()            ? absl::StrCat("failed: ", result.status().message())
+                : link->drained()       ? "drained"
+                : result->stopped_early ? "stopped"
+                                        : "finished");
+  }
   if (!result.ok()) return Fail(result.status());
+  // A drained worker stopped because the coordinator asked, not because of a signal: that is
+  // a clean end (exit 0), with its checkpoint written.
+  const bool drained_only = link && link->drained() && g_signal.load() == 0;
+  const int stopped_code = drained_only ? 0 : 128 + g_signal.load();
   if (!options.bench) {
-    if (env->rank != 0) return result->stopped_early ? 128 + g_signal.load() : 0;
+    if (env->rank != 0) return result->stopped_early ? stopped_code : 0;
     if (result->first_val_loss >= 0) {
       std::fprintf(stderr, "val loss %.4f -> %.4f\n", result->first_val_loss,
                    result->last_val_loss);
     }
     std::fprintf(stderr, "checkpoint: %s\n", result->checkpoint.c_str());
-    if (result->stopped_early) return 128 + g_signal.load();
+    if (drained_only && result->stopped_early) {
+      std::fprintf(stderr, "drained by coordinator %s\n", link_options.coordinator.c_str());
+    }
+    if (result->stopped_early) return stopped_code;
     return 0;
   }
   if (env->rank != 0) return 0;
@@ -218,14 +262,6 @@ absl::StatusOr<nlohmann::json> RunForJson(const std::string& command) {
   return last;
 }
 
-std::string SelfPath() {
-  char path[4096];
-  const ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
-  if (n <= 0) return "shoal";
-  path[n] = 0;
-  return path;
-}
-
 // `shoal bench dp`: 2 ranks x 1 thread against 1 rank x 2 threads at the same global batch.
 int RunBenchDp(const std::string& config_path, const std::vector<std::string>& overrides,
                int64_t steps) {
@@ -238,7 +274,7 @@ int RunBenchDp(const std::string& config_path, const std::vector<std::string>& o
   }
   std::string sets;
   for (const std::string& o : overrides) sets += " --set '" + o + "'";
-  const std::string self = SelfPath();
+  const std::string self = SelfExecutablePath();
   const std::string common = absl::StrCat(" bench train --config ", config_path, " --steps ",
                                           steps, sets, " --set train.omp_threads=1");
   auto one = RunForJson(absl::StrCat(self, common, " --set train.blas_threads=2"));
@@ -265,7 +301,7 @@ int RunBenchComm(const std::string& backend, int ranks, int64_t max_mb, int iter
   if (env->world_size == 1 && ranks > 1) {
     std::string args;
     for (int i = 1; i < argc; ++i) args += std::string(" '") + argv[i] + "'";
-    const std::string self = SelfPath();
+    const std::string self = SelfExecutablePath();
     const std::string cmd =
         backend == "mpi"
             ? absl::StrCat("mpirun --allow-run-as-root --oversubscribe -np ", ranks, " ", self,
@@ -313,6 +349,9 @@ int main(int argc, char** argv) {
     if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "coordinator") {
       return shoal::launch::BenchCoordinatorMain(argc - 2, argv + 2);
     }
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "split") {
+      return shoal::launch::BenchSplitMain(argc - 2, argv + 2);
+    }
   }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
@@ -346,6 +385,19 @@ int main(int argc, char** argv) {
   train_cmd->add_option("--stop-after", train_opts.stop_after,
                         "Stop (with a checkpoint) after this many steps of this invocation")
       ->check(CLI::NonNegativeNumber);
+  train_cmd->add_option("--throttle", train_opts.throttle,
+                        "Slow this rank down on purpose by this factor >= 1 (heterogeneity tests)");
+  shoal::launch::WorkerLinkOptions link_opts;
+  double coordinator_timeout_s = 60;
+  train_cmd->add_option("--coordinator", link_opts.coordinator,
+                        "HOST:PORT of `shoal coordinator`: join it, report steps, obey drains");
+  train_cmd->add_option("--coordinator-token-file", link_opts.token_file,
+                        "File holding the coordinator's token");
+  train_cmd->add_option("--coordinator-ca", link_opts.tls_ca_file,
+                        "PEM CA file: talk TLS to the coordinator");
+  train_cmd->add_option("--coordinator-timeout", coordinator_timeout_s,
+                        "Seconds to reach the coordinator and get the first layout")
+      ->capture_default_str();
 
   // bench train
   auto* bench_cmd = app.add_subcommand("bench", "Benchmarks that print figures");
@@ -371,6 +423,9 @@ int main(int argc, char** argv) {
   app.add_subcommand("status", "Show the cluster as the coordinator sees it");
   app.add_subcommand("simulate", "Run the coordinator's membership and solver on virtual devices");
   app.add_subcommand("profile", "Measure this machine's device profile (as workers send it)");
+
+  bench_cmd->add_subcommand(
+      "split", "The solver's uneven pipeline split vs the uniform one on measured block times");
 
   // env: what rank discovery sees (for launch scripts and tests)
   auto* env_cmd = app.add_subcommand(
@@ -436,7 +491,19 @@ int main(int argc, char** argv) {
     prep.progress = !no_progress;
     return shoal::RunPrepareData(prep);
   }
-  if (*train_cmd) return shoal::RunTrain(config_path, overrides, train_opts);
+  if (*train_cmd) {
+    if (link_opts.coordinator.empty() &&
+        (!link_opts.token_file.empty() || !link_opts.tls_ca_file.empty())) {
+      return shoal::Fail(absl::InvalidArgumentError(
+          "--coordinator-token-file and --coordinator-ca need --coordinator HOST:PORT"));
+    }
+    if (!(coordinator_timeout_s > 0) || coordinator_timeout_s > 86400) {
+      return shoal::Fail(absl::InvalidArgumentError(absl::StrCat(
+          "--coordinator-timeout must be in (0, 86400] seconds, got ", coordinator_timeout_s)));
+    }
+    link_opts.timeout = absl::Seconds(coordinator_timeout_s);
+    return shoal::RunTrain(config_path, overrides, train_opts, link_opts);
+  }
   if (*bench_train) {
     shoal::runtime::TrainOptions o;
     o.bench = true;

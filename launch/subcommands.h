@@ -15,8 +15,11 @@ int StatusMain(int argc, char** argv);
 int BenchCoordinatorMain(int argc, char** argv);
 // shoal simulate --devices FILE [--churn RATE] [--steps N] [--seed S] [--json]
 int SimulateMain(int argc, char** argv);
-// shoal profile [--throttle F] [--refresh] [--json]: this machine's device profile
+// shoal profile [--throttle F] [--refresh] [--disk-path P] [--json]: this machine's device profile
 int ProfileMain(int argc, char** argv);
+// shoal bench split --config FILE --throttle F [--stages K] [--micro-batches M] [--set ...]
+// (argv starts at "split"): the solver's uneven split vs the uniform one on measured block times
+int BenchSplitMain(int argc, char** argv);
 
 }  // namespace shoal::launch
 

@@ -24,6 +24,34 @@ Fn BlasSymbol(const char* name) {
   return reinterpret_cast<Fn>(::dlsym(RTLD_DEFAULT, name));
 }
 
+// Sets OpenBLAS to `threads` (when it is the BLAS) for the object's life, and restores both pools.
+class ScopedBlasThreads {
+ public:
+  explicit ScopedBlasThreads(int threads)
+      : saved_omp_(at::get_num_threads()),
+        set_(BlasSymbol<SetThreads>("openblas_set_num_threads")),
+        get_(BlasSymbol<GetThreads>("openblas_get_num_threads")),
+        saved_blas_(get_ ? get_() : 1) {
+    if (set_) set_(threads);
+  }
+  ~ScopedBlasThreads() {
+    if (set_) set_(saved_blas_);
+    at::set_num_threads(saved_omp_);
+  }
+  ScopedBlasThreads(const ScopedBlasThreads&) = delete;
+  ScopedBlasThreads& operator=(const ScopedBlasThreads&) = delete;
+
+ private:
+  using SetThreads = void (*)(int);
+  using GetThreads = int (*)();
+  int saved_omp_;
+  SetThreads set_;
+  GetThreads get_;
+  int saved_blas_;
+};
+
+}  // namespace
+
 std::string CpuModel() {
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -44,8 +72,6 @@ std::string CacheDir() {
   const char* home = std::getenv("HOME");
   return absl::StrCat(home ? home : "/tmp", "/.cache/shoal");
 }
-
-}  // namespace
 
 int AvailableCores() {
   cpu_set_t set;
@@ -96,6 +122,45 @@ bool NeedsEnvironmentReexec() {
   return true;
 }
 
+double MeasureGemmGflops(GemmType type, int64_t min_n, int64_t max_n, double seconds,
+                         int min_reps) {
+  using Clock = std::chrono::steady_clock;
+  const at::ScalarType dtype = type == GemmType::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  ScopedBlasThreads threads(AvailableCores());
+  auto time_one = [](const at::Tensor& a, const at::Tensor& b, at::Tensor& c) {
+    const auto t0 = Clock::now();
+    at::mm_out(c, a, b);
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+  };
+  try {
+    int64_t n = std::max<int64_t>(1, min_n);
+    at::Tensor a, b, c;
+    auto allocate = [&] {
+      a = at::randn({n, n}).to(dtype);
+      b = at::randn({n, n}).to(dtype);
+      c = at::empty({n, n}, at::TensorOptions().dtype(dtype));
+    };
+    allocate();
+    double t = time_one(a, b, c);  // warm-up: thread start, page faults
+    while (n < max_n && t < seconds / 10) {
+      n = std::min(max_n, 2 * n);
+      allocate();
+      time_one(a, b, c);
+      t = time_one(a, b, c);
+    }
+    const double flops = 2.0 * static_cast<double>(n) * n * n;
+    double best = 0, spent = 0;
+    for (int rep = 0; rep < min_reps || spent < seconds; ++rep) {
+      const double s = time_one(a, b, c);
+      spent += s;
+      best = std::max(best, flops / s / 1e9);
+    }
+    return best;
+  } catch (const c10::Error&) {
+    return 0;  // no matmul kernel for this type in this build
+  }
+}
+
 absl::StatusOr<double> PeakGflops(bool refresh) {
   // The machine's peak, even when this process is bound to fewer cores (mpirun binds each rank
   // to one): measured on the cores we may use, scaled to every online core.
@@ -114,26 +179,8 @@ absl::StatusOr<double> PeakGflops(bool refresh) {
       return cache[key].get<double>();
     }
   }
-  // Measure with every core on BLAS, then restore the caller's pools.
-  const int saved_omp = at::get_num_threads();
-  using SetThreads = void (*)(int);
-  using GetThreads = int (*)();
-  auto set_blas = BlasSymbol<SetThreads>("openblas_set_num_threads");
-  auto get_blas = BlasSymbol<GetThreads>("openblas_get_num_threads");
-  const int saved_blas = get_blas ? get_blas() : 1;
-  if (set_blas) set_blas(cores);
-  constexpr int64_t n = 2048;
-  at::Tensor a = at::randn({n, n}), b = at::randn({n, n}), c = at::empty({n, n});
-  at::mm_out(c, a, b);  // warm-up: thread start, page faults
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    at::mm_out(c, a, b);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 2.0 * n * n * n / s / 1e9);
-  }
-  if (set_blas) set_blas(saved_blas);
-  at::set_num_threads(saved_omp);
+  // Best of five 2048^3 products: large enough to reach the BLAS kernel's steady rate.
+  double best = MeasureGemmGflops(GemmType::kFloat32, 2048, 2048, 0.0, 5);
   best *= static_cast<double>(online) / cores;
   cache[key] = best;
   if (MakeDirs(dir).ok()) {

@@ -5,6 +5,7 @@
 #ifndef SHOAL_RUNTIME_DEVICE_PROBE_H_
 #define SHOAL_RUNTIME_DEVICE_PROBE_H_
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -37,6 +38,23 @@ std::string DescribeBlas();
 // reads it when it loads, before main, so launch/ calls this first thing and re-executes the
 // binary once when it returns true.
 bool NeedsEnvironmentReexec();
+
+// Model name of the CPU from /proc/cpuinfo ("unknown-cpu" when it has none).
+std::string CpuModel();
+
+// The folder for per-machine caches: $SHOAL_CACHE_DIR, else $XDG_CACHE_HOME/shoal, else
+// ~/.cache/shoal. Not created here.
+std::string CacheDir();
+
+enum class GemmType { kFloat32, kBFloat16 };
+
+// Best rate in GFLOP/s of square matmuls of `type` with every available core on BLAS (both
+// pools are restored afterwards). The size starts at `min_n` and doubles up to `max_n` while
+// one product takes under a tenth of `seconds`; products at the final size then repeat until
+// `seconds` is spent, at least `min_reps` times, after one warm-up. Returns 0 when this build
+// has no matmul for `type`.
+double MeasureGemmGflops(GemmType type, int64_t min_n, int64_t max_n, double seconds,
+                         int min_reps);
 
 // fp32 GEMM peak of this machine in GFLOP/s with every core on BLAS (best of several 2048^3
 // matmuls; a process bound to fewer cores measures on those and scales to all online cores).

@@ -24,8 +24,25 @@ struct ProfileOptions {
   double seconds = 2.0;           // time budget for the GEMM measurements
 };
 
-// kInvalidArgument for throttle < 1 or a disk path that does not exist.
+// kInvalidArgument for throttle < 1 (or not finite), a time budget <= 0, or a disk path that
+// does not exist; each message names the option.
 absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options);
+
+// The deliberate slow-down: after a piece of work that took `work_seconds`, After() sleeps
+// (factor - 1) x that, so the work appears `factor` times slower to everyone downstream. A test
+// device, not a scheduler: one machine can then play ranks of different speeds. Thread-safe.
+class Throttle {
+ public:
+  // `factor` must be >= 1 and finite (CheckFactor says why not).
+  explicit Throttle(double factor = 1.0) : factor_(factor) {}
+  static absl::Status CheckFactor(double factor, const char* what);
+  // Sleeps; returns the seconds slept (0 when factor is 1).
+  double After(double work_seconds) const;
+  double factor() const { return factor_; }
+
+ private:
+  double factor_;
+};
 
 }  // namespace shoal::runtime
 

@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "runtime/device_probe.h"
 #include "runtime/lr_schedule.h"
+#include "runtime/profiler.h"
 
 namespace shoal::runtime {
 namespace {
@@ -112,6 +113,7 @@ absl::StatusOr<NamedTensors> StepEngine::OptimizerState() {
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                                                           const TrainOptions& options) {
   SHOAL_RETURN_IF_ERROR(ValidateConfig(config));
+  SHOAL_RETURN_IF_ERROR(Throttle::CheckFactor(options.throttle, "--throttle"));
   std::unique_ptr<Trainer> t(new Trainer(config, options));
   const Config& c = t->config_;
   if (options.backend != nullptr) {
@@ -129,6 +131,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   if (options.log) {
     SHOAL_LOG(Info) << "threads: OpenMP " << plan.omp_threads << ", BLAS " << plan.blas_threads
                     << " (" << plan.reason << "); BLAS: " << DescribeBlas();
+  }
+
+  if (options.throttle > 1.0) {
+    SHOAL_LOG(Info) << "throttle: rank " << t->rank_ << " sleeps " << options.throttle - 1.0
+                    << " x its compute time after every step (a deliberately slow device)";
   }
 
   // 2. Data: token files, validated against the model's vocabulary and context.
@@ -291,8 +298,10 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       options_.stop_after > 0 ? std::min(c.train.steps, start_step_ + options_.stop_after)
                               : c.train.steps;
   const double flops_per_token = engine_->model().FlopsPerToken();
-  const int64_t tokens_per_step = static_cast<int64_t>(c.train.batch_size) * c.train.grad_accum *
-                                  c.model.block_size * world_;
+  const int64_t rank_tokens_per_step =
+      static_cast<int64_t>(c.train.batch_size) * c.train.grad_accum * c.model.block_size;
+  const int64_t tokens_per_step = rank_tokens_per_step * world_;
+  const Throttle throttle(options_.throttle);
   // Every rank must stop at the same step, so a stop request is agreed on collectively.
   auto stop_agreed = [&]() -> absl::StatusOr<bool> {
     const bool local = options_.stop_requested != nullptr && options_.stop_requested->load();
@@ -348,7 +357,8 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       else step_status = r.status();
     }));
     SHOAL_RETURN_IF_ERROR(step_status);
-    const double dt = Seconds(t0, Clock::now());
+    const double compute_s = Seconds(t0, Clock::now());
+    const double dt = compute_s + throttle.After(compute_s);
     if (!std::isfinite(stats.loss)) {
       return absl::AbortedError(absl::StrCat("loss is ", stats.loss, " at step ", step,
                                              "; lower optim.lr or check the data"));
@@ -362,6 +372,10 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       ++timed_steps;
     }
     const int64_t done = step + 1;
+    if (options_.on_step) {
+      options_.on_step({done, stats.loss, stats.lr,
+                        dt > 0 ? static_cast<double>(rank_tokens_per_step) / dt : 0.0, dt});
+    }
     if (done % c.train.log_every == 0 || done == end_step) {
       TrainLogRecord r;
       r.step = done;

@@ -15,6 +15,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -69,6 +70,15 @@ class StepEngine {
   std::unique_ptr<parallel::DataParallel> dp_;
 };
 
+// What the Trainer reports after every step (to the coordinator link, through on_step).
+struct StepReport {
+  int64_t step = 0;            // steps completed
+  double loss = 0;             // this step's loss (the data-parallel group's mean)
+  double lr = 0;
+  double tokens_per_s = 0;     // this rank's replica: its own tokens / step_seconds
+  double step_seconds = 0;     // wall time of the step, throttle sleep included
+};
+
 struct TrainOptions {
   bool resume = false;                 // continue from the newest valid checkpoint
   int64_t stop_after = 0;              // >0: stop (with a checkpoint) after this many steps
@@ -78,6 +88,12 @@ struct TrainOptions {
   const std::atomic<bool>* stop_requested = nullptr;  // e.g. set by SIGTERM
   comm::Backend* backend = nullptr;    // data-parallel group (not owned); null: one process
   int nodes = 1;                       // hosts in the job, for MFU (each has the measured peak)
+  // A deliberate slow-down for heterogeneity tests (>= 1): after each step's compute the
+  // trainer sleeps (throttle - 1) x that compute time, so this rank looks `throttle` times
+  // slower (runtime/profiler.h, Throttle). Logged tokens/s and step times include the sleep.
+  double throttle = 1.0;
+  // Called on every rank after every step; must be cheap (copy the values and return).
+  std::function<void(const StepReport&)> on_step;
 };
 
 struct TrainResult {

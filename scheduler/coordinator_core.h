@@ -8,6 +8,22 @@
 // (lease_ms after the last); ExpireLeases() marks the rest dead. Draining workers are left out of
 // the next layout. The layout is re-solved whenever the set of usable workers changes (once at
 // least job.expected_workers have joined), and by Rebalance().
+//
+// Worker ids: the request's `name` if given; else "rank<N>" for mesh rank N (a new Join with that
+// rank replaces the old worker: the launcher restarted it); else "w<N>". Dead and departed
+// workers stay in the status (at most 1024 of them, oldest dropped first).
+//
+// Solving runs outside the lock, so heartbeats go on during a long solve. When one caller is
+// solving, others that change membership return at once and the solving caller solves again
+// afterwards (a burst of joins costs a few solves); Drain and Rebalance wait for the layout. With
+// one thread (the simulator, the tests) every call that changes membership returns with the
+// layout already re-solved.
+//
+// Job statistics (Status().job_status): step = the largest step a placed worker reported; loss =
+// the mean, over replicas, of the loss at that step reported by each replica's last-stage tp-rank-0
+// worker; tokens_per_s = the sum over replicas of the tokens/s reported by each replica's
+// first-stage tp-rank-0 worker (a worker reports its replica's throughput). One history point per
+// new step, updated as the replicas report it.
 #ifndef SHOAL_SCHEDULER_COORDINATOR_CORE_H_
 #define SHOAL_SCHEDULER_COORDINATOR_CORE_H_
 
@@ -30,6 +46,7 @@ struct CoordinatorOptions {
   SolverOptions solver;
   ValidationLimits limits;
   std::string version = "0.1.0";       // reported in the status
+  bool log_events = false;             // log joins, leaves, expiries and new layouts (a server)
 };
 
 class CoordinatorCore {
@@ -44,9 +61,20 @@ class CoordinatorCore {
   absl::StatusOr<v1::JoinResponse> Join(const v1::JoinRequest& request);
   // kNotFound (unknown id), kFailedPrecondition (lease expired or left: join again).
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  // kNotFound (unknown id). Leaving twice, or after the lease expired, is not an error.
   absl::Status Leave(const v1::LeaveRequest& request);
+  // Marks the worker DRAINING (its assignment and heartbeats say drain=true) and re-solves
+  // without it; returns the layout after that solve (the previous one if the solve could not
+  // run or failed). kNotFound (unknown id), kFailedPrecondition (dead or left).
   absl::StatusOr<v1::Layout> Drain(const std::string& worker_id);
-  // Solves again now (with the measured step times folded into the device speeds).
+  // Solves again now, with the measured step times folded into the device speeds: each placed
+  // worker whose latest heartbeat carried stats.step_time_s > 0 gets its speed factor multiplied
+  // by (its placement's predicted_compute_s) / (the measured step_time_s), clamped to
+  // [0.01, 100], and every later solve scales that worker's fp32/bf16 rates by the factor. A
+  // straggler thus gets fewer layers; a worker without measurements keeps its factor (1 at
+  // first). Blocks until the solve is done. kFailedPrecondition while fewer than
+  // job.expected_workers are usable (or none); the solver's error if the solve fails (the
+  // previous layout stays).
   absl::StatusOr<v1::Layout> Rebalance();
   v1::ClusterStatus Status() const;
 
@@ -65,8 +93,8 @@ class CoordinatorCore {
 
   const CoordinatorOptions& options() const { return options_; }
 
+  struct State;  // opaque: defined in coordinator_core.cc
  private:
-  struct State;
   CoordinatorOptions options_;
   const Clock* clock_;
   State* state_;

@@ -11,6 +11,9 @@
 #include <sys/wait.h>
 
 #include <array>
+#include <chrono>
+#include <functional>
+#include <thread>
 #include <cstdio>
 #include <fstream>
 #include <sstream>
@@ -96,6 +99,21 @@ inline std::string SyntheticText(size_t bytes, unsigned seed = 1) {
   return text;
 }
 
+inline bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// Polls `done` until it holds or `limit` passes; returns its last value.
+inline bool WaitUntil(const std::function<bool()>& done, std::chrono::seconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return done();
+}
+
 }  // namespace shoal::testing
+
 
 #endif  // SHOAL_TESTS_TEST_UTIL_H_

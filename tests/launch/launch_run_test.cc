@@ -23,14 +23,12 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using testing::CommandResult;
+using testing::Contains;
 using testing::ReadTextFile;
 using testing::RunCommand;
 using testing::TempDir;
+using testing::WaitUntil;
 using testing::WriteTextFile;
-
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 int Count(const std::string& haystack, const std::string& needle) {
   int n = 0;
@@ -47,15 +45,6 @@ bool Alive(pid_t pid) {
   const std::string stat = ReadTextFile("/proc/" + std::to_string(pid) + "/stat");
   const size_t paren = stat.rfind(')');
   return paren == std::string::npos || paren + 2 >= stat.size() || stat[paren + 2] != 'Z';
-}
-
-bool WaitUntil(const std::function<bool()>& done, std::chrono::seconds limit) {
-  const auto end = Clock::now() + limit;
-  while (Clock::now() < end) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
-  return done();
 }
 
 class RunTest : public ::testing::Test {

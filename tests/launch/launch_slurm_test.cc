@@ -22,13 +22,10 @@ namespace shoal {
 namespace {
 
 using testing::CommandResult;
+using testing::Contains;
 using testing::ReadTextFile;
 using testing::RunCommand;
 using testing::TempDir;
-
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
 
 std::string ShortHostname() {
   char name[256] = {};

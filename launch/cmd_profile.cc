@@ -1,0 +1,347 @@
+// `shoal profile`: this machine's device profile, as a worker sends it when it joins.
+// `shoal bench split`: the layout solver's uneven pipeline split against reality. Two profiles of
+// this machine (throttle 1 and throttle F, as two ranks of different speed would report) go into
+// scheduler::SplitLayers; the real forward + backward time of the model's pieces is measured at
+// both throttles; the uneven split and the uniform one are then compared on the MEASURED times
+// with the same pipeline formula (scheduler::PipelineStepSeconds). No pipeline runs here: that
+// end-to-end figure comes with the pipeline executor.
+#include <ATen/ATen.h>
+#include <google/protobuf/util/json_util.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
+#include "launch/subcommands.h"
+#include "runtime/config.h"
+#include "runtime/device_probe.h"
+#include "runtime/gpt.h"
+#include "runtime/profiler.h"
+#include "scheduler/layout_solver.h"
+
+namespace shoal::launch {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int ExitCode(const absl::Status& status) {
+  std::fprintf(stderr, "shoal: error: %s\n", std::string(status.message()).c_str());
+  const bool user_error = status.code() == absl::StatusCode::kInvalidArgument ||
+                          status.code() == absl::StatusCode::kNotFound ||
+                          status.code() == absl::StatusCode::kFailedPrecondition;
+  return user_error ? 2 : 1;
+}
+
+// CLI11's parse errors are usage errors (exit 2); --help exits 0.
+int ParseExit(CLI::App& app, const CLI::ParseError& e) { return app.exit(e) == 0 ? 0 : 2; }
+
+std::string Bytes(int64_t b) {
+  const double gib = static_cast<double>(b) / (1ull << 30);
+  return absl::StrFormat("%.1f GiB", gib);
+}
+
+std::string ProfileJson(const v1::DeviceProfile& p) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions o;
+  o.preserve_proto_field_names = true;
+  o.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(p, &json, o);
+  return json;
+}
+
+void PrintProfileTable(const v1::DeviceProfile& p, const std::string& disk_path) {
+  std::printf("host            %s\n", p.host().c_str());
+  std::printf("device          %s\n", p.device_name().c_str());
+  std::printf("kind            %s\n", v1::DeviceKind_Name(p.kind()).c_str());
+  std::printf("cores           %d\n", p.cores());
+  std::printf("fp32 GEMM       %.1f GFLOP/s\n", p.fp32_gflops());
+  std::printf("bf16 GEMM       %s\n",
+              p.bf16_gflops() > 0 ? absl::StrFormat("%.1f GFLOP/s", p.bf16_gflops()).c_str()
+                                  : "unsupported");
+  std::printf("host memcpy     %.1f GB/s\n", p.host_copy_gbps());
+  std::printf("host RAM        %s available\n", Bytes(p.memory().host_bytes()).c_str());
+  std::printf("disk            %s free under %s\n", Bytes(p.memory().disk_bytes()).c_str(),
+              disk_path.c_str());
+  std::printf("GPU memory      %s\n", p.memory().gpu_bytes() > 0
+                                          ? Bytes(p.memory().gpu_bytes()).c_str()
+                                          : "none (CPU build)");
+  std::printf("throttle        %g%s\n", p.throttle(),
+              p.throttle() > 1 ? " (rates divided by it on purpose)" : "");
+  std::printf("shoal           %s\n", p.shoal_version().c_str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench split
+
+// Wall seconds of forward + backward of each piece of the model over one micro-batch, with
+// `throttle` sleeping after each piece's forward and after its backward as the trainer does after
+// a step (the throttle is linear, so per piece or per step gives the same stretched time).
+struct PieceTimes {
+  double embedding = 0;
+  double block = 0;   // mean over the blocks
+  double head = 0;
+};
+
+PieceTimes TimePass(runtime::Gpt& model, const at::Tensor& tokens, const at::Tensor& targets,
+                    const runtime::Throttle& throttle) {
+  const auto& pieces = model.pieces();
+  const int n = static_cast<int>(pieces.size());
+  std::vector<double> t(n, 0.0);
+  runtime::MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
+  at::Tensor x = tokens;
+  for (int p = 0; p < n; ++p) {
+    const auto t0 = Clock::now();
+    x = pieces[p]->Forward(x, mb);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    t[p] += s + throttle.After(s);
+  }
+  at::Tensor g = at::ones({}, at::kFloat);  // d(loss)/d(loss)
+  for (int p = n - 1; p >= 0; --p) {
+    const auto t0 = Clock::now();
+    g = pieces[p]->Backward(g);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    t[p] += s + throttle.After(s);
+  }
+  PieceTimes out;
+  out.embedding = t[0];
+  out.head = t[n - 1];
+  for (int p = 1; p < n - 1; ++p) out.block += t[p];
+  out.block /= std::max(1, n - 2);
+  return out;
+}
+
+// Per piece, the fastest of the runs: the work is deterministic, so the fastest run is the one
+// least disturbed by other processes on the machine (medians drift with the machine's load).
+PieceTimes FastestTimes(const std::vector<PieceTimes>& runs) {
+  PieceTimes best = runs.front();
+  for (const PieceTimes& r : runs) {
+    best.embedding = std::min(best.embedding, r.embedding);
+    best.block = std::min(best.block, r.block);
+    best.head = std::min(best.head, r.head);
+  }
+  return best;
+}
+
+struct SplitBenchOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+  double throttle = 2.0;
+  int stages = 2;
+  int micro_batches = 8;
+  int reps = 5;
+  double profile_seconds = 2.0;
+  bool refresh = false;
+};
+
+absl::Status RunBenchSplit(const SplitBenchOptions& o) {
+  SHOAL_RETURN_IF_ERROR(runtime::Throttle::CheckFactor(o.throttle, "--throttle"));
+  SHOAL_ASSIGN_OR_RETURN(runtime::Config config, runtime::LoadConfig(o.config, o.overrides));
+  const int n_layer = config.model.n_layer;
+  if (o.stages < 2 || o.stages > n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--stages must be in [2, model.n_layer = ", n_layer, "], got ", o.stages));
+  }
+  if (o.micro_batches < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--micro-batches must be >= 1, got ", o.micro_batches));
+  }
+  if (o.reps < 1) return absl::InvalidArgumentError(absl::StrCat("--reps must be >= 1, got ", o.reps));
+
+  // The first half of the stages (rounded up) run on the fast device, the rest on the slow one.
+  const int fast_stages = (o.stages + 1) / 2;
+  auto is_slow = [&](int stage) { return stage >= fast_stages; };
+
+  // 1. Two profiles, as a fast and a slow rank would send them.
+  runtime::ProfileOptions po;
+  po.refresh = o.refresh;
+  po.seconds = o.profile_seconds;
+  po.throttle = 1.0;
+  SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile fast, runtime::ProfileDevice(po));
+  po.throttle = o.throttle;
+  SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile slow, runtime::ProfileDevice(po));
+
+  // 2. The solver's split from the profiles: per-block time per micro-batch = block FLOPs /
+  // (measured GEMM rate x the solver's compute efficiency); the head's FLOPs ride on the last
+  // stage (the embedding is a lookup: no FLOPs in the cost model).
+  v1::ModelSpec spec;
+  spec.set_n_layer(n_layer);
+  spec.set_n_head(config.model.n_head);
+  spec.set_n_embd(config.model.n_embd);
+  spec.set_block_size(config.model.block_size);
+  spec.set_vocab_size(config.model.vocab_size);
+  spec.set_param_bytes(4);
+  spec.set_grad_bytes(4);
+  spec.set_optimizer_bytes(8);
+  const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(spec);
+  const scheduler::SolverOptions solver;
+  const double tokens = static_cast<double>(config.train.batch_size) * config.model.block_size;
+  std::vector<double> predicted_layer(o.stages), predicted_extra(o.stages, 0.0);
+  for (int i = 0; i < o.stages; ++i) {
+    const double rate = (is_slow(i) ? slow : fast).fp32_gflops() * 1e9 * solver.compute_efficiency;
+    predicted_layer[i] = costs.block_flops_per_token * tokens / rate;
+    if (i == o.stages - 1) predicted_extra[i] = costs.head_flops_per_token * tokens / rate;
+  }
+  SHOAL_ASSIGN_OR_RETURN(
+      const std::vector<int> uneven,
+      scheduler::SplitLayers(n_layer, predicted_layer, predicted_extra,
+                             std::vector<int>(o.stages, n_layer)));
+  const std::vector<int> uniform = scheduler::UniformSplit(n_layer, o.stages);
+
+  // 3. Real times: the config's model, one micro-batch (B, T) of random token ids (the time of
+  // a step does not depend on which ids), the trainer's thread plan. Throttled and unthrottled
+  // passes alternate so a drifting machine load hits both alike.
+  const runtime::ThreadPlan plan = runtime::ChooseThreadPlan(
+      config.model, config.train.omp_threads, config.train.blas_threads);
+  SHOAL_RETURN_IF_ERROR(runtime::ApplyThreadPlan(plan));
+  runtime::Gpt model(config.model, config.train.seed);
+  const int64_t B = config.train.batch_size, T = config.model.block_size;
+  at::Tensor ids = at::randint(config.model.vocab_size, {B, T + 1}, at::kLong);
+  at::Tensor x = ids.narrow(1, 0, T).contiguous(), y = ids.narrow(1, 1, T).contiguous();
+  const runtime::Throttle unthrottled(1.0), throttled(o.throttle);
+  std::vector<PieceTimes> fast_runs, slow_runs;
+  try {
+    TimePass(model, x, y, unthrottled);  // warm-up: buffers, thread pools
+    for (int r = 0; r < o.reps; ++r) {
+      fast_runs.push_back(TimePass(model, x, y, unthrottled));
+      slow_runs.push_back(TimePass(model, x, y, throttled));
+    }
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat("bench split: timing the model: ",
+                                            e.what_without_backtrace()));
+  }
+  const PieceTimes fast_t = FastestTimes(fast_runs), slow_t = FastestTimes(slow_runs);
+
+  // 4. Both splits on the measured times, through the same pipeline formula.
+  auto stage_seconds = [&](const std::vector<int>& split, bool measured) {
+    std::vector<double> s(o.stages);
+    for (int i = 0; i < o.stages; ++i) {
+      if (measured) {
+        const PieceTimes& t = is_slow(i) ? slow_t : fast_t;
+        s[i] = split[i] * t.block + (i == 0 ? t.embedding : 0) +
+               (i == o.stages - 1 ? t.head : 0);
+      } else {
+        s[i] = split[i] * predicted_layer[i] + predicted_extra[i];
+      }
+    }
+    return s;
+  };
+  const std::vector<double> uneven_s = stage_seconds(uneven, true);
+  const std::vector<double> uniform_s = stage_seconds(uniform, true);
+  const double measured_uneven = scheduler::PipelineStepSeconds(uneven_s, o.micro_batches);
+  const double measured_uniform = scheduler::PipelineStepSeconds(uniform_s, o.micro_batches);
+  const double predicted_uneven =
+      scheduler::PipelineStepSeconds(stage_seconds(uneven, false), o.micro_batches);
+
+  std::printf("bench split: %s, %d blocks over %d stages, %d micro-batches of %lld x %lld tokens\n",
+              config.source.c_str(), n_layer, o.stages, o.micro_batches,
+              static_cast<long long>(B), static_cast<long long>(T));
+  std::printf("devices: fast = throttle 1 (%.1f GFLOP/s measured), slow = throttle %g (%.1f)\n",
+              fast.fp32_gflops(), o.throttle, slow.fp32_gflops());
+  std::printf("measured per micro-batch: block %.2f ms fast / %.2f ms slow, embedding %.2f / %.2f,"
+              " head %.2f / %.2f ms\n",
+              1e3 * fast_t.block, 1e3 * slow_t.block, 1e3 * fast_t.embedding,
+              1e3 * slow_t.embedding, 1e3 * fast_t.head, 1e3 * slow_t.head);
+  std::printf("%-6s %-6s %14s %14s %16s %16s\n", "stage", "device", "uneven blocks",
+              "uniform blocks", "uneven s/micro", "uniform s/micro");
+  for (int i = 0; i < o.stages; ++i) {
+    std::printf("%-6d %-6s %14d %14d %16.4f %16.4f\n", i, is_slow(i) ? "slow" : "fast", uneven[i],
+                uniform[i], uneven_s[i], uniform_s[i]);
+  }
+  std::printf("step (1F1B, %d micro-batches): uneven %.3f s measured (%.3f s predicted), "
+              "uniform %.3f s measured: %.2fx\n",
+              o.micro_batches, measured_uneven, predicted_uneven, measured_uniform,
+              measured_uniform / measured_uneven);
+  nlohmann::json j = {{"bench", "split"},
+                      {"config", o.config},
+                      {"n_layer", n_layer},
+                      {"stages", o.stages},
+                      {"throttle", o.throttle},
+                      {"micro_batches", o.micro_batches},
+                      {"slow_stages_from", fast_stages},
+                      {"fast_gflops", fast.fp32_gflops()},
+                      {"slow_gflops", slow.fp32_gflops()},
+                      {"measured_block_s_fast", fast_t.block},
+                      {"measured_block_s_slow", slow_t.block},
+                      {"uneven_split", uneven},
+                      {"uniform_split", uniform},
+                      {"measured_step_s_uneven", measured_uneven},
+                      {"measured_step_s_uniform", measured_uniform},
+                      {"ratio", measured_uniform / measured_uneven},
+                      {"predicted_step_s_uneven", predicted_uneven}};
+  std::cout << j.dump() << std::endl;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ProfileMain(int argc, char** argv) {
+  CLI::App app{"Measure this machine's device profile, as a worker sends it to the coordinator"};
+  app.name("shoal profile");
+  runtime::ProfileOptions o;
+  bool json = false;
+  app.add_option("--throttle", o.throttle, "Slow-down factor >= 1 (rates are divided by it)")
+      ->capture_default_str();
+  app.add_flag("--refresh", o.refresh, "Measure again even when cached");
+  app.add_option("--disk-path", o.disk_path, "Folder of the disk tier (free bytes counted there)")
+      ->capture_default_str();
+  app.add_option("--seconds", o.seconds, "Time budget of the GEMM measurements")
+      ->capture_default_str();
+  app.add_flag("--json", json, "Print the profile as proto3 JSON (the proto's field names)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return ParseExit(app, e);
+  }
+  auto profile = runtime::ProfileDevice(o);
+  if (!profile.ok()) return ExitCode(profile.status());
+  if (json) {
+    std::cout << ProfileJson(*profile) << std::endl;
+  } else {
+    PrintProfileTable(*profile, o.disk_path);
+  }
+  return 0;
+}
+
+int BenchSplitMain(int argc, char** argv) {
+  CLI::App app{
+      "The solver's uneven pipeline split (from two device profiles: throttle 1 and F) against "
+      "the uniform split, on measured per-block times; prints a table and a JSON line"};
+  app.name("shoal bench split");
+  SplitBenchOptions o;
+  app.add_option("--config", o.config, "TOML config file")->required();
+  app.add_option("--set", o.overrides, "Override a config value: section.key=value")
+      ->expected(1, -1);
+  app.add_option("--throttle", o.throttle, "Slow-down factor of the slow device (>= 1)")
+      ->capture_default_str();
+  app.add_option("--stages", o.stages, "Pipeline stages (the first half fast, the rest slow)")
+      ->capture_default_str();
+  app.add_option("--micro-batches", o.micro_batches, "Micro-batches per step in the 1F1B formula")
+      ->capture_default_str();
+  app.add_option("--reps", o.reps, "Timed passes per device (the fastest counts)")
+      ->capture_default_str();
+  app.add_option("--profile-seconds", o.profile_seconds, "Time budget of each device profile")
+      ->capture_default_str();
+  app.add_flag("--refresh", o.refresh, "Profile again even when cached");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return ParseExit(app, e);
+  }
+  absl::Status s = RunBenchSplit(o);
+  if (!s.ok()) return ExitCode(s);
+  return 0;
+}
+
+}  // namespace shoal::launch

@@ -1,0 +1,382 @@
+#include "launch/worker_link.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "comm/coordinator_client.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "runtime/profiler.h"
+#include "scheduler/coordinator_service.h"
+#include "scheduler/validate.h"
+
+namespace shoal::launch {
+namespace {
+
+// Leave is a courtesy on the way out: the lease would expire anyway, so never hold an exit long.
+constexpr absl::Duration kLeaveDeadline = absl::Seconds(2);
+// A warning about an unreachable coordinator at most this often (heartbeats come every ~2 s).
+constexpr absl::Duration kWarnEvery = absl::Minutes(1);
+
+absl::Status Named(const std::string& coordinator, const absl::Status& s,
+                   const std::string& hint = "") {
+  return absl::Status(s.code(), absl::StrCat("coordinator ", coordinator, ": ", s.message(),
+                                             hint.empty() ? "" : " (", hint,
+                                             hint.empty() ? "" : ")"));
+}
+
+std::string HintFor(absl::StatusCode code) {
+  if (code == absl::StatusCode::kUnauthenticated || code == absl::StatusCode::kPermissionDenied) {
+    return "check --coordinator-token-file: it must hold the coordinator's token";
+  }
+  return "";
+}
+
+int64_t ResidentBytes() {
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  long long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%lld %lld", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? resident * ::sysconf(_SC_PAGESIZE) : 0;
+}
+
+std::string JobName(const std::string& source) {
+  // The config file's stem: every rank names the job the same, whatever folder it ran from.
+  std::string name = source.substr(source.find_last_of('/') + 1);
+  const size_t dot = name.rfind('.');
+  if (dot != std::string::npos && dot > 0) name = name.substr(0, dot);
+  if (name.empty()) name = "shoal";
+  return name.substr(0, 128);
+}
+
+std::string Describe(const v1::Assignment& a) {
+  return absl::StrFormat(
+      "layout v%d: tp %d x pp %d x dp %d; this rank: replica %d, stage %d, blocks [%d, %d), "
+      "micro-batch %d x %d, predicted step %.3f s",
+      a.version(), a.tp(), a.pp(), a.dp(), a.replica(), a.stage(), a.first_layer(), a.end_layer(),
+      a.micro_batch_size(), a.micro_batches(), a.predicted_step_s());
+}
+
+}  // namespace
+
+v1::JobSpec JobSpecFor(const runtime::Config& config, int world_size) {
+  v1::JobSpec job;
+  job.set_name(JobName(config.source));
+  v1::ModelSpec* m = job.mutable_model();
+  m->set_n_layer(config.model.n_layer);
+  m->set_n_head(config.model.n_head);
+  m->set_n_embd(config.model.n_embd);
+  m->set_block_size(config.model.block_size);
+  m->set_vocab_size(config.model.vocab_size);
+  // fp32 AdamW: weights 4, gradients 4, two moments 8 bytes per parameter.
+  m->set_param_bytes(4);
+  m->set_grad_bytes(4);
+  m->set_optimizer_bytes(8);
+  job.set_global_batch(config.train.batch_size * config.train.grad_accum * world_size);
+  job.set_expected_workers(world_size);
+  // The trainer runs data parallelism only until pipelines and tensor parallelism exist.
+  job.set_max_tp(1);
+  job.set_max_pp(1);
+  job.set_max_micro_batch(config.train.batch_size);
+  return job;
+}
+
+absl::Status CheckAssignment(const v1::Assignment& a, int world_size) {
+  if (!a.placed()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the coordinator's layout v", a.version(), " leaves this worker out: ",
+        a.reason().empty() ? "no reason given" : a.reason()));
+  }
+  if (a.tp() != 1 || a.pp() != 1 || a.dp() != world_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the coordinator's layout v", a.version(), " is tp ", a.tp(), " x pp ", a.pp(), " x dp ",
+        a.dp(), ", but this trainer runs data parallelism only (tp = pp = 1, dp = the ", world_size,
+        " ranks of the job) until pipeline and tensor parallelism exist"));
+  }
+  return absl::OkStatus();
+}
+
+struct WorkerLink::Impl {
+  WorkerLinkOptions options;
+  comm::CoordinatorClientOptions client_options;
+  std::unique_ptr<comm::CoordinatorClient> client;       // join, status
+  std::unique_ptr<comm::CoordinatorClient> beat_client;  // heartbeats: deadline ~ the interval
+  std::string worker_id;
+  v1::Assignment assignment;
+  v1::DeviceProfile profile;
+  absl::Duration interval = absl::Seconds(2);
+  std::atomic<bool>* stop = nullptr;
+  std::atomic<bool> drained{false};
+  // The accepted layout's version, for the heartbeat thread (0 while waiting for the first).
+  std::atomic<uint64_t> running_version{0};
+  bool closed = false;
+  std::thread thread;
+
+  absl::Mutex mu;
+  bool closing ABSL_GUARDED_BY(mu) = false;
+  v1::StepStats latest ABSL_GUARDED_BY(mu);
+  bool have_stats ABSL_GUARDED_BY(mu) = false;
+
+  // Heartbeat thread only.
+  absl::Time last_warning = absl::InfinitePast();
+  uint64_t newest_version_seen = 0;
+  int64_t last_sent_step = -1;  // read by Close() after the thread has ended
+
+  void HeartbeatLoop();
+  void Warn(const std::string& what);
+};
+
+void WorkerLink::Impl::Warn(const std::string& what) {
+  const absl::Time now = absl::Now();
+  if (now - last_warning < kWarnEvery) return;
+  last_warning = now;
+  SHOAL_LOG(Warning) << "coordinator " << options.coordinator << ": " << what
+                     << "; training goes on (warned at most once a minute)";
+}
+
+void WorkerLink::Impl::HeartbeatLoop() {
+  while (true) {
+    v1::HeartbeatRequest request;
+    {
+      absl::MutexLock lock(&mu);
+      mu.AwaitWithTimeout(absl::Condition(&closing), interval);
+      if (closing) return;
+      // No stats before the first step: the heartbeat then only renews the lease, and the
+      // coordinator's loss history does not start with a made-up point.
+      if (have_stats) *request.mutable_stats() = latest;
+    }
+    request.set_worker_id(worker_id);
+    if (request.has_stats()) {
+      request.mutable_stats()->mutable_memory_used()->set_host_bytes(ResidentBytes());
+    }
+    absl::StatusOr<v1::HeartbeatResponse> r = beat_client->Heartbeat(request);
+    if (!r.ok()) {
+      Warn(absl::StrCat("heartbeat failed: ", r.status().message()));
+      continue;
+    }
+    if (request.has_stats()) last_sent_step = request.stats().step();
+    if (r->drain() && !drained.exchange(true)) {
+      SHOAL_LOG(Warning) << "coordinator " << options.coordinator << " drains worker " << worker_id
+                         << ": checkpointing and stopping at the next step";
+      if (stop != nullptr) stop->store(true);
+    }
+    const uint64_t running = running_version.load();
+    if (running > 0 && r->assignment_version() > running &&
+        r->assignment_version() > newest_version_seen) {
+      newest_version_seen = r->assignment_version();
+      SHOAL_LOG(Info) << "coordinator " << options.coordinator << " has a new layout (v"
+                      << newest_version_seen << "); this trainer keeps layout v" << running
+                      << " until it restarts";
+    }
+  }
+}
+
+WorkerLink::WorkerLink(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+WorkerLink::~WorkerLink() { Close("worker exiting"); }
+
+absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOptions& options,
+                                                              const runtime::Config& config,
+                                                              const DistributedEnv& env,
+                                                              comm::Backend* group,
+                                                              std::atomic<bool>* stop) {
+  const std::string& where = options.coordinator;
+  if (where.empty() || where.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--coordinator must be HOST:PORT, got '", where, "'"));
+  }
+  SHOAL_RETURN_IF_ERROR(runtime::Throttle::CheckFactor(options.throttle, "--throttle"));
+  if (options.timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("--coordinator-timeout must be > 0, got ",
+                                                   absl::FormatDuration(options.timeout)));
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->stop = stop;
+  const absl::Time deadline = absl::Now() + options.timeout;
+
+  comm::CoordinatorClientOptions& co = impl->client_options;
+  co.address = where;
+  co.tls_ca_file = options.tls_ca_file;
+  co.timeout = std::min(absl::Seconds(10), options.timeout);
+  if (!options.token_file.empty()) {
+    SHOAL_ASSIGN_OR_RETURN(co.token, scheduler::ReadTokenFile(options.token_file));
+  }
+  {
+    auto client = comm::CoordinatorClient::Connect(co);
+    if (!client.ok()) return Named(where, client.status());
+    impl->client = std::move(*client);
+  }
+
+  // 1. The first contact, before anything slow: the round trip. A coordinator that is not up yet
+  // (or restarting) gets until the deadline; a refusal (wrong token, TLS mismatch) ends it at
+  // once.
+  double rtt_ms = 0;
+  bool waiting_logged = false;
+  while (true) {
+    absl::StatusOr<double> rtt = impl->client->MeasureRttMs(5);
+    if (rtt.ok()) {
+      rtt_ms = *rtt;
+      break;
+    }
+    const absl::StatusCode code = rtt.status().code();
+    const bool transient =
+        code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kDeadlineExceeded;
+    if (!transient) return Named(where, rtt.status(), HintFor(code));
+    if (absl::Now() + absl::Milliseconds(500) >= deadline) {
+      return absl::UnavailableError(absl::StrCat(
+          "coordinator ", where, " unreachable for ", absl::FormatDuration(options.timeout),
+          " (--coordinator-timeout): ", rtt.status().message()));
+    }
+    if (!waiting_logged) {
+      SHOAL_LOG(Info) << "waiting for coordinator " << where << " (" << rtt.status().message()
+                      << ")";
+      waiting_logged = true;
+    }
+    absl::SleepFor(absl::Milliseconds(500));
+  }
+
+  // 2. The device profile. Ranks sharing a host take turns: the first rank of each host measures
+  // with the whole machine to itself, the others then read its cache (same host, CPU, cores and
+  // throttle), instead of all measuring at once and each seeing a fraction of the machine.
+  runtime::ProfileOptions po;
+  po.throttle = options.throttle;
+  po.disk_path = options.disk_path;
+  absl::StatusOr<v1::DeviceProfile> profile = absl::UnknownError("not profiled");
+  const bool first_on_host = env.local_rank == 0;
+  if (first_on_host) profile = runtime::ProfileDevice(po);
+  if (group != nullptr && group->size() > 1) {
+    SHOAL_RETURN_IF_ERROR(
+        group->Barrier({absl::Seconds(config.parallel.timeout_s)})->Wait());
+  }
+  if (!first_on_host) profile = runtime::ProfileDevice(po);
+  if (!profile.ok()) return profile.status();
+  impl->profile = std::move(*profile);
+  impl->profile.set_rtt_ms(rtt_ms);
+
+  // 3. Upload bandwidth (after the profile, so it does not disturb the measurements).
+  if (absl::StatusOr<double> gbps = impl->client->MeasureUploadGbps(); gbps.ok()) {
+    impl->profile.set_net_gbps(*gbps);
+  } else {
+    SHOAL_LOG(Warning) << "coordinator " << where
+                       << ": bandwidth not measured: " << gbps.status().message();
+  }
+
+  // 4. Join. The stable name "rank<N>" reads well in `shoal status`; if a previous incarnation
+  // of this rank still holds it (crashed, lease not yet expired), a unique name instead.
+  v1::JoinRequest join;
+  join.set_protocol_version(scheduler::kProtocolVersion);
+  *join.mutable_device() = impl->profile;
+  *join.mutable_job() = JobSpecFor(config, env.world_size);
+  join.set_mesh_rank(env.rank);
+  join.set_name(absl::StrCat("rank", env.rank));
+  absl::StatusOr<v1::JoinResponse> joined = impl->client->Join(join);
+  if (!joined.ok() && joined.status().code() == absl::StatusCode::kAlreadyExists) {
+    join.set_name(absl::StrCat("rank", env.rank, "-", impl->profile.host(), "-", ::getpid()));
+    joined = impl->client->Join(join);
+  }
+  if (!joined.ok()) return Named(where, joined.status(), HintFor(joined.status().code()));
+  impl->worker_id = joined->worker_id();
+  if (joined->heartbeat_interval_ms() > 0) {
+    impl->interval = absl::Milliseconds(joined->heartbeat_interval_ms());
+  }
+  SHOAL_LOG(Info) << "coordinator " << where << ": joined as " << impl->worker_id << " (rank "
+                  << env.rank << ", " << impl->profile.device_name() << ", "
+                  << absl::StrFormat("%.1f GFLOP/s fp32, rtt %.2f ms, %.2f GB/s",
+                                     impl->profile.fp32_gflops(), impl->profile.rtt_ms(),
+                                     impl->profile.net_gbps())
+                  << "; lease " << joined->lease_ms() << " ms)";
+
+  // The link exists from here on: an error below still leaves (through the destructor).
+  std::unique_ptr<WorkerLink> link(new WorkerLink(std::move(impl)));
+  Impl& im = *link->impl_;
+  comm::CoordinatorClientOptions bo = im.client_options;
+  bo.timeout = std::clamp(im.interval, absl::Seconds(1), absl::Seconds(5));
+  {
+    auto beat = comm::CoordinatorClient::Connect(bo);
+    if (!beat.ok()) return Named(where, beat.status());
+    im.beat_client = std::move(*beat);
+  }
+  // Heartbeats start before the wait: the first layout waits for every rank to join, and the
+  // lease must not run out meanwhile.
+  im.thread = std::thread([&im] { im.HeartbeatLoop(); });
+
+  // 5. The first layout, and whether this trainer can run its part.
+  const absl::Duration left = std::max(absl::Seconds(1), deadline - absl::Now());
+  absl::StatusOr<v1::Assignment> a = im.client->WaitForAssignment(im.worker_id, 1, left);
+  if (!a.ok()) {
+    return Named(where, a.status(),
+                 absl::StrCat("waiting for the first layout, which needs all ", env.world_size,
+                              " ranks joined"));
+  }
+  SHOAL_RETURN_IF_ERROR(CheckAssignment(*a, env.world_size));
+  im.assignment = *a;
+  im.running_version.store(a->version());
+  SHOAL_LOG(Info) << "coordinator " << where << ": " << im.worker_id << " " << Describe(*a);
+  if (env.rank == 0) {
+    if (auto status = im.client->GetStatus(); status.ok() && !status->layout().summary().empty()) {
+      SHOAL_LOG(Info) << "coordinator " << where << ": " << status->layout().summary();
+    }
+  }
+  return link;
+}
+
+void WorkerLink::OnStep(const runtime::StepReport& report) {
+  absl::MutexLock lock(&impl_->mu);
+  v1::StepStats& s = impl_->latest;
+  s.set_step(report.step);
+  s.set_loss(report.loss);
+  s.set_lr(report.lr);
+  s.set_tokens_per_s(report.tokens_per_s);
+  s.set_step_time_s(report.step_seconds);
+  impl_->have_stats = true;
+}
+
+void WorkerLink::Close(const std::string& reason) {
+  Impl& im = *impl_;
+  if (im.closed) return;
+  im.closed = true;
+  {
+    absl::MutexLock lock(&im.mu);
+    im.closing = true;
+  }
+  if (im.thread.joinable()) im.thread.join();
+  comm::CoordinatorClientOptions lo = im.client_options;
+  lo.timeout = kLeaveDeadline;
+  auto client = comm::CoordinatorClient::Connect(lo);
+  // The steps since the last heartbeat (the final one, at least) go out first, so the
+  // coordinator's last word on this worker is where it really stopped.
+  v1::HeartbeatRequest last;
+  {
+    absl::MutexLock lock(&im.mu);
+    if (im.have_stats) *last.mutable_stats() = im.latest;
+  }
+  if (client.ok() && last.has_stats() && last.stats().step() > im.last_sent_step) {
+    last.set_worker_id(im.worker_id);
+    last.mutable_stats()->mutable_memory_used()->set_host_bytes(ResidentBytes());
+    (void)(*client)->Heartbeat(last);  // best effort, like the Leave below
+  }
+  absl::Status s = client.ok() ? (*client)->Leave(im.worker_id, reason) : client.status();
+  if (s.ok()) {
+    SHOAL_LOG(Info) << "coordinator " << im.options.coordinator << ": " << im.worker_id
+                    << " left (" << reason << ")";
+  } else {
+    SHOAL_LOG(Warning) << "coordinator " << im.options.coordinator << ": leave failed ("
+                       << s.message() << "); its lease will expire instead";
+  }
+}
+
+const std::string& WorkerLink::worker_id() const { return impl_->worker_id; }
+const v1::Assignment& WorkerLink::assignment() const { return impl_->assignment; }
+const v1::DeviceProfile& WorkerLink::profile() const { return impl_->profile; }
+bool WorkerLink::drained() const { return impl_->drained.load(); }
+
+}  // namespace shoal::launch
