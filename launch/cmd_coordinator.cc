@@ -76,7 +76,7 @@ int CoordinatorMain(int argc, char** argv) {
                "the layout it solves (gRPC), with an optional HTTP status port and dashboard"};
   app.name("shoal coordinator");
   std::string listen, token_file, tls_cert, tls_key, http, port_file;
-  double lease_s = 10, heartbeat_s = 2;
+  double lease_s = 10, heartbeat_s = 2, relayout_gain = 0.05;
   int history_points = 2000;
   int max_message_mb = 4;
   app.add_option("--listen", listen, "gRPC address HOST:PORT (port 0: a free one)")->required();
@@ -92,6 +92,10 @@ int CoordinatorMain(int argc, char** argv) {
   app.add_option("--history", history_points, "Loss/throughput points kept for the dashboard")
       ->capture_default_str();
   app.add_option("--max-message-mb", max_message_mb, "Largest request or response, MiB")
+      ->capture_default_str();
+  app.add_option("--relayout-gain", relayout_gain,
+                 "While the current layout still runs, a new one replaces it only if it predicts "
+                 "at least this fraction more tokens/s (a change costs a restart)")
       ->capture_default_str();
   app.add_option("--port-file", port_file,
                  "Write {\"grpc\": P, \"http\": Q} here once listening (atomically; http 0: none)");
@@ -109,6 +113,10 @@ int CoordinatorMain(int argc, char** argv) {
     return Fail(who, absl::InvalidArgumentError(absl::StrCat(
                          "--heartbeat-s (", heartbeat_s, ") must not exceed --lease-s (",
                          lease_s, "): every lease would run out between heartbeats")));
+  }
+  if (!(relayout_gain >= 0 && relayout_gain <= 10)) {
+    return Fail(who, absl::InvalidArgumentError(absl::StrCat(
+                         "--relayout-gain must be in [0, 10], got ", relayout_gain)));
   }
   if (history_points < 1 || history_points > 1000000) {
     return Fail(who, absl::InvalidArgumentError(absl::StrCat(
@@ -129,6 +137,7 @@ int CoordinatorMain(int argc, char** argv) {
       std::max<int64_t>(1, static_cast<int64_t>(std::llround(heartbeat_s * 1000)));
   options.core.history_points = history_points;
   options.core.log_events = true;
+  options.core.relayout_min_gain = relayout_gain;
   if (!token_file.empty()) {
     absl::StatusOr<std::string> token = scheduler::ReadTokenFile(token_file);
     if (!token.ok()) return Fail(who, token.status());

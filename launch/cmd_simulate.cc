@@ -38,6 +38,11 @@ int SimulateMain(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--steps", options.steps, "Optimizer steps to simulate")->capture_default_str();
   app.add_option("--seed", options.seed, "Seed of the failure times")->capture_default_str();
+  double relayout_gain = -1;
+  app.add_option("--relayout-gain", relayout_gain,
+                 "The coordinator's --relayout-gain (default: the file's simulation.relayout_gain, "
+                 "else 0)")
+      ->check(CLI::Range(0.0, 10.0));
   app.add_flag("--json", json, "Print JSON lines (one per row, then a summary) instead of a table");
   try {
     app.parse(argc, argv);
@@ -46,6 +51,7 @@ int SimulateMain(int argc, char** argv) {
   }
   absl::StatusOr<scheduler::ClusterSpec> spec = scheduler::LoadClusterFile(devices_file);
   if (!spec.ok()) return SimulateExitCode(spec.status());
+  if (relayout_gain >= 0) spec->settings.relayout_gain = relayout_gain;
   absl::StatusOr<scheduler::SimulationResult> result = scheduler::Simulate(*spec, options);
   if (!result.ok()) return SimulateExitCode(result.status());
   if (json) {
@@ -53,7 +59,8 @@ int SimulateMain(int argc, char** argv) {
   } else {
     std::cout << "shoal simulate: " << devices_file << ", " << spec->groups.size()
               << " device groups, churn " << options.churn_per_hour
-              << " failures per preemptible device-hour, seed " << options.seed << "\n"
+              << " failures per preemptible device-hour, relayout gain "
+              << spec->settings.relayout_gain << ", seed " << options.seed << "\n"
               << scheduler::FormatSimulationTable(*result);
   }
   std::cout.flush();

@@ -13,6 +13,7 @@
 #include <google/protobuf/text_format.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 
@@ -287,9 +288,40 @@ CoordinatorCore::~CoordinatorCore() { delete state_; }
 
 namespace {
 
-void InstallSolve(State* st, const absl::StatusOr<v1::Layout>& result, bool log_events) {
+// True while every worker the current layout places is alive (not draining, dead or gone): the
+// layout can go on running as it is.
+bool LayoutStillRuns(const State& st) {
+  if (st.layout.version() == 0) return false;
+  for (const v1::Placement& p : st.layout.placements()) {
+    auto it = st.workers.find(p.worker_id());
+    if (it == st.workers.end() || it->second->state != v1::WORKER_STATE_ALIVE) return false;
+  }
+  return true;
+}
+
+void InstallSolve(State* st, const absl::StatusOr<v1::Layout>& result, bool force,
+                  const CoordinatorOptions& options) {
+  const bool log_events = options.log_events;
   ++st->solves_done;
   st->last_solve = result.status();
+  // Keep a running layout when the new one is not worth a restart.
+  if (result.ok() && !force && options.relayout_min_gain > 0 && LayoutStillRuns(*st) &&
+      result->predicted_tokens_per_s() <
+          st->layout.predicted_tokens_per_s() * (1 + options.relayout_min_gain)) {
+    st->layout_error.clear();
+    const std::string why = absl::StrFormat(
+        "standing by: layout v%d kept (a new one would predict %.4g tokens/s against %.4g, "
+        "less than the %g%% gain a change must bring)",
+        st->layout.version(), result->predicted_tokens_per_s(),
+        st->layout.predicted_tokens_per_s(), 100 * options.relayout_min_gain);
+    DeriveAssignments(st);  // same version; a re-joined worker gets its placement back
+    for (auto& [id, w] : st->workers) {
+      if (w->state == v1::WORKER_STATE_ALIVE && !w->placed) w->assignment.set_reason(why);
+    }
+    if (log_events) SHOAL_LOG(Info) << "layout: " << why;
+    st->changed.SignalAll();
+    return;
+  }
   if (!result.ok()) {
     st->layout_error = std::string(result.status().message());
     if (log_events) {
@@ -340,7 +372,7 @@ void RunSolves(State* st, const CoordinatorOptions& options, bool wait) {
     absl::StatusOr<v1::Layout> result = SolveLayout(devices, job, options.solver);
     st->mu.Lock();
     st->solving = false;
-    InstallSolve(st, result, options.log_events);
+    InstallSolve(st, result, force, options);
   }
   if (wait) {
     while (st->solving || st->dirty) st->changed.Wait(&st->mu);

@@ -47,6 +47,11 @@ struct CoordinatorOptions {
   ValidationLimits limits;
   std::string version = "0.1.0";       // reported in the status
   bool log_events = false;             // log joins, leaves, expiries and new layouts (a server)
+  // A layout change stops training for a restart, so while every worker the current layout
+  // places is still alive, a new solve (after a join, or a non-placed worker's departure) replaces
+  // it only if it predicts at least this fraction more tokens/s. 0: always take the new one.
+  // Failures, drains and Rebalance always install the new layout.
+  double relayout_min_gain = 0;
 };
 
 class CoordinatorCore {

@@ -507,5 +507,59 @@ TEST_F(CoreTest, StatusTableHasAHeaderAndOneAlignedRowPerWorker) {
   EXPECT_NE(b.find("draining"), std::string::npos) << table;
 }
 
+// The gain a third device brings, from the solver itself: the threshold is then set on either side
+// of it.
+double ThirdDeviceGain(const v1::JobSpec& job) {
+  std::vector<SolverDevice> two = {{"a", Cpu("h0")}, {"b", Cpu("h1")}};
+  std::vector<SolverDevice> three = two;
+  three.push_back({"c", Cpu("h2")});
+  auto l2 = SolveLayout(two, job);
+  auto l3 = SolveLayout(three, job);
+  EXPECT_TRUE(l2.ok() && l3.ok());
+  if (!l2.ok() || !l3.ok()) return 0;
+  return l3->predicted_tokens_per_s() / l2->predicted_tokens_per_s() - 1;
+}
+
+TEST_F(CoreTest, AJoinReplacesARunningLayoutOnlyForEnoughGain) {
+  const v1::JobSpec job = Job(2);
+  const double gain = ThirdDeviceGain(job);
+  ASSERT_GT(gain, 0.01);
+  options_.relayout_min_gain = 2 * gain;
+  MustJoin(JoinReq(job, "a", -1, Cpu("h0")));
+  MustJoin(JoinReq(job, "b", -1, Cpu("h1")));
+  ASSERT_EQ(core().Status().layout().version(), 1u);
+  MustJoin(JoinReq(job, "c", -1, Cpu("h2")));
+  v1::ClusterStatus s = core().Status();
+  EXPECT_EQ(s.layout().version(), 1u) << "a join worth less than the threshold kept the layout";
+  ASSERT_NE(Find(s, "c"), nullptr);
+  EXPECT_FALSE(Find(s, "c")->assignment().placed());
+  EXPECT_NE(Find(s, "c")->assignment().reason().find("kept"), std::string::npos)
+      << Find(s, "c")->assignment().reason();
+  EXPECT_TRUE(Find(s, "a")->assignment().placed());
+
+  // A placed worker dies: the layout no longer runs, so the next one comes whatever its gain.
+  clock_.AdvanceMs(600);
+  ASSERT_TRUE(core().Heartbeat(Beat("b")).ok());
+  ASSERT_TRUE(core().Heartbeat(Beat("c")).ok());
+  clock_.AdvanceMs(600);
+  EXPECT_EQ(core().ExpireLeases(), 1);
+  s = core().Status();
+  EXPECT_EQ(s.layout().version(), 2u);
+  EXPECT_TRUE(Find(s, "c")->assignment().placed());
+}
+
+TEST_F(CoreTest, AJoinWorthTheThresholdReplacesTheLayout) {
+  const v1::JobSpec job = Job(2);
+  const double gain = ThirdDeviceGain(job);
+  ASSERT_GT(gain, 0.01);
+  options_.relayout_min_gain = gain / 2;
+  MustJoin(JoinReq(job, "a", -1, Cpu("h0")));
+  MustJoin(JoinReq(job, "b", -1, Cpu("h1")));
+  MustJoin(JoinReq(job, "c", -1, Cpu("h2")));
+  const v1::ClusterStatus s = core().Status();
+  EXPECT_EQ(s.layout().version(), 2u);
+  EXPECT_TRUE(Find(s, "c")->assignment().placed());
+}
+
 }  // namespace
 }  // namespace shoal::scheduler
