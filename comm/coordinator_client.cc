@@ -8,6 +8,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "proto/coordinator.grpc.pb.h"
@@ -56,6 +57,15 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(
     const CoordinatorClientOptions& options) {
   if (options.address.empty()) {
     return absl::InvalidArgumentError("the coordinator address (HOST:PORT) is empty");
+  }
+  // gRPC would take "host:" or "host:0" and fail only at the first call's deadline, as if the
+  // coordinator were down: say what is wrong with the address instead.
+  const size_t colon = options.address.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(options.address.substr(colon + 1), &port) || port < 1 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("the coordinator address '", options.address,
+                                                   "' is not HOST:PORT with a port in [1, 65535]"));
   }
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("the coordinator call timeout must be > 0");

@@ -502,6 +502,18 @@ TEST(ServiceTest, BadFlagsExitWithTwo) {
   }
 }
 
+TEST(ServiceTest, MalformedCoordinatorAddressesAreRefusedBeforeAnyCall) {
+  for (const char* address : {"127.0.0.1:", "localhost:0", "host:65536", "host:http", ":7070",
+                              "7070"}) {
+    comm::CoordinatorClientOptions o;
+    o.address = address;
+    auto c = comm::CoordinatorClient::Connect(o);
+    ASSERT_FALSE(c.ok()) << address;
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << address;
+    EXPECT_NE(c.status().message().find(address), std::string::npos) << c.status();
+  }
+}
+
 TEST(ServiceTest, StatusAgainstADeadPortFailsWithinItsTimeout) {
   const int port = shoal::testing::FreePort();
   const auto t0 = std::chrono::steady_clock::now();
