@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 
@@ -34,6 +35,22 @@ void LinearBackward(const at::Tensor& dy, const at::Tensor& x, const Param& w, c
   if (b != nullptr) b->grad.addmv_(dy.t(), ones);
 }
 
+// The activations of `slot`, grown on first use; slots are small integers (micro-batches in
+// flight), so a vector indexed by slot costs nothing on the single-slot path.
+template <typename Acts>
+Acts& ForwardSlot(std::vector<Acts>& slots, int slot) {
+  TORCH_CHECK(slot >= 0, "micro-batch slot ", slot, " is negative");
+  if (static_cast<size_t>(slot) >= slots.size()) slots.resize(slot + 1);
+  return slots[slot];
+}
+
+template <typename Acts>
+Acts& BackwardSlot(std::vector<Acts>& slots, int slot) {
+  TORCH_CHECK(slot >= 0 && static_cast<size_t>(slot) < slots.size() && slots[slot].batch > 0,
+              "backward of micro-batch slot ", slot, ", which has no forward");
+  return slots[slot];
+}
+
 class EmbeddingPiece final : public Piece {
  public:
   EmbeddingPiece(Param wte, Param wpe, int vocab) : wte_(wte), wpe_(wpe), vocab_(vocab) {}
@@ -49,25 +66,33 @@ class EmbeddingPiece final : public Piece {
       TORCH_CHECK(ids[i] >= 0 && ids[i] < vocab_, "token id ", ids[i], " out of range [0, ",
                   vocab_, ")");
     }
-    tokens_ = tokens;
-    Ensure(out_, {mb.batch * mb.seq, c});
-    kernels::EmbeddingForward(ids, F(wte_.value), F(wpe_.value), mb.batch, mb.seq, c, F(out_));
-    batch_ = mb.batch;
-    seq_ = mb.seq;
-    return out_;
+    Acts& a = ForwardSlot(slots_, mb.slot);
+    a.tokens = tokens;
+    Ensure(a.out, {mb.batch * mb.seq, c});
+    kernels::EmbeddingForward(ids, F(wte_.value), F(wpe_.value), mb.batch, mb.seq, c, F(a.out));
+    a.batch = mb.batch;
+    a.seq = mb.seq;
+    return a.out;
   }
 
-  at::Tensor Backward(const at::Tensor& dout) override {
-    kernels::EmbeddingBackward(tokens_.data_ptr<int64_t>(), F(dout), batch_, seq_,
+  at::Tensor Backward(const at::Tensor& dout, int slot) override {
+    const Acts& a = BackwardSlot(slots_, slot);
+    TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == a.batch * a.seq &&
+                    dout.size(1) == wte_.value.size(1),
+                "embedding backward expects a contiguous (B*T, C) gradient");
+    kernels::EmbeddingBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
                                wte_.value.size(1), F(wte_.grad), F(wpe_.grad));
     return at::Tensor();
   }
 
  private:
+  struct Acts {
+    at::Tensor tokens, out;
+    int64_t batch = 0, seq = 0;
+  };
   Param wte_, wpe_;
   int vocab_;
-  at::Tensor tokens_, out_;
-  int64_t batch_ = 0, seq_ = 0;
+  std::vector<Acts> slots_;
 };
 
 class BlockPiece final : public Piece {
@@ -79,94 +104,102 @@ class BlockPiece final : public Piece {
 
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
     const int64_t B = mb.batch, T = mb.seq, N = B * T, C = x.size(1), H = n_head_, D = C / H;
-    x_ = x;
-    Ensure(ln1_, {N, C});
-    Ensure(mean1_, {N});
-    Ensure(rstd1_, {N});
-    kernels::LayerNormForward(F(x), F(p_.ln1_w.value), F(p_.ln1_b.value), N, C, kLnEps, F(ln1_),
-                              F(mean1_), F(rstd1_));
+    Acts& a = ForwardSlot(slots_, mb.slot);
+    a.x = x;
+    Ensure(a.ln1, {N, C});
+    Ensure(a.mean1, {N});
+    Ensure(a.rstd1, {N});
+    kernels::LayerNormForward(F(x), F(p_.ln1_w.value), F(p_.ln1_b.value), N, C, kLnEps,
+                              F(a.ln1), F(a.mean1), F(a.rstd1));
     // qkv (N, 3C) -> heads (3, B*H, T, D)
     Ensure(qkv_, {N, 3 * C});
-    LinearForward(ln1_, p_.qkv_w, p_.qkv_b, qkv_);
-    Ensure(qkvh_, {3, B * H, T, D});
-    qkvh_.view({3, B, H, T, D}).copy_(qkv_.view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4}));
-    const at::Tensor q = qkvh_[0], k = qkvh_[1], v = qkvh_[2];
+    LinearForward(a.ln1, p_.qkv_w, p_.qkv_b, qkv_);
+    Ensure(a.qkvh, {3, B * H, T, D});
+    a.qkvh.view({3, B, H, T, D}).copy_(qkv_.view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4}));
+    const at::Tensor q = a.qkvh[0], k = a.qkvh[1], v = a.qkvh[2];
     // att (B*H, T, T) = softmax(q k^T / sqrt(D)) with the causal mask
-    Ensure(att_, {B * H, T, T});
-    at::bmm_out(att_, q, k.transpose(1, 2));
-    kernels::CausalSoftmaxForward(F(att_), B * H, T, 1.0f / std::sqrt(static_cast<float>(D)));
+    Ensure(a.att, {B * H, T, T});
+    at::bmm_out(a.att, q, k.transpose(1, 2));
+    kernels::CausalSoftmaxForward(F(a.att), B * H, T, 1.0f / std::sqrt(static_cast<float>(D)));
     Ensure(yh_, {B * H, T, D});
-    at::bmm_out(yh_, att_, v);
+    at::bmm_out(yh_, a.att, v);
     // merge heads -> (N, C), project, add the residual
-    Ensure(y_, {N, C});
-    y_.view({B, T, H, D}).copy_(yh_.view({B, H, T, D}).permute({0, 2, 1, 3}));
-    Ensure(x1_, {N, C});
-    LinearForward(y_, p_.proj_w, p_.proj_b, x1_);
-    x1_.add_(x);
+    Ensure(a.y, {N, C});
+    a.y.view({B, T, H, D}).copy_(yh_.view({B, H, T, D}).permute({0, 2, 1, 3}));
+    Ensure(a.x1, {N, C});
+    LinearForward(a.y, p_.proj_w, p_.proj_b, a.x1);
+    a.x1.add_(x);
     // MLP: LayerNorm, fc (N, 4C), GELU, proj, residual
-    Ensure(ln2_, {N, C});
-    Ensure(mean2_, {N});
-    Ensure(rstd2_, {N});
-    kernels::LayerNormForward(F(x1_), F(p_.ln2_w.value), F(p_.ln2_b.value), N, C, kLnEps,
-                              F(ln2_), F(mean2_), F(rstd2_));
-    Ensure(h_, {N, 4 * C});
-    LinearForward(ln2_, p_.fc_w, p_.fc_b, h_);
-    Ensure(g_, {N, 4 * C});
-    kernels::GeluForward(F(h_), N * 4 * C, F(g_));
-    Ensure(out_, {N, C});
-    LinearForward(g_, p_.mproj_w, p_.mproj_b, out_);
-    out_.add_(x1_);
-    batch_ = B;
-    seq_ = T;
-    return out_;
+    Ensure(a.ln2, {N, C});
+    Ensure(a.mean2, {N});
+    Ensure(a.rstd2, {N});
+    kernels::LayerNormForward(F(a.x1), F(p_.ln2_w.value), F(p_.ln2_b.value), N, C, kLnEps,
+                              F(a.ln2), F(a.mean2), F(a.rstd2));
+    Ensure(a.h, {N, 4 * C});
+    LinearForward(a.ln2, p_.fc_w, p_.fc_b, a.h);
+    Ensure(a.g, {N, 4 * C});
+    kernels::GeluForward(F(a.h), N * 4 * C, F(a.g));
+    Ensure(a.out, {N, C});
+    LinearForward(a.g, p_.mproj_w, p_.mproj_b, a.out);
+    a.out.add_(a.x1);
+    a.batch = B;
+    a.seq = T;
+    return a.out;
   }
 
-  at::Tensor Backward(const at::Tensor& dout) override {
-    const int64_t B = batch_, T = seq_, N = B * T, C = dout.size(1), H = n_head_, D = C / H;
+  at::Tensor Backward(const at::Tensor& dout, int slot) override {
+    const Acts& a = BackwardSlot(slots_, slot);
+    const int64_t B = a.batch, T = a.seq, N = B * T, C = a.x.size(1), H = n_head_, D = C / H;
+    TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == N && dout.size(1) == C,
+                "block backward expects a contiguous (B*T, C) gradient");
     if (!ones_.defined() || ones_.size(0) != N) ones_ = at::ones({N}, at::kFloat);
     // MLP
     Ensure(dg_, {N, 4 * C});
-    LinearBackward(dout, g_, p_.mproj_w, &p_.mproj_b, ones_, &dg_);
-    kernels::GeluBackward(F(h_), F(dg_), N * 4 * C, F(dg_));
+    LinearBackward(dout, a.g, p_.mproj_w, &p_.mproj_b, ones_, &dg_);
+    kernels::GeluBackward(F(a.h), F(dg_), N * 4 * C, F(dg_));
     Ensure(dln_, {N, C});
-    LinearBackward(dg_, ln2_, p_.fc_w, &p_.fc_b, ones_, &dln_);
+    LinearBackward(dg_, a.ln2, p_.fc_w, &p_.fc_b, ones_, &dln_);
     Ensure(dx1_, {N, C});
     dx1_.copy_(dout);  // residual path
-    kernels::LayerNormBackward(F(dln_), F(x1_), F(p_.ln2_w.value), F(mean2_), F(rstd2_), N, C,
+    kernels::LayerNormBackward(F(dln_), F(a.x1), F(p_.ln2_w.value), F(a.mean2), F(a.rstd2), N, C,
                                F(dx1_), F(p_.ln2_w.grad), F(p_.ln2_b.grad));
     // attention output projection
     Ensure(dy_, {N, C});
-    LinearBackward(dx1_, y_, p_.proj_w, &p_.proj_b, ones_, &dy_);
+    LinearBackward(dx1_, a.y, p_.proj_w, &p_.proj_b, ones_, &dy_);
     Ensure(dyh_, {B * H, T, D});
     dyh_.view({B, H, T, D}).copy_(dy_.view({B, T, H, D}).permute({0, 2, 1, 3}));
-    const at::Tensor q = qkvh_[0], k = qkvh_[1], v = qkvh_[2];
+    const at::Tensor q = a.qkvh[0], k = a.qkvh[1], v = a.qkvh[2];
     Ensure(dqkvh_, {3, B * H, T, D});
     // dv = att^T dy;  datt = dy v^T;  dS = softmax backward;  dq = dS k;  dk = dS^T q
     at::Tensor dq = dqkvh_[0], dk = dqkvh_[1], dv = dqkvh_[2];
-    at::bmm_out(dv, att_.transpose(1, 2), dyh_);
+    at::bmm_out(dv, a.att.transpose(1, 2), dyh_);
     Ensure(datt_, {B * H, T, T});
     at::bmm_out(datt_, dyh_, v.transpose(1, 2));
-    kernels::CausalSoftmaxBackward(F(att_), F(datt_), B * H, T,
+    kernels::CausalSoftmaxBackward(F(a.att), F(datt_), B * H, T,
                                    1.0f / std::sqrt(static_cast<float>(D)));
     at::bmm_out(dq, datt_, k);
     at::bmm_out(dk, datt_.transpose(1, 2), q);
     Ensure(dqkv_, {N, 3 * C});
     dqkv_.view({B, T, 3, H, D}).copy_(dqkvh_.view({3, B, H, T, D}).permute({1, 3, 0, 2, 4}));
-    LinearBackward(dqkv_, ln1_, p_.qkv_w, &p_.qkv_b, ones_, &dln_);
+    LinearBackward(dqkv_, a.ln1, p_.qkv_w, &p_.qkv_b, ones_, &dln_);
     Ensure(dx_, {N, C});
     dx_.copy_(dx1_);  // residual path
-    kernels::LayerNormBackward(F(dln_), F(x_), F(p_.ln1_w.value), F(mean1_), F(rstd1_), N, C,
+    kernels::LayerNormBackward(F(dln_), F(a.x), F(p_.ln1_w.value), F(a.mean1), F(a.rstd1), N, C,
                                F(dx_), F(p_.ln1_w.grad), F(p_.ln1_b.grad));
     return dx_;
   }
 
  private:
+  // What backward needs from one forward (x is the previous piece's output, kept alive by
+  // reference). The forward-only temporaries qkv_ and yh_ are shared by all slots.
+  struct Acts {
+    at::Tensor x, ln1, mean1, rstd1, qkvh, att, y, x1, ln2, mean2, rstd2, h, g, out;
+    int64_t batch = 0, seq = 0;
+  };
   Params p_;
   int n_head_;
-  int64_t batch_ = 0, seq_ = 0;
-  // forward activations (x_ is the previous piece's output, kept alive by reference)
-  at::Tensor x_, ln1_, mean1_, rstd1_, qkv_, qkvh_, att_, yh_, y_, x1_, ln2_, mean2_, rstd2_, h_,
-      g_, out_;
+  std::vector<Acts> slots_;
+  at::Tensor qkv_, yh_;
   // backward scratch
   at::Tensor ones_, dg_, dln_, dx1_, dy_, dyh_, dqkvh_, datt_, dqkv_, dx_;
 };
@@ -178,45 +211,56 @@ class HeadPiece final : public Piece {
   // Returns the mean loss as a 0-dim tensor, or the logits (B*T, V) when mb.targets is null.
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
     const int64_t N = x.size(0), C = x.size(1), V = wte_.value.size(0);
-    x_ = x;
-    Ensure(ln_, {N, C});
-    Ensure(mean_, {N});
-    Ensure(rstd_, {N});
-    kernels::LayerNormForward(F(x), F(lnf_w_.value), F(lnf_b_.value), N, C, kLnEps, F(ln_),
-                              F(mean_), F(rstd_));
-    Ensure(probs_, {N, V});
-    at::mm_out(probs_, ln_, wte_.value.t());
-    if (mb.targets == nullptr) return probs_;
-    targets_ = *mb.targets;
-    TORCH_CHECK(targets_.scalar_type() == at::kLong && targets_.is_contiguous() &&
-                    targets_.numel() == N,
+    Acts& a = ForwardSlot(slots_, mb.slot);
+    a.x = x;
+    a.batch = 0;  // no backward until the loss is known
+    Ensure(a.ln, {N, C});
+    Ensure(a.mean, {N});
+    Ensure(a.rstd, {N});
+    kernels::LayerNormForward(F(x), F(lnf_w_.value), F(lnf_b_.value), N, C, kLnEps, F(a.ln),
+                              F(a.mean), F(a.rstd));
+    Ensure(a.probs, {N, V});
+    at::mm_out(a.probs, a.ln, wte_.value.t());
+    if (mb.targets == nullptr) return a.probs;
+    a.targets = *mb.targets;
+    TORCH_CHECK(a.targets.scalar_type() == at::kLong && a.targets.is_contiguous() &&
+                    a.targets.numel() == N,
                 "head expects contiguous int64 targets with one id per token");
-    const int64_t* t = targets_.data_ptr<int64_t>();
+    const int64_t* t = a.targets.data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i) {
       TORCH_CHECK(t[i] >= 0 && t[i] < V, "target id ", t[i], " out of range [0, ", V, ")");
     }
-    const double loss = kernels::CrossEntropyForward(F(probs_), t, N, V);
+    const double loss = kernels::CrossEntropyForward(F(a.probs), t, N, V);
+    a.batch = N;
     return at::scalar_tensor(loss, at::kDouble);
   }
 
   // grad_output: 0-dim, d(objective)/d(loss).
-  at::Tensor Backward(const at::Tensor& dloss) override {
-    const int64_t N = x_.size(0), C = x_.size(1), V = wte_.value.size(0);
-    kernels::CrossEntropyBackward(F(probs_), targets_.data_ptr<int64_t>(), N, V,
+  at::Tensor Backward(const at::Tensor& dloss, int slot) override {
+    Acts& a = BackwardSlot(slots_, slot);
+    const int64_t N = a.x.size(0), C = a.x.size(1), V = wte_.value.size(0);
+    // The probabilities become the logits' gradient in place: one backward per forward.
+    a.batch = 0;
+    kernels::CrossEntropyBackward(F(a.probs), a.targets.data_ptr<int64_t>(), N, V,
                                   static_cast<float>(dloss.item<double>()));
     Ensure(dln_, {N, C});
-    at::mm_out(dln_, probs_, wte_.value);
-    wte_.grad.addmm_(probs_.t(), ln_);
+    at::mm_out(dln_, a.probs, wte_.value);
+    wte_.grad.addmm_(a.probs.t(), a.ln);
     Ensure(dx_, {N, C});
     dx_.zero_();
-    kernels::LayerNormBackward(F(dln_), F(x_), F(lnf_w_.value), F(mean_), F(rstd_), N, C,
+    kernels::LayerNormBackward(F(dln_), F(a.x), F(lnf_w_.value), F(a.mean), F(a.rstd), N, C,
                                F(dx_), F(lnf_w_.grad), F(lnf_b_.grad));
     return dx_;
   }
 
  private:
+  struct Acts {
+    at::Tensor x, ln, mean, rstd, probs, targets;
+    int64_t batch = 0;  // rows; 0 while the slot holds no loss to differentiate
+  };
   Param lnf_w_, lnf_b_, wte_;
-  at::Tensor x_, ln_, mean_, rstd_, probs_, targets_, dln_, dx_;
+  std::vector<Acts> slots_;
+  at::Tensor dln_, dx_;
 };
 
 std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
@@ -250,37 +294,91 @@ std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
   return specs;
 }
 
+// Owner piece of a declared parameter in the full model: embeddings -> 0, blocks.<l>. -> l + 1,
+// ln_f -> the head.
+int OwnerPiece(const std::string& name, int n_layer) {
+  if (name.rfind("blocks.", 0) == 0) return 1 + std::stoi(name.substr(7));
+  if (name.rfind("ln_f.", 0) == 0) return n_layer + 1;
+  return 0;
+}
+
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple) : config_(config) {
+Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple)
+    : Gpt(config, seed, 0, config.n_layer + 2, pad_multiple) {}
+
+absl::StatusOr<std::unique_ptr<Gpt>> Gpt::CreateStage(const ModelConfig& config, uint64_t seed,
+                                                      int first_piece, int end_piece,
+                                                      int64_t pad_multiple) {
+  const int n_pieces = config.n_layer + 2;
+  if (first_piece < 0 || end_piece > n_pieces || first_piece >= end_piece) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pipeline stage pieces [", first_piece, ", ", end_piece,
+        ") are not a non-empty range within [0, ", n_pieces, ") of a model with ", config.n_layer,
+        " blocks (piece 0 = embedding, ", n_pieces - 1, " = head)"));
+  }
+  if (pad_multiple < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("pad_multiple ", pad_multiple, " must be at least 1"));
+  }
+  return std::unique_ptr<Gpt>(new Gpt(config, seed, first_piece, end_piece, pad_multiple));
+}
+
+Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
+         int64_t pad_multiple)
+    : config_(config), first_piece_(first_piece), end_piece_(end_piece) {
   const std::vector<ParamSpec> specs = DeclareParameters(config);
-  piece_params_.resize(config.n_layer + 2);
-  for (const ParamSpec& s : specs) {
+  const int head = config.n_layer + 1;
+  piece_params_.resize(end_piece - first_piece);
+  // kept[i]: declared parameter i lives in this model. A stage holding the head but not the
+  // embedding keeps its own wte for the tied head, owned by the head.
+  std::vector<bool> kept(specs.size(), false);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const ParamSpec& s = specs[i];
+    int piece = OwnerPiece(s.name, config.n_layer);
+    if (s.name == "wte.weight" && first_piece > 0 && end_piece == head + 1) piece = head;
+    if (piece < first_piece || piece >= end_piece) continue;
+    kept[i] = true;
     const int group = s.decay ? kDecay : kNoDecay;
     where_.emplace_back(group, params_[group].Add(s.name, s.shape));
     names_.push_back(s.name);
-    // Owner piece: embeddings -> 0, blocks.<l>. -> l + 1, ln_f -> the head.
-    int piece = 0;
-    if (s.name.rfind("blocks.", 0) == 0) piece = 1 + std::stoi(s.name.substr(7));
-    if (s.name.rfind("ln_f.", 0) == 0) piece = config.n_layer + 1;
-    piece_params_[piece].push_back(where_.back());
+    piece_params_[piece - first_piece].push_back(where_.back());
   }
   for (int g = 0; g < 2; ++g) {
     params_[g].Allocate(pad_multiple);
     grads_[g] = params_[g].MakeLike();
   }
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  // The full model draws every normal parameter, in declaration order, from one generator. A
+  // stage replays that sequence: a parameter it does not hold is drawn into scratch of the same
+  // shape (the number of values a draw consumes depends on the shape), up to its last own one.
+  size_t last_draw = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
-    at::Tensor v = params_[where_[i].first].View(where_[i].second);
+    if (kept[i] && specs[i].init == ParamSpec::Init::kNormal) last_draw = i + 1;
+  }
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Tensor scratch;
+  size_t k = 0;  // index into where_ of the next kept parameter
+  for (size_t i = 0; i < specs.size(); ++i) {
+    if (!kept[i]) {
+      if (i < last_draw && specs[i].init == ParamSpec::Init::kNormal) {
+        Ensure(scratch, specs[i].shape);
+        scratch.normal_(0.0, specs[i].std, gen);
+      }
+      continue;
+    }
+    at::Tensor v = params_[where_[k].first].View(where_[k].second);
+    ++k;
     switch (specs[i].init) {
       case ParamSpec::Init::kNormal: v.normal_(0.0, specs[i].std, gen); break;
       case ParamSpec::Init::kOnes: v.fill_(1.0); break;
       case ParamSpec::Init::kZeros: v.zero_(); break;
     }
   }
-  pieces_.push_back(std::make_unique<EmbeddingPiece>(Lookup("wte.weight"), Lookup("wpe.weight"),
-                                                     config.vocab_size));
-  for (int l = 0; l < config.n_layer; ++l) {
+  if (first_piece == 0) {
+    pieces_.push_back(std::make_unique<EmbeddingPiece>(
+        Lookup("wte.weight"), Lookup("wpe.weight"), config.vocab_size));
+  }
+  for (int l = std::max(first_piece, 1) - 1; l < std::min(end_piece - 1, config.n_layer); ++l) {
     const std::string p = absl::StrCat("blocks.", l, ".");
     BlockPiece::Params bp{Lookup(p + "ln1.weight"),       Lookup(p + "ln1.bias"),
                           Lookup(p + "attn.qkv.weight"),  Lookup(p + "attn.qkv.bias"),
@@ -290,8 +388,10 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple) : confi
                           Lookup(p + "mlp.proj.weight"),  Lookup(p + "mlp.proj.bias")};
     pieces_.push_back(std::make_unique<BlockPiece>(std::move(bp), config.n_head));
   }
-  pieces_.push_back(std::make_unique<HeadPiece>(Lookup("ln_f.weight"), Lookup("ln_f.bias"),
-                                                Lookup("wte.weight")));
+  if (end_piece == head + 1) {
+    pieces_.push_back(std::make_unique<HeadPiece>(Lookup("ln_f.weight"), Lookup("ln_f.bias"),
+                                                  Lookup("wte.weight")));
+  }
   loss_grad_ = at::empty({}, at::kDouble);
 }
 
@@ -309,6 +409,7 @@ Param Gpt::Lookup(const std::string& name) const {
 
 double Gpt::ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets,
                             float loss_scale, const std::function<void(int piece)>& on_piece_done) {
+  TORCH_CHECK(is_full_model(), "ForwardBackward needs the full model; a stage uses StageForward");
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
   for (auto& piece : pieces_) x = piece->Forward(x, mb);
@@ -322,6 +423,63 @@ double Gpt::ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets,
   return loss;
 }
 
+at::Tensor Gpt::StageForward(const at::Tensor& input, const MicroBatch& mb) {
+  const int64_t B = mb.batch, T = mb.seq, C = config_.n_embd;
+  TORCH_CHECK(B > 0 && T > 0, "micro-batch shape (", B, ", ", T, ") must be positive");
+  TORCH_CHECK(mb.slot >= 0, "micro-batch slot ", mb.slot, " is negative");
+  TORCH_CHECK(input.defined(), "stage ", first_piece_, " got an undefined input");
+  at::Tensor x;
+  if (has_embedding()) {
+    TORCH_CHECK(input.dim() == 2 && input.size(0) == B && input.size(1) == T,
+                "first stage expects (", B, ", ", T, ") token ids, got ", input.sizes());
+    x = input;
+  } else {
+    TORCH_CHECK(input.scalar_type() == at::kFloat && input.is_contiguous() && input.dim() == 3 &&
+                    input.size(0) == B && input.size(1) == T && input.size(2) == C,
+                "stage starting at piece ", first_piece_, " expects a contiguous float32 (", B,
+                ", ", T, ", ", C, ") activation, got ", input.scalar_type(), " ", input.sizes());
+    x = input.view({B * T, C});
+  }
+  TORCH_CHECK(!has_head() || mb.targets != nullptr, "the last stage needs the targets");
+  for (auto& piece : pieces_) x = piece->Forward(x, mb);
+  if (static_cast<size_t>(mb.slot) >= slot_shapes_.size()) slot_shapes_.resize(mb.slot + 1);
+  slot_shapes_[mb.slot] = {B, T};
+  if (has_head()) return x;
+  return x.view({B, T, C});
+}
+
+at::Tensor Gpt::StageBackward(const at::Tensor& grad_output, float loss_scale, int slot) {
+  TORCH_CHECK(slot >= 0 && static_cast<size_t>(slot) < slot_shapes_.size() &&
+                  slot_shapes_[slot].first > 0,
+              "StageBackward of micro-batch slot ", slot, ", which has no StageForward");
+  const auto [B, T] = slot_shapes_[slot];
+  const int64_t C = config_.n_embd;
+  slot_shapes_[slot] = {0, 0};
+  at::Tensor g;
+  if (has_head()) {
+    TORCH_CHECK(!grad_output.defined(),
+                "the last stage starts backward from its loss; grad_output must be undefined");
+    loss_grad_.fill_(static_cast<double>(loss_scale));
+    g = loss_grad_;
+  } else {
+    TORCH_CHECK(grad_output.defined() && grad_output.scalar_type() == at::kFloat &&
+                    grad_output.is_contiguous() && grad_output.dim() == 3 &&
+                    grad_output.size(0) == B && grad_output.size(1) == T &&
+                    grad_output.size(2) == C,
+                "stage ending at piece ", end_piece_, " expects a contiguous float32 (", B, ", ",
+                T, ", ", C, ") output gradient for slot ", slot);
+    g = grad_output.view({B * T, C});
+  }
+  for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) g = pieces_[p]->Backward(g, slot);
+  if (has_embedding()) return at::Tensor();
+  return g.view({B, T, C});
+}
+
+std::vector<std::string> Gpt::SharedParameters() const {
+  if (has_embedding() != has_head()) return {"wte.weight"};
+  return {};
+}
+
 std::vector<std::pair<int, int>> Gpt::BackwardReadyOrder() const {
   std::vector<std::pair<int, int>> order;
   for (int p = static_cast<int>(piece_params_.size()) - 1; p >= 0; --p) {
@@ -331,6 +489,7 @@ std::vector<std::pair<int, int>> Gpt::BackwardReadyOrder() const {
 }
 
 double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {
+  TORCH_CHECK(is_full_model(), "Loss needs the full model");
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
   for (auto& piece : pieces_) x = piece->Forward(x, mb);
@@ -338,6 +497,7 @@ double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {
 }
 
 at::Tensor Gpt::Logits(const at::Tensor& tokens) {
+  TORCH_CHECK(is_full_model(), "Logits needs the full model");
   MicroBatch mb{nullptr, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
   for (auto& piece : pieces_) x = piece->Forward(x, mb);
@@ -390,12 +550,18 @@ int64_t Gpt::NumParameters() const {
 }
 
 int64_t Gpt::NumParametersNoPos() const {
+  if (!has_embedding()) return NumParameters();
   return NumParameters() - static_cast<int64_t>(config_.block_size) * config_.n_embd;
 }
 
 double Gpt::FlopsPerToken() const {
-  return 6.0 * NumParametersNoPos() +
-         12.0 * config_.n_layer * config_.n_embd * static_cast<double>(config_.block_size);
+  // The first stage of a pipeline only looks wte up; the head's copy is the matmul.
+  const double lookup_only = has_embedding() && !has_head()
+                                 ? static_cast<double>(config_.vocab_size) * config_.n_embd
+                                 : 0.0;
+  const int blocks = std::min(end_piece_ - 1, config_.n_layer) - std::max(first_piece_, 1) + 1;
+  return 6.0 * (NumParametersNoPos() - lookup_only) +
+         12.0 * blocks * config_.n_embd * static_cast<double>(config_.block_size);
 }
 
 }  // namespace shoal::runtime

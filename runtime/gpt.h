@@ -13,8 +13,14 @@
 // "blocks.<i>.mlp.fc.{weight,bias}", "blocks.<i>.mlp.proj.{weight,bias}", "ln_f.{weight,bias}".
 // Linear weights are (out, in) as in torch.nn.Linear. The head is tied to wte.
 //
-// Not thread-safe (pieces keep the activations of the last forward for their backward); the
-// kernels inside use the LibTorch/OpenMP pool and BLAS threads.
+// Pipeline stages: Gpt::CreateStage builds the pieces [first_piece, end_piece) only, with the
+// full model's parameter names and initial values. A stage that holds the head but not the
+// embedding keeps its own copy of wte (SharedParameters()); the two copies' gradients must be
+// summed between the first and the last stage every step.
+//
+// Not thread-safe. A piece keeps the activations of the last forward of each micro-batch slot for
+// that slot's backward; slots let a pipeline keep several micro-batches in flight (1F1B) without
+// copying activations. The kernels inside use the LibTorch/OpenMP pool and BLAS threads.
 #ifndef SHOAL_RUNTIME_GPT_H_
 #define SHOAL_RUNTIME_GPT_H_
 
@@ -28,6 +34,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "memory/flat_buffer.h"
 #include "runtime/config.h"
 
@@ -44,16 +51,21 @@ struct MicroBatch {
   const at::Tensor* targets = nullptr;  // (B, T) int64, for the head
   int64_t batch = 0;                    // B
   int64_t seq = 0;                      // T
+  // Activation slot: a piece keeps one set of activations per slot, so a pipeline can run the
+  // forwards of several micro-batches before their backwards. Slot 0 is the single-process path.
+  int slot = 0;
 };
 
 class Piece {
  public:
   virtual ~Piece() = default;
-  // Forward: input -> output. The returned tensor stays valid until the next Forward.
+  // Forward: input -> output. The returned tensor stays valid until the next Forward in the same
+  // slot. `input` is kept by reference for the backward: it must not change until then.
   virtual at::Tensor Forward(const at::Tensor& input, const MicroBatch& mb) = 0;
-  // Backward of the last Forward: gradient of the output -> gradient of the input (undefined for
-  // the embedding). Adds the parameter gradients into their gradient views.
-  virtual at::Tensor Backward(const at::Tensor& grad_output) = 0;
+  // Backward of the last Forward in `slot`: gradient of the output -> gradient of the input
+  // (undefined for the embedding), valid until the next Backward of this piece. Adds the
+  // parameter gradients into their gradient views.
+  virtual at::Tensor Backward(const at::Tensor& grad_output, int slot = 0) = 0;
 };
 
 // Parameter declaration used while laying out the flat buffers.
@@ -75,8 +87,39 @@ class Gpt {
   Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple = 1);
   ~Gpt();
 
-  // One micro-batch: forward, loss, backward with the loss scaled by `loss_scale` (1 / grad_accum
-  // for a mean over micro-batches). Gradients are ADDED to the gradient buffers.
+  // A pipeline stage: pieces [first_piece, end_piece) of the full model (piece 0 = embedding,
+  // 1..n_layer = blocks, n_layer + 1 = head). Its parameters are exactly those of its pieces (plus
+  // a copy of wte when it holds the head but not the embedding), named as in the full model and
+  // initialised to the values the full model gives them for `seed`. kInvalidArgument names the
+  // numbers of a bad range.
+  static absl::StatusOr<std::unique_ptr<Gpt>> CreateStage(const ModelConfig& config,
+                                                          uint64_t seed, int first_piece,
+                                                          int end_piece,
+                                                          int64_t pad_multiple = 1);
+
+  // Stage-level passes for a pipeline executor. Forward: `input` is the (B, T) int64 token ids on
+  // the stage holding the embedding, else the previous stage's activation (B, T, C) float32,
+  // which must stay unchanged until this micro-batch's StageBackward. mb.targets is needed on the
+  // last stage, which returns the mean loss (0-dim double); other stages return their output
+  // activation (B, T, C), valid until the next StageForward in the same slot.
+  at::Tensor StageForward(const at::Tensor& input, const MicroBatch& mb);
+  // Backward of slot `slot`'s last StageForward. grad_output: the gradient of this stage's output
+  // (B, T, C); undefined on the last stage, where backward starts from the loss scaled by
+  // `loss_scale`. Adds into the gradient buffers; returns the gradient of the stage's input
+  // (B, T, C), valid until the next StageBackward, or an undefined tensor on the first stage.
+  at::Tensor StageBackward(const at::Tensor& grad_output, float loss_scale, int slot = 0);
+
+  int first_piece() const { return first_piece_; }
+  int end_piece() const { return end_piece_; }
+  bool has_embedding() const { return first_piece_ == 0; }
+  bool has_head() const { return end_piece_ == config_.n_layer + 2; }
+  bool is_full_model() const { return has_embedding() && has_head(); }
+  // Parameters that another stage holds a copy of and whose gradients must be summed across the
+  // stages every step: {"wte.weight"} on a stage holding exactly one of embedding and head.
+  std::vector<std::string> SharedParameters() const;
+
+  // Full model only (as are Loss and Logits). One micro-batch: forward, loss, backward with the
+  // loss scaled by `loss_scale` (1 / grad_accum for a mean over micro-batches). Gradients are ADDED to the gradient buffers.
   // tokens, targets: (B, T) int64 with T <= block_size. Returns the (unscaled) mean loss.
   // `on_piece_done(p)`, if given, runs right after piece p's backward (pieces run in reverse),
   // when the gradients of PieceParams(p) are final: data parallelism starts its all-reduce there.
@@ -101,15 +144,19 @@ class Gpt {
   // kDataLoss names the first that is not. Nothing is copied unless all are right.
   absl::Status LoadParameters(const std::vector<std::pair<std::string, at::Tensor>>& named);
 
-  // Parameter count N (everything, tied head counted once) and N without position embeddings.
+  // Parameter count N (everything this model holds, tied head counted once) and N without
+  // position embeddings.
   int64_t NumParameters() const;
   int64_t NumParametersNoPos() const;
   // Model FLOPs per token of a training step: 6 N + 12 n_layer n_embd block_size, where N
-  // excludes the position embeddings (they cost no matmul).
+  // excludes the position embeddings (they cost no matmul). On a stage: its own blocks, and wte
+  // only where the head multiplies by it (the embedding's use is a lookup).
   double FlopsPerToken() const;
 
   // Parameters as (group, entry index into params(group)) whose gradients are final once piece
-  // p's backward has run. The tied wte belongs to the embedding (piece 0), which runs last.
+  // p's backward has run; p indexes pieces() (on a stage, piece first_piece() + p of the full
+  // model). The tied wte belongs to the embedding (piece 0), which runs last; on a stage holding
+  // the head but not the embedding, its wte copy belongs to the head.
   const std::vector<std::pair<int, int>>& PieceParams(int piece) const {
     return piece_params_[piece];
   }
@@ -120,9 +167,13 @@ class Gpt {
   const std::vector<std::unique_ptr<Piece>>& pieces() const { return pieces_; }
 
  private:
+  Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
+      int64_t pad_multiple);
   Param Lookup(const std::string& name) const;
 
   ModelConfig config_;
+  int first_piece_ = 0;
+  int end_piece_ = 0;
   memory::FlatBuffer params_[2];
   memory::FlatBuffer grads_[2];
   std::vector<std::pair<int, int>> where_;   // per declared param: (group, index)
@@ -130,6 +181,8 @@ class Gpt {
   std::vector<std::unique_ptr<Piece>> pieces_;
   std::vector<std::vector<std::pair<int, int>>> piece_params_;
   at::Tensor loss_grad_;
+  // Per micro-batch slot, (B, T) of the StageForward awaiting its StageBackward; (0, 0) if none.
+  std::vector<std::pair<int64_t, int64_t>> slot_shapes_;
 };
 
 }  // namespace shoal::runtime
