@@ -110,6 +110,7 @@ struct WorkerLink::Impl {
   std::unique_ptr<comm::CoordinatorClient> client;       // join, status
   std::unique_ptr<comm::CoordinatorClient> beat_client;  // heartbeats: deadline ~ the interval
   std::string worker_id;
+  v1::JoinRequest join;  // as accepted (with worker_id as its name), to join again
   v1::Assignment assignment;
   v1::DeviceProfile profile;
   absl::Duration interval = absl::Seconds(2);
@@ -159,6 +160,20 @@ void WorkerLink::Impl::HeartbeatLoop() {
     }
     absl::StatusOr<v1::HeartbeatResponse> r = beat_client->Heartbeat(request);
     if (!r.ok()) {
+      // The coordinator restarted (it does not know this worker) or declared it dead (a long
+      // stall): join again under the same name, so the job shows up again without a restart.
+      const absl::StatusCode code = r.status().code();
+      if (code == absl::StatusCode::kNotFound || code == absl::StatusCode::kFailedPrecondition) {
+        absl::StatusOr<v1::JoinResponse> again = beat_client->Join(join);
+        if (again.ok()) {
+          SHOAL_LOG(Warning) << "coordinator " << options.coordinator << " no longer knew "
+                             << worker_id << " (" << r.status().message() << "); joined again";
+          continue;
+        }
+        Warn(absl::StrCat("heartbeat refused (", r.status().message(),
+                          ") and joining again failed: ", again.status().message()));
+        continue;
+      }
       Warn(absl::StrCat("heartbeat failed: ", r.status().message()));
       continue;
     }
@@ -285,6 +300,8 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   }
   if (!joined.ok()) return Named(where, joined.status(), HintFor(joined.status().code()));
   impl->worker_id = joined->worker_id();
+  join.set_name(impl->worker_id);
+  impl->join = join;
   if (joined->heartbeat_interval_ms() > 0) {
     impl->interval = absl::Milliseconds(joined->heartbeat_interval_ms());
   }

@@ -229,6 +229,49 @@ TEST_F(CoordinatorTest, DrainedWorkerCheckpointsAndExitsCleanly) {
   EXPECT_EQ(status.workers(0).state(), v1::WORKER_STATE_LEFT);
 }
 
+TEST_F(CoordinatorTest, RanksJoinAgainWhenTheCoordinatorRestarts) {
+  auto server = StartServer("s3cret-token");
+  ASSERT_NE(server, nullptr);
+  const int port = server->port();
+  const std::string where = "127.0.0.1:" + std::to_string(port);
+  const pid_t pid = Spawn(TrainArgs(100000, " train.log_every=1") + " --coordinator " + where +
+                              " --coordinator-token-file " + (tmp_ / "token"),
+                          tmp_ / "train.log");
+  auto training_on = [&](scheduler::CoordinatorServer* s) {
+    const v1::ClusterStatus status = s->core().Status();
+    for (const v1::WorkerStatus& w : status.workers()) {
+      if (w.worker_id() == "rank0" && w.state() == v1::WORKER_STATE_ALIVE &&
+          w.last_stats().step() >= 2) {
+        return true;
+      }
+    }
+    return false;
+  };
+  ASSERT_TRUE(WaitUntil([&] { return training_on(server.get()); }, std::chrono::seconds(90)))
+      << ReadTextFile(tmp_ / "train.log");
+  // The coordinator goes away (its state with it) and a new one comes up on the same port.
+  server.reset();
+  scheduler::CoordinatorServerOptions o;
+  o.listen = where;
+  o.token = "s3cret-token";
+  o.core.heartbeat_interval_ms = 200;
+  auto again = scheduler::CoordinatorServer::Start(o);
+  ASSERT_TRUE(again.ok()) << again.status();
+  // The rank joins it again, with its name, and reports steps after the restart.
+  EXPECT_TRUE(WaitUntil([&] { return training_on(again->get()); }, std::chrono::seconds(30)))
+      << ReadTextFile(tmp_ / "train.log");
+  const v1::ClusterStatus status = (*again)->core().Status();
+  ASSERT_EQ(status.workers_size(), 1);
+  EXPECT_EQ(status.workers(0).worker_id(), "rank0");
+  EXPECT_EQ(status.workers(0).mesh_rank(), 0);
+  EXPECT_GE(status.layout().version(), 1u);
+  ::kill(-pid, SIGTERM);
+  ::kill(pid, SIGTERM);
+  EXPECT_NE(WaitExit(pid, std::chrono::seconds(60)), -1);
+  EXPECT_TRUE(Contains(ReadTextFile(tmp_ / "train.log"), "joined again"))
+      << ReadTextFile(tmp_ / "train.log");
+}
+
 TEST_F(CoordinatorTest, UnreachableCoordinatorFailsWithinTheTimeout) {
   const std::string where = "127.0.0.1:" + std::to_string(testing::FreePort());
   const auto t0 = Clock::now();
