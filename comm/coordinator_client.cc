@@ -8,9 +8,10 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
+#include "common/net_util.h"
+#include "common/status.h"
 #include "proto/coordinator.grpc.pb.h"
 
 namespace shoal::comm {
@@ -60,12 +61,11 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(
   }
   // gRPC would take "host:" or "host:0" and fail only at the first call's deadline, as if the
   // coordinator were down: say what is wrong with the address instead.
-  const size_t colon = options.address.rfind(':');
-  int port = 0;
-  if (colon == std::string::npos || colon == 0 ||
-      !absl::SimpleAtoi(options.address.substr(colon + 1), &port) || port < 1 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("the coordinator address '", options.address,
-                                                   "' is not HOST:PORT with a port in [1, 65535]"));
+  {
+    std::string host;
+    int port = 0;
+    SHOAL_RETURN_IF_ERROR(SplitHostPort(options.address, "the coordinator address", 1, &host,
+                                        &port));
   }
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("the coordinator call timeout must be > 0");

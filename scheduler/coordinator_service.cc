@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/net_util.h"
 #include "common/status.h"
 #include "proto/coordinator.grpc.pb.h"
 
@@ -83,21 +84,6 @@ absl::Status CheckTlsPair(const std::string& cert_file, const std::string& cert_
   if (!match) {
     return absl::InvalidArgumentError(absl::StrCat("--tls-key ", key_file,
                                                    " does not belong to --tls-cert ", cert_file));
-  }
-  return absl::OkStatus();
-}
-
-// HOST:PORT with a non-empty host ("[::1]" allowed) and a port in [0, 65535].
-absl::Status CheckListenAddress(const std::string& listen) {
-  const size_t colon = listen.rfind(':');
-  if (colon == std::string::npos || colon == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--listen '", listen, "' is not HOST:PORT (e.g. 127.0.0.1:50051)"));
-  }
-  int port = -1;
-  if (!absl::SimpleAtoi(listen.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--listen '", listen, "': the port must be a number in [0, 65535]"));
   }
   return absl::OkStatus();
 }
@@ -293,7 +279,11 @@ absl::StatusOr<std::string> ReadTokenFile(const std::string& path) {
 
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     const CoordinatorServerOptions& options) {
-  SHOAL_RETURN_IF_ERROR(CheckListenAddress(options.listen));
+  {
+    std::string host;
+    int port = 0;
+    SHOAL_RETURN_IF_ERROR(SplitHostPort(options.listen, "--listen", 0, &host, &port));
+  }
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
     return absl::InvalidArgumentError(options.tls_cert_file.empty()
                                           ? "--tls-key needs --tls-cert (the certificate chain)"

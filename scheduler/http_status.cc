@@ -25,6 +25,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/net_util.h"
+#include "common/status.h"
 
 namespace shoal::scheduler {
 namespace {
@@ -124,38 +126,13 @@ absl::Status ParseListen(const std::string& listen, std::string* host, int* port
     return absl::InvalidArgumentError(
         absl::StrCat("HTTP listen address \"", listen, "\": ", why, " (want HOST:PORT)"));
   };
-  std::string port_text;
-  if (!listen.empty() && listen.front() == '[') {
-    const size_t close = listen.find(']');
-    if (close == std::string::npos || close + 1 >= listen.size() || listen[close + 1] != ':') {
-      return bad("unterminated [IPv6] host or no port after it");
-    }
-    *host = listen.substr(1, close - 1);
-    port_text = listen.substr(close + 2);
-  } else {
-    const size_t colon = listen.rfind(':');
-    if (colon == std::string::npos) return bad("no port");
-    *host = listen.substr(0, colon);
-    port_text = listen.substr(colon + 1);
-    if (host->find(':') != std::string::npos) return bad("an IPv6 host needs brackets");
-  }
-  if (host->empty()) return bad("empty host");
+  SHOAL_RETURN_IF_ERROR(SplitHostPort(listen, "HTTP listen address", 0, host, port));
   for (char c : *host) {
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-' && c != '_' &&
         c != ':') {
       return bad(absl::StrCat("character '", std::string(1, c), "' in the host"));
     }
   }
-  if (port_text.empty() || port_text.size() > 5 ||
-      !std::all_of(port_text.begin(), port_text.end(),
-                   [](char c) { return std::isdigit(static_cast<unsigned char>(c)); })) {
-    return bad(absl::StrCat("port \"", port_text, "\" is not a number"));
-  }
-  int value = 0;
-  if (!absl::SimpleAtoi(port_text, &value) || value > 65535) {
-    return bad(absl::StrCat("port ", port_text, " is out of range 0..65535"));
-  }
-  *port = value;
   // Resolve here so that a name that does not resolve is the caller's mistake
   // (kInvalidArgument), not a failure to bind.
   addrinfo hints{};
