@@ -3,8 +3,9 @@
 // this machine (throttle 1 and throttle F, as two ranks of different speed would report) go into
 // scheduler::SplitLayers; the real forward + backward time of the model's pieces is measured at
 // both throttles; the uneven split and the uniform one are then compared on the MEASURED times
-// with the same pipeline formula (scheduler::PipelineStepSeconds). No pipeline runs here: that
-// end-to-end figure comes with the pipeline executor.
+// with the same pipeline formula (scheduler::PipelineStepSeconds).
+// `shoal bench hetero`: the end-to-end figure. The same solver split, then two real ranks train
+// as a 2-stage pipeline, rank 1 throttled, with that split and with the uniform one.
 #include <ATen/ATen.h>
 #include <google/protobuf/util/json_util.h>
 
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -24,6 +26,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status.h"
+#include "common/file_util.h"
+#include "launch/bench_runs.h"
 #include "launch/subcommands.h"
 #include "runtime/config.h"
 #include "runtime/device_probe.h"
@@ -134,6 +138,56 @@ PieceTimes FastestTimes(const std::vector<PieceTimes>& runs) {
   return best;
 }
 
+// The solver's split of a model over `stages` pipeline stages, the first `fast_stages` on this
+// machine as it is and the rest on it throttled by `throttle`, from two device profiles as a fast
+// and a slow rank would send them. Per-block time per micro-batch = block FLOPs / (measured GEMM
+// rate x the solver's compute efficiency); the head's FLOPs ride on the last stage (the
+// embedding is a lookup: no FLOPs in the cost model).
+struct ProfiledSplit {
+  v1::DeviceProfile fast, slow;
+  std::vector<double> predicted_layer, predicted_extra;  // per stage, seconds per micro-batch
+  std::vector<int> uneven, uniform;
+};
+
+absl::StatusOr<ProfiledSplit> SplitFromProfiles(const runtime::Config& config, int stages,
+                                                int fast_stages, double throttle, bool refresh,
+                                                double profile_seconds) {
+  ProfiledSplit out;
+  runtime::ProfileOptions po;
+  po.refresh = refresh;
+  po.seconds = profile_seconds;
+  po.throttle = 1.0;
+  SHOAL_ASSIGN_OR_RETURN(out.fast, runtime::ProfileDevice(po));
+  po.throttle = throttle;
+  SHOAL_ASSIGN_OR_RETURN(out.slow, runtime::ProfileDevice(po));
+  const int n_layer = config.model.n_layer;
+  v1::ModelSpec spec;
+  spec.set_n_layer(n_layer);
+  spec.set_n_head(config.model.n_head);
+  spec.set_n_embd(config.model.n_embd);
+  spec.set_block_size(config.model.block_size);
+  spec.set_vocab_size(config.model.vocab_size);
+  spec.set_param_bytes(4);
+  spec.set_grad_bytes(4);
+  spec.set_optimizer_bytes(8);
+  const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(spec);
+  const scheduler::SolverOptions solver;
+  const double tokens = static_cast<double>(config.train.batch_size) * config.model.block_size;
+  out.predicted_layer.assign(stages, 0.0);
+  out.predicted_extra.assign(stages, 0.0);
+  for (int i = 0; i < stages; ++i) {
+    const double rate =
+        (i >= fast_stages ? out.slow : out.fast).fp32_gflops() * 1e9 * solver.compute_efficiency;
+    out.predicted_layer[i] = costs.block_flops_per_token * tokens / rate;
+    if (i == stages - 1) out.predicted_extra[i] = costs.head_flops_per_token * tokens / rate;
+  }
+  SHOAL_ASSIGN_OR_RETURN(out.uneven,
+                         scheduler::SplitLayers(n_layer, out.predicted_layer, out.predicted_extra,
+                                                std::vector<int>(stages, n_layer)));
+  out.uniform = scheduler::UniformSplit(n_layer, stages);
+  return out;
+}
+
 struct SplitBenchOptions {
   std::string config;
   std::vector<std::string> overrides;
@@ -163,41 +217,16 @@ absl::Status RunBenchSplit(const SplitBenchOptions& o) {
   const int fast_stages = (o.stages + 1) / 2;
   auto is_slow = [&](int stage) { return stage >= fast_stages; };
 
-  // 1. Two profiles, as a fast and a slow rank would send them.
-  runtime::ProfileOptions po;
-  po.refresh = o.refresh;
-  po.seconds = o.profile_seconds;
-  po.throttle = 1.0;
-  SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile fast, runtime::ProfileDevice(po));
-  po.throttle = o.throttle;
-  SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile slow, runtime::ProfileDevice(po));
-
-  // 2. The solver's split from the profiles: per-block time per micro-batch = block FLOPs /
-  // (measured GEMM rate x the solver's compute efficiency); the head's FLOPs ride on the last
-  // stage (the embedding is a lookup: no FLOPs in the cost model).
-  v1::ModelSpec spec;
-  spec.set_n_layer(n_layer);
-  spec.set_n_head(config.model.n_head);
-  spec.set_n_embd(config.model.n_embd);
-  spec.set_block_size(config.model.block_size);
-  spec.set_vocab_size(config.model.vocab_size);
-  spec.set_param_bytes(4);
-  spec.set_grad_bytes(4);
-  spec.set_optimizer_bytes(8);
-  const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(spec);
-  const scheduler::SolverOptions solver;
-  const double tokens = static_cast<double>(config.train.batch_size) * config.model.block_size;
-  std::vector<double> predicted_layer(o.stages), predicted_extra(o.stages, 0.0);
-  for (int i = 0; i < o.stages; ++i) {
-    const double rate = (is_slow(i) ? slow : fast).fp32_gflops() * 1e9 * solver.compute_efficiency;
-    predicted_layer[i] = costs.block_flops_per_token * tokens / rate;
-    if (i == o.stages - 1) predicted_extra[i] = costs.head_flops_per_token * tokens / rate;
-  }
-  SHOAL_ASSIGN_OR_RETURN(
-      const std::vector<int> uneven,
-      scheduler::SplitLayers(n_layer, predicted_layer, predicted_extra,
-                             std::vector<int>(o.stages, n_layer)));
-  const std::vector<int> uniform = scheduler::UniformSplit(n_layer, o.stages);
+  // 1-2. The solver's split from two profiles, as a fast and a slow rank would send them.
+  SHOAL_ASSIGN_OR_RETURN(const ProfiledSplit split,
+                         SplitFromProfiles(config, o.stages, fast_stages, o.throttle, o.refresh,
+                                           o.profile_seconds));
+  const v1::DeviceProfile& fast = split.fast;
+  const v1::DeviceProfile& slow = split.slow;
+  const std::vector<double>& predicted_layer = split.predicted_layer;
+  const std::vector<double>& predicted_extra = split.predicted_extra;
+  const std::vector<int>& uneven = split.uneven;
+  const std::vector<int>& uniform = split.uniform;
 
   // 3. Real times: the config's model, one micro-batch (B, T) of random token ids (the time of
   // a step does not depend on which ids), the trainer's thread plan. Throttled and unthrottled
@@ -284,6 +313,90 @@ absl::Status RunBenchSplit(const SplitBenchOptions& o) {
   return absl::OkStatus();
 }
 
+// ---------------------------------------------------------------------------------------------
+// bench hetero
+
+struct HeteroBenchOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+  double throttle = 2.0;
+  int micro_batches = 8;
+  int64_t steps = 6;
+  int rounds = 2;
+  double profile_seconds = 2.0;
+  bool refresh = false;
+};
+
+// Two ranks, a two-stage pipeline, rank 1 (the last stage) throttled: real training steps with
+// the solver's split and with the uniform one, alternating `rounds` times each so drifting load
+// hits both alike; the best tokens/s of each counts.
+absl::Status RunBenchHetero(const HeteroBenchOptions& o) {
+  SHOAL_RETURN_IF_ERROR(runtime::Throttle::CheckFactor(o.throttle, "--throttle"));
+  if (o.micro_batches < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--micro-batches must be >= 1, got ", o.micro_batches));
+  }
+  if (o.steps < 1) return absl::InvalidArgumentError(absl::StrCat("--steps must be >= 1, got ", o.steps));
+  if (o.rounds < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--rounds must be >= 1, got ", o.rounds));
+  }
+  std::vector<std::string> overrides = o.overrides;
+  overrides.push_back(absl::StrCat("train.grad_accum=", o.micro_batches));
+  SHOAL_ASSIGN_OR_RETURN(runtime::Config config, runtime::LoadConfig(o.config, overrides));
+  if (config.model.n_layer < 2) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "bench hetero needs model.n_layer >= 2 for two stages, got ", config.model.n_layer));
+  }
+  SHOAL_ASSIGN_OR_RETURN(const ProfiledSplit split,
+                         SplitFromProfiles(config, 2, /*fast_stages=*/1, o.throttle, o.refresh,
+                                           o.profile_seconds));
+  std::string sets;
+  for (const std::string& s : overrides) sets += " --set '" + s + "'";
+  const std::string self = SelfExecutablePath();
+  auto run = [&](const std::vector<int>& stages) -> absl::StatusOr<double> {
+    const std::string cmd = absl::StrCat(
+        self, " run --standalone --nproc-per-node 2 -- bench train --config ", o.config,
+        " --steps ", o.steps, sets,
+        " --set train.omp_threads=1 train.blas_threads=1 parallel.pp=2 'parallel.stages=[",
+        absl::StrJoin(stages, ","), "]' --throttle ", o.throttle, " --throttle-rank 1");
+    SHOAL_ASSIGN_OR_RETURN(nlohmann::json j, RunForJson(cmd));
+    return j["tokens_per_s"].get<double>();
+  };
+  double uneven_tps = 0, uniform_tps = 0;
+  for (int r = 0; r < o.rounds; ++r) {
+    SHOAL_ASSIGN_OR_RETURN(const double a, run(split.uneven));
+    SHOAL_ASSIGN_OR_RETURN(const double b, run(split.uniform));
+    uneven_tps = std::max(uneven_tps, a);
+    uniform_tps = std::max(uniform_tps, b);
+  }
+  const double ratio = uneven_tps / uniform_tps;
+  std::printf("bench hetero: %s, %d blocks, 2 stages (rank 0 fast, rank 1 throttled %gx), "
+              "%d micro-batches of %d x %d tokens, 1 thread per rank\n",
+              config.source.c_str(), config.model.n_layer, o.throttle, o.micro_batches,
+              config.train.batch_size, config.model.block_size);
+  std::printf("%-10s %-10s %14s\n", "split", "blocks", "tokens/s");
+  std::printf("%-10s %-10s %14.0f\n", "solver", absl::StrJoin(split.uneven, "/").c_str(),
+              uneven_tps);
+  std::printf("%-10s %-10s %14.0f\n", "uniform", absl::StrJoin(split.uniform, "/").c_str(),
+              uniform_tps);
+  // Ideal, blocks only: uniform n/2 blocks on the slow stage take T n/2; balanced, the slow
+  // stage holds n/(1+T) blocks and takes T n/(1+T): (1+T)/2.
+  std::printf("ratio (solver / uniform): %.2fx (ideal for %g:1, blocks only: %.2fx)\n", ratio,
+              o.throttle, (1.0 + o.throttle) / 2.0);
+  nlohmann::json j = {{"bench", "hetero"},
+                      {"config", o.config},
+                      {"n_layer", config.model.n_layer},
+                      {"throttle", o.throttle},
+                      {"micro_batches", o.micro_batches},
+                      {"uneven_split", split.uneven},
+                      {"uniform_split", split.uniform},
+                      {"tokens_per_s_uneven", uneven_tps},
+                      {"tokens_per_s_uniform", uniform_tps},
+                      {"ratio", ratio}};
+  std::cout << j.dump() << std::endl;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int ProfileMain(int argc, char** argv) {
@@ -314,34 +427,65 @@ int ProfileMain(int argc, char** argv) {
   return 0;
 }
 
+namespace {
+
+// The flags both split benchmarks share.
+void AddSplitFlags(CLI::App& app, std::string* config, std::vector<std::string>* overrides,
+                   double* throttle, const char* throttle_help, int* micro_batches,
+                   const char* micro_batches_help, double* profile_seconds, bool* refresh) {
+  app.add_option("--config", *config, "TOML config file")->required();
+  app.add_option("--set", *overrides, "Override a config value: section.key=value")
+      ->expected(1, -1);
+  app.add_option("--throttle", *throttle, throttle_help)->capture_default_str();
+  app.add_option("--micro-batches", *micro_batches, micro_batches_help)->capture_default_str();
+  app.add_option("--profile-seconds", *profile_seconds, "Time budget of each device profile")
+      ->capture_default_str();
+  app.add_flag("--refresh", *refresh, "Profile again even when cached");
+}
+
+// Parses the flags, runs, and turns the outcome into an exit code.
+int ParseAndRun(CLI::App& app, int argc, char** argv, const std::function<absl::Status()>& run) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return ParseExit(app, e);
+  }
+  const absl::Status s = run();
+  return s.ok() ? 0 : ExitCode(s);
+}
+
+}  // namespace
+
 int BenchSplitMain(int argc, char** argv) {
   CLI::App app{
       "The solver's uneven pipeline split (from two device profiles: throttle 1 and F) against "
       "the uniform split, on measured per-block times; prints a table and a JSON line"};
   app.name("shoal bench split");
   SplitBenchOptions o;
-  app.add_option("--config", o.config, "TOML config file")->required();
-  app.add_option("--set", o.overrides, "Override a config value: section.key=value")
-      ->expected(1, -1);
-  app.add_option("--throttle", o.throttle, "Slow-down factor of the slow device (>= 1)")
-      ->capture_default_str();
+  AddSplitFlags(app, &o.config, &o.overrides, &o.throttle,
+                "Slow-down factor of the slow device (>= 1)", &o.micro_batches,
+                "Micro-batches per step in the 1F1B formula", &o.profile_seconds, &o.refresh);
   app.add_option("--stages", o.stages, "Pipeline stages (the first half fast, the rest slow)")
-      ->capture_default_str();
-  app.add_option("--micro-batches", o.micro_batches, "Micro-batches per step in the 1F1B formula")
       ->capture_default_str();
   app.add_option("--reps", o.reps, "Timed passes per device (the fastest counts)")
       ->capture_default_str();
-  app.add_option("--profile-seconds", o.profile_seconds, "Time budget of each device profile")
+  return ParseAndRun(app, argc, argv, [&] { return RunBenchSplit(o); });
+}
+
+int BenchHeteroMain(int argc, char** argv) {
+  CLI::App app{
+      "Two ranks of different speed (rank 1 throttled) as a 2-stage pipeline: tokens/s with the "
+      "solver's uneven split against the uniform split, same run; prints a table and a JSON line"};
+  app.name("shoal bench hetero");
+  HeteroBenchOptions o;
+  AddSplitFlags(app, &o.config, &o.overrides, &o.throttle, "Slow-down factor of rank 1 (>= 1)",
+                &o.micro_batches, "Micro-batches per step (train.grad_accum)",
+                &o.profile_seconds, &o.refresh);
+  app.add_option("--steps", o.steps, "Timed steps per run (after 3 warm-up steps)")
       ->capture_default_str();
-  app.add_flag("--refresh", o.refresh, "Profile again even when cached");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return ParseExit(app, e);
-  }
-  absl::Status s = RunBenchSplit(o);
-  if (!s.ok()) return ExitCode(s);
-  return 0;
+  app.add_option("--rounds", o.rounds, "Runs of each split, alternating (the best counts)")
+      ->capture_default_str();
+  return ParseAndRun(app, argc, argv, [&] { return RunBenchHetero(o); });
 }
 
 }  // namespace shoal::launch

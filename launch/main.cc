@@ -32,6 +32,7 @@
 #include "common/status.h"
 #include "launch/env.h"
 #include "launch/launcher.h"
+#include "launch/bench_runs.h"
 #include "launch/subcommands.h"
 #include "launch/worker_link.h"
 #include "runtime/config.h"
@@ -126,8 +127,11 @@ absl::Status CheckSameRun(comm::Backend* backend, const runtime::Config& config,
 }
 
 // Joins the job's data-parallel group when the environment says there is one.
+// `store_out` receives the group's store (its namespace for this restart): model-parallel
+// groups are built on it.
 absl::StatusOr<std::unique_ptr<comm::Backend>> JoinGroup(const launch::DistributedEnv& env,
-                                                         const runtime::Config& config) {
+                                                         const runtime::Config& config,
+                                                         std::shared_ptr<comm::Store>* store_out) {
   const absl::Duration timeout = absl::Seconds(config.parallel.timeout_s);
   comm::BackendOptions bo;
   bo.kind = config.parallel.backend;
@@ -144,6 +148,7 @@ absl::StatusOr<std::unique_ptr<comm::Backend>> JoinGroup(const launch::Distribut
     SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<comm::Store> store, comm::MakeTcpStore(so));
     // A fresh namespace per restart, so a restarted group never reads the last one's keys.
     bo.store = comm::MakePrefixStore(absl::StrCat("shoal/restart-", env.restart_count), store);
+    *store_out = bo.store;
   }
   SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::Backend> backend, comm::CreateBackend(bo));
   SHOAL_RETURN_IF_ERROR(CheckSameRun(backend.get(), config, timeout));
@@ -157,15 +162,22 @@ std::string ExistingAncestor(std::string path) {
   return path.empty() ? "." : path;
 }
 
+// `throttle_rank` >= 0: options.throttle applies on that rank only.
 int RunTrain(const std::string& config_path, const std::vector<std::string>& overrides,
-             runtime::TrainOptions options, launch::WorkerLinkOptions link_options = {}) {
+             runtime::TrainOptions options, launch::WorkerLinkOptions link_options = {},
+             int throttle_rank = -1) {
   auto config = runtime::LoadConfig(config_path, overrides);
   if (!config.ok()) return Fail(config.status());
   auto env = launch::DetectDistributedEnv();
   if (!env.ok()) return Fail(env.status());
+  if (throttle_rank >= env->world_size) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--throttle-rank ", throttle_rank, " is not a rank of this job of ", env->world_size)));
+  }
+  if (throttle_rank >= 0 && env->rank != throttle_rank) options.throttle = 1.0;
   std::unique_ptr<comm::Backend> backend;
   if (env->world_size > 1) {
-    auto joined = JoinGroup(*env, *config);
+    auto joined = JoinGroup(*env, *config, &options.store);
     if (!joined.ok()) return Fail(joined.status());
     backend = std::move(*joined);
     options.backend = backend.get();
@@ -184,6 +196,17 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     link = std::move(*started);
     launch::WorkerLink* l = link.get();
     options.on_step = [l](const runtime::StepReport& r) { l->OnStep(r); };
+    options.placement = link->placement();
+    const v1::Assignment& a = link->assignment();
+    if (env->rank == 0 && (a.micro_batch_size() != config->train.batch_size ||
+        a.micro_batches() != config->train.grad_accum)) {
+      // The solver's per-replica batch plan (uneven across replicas of uneven speed) is not
+      // followed yet: every replica runs the config's micro-batches.
+      SHOAL_LOG(Info) << "the layout plans " << a.micro_batches() << " micro-batches of "
+                      << a.micro_batch_size() << " for this replica; this trainer runs the "
+                      << "config's " << config->train.grad_accum << " of "
+                      << config->train.batch_size << " on every replica";
+    }
   }
   options.stop_requested = &g_stop;
   std::signal(SIGINT, OnSignal);
@@ -239,29 +262,6 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
   return 0;
 }
 
-// Runs `command` (through /bin/sh), echoing its output to stderr; returns the last line that
-// parses as a JSON object (a launcher's "[rank0]: " prefix removed), or an error naming the
-// command.
-absl::StatusOr<nlohmann::json> RunForJson(const std::string& command) {
-  FILE* p = ::popen((command + " 2>&1").c_str(), "r");
-  if (p == nullptr) return absl::InternalError("cannot run: " + command);
-  char buf[8192];
-  nlohmann::json last;
-  while (std::fgets(buf, sizeof(buf), p) != nullptr) {
-    std::fputs(buf, stderr);
-    std::string line(buf);
-    const size_t brace = line.find('{');
-    if (brace == std::string::npos) continue;
-    auto j = nlohmann::json::parse(line.substr(brace), nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.contains("tokens_per_s")) last = j;
-  }
-  const int status = ::pclose(p);
-  if (status != 0 || last.is_null()) {
-    return absl::InternalError(absl::StrCat("benchmark run failed (status ", status, "): ", command));
-  }
-  return last;
-}
-
 // `shoal bench dp`: 2 ranks x 1 thread against 1 rank x 2 threads at the same global batch.
 int RunBenchDp(const std::string& config_path, const std::vector<std::string>& overrides,
                int64_t steps) {
@@ -277,9 +277,9 @@ int RunBenchDp(const std::string& config_path, const std::vector<std::string>& o
   const std::string self = SelfExecutablePath();
   const std::string common = absl::StrCat(" bench train --config ", config_path, " --steps ",
                                           steps, sets, " --set train.omp_threads=1");
-  auto one = RunForJson(absl::StrCat(self, common, " --set train.blas_threads=2"));
+  auto one = launch::RunForJson(absl::StrCat(self, common, " --set train.blas_threads=2"));
   if (!one.ok()) return Fail(one.status());
-  auto two = RunForJson(absl::StrCat(self, " run --standalone --nproc-per-node 2 --", common,
+  auto two = launch::RunForJson(absl::StrCat(self, " run --standalone --nproc-per-node 2 --", common,
                                      " --set train.blas_threads=1 train.batch_size=", batch / 2));
   if (!two.ok()) return Fail(two.status());
   const double a = (*one)["tokens_per_s"].get<double>(), b = (*two)["tokens_per_s"].get<double>();
@@ -352,6 +352,12 @@ int main(int argc, char** argv) {
     if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "split") {
       return shoal::launch::BenchSplitMain(argc - 2, argv + 2);
     }
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "pipeline") {
+      return shoal::launch::BenchPipelineMain(argc - 2, argv + 2);
+    }
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "hetero") {
+      return shoal::launch::BenchHeteroMain(argc - 2, argv + 2);
+    }
   }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
@@ -387,6 +393,10 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   train_cmd->add_option("--throttle", train_opts.throttle,
                         "Slow this rank down on purpose by this factor >= 1 (heterogeneity tests)");
+  int throttle_rank = -1;
+  train_cmd->add_option("--throttle-rank", throttle_rank,
+                        "Apply --throttle on this rank only (default: every rank)")
+      ->check(CLI::NonNegativeNumber);
   shoal::launch::WorkerLinkOptions link_opts;
   double coordinator_timeout_s = 60;
   train_cmd->add_option("--coordinator", link_opts.coordinator,
@@ -417,6 +427,14 @@ int main(int argc, char** argv) {
   bench_train->add_option("--threads", bench_threads,
                           "Cores to use for both thread pools (0: all)")
       ->check(CLI::NonNegativeNumber);
+  double bench_throttle = 1.0;
+  int bench_throttle_rank = -1;
+  bench_train->add_option("--throttle", bench_throttle,
+                          "Slow ranks down on purpose by this factor >= 1")
+      ->capture_default_str();
+  bench_train->add_option("--throttle-rank", bench_throttle_rank,
+                          "Apply --throttle on this rank only (default: every rank)")
+      ->check(CLI::NonNegativeNumber);
 
   // Listed for --help; parsed by their own mains above.
   app.add_subcommand("coordinator", "Run the coordinator service (gRPC, HTTP status and dashboard)");
@@ -426,6 +444,10 @@ int main(int argc, char** argv) {
 
   bench_cmd->add_subcommand(
       "split", "The solver's uneven pipeline split vs the uniform one on measured block times");
+  bench_cmd->add_subcommand(
+      "pipeline", "Pipeline schedules: measured bubble fraction against (p-1)/(m+p-1), p = 2, 4");
+  bench_cmd->add_subcommand(
+      "hetero", "Two ranks, one slowed down: 2-stage pipeline with the solver's split vs uniform");
 
   // env: what rank discovery sees (for launch scripts and tests)
   auto* env_cmd = app.add_subcommand(
@@ -502,7 +524,7 @@ int main(int argc, char** argv) {
           "--coordinator-timeout must be in (0, 86400] seconds, got ", coordinator_timeout_s)));
     }
     link_opts.timeout = absl::Seconds(coordinator_timeout_s);
-    return shoal::RunTrain(config_path, overrides, train_opts, link_opts);
+    return shoal::RunTrain(config_path, overrides, train_opts, link_opts, throttle_rank);
   }
   if (*bench_train) {
     shoal::runtime::TrainOptions o;
@@ -514,7 +536,8 @@ int main(int argc, char** argv) {
       bench_overrides.push_back("train.omp_threads=" + std::to_string(bench_threads));
       bench_overrides.push_back("train.blas_threads=" + std::to_string(bench_threads));
     }
-    return shoal::RunTrain(bench_config, bench_overrides, o);
+    o.throttle = bench_throttle;
+    return shoal::RunTrain(bench_config, bench_overrides, o, {}, bench_throttle_rank);
   }
   return 0;
 }

@@ -20,6 +20,15 @@ int ProfileMain(int argc, char** argv);
 // shoal bench split --config FILE --throttle F [--stages K] [--micro-batches M] [--set ...]
 // (argv starts at "split"): the solver's uneven split vs the uniform one on measured block times
 int BenchSplitMain(int argc, char** argv);
+// shoal bench hetero --config FILE [--throttle F] [--micro-batches M] [--steps N] [--set ...]
+// (argv starts at "hetero"): a real 2-stage pipeline on two ranks, rank 1 slowed down, with the
+// solver's split vs the uniform one; final JSON line with `ratio`
+int BenchHeteroMain(int argc, char** argv);
+// shoal bench pipeline [--stages 2,4] [--micro-batches 8] [--schedule 1f1b|gpipe|both]
+//                      [--forward-ms 20] [--backward-ms 40] [--work sleep|gemm] [--steps 5]
+// (argv starts at "pipeline"): the pipeline executor's measured bubble against theory, per
+// schedule and stage count, on stages of fixed time; a table and a final JSON line
+int BenchPipelineMain(int argc, char** argv);
 
 }  // namespace shoal::launch
 

@@ -59,9 +59,11 @@ std::string JobName(const std::string& source) {
 
 std::string Describe(const v1::Assignment& a) {
   return absl::StrFormat(
-      "layout v%d: tp %d x pp %d x dp %d; this rank: replica %d, stage %d, blocks [%d, %d), "
+      "layout v%d: tp %d x pp %d x dp %d; this rank: replica %d, stage %d, tp rank %d, "
+      "blocks [%d, %d), "
       "micro-batch %d x %d, predicted step %.3f s",
-      a.version(), a.tp(), a.pp(), a.dp(), a.replica(), a.stage(), a.first_layer(), a.end_layer(),
+      a.version(), a.tp(), a.pp(), a.dp(), a.replica(), a.stage(), a.tp_rank(), a.first_layer(),
+      a.end_layer(),
       a.micro_batch_size(), a.micro_batches(), a.predicted_step_s());
 }
 
@@ -82,9 +84,9 @@ v1::JobSpec JobSpecFor(const runtime::Config& config, int world_size) {
   m->set_optimizer_bytes(8);
   job.set_global_batch(config.train.batch_size * config.train.grad_accum * world_size);
   job.set_expected_workers(world_size);
-  // The trainer runs data parallelism only until pipelines and tensor parallelism exist.
-  job.set_max_tp(1);
-  job.set_max_pp(1);
+  // parallel.tp and parallel.pp bound what the solver may choose (1 and 1: data parallelism).
+  job.set_max_tp(config.parallel.tp);
+  job.set_max_pp(config.parallel.pp);
   job.set_max_micro_batch(config.train.batch_size);
   return job;
 }
@@ -95,11 +97,17 @@ absl::Status CheckAssignment(const v1::Assignment& a, int world_size) {
         "the coordinator's layout v", a.version(), " leaves this worker out: ",
         a.reason().empty() ? "no reason given" : a.reason()));
   }
-  if (a.tp() != 1 || a.pp() != 1 || a.dp() != world_size) {
+  const int64_t ranks = static_cast<int64_t>(a.tp()) * a.pp() * a.dp();
+  if (a.tp() < 1 || a.pp() < 1 || a.dp() < 1 || ranks != world_size) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the coordinator's layout v", a.version(), " is tp ", a.tp(), " x pp ", a.pp(), " x dp ",
-        a.dp(), ", but this trainer runs data parallelism only (tp = pp = 1, dp = the ", world_size,
-        " ranks of the job) until pipeline and tensor parallelism exist"));
+        a.dp(), ", but this job has ", world_size, " ranks, all of which must be placed"));
+  }
+  if (a.tp_rank() < 0 || a.tp_rank() >= a.tp() || a.stage() < 0 || a.stage() >= a.pp() ||
+      a.replica() < 0 || a.replica() >= a.dp()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the coordinator's layout v", a.version(), " places this worker outside its mesh: ",
+        Describe(a)));
   }
   return absl::OkStatus();
 }
@@ -275,6 +283,20 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   if (!first_on_host) profile = runtime::ProfileDevice(po);
   if (!profile.ok()) return profile.status();
   impl->profile = std::move(*profile);
+  // The configured budgets bound what the solver may plan on this worker.
+  auto cap = [](const std::string& budget, const char* key,
+                int64_t measured) -> absl::StatusOr<int64_t> {
+    if (budget.empty()) return measured;
+    SHOAL_ASSIGN_OR_RETURN(const int64_t bytes, runtime::ParseByteSize(budget, key));
+    return std::min(measured, bytes);
+  };
+  v1::MemoryTiers* tiers = impl->profile.mutable_memory();
+  SHOAL_ASSIGN_OR_RETURN(const int64_t host,
+                         cap(config.memory.host_budget, "memory.host_budget", tiers->host_bytes()));
+  SHOAL_ASSIGN_OR_RETURN(const int64_t disk,
+                         cap(config.memory.disk_budget, "memory.disk_budget", tiers->disk_bytes()));
+  tiers->set_host_bytes(host);
+  tiers->set_disk_bytes(disk);
   impl->profile.set_rtt_ms(rtt_ms);
 
   // 3. Upload bandwidth (after the profile, so it does not disturb the measurements).
@@ -393,6 +415,16 @@ void WorkerLink::Close(const std::string& reason) {
 
 const std::string& WorkerLink::worker_id() const { return impl_->worker_id; }
 const v1::Assignment& WorkerLink::assignment() const { return impl_->assignment; }
+
+parallel::MeshPlacement WorkerLink::placement() const {
+  const v1::Assignment& a = impl_->assignment;
+  parallel::MeshPlacement p;
+  p.shape = {a.tp(), a.pp(), a.dp()};
+  p.coord = {a.tp_rank(), a.stage(), a.replica()};
+  p.first_block = a.first_layer();
+  p.end_block = a.end_layer();
+  return p;
+}
 const v1::DeviceProfile& WorkerLink::profile() const { return impl_->profile; }
 bool WorkerLink::drained() const { return impl_->drained.load(); }
 

@@ -3,8 +3,9 @@
 // Start() profiles the device (runtime/profiler.h; ranks sharing a host take turns, so the first
 // one measures and the others read its cache), measures the round trip and upload bandwidth to
 // the coordinator, joins with the profile and the job (from the config), waits for its
-// assignment in the first layout and checks that this trainer can run it: today that is data
-// parallelism only (tp = pp = 1, dp = the world size). Then a background thread sends a heartbeat
+// assignment in the first layout and checks that it places every rank of the job (tp x pp x dp =
+// the world size, this rank inside the mesh); the trainer then builds that mesh. The job spec
+// lets the solver use tensor and pipeline parallelism up to parallel.tp and parallel.pp. Then a background thread sends a heartbeat
 // with the latest step statistics every heartbeat interval:
 //   - coordinator unreachable: a warning (at most once a minute) and training goes on;
 //   - the coordinator says drain: the stop flag is set, so the trainer checkpoints and exits at
@@ -25,6 +26,7 @@
 #include "absl/time/time.h"
 #include "comm/backend.h"
 #include "launch/env.h"
+#include "parallel/mesh.h"
 #include "proto/coordinator.pb.h"
 #include "runtime/config.h"
 #include "runtime/trainer.h"
@@ -66,6 +68,8 @@ class WorkerLink {
 
   const std::string& worker_id() const;
   const v1::Assignment& assignment() const;
+  // The assignment as the trainer's mesh placement (shape, this rank's coordinate, its blocks).
+  parallel::MeshPlacement placement() const;
   const v1::DeviceProfile& profile() const;
   // True once the coordinator asked this worker to drain.
   bool drained() const;

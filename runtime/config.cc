@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "common/file_util.h"
 #include "common/status.h"
 
@@ -24,7 +25,7 @@ namespace {
 
 // The schema: one row per key, in struct order. ParseConfig, the override path and ToToml all
 // walk this table, so adding a field to config.h means adding exactly one row here.
-enum class Kind { kInt, kInt64, kUint64, kDouble, kBool, kString };
+enum class Kind { kInt, kInt64, kUint64, kDouble, kBool, kString, kIntList };
 
 struct Field {
   const char* section;
@@ -70,13 +71,20 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(parallel, zero, Kind::kInt),
       SHOAL_FIELD(parallel, bucket_mb, Kind::kDouble),
       SHOAL_FIELD(parallel, timeout_s, Kind::kDouble),
+      SHOAL_FIELD(parallel, tp, Kind::kInt),
+      SHOAL_FIELD(parallel, pp, Kind::kInt),
+      SHOAL_FIELD(parallel, stages, Kind::kIntList),
+      SHOAL_FIELD(parallel, schedule, Kind::kString),
+      SHOAL_FIELD(memory, host_budget, Kind::kString),
+      SHOAL_FIELD(memory, disk_budget, Kind::kString),
   };
   return *kSchema;
 }
 
 #undef SHOAL_FIELD
 
-constexpr const char* kSections[] = {"model", "data", "train", "optim", "checkpoint", "parallel"};
+constexpr const char* kSections[] = {"model",      "data",     "train", "optim",
+                                     "checkpoint", "parallel", "memory"};
 
 const Field* FindField(absl::string_view section, absl::string_view key) {
   for (const Field& f : Schema()) {
@@ -154,6 +162,7 @@ const char* KindName(Kind kind) {
     case Kind::kDouble: return "a number";
     case Kind::kBool: return "a boolean";
     case Kind::kString: return "a string";
+    case Kind::kIntList: return "an array of integers";
   }
   return "?";
 }
@@ -218,6 +227,25 @@ absl::Status SetField(const Field& field, const toml::node& node, absl::string_v
       if (!node.is_string()) return wrong_type();
       *static_cast<std::string*>(member) = node.as_string()->get();
       return absl::OkStatus();
+    case Kind::kIntList: {
+      if (!node.is_array()) return wrong_type();
+      std::vector<int> values;
+      for (const toml::node& item : *node.as_array()) {
+        if (!item.is_integer()) {
+          return absl::InvalidArgumentError(absl::StrCat(name, " must be ", KindName(field.kind),
+                                                         " (got an element of type ",
+                                                         TypeName(item.type()), ")", location));
+        }
+        const int64_t v = item.as_integer()->get();
+        if (v < std::numeric_limits<int>::min() || v > std::numeric_limits<int>::max()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              name, " element ", v, " is out of range for a 32-bit integer", location));
+        }
+        values.push_back(static_cast<int>(v));
+      }
+      *static_cast<std::vector<int>*>(member) = std::move(values);
+      return absl::OkStatus();
+    }
   }
   return absl::InternalError("unreachable");
 }
@@ -384,6 +412,10 @@ std::string Config::ToToml() const {
       case Kind::kDouble: value = TomlDouble(*static_cast<const double*>(member)); break;
       case Kind::kBool: value = *static_cast<const bool*>(member) ? "true" : "false"; break;
       case Kind::kString: value = TomlQuote(*static_cast<const std::string*>(member)); break;
+      case Kind::kIntList:
+        value = absl::StrCat("[", absl::StrJoin(*static_cast<const std::vector<int>*>(member), ", "),
+                             "]");
+        break;
     }
     absl::StrAppend(&out, f.key, " = ", value, "\n");
   }
@@ -481,9 +513,81 @@ absl::Status ValidateConfig(const Config& c) {
           absl::StrCat("parallel.bucket_mb must be finite and > 0 (got ", c.parallel.bucket_mb, ")"));
   p.Check(std::isfinite(c.parallel.timeout_s) && c.parallel.timeout_s > 0,
           absl::StrCat("parallel.timeout_s must be finite and > 0 (got ", c.parallel.timeout_s, ")"));
+  p.Check(c.parallel.tp >= 1, absl::StrCat("parallel.tp must be >= 1 (got ", c.parallel.tp, ")"));
+  p.Check(c.parallel.tp < 1 || c.model.n_head % c.parallel.tp == 0,
+          absl::StrCat("parallel.tp = ", c.parallel.tp, " must divide model.n_head = ",
+                       c.model.n_head, " (tensor parallelism splits the heads)"));
+  p.Check(c.parallel.pp >= 1 && c.parallel.pp <= std::max(1, c.model.n_layer),
+          absl::StrCat("parallel.pp must be in [1, model.n_layer = ", c.model.n_layer,
+                       "] (got ", c.parallel.pp, "; every stage holds at least one block)"));
+  if (!c.parallel.stages.empty()) {
+    int64_t sum = 0;
+    bool positive = true;
+    for (int b : c.parallel.stages) {
+      sum += b;
+      positive = positive && b >= 1;
+    }
+    p.Check(static_cast<int>(c.parallel.stages.size()) == c.parallel.pp,
+            absl::StrCat("parallel.stages has ", c.parallel.stages.size(),
+                         " entries but parallel.pp = ", c.parallel.pp,
+                         " (one block count per pipeline stage)"));
+    p.Check(positive && sum == c.model.n_layer,
+            absl::StrCat("parallel.stages = [", absl::StrJoin(c.parallel.stages, ", "),
+                         "] must be block counts >= 1 summing to model.n_layer = ",
+                         c.model.n_layer));
+  }
+  p.Check(c.parallel.schedule == "1f1b" || c.parallel.schedule == "gpipe",
+          absl::StrCat("parallel.schedule must be \"1f1b\" or \"gpipe\" (got \"",
+                       c.parallel.schedule, "\")"));
+  const bool model_parallel = c.parallel.tp > 1 || c.parallel.pp > 1;
+  p.Check(!model_parallel || c.parallel.backend == "gloo",
+          absl::StrCat("parallel.backend = \"", c.parallel.backend,
+                       "\" runs data parallelism only; tensor and pipeline parallelism "
+                       "(parallel.tp/pp > 1) need \"gloo\""));
+  p.Check(!model_parallel || c.parallel.zero == 0,
+          "parallel.zero = 1 (ZeRO-1) is for data parallelism only; set it to 0 with "
+          "parallel.tp or parallel.pp > 1");
+
+  for (const auto& [key, value] : {std::make_pair("memory.host_budget", &c.memory.host_budget),
+                                   std::make_pair("memory.disk_budget", &c.memory.disk_budget)}) {
+    if (value->empty()) continue;
+    absl::StatusOr<int64_t> bytes = ParseByteSize(*value, key);
+    p.Check(bytes.ok(), std::string(bytes.status().message()));
+  }
 
   if (p.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("invalid config ", c.source, ": ", p.Join()));
+}
+
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text, const std::string& what) {
+  auto bad = [&]() {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " = \"", text,
+        "\" is not a size (a number with an optional unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"));
+  };
+  const absl::string_view t = absl::StripAsciiWhitespace(text);
+  size_t end = 0;
+  while (end < t.size() && (absl::ascii_isdigit(t[end]) || t[end] == '.')) ++end;
+  if (end == 0) return bad();
+  double number = 0;
+  if (!absl::SimpleAtod(t.substr(0, end), &number) || !std::isfinite(number) || number < 0) {
+    return bad();
+  }
+  const std::string unit = absl::AsciiStrToLower(absl::StripAsciiWhitespace(t.substr(end)));
+  double scale = 0;
+  const std::pair<const char*, double> units[] = {
+      {"", 1},          {"b", 1},           {"kb", 1e3},           {"mb", 1e6},
+      {"gb", 1e9},      {"tb", 1e12},       {"kib", 1024.0},       {"mib", 1048576.0},
+      {"gib", 1073741824.0}, {"tib", 1099511627776.0}};
+  for (const auto& [name, factor] : units) {
+    if (unit == name) scale = factor;
+  }
+  if (scale == 0) return bad();
+  const double bytes = number * scale;
+  if (bytes > 4.6e18) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " = \"", text, "\" is too large"));
+  }
+  return static_cast<int64_t>(bytes);
 }
 
 std::string ResolvedCheckpointDir(const Config& config) {

@@ -1,6 +1,6 @@
-// The training configuration: a TOML file with sections [model], [data], [train], [optim] and
-// [checkpoint] and [parallel], plus command-line overrides `section.key=value`. Parsing is strict: an unknown
-// section or key, a value of the wrong type, or an impossible value is an error whose message
+// The training configuration: a TOML file with sections [model], [data], [train], [optim],
+// [checkpoint], [parallel] and [memory], plus command-line overrides `section.key=value`. Parsing
+// is strict: an unknown section or key, a value of the wrong type, or an impossible value is an error whose message
 // names the key (as "model.n_embd") and the file. Config is a plain value; copy it freely.
 #ifndef SHOAL_RUNTIME_CONFIG_H_
 #define SHOAL_RUNTIME_CONFIG_H_
@@ -61,6 +61,22 @@ struct ParallelConfig {
   int zero = 0;                    // 1: shard optimizer state across data-parallel ranks (ZeRO-1)
   double bucket_mb = 25;           // gradient all-reduce bucket size
   double timeout_s = 60;           // rendezvous and collective timeout
+  // Model parallelism: the world's ranks form a (tp, pp, dp) mesh with dp = ranks / (tp * pp)
+  // (parallel/mesh.h). A layout from the coordinator, when there is one, takes precedence.
+  int tp = 1;                      // tensor-parallel ranks per stage; divides model.n_head
+  int pp = 1;                      // pipeline stages
+  std::vector<int> stages;         // blocks per stage (pp entries summing to n_layer); empty: even
+  std::string schedule = "1f1b";   // pipeline schedule: "1f1b" or "gpipe"; train.grad_accum
+                                   // micro-batches flow through it
+};
+
+// Memory budgets per tier, as sizes with a unit ("512MiB", "8GiB", "2.5GB", "1000000" bytes);
+// empty: what the machine has. Today they bound what this worker reports to the coordinator,
+// whose layout solver plans within them (a small budget makes it split the model over more
+// pipeline stages); the chunk manager will hold the process to them.
+struct MemoryConfig {
+  std::string host_budget;         // host RAM
+  std::string disk_budget;         // the disk tier (under train.out_dir)
 };
 
 struct Config {
@@ -70,6 +86,7 @@ struct Config {
   OptimConfig optim;
   CheckpointConfig checkpoint;
   ParallelConfig parallel;
+  MemoryConfig memory;
   std::string source = "<defaults>";   // where it came from, for messages
 
   // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config (all but
@@ -96,6 +113,11 @@ absl::StatusOr<Config> LoadConfig(const std::string& path,
 // key. Filling an empty checkpoint.dir from train.out_dir is NOT done here (see
 // ResolvedCheckpointDir).
 absl::Status ValidateConfig(const Config& config);
+
+// A size with an optional unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB (powers of
+// 1024), case-insensitive, spaces allowed before the unit; a fraction is allowed ("1.5GiB").
+// kInvalidArgument naming `what` for anything else, a negative size or one beyond 2^62 bytes.
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text, const std::string& what);
 
 // checkpoint.dir, or <train.out_dir>/checkpoints when it is empty.
 std::string ResolvedCheckpointDir(const Config& config);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <map>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "runtime/kernels.h"
 
@@ -35,6 +36,36 @@ void LinearBackward(const at::Tensor& dy, const at::Tensor& x, const Param& w, c
   if (b != nullptr) b->grad.addmv_(dy.t(), ones);
 }
 
+// The tensor-parallel group as the pieces use it; `group` is null without tensor parallelism.
+// Collectives run synchronously: a piece needs the sum before it can go on.
+struct TpGroup {
+  comm::Backend* group = nullptr;
+  absl::Duration timeout;
+
+  bool active() const { return group != nullptr; }
+  // In place over `t` on every rank of the group; throws c10::Error naming `where` on failure.
+  void AllReduce(at::Tensor& t, comm::ReduceOp op, const char* where) const {
+    comm::CollectiveOptions options;
+    options.timeout = timeout;
+    const absl::Status s = group->AllReduce(t, op, options)->Wait();
+    TORCH_CHECK(s.ok(), "tensor-parallel all-reduce in ", where, " failed: ", s.ToString());
+  }
+};
+
+// Row-parallel linear: x (N, in / t) holds this rank's slice of the input features and W its
+// matching columns, so x @ W^T is this rank's partial sum of y (N, out); the bias is added once,
+// after the sum. Without tensor parallelism, plain LinearForward.
+void RowParallelLinearForward(const at::Tensor& x, const Param& w, const Param& b,
+                              const TpGroup& tp, const char* where, at::Tensor& y) {
+  if (!tp.active()) {
+    LinearForward(x, w, b, y);
+    return;
+  }
+  at::mm_out(y, x, w.value.t());
+  tp.AllReduce(y, comm::ReduceOp::kSum, where);
+  y.add_(b.value);
+}
+
 // The activations of `slot`, grown on first use; slots are small integers (micro-batches in
 // flight), so a vector indexed by slot costs nothing on the single-slot path.
 template <typename Acts>
@@ -53,7 +84,10 @@ Acts& BackwardSlot(std::vector<Acts>& slots, int slot) {
 
 class EmbeddingPiece final : public Piece {
  public:
-  EmbeddingPiece(Param wte, Param wpe, int vocab) : wte_(wte), wpe_(wpe), vocab_(vocab) {}
+  // wte: rows [v_begin, v_begin + wte.size(0)) of the vocabulary of `vocab` ids (all of them
+  // without tensor parallelism).
+  EmbeddingPiece(Param wte, Param wpe, int vocab, int64_t v_begin, TpGroup tp)
+      : wte_(wte), wpe_(wpe), vocab_(vocab), v_begin_(v_begin), tp_(tp) {}
 
   at::Tensor Forward(const at::Tensor& tokens, const MicroBatch& mb) override {
     TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.dim() == 2,
@@ -69,7 +103,17 @@ class EmbeddingPiece final : public Piece {
     Acts& a = ForwardSlot(slots_, mb.slot);
     a.tokens = tokens;
     Ensure(a.out, {mb.batch * mb.seq, c});
-    kernels::EmbeddingForward(ids, F(wte_.value), F(wpe_.value), mb.batch, mb.seq, c, F(a.out));
+    if (!tp_.active()) {
+      kernels::EmbeddingForward(ids, F(wte_.value), F(wpe_.value), mb.batch, mb.seq, c,
+                                F(a.out));
+    } else {
+      // Vocabulary-parallel: each id's row lives on exactly one rank, the others contribute
+      // zeros, so the sum is wte[id] exactly; wpe is added after it, as the unsharded kernel does.
+      kernels::EmbeddingShardForward(ids, F(wte_.value), v_begin_, wte_.value.size(0),
+                                     mb.batch * mb.seq, c, F(a.out));
+      tp_.AllReduce(a.out, comm::ReduceOp::kSum, "the embedding");
+      kernels::AddPositionEmbedding(F(wpe_.value), mb.batch, mb.seq, c, F(a.out));
+    }
     a.batch = mb.batch;
     a.seq = mb.seq;
     return a.out;
@@ -80,8 +124,16 @@ class EmbeddingPiece final : public Piece {
     TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == a.batch * a.seq &&
                     dout.size(1) == wte_.value.size(1),
                 "embedding backward expects a contiguous (B*T, C) gradient");
-    kernels::EmbeddingBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
-                               wte_.value.size(1), F(wte_.grad), F(wpe_.grad));
+    if (!tp_.active()) {
+      kernels::EmbeddingBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
+                                 wte_.value.size(1), F(wte_.grad), F(wpe_.grad));
+    } else {
+      // dout is the same on every rank: each takes the rows of its own ids, and all the (same)
+      // wpe gradient.
+      kernels::EmbeddingShardBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
+                                      wte_.value.size(1), v_begin_, wte_.value.size(0),
+                                      F(wte_.grad), F(wpe_.grad));
+    }
     return at::Tensor();
   }
 
@@ -92,6 +144,8 @@ class EmbeddingPiece final : public Piece {
   };
   Param wte_, wpe_;
   int vocab_;
+  int64_t v_begin_;
+  TpGroup tp_;
   std::vector<Acts> slots_;
 };
 
@@ -100,10 +154,19 @@ class BlockPiece final : public Piece {
   struct Params {
     Param ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b;
   };
-  BlockPiece(Params p, int n_head) : p_(std::move(p)), n_head_(n_head) {}
+  // n_head: the heads this piece computes (n_head / t of the model's with tensor parallelism),
+  // head_dim: D = n_embd / model n_head. With tensor parallelism, qkv and fc are column-parallel
+  // (this rank's heads, this rank's slice of the 4C hidden units) and the two projections
+  // row-parallel: the block all-reduces twice forward (after each projection) and twice
+  // backward (the input gradients of qkv and fc, before the LayerNorms' backward).
+  BlockPiece(Params p, int n_head, int64_t head_dim, TpGroup tp)
+      : p_(std::move(p)), n_head_(n_head), head_dim_(head_dim), tp_(tp) {}
 
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
-    const int64_t B = mb.batch, T = mb.seq, N = B * T, C = x.size(1), H = n_head_, D = C / H;
+    // C: model width; CL = H * D: this rank's attention width (C without tensor parallelism);
+    // the MLP's hidden width is fc's row count.
+    const int64_t B = mb.batch, T = mb.seq, N = B * T, C = x.size(1), H = n_head_, D = head_dim_,
+                  CL = H * D, HID = p_.fc_w.value.size(0);
     Acts& a = ForwardSlot(slots_, mb.slot);
     a.x = x;
     Ensure(a.ln1, {N, C});
@@ -111,8 +174,8 @@ class BlockPiece final : public Piece {
     Ensure(a.rstd1, {N});
     kernels::LayerNormForward(F(x), F(p_.ln1_w.value), F(p_.ln1_b.value), N, C, kLnEps,
                               F(a.ln1), F(a.mean1), F(a.rstd1));
-    // qkv (N, 3C) -> heads (3, B*H, T, D)
-    Ensure(qkv_, {N, 3 * C});
+    // qkv (N, 3CL) -> heads (3, B*H, T, D)
+    Ensure(qkv_, {N, 3 * CL});
     LinearForward(a.ln1, p_.qkv_w, p_.qkv_b, qkv_);
     Ensure(a.qkvh, {3, B * H, T, D});
     a.qkvh.view({3, B, H, T, D}).copy_(qkv_.view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4}));
@@ -123,24 +186,25 @@ class BlockPiece final : public Piece {
     kernels::CausalSoftmaxForward(F(a.att), B * H, T, 1.0f / std::sqrt(static_cast<float>(D)));
     Ensure(yh_, {B * H, T, D});
     at::bmm_out(yh_, a.att, v);
-    // merge heads -> (N, C), project, add the residual
-    Ensure(a.y, {N, C});
+    // merge heads -> (N, CL), project to (N, C), add the residual
+    Ensure(a.y, {N, CL});
     a.y.view({B, T, H, D}).copy_(yh_.view({B, H, T, D}).permute({0, 2, 1, 3}));
     Ensure(a.x1, {N, C});
-    LinearForward(a.y, p_.proj_w, p_.proj_b, a.x1);
+    RowParallelLinearForward(a.y, p_.proj_w, p_.proj_b, tp_, "attention output projection",
+                             a.x1);
     a.x1.add_(x);
-    // MLP: LayerNorm, fc (N, 4C), GELU, proj, residual
+    // MLP: LayerNorm, fc (N, HID), GELU, proj, residual
     Ensure(a.ln2, {N, C});
     Ensure(a.mean2, {N});
     Ensure(a.rstd2, {N});
     kernels::LayerNormForward(F(a.x1), F(p_.ln2_w.value), F(p_.ln2_b.value), N, C, kLnEps,
                               F(a.ln2), F(a.mean2), F(a.rstd2));
-    Ensure(a.h, {N, 4 * C});
+    Ensure(a.h, {N, HID});
     LinearForward(a.ln2, p_.fc_w, p_.fc_b, a.h);
-    Ensure(a.g, {N, 4 * C});
-    kernels::GeluForward(F(a.h), N * 4 * C, F(a.g));
+    Ensure(a.g, {N, HID});
+    kernels::GeluForward(F(a.h), N * HID, F(a.g));
     Ensure(a.out, {N, C});
-    LinearForward(a.g, p_.mproj_w, p_.mproj_b, a.out);
+    RowParallelLinearForward(a.g, p_.mproj_w, p_.mproj_b, tp_, "MLP output projection", a.out);
     a.out.add_(a.x1);
     a.batch = B;
     a.seq = T;
@@ -149,22 +213,25 @@ class BlockPiece final : public Piece {
 
   at::Tensor Backward(const at::Tensor& dout, int slot) override {
     const Acts& a = BackwardSlot(slots_, slot);
-    const int64_t B = a.batch, T = a.seq, N = B * T, C = a.x.size(1), H = n_head_, D = C / H;
+    const int64_t B = a.batch, T = a.seq, N = B * T, C = a.x.size(1), H = n_head_, D = head_dim_,
+                  CL = H * D, HID = p_.fc_w.value.size(0);
     TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == N && dout.size(1) == C,
                 "block backward expects a contiguous (B*T, C) gradient");
     if (!ones_.defined() || ones_.size(0) != N) ones_ = at::ones({N}, at::kFloat);
-    // MLP
-    Ensure(dg_, {N, 4 * C});
+    // MLP. dout is the same on every rank of a tensor-parallel group, so the replicated
+    // mproj bias gets the same gradient everywhere; dln is a partial sum over the hidden units.
+    Ensure(dg_, {N, HID});
     LinearBackward(dout, a.g, p_.mproj_w, &p_.mproj_b, ones_, &dg_);
-    kernels::GeluBackward(F(a.h), F(dg_), N * 4 * C, F(dg_));
+    kernels::GeluBackward(F(a.h), F(dg_), N * HID, F(dg_));
     Ensure(dln_, {N, C});
     LinearBackward(dg_, a.ln2, p_.fc_w, &p_.fc_b, ones_, &dln_);
+    if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "MLP backward");
     Ensure(dx1_, {N, C});
     dx1_.copy_(dout);  // residual path
     kernels::LayerNormBackward(F(dln_), F(a.x1), F(p_.ln2_w.value), F(a.mean2), F(a.rstd2), N, C,
                                F(dx1_), F(p_.ln2_w.grad), F(p_.ln2_b.grad));
     // attention output projection
-    Ensure(dy_, {N, C});
+    Ensure(dy_, {N, CL});
     LinearBackward(dx1_, a.y, p_.proj_w, &p_.proj_b, ones_, &dy_);
     Ensure(dyh_, {B * H, T, D});
     dyh_.view({B, H, T, D}).copy_(dy_.view({B, T, H, D}).permute({0, 2, 1, 3}));
@@ -179,9 +246,10 @@ class BlockPiece final : public Piece {
                                    1.0f / std::sqrt(static_cast<float>(D)));
     at::bmm_out(dq, datt_, k);
     at::bmm_out(dk, datt_.transpose(1, 2), q);
-    Ensure(dqkv_, {N, 3 * C});
+    Ensure(dqkv_, {N, 3 * CL});
     dqkv_.view({B, T, 3, H, D}).copy_(dqkvh_.view({3, B, H, T, D}).permute({1, 3, 0, 2, 4}));
     LinearBackward(dqkv_, a.ln1, p_.qkv_w, &p_.qkv_b, ones_, &dln_);
+    if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "attention backward");
     Ensure(dx_, {N, C});
     dx_.copy_(dx1_);  // residual path
     kernels::LayerNormBackward(F(dln_), F(a.x), F(p_.ln1_w.value), F(a.mean1), F(a.rstd1), N, C,
@@ -198,6 +266,8 @@ class BlockPiece final : public Piece {
   };
   Params p_;
   int n_head_;
+  int64_t head_dim_;
+  TpGroup tp_;
   std::vector<Acts> slots_;
   at::Tensor qkv_, yh_;
   // backward scratch
@@ -206,10 +276,15 @@ class BlockPiece final : public Piece {
 
 class HeadPiece final : public Piece {
  public:
-  HeadPiece(Param lnf_w, Param lnf_b, Param wte) : lnf_w_(lnf_w), lnf_b_(lnf_b), wte_(wte) {}
+  // wte: rows [v_begin, v_begin + wte.size(0)) of the vocabulary of `vocab` ids. With tensor
+  // parallelism the cross-entropy is vocabulary-parallel: each rank has the logits of its rows
+  // only, and the softmax's row maxima and sums (and the target's logit) are all-reduced.
+  HeadPiece(Param lnf_w, Param lnf_b, Param wte, int vocab, int64_t v_begin, TpGroup tp)
+      : lnf_w_(lnf_w), lnf_b_(lnf_b), wte_(wte), vocab_(vocab), v_begin_(v_begin), tp_(tp) {}
 
   // Returns the mean loss as a 0-dim tensor, or the logits (B*T, V) when mb.targets is null.
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
+    // V: this rank's vocabulary rows (all of them without tensor parallelism).
     const int64_t N = x.size(0), C = x.size(1), V = wte_.value.size(0);
     Acts& a = ForwardSlot(slots_, mb.slot);
     a.x = x;
@@ -221,16 +296,32 @@ class HeadPiece final : public Piece {
                               F(a.mean), F(a.rstd));
     Ensure(a.probs, {N, V});
     at::mm_out(a.probs, a.ln, wte_.value.t());
-    if (mb.targets == nullptr) return a.probs;
+    if (mb.targets == nullptr) {
+      TORCH_CHECK(!tp_.active(), "logits of a tensor-parallel head are not implemented (this rank "
+                  "holds vocabulary rows [", v_begin_, ", ", v_begin_ + V, ") of ", vocab_, ")");
+      return a.probs;
+    }
     a.targets = *mb.targets;
     TORCH_CHECK(a.targets.scalar_type() == at::kLong && a.targets.is_contiguous() &&
                     a.targets.numel() == N,
                 "head expects contiguous int64 targets with one id per token");
     const int64_t* t = a.targets.data_ptr<int64_t>();
     for (int64_t i = 0; i < N; ++i) {
-      TORCH_CHECK(t[i] >= 0 && t[i] < V, "target id ", t[i], " out of range [0, ", V, ")");
+      TORCH_CHECK(t[i] >= 0 && t[i] < vocab_, "target id ", t[i], " out of range [0, ", vocab_,
+                  ")");
     }
-    const double loss = kernels::CrossEntropyForward(F(a.probs), t, N, V);
+    double loss;
+    if (!tp_.active()) {
+      loss = kernels::CrossEntropyForward(F(a.probs), t, N, V);
+    } else {
+      Ensure(row_max_, {N});
+      Ensure(stats_, {2, N});
+      kernels::CrossEntropyShardMax(F(a.probs), N, V, F(row_max_));
+      tp_.AllReduce(row_max_, comm::ReduceOp::kMax, "the loss (logit maxima)");
+      kernels::CrossEntropyShardExp(F(a.probs), t, v_begin_, N, V, F(row_max_), F(stats_));
+      tp_.AllReduce(stats_, comm::ReduceOp::kSum, "the loss (softmax sums)");
+      loss = kernels::CrossEntropyShardFinish(F(a.probs), F(stats_), N, V);
+    }
     a.batch = N;
     return at::scalar_tensor(loss, at::kDouble);
   }
@@ -241,10 +332,17 @@ class HeadPiece final : public Piece {
     const int64_t N = a.x.size(0), C = a.x.size(1), V = wte_.value.size(0);
     // The probabilities become the logits' gradient in place: one backward per forward.
     a.batch = 0;
-    kernels::CrossEntropyBackward(F(a.probs), a.targets.data_ptr<int64_t>(), N, V,
-                                  static_cast<float>(dloss.item<double>()));
+    const float scale = static_cast<float>(dloss.item<double>());
+    if (!tp_.active()) {
+      kernels::CrossEntropyBackward(F(a.probs), a.targets.data_ptr<int64_t>(), N, V, scale);
+    } else {
+      kernels::CrossEntropyShardBackward(F(a.probs), a.targets.data_ptr<int64_t>(), v_begin_, N,
+                                         V, scale);
+    }
     Ensure(dln_, {N, C});
     at::mm_out(dln_, a.probs, wte_.value);
+    // A sum over the vocabulary: each rank has its rows' share.
+    if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "the head backward");
     wte_.grad.addmm_(a.probs.t(), a.ln);
     Ensure(dx_, {N, C});
     dx_.zero_();
@@ -259,7 +357,11 @@ class HeadPiece final : public Piece {
     int64_t batch = 0;  // rows; 0 while the slot holds no loss to differentiate
   };
   Param lnf_w_, lnf_b_, wte_;
+  int vocab_;
+  int64_t v_begin_;
+  TpGroup tp_;
   std::vector<Acts> slots_;
+  at::Tensor row_max_, stats_;  // forward-only scratch of the vocabulary-parallel loss
   at::Tensor dln_, dx_;
 };
 
@@ -294,6 +396,45 @@ std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
   return specs;
 }
 
+// First vocabulary row of tensor-parallel rank r of t: floor(r V / t), so shards differ by at
+// most one row when t does not divide V.
+int64_t VocabBegin(int64_t vocab, int r, int t) { return vocab * r / t; }
+
+// How rank r of a tensor-parallel group of t holds the declared parameter `s` (see gpt.h).
+ShardSpec ShardFor(const ParamSpec& s, const ModelConfig& c, int r, int t) {
+  ShardSpec spec;
+  spec.full_shape = s.shape;
+  if (t == 1) return spec;
+  const int64_t C = c.n_embd;
+  auto split = [&](int dim, int parts, int64_t offset, int64_t length) {
+    spec.dim = dim;
+    spec.parts = parts;
+    spec.offset = offset;
+    spec.length = length;
+  };
+  const std::string& n = s.name;
+  if (n == "wte.weight") {
+    const int64_t begin = VocabBegin(c.vocab_size, r, t);
+    split(0, 1, begin, VocabBegin(c.vocab_size, r + 1, t) - begin);
+  } else if (absl::EndsWith(n, ".attn.qkv.weight") || absl::EndsWith(n, ".attn.qkv.bias")) {
+    // Heads [r H/t, (r+1) H/t) are the rows [r C/t, (r+1) C/t) of each of q, k and v.
+    split(0, 3, r * C / t, C / t);
+  } else if (absl::EndsWith(n, ".attn.proj.weight")) {
+    split(1, 1, r * C / t, C / t);
+  } else if (absl::EndsWith(n, ".mlp.fc.weight") || absl::EndsWith(n, ".mlp.fc.bias")) {
+    split(0, 1, r * 4 * C / t, 4 * C / t);
+  } else if (absl::EndsWith(n, ".mlp.proj.weight")) {
+    split(1, 1, r * 4 * C / t, 4 * C / t);
+  }
+  return spec;
+}
+
+std::vector<int64_t> LocalShape(const ShardSpec& spec) {
+  std::vector<int64_t> shape = spec.full_shape;
+  if (spec.dim >= 0) shape[spec.dim] = spec.parts * spec.length;
+  return shape;
+}
+
 // Owner piece of a declared parameter in the full model: embeddings -> 0, blocks.<l>. -> l + 1,
 // ln_f -> the head.
 int OwnerPiece(const std::string& name, int n_layer) {
@@ -304,12 +445,41 @@ int OwnerPiece(const std::string& name, int n_layer) {
 
 }  // namespace
 
+at::Tensor SliceShard(const at::Tensor& full, const ShardSpec& spec) {
+  TORCH_CHECK(full.sizes() == at::IntArrayRef(spec.full_shape), "SliceShard: tensor of shape ",
+              full.sizes(), " for a shard of ", at::IntArrayRef(spec.full_shape));
+  if (spec.dim < 0) return full.clone(at::MemoryFormat::Contiguous);
+  const int64_t block = spec.full_shape[spec.dim] / spec.parts;
+  std::vector<at::Tensor> pieces;
+  for (int p = 0; p < spec.parts; ++p) {
+    pieces.push_back(full.narrow(spec.dim, p * block + spec.offset, spec.length));
+  }
+  return at::cat(pieces, spec.dim).contiguous();
+}
+
+void PlaceShard(const at::Tensor& local, const ShardSpec& spec, at::Tensor& full) {
+  TORCH_CHECK(full.sizes() == at::IntArrayRef(spec.full_shape), "PlaceShard: tensor of shape ",
+              full.sizes(), " for a shard of ", at::IntArrayRef(spec.full_shape));
+  TORCH_CHECK(local.sizes() == at::IntArrayRef(LocalShape(spec)), "PlaceShard: shard of shape ",
+              local.sizes(), ", expected ", at::IntArrayRef(LocalShape(spec)));
+  if (spec.dim < 0) {
+    full.copy_(local);
+    return;
+  }
+  const int64_t block = spec.full_shape[spec.dim] / spec.parts;
+  for (int p = 0; p < spec.parts; ++p) {
+    full.narrow(spec.dim, p * block + spec.offset, spec.length)
+        .copy_(local.narrow(spec.dim, p * spec.length, spec.length));
+  }
+}
+
 Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple)
-    : Gpt(config, seed, 0, config.n_layer + 2, pad_multiple) {}
+    : Gpt(config, seed, 0, config.n_layer + 2, pad_multiple, TensorParallel{}) {}
 
 absl::StatusOr<std::unique_ptr<Gpt>> Gpt::CreateStage(const ModelConfig& config, uint64_t seed,
                                                       int first_piece, int end_piece,
-                                                      int64_t pad_multiple) {
+                                                      int64_t pad_multiple,
+                                                      const TensorParallel& tp) {
   const int n_pieces = config.n_layer + 2;
   if (first_piece < 0 || end_piece > n_pieces || first_piece >= end_piece) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -321,12 +491,32 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::CreateStage(const ModelConfig& config,
     return absl::InvalidArgumentError(
         absl::StrCat("pad_multiple ", pad_multiple, " must be at least 1"));
   }
-  return std::unique_ptr<Gpt>(new Gpt(config, seed, first_piece, end_piece, pad_multiple));
+  if (tp.group != nullptr) {
+    const int t = tp.group->size();
+    if (config.n_head % t != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor-parallel size ", t,
+                                                     " does not divide model.n_head = ",
+                                                     config.n_head));
+    }
+    if (t > config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor-parallel size ", t,
+                                                     " exceeds model.vocab_size = ",
+                                                     config.vocab_size));
+    }
+  }
+  return std::unique_ptr<Gpt>(
+      new Gpt(config, seed, first_piece, end_piece, pad_multiple, tp));
 }
 
 Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
-         int64_t pad_multiple)
-    : config_(config), first_piece_(first_piece), end_piece_(end_piece) {
+         int64_t pad_multiple, const TensorParallel& tp)
+    : config_(config), first_piece_(first_piece), end_piece_(end_piece), tp_(tp) {
+  if (tp_.group != nullptr && tp_.group->size() == 1) tp_.group = nullptr;  // same as none
+  if (tp_.group != nullptr) {
+    tp_rank_ = tp_.group->rank();
+    tp_size_ = tp_.group->size();
+  }
+  const TpGroup group{tp_.group, tp_.timeout};
   const std::vector<ParamSpec> specs = DeclareParameters(config);
   const int head = config.n_layer + 1;
   piece_params_.resize(end_piece - first_piece);
@@ -339,8 +529,9 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
     if (s.name == "wte.weight" && first_piece > 0 && end_piece == head + 1) piece = head;
     if (piece < first_piece || piece >= end_piece) continue;
     kept[i] = true;
+    shard_specs_.push_back(ShardFor(s, config, tp_rank_, tp_size_));
     const int group = s.decay ? kDecay : kNoDecay;
-    where_.emplace_back(group, params_[group].Add(s.name, s.shape));
+    where_.emplace_back(group, params_[group].Add(s.name, LocalShape(shard_specs_.back())));
     names_.push_back(s.name);
     piece_params_[piece - first_piece].push_back(where_.back());
   }
@@ -351,6 +542,7 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
   // The full model draws every normal parameter, in declaration order, from one generator. A
   // stage replays that sequence: a parameter it does not hold is drawn into scratch of the same
   // shape (the number of values a draw consumes depends on the shape), up to its last own one.
+  // A tensor-parallel shard is drawn the same way, as its full tensor, and keeps its slice.
   size_t last_draw = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     if (kept[i] && specs[i].init == ParamSpec::Init::kNormal) last_draw = i + 1;
@@ -367,16 +559,26 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
       continue;
     }
     at::Tensor v = params_[where_[k].first].View(where_[k].second);
+    const ShardSpec& shard = shard_specs_[k];
     ++k;
     switch (specs[i].init) {
-      case ParamSpec::Init::kNormal: v.normal_(0.0, specs[i].std, gen); break;
+      case ParamSpec::Init::kNormal:
+        if (shard.dim < 0) {
+          v.normal_(0.0, specs[i].std, gen);
+        } else {
+          Ensure(scratch, specs[i].shape);
+          scratch.normal_(0.0, specs[i].std, gen);
+          v.copy_(SliceShard(scratch, shard));
+        }
+        break;
       case ParamSpec::Init::kOnes: v.fill_(1.0); break;
       case ParamSpec::Init::kZeros: v.zero_(); break;
     }
   }
+  const int64_t v_begin = VocabBegin(config.vocab_size, tp_rank_, tp_size_);
   if (first_piece == 0) {
     pieces_.push_back(std::make_unique<EmbeddingPiece>(
-        Lookup("wte.weight"), Lookup("wpe.weight"), config.vocab_size));
+        Lookup("wte.weight"), Lookup("wpe.weight"), config.vocab_size, v_begin, group));
   }
   for (int l = std::max(first_piece, 1) - 1; l < std::min(end_piece - 1, config.n_layer); ++l) {
     const std::string p = absl::StrCat("blocks.", l, ".");
@@ -386,11 +588,13 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
                           Lookup(p + "ln2.weight"),       Lookup(p + "ln2.bias"),
                           Lookup(p + "mlp.fc.weight"),    Lookup(p + "mlp.fc.bias"),
                           Lookup(p + "mlp.proj.weight"),  Lookup(p + "mlp.proj.bias")};
-    pieces_.push_back(std::make_unique<BlockPiece>(std::move(bp), config.n_head));
+    pieces_.push_back(std::make_unique<BlockPiece>(
+        std::move(bp), config.n_head / tp_size_, config.n_embd / config.n_head, group));
   }
   if (end_piece == head + 1) {
     pieces_.push_back(std::make_unique<HeadPiece>(Lookup("ln_f.weight"), Lookup("ln_f.bias"),
-                                                  Lookup("wte.weight")));
+                                                  Lookup("wte.weight"), config.vocab_size,
+                                                  v_begin, group));
   }
   loss_grad_ = at::empty({}, at::kDouble);
 }
@@ -498,6 +702,8 @@ double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {
 
 at::Tensor Gpt::Logits(const at::Tensor& tokens) {
   TORCH_CHECK(is_full_model(), "Logits needs the full model");
+  TORCH_CHECK(tp_size_ == 1, "Logits is not implemented with tensor parallelism (size ", tp_size_,
+              "): each rank holds a slice of the vocabulary");
   MicroBatch mb{nullptr, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
   for (auto& piece : pieces_) x = piece->Forward(x, mb);
@@ -525,21 +731,33 @@ std::vector<std::pair<std::string, at::Tensor>> Gpt::NamedGradients() const {
   return out;
 }
 
+int Gpt::tp_rank() const { return tp_rank_; }
+int Gpt::tp_size() const { return tp_size_; }
+
+std::vector<ShardSpec> Gpt::ShardSpecs() const { return shard_specs_; }
+
 absl::Status Gpt::LoadParameters(const std::vector<std::pair<std::string, at::Tensor>>& named) {
   std::map<std::string, at::Tensor> by_name(named.begin(), named.end());
-  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
-  for (const auto& [name, dst] : NamedParameters()) {
+  const std::vector<std::pair<std::string, at::Tensor>> params = NamedParameters();
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (local view, model-wide source)
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].first;
+    const at::IntArrayRef full_shape(shard_specs_[i].full_shape);
     auto it = by_name.find(name);
     if (it == by_name.end()) return absl::DataLossError(absl::StrCat("missing tensor ", name));
-    if (it->second.scalar_type() != at::kFloat || it->second.sizes() != dst.sizes()) {
+    if (it->second.scalar_type() != at::kFloat || it->second.sizes() != full_shape) {
       return absl::DataLossError(absl::StrCat(
           "tensor ", name, " has shape ", c10::str(it->second.sizes()), " and dtype ",
-          c10::toString(it->second.scalar_type()), "; the model needs ", c10::str(dst.sizes()),
-          " float32"));
+          c10::toString(it->second.scalar_type()), "; the model needs ", c10::str(full_shape),
+          " float32", tp_size_ > 1 ? " (model-wide; this tensor-parallel rank keeps its slice)"
+                                   : ""));
     }
-    copies.emplace_back(dst, it->second);
+    copies.emplace_back(params[i].second, it->second);
   }
-  for (auto& [dst, src] : copies) dst.copy_(src);
+  for (size_t i = 0; i < copies.size(); ++i) {
+    const ShardSpec& spec = shard_specs_[i];
+    copies[i].first.copy_(spec.dim < 0 ? copies[i].second : SliceShard(copies[i].second, spec));
+  }
   return absl::OkStatus();
 }
 
@@ -555,13 +773,16 @@ int64_t Gpt::NumParametersNoPos() const {
 }
 
 double Gpt::FlopsPerToken() const {
-  // The first stage of a pipeline only looks wte up; the head's copy is the matmul.
-  const double lookup_only = has_embedding() && !has_head()
-                                 ? static_cast<double>(config_.vocab_size) * config_.n_embd
-                                 : 0.0;
+  // The first stage of a pipeline only looks wte up (its local rows); the head's copy is the
+  // matmul.
+  const double lookup_only =
+      has_embedding() && !has_head() ? static_cast<double>(Lookup("wte.weight").value.numel())
+                                     : 0.0;
   const int blocks = std::min(end_piece_ - 1, config_.n_layer) - std::max(first_piece_, 1) + 1;
+  // Attention scores and their product with v: 12 L C T for the model, n_head / t of the heads
+  // (so C / t of the width) here.
   return 6.0 * (NumParametersNoPos() - lookup_only) +
-         12.0 * blocks * config_.n_embd * static_cast<double>(config_.block_size);
+         12.0 * blocks * (config_.n_embd / tp_size_) * static_cast<double>(config_.block_size);
 }
 
 }  // namespace shoal::runtime

@@ -18,6 +18,21 @@
 // embedding keeps its own copy of wte (SharedParameters()); the two copies' gradients must be
 // summed between the first and the last stage every step.
 //
+// Tensor parallelism (Megatron style): with a tensor-parallel group of size t (t divides n_head),
+// rank r of it holds heads [r H/t, (r+1) H/t) of every block's attention (the matching rows of the
+// fused qkv weight and bias, the matching columns of attn.proj.weight), rows [r 4C/t, (r+1) 4C/t)
+// of mlp.fc and the matching columns of mlp.proj, and vocabulary rows [r V/t, (r+1) V/t) (floor)
+// of wte, for the embedding and for the tied head with its vocabulary-parallel cross-entropy.
+// Every other parameter (LayerNorms, wpe, the biases of attn.proj and mlp.proj) is replicated and
+// gets the same gradient on every rank of the group. Forward all-reduces the partial outputs of
+// the row-parallel linears and of the embedding, and the softmax statistics of the loss; backward
+// all-reduces the input gradients of the column-parallel linears and of the head. Every rank of
+// the group must run the same passes on the same micro-batches. A failed collective throws
+// c10::Error naming it (the trainer turns that into a status). Parameters keep the full model's
+// names; ShardSpecs() says how each local tensor relates to the model-wide one, and
+// initialisation draws the full tensor and keeps the slice, so a sharded model starts from
+// exactly the values of the unsharded one.
+//
 // Not thread-safe. A piece keeps the activations of the last forward of each micro-batch slot for
 // that slot's backward; slots let a pipeline keep several micro-batches in flight (1F1B) without
 // copying activations. The kernels inside use the LibTorch/OpenMP pool and BLAS threads.
@@ -35,6 +50,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "comm/backend.h"
 #include "memory/flat_buffer.h"
 #include "runtime/config.h"
 
@@ -77,6 +94,29 @@ struct ParamSpec {
   bool decay = false; // 2-D weights
 };
 
+// How a local parameter relates to the model-wide tensor of the same name: the local tensor is
+// `full` narrowed along `dim` to [offset, offset + length) within each of `parts` equal blocks of
+// that dimension, concatenated (the fused q|k|v rows are 3 blocks). dim == -1: replicated, the
+// local tensor is the full one.
+struct ShardSpec {
+  std::vector<int64_t> full_shape;
+  int dim = -1;
+  int parts = 1;
+  int64_t offset = 0;
+  int64_t length = 0;
+};
+
+// The local shard of `full` (a new contiguous tensor). REQUIRES: full.sizes() == spec.full_shape.
+at::Tensor SliceShard(const at::Tensor& full, const ShardSpec& spec);
+// Writes `local` into its place in `full`. REQUIRES: shapes as above.
+void PlaceShard(const at::Tensor& local, const ShardSpec& spec, at::Tensor& full);
+
+// The tensor-parallel group of a model (see above). A null group, or one of size 1, means none.
+struct TensorParallel {
+  comm::Backend* group = nullptr;              // not owned; outlives the model
+  absl::Duration timeout = absl::Seconds(60);  // of each collective
+};
+
 class Gpt {
  public:
   // Lays out and initialises the parameters: GPT-2 init, N(0, 0.02) for weights and embeddings,
@@ -92,10 +132,13 @@ class Gpt {
   // a copy of wte when it holds the head but not the embedding), named as in the full model and
   // initialised to the values the full model gives them for `seed`. kInvalidArgument names the
   // numbers of a bad range.
+  // With `tp`: this rank's tensor-parallel shard of those pieces (kInvalidArgument when the
+  // group's size does not divide n_head, or exceeds vocab_size, naming both numbers).
   static absl::StatusOr<std::unique_ptr<Gpt>> CreateStage(const ModelConfig& config,
                                                           uint64_t seed, int first_piece,
                                                           int end_piece,
-                                                          int64_t pad_multiple = 1);
+                                                          int64_t pad_multiple = 1,
+                                                          const TensorParallel& tp = {});
 
   // Stage-level passes for a pipeline executor. Forward: `input` is the (B, T) int64 token ids on
   // the stage holding the embedding, else the previous stage's activation (B, T, C) float32,
@@ -127,7 +170,8 @@ class Gpt {
                          const std::function<void(int piece)>& on_piece_done = nullptr);
   // Forward only; returns the mean loss. Gradients untouched.
   double Loss(const at::Tensor& tokens, const at::Tensor& targets);
-  // Forward only; the logits (B, T, V) as a new tensor.
+  // Forward only; the logits (B, T, V) as a new tensor. Not with tensor parallelism (each rank
+  // holds a slice of the vocabulary): throws c10::Error.
   at::Tensor Logits(const at::Tensor& tokens);
 
   void ZeroGrad();
@@ -140,17 +184,26 @@ class Gpt {
   // All parameters (or their gradients) by name, in declaration order; views.
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
   std::vector<std::pair<std::string, at::Tensor>> NamedGradients() const;
-  // Copies values in by name. Every parameter must be present with its exact shape and float32;
-  // kDataLoss names the first that is not. Nothing is copied unless all are right.
+  // For each of NamedParameters(), in the same order: how it relates to the model-wide tensor.
+  std::vector<ShardSpec> ShardSpecs() const;
+  // Tensor-parallel rank and size (0 and 1 without tensor parallelism).
+  int tp_rank() const;
+  int tp_size() const;
+
+  // Copies values in by name. Every parameter must be present, float32, with the MODEL-WIDE
+  // shape (its ShardSpec's full_shape; this rank keeps its slice); kDataLoss names the first that
+  // is not. Nothing is copied unless all are right.
   absl::Status LoadParameters(const std::vector<std::pair<std::string, at::Tensor>>& named);
 
   // Parameter count N (everything this model holds, tied head counted once) and N without
-  // position embeddings.
+  // position embeddings. With tensor parallelism: this rank's shards, plus the replicated
+  // parameters in full.
   int64_t NumParameters() const;
   int64_t NumParametersNoPos() const;
   // Model FLOPs per token of a training step: 6 N + 12 n_layer n_embd block_size, where N
   // excludes the position embeddings (they cost no matmul). On a stage: its own blocks, and wte
-  // only where the head multiplies by it (the embedding's use is a lookup).
+  // only where the head multiplies by it (the embedding's use is a lookup). With tensor
+  // parallelism: this rank's share (its shards, and its n_head / t heads of attention).
   double FlopsPerToken() const;
 
   // Parameters as (group, entry index into params(group)) whose gradients are final once piece
@@ -167,13 +220,18 @@ class Gpt {
   const std::vector<std::unique_ptr<Piece>>& pieces() const { return pieces_; }
 
  private:
+  // `tp`: already validated (its size divides n_head); a null group or one of size 1 is none.
   Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
-      int64_t pad_multiple);
+      int64_t pad_multiple, const TensorParallel& tp);
   Param Lookup(const std::string& name) const;
 
   ModelConfig config_;
   int first_piece_ = 0;
   int end_piece_ = 0;
+  TensorParallel tp_;  // group null without tensor parallelism
+  int tp_rank_ = 0;
+  int tp_size_ = 1;
+  std::vector<ShardSpec> shard_specs_;  // per parameter, in NamedParameters() order
   memory::FlatBuffer params_[2];
   memory::FlatBuffer grads_[2];
   std::vector<std::pair<int, int>> where_;   // per declared param: (group, index)

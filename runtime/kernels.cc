@@ -157,15 +157,17 @@ void CausalSoftmaxBackwardRow(const float* p, float* d, int64_t i, int64_t t, fl
   for (int64_t j = i + 1; j < t; ++j) d[j] = 0.f;
 }
 
-// Softmax of one row of logits in place; returns -log p[target].
 SHOAL_SIMD_CLONES
-double CrossEntropyRow(float* l, int64_t target, int64_t v) {
+float RowMax(const float* l, int64_t v) {
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < v; ++j) mx = std::max(mx, l[j]);
-  // log p[target] = (l[target] - max) - log(sum): taken from the shifted logit before the row is
-  // overwritten, so it stays exact when p[target] underflows (ExpF clamps at e^-87).
-  const double shifted_target = static_cast<double>(l[target]) - mx;
+  return mx;
+}
+
+// l[j] = exp(l[j] - mx) in place; returns their sum.
+SHOAL_SIMD_CLONES
+float ExpShiftedRow(float* l, int64_t v, float mx) {
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < v; ++j) {
@@ -173,6 +175,17 @@ double CrossEntropyRow(float* l, int64_t target, int64_t v) {
     l[j] = e;
     sum += e;
   }
+  return sum;
+}
+
+// Softmax of one row of logits in place; returns -log p[target].
+SHOAL_SIMD_CLONES
+double CrossEntropyRow(float* l, int64_t target, int64_t v) {
+  const float mx = RowMax(l, v);
+  // log p[target] = (l[target] - max) - log(sum): taken from the shifted logit before the row is
+  // overwritten, so it stays exact when p[target] underflows (ExpF clamps at e^-87).
+  const double shifted_target = static_cast<double>(l[target]) - mx;
+  const float sum = ExpShiftedRow(l, v, mx);
   const double logp = shifted_target - std::log(static_cast<double>(sum));
   const float inv = 1.0f / sum;
 #pragma omp simd
@@ -290,6 +303,91 @@ void EmbeddingBackward(const int64_t* tokens, const float* dout, int64_t b, int6
       AccumulateRow(dout + r * c + j0, j1 - j0, dwpe + (r % t) * c + j0);
     }
   });
+}
+
+void EmbeddingShardForward(const int64_t* tokens, const float* wte_shard, int64_t v_begin,
+                           int64_t v, int64_t n, int64_t c, float* out) {
+  at::parallel_for(0, n, RowGrain(c), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t local = tokens[r] - v_begin;
+      if (local >= 0 && local < v) {
+        std::memcpy(out + r * c, wte_shard + local * c, c * sizeof(float));
+      } else {
+        std::memset(out + r * c, 0, c * sizeof(float));
+      }
+    }
+  });
+}
+
+void AddPositionEmbedding(const float* wpe, int64_t b, int64_t t, int64_t c, float* out) {
+  at::parallel_for(0, b * t, RowGrain(c), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) AccumulateRow(wpe + (r % t) * c, c, out + r * c);
+  });
+}
+
+void EmbeddingShardBackward(const int64_t* tokens, const float* dout, int64_t b, int64_t t,
+                            int64_t c, int64_t v_begin, int64_t v, float* dwte_shard,
+                            float* dwpe) {
+  const int64_t slices = (c + 15) / 16;
+  at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
+    const int64_t j0 = s0 * 16, j1 = std::min(c, s1 * 16);
+    for (int64_t r = 0; r < b * t; ++r) {
+      const int64_t local = tokens[r] - v_begin;
+      if (local >= 0 && local < v) {
+        AccumulateRow(dout + r * c + j0, j1 - j0, dwte_shard + local * c + j0);
+      }
+      AccumulateRow(dout + r * c + j0, j1 - j0, dwpe + (r % t) * c + j0);
+    }
+  });
+}
+
+void CrossEntropyShardMax(const float* logits, int64_t n, int64_t v, float* row_max) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) row_max[r] = RowMax(logits + r * v, v);
+                   });
+}
+
+void CrossEntropyShardExp(float* logits, const int64_t* targets, int64_t v_begin, int64_t n,
+                          int64_t v, const float* row_max, float* stats) {
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       float* l = logits + r * v;
+                       const int64_t local = targets[r] - v_begin;
+                       // Taken before the row is overwritten (see CrossEntropyRow).
+                       stats[n + r] = local >= 0 && local < v ? l[local] - row_max[r] : 0.f;
+                       stats[r] = ExpShiftedRow(l, v, row_max[r]);
+                     }
+                   });
+}
+
+double CrossEntropyShardFinish(float* probs, const float* stats, int64_t n, int64_t v) {
+  std::vector<double> row_loss(n);
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       row_loss[r] = std::log(static_cast<double>(stats[r])) -
+                                     static_cast<double>(stats[n + r]);
+                       ScaleRow(probs + r * v, v, 1.0f / stats[r]);
+                     }
+                   });
+  double total = 0;
+  for (double x : row_loss) total += x;
+  return total / n;
+}
+
+void CrossEntropyShardBackward(float* probs, const int64_t* targets, int64_t v_begin, int64_t n,
+                               int64_t v, float dloss) {
+  const float scale = dloss / n;
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)),
+                   [&](int64_t r0, int64_t r1) {
+                     for (int64_t r = r0; r < r1; ++r) {
+                       ScaleRow(probs + r * v, v, scale);
+                       const int64_t local = targets[r] - v_begin;
+                       if (local >= 0 && local < v) probs[r * v + local] -= scale;
+                     }
+                   });
 }
 
 }  // namespace shoal::runtime::kernels

@@ -44,6 +44,40 @@ void EmbeddingForward(const int64_t* tokens, const float* wte, const float* wpe,
 void EmbeddingBackward(const int64_t* tokens, const float* dout, int64_t b, int64_t t, int64_t c,
                        float* dwte, float* dwpe);
 
+// Vocabulary-parallel pieces (tensor parallelism): a rank holds the vocabulary rows
+// [v_begin, v_begin + v) of wte, so its logits are (N, v) and its embedding lookup only sees ids
+// in that range. The statistics a rank computes are summed (or maxed) over the group by the
+// caller between the steps below.
+
+// out[r] = wte_shard[tokens[r] - v_begin] for ids in [v_begin, v_begin + v), zeros for the others
+// (another rank holds those rows). tokens: (N); out: (N, C).
+void EmbeddingShardForward(const int64_t* tokens, const float* wte_shard, int64_t v_begin,
+                           int64_t v, int64_t n, int64_t c, float* out);
+// out[b, t, :] += wpe[t].  out: (B*T, C).
+void AddPositionEmbedding(const float* wpe, int64_t b, int64_t t, int64_t c, float* out);
+// dwte_shard[tokens[b, t] - v_begin] += dout[b, t] for ids in this rank's range;
+// dwpe[t] += sum_b dout[b, t]. Same order of additions as EmbeddingBackward.
+void EmbeddingShardBackward(const int64_t* tokens, const float* dout, int64_t b, int64_t t,
+                            int64_t c, int64_t v_begin, int64_t v, float* dwte_shard,
+                            float* dwpe);
+
+// Vocabulary-parallel cross-entropy, in three steps around two all-reduces:
+//   1. row_max (N) = max of each row of the local logits (N, v) (-inf when v == 0); the caller
+//      all-reduces it with MAX.
+//   2. Overwrites the logits with exp(l - row_max) and writes stats (2, N): stats[0] = the local
+//      sum of those, stats[1] = l[target - v_begin] - row_max where the target is in this shard,
+//      else 0; the caller all-reduces stats with SUM.
+//   3. Divides the exponentials by the global sums (they become this shard of the softmax) and
+//      returns the mean loss, mean(log(sum) - (l[target] - max)).
+void CrossEntropyShardMax(const float* logits, int64_t n, int64_t v, float* row_max);
+void CrossEntropyShardExp(float* logits_to_exp, const int64_t* targets, int64_t v_begin,
+                          int64_t n, int64_t v, const float* row_max, float* stats);
+double CrossEntropyShardFinish(float* exp_to_probs, const float* stats, int64_t n, int64_t v);
+// In place: probs shard (N, v) -> dlogits = (probs - onehot(target)) * dloss / N, the one-hot
+// only where the target is in [v_begin, v_begin + v).
+void CrossEntropyShardBackward(float* probs_to_grad, const int64_t* targets, int64_t v_begin,
+                               int64_t n, int64_t v, float dloss);
+
 }  // namespace shoal::runtime::kernels
 
 #endif  // SHOAL_RUNTIME_KERNELS_H_

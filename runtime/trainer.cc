@@ -6,11 +6,14 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "runtime/device_probe.h"
 #include "runtime/lr_schedule.h"
+#include "runtime/model_state.h"
 #include "runtime/profiler.h"
 
 namespace shoal::runtime {
@@ -35,7 +38,83 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
   return absl::OkStatus();
 }
 
+// The tag of the tied-embedding gradient exchange on the pipeline group; the executor's tags
+// stay below it (parallel/pipeline_executor.cc).
+constexpr int kTiedEmbeddingTag = 0x7ffffff0;
+
+// Model FLOPs per token of the whole model: 6 N + 12 L C T with N the parameters without the
+// position embeddings (Gpt::FlopsPerToken of the full model, from the config alone).
+// Parameters of the whole model without the position embeddings (the tied head counted once).
+double ModelParametersNoPos(const ModelConfig& m) {
+  const double c = m.n_embd, l = m.n_layer;
+  return m.vocab_size * c + l * (12 * c * c + 13 * c) + 2 * c;
+}
+
+double ModelFlopsPerToken(const ModelConfig& m) {
+  return 6 * ModelParametersNoPos(m) + 12.0 * m.n_layer * m.n_embd * m.block_size;
+}
+
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// MeshStage: this rank's model stage as the pipeline executor drives it.
+
+class MeshStage final : public parallel::StageCompute {
+ public:
+  using Batches = std::vector<std::pair<at::Tensor, at::Tensor>>;
+  MeshStage(Gpt* model, int64_t batch, int64_t seq, double throttle)
+      : model_(model), batch_(batch), seq_(seq), throttle_(throttle) {}
+
+  // The micro-batches of the next RunStep / RunForward (kept by pointer; must outlive it).
+  void Begin(const Batches* batches, float loss_scale) {
+    batches_ = batches;
+    loss_scale_ = loss_scale;
+    loss_sum_ = 0;
+  }
+  double loss_sum() const { return loss_sum_; }
+
+  at::Tensor Forward(int micro_batch, int slot, const at::Tensor& input) override {
+    const auto& [x, y] = Batch(micro_batch);
+    MicroBatch mb{&y, x.size(0), x.size(1), slot};
+    const Clock::time_point t0 = Clock::now();
+    at::Tensor out = model_->StageForward(model_->has_embedding() ? x : input, mb);
+    if (model_->has_head()) {
+      loss_sum_ += out.item<double>();
+      out = at::Tensor();
+    }
+    throttle_.After(Seconds(t0, Clock::now()));
+    return out;
+  }
+
+  at::Tensor Backward(int micro_batch, int slot, const at::Tensor& grad_output) override {
+    Batch(micro_batch);
+    const Clock::time_point t0 = Clock::now();
+    at::Tensor g = model_->StageBackward(model_->has_head() ? at::Tensor() : grad_output,
+                                         loss_scale_, slot);
+    throttle_.After(Seconds(t0, Clock::now()));
+    return g;
+  }
+
+  std::vector<int64_t> ActivationShape() const override {
+    return {batch_, seq_, model_->config().n_embd};
+  }
+
+ private:
+  const std::pair<at::Tensor, at::Tensor>& Batch(int micro_batch) const {
+    TORCH_CHECK(batches_ != nullptr && micro_batch >= 0 &&
+                    static_cast<size_t>(micro_batch) < batches_->size(),
+                "pipeline stage asked for micro-batch ", micro_batch, " of ",
+                batches_ == nullptr ? 0 : batches_->size());
+    return (*batches_)[micro_batch];
+  }
+
+  Gpt* model_;
+  int64_t batch_, seq_;
+  Throttle throttle_;
+  const Batches* batches_ = nullptr;
+  float loss_scale_ = 1;
+  double loss_sum_ = 0;
+};
 
 // ---------------------------------------------------------------------------------------------
 // StepEngine
@@ -69,8 +148,213 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
   }
 }
 
+StepEngine::StepEngine(const Config& config, parallel::Mesh* mesh)
+    : config_(config), backend_(mesh->world()), mesh_(mesh) {}
+
+StepEngine::~StepEngine() = default;
+
+absl::StatusOr<std::unique_ptr<StepEngine>> StepEngine::CreateForMesh(
+    const Config& config, parallel::Mesh* mesh, double throttle,
+    const std::pair<int, int>* given_blocks) {
+  std::unique_ptr<StepEngine> e(new StepEngine(config, mesh));
+  const parallel::MeshShape& shape = mesh->shape();
+  const int n_layer = config.model.n_layer, s = mesh->coord().pp;
+  std::vector<int> blocks = config.parallel.stages;
+  if (blocks.empty()) {
+    for (int i = 0; i < shape.pp; ++i) blocks.push_back(n_layer / shape.pp + (i < n_layer % shape.pp));
+  }
+  if (static_cast<int>(blocks.size()) != shape.pp) {
+    return absl::InvalidArgumentError(absl::StrCat("parallel.stages has ", blocks.size(),
+                                                   " entries for ", shape.pp, " pipeline stages"));
+  }
+  int b0 = 0;
+  for (int i = 0; i < s; ++i) b0 += blocks[i];
+  int b1 = b0 + blocks[s];
+  if (given_blocks != nullptr) {
+    std::tie(b0, b1) = *given_blocks;
+    const bool ok = 0 <= b0 && b0 < b1 && b1 <= n_layer && (s != 0 || b0 == 0) &&
+                    (s != shape.pp - 1 || b1 == n_layer);
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the layout gives pipeline stage ", s, " of ", shape.pp, " blocks [", b0, ", ", b1,
+          "), which is not a non-empty range of the model's ", n_layer,
+          " blocks (the first stage starts at 0, the last ends at ", n_layer, ")"));
+    }
+  }
+  e->stage_blocks_ = {b0, b1};
+  const int first_piece = s == 0 ? 0 : b0 + 1;
+  const int end_piece = s == shape.pp - 1 ? n_layer + 2 : b1 + 1;
+  TensorParallel tp;
+  tp.group = mesh->tp();
+  tp.timeout = absl::Seconds(config.parallel.timeout_s);
+  SHOAL_ASSIGN_OR_RETURN(e->model_, Gpt::CreateStage(config.model, config.train.seed, first_piece,
+                                                     end_piece, /*pad_multiple=*/16, tp));
+  parallel::AdamWOptions opt;
+  opt.beta1 = config.optim.beta1;
+  opt.beta2 = config.optim.beta2;
+  opt.eps = config.optim.eps;
+  opt.weight_decay = config.optim.weight_decay;
+  Gpt& m = *e->model_;
+  e->optimizer_ = std::make_unique<parallel::AdamW>(
+      std::vector<parallel::ParamGroup>{{&m.params(Gpt::kDecay), &m.grads(Gpt::kDecay), true},
+                                        {&m.params(Gpt::kNoDecay), &m.grads(Gpt::kNoDecay), false}},
+      opt);
+  if (mesh->dp() != nullptr) {
+    parallel::DataParallelOptions dpo;
+    dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
+    dpo.collective.timeout = absl::Seconds(config.parallel.timeout_s);
+    e->dp_ = std::make_unique<parallel::DataParallel>(
+        mesh->dp(), std::vector<memory::FlatBuffer*>{&m.params(0), &m.params(1)},
+        std::vector<memory::FlatBuffer*>{&m.grads(0), &m.grads(1)}, m.BackwardReadyOrder(), dpo);
+  }
+  SHOAL_RETURN_IF_ERROR(Throttle::CheckFactor(throttle, "throttle"));
+  e->stage_ = std::make_unique<MeshStage>(e->model_.get(), config.train.batch_size,
+                                          config.model.block_size, throttle);
+  SHOAL_ASSIGN_OR_RETURN(
+      parallel::PipelineSchedule schedule,
+      parallel::MakeSchedule(config.parallel.schedule == "gpipe" ? parallel::ScheduleKind::kGPipe
+                                                                 : parallel::ScheduleKind::k1F1B,
+                             shape.pp, config.train.grad_accum));
+  parallel::PipelineExecutorOptions xo;
+  xo.transfer.timeout = absl::Seconds(config.parallel.timeout_s);
+  SHOAL_ASSIGN_OR_RETURN(e->executor_, parallel::PipelineExecutor::Create(
+                                           mesh->pp(), std::move(schedule), e->stage_.get(), xo));
+  e->specs_ = m.ShardSpecs();
+  return e;
+}
+
+double StepEngine::FlopsPerToken() const {
+  return mesh_ != nullptr ? ModelFlopsPerToken(config_.model) : model_->FlopsPerToken();
+}
+
+int StepEngine::dp_rank() const {
+  if (mesh_ != nullptr) return mesh_->coord().dp;
+  return backend_ != nullptr ? backend_->rank() : 0;
+}
+
+int StepEngine::dp_size() const {
+  if (mesh_ != nullptr) return mesh_->shape().dp;
+  return backend_ != nullptr ? backend_->size() : 1;
+}
+
+parallel::PipelineStepTiming StepEngine::pipeline_timing() const {
+  return executor_ ? executor_->last_timing() : parallel::PipelineStepTiming{};
+}
+
+absl::Status StepEngine::ReduceMeshGradients() {
+  const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
+  // The tied embedding: the first stage's wte (embedding) and the last stage's copy (head) each
+  // hold part of the gradient; both add the other's. a + b == b + a exactly, so the two copies
+  // stay bit-identical.
+  if (mesh_->shape().pp > 1 && model_->has_embedding() != model_->has_head()) {
+    at::Tensor grad;
+    for (const auto& [name, g] : model_->NamedGradients()) {
+      if (name == "wte.weight") grad = g;
+    }
+    TORCH_CHECK(grad.defined(), "pipeline stage without its wte gradient");
+    at::Tensor mine = grad.clone();
+    at::Tensor theirs = at::empty_like(grad);
+    const int peer = model_->has_embedding() ? mesh_->shape().pp - 1 : 0;
+    std::unique_ptr<comm::Work> send = mesh_->pp()->Send(mine, peer, kTiedEmbeddingTag, co);
+    std::unique_ptr<comm::Work> recv = mesh_->pp()->Recv(theirs, peer, kTiedEmbeddingTag, co);
+    absl::Status r = recv->Wait();
+    absl::Status w = send->Wait();
+    SHOAL_RETURN_IF_ERROR(r);
+    SHOAL_RETURN_IF_ERROR(w);
+    grad.add_(theirs);
+  }
+  if (dp_) {
+    dp_->BeginMicroBatch(true);
+    for (const auto& [g, e] : model_->BackwardReadyOrder()) dp_->OnParamReady(g, e);
+    SHOAL_RETURN_IF_ERROR(dp_->FinishGradients());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepStats> StepEngine::MeshStep(
+    int64_t step, const std::vector<std::pair<at::Tensor, at::Tensor>>& micro) {
+  StepStats stats;
+  stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
+  model_->ZeroGrad();
+  stage_->Begin(&micro, 1.0f / static_cast<float>(micro.size()));
+  SHOAL_RETURN_IF_ERROR(executor_->RunStep([this] { return ReduceMeshGradients(); }));
+  // Global gradient norm and the loss in one world all-reduce: each gradient element is counted
+  // once (replicated parameters on tensor-parallel rank 0 only, the head's copy of wte not at
+  // all, one data-parallel replica), and the loss comes from the last stage of each replica.
+  double sumsq = 0;
+  if (dp_rank() == 0) {
+    const bool wte_copy = model_->has_head() && !model_->has_embedding();
+    const auto grads = model_->NamedGradients();
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (specs_[i].dim < 0 && model_->tp_rank() != 0) continue;
+      if (wte_copy && grads[i].first == "wte.weight") continue;
+      sumsq += grads[i].second.to(at::kDouble).square().sum().item<double>();
+    }
+  }
+  const double loss_part = model_->has_head() && model_->tp_rank() == 0
+                               ? stage_->loss_sum() / micro.size() / dp_size()
+                               : 0.0;
+  at::Tensor v = at::tensor({sumsq, loss_part}, at::kDouble);
+  if (backend_ != nullptr) {
+    SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
+                                              {absl::Seconds(config_.parallel.timeout_s)})
+                              ->Wait());
+  }
+  stats.grad_norm = std::sqrt(v[0].item<double>());
+  stats.loss = v[1].item<double>();
+  optimizer_->Step(stats.lr, parallel::ClipScale(stats.grad_norm, config_.optim.grad_clip));
+  if (dp_) SHOAL_RETURN_IF_ERROR(dp_->FinishStep());
+  return stats;
+}
+
+absl::StatusOr<double> StepEngine::EvaluateLoss(
+    const std::vector<std::pair<at::Tensor, at::Tensor>>& batches) {
+  if (mesh_ == nullptr) {
+    double total = 0;
+    for (const auto& [x, y] : batches) total += model_->Loss(x, y);
+    return total / static_cast<double>(batches.size());
+  }
+  stage_->Begin(&batches, 1.0f);
+  SHOAL_RETURN_IF_ERROR(executor_->RunForward(static_cast<int>(batches.size())));
+  const bool reports = model_->has_head() && model_->tp_rank() == 0 && dp_rank() == 0;
+  at::Tensor v = at::full({1}, reports ? stage_->loss_sum() / batches.size() : 0.0, at::kDouble);
+  if (backend_ != nullptr) {
+    SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
+                                              {absl::Seconds(config_.parallel.timeout_s)})
+                              ->Wait());
+  }
+  return v.item<double>();
+}
+
+absl::Status StepEngine::ModelWideState(NamedTensors* model, NamedTensors* optimizer) {
+  if (mesh_ == nullptr) {
+    SHOAL_ASSIGN_OR_RETURN(*optimizer, OptimizerState());
+    *model = model_->NamedParameters();
+    return absl::OkStatus();
+  }
+  const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
+  const bool contributes = dp_rank() == 0;
+  SHOAL_ASSIGN_OR_RETURN(*model, GatherModelWide(backend_, contributes, ShardedParameters(*model_), co));
+  SHOAL_ASSIGN_OR_RETURN(
+      *optimizer, GatherModelWide(backend_, contributes,
+                                  ShardedOptimizerState(*model_, optimizer_->StateDict()), co));
+  return absl::OkStatus();
+}
+
+absl::Status StepEngine::LoadModelWide(const NamedTensors& model, const NamedTensors& optimizer) {
+  if (mesh_ == nullptr) {
+    SHOAL_RETURN_IF_ERROR(model_->LoadParameters(model));
+    return optimizer_->LoadStateDict(optimizer);
+  }
+  // Check the optimizer state before anything changes.
+  SHOAL_ASSIGN_OR_RETURN(NamedTensors mine, SliceOptimizerState(*model_, optimizer));
+  SHOAL_RETURN_IF_ERROR(model_->LoadParameters(model));
+  return optimizer_->LoadStateDict(mine);
+}
+
 absl::StatusOr<StepStats> StepEngine::Step(
     int64_t step, const std::vector<std::pair<at::Tensor, at::Tensor>>& micro) {
+  if (mesh_ != nullptr) return MeshStep(step, micro);
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
   model_->ZeroGrad();
@@ -138,6 +422,28 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                     << " x its compute time after every step (a deliberately slow device)";
   }
 
+  // Model parallelism: the mesh and its groups come before the data, whose order depends on the
+  // data-parallel coordinate.
+  const std::optional<parallel::MeshPlacement>& placed = options.placement;
+  const bool model_parallel =
+      placed ? placed->shape.tp > 1 || placed->shape.pp > 1 : c.parallel.tp > 1 || c.parallel.pp > 1;
+  std::pair<int, int> placed_blocks;
+  if (model_parallel && placed) {
+    placed_blocks = {placed->first_block, placed->end_block};
+    SHOAL_ASSIGN_OR_RETURN(t->mesh_, parallel::Mesh::Create(options.backend, placed->shape,
+                                                            options.store,
+                                                            absl::Seconds(c.parallel.timeout_s),
+                                                            &placed->coord));
+  } else if (model_parallel) {
+    SHOAL_ASSIGN_OR_RETURN(parallel::MeshShape shape,
+                           parallel::ShapeForWorld(t->world_, c.parallel.tp, c.parallel.pp));
+    SHOAL_ASSIGN_OR_RETURN(t->mesh_,
+                           parallel::Mesh::Create(options.backend, shape, options.store,
+                                                  absl::Seconds(c.parallel.timeout_s)));
+  }
+  const int dp_rank = t->mesh_ ? t->mesh_->coord().dp : t->rank_;
+  const int dp_size = t->mesh_ ? t->mesh_->shape().dp : t->world_;
+
   // 2. Data: token files, validated against the model's vocabulary and context.
   SHOAL_ASSIGN_OR_RETURN(t->data_, OpenTokenDataset(c.data.dir, c.model.vocab_size,
                                                     c.model.block_size, c.data.verify_checksums));
@@ -145,21 +451,46 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   spec.batch_size = c.train.batch_size;
   spec.block_size = c.model.block_size;
   spec.grad_accum = c.train.grad_accum;
-  spec.dp_rank = t->rank_;
-  spec.dp_size = t->world_;
+  spec.dp_rank = dp_rank;
+  spec.dp_size = dp_size;
   t->train_sampler_ = std::make_unique<BatchSampler>(*t->data_.train, c.train.seed, spec);
   t->val_sampler_ = std::make_unique<BatchSampler>(*t->data_.val, c.train.seed, spec);
 
   // 3-4. Model and optimizer.
-  t->engine_ = std::make_unique<StepEngine>(c, options.backend);
+  if (t->mesh_) {
+    SHOAL_ASSIGN_OR_RETURN(t->engine_,
+                           StepEngine::CreateForMesh(c, t->mesh_.get(), options.throttle,
+                                                     placed ? &placed_blocks : nullptr));
+  } else {
+    t->engine_ = std::make_unique<StepEngine>(c, options.backend);
+  }
   if (t->options_.log) {
     SHOAL_LOG(Info) << "model: GPT " << c.model.n_layer << " layers, " << c.model.n_head
                     << " heads, width " << c.model.n_embd << ", context " << c.model.block_size
                     << ", vocab " << c.model.vocab_size << ": "
-                    << t->engine_->model().NumParameters() << " parameters";
+                    << static_cast<int64_t>(ModelParametersNoPos(c.model) +
+                                            static_cast<double>(c.model.block_size) *
+                                                c.model.n_embd)
+                    << " parameters";
     SHOAL_LOG(Info) << "data: " << c.data.dir << ": " << t->data_.train->size() << " train / "
                     << t->data_.val->size() << " val tokens";
-    if (t->world_ > 1) {
+    if (t->mesh_) {
+      const parallel::MeshShape& m = t->mesh_->shape();
+      const std::string split =
+          placed                      ? "from the coordinator's layout"
+          : c.parallel.stages.empty() ? "even"
+                                      : absl::StrJoin(c.parallel.stages, "/");
+      const auto [b0, b1] = t->engine_->stage_blocks();
+      SHOAL_LOG(Info) << "mesh " << parallel::ToString(m) << " over " << t->world_ << " ranks"
+                      << (m.pp > 1 ? absl::StrCat(", ", c.parallel.schedule, " pipeline, blocks "
+                                                  "per stage ", split, " (rank 0: stage ",
+                                                  t->mesh_->coord().pp, ", blocks [", b0, ", ",
+                                                  b1, "))")
+                                   : "")
+                      << "; " << c.train.grad_accum << " micro-batches of "
+                      << c.train.batch_size << " sequences per replica, global batch "
+                      << m.dp * c.train.batch_size * c.train.grad_accum << " sequences";
+    } else if (t->world_ > 1) {
       SHOAL_LOG(Info) << "data parallel: " << t->world_ << " ranks over "
                       << options.backend->name() << ", "
                       << (c.parallel.zero == 1 ? "ZeRO-1 (sharded optimizer state)"
@@ -235,8 +566,7 @@ absl::Status Trainer::Resume() {
                                                       " but train.steps is ",
                                                       config_.train.steps));
   }
-  SHOAL_RETURN_IF_ERROR(engine_->model().LoadParameters(state->model));
-  SHOAL_RETURN_IF_ERROR(engine_->optimizer().LoadStateDict(state->optimizer));
+  SHOAL_RETURN_IF_ERROR(engine_->LoadModelWide(state->model, state->optimizer));
   if (engine_->optimizer().steps() != state->step) {
     return absl::DataLossError(absl::StrCat("checkpoint step ", state->step,
                                             " disagrees with its optimizer step count ",
@@ -248,8 +578,10 @@ absl::Status Trainer::Resume() {
 }
 
 absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step) {
-  // Under ZeRO-1 every rank takes part in gathering the optimizer state.
-  SHOAL_ASSIGN_OR_RETURN(NamedTensors optimizer_state, engine_->OptimizerState());
+  // Under ZeRO-1 every rank takes part in gathering the optimizer state; in mesh mode every
+  // rank takes part in assembling the model-wide tensors on rank 0.
+  NamedTensors model_state, optimizer_state;
+  SHOAL_RETURN_IF_ERROR(engine_->ModelWideState(&model_state, &optimizer_state));
   std::string path;
   if (rank_ == 0) {
     CheckpointState state;
@@ -262,8 +594,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step) {
                   {"dir", config_.data.dir},
                   {"train_tokens", data_.train->size()},
                   {"val_tokens", data_.val->size()},
-                  {"dp_size", world_}};
-    state.model = engine_->model().NamedParameters();
+                  {"dp_size", engine_->dp_size()}};
+    state.model = std::move(model_state);
     state.optimizer = std::move(optimizer_state);
     SHOAL_ASSIGN_OR_RETURN(path, checkpoints_->Save(state));
   }
@@ -275,16 +607,17 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step) {
   return path;
 }
 
-double Trainer::Evaluate() {
+absl::StatusOr<double> Trainer::Evaluate() {
   const int b = config_.train.batch_size, t = config_.model.block_size;
-  at::Tensor x = at::empty({b, t}, at::kLong), y = at::empty({b, t}, at::kLong);
-  double total = 0;
+  std::vector<std::pair<at::Tensor, at::Tensor>> batches(config_.train.eval_batches);
   for (int i = 0; i < config_.train.eval_batches; ++i) {
+    auto& [x, y] = batches[i];
+    x = at::empty({b, t}, at::kLong);
+    y = at::empty({b, t}, at::kLong);
     val_sampler_->ValBatch(i, config_.train.eval_batches, x.data_ptr<int64_t>(),
                            y.data_ptr<int64_t>());
-    total += engine_->model().Loss(x, y);
   }
-  return total / config_.train.eval_batches;
+  return engine_->EvaluateLoss(batches);
 }
 
 absl::StatusOr<TrainResult> Trainer::Run() {
@@ -297,11 +630,13 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   const int64_t end_step =
       options_.stop_after > 0 ? std::min(c.train.steps, start_step_ + options_.stop_after)
                               : c.train.steps;
-  const double flops_per_token = engine_->model().FlopsPerToken();
+  const double flops_per_token = engine_->FlopsPerToken();
   const int64_t rank_tokens_per_step =
       static_cast<int64_t>(c.train.batch_size) * c.train.grad_accum * c.model.block_size;
-  const int64_t tokens_per_step = rank_tokens_per_step * world_;
-  const Throttle throttle(options_.throttle);
+  const int64_t tokens_per_step = rank_tokens_per_step * engine_->dp_size();
+  // In mesh mode the stage throttles each forward and backward itself (a slow device delays
+  // its neighbours through the pipeline, not by sleeping after the step).
+  const Throttle throttle(mesh_ ? 1.0 : options_.throttle);
   // Every rank must stop at the same step, so a stop request is agreed on collectively.
   auto stop_agreed = [&]() -> absl::StatusOr<bool> {
     const bool local = options_.stop_requested != nullptr && options_.stop_requested->load();
@@ -322,8 +657,10 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   }
 
   auto eval = [&](int64_t step) -> absl::Status {
-    double val = 0;
-    SHOAL_RETURN_IF_ERROR(CatchTorch("validation", [&] { val = Evaluate(); }));
+    absl::StatusOr<double> evaluated = 0.0;
+    SHOAL_RETURN_IF_ERROR(CatchTorch("validation", [&] { evaluated = Evaluate(); }));
+    SHOAL_RETURN_IF_ERROR(evaluated.status());
+    const double val = *evaluated;
     if (result.first_val_loss < 0) result.first_val_loss = val;
     result.last_val_loss = val;
     if (options_.log) SHOAL_LOG(Info) << "step " << step << " | val loss " << val;
@@ -337,6 +674,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   double interval_compute_s = 0, interval_loss = 0, timed_s = 0;
   int64_t interval_steps = 0, timed_steps = 0;
   StepStats stats;
+  parallel::PipelineStepTiming pipeline_total;
   int64_t step = start_step_;
   for (; step < end_step; ++step) {
     SHOAL_ASSIGN_OR_RETURN(const bool stop, stop_agreed());
@@ -358,6 +696,13 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     }));
     SHOAL_RETURN_IF_ERROR(step_status);
     const double compute_s = Seconds(t0, Clock::now());
+    if (mesh_) {
+      const parallel::PipelineStepTiming pt = engine_->pipeline_timing();
+      pipeline_total.compute_s += pt.compute_s;
+      pipeline_total.recv_wait_s += pt.recv_wait_s;
+      pipeline_total.send_wait_s += pt.send_wait_s;
+      pipeline_total.total_s += pt.total_s;
+    }
     const double dt = compute_s + throttle.After(compute_s);
     if (!std::isfinite(stats.loss)) {
       return absl::AbortedError(absl::StrCat("loss is ", stats.loss, " at step ", step,
@@ -409,6 +754,17 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     }
   }
   result.last_step = step;
+  if (mesh_ && pipeline_total.total_s > 0 && options_.log_all_ranks_summary) {
+    // Every rank: where its pipeline time went (a stage that mostly waits is under-loaded).
+    const auto [b0, b1] = engine_->stage_blocks();
+    const parallel::MeshCoord& mc = mesh_->coord();
+    SHOAL_LOG(Info) << absl::StrFormat(
+        "rank %d (stage %d, blocks [%d, %d), tp rank %d): computing %.1f%%, waiting for "
+        "neighbours %.1f%%, finishing sends %.1f%% of %.2f s in the pipeline",
+        rank_, mc.pp, b0, b1, mc.tp, 100 * pipeline_total.compute_s / pipeline_total.total_s,
+        100 * pipeline_total.recv_wait_s / pipeline_total.total_s,
+        100 * pipeline_total.send_wait_s / pipeline_total.total_s, pipeline_total.total_s);
+  }
   if (timed_steps > 0) {
     result.step_time_ms = 1e3 * timed_s / timed_steps;
     result.tokens_per_s = tokens_per_step * timed_steps / timed_s;

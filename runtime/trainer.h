@@ -28,6 +28,8 @@
 #include "comm/backend.h"
 #include "parallel/adamw.h"
 #include "parallel/data_parallel.h"
+#include "parallel/mesh.h"
+#include "parallel/pipeline_executor.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/gpt.h"
@@ -43,10 +45,24 @@ struct StepStats {
   double lr = 0;
 };
 
+class MeshStage;
+
 class StepEngine {
  public:
   // `backend`: the data-parallel group (not owned; null or size 1 for a single process).
   explicit StepEngine(const Config& config, comm::Backend* backend = nullptr);
+  // Model parallelism: this rank's pipeline stage (blocks from parallel.stages, or an even
+  // split) and tensor-parallel shard of the model, its micro-batches driven through the
+  // parallel.schedule by a PipelineExecutor over mesh->pp(), gradients summed between the two
+  // copies of the tied wte (first and last stage) and averaged over mesh->dp(). `throttle` >= 1
+  // slows every forward and backward of this stage down by that factor (runtime/profiler.h).
+  // Every rank of the mesh makes the same calls (Step, Evaluate, ModelWideState are collectives
+  // over the world). Errors: a bad stage split or tp (named), group or executor set-up.
+  // `blocks`: this stage's blocks [first, end) when a layout gives them (null: from the config).
+  static absl::StatusOr<std::unique_ptr<StepEngine>> CreateForMesh(
+      const Config& config, parallel::Mesh* mesh, double throttle = 1.0,
+      const std::pair<int, int>* blocks = nullptr);
+  ~StepEngine();
 
   // One optimizer step `step` (0-based) over micro-batches of (tokens, targets), each (B, T)
   // int64. With a data-parallel group: gradients synced (bucketed all-reduce overlapping backward,
@@ -58,16 +74,49 @@ class StepEngine {
   // Full optimizer state (a collective under ZeRO-1: every rank calls it).
   absl::StatusOr<NamedTensors> OptimizerState();
 
+  // Mean loss of the model over `batches` (forward only), the same value on every rank
+  // (a collective in mesh mode).
+  absl::StatusOr<double> EvaluateLoss(const std::vector<std::pair<at::Tensor, at::Tensor>>& batches);
+
+  // The whole model's parameters and optimizer state under single-process names, assembled on
+  // world rank 0 (other ranks get empty lists). A collective over the world in mesh mode.
+  absl::Status ModelWideState(NamedTensors* model, NamedTensors* optimizer);
+  // Loads model-wide parameters and optimizer state (a checkpoint's), keeping this rank's part.
+  absl::Status LoadModelWide(const NamedTensors& model, const NamedTensors& optimizer);
+
+  // Model FLOPs per token of the whole model (not of this stage), for MFU.
+  double FlopsPerToken() const;
+  // This rank's data-parallel replica and the number of replicas.
+  int dp_rank() const;
+  int dp_size() const;
+  parallel::Mesh* mesh() { return mesh_; }
+  // Blocks [first, end) of this rank's stage; the stage holds pieces [first, end + 2) in
+  // Gpt::CreateStage numbering when first is 0, else [first + 1, end + 1) (+ head when last).
+  std::pair<int, int> stage_blocks() const { return stage_blocks_; }
+  // Last step's pipeline timing (mesh mode; zeros otherwise).
+  parallel::PipelineStepTiming pipeline_timing() const;
+
   Gpt& model() { return *model_; }
   parallel::AdamW& optimizer() { return *optimizer_; }
   parallel::DataParallel* data_parallel() { return dp_.get(); }
 
  private:
+  StepEngine(const Config& config, parallel::Mesh* mesh);
+  absl::StatusOr<StepStats> MeshStep(int64_t step,
+                                     const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
+  absl::Status ReduceMeshGradients();
+
   Config config_;
   comm::Backend* backend_;
   std::unique_ptr<Gpt> model_;
   std::unique_ptr<parallel::AdamW> optimizer_;
   std::unique_ptr<parallel::DataParallel> dp_;
+  // Mesh mode.
+  parallel::Mesh* mesh_ = nullptr;
+  std::pair<int, int> stage_blocks_{0, 0};
+  std::unique_ptr<MeshStage> stage_;
+  std::unique_ptr<parallel::PipelineExecutor> executor_;
+  std::vector<ShardSpec> specs_;
 };
 
 // What the Trainer reports after every step (to the coordinator link, through on_step).
@@ -84,9 +133,17 @@ struct TrainOptions {
   int64_t stop_after = 0;              // >0: stop (with a checkpoint) after this many steps
   bool bench = false;                  // no eval, no checkpoints, no metrics file
   int64_t bench_warmup_steps = 3;      // bench: steps excluded from the timing
-  bool log = true;                     // print log lines to stderr
+  bool log = true;                     // print log lines to stderr (rank 0 only)
+  // Mesh mode: every rank logs where its pipeline time went at the end (compute, waiting).
+  bool log_all_ranks_summary = true;
   const std::atomic<bool>* stop_requested = nullptr;  // e.g. set by SIGTERM
-  comm::Backend* backend = nullptr;    // data-parallel group (not owned); null: one process
+  comm::Backend* backend = nullptr;    // the job's group (not owned); null: one process
+  // The job's rendezvous store (this generation's namespace); needed for model parallelism,
+  // whose groups are built on it (parallel/mesh.h).
+  std::shared_ptr<comm::Store> store;
+  // A layout that places this rank (the coordinator's): overrides parallel.tp / pp / stages.
+  // One with tp = pp = 1 runs as plain data parallelism.
+  std::optional<parallel::MeshPlacement> placement;
   int nodes = 1;                       // hosts in the job, for MFU (each has the measured peak)
   // A deliberate slow-down for heterogeneity tests (>= 1): after each step's compute the
   // trainer sleeps (throttle - 1) x that compute time, so this rank looks `throttle` times
@@ -120,8 +177,8 @@ class Trainer {
                                                           const TrainOptions& options);
   absl::StatusOr<TrainResult> Run();
 
-  // Mean loss over the fixed validation set.
-  double Evaluate();
+  // Mean loss over the fixed validation set (a collective in mesh mode).
+  absl::StatusOr<double> Evaluate();
 
   StepEngine& engine() { return *engine_; }
 
@@ -135,6 +192,7 @@ class Trainer {
   TokenDataset data_;
   std::unique_ptr<BatchSampler> train_sampler_;
   std::unique_ptr<BatchSampler> val_sampler_;
+  std::unique_ptr<parallel::Mesh> mesh_;
   std::unique_ptr<StepEngine> engine_;
   std::unique_ptr<CheckpointStore> checkpoints_;
   std::optional<MetricsFile> metrics_;

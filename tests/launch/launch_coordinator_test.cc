@@ -27,6 +27,7 @@
 #include "launch/worker_link.h"
 #include "scheduler/coordinator_service.h"
 #include "tests/monitoring_util.h"
+#include "tests/json_util.h"
 #include "tests/test_util.h"
 
 namespace shoal {
@@ -41,23 +42,7 @@ using testing::TempDir;
 using testing::WaitUntil;
 using testing::WriteTextFile;
 
-// The last line of `text` that parses as a JSON object.
-nlohmann::json LastJsonLine(const std::string& text) {
-  nlohmann::json last;
-  size_t start = 0;
-  while (start < text.size()) {
-    size_t end = text.find('\n', start);
-    if (end == std::string::npos) end = text.size();
-    const std::string line = text.substr(start, end - start);
-    const size_t brace = line.find('{');
-    if (brace != std::string::npos) {
-      auto j = nlohmann::json::parse(line.substr(brace), nullptr, /*allow_exceptions=*/false);
-      if (j.is_object()) last = j;
-    }
-    start = end + 1;
-  }
-  return last;
-}
+using testing::LastJsonLine;
 
 // proto3 JSON prints 64-bit integers as strings; either form reads here.
 double Number(const nlohmann::json& j) {
@@ -229,6 +214,42 @@ TEST_F(CoordinatorTest, DrainedWorkerCheckpointsAndExitsCleanly) {
   EXPECT_EQ(status.workers(0).state(), v1::WORKER_STATE_LEFT);
 }
 
+TEST_F(CoordinatorTest, TheSolversPipelineLayoutRuns) {
+  // Two ranks whose memory budget cannot hold the model alone (states and activations of tiny at
+  // these sizes are about 40 MiB on one device): the solver splits it into a 2-stage pipeline,
+  // and the trainers build exactly the stages it assigned.
+  auto server = StartServer("s3cret-token");
+  ASSERT_NE(server, nullptr);
+  const std::string where = "127.0.0.1:" + std::to_string(server->port());
+  const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" +
+                              TrainArgs(8, " train.batch_size=2 train.grad_accum=4 "
+                                           "train.log_every=1 parallel.pp=2 "
+                                           "memory.host_budget=20MiB memory.disk_budget=1MiB") +
+                              " --coordinator " + where + " --coordinator-token-file " +
+                              (tmp_ / "token"),
+                          tmp_ / "train.log");
+  const int code = WaitExit(pid, std::chrono::seconds(110));
+  const std::string log = ReadTextFile(tmp_ / "train.log");
+  ASSERT_EQ(code, 0) << log;
+  const v1::ClusterStatus status = server->core().Status();
+  ASSERT_EQ(status.workers_size(), 2) << log;
+  std::set<int> stages;
+  int blocks = 0;
+  for (const v1::WorkerStatus& w : status.workers()) {
+    const v1::Assignment& a = w.assignment();
+    EXPECT_EQ(a.pp(), 2) << a.DebugString();
+    EXPECT_EQ(a.tp(), 1);
+    EXPECT_EQ(a.dp(), 1);
+    stages.insert(a.stage());
+    blocks += a.end_layer() - a.first_layer();
+    EXPECT_EQ(w.last_stats().step(), 8);
+  }
+  EXPECT_EQ(stages, (std::set<int>{0, 1}));
+  EXPECT_EQ(blocks, 4);  // tiny's 4 blocks, each on one stage
+  EXPECT_TRUE(Contains(log, "mesh (tp 1, pp 2, dp 1)")) << log;
+  EXPECT_TRUE(Contains(log, "step 8/8")) << log;
+}
+
 TEST_F(CoordinatorTest, RanksJoinAgainWhenTheCoordinatorRestarts) {
   auto server = StartServer("s3cret-token");
   ASSERT_NE(server, nullptr);
@@ -370,14 +391,26 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
   a.set_pp(1);
   a.set_dp(4);
   EXPECT_TRUE(launch::CheckAssignment(a, 4).ok());
-  a.set_pp(2);
+  a.set_pp(2);  // a pipeline of 2 stages, 2 replicas: 4 ranks
   a.set_dp(2);
+  a.set_stage(1);
+  a.set_replica(1);
+  EXPECT_TRUE(launch::CheckAssignment(a, 4).ok());
+  a.set_stage(2);  // no such stage
   absl::Status s = launch::CheckAssignment(a, 4);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(Contains(std::string(s.message()), "data parallelism only")) << s;
+  EXPECT_TRUE(Contains(std::string(s.message()), "outside its mesh")) << s;
+  a.set_stage(0);
+  // parallel.tp / pp are the solver's bounds.
+  c.parallel.tp = 2;
+  c.parallel.pp = 3;
+  EXPECT_EQ(launch::JobSpecFor(c, 4).max_tp(), 2);
+  EXPECT_EQ(launch::JobSpecFor(c, 4).max_pp(), 3);
   a.set_pp(1);
-  a.set_dp(3);
-  EXPECT_EQ(launch::CheckAssignment(a, 4).code(), absl::StatusCode::kFailedPrecondition);
+  a.set_dp(3);  // 3 of 4 ranks placed
+  s = launch::CheckAssignment(a, 4);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(std::string(s.message()), "this job has 4 ranks")) << s;
   a.set_placed(false);
   a.set_reason("not enough memory");
   s = launch::CheckAssignment(a, 4);

@@ -58,6 +58,16 @@ void ExpectSameValues(const Config& a, const Config& b) {
   EXPECT_EQ(a.checkpoint.dir, b.checkpoint.dir);
   EXPECT_EQ(a.checkpoint.every, b.checkpoint.every);
   EXPECT_EQ(a.checkpoint.keep, b.checkpoint.keep);
+  EXPECT_EQ(a.parallel.backend, b.parallel.backend);
+  EXPECT_EQ(a.parallel.zero, b.parallel.zero);
+  EXPECT_EQ(a.parallel.bucket_mb, b.parallel.bucket_mb);
+  EXPECT_EQ(a.parallel.timeout_s, b.parallel.timeout_s);
+  EXPECT_EQ(a.parallel.tp, b.parallel.tp);
+  EXPECT_EQ(a.parallel.pp, b.parallel.pp);
+  EXPECT_EQ(a.parallel.stages, b.parallel.stages);
+  EXPECT_EQ(a.parallel.schedule, b.parallel.schedule);
+  EXPECT_EQ(a.memory.host_budget, b.memory.host_budget);
+  EXPECT_EQ(a.memory.disk_budget, b.memory.disk_budget);
 }
 
 TEST(ConfigTest, MinimalFileGivesDefaults) {
@@ -304,6 +314,10 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   original.checkpoint.dir = "";
   original.checkpoint.every = 4;
   original.checkpoint.keep = 9;
+  original.parallel.pp = 3;
+  original.parallel.stages = {1, 1, 1};
+  original.parallel.schedule = "gpipe";
+  original.memory.host_budget = "1.5GiB";
 
   const std::string text = original.ToToml();
   absl::StatusOr<Config> parsed = ParseConfig(text, "roundtrip.toml");
@@ -318,6 +332,56 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   parsed = ParseConfig(defaults.ToToml(), "defaults.toml");
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   ExpectSameValues(defaults, *parsed);
+}
+
+TEST(ConfigTest, ModelParallelKeys) {
+  absl::StatusOr<Config> c = Parse(kMinimal, {"model.n_layer=6", "parallel.tp=2", "parallel.pp=2",
+                                              "parallel.stages=[4, 2]", "parallel.schedule=gpipe"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->parallel.tp, 2);
+  EXPECT_EQ(c->parallel.pp, 2);
+  EXPECT_EQ(c->parallel.stages, (std::vector<int>{4, 2}));
+  EXPECT_EQ(c->parallel.schedule, "gpipe");
+  // Each problem names its key and the numbers.
+  const std::pair<std::vector<std::string>, std::string> bad[] = {
+      {{"parallel.tp=3"}, "parallel.tp = 3 must divide model.n_head"},
+      {{"parallel.tp=0"}, "parallel.tp must be >= 1"},
+      {{"parallel.pp=0"}, "parallel.pp must be in [1, model.n_layer"},
+      {{"model.n_layer=2", "parallel.pp=3"}, "parallel.pp must be in [1, model.n_layer = 2]"},
+      {{"model.n_layer=6", "parallel.pp=2", "parallel.stages=[3]"},
+       "parallel.stages has 1 entries but parallel.pp = 2"},
+      {{"model.n_layer=6", "parallel.pp=2", "parallel.stages=[5, 2]"},
+       "summing to model.n_layer = 6"},
+      {{"model.n_layer=6", "parallel.pp=2", "parallel.stages=[6, 0]"},
+       "block counts >= 1"},
+      {{"parallel.stages=[1, \"a\"]"}, "parallel.stages must be an array of integers"},
+      {{"parallel.stages=3"}, "parallel.stages must be an array of integers (got integer)"},
+      {{"parallel.schedule=zigzag"}, "parallel.schedule must be \"1f1b\" or \"gpipe\""},
+      {{"parallel.pp=2", "parallel.backend=mpi"}, "need \"gloo\""},
+      {{"parallel.tp=2", "parallel.zero=1"}, "ZeRO-1"},
+  };
+  for (const auto& [overrides, message] : bad) {
+    c = Parse(kMinimal, overrides);
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << message;
+    EXPECT_THAT(Msg(c.status()), HasSubstr(message));
+  }
+}
+
+TEST(ConfigTest, ByteSizes) {
+  EXPECT_EQ(*ParseByteSize("1000000", "x"), 1000000);
+  EXPECT_EQ(*ParseByteSize("512MiB", "x"), 512LL << 20);
+  EXPECT_EQ(*ParseByteSize(" 1.5 gib ", "x"), 3LL << 29);
+  EXPECT_EQ(*ParseByteSize("2GB", "x"), 2000000000LL);
+  for (const char* bad : {"", "GiB", "-1GiB", "1.5 parsecs", "1e3", "99999999TiB", "1..2MB"}) {
+    absl::StatusOr<int64_t> b = ParseByteSize(bad, "memory.host_budget");
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(Msg(b.status()), HasSubstr("memory.host_budget")) << bad;
+  }
+  absl::StatusOr<Config> c = Parse(kMinimal, {"memory.host_budget=64MiB"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->memory.host_budget, "64MiB");
+  c = Parse(kMinimal, {"memory.disk_budget=lots"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("memory.disk_budget = \"lots\" is not a size"));
 }
 
 TEST(ConfigTest, ResolvedCheckpointDirDefaultsUnderOutDir) {

@@ -1,0 +1,54 @@
+// Model-wide state across a mesh: every rank holds a stage of the model, possibly a
+// tensor-parallel shard of it (runtime/gpt.h ShardSpec); checkpoints hold whole tensors under
+// the single-process names, so a run can resume on any other layout.
+//
+// GatherModelWide assembles the whole tensors on rank 0 of the world group from the shards the
+// contributing ranks hold (one data-parallel replica suffices: replicas are identical).
+// SliceForModel goes the other way on each rank after loading a checkpoint.
+#ifndef SHOAL_RUNTIME_MODEL_STATE_H_
+#define SHOAL_RUNTIME_MODEL_STATE_H_
+
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/statusor.h"
+#include "comm/backend.h"
+#include "runtime/gpt.h"
+#include "runtime/safetensors.h"
+
+namespace shoal::runtime {
+
+// One local tensor and how it relates to the model-wide tensor of the same name.
+struct ShardedTensor {
+  std::string name;
+  at::Tensor local;  // float32 or int64, CPU
+  ShardSpec spec;
+};
+
+// A collective over `world` (every rank calls it): ranks with `contributes` send their tensors
+// to rank 0, which places every shard into a zero-initialised model-wide tensor (a tensor that
+// several ranks hold, replicated or duplicated, is simply written again with the same values).
+// Rank 0 returns the model-wide tensors sorted by name; other ranks return an empty list.
+// kDataLoss when a peer's description of its tensors is malformed or inconsistent (two shards
+// of one name disagreeing on the full shape or dtype); transfer errors from the backend.
+// `world` may be null (one rank): the local tensors are assembled directly.
+absl::StatusOr<NamedTensors> GatherModelWide(comm::Backend* world, bool contributes,
+                                             const std::vector<ShardedTensor>& mine,
+                                             const comm::CollectiveOptions& options = {});
+
+// This model's parameters (ShardSpecs order) as sharded tensors; with `optimizer_state`, the
+// AdamW moments "exp_avg.<name>" / "exp_avg_sq.<name>" of the same parameters from `state`
+// (AdamW::StateDict) and its "step" (replicated).
+std::vector<ShardedTensor> ShardedParameters(const Gpt& model);
+std::vector<ShardedTensor> ShardedOptimizerState(const Gpt& model, const NamedTensors& state);
+
+// From a model-wide optimizer state (a checkpoint's), this model's slice of it: the moments of
+// its own parameters cut to its shards, and "step". kDataLoss names a missing tensor or one whose
+// shape is not the model-wide one.
+absl::StatusOr<NamedTensors> SliceOptimizerState(const Gpt& model, const NamedTensors& full);
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_MODEL_STATE_H_
