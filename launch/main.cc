@@ -197,16 +197,6 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     launch::WorkerLink* l = link.get();
     options.on_step = [l](const runtime::StepReport& r) { l->OnStep(r); };
     options.placement = link->placement();
-    const v1::Assignment& a = link->assignment();
-    if (env->rank == 0 && (a.micro_batch_size() != config->train.batch_size ||
-        a.micro_batches() != config->train.grad_accum)) {
-      // The solver's per-replica batch plan (uneven across replicas of uneven speed) is not
-      // followed yet: every replica runs the config's micro-batches.
-      SHOAL_LOG(Info) << "the layout plans " << a.micro_batches() << " micro-batches of "
-                      << a.micro_batch_size() << " for this replica; this trainer runs the "
-                      << "config's " << config->train.grad_accum << " of "
-                      << config->train.batch_size << " on every replica";
-    }
   }
   options.stop_requested = &g_stop;
   std::signal(SIGINT, OnSignal);

@@ -104,7 +104,8 @@ absl::Status CheckAssignment(const v1::Assignment& a, int world_size) {
         a.dp(), ", but this job has ", world_size, " ranks, all of which must be placed"));
   }
   if (a.tp_rank() < 0 || a.tp_rank() >= a.tp() || a.stage() < 0 || a.stage() >= a.pp() ||
-      a.replica() < 0 || a.replica() >= a.dp()) {
+      a.replica() < 0 || a.replica() >= a.dp() || a.micro_batch_size() < 1 ||
+      a.micro_batches() < 1) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the coordinator's layout v", a.version(), " places this worker outside its mesh: ",
         Describe(a)));
@@ -423,6 +424,8 @@ parallel::MeshPlacement WorkerLink::placement() const {
   p.coord = {a.tp_rank(), a.stage(), a.replica()};
   p.first_block = a.first_layer();
   p.end_block = a.end_layer();
+  p.micro_batch_size = a.micro_batch_size();
+  p.micro_batches = a.micro_batches();
   return p;
 }
 const v1::DeviceProfile& WorkerLink::profile() const { return impl_->profile; }

@@ -4,7 +4,8 @@
 // one measures and the others read its cache), measures the round trip and upload bandwidth to
 // the coordinator, joins with the profile and the job (from the config), waits for its
 // assignment in the first layout and checks that it places every rank of the job (tp x pp x dp =
-// the world size, this rank inside the mesh); the trainer then builds that mesh. The job spec
+// the world size, this rank inside the mesh); the trainer then builds that mesh and follows the
+// layout's batch plan (micro-batch size, and each replica's share of the job's global batch). The job spec
 // lets the solver use tensor and pipeline parallelism up to parallel.tp and parallel.pp. Then a background thread sends a heartbeat
 // with the latest step statistics every heartbeat interval:
 //   - coordinator unreachable: a warning (at most once a minute) and training goes on;

@@ -50,12 +50,16 @@ int RankOf(const MeshShape& shape, const MeshCoord& coord);
 std::string ToString(const MeshShape& shape);
 
 // Where a rank sits when a layout (the coordinator's) places it rather than the rank numbering:
-// its coordinate and the blocks [first_block, end_block) of its pipeline stage.
+// its coordinate, the blocks [first_block, end_block) of its pipeline stage, and its replica's
+// share of the batch (micro-batches of micro_batch_size sequences; replicas of uneven speed get
+// uneven shares).
 struct MeshPlacement {
   MeshShape shape;
   MeshCoord coord;
   int first_block = 0;
   int end_block = 0;
+  int micro_batch_size = 0;
+  int micro_batches = 0;
 };
 
 class Mesh {

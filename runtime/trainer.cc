@@ -227,6 +227,10 @@ double StepEngine::FlopsPerToken() const {
   return mesh_ != nullptr ? ModelFlopsPerToken(config_.model) : model_->FlopsPerToken();
 }
 
+int StepEngine::TotalMicroBatches(int mine) const {
+  return total_micro_batches_ > 0 ? total_micro_batches_ : mine * dp_size();
+}
+
 int StepEngine::dp_rank() const {
   if (mesh_ != nullptr) return mesh_->coord().dp;
   return backend_ != nullptr ? backend_->rank() : 0;
@@ -276,7 +280,8 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
   model_->ZeroGrad();
-  stage_->Begin(&micro, 1.0f / static_cast<float>(micro.size()));
+  const int total = TotalMicroBatches(static_cast<int>(micro.size()));
+  stage_->Begin(&micro, static_cast<float>(dp_size()) / static_cast<float>(total));
   SHOAL_RETURN_IF_ERROR(executor_->RunStep([this] { return ReduceMeshGradients(); }));
   // Global gradient norm and the loss in one world all-reduce: each gradient element is counted
   // once (replicated parameters on tensor-parallel rank 0 only, the head's copy of wte not at
@@ -291,9 +296,8 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
       sumsq += grads[i].second.to(at::kDouble).square().sum().item<double>();
     }
   }
-  const double loss_part = model_->has_head() && model_->tp_rank() == 0
-                               ? stage_->loss_sum() / micro.size() / dp_size()
-                               : 0.0;
+  const double loss_part =
+      model_->has_head() && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
   at::Tensor v = at::tensor({sumsq, loss_part}, at::kDouble);
   if (backend_ != nullptr) {
     SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
@@ -358,7 +362,10 @@ absl::StatusOr<StepStats> StepEngine::Step(
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
   model_->ZeroGrad();
-  const float loss_scale = 1.0f / static_cast<float>(micro.size());
+  // Every replica scales its micro-batches' losses by dp / M (M: the step's micro-batches over
+  // all replicas), so the group's mean gradient is the mean over all M, shares even or not.
+  const int total = TotalMicroBatches(static_cast<int>(micro.size()));
+  const float loss_scale = static_cast<float>(dp_size()) / static_cast<float>(total);
   // Data parallel: parameters report as backward finishes them, so buckets launch early.
   std::function<void(int)> on_piece_done;
   if (dp_) {
@@ -370,7 +377,7 @@ absl::StatusOr<StepStats> StepEngine::Step(
     if (dp_) dp_->BeginMicroBatch(m + 1 == micro.size());
     stats.loss += model_->ForwardBackward(micro[m].first, micro[m].second, loss_scale, on_piece_done);
   }
-  stats.loss /= static_cast<double>(micro.size());
+  stats.loss *= static_cast<double>(dp_size()) / total;  // the group's Mean makes it sum / M
   if (dp_) {
     SHOAL_RETURN_IF_ERROR(dp_->FinishGradients());
     SHOAL_ASSIGN_OR_RETURN(stats.grad_norm, dp_->GradNorm());
@@ -443,6 +450,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   }
   const int dp_rank = t->mesh_ ? t->mesh_->coord().dp : t->rank_;
   const int dp_size = t->mesh_ ? t->mesh_->shape().dp : t->world_;
+  if (placed) SHOAL_RETURN_IF_ERROR(t->FollowBatchPlan(*placed));
 
   // 2. Data: token files, validated against the model's vocabulary and context.
   SHOAL_ASSIGN_OR_RETURN(t->data_, OpenTokenDataset(c.data.dir, c.model.vocab_size,
@@ -453,6 +461,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   spec.grad_accum = c.train.grad_accum;
   spec.dp_rank = dp_rank;
   spec.dp_size = dp_size;
+  if (t->total_micro_batches_ > 0) {
+    // Uneven shares: the step's M micro-batches are numbered globally and this replica takes
+    // [micro_offset_, micro_offset_ + its count), so the windows are those of one process
+    // running all M (the sampler's global index with one replica of M micro-batches).
+    spec.grad_accum = t->total_micro_batches_;
+    spec.dp_rank = 0;
+    spec.dp_size = 1;
+  }
   t->train_sampler_ = std::make_unique<BatchSampler>(*t->data_.train, c.train.seed, spec);
   t->val_sampler_ = std::make_unique<BatchSampler>(*t->data_.val, c.train.seed, spec);
 
@@ -464,6 +480,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   } else {
     t->engine_ = std::make_unique<StepEngine>(c, options.backend);
   }
+  t->engine_->set_total_micro_batches(t->total_micro_batches_);
   if (t->options_.log) {
     SHOAL_LOG(Info) << "model: GPT " << c.model.n_layer << " layers, " << c.model.n_head
                     << " heads, width " << c.model.n_embd << ", context " << c.model.block_size
@@ -474,6 +491,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                     << " parameters";
     SHOAL_LOG(Info) << "data: " << c.data.dir << ": " << t->data_.train->size() << " train / "
                     << t->data_.val->size() << " val tokens";
+    const int64_t global_batch =
+        static_cast<int64_t>(c.train.batch_size) *
+        (t->total_micro_batches_ > 0 ? t->total_micro_batches_ : dp_size * c.train.grad_accum);
     if (t->mesh_) {
       const parallel::MeshShape& m = t->mesh_->shape();
       const std::string split =
@@ -489,14 +509,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                                    : "")
                       << "; " << c.train.grad_accum << " micro-batches of "
                       << c.train.batch_size << " sequences per replica, global batch "
-                      << m.dp * c.train.batch_size * c.train.grad_accum << " sequences";
+                      << global_batch << " sequences";
     } else if (t->world_ > 1) {
       SHOAL_LOG(Info) << "data parallel: " << t->world_ << " ranks over "
                       << options.backend->name() << ", "
                       << (c.parallel.zero == 1 ? "ZeRO-1 (sharded optimizer state)"
                                                : "bucketed all-reduce")
-                      << ", global batch " << t->world_ * c.train.batch_size * c.train.grad_accum
-                      << " sequences";
+                      << ", global batch " << global_batch << " sequences";
     }
   }
 
@@ -522,6 +541,55 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
     t->metrics_.emplace(std::move(m));
   }
   return t;
+}
+
+absl::Status Trainer::FollowBatchPlan(const parallel::MeshPlacement& placed) {
+  if (placed.micro_batch_size < 1 || placed.micro_batches < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the layout gives this replica ", placed.micro_batches, " micro-batches of ",
+        placed.micro_batch_size, " sequences; both must be >= 1"));
+  }
+  // Every rank learns every replica's share: (replica, micro-batches, micro-batch size).
+  std::vector<int64_t> table = {placed.coord.dp, placed.micro_batches, placed.micro_batch_size};
+  if (world_ > 1) {
+    at::Tensor mine = at::tensor(table, at::kLong);
+    at::Tensor all = at::empty({3 * world_}, at::kLong);
+    SHOAL_RETURN_IF_ERROR(
+        options_.backend->AllGather(all, mine, {absl::Seconds(config_.parallel.timeout_s)})
+            ->Wait());
+    table.assign(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + 3 * world_);
+  }
+  std::vector<int64_t> share(placed.shape.dp, -1);
+  for (int r = 0; r < static_cast<int>(table.size() / 3); ++r) {
+    const int64_t replica = table[3 * r], count = table[3 * r + 1], size = table[3 * r + 2];
+    if (replica < 0 || replica >= placed.shape.dp || count < 1 ||
+        size != placed.micro_batch_size || (share[replica] >= 0 && share[replica] != count)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the layout's batch plan is inconsistent: rank ", r, " has replica ", replica, " with ",
+          count, " micro-batches of ", size, " sequences; this rank has replica ",
+          placed.coord.dp, " with ", placed.micro_batches, " of ", placed.micro_batch_size));
+    }
+    share[replica] = count;
+  }
+  int total = 0;
+  for (int d = 0; d < placed.shape.dp; ++d) {
+    if (share[d] < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the layout's batch plan has no rank of replica ", d));
+    }
+    if (d < placed.coord.dp) micro_offset_ += static_cast<int>(share[d]);
+    total += static_cast<int>(share[d]);
+  }
+  total_micro_batches_ = total;
+  config_.train.batch_size = placed.micro_batch_size;
+  config_.train.grad_accum = placed.micro_batches;
+  if (options_.log) {
+    SHOAL_LOG(Info) << "batch plan from the layout: " << total << " micro-batches of "
+                    << placed.micro_batch_size << " sequences per step over "
+                    << placed.shape.dp << " replica(s), shares "
+                    << absl::StrJoin(share, "/");
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::Resume() {
@@ -633,7 +701,10 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   const double flops_per_token = engine_->FlopsPerToken();
   const int64_t rank_tokens_per_step =
       static_cast<int64_t>(c.train.batch_size) * c.train.grad_accum * c.model.block_size;
-  const int64_t tokens_per_step = rank_tokens_per_step * engine_->dp_size();
+  const int64_t tokens_per_step =
+      total_micro_batches_ > 0
+          ? static_cast<int64_t>(c.train.batch_size) * total_micro_batches_ * c.model.block_size
+          : rank_tokens_per_step * engine_->dp_size();
   // In mesh mode the stage throttles each forward and backward itself (a slow device delays
   // its neighbours through the pipeline, not by sleeping after the step).
   const Throttle throttle(mesh_ ? 1.0 : options_.throttle);
@@ -685,7 +756,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     }
     const Clock::time_point t0 = Clock::now();
     for (int m = 0; m < c.train.grad_accum; ++m) {
-      train_sampler_->TrainBatch(step, m, micro[m].first.data_ptr<int64_t>(),
+      train_sampler_->TrainBatch(step, micro_offset_ + m, micro[m].first.data_ptr<int64_t>(),
                                  micro[m].second.data_ptr<int64_t>());
     }
     absl::Status step_status;

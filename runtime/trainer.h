@@ -86,6 +86,10 @@ class StepEngine {
 
   // Model FLOPs per token of the whole model (not of this stage), for MFU.
   double FlopsPerToken() const;
+  // Uneven shares of the batch (the coordinator's plan for replicas of uneven speed): the step's
+  // micro-batches over all replicas. 0 (default): every replica runs as many as this one.
+  void set_total_micro_batches(int total) { total_micro_batches_ = total; }
+
   // This rank's data-parallel replica and the number of replicas.
   int dp_rank() const;
   int dp_size() const;
@@ -105,6 +109,7 @@ class StepEngine {
   absl::StatusOr<StepStats> MeshStep(int64_t step,
                                      const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
   absl::Status ReduceMeshGradients();
+  int TotalMicroBatches(int mine) const;
 
   Config config_;
   comm::Backend* backend_;
@@ -117,6 +122,7 @@ class StepEngine {
   std::unique_ptr<MeshStage> stage_;
   std::unique_ptr<parallel::PipelineExecutor> executor_;
   std::vector<ShardSpec> specs_;
+  int total_micro_batches_ = 0;
 };
 
 // What the Trainer reports after every step (to the coordinator link, through on_step).
@@ -141,8 +147,10 @@ struct TrainOptions {
   // The job's rendezvous store (this generation's namespace); needed for model parallelism,
   // whose groups are built on it (parallel/mesh.h).
   std::shared_ptr<comm::Store> store;
-  // A layout that places this rank (the coordinator's): overrides parallel.tp / pp / stages.
-  // One with tp = pp = 1 runs as plain data parallelism.
+  // A layout that places this rank (the coordinator's): overrides parallel.tp / pp / stages and
+  // the batch plan (train.batch_size becomes its micro-batch size, train.grad_accum this
+  // replica's micro-batch count; replicas may have uneven counts, and the step is still the mean
+  // over all of the step's micro-batches). One with tp = pp = 1 runs as plain data parallelism.
   std::optional<parallel::MeshPlacement> placement;
   int nodes = 1;                       // hosts in the job, for MFU (each has the measured peak)
   // A deliberate slow-down for heterogeneity tests (>= 1): after each step's compute the
@@ -184,6 +192,8 @@ class Trainer {
 
  private:
   Trainer(Config config, TrainOptions options) : config_(std::move(config)), options_(options) {}
+  // Takes the layout's per-replica batch plan (a collective over the job's group).
+  absl::Status FollowBatchPlan(const parallel::MeshPlacement& placed);
   absl::Status Resume();
   absl::StatusOr<std::string> SaveCheckpoint(int64_t step);
 
@@ -200,6 +210,10 @@ class Trainer {
   double peak_gflops_ = 0;
   int omp_threads_ = 0, blas_threads_ = 0;
   int rank_ = 0, world_ = 1;
+  // The layout's batch plan: the step's micro-batches over all replicas (0: even shares from the
+  // config) and the global index of this replica's first.
+  int total_micro_batches_ = 0;
+  int micro_offset_ = 0;
 };
 
 }  // namespace shoal::runtime

@@ -3,7 +3,11 @@
 #define SHOAL_TESTS_JSON_UTIL_H_
 
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
+#include <vector>
+
+#include "tests/test_util.h"
 
 namespace shoal::testing {
 
@@ -24,6 +28,21 @@ inline nlohmann::json LastJsonLine(const std::string& text) {
     start = end + 1;
   }
   return last;
+}
+
+// The per-step losses ("step_loss" of every "train" record) of a metrics.jsonl file, or with
+// `kind` = "val" the validation losses.
+inline std::vector<double> StepLosses(const std::string& metrics_path,
+                                      const std::string& kind = "train") {
+  std::vector<double> out;
+  std::istringstream in(ReadTextFile(metrics_path));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["kind"] != kind) continue;
+    out.push_back(j[kind == "train" ? "step_loss" : "val_loss"].get<double>());
+  }
+  return out;
 }
 
 }  // namespace shoal::testing

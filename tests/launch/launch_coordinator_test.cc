@@ -20,6 +20,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -131,6 +132,25 @@ class CoordinatorTest : public ::testing::Test {
     return pid;
   }
 
+  // Two ranks of `TrainArgs(steps, train_sets) + flags` against a coordinator in this process,
+  // to the end. Returns the job's log; `*status` receives the coordinator's view after it.
+  std::string RunTwoRanks(int steps, const std::string& train_sets, const std::string& flags,
+                          v1::ClusterStatus* status) {
+    auto server = StartServer("s3cret-token");
+    EXPECT_NE(server, nullptr);
+    if (server == nullptr) return "";
+    const std::string where = "127.0.0.1:" + std::to_string(server->port());
+    const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" + TrainArgs(steps, train_sets) +
+                                flags + " --coordinator " + where + " --coordinator-token-file " +
+                                (tmp_ / "token"),
+                            tmp_ / "train.log");
+    const int code = WaitExit(pid, std::chrono::seconds(110));
+    const std::string log = ReadTextFile(tmp_ / "train.log");
+    EXPECT_EQ(code, 0) << log;
+    *status = server->core().Status();
+    return log;
+  }
+
   TempDir tmp_;
 };
 
@@ -218,20 +238,12 @@ TEST_F(CoordinatorTest, TheSolversPipelineLayoutRuns) {
   // Two ranks whose memory budget cannot hold the model alone (states and activations of tiny at
   // these sizes are about 40 MiB on one device): the solver splits it into a 2-stage pipeline,
   // and the trainers build exactly the stages it assigned.
-  auto server = StartServer("s3cret-token");
-  ASSERT_NE(server, nullptr);
-  const std::string where = "127.0.0.1:" + std::to_string(server->port());
-  const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" +
-                              TrainArgs(8, " train.batch_size=2 train.grad_accum=4 "
-                                           "train.log_every=1 parallel.pp=2 "
-                                           "memory.host_budget=20MiB memory.disk_budget=1MiB") +
-                              " --coordinator " + where + " --coordinator-token-file " +
-                              (tmp_ / "token"),
-                          tmp_ / "train.log");
-  const int code = WaitExit(pid, std::chrono::seconds(110));
-  const std::string log = ReadTextFile(tmp_ / "train.log");
-  ASSERT_EQ(code, 0) << log;
-  const v1::ClusterStatus status = server->core().Status();
+  v1::ClusterStatus status;
+  const std::string log =
+      RunTwoRanks(8,
+                  " train.batch_size=2 train.grad_accum=4 train.log_every=1 parallel.pp=2 "
+                  "memory.host_budget=20MiB memory.disk_budget=1MiB",
+                  "", &status);
   ASSERT_EQ(status.workers_size(), 2) << log;
   std::set<int> stages;
   int blocks = 0;
@@ -248,6 +260,40 @@ TEST_F(CoordinatorTest, TheSolversPipelineLayoutRuns) {
   EXPECT_EQ(blocks, 4);  // tiny's 4 blocks, each on one stage
   EXPECT_TRUE(Contains(log, "mesh (tp 1, pp 2, dp 1)")) << log;
   EXPECT_TRUE(Contains(log, "step 8/8")) << log;
+}
+
+TEST_F(CoordinatorTest, UnevenReplicasTakeUnevenSharesOfTheSameBatch) {
+  // Rank 1 three times slower: the solver gives its replica fewer micro-batches of the job's 16
+  // sequences, the trainers follow that plan, and the result is still the step of one process
+  // over the same 16 sequences (the sampler numbers the step's micro-batches globally).
+  v1::ClusterStatus status;
+  const std::string log =
+      RunTwoRanks(6, " train.batch_size=4 train.grad_accum=2 train.log_every=1",
+                  " --throttle 3 --throttle-rank 1", &status);
+  ASSERT_EQ(status.workers_size(), 2) << log;
+  int size = 0, total = 0, fast = 0, slow = 0;
+  for (const v1::WorkerStatus& w : status.workers()) {
+    const v1::Assignment& a = w.assignment();
+    size = a.micro_batch_size();
+    total += a.micro_batches();
+    (w.worker_id() == "rank1" ? slow : fast) = a.micro_batches();
+  }
+  EXPECT_EQ(size * total, 16) << log;  // the job's global batch: 4 x 2 per rank x 2 ranks
+  EXPECT_GT(fast, slow) << log;
+  EXPECT_TRUE(Contains(log, "batch plan from the layout")) << log;
+  // The reference: one process, the same micro-batches in one step.
+  CommandResult ref = RunCommand(
+      "timeout -k 5 120 " + std::string(SHOAL_BINARY) +
+      TrainArgs(6, " train.log_every=1 train.out_dir=" + (tmp_ / "ref") + " train.batch_size=" +
+                       std::to_string(size) + " train.grad_accum=" + std::to_string(total)));
+  ASSERT_EQ(ref.exit_code, 0) << ref.output;
+  const std::vector<double> got = testing::StepLosses(tmp_ / "run/metrics.jsonl");
+  const std::vector<double> want = testing::StepLosses(tmp_ / "ref/metrics.jsonl");
+  ASSERT_EQ(got.size(), 6u) << log;
+  ASSERT_EQ(want.size(), 6u) << ref.output;
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << "step " << i + 1;
+  }
 }
 
 TEST_F(CoordinatorTest, RanksJoinAgainWhenTheCoordinatorRestarts) {
@@ -390,7 +436,12 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
   a.set_tp(1);
   a.set_pp(1);
   a.set_dp(4);
+  a.set_micro_batch_size(4);
+  a.set_micro_batches(2);
   EXPECT_TRUE(launch::CheckAssignment(a, 4).ok());
+  a.set_micro_batches(0);  // a replica with no share of the batch
+  EXPECT_EQ(launch::CheckAssignment(a, 4).code(), absl::StatusCode::kFailedPrecondition);
+  a.set_micro_batches(2);
   a.set_pp(2);  // a pipeline of 2 stages, 2 replicas: 4 ranks
   a.set_dp(2);
   a.set_stage(1);

@@ -7,13 +7,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "runtime/prepare_data.h"
 #include "runtime/safetensors.h"
+#include "tests/json_util.h"
 #include "tests/test_util.h"
 
 namespace shoal::testing {
@@ -52,20 +51,6 @@ inline std::vector<CommandResult> RunRanks(int n, const std::string& command) {
   return out;
 }
 
-// The per-step losses ("step_loss" of every "train" record) of a metrics.jsonl file, or with
-// `kind` = "val" the validation losses.
-inline std::vector<double> StepLosses(const std::string& metrics_path,
-                                      const std::string& kind = "train") {
-  std::vector<double> out;
-  std::istringstream in(ReadTextFile(metrics_path));
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line);
-    if (j["kind"] != kind) continue;
-    out.push_back(j[kind == "train" ? "step_loss" : "val_loss"].get<double>());
-  }
-  return out;
-}
 
 // Every tensor of the reference safetensors file is in `got_path` with a relative error (in the
 // Frobenius norm) below `tolerance`. Relative in the norm: summation order differs between
