@@ -182,6 +182,7 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     backend = std::move(*joined);
     options.backend = backend.get();
     options.nodes = std::max(1, env->world_size / std::max(1, env->local_world_size));
+    options.ranks_on_host = std::max(1, env->local_world_size);
   }
   // Mesh mode: join the coordinator after the data-parallel rendezvous, not before. By then
   // every rank is known to run the same binary and config (so all send the same job spec), and

@@ -9,8 +9,8 @@
 // data-parallel group (same tp, pp; group rank = replica). Groups of size 1 are not built (the
 // accessor returns null), nor is a data-parallel group that would be the whole world.
 //
-// Mesh::Create builds the groups with Gloo over namespaces of the job's store: "tp/<pp>.<dp>",
-// "pp/<tp>.<dp>", "dp/<tp>.<pp>". Every rank builds its groups in the same order (tp, pp, dp),
+// Mesh::Create builds the groups with Gloo over namespaces of the job's store:
+// "mesh/tp/<pp>.<dp>", "mesh/pp/<tp>.<dp>", "mesh/dp/<tp>.<pp>". Every rank builds its groups in the same order (tp, pp, dp),
 // each build waiting only for the group's own members, so no two ranks wait on each other in a
 // cycle. Not thread-safe.
 #ifndef SHOAL_PARALLEL_MESH_H_

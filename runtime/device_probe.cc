@@ -1,5 +1,6 @@
 #include "runtime/device_probe.h"
 
+#include <algorithm>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
@@ -79,9 +80,11 @@ int AvailableCores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads) {
+ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads,
+                            int ranks_on_host) {
   (void)model;
-  const int cores = AvailableCores();
+  // Ranks that are not pinned each see every core: split them.
+  const int cores = std::max(1, AvailableCores() / std::max(1, ranks_on_host));
   ThreadPlan plan;
   // Measured on 2 cores (bench/train_vs_pytorch.sh): the GEMMs are 75-90% of a step, so BLAS gets
   // every core; shoal's fused kernels on one thread cost less than a second pool contending with
@@ -90,7 +93,10 @@ ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_
   plan.blas_threads = blas_threads > 0 ? blas_threads : cores;
   plan.reason = (omp_threads > 0 || blas_threads > 0)
                     ? "from the config"
-                    : absl::StrCat("BLAS on all ", cores, " cores, fused kernels on 1");
+                    : ranks_on_host > 1
+                          ? absl::StrCat("BLAS on ", cores, " of the cores shared by ",
+                                         ranks_on_host, " ranks, fused kernels on 1")
+                          : absl::StrCat("BLAS on all ", cores, " cores, fused kernels on 1");
   return plan;
 }
 

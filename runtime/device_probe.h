@@ -24,8 +24,10 @@ int AvailableCores();
 
 // The plan for a model: explicit values win (0 = choose). By default BLAS gets every core and
 // the LibTorch pool (shoal's fused kernels) one thread: the matmuls dominate a step, and one busy
-// pool never fights the other's spinning workers.
-ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads);
+// pool never fights the other's spinning workers. `ranks_on_host` ranks share the cores: BLAS
+// gets its share of them (at least one), so ranks do not oversubscribe the machine.
+ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads,
+                            int ranks_on_host = 1);
 
 // Sets both pools. kFailedPrecondition if the BLAS thread count cannot be set (not OpenBLAS).
 absl::Status ApplyThreadPlan(const ThreadPlan& plan);

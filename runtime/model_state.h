@@ -4,7 +4,8 @@
 //
 // GatherModelWide assembles the whole tensors on rank 0 of the world group from the shards the
 // contributing ranks hold (one data-parallel replica suffices: replicas are identical).
-// SliceForModel goes the other way on each rank after loading a checkpoint.
+// The other way, after loading a checkpoint, each rank keeps its slice: Gpt::LoadParameters for
+// the weights, SliceOptimizerState for the optimizer state.
 #ifndef SHOAL_RUNTIME_MODEL_STATE_H_
 #define SHOAL_RUNTIME_MODEL_STATE_H_
 

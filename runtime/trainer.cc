@@ -42,14 +42,14 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
 // stay below it (parallel/pipeline_executor.cc).
 constexpr int kTiedEmbeddingTag = 0x7ffffff0;
 
-// Model FLOPs per token of the whole model: 6 N + 12 L C T with N the parameters without the
-// position embeddings (Gpt::FlopsPerToken of the full model, from the config alone).
 // Parameters of the whole model without the position embeddings (the tied head counted once).
 double ModelParametersNoPos(const ModelConfig& m) {
   const double c = m.n_embd, l = m.n_layer;
   return m.vocab_size * c + l * (12 * c * c + 13 * c) + 2 * c;
 }
 
+// Model FLOPs per token of the whole model: 6 N + 12 L C T with N the parameters without the
+// position embeddings (Gpt::FlopsPerToken of the full model, from the config alone).
 double ModelFlopsPerToken(const ModelConfig& m) {
   return 6 * ModelParametersNoPos(m) + 12.0 * m.n_layer * m.n_embd * m.block_size;
 }
@@ -159,18 +159,22 @@ absl::StatusOr<std::unique_ptr<StepEngine>> StepEngine::CreateForMesh(
   std::unique_ptr<StepEngine> e(new StepEngine(config, mesh));
   const parallel::MeshShape& shape = mesh->shape();
   const int n_layer = config.model.n_layer, s = mesh->coord().pp;
-  std::vector<int> blocks = config.parallel.stages;
-  if (blocks.empty()) {
-    for (int i = 0; i < shape.pp; ++i) blocks.push_back(n_layer / shape.pp + (i < n_layer % shape.pp));
-  }
-  if (static_cast<int>(blocks.size()) != shape.pp) {
-    return absl::InvalidArgumentError(absl::StrCat("parallel.stages has ", blocks.size(),
-                                                   " entries for ", shape.pp, " pipeline stages"));
-  }
-  int b0 = 0;
-  for (int i = 0; i < s; ++i) b0 += blocks[i];
-  int b1 = b0 + blocks[s];
-  if (given_blocks != nullptr) {
+  int b0 = 0, b1 = 0;
+  if (given_blocks == nullptr) {
+    // From the config: parallel.stages, or an even split (the first stages take the remainder).
+    std::vector<int> blocks = config.parallel.stages;
+    if (blocks.empty()) {
+      for (int i = 0; i < shape.pp; ++i) {
+        blocks.push_back(n_layer / shape.pp + (i < n_layer % shape.pp ? 1 : 0));
+      }
+    }
+    if (static_cast<int>(blocks.size()) != shape.pp) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "parallel.stages has ", blocks.size(), " entries for ", shape.pp, " pipeline stages"));
+    }
+    for (int i = 0; i < s; ++i) b0 += blocks[i];
+    b1 = b0 + blocks[s];
+  } else {
     std::tie(b0, b1) = *given_blocks;
     const bool ok = 0 <= b0 && b0 < b1 && b1 <= n_layer && (s != 0 || b0 == 0) &&
                     (s != shape.pp - 1 || b1 == n_layer);
@@ -415,7 +419,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   t->options_.log = options.log && t->rank_ == 0;
 
   // 1. Thread pools: set by shoal, not left to chance (see device_probe.h).
-  const ThreadPlan plan = ChooseThreadPlan(c.model, c.train.omp_threads, c.train.blas_threads);
+  const ThreadPlan plan = ChooseThreadPlan(c.model, c.train.omp_threads, c.train.blas_threads,
+                                           options.ranks_on_host);
   SHOAL_RETURN_IF_ERROR(ApplyThreadPlan(plan));
   t->omp_threads_ = plan.omp_threads;
   t->blas_threads_ = plan.blas_threads;
@@ -450,7 +455,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   }
   const int dp_rank = t->mesh_ ? t->mesh_->coord().dp : t->rank_;
   const int dp_size = t->mesh_ ? t->mesh_->shape().dp : t->world_;
-  if (placed) SHOAL_RETURN_IF_ERROR(t->FollowBatchPlan(*placed));
+  if (placed) SHOAL_RETURN_IF_ERROR(t->FollowLayout(*placed));
 
   // 2. Data: token files, validated against the model's vocabulary and context.
   SHOAL_ASSIGN_OR_RETURN(t->data_, OpenTokenDataset(c.data.dir, c.model.vocab_size,
@@ -543,25 +548,58 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   return t;
 }
 
-absl::Status Trainer::FollowBatchPlan(const parallel::MeshPlacement& placed) {
+absl::Status Trainer::FollowLayout(const parallel::MeshPlacement& placed) {
   if (placed.micro_batch_size < 1 || placed.micro_batches < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the layout gives this replica ", placed.micro_batches, " micro-batches of ",
         placed.micro_batch_size, " sequences; both must be >= 1"));
   }
-  // Every rank learns every replica's share: (replica, micro-batches, micro-batch size).
-  std::vector<int64_t> table = {placed.coord.dp, placed.micro_batches, placed.micro_batch_size};
+  // Every rank learns every rank's place: (replica, micro-batches, micro-batch size, stage,
+  // first block, end block).
+  constexpr int kFields = 6;
+  std::vector<int64_t> table = {placed.coord.dp,    placed.micro_batches, placed.micro_batch_size,
+                                placed.coord.pp,    placed.first_block,   placed.end_block};
   if (world_ > 1) {
     at::Tensor mine = at::tensor(table, at::kLong);
-    at::Tensor all = at::empty({3 * world_}, at::kLong);
+    at::Tensor all = at::empty({kFields * world_}, at::kLong);
     SHOAL_RETURN_IF_ERROR(
         options_.backend->AllGather(all, mine, {absl::Seconds(config_.parallel.timeout_s)})
             ->Wait());
-    table.assign(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + 3 * world_);
+    table.assign(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + kFields * world_);
+  }
+  // The stages of every replica must cover the blocks in order, each block once, and the ranks
+  // of one stage (tensor-parallel, or replicas) must agree on its blocks: an activation has the
+  // same shape at every boundary, so a wrong split would train a wrong model without an error.
+  const int pp = placed.shape.pp;
+  std::vector<std::pair<int64_t, int64_t>> range(pp, {-1, -1});
+  for (int r = 0; r < static_cast<int>(table.size() / kFields); ++r) {
+    const int64_t stage = table[kFields * r + 3];
+    const std::pair<int64_t, int64_t> blocks = {table[kFields * r + 4], table[kFields * r + 5]};
+    if (stage < 0 || stage >= pp || (range[stage].first >= 0 && range[stage] != blocks)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the layout's stages disagree: rank ", r, " has stage ", stage, " with blocks [",
+          blocks.first, ", ", blocks.second, ")",
+          stage >= 0 && stage < pp && range[stage].first >= 0
+              ? absl::StrCat(", another rank of it [", range[stage].first, ", ",
+                             range[stage].second, ")")
+              : ""));
+    }
+    range[stage] = blocks;
+  }
+  for (int stage = 0; stage < pp; ++stage) {
+    const int64_t expected_first = stage == 0 ? 0 : range[stage - 1].second;
+    if (range[stage].first != expected_first || range[stage].second <= range[stage].first ||
+        (stage == pp - 1 && range[stage].second != config_.model.n_layer)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the layout's stages do not cover the model's ", config_.model.n_layer,
+          " blocks in order: stage ", stage, " has [", range[stage].first, ", ",
+          range[stage].second, ")"));
+    }
   }
   std::vector<int64_t> share(placed.shape.dp, -1);
-  for (int r = 0; r < static_cast<int>(table.size() / 3); ++r) {
-    const int64_t replica = table[3 * r], count = table[3 * r + 1], size = table[3 * r + 2];
+  for (int r = 0; r < static_cast<int>(table.size() / kFields); ++r) {
+    const int64_t replica = table[kFields * r], count = table[kFields * r + 1],
+                  size = table[kFields * r + 2];
     if (replica < 0 || replica >= placed.shape.dp || count < 1 ||
         size != placed.micro_batch_size || (share[replica] >= 0 && share[replica] != count)) {
       return absl::FailedPreconditionError(absl::StrCat(

@@ -1,5 +1,5 @@
-// The training loop of one worker (single process for now; data-parallel and pipeline ranks
-// will drive the same StepEngine through parallel/).
+// The training loop of one worker: one process, a data-parallel rank, or a rank of a
+// tensor x pipeline x data-parallel mesh (StepEngine::CreateForMesh).
 //
 // StepEngine: model + AdamW + schedule, one optimizer step over explicit micro-batches
 // (zero grads, forward/backward each micro-batch with loss / grad_accum, global grad norm,
@@ -153,6 +153,7 @@ struct TrainOptions {
   // over all of the step's micro-batches). One with tp = pp = 1 runs as plain data parallelism.
   std::optional<parallel::MeshPlacement> placement;
   int nodes = 1;                       // hosts in the job, for MFU (each has the measured peak)
+  int ranks_on_host = 1;               // ranks sharing this host's cores (thread plan)
   // A deliberate slow-down for heterogeneity tests (>= 1): after each step's compute the
   // trainer sleeps (throttle - 1) x that compute time, so this rank looks `throttle` times
   // slower (runtime/profiler.h, Throttle). Logged tokens/s and step times include the sleep.
@@ -192,8 +193,9 @@ class Trainer {
 
  private:
   Trainer(Config config, TrainOptions options) : config_(std::move(config)), options_(options) {}
-  // Takes the layout's per-replica batch plan (a collective over the job's group).
-  absl::Status FollowBatchPlan(const parallel::MeshPlacement& placed);
+  // Checks the layout's places across the job (stages cover the blocks in order, the ranks of a
+  // stage agree) and takes its per-replica batch plan. A collective over the job's group.
+  absl::Status FollowLayout(const parallel::MeshPlacement& placed);
   absl::Status Resume();
   absl::StatusOr<std::string> SaveCheckpoint(int64_t step);
 
