@@ -1,5 +1,6 @@
 // `shoal bench pipeline`: the measured bubble of the pipeline executor's schedules against
-// theory, (p - 1) / (m + p - 1).
+// theory, (p - 1) / (m + p - 1), and (p - 1) / (v m + p - 1) for interleaved 1F1B with v chunks
+// per rank.
 //
 // Outside a job, for each --stages value p this process starts p ranks of itself
 // (`shoal run --standalone --nproc-per-node p -- bench pipeline --inside ...`), reads back the
@@ -45,6 +46,7 @@ struct Flags {
   std::string stages = "2,4";
   int micro_batches = 8;
   std::string schedule = "both";
+  int virtual_stages = 2;
   double forward_ms = 20;
   double backward_ms = 40;
   std::string work = "sleep";
@@ -78,7 +80,21 @@ absl::StatusOr<std::vector<int>> ParseStages(const std::string& text) {
 }
 
 std::string ScheduleFlagName(parallel::ScheduleKind k) {
-  return k == parallel::ScheduleKind::kGPipe ? "gpipe" : "1f1b";
+  switch (k) {
+    case parallel::ScheduleKind::kGPipe: return "gpipe";
+    case parallel::ScheduleKind::k1F1B: return "1f1b";
+    case parallel::ScheduleKind::kInterleaved1F1B: return "interleaved";
+  }
+  return "?";
+}
+
+absl::StatusOr<parallel::ScheduleKind> ScheduleFromFlagName(const std::string& name) {
+  for (parallel::ScheduleKind k :
+       {parallel::ScheduleKind::kGPipe, parallel::ScheduleKind::k1F1B,
+        parallel::ScheduleKind::kInterleaved1F1B}) {
+    if (name == ScheduleFlagName(k)) return k;
+  }
+  return absl::InternalError(absl::StrCat("unknown schedule \"", name, "\" from a rank"));
 }
 
 // The flags as benchmark options, each checked: kInvalidArgument names the flag.
@@ -88,12 +104,24 @@ absl::StatusOr<parallel::PipelineBenchOptions> ToOptions(const Flags& f) {
     o.schedules = {parallel::ScheduleKind::k1F1B};
   } else if (f.schedule == "gpipe") {
     o.schedules = {parallel::ScheduleKind::kGPipe};
+  } else if (f.schedule == "interleaved") {
+    o.schedules = {parallel::ScheduleKind::kInterleaved1F1B};
   } else if (f.schedule == "both") {
     o.schedules = {parallel::ScheduleKind::k1F1B, parallel::ScheduleKind::kGPipe};
+  } else if (f.schedule == "all") {
+    o.schedules = {parallel::ScheduleKind::k1F1B, parallel::ScheduleKind::kGPipe,
+                   parallel::ScheduleKind::kInterleaved1F1B};
   } else {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--schedule must be 1f1b, gpipe or both, got \"", f.schedule, "\""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--schedule must be 1f1b, gpipe, interleaved, both or all, got \"", f.schedule, "\""));
   }
+  const bool interleaved = f.schedule == "interleaved" || f.schedule == "all";
+  if (interleaved && (f.virtual_stages < 2 || f.virtual_stages > 64)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--virtual-stages must be in [2, 64] for the interleaved schedule, got ",
+        f.virtual_stages));
+  }
+  o.virtual_stages = f.virtual_stages;
   if (f.work == "sleep") {
     o.work = parallel::PipelineBenchWork::kSleep;
   } else if (f.work == "gemm") {
@@ -134,6 +162,7 @@ absl::Duration TransferTimeout(const parallel::PipelineBenchOptions& o, int stag
 nlohmann::json CaseToJson(const parallel::PipelineBenchCase& c) {
   return {{"schedule", ScheduleFlagName(c.schedule)},
           {"stages", c.stages},
+          {"virtual_stages", c.virtual_stages},
           {"micro_batches", c.micro_batches},
           {"bubble_measured", c.bubble_measured},
           {"bubble_theory", c.bubble_theory},
@@ -146,9 +175,9 @@ nlohmann::json CaseToJson(const parallel::PipelineBenchCase& c) {
 absl::StatusOr<parallel::PipelineBenchCase> CaseFromJson(const nlohmann::json& j) {
   try {
     parallel::PipelineBenchCase c;
-    c.schedule = j.at("schedule").get<std::string>() == "gpipe" ? parallel::ScheduleKind::kGPipe
-                                                                : parallel::ScheduleKind::k1F1B;
+    SHOAL_ASSIGN_OR_RETURN(c.schedule, ScheduleFromFlagName(j.at("schedule").get<std::string>()));
     c.stages = j.at("stages").get<int>();
+    c.virtual_stages = j.at("virtual_stages").get<int>();
     c.micro_batches = j.at("micro_batches").get<int>();
     c.bubble_measured = j.at("bubble_measured").get<double>();
     c.bubble_theory = j.at("bubble_theory").get<double>();
@@ -207,7 +236,7 @@ absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f
   const std::string command = absl::StrCat(
       "'", SelfExecutablePath(), "' run --standalone --nproc-per-node ", stages,
       " -- bench pipeline --inside --stages ", stages, " --micro-batches ", f.micro_batches,
-      " --schedule ", f.schedule, " --forward-ms ", absl::StrFormat("%.17g", f.forward_ms),
+      " --schedule ", f.schedule, " --virtual-stages ", f.virtual_stages, " --forward-ms ", absl::StrFormat("%.17g", f.forward_ms),
       " --backward-ms ", absl::StrFormat("%.17g", f.backward_ms), " --work ", f.work,
       " --steps ", f.steps, " 2>&1");
   FILE* p = ::popen(command.c_str(), "r");
@@ -248,18 +277,24 @@ absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f
 int BenchPipelineMain(int argc, char** argv) {
   CLI::App app{
       "The pipeline executor on stages of fixed forward / backward time: measured bubble vs "
-      "theory (p - 1) / (m + p - 1), per schedule and stage count; prints a table and a JSON "
-      "line"};
+      "theory (p - 1) / (m + p - 1), or (p - 1) / (v m + p - 1) interleaved, per schedule and "
+      "stage count; prints a table and a JSON line"};
   app.name("shoal bench pipeline");
   Flags f;
   app.add_option("--stages", f.stages, "Comma-separated pipeline sizes to run, e.g. 2,4")
       ->capture_default_str();
   app.add_option("--micro-batches", f.micro_batches, "Micro-batches per step (m)")
       ->capture_default_str();
-  app.add_option("--schedule", f.schedule, "1f1b, gpipe or both")->capture_default_str();
-  app.add_option("--forward-ms", f.forward_ms, "One micro-batch's forward on one stage (ms)")
+  app.add_option("--schedule", f.schedule,
+                 "1f1b, gpipe, interleaved, both (1f1b and gpipe) or all (the three)")
       ->capture_default_str();
-  app.add_option("--backward-ms", f.backward_ms, "One micro-batch's backward on one stage (ms)")
+  app.add_option("--virtual-stages", f.virtual_stages,
+                 "Chunks per rank for the interleaved schedule (v >= 2); each takes 1/v of the "
+                 "forward and backward time")
+      ->capture_default_str();
+  app.add_option("--forward-ms", f.forward_ms, "One micro-batch's forward on one rank (ms)")
+      ->capture_default_str();
+  app.add_option("--backward-ms", f.backward_ms, "One micro-batch's backward on one rank (ms)")
       ->capture_default_str();
   app.add_option("--work", f.work,
                  "sleep (each rank as its own device) or gemm (a 1-thread matmul loop)")
@@ -277,6 +312,11 @@ int BenchPipelineMain(int argc, char** argv) {
   if (!stages.ok()) return UsageError(std::string(stages.status().message()));
   absl::StatusOr<parallel::PipelineBenchOptions> options = ToOptions(f);
   if (!options.ok()) return UsageError(std::string(options.status().message()));
+  // Refuse a stage count the interleaved schedule cannot use before starting any ranks.
+  for (int p : *stages) {
+    const absl::Status s = parallel::CheckPipelineBenchStages(*options, p);
+    if (!s.ok()) return UsageError(absl::StrCat("--stages ", p, ": ", s.message()));
+  }
 
   if (f.inside) {
     if (stages->size() != 1) return UsageError("--inside takes a single --stages value");
@@ -297,7 +337,8 @@ int BenchPipelineMain(int argc, char** argv) {
     if (!cases.ok()) return Failure(cases.status());
     all.insert(all.end(), cases->begin(), cases->end());
   }
-  std::printf("bench pipeline: %s work, forward %g ms + backward %g ms per micro-batch and stage, "
+  std::printf("bench pipeline: %s work, forward %g ms + backward %g ms per micro-batch and rank "
+              "(split evenly over its chunks when interleaved), "
               "%d timed steps (after 1 warm-up), activations of %s floats\n",
               f.work.c_str(), f.forward_ms, f.backward_ms, f.steps,
               absl::StrJoin(options->activation_shape, "x").c_str());

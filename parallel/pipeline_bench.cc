@@ -65,24 +65,27 @@ class GemmLoop {
   std::vector<float> a_, b_, c_;
 };
 
-// The synthetic stage: each forward / backward takes the configured time and hands on a fixed
-// activation (its contents do not matter, its size does).
+// The synthetic rank: each chunk's forward / backward takes the configured time divided by the
+// number of chunks and hands on a fixed activation (its contents do not matter, its size does).
 class TimedStage final : public StageCompute {
  public:
-  TimedStage(const PipelineBenchOptions& o, bool first, bool last, double gemm_reps_per_ms)
+  TimedStage(const PipelineBenchOptions& o, int rank, int stages, int chunks,
+             double gemm_reps_per_ms)
       : o_(o),
-        first_(first),
-        last_(last),
+        rank_(rank),
+        model_stages_(stages * chunks),
+        stages_(stages),
+        chunks_(chunks),
         gemm_reps_per_ms_(gemm_reps_per_ms),
         out_(at::full(o.activation_shape, 0.5f, at::kFloat)) {}
 
-  at::Tensor Forward(int, int, const at::Tensor&) override {
-    Work(o_.forward_ms);
-    return last_ ? at::Tensor() : out_;
+  at::Tensor Forward(int chunk, int, int, const at::Tensor&) override {
+    Work(o_.forward_ms / chunks_);
+    return chunk * stages_ + rank_ == model_stages_ - 1 ? at::Tensor() : out_;
   }
-  at::Tensor Backward(int, int, const at::Tensor&) override {
-    Work(o_.backward_ms);
-    return first_ ? at::Tensor() : out_;
+  at::Tensor Backward(int chunk, int, int, const at::Tensor&) override {
+    Work(o_.backward_ms / chunks_);
+    return chunk * stages_ + rank_ == 0 ? at::Tensor() : out_;
   }
   std::vector<int64_t> ActivationShape() const override { return o_.activation_shape; }
 
@@ -96,7 +99,7 @@ class TimedStage final : public StageCompute {
   }
 
   const PipelineBenchOptions& o_;
-  const bool first_, last_;
+  const int rank_, model_stages_, stages_, chunks_;
   const double gemm_reps_per_ms_;
   GemmLoop gemm_;
   at::Tensor out_;
@@ -115,9 +118,16 @@ enum Field { kCompute, kTotal, kRecvWait, kSendWait, kPeak, kFields };
 absl::Status ValidatePipelineBenchOptions(const PipelineBenchOptions& o) {
   if (o.schedules.empty()) return absl::InvalidArgumentError("no schedule to run");
   for (ScheduleKind k : o.schedules) {
-    if (k != ScheduleKind::kGPipe && k != ScheduleKind::k1F1B) {
+    if (k != ScheduleKind::kGPipe && k != ScheduleKind::k1F1B &&
+        k != ScheduleKind::kInterleaved1F1B) {
       return absl::InvalidArgumentError(
-          absl::StrCat("schedule ", ToString(k), ": the pipeline bench runs 1F1B and GPipe"));
+          absl::StrCat("unknown schedule kind ", static_cast<int>(k)));
+    }
+    if (k == ScheduleKind::kInterleaved1F1B &&
+        (o.virtual_stages < 2 || o.virtual_stages > 64)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "virtual-stages must be in [2, 64] for the interleaved schedule, got ",
+          o.virtual_stages));
     }
   }
   if (o.micro_batches < 1 || o.micro_batches > 4096) {
@@ -144,11 +154,28 @@ absl::Status ValidatePipelineBenchOptions(const PipelineBenchOptions& o) {
   return absl::OkStatus();
 }
 
+absl::Status CheckPipelineBenchStages(const PipelineBenchOptions& o, int stages) {
+  for (ScheduleKind k : o.schedules) {
+    if (k != ScheduleKind::kInterleaved1F1B) continue;
+    if (stages < 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the interleaved schedule needs at least 2 stages, got ", stages));
+    }
+    if (o.micro_batches % stages != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the interleaved schedule needs micro-batches (", o.micro_batches,
+          ") to be a multiple of stages (", stages, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
     comm::Backend* group, const PipelineBenchOptions& options) {
   SHOAL_RETURN_IF_ERROR(ValidatePipelineBenchOptions(options));
   const int stages = group != nullptr ? group->size() : 1;
   const int rank = group != nullptr ? group->rank() : 0;
+  SHOAL_RETURN_IF_ERROR(CheckPipelineBenchStages(options, stages));
 
   // Calibrate the GEMM loop one rank at a time, so that no rank measures its core while another
   // rank shares it.
@@ -160,14 +187,15 @@ absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
       SHOAL_RETURN_IF_ERROR(Barrier(group, options.transfer));
     }
   }
-  TimedStage stage(options, rank == 0, rank == stages - 1, reps_per_ms);
   PipelineExecutorOptions eo;
   eo.transfer = options.transfer;
 
   std::vector<PipelineBenchCase> cases;
   for (ScheduleKind kind : options.schedules) {
+    const int v = kind == ScheduleKind::kInterleaved1F1B ? options.virtual_stages : 1;
+    TimedStage stage(options, rank, stages, v, reps_per_ms);
     SHOAL_ASSIGN_OR_RETURN(PipelineSchedule schedule,
-                           MakeSchedule(kind, stages, options.micro_batches));
+                           MakeSchedule(kind, stages, options.micro_batches, v));
     SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<PipelineExecutor> executor,
                            PipelineExecutor::Create(group, std::move(schedule), &stage, eo));
     // (steps, kFields) on this rank; (stages, steps, kFields) after the gather.
@@ -196,10 +224,18 @@ absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
     c.schedule = kind;
     c.stages = stages;
     c.micro_batches = options.micro_batches;
-    c.bubble_theory = BubbleFraction1F1B(stages, options.micro_batches);
+    c.virtual_stages = v;
+    // Interleaving: the fill and drain are still p - 1 compute slots, but each is one chunk's
+    // time, 1 / v of a rank's per-micro-batch work, against m of busy time per rank:
+    // ((p - 1) / v) / (m + (p - 1) / v) = (p - 1) / (v m + p - 1) (ALGORITHMS.md §5; Simulate
+    // gives the same in parallel_pipeline_schedule_test).
+    c.bubble_theory = kind == ScheduleKind::kInterleaved1F1B
+                          ? static_cast<double>(stages - 1) /
+                                (static_cast<double>(v) * options.micro_batches + stages - 1)
+                          : BubbleFraction1F1B(stages, options.micro_batches);
     c.peak_slots.assign(stages, 0);
     for (int r = 0; r < stages; ++r) {
-      c.peak_bound.push_back(PeakInFlightBound(kind, stages, options.micro_batches, r));
+      c.peak_bound.push_back(PeakInFlightBound(kind, stages, options.micro_batches, r, v));
     }
     for (int step = 0; step < options.steps; ++step) {
       double compute = 0, makespan = 0;
@@ -221,17 +257,18 @@ absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
 }
 
 std::string FormatPipelineBenchTable(const std::vector<PipelineBenchCase>& cases) {
-  std::string s = absl::StrFormat("%-9s %6s %4s %15s %13s %9s %12s  %s\n", "schedule", "stages",
-                                  "m", "bubble measured", "bubble theory", "step (s)",
-                                  "compute (s)", "peak slots / bound, per rank");
+  std::string s = absl::StrFormat("%-16s %6s %2s %4s %15s %13s %9s %12s  %s\n", "schedule",
+                                  "stages", "v", "m", "bubble measured", "bubble theory",
+                                  "step (s)", "compute (s)", "peak slots / bound, per rank");
   for (const PipelineBenchCase& c : cases) {
     std::vector<std::string> peaks;
     for (size_t r = 0; r < c.peak_slots.size(); ++r) {
       peaks.push_back(absl::StrCat(c.peak_slots[r], "/",
                                    r < c.peak_bound.size() ? c.peak_bound[r] : -1));
     }
-    absl::StrAppendFormat(&s, "%-9s %6d %4d %15.3f %13.3f %9.3f %12.3f  %s\n",
-                          ToString(c.schedule), c.stages, c.micro_batches, c.bubble_measured,
+    absl::StrAppendFormat(&s, "%-16s %6d %2d %4d %15.3f %13.3f %9.3f %12.3f  %s\n",
+                          ToString(c.schedule), c.stages, c.virtual_stages, c.micro_batches,
+                          c.bubble_measured,
                           c.bubble_theory, c.step_s, c.compute_s, absl::StrJoin(peaks, " "));
   }
   return s;

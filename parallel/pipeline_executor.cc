@@ -76,41 +76,49 @@ struct PipelineExecutor::Impl {
   // need to live until Wait(); holding them here until the executor goes costs little (a failed
   // group is rebuilt with a new executor) and keeps to the contract.
   std::vector<Transfer> retired;
-  // Per micro-batch of the current pass: its slot (-1: none), its received input / output
-  // gradient, and the copy of its output waiting for its Send action.
+  // Per (micro-batch, chunk) of the current pass, at Index(mb, chunk): its slot (-1: none), its
+  // received input / output gradient, and the copy of its output waiting for its Send action.
+  int micro_batches = 0;
   std::vector<int> slot_of;
-  std::vector<bool> slot_used;
-  int slots_in_use = 0;
   std::vector<at::Tensor> received_activation, received_grad;
   std::vector<at::Tensor> outgoing_activation, outgoing_grad;
+  // Per chunk, which of its slots are taken; the total across chunks is what peak_slots counts.
+  std::vector<std::vector<bool>> slot_used;
+  int slots_in_use = 0;
+
+  int Index(int micro_batch, int chunk) const { return chunk * micro_batches + micro_batch; }
 
   // Forgets the last pass; anything it left in flight (it failed or threw) is retired.
-  void Begin(int micro_batches) {
+  void Begin(int m, int chunks) {
     for (Transfer& t : sends) retired.push_back(std::move(t));
     sends.clear();
     if (next_recv.work != nullptr) retired.push_back(std::move(next_recv));
     next_recv = Transfer();
-    slot_of.assign(micro_batches, -1);
-    slot_used.clear();
+    micro_batches = m;
+    const size_t n = static_cast<size_t>(m) * chunks;
+    slot_of.assign(n, -1);
+    slot_used.assign(chunks, {});
     slots_in_use = 0;
-    received_activation.assign(micro_batches, at::Tensor());
-    received_grad.assign(micro_batches, at::Tensor());
-    outgoing_activation.assign(micro_batches, at::Tensor());
-    outgoing_grad.assign(micro_batches, at::Tensor());
+    received_activation.assign(n, at::Tensor());
+    received_grad.assign(n, at::Tensor());
+    outgoing_activation.assign(n, at::Tensor());
+    outgoing_grad.assign(n, at::Tensor());
   }
 
-  // Lowest free slot first: with 1F1B the slots a stage touches stay 0 .. p - rank - 1, so the
-  // model's per-slot activation buffers stay few and warm.
-  int AllocateSlot() {
+  // Lowest free slot of the chunk first: with 1F1B the slots a stage touches stay
+  // 0 .. p - rank - 1, so the model's per-slot activation buffers stay few and warm. Slots are
+  // per chunk because each chunk is its own part of the model with its own buffers.
+  int AllocateSlot(int chunk) {
+    std::vector<bool>& used = slot_used[chunk];
     int slot = 0;
-    while (slot < static_cast<int>(slot_used.size()) && slot_used[slot]) ++slot;
-    if (slot == static_cast<int>(slot_used.size())) slot_used.push_back(false);
-    slot_used[slot] = true;
+    while (slot < static_cast<int>(used.size()) && used[slot]) ++slot;
+    if (slot == static_cast<int>(used.size())) used.push_back(false);
+    used[slot] = true;
     ++slots_in_use;
     return slot;
   }
-  void FreeSlot(int slot) {
-    slot_used[slot] = false;
+  void FreeSlot(int chunk, int slot) {
+    slot_used[chunk][slot] = false;
     --slots_in_use;
   }
 };
@@ -131,11 +139,6 @@ absl::StatusOr<std::unique_ptr<PipelineExecutor>> PipelineExecutor::Create(
   if (absl::Status s = Validate(schedule); !s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat("pipeline executor: invalid schedule: ", s.message()));
-  }
-  if (schedule.virtual_stages != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "pipeline executor runs one chunk per rank; the schedule has virtual_stages ",
-        schedule.virtual_stages));
   }
   if (stage == nullptr) {
     return absl::InvalidArgumentError("pipeline executor: stage (StageCompute) is null");
@@ -196,6 +199,12 @@ absl::Status CheckShape(const std::vector<int64_t>& shape) {
   return absl::OkStatus();
 }
 
+// " (model stage 5)" when the schedule interleaves, so an error names the chunk involved; ""
+// otherwise, where the rank already says which stage it is.
+std::string ModelStageNote(const PipelineSchedule& s, int model_stage) {
+  return s.virtual_stages > 1 ? absl::StrCat(" (model stage ", model_stage, ")") : std::string();
+}
+
 }  // namespace
 
 absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& reduce_grads) {
@@ -203,7 +212,7 @@ absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& redu
   timing_ = PipelineStepTiming{};
   peak_slots_ = 0;
   Impl& im = *impl_;
-  im.Begin(schedule_.micro_batches);
+  im.Begin(schedule_.micro_batches, schedule_.virtual_stages);
   const int rank = group_ != nullptr ? group_->rank() : 0;
   const int model_stages = schedule_.stages * schedule_.virtual_stages;
   const std::vector<int64_t> shape = stage_->ActivationShape();
@@ -223,11 +232,11 @@ absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& redu
       if (r.kind != ActionKind::kRecvActivation && r.kind != ActionKind::kRecvGrad) continue;
       const DataKind kind =
           r.kind == ActionKind::kRecvGrad ? DataKind::kGrad : DataKind::kActivation;
+      const int receiver = ModelStage(schedule_, rank, r.chunk);
       Transfer& t = im.next_recv;
       t.what = absl::StrCat("recv ", DataName(kind), " of micro-batch ", r.micro_batch,
-                            " from pipeline rank ", r.peer);
+                            " from pipeline rank ", r.peer, ModelStageNote(schedule_, receiver));
       t.buffer = at::empty(shape, at::kFloat);
-      const int receiver = ModelStage(schedule_, rank, r.chunk);
       t.work = group_->Recv(t.buffer, r.peer,
                             static_cast<int>(TagOf(kind, r.micro_batch, receiver, model_stages)),
                             options_.transfer);
@@ -239,6 +248,10 @@ absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& redu
   for (size_t i = 0; i < actions.size(); ++i) {
     const Action& a = actions[i];
     const int mb = a.micro_batch;
+    // Only meaningful for the per-(micro-batch, chunk) actions; Validate keeps their fields in
+    // range.
+    const int idx = a.micro_batch >= 0 ? im.Index(mb, a.chunk) : -1;
+    const int model_stage = ModelStage(schedule_, rank, a.chunk);
     switch (a.kind) {
       case ActionKind::kRecvActivation:
       case ActionKind::kRecvGrad: {
@@ -256,38 +269,42 @@ absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& redu
           im.retired.push_back(std::move(t));
           return WithContext(s, what);
         }
-        (a.kind == ActionKind::kRecvGrad ? im.received_grad : im.received_activation)[mb] =
+        (a.kind == ActionKind::kRecvGrad ? im.received_grad : im.received_activation)[idx] =
             std::move(t.buffer);
         post_next_recv(i + 1);
         break;
       }
       case ActionKind::kForward: {
-        const int slot = im.AllocateSlot();
-        im.slot_of[mb] = slot;
+        const int slot = im.AllocateSlot(a.chunk);
+        im.slot_of[idx] = slot;
         peak_slots_ = std::max(peak_slots_, im.slots_in_use);
-        at::Tensor input = std::move(im.received_activation[mb]);
+        at::Tensor input = std::move(im.received_activation[idx]);
         const Clock::time_point t0 = Clock::now();
-        at::Tensor out = stage_->Forward(mb, slot, input);
+        at::Tensor out = stage_->Forward(a.chunk, mb, slot, input);
         timing_.compute_s += Seconds(t0);
-        if (ModelStage(schedule_, rank, a.chunk) < model_stages - 1) {
+        if (model_stage < model_stages - 1) {
           SHOAL_ASSIGN_OR_RETURN(
-              im.outgoing_activation[mb],
-              SendCopy(out, shape, absl::StrCat("forward of micro-batch ", mb)));
+              im.outgoing_activation[idx],
+              SendCopy(out, shape,
+                       absl::StrCat("forward of micro-batch ", mb,
+                                    ModelStageNote(schedule_, model_stage))));
         }
         break;
       }
       case ActionKind::kBackward: {
-        const int slot = im.slot_of[mb];
-        at::Tensor grad_output = std::move(im.received_grad[mb]);
+        const int slot = im.slot_of[idx];
+        at::Tensor grad_output = std::move(im.received_grad[idx]);
         const Clock::time_point t0 = Clock::now();
-        at::Tensor grad_input = stage_->Backward(mb, slot, grad_output);
+        at::Tensor grad_input = stage_->Backward(a.chunk, mb, slot, grad_output);
         timing_.compute_s += Seconds(t0);
-        im.FreeSlot(slot);
-        im.slot_of[mb] = -1;
-        if (ModelStage(schedule_, rank, a.chunk) > 0) {
+        im.FreeSlot(a.chunk, slot);
+        im.slot_of[idx] = -1;
+        if (model_stage > 0) {
           SHOAL_ASSIGN_OR_RETURN(
-              im.outgoing_grad[mb],
-              SendCopy(grad_input, shape, absl::StrCat("backward of micro-batch ", mb)));
+              im.outgoing_grad[idx],
+              SendCopy(grad_input, shape,
+                       absl::StrCat("backward of micro-batch ", mb,
+                                    ModelStageNote(schedule_, model_stage))));
         }
         break;
       }
@@ -295,11 +312,11 @@ absl::Status PipelineExecutor::RunStep(const std::function<absl::Status()>& redu
       case ActionKind::kSendGrad: {
         const bool grad = a.kind == ActionKind::kSendGrad;
         const DataKind kind = grad ? DataKind::kGrad : DataKind::kActivation;
+        const int receiver = ModelStage(schedule_, a.peer, PeerChunk(schedule_, rank, a));
         Transfer t;
         t.what = absl::StrCat("send ", DataName(kind), " of micro-batch ", mb,
-                              " to pipeline rank ", a.peer);
-        t.buffer = std::move((grad ? im.outgoing_grad : im.outgoing_activation)[mb]);
-        const int receiver = ModelStage(schedule_, a.peer, PeerChunk(schedule_, rank, a));
+                              " to pipeline rank ", a.peer, ModelStageNote(schedule_, receiver));
+        t.buffer = std::move((grad ? im.outgoing_grad : im.outgoing_activation)[idx]);
         t.work = group_->Send(t.buffer, a.peer,
                               static_cast<int>(TagOf(kind, mb, receiver, model_stages)),
                               options_.transfer);
@@ -339,39 +356,51 @@ absl::Status PipelineExecutor::RunForward(int micro_batches) {
         " model stages needs transfer tags beyond 2^31"));
   }
   Impl& im = *impl_;
-  im.Begin(0);
+  im.Begin(0, 0);
   const int rank = group_ != nullptr ? group_->rank() : 0;
-  const bool first = rank == 0, last = rank == schedule_.stages - 1;
+  const int stages = schedule_.stages;
+  // Model stage j - 1 lives on the previous rank and j + 1 on the next, wrapping around between
+  // chunks: rank p - 1's chunk c feeds rank 0's chunk c + 1.
+  const int prev = (rank - 1 + stages) % stages, next = (rank + 1) % stages;
   const std::vector<int64_t> shape = stage_->ActivationShape();
   SHOAL_RETURN_IF_ERROR(CheckShape(shape));
+  // Micro-batch by micro-batch, each through this rank's chunks in model-stage order. Every
+  // recv waits on a model stage that comes earlier in this same order on its own rank, and
+  // sends never block, so the ranks cannot wait on each other in a cycle.
   for (int mb = 0; mb < micro_batches; ++mb) {
-    at::Tensor input;
-    if (!first) {
-      Transfer t;
-      t.buffer = at::empty(shape, at::kFloat);
-      t.work = group_->Recv(
-          t.buffer, rank - 1,
-          static_cast<int>(TagOf(DataKind::kEvalActivation, mb, rank, model_stages)),
-          options_.transfer);
-      if (absl::Status s = t.work->Wait(); !s.ok()) {
-        im.retired.push_back(std::move(t));
-        return WithContext(s, absl::StrCat("recv eval activation of micro-batch ", mb,
-                                           " from pipeline rank ", rank - 1));
+    for (int chunk = 0; chunk < schedule_.virtual_stages; ++chunk) {
+      const int j = ModelStage(schedule_, rank, chunk);
+      at::Tensor input;
+      if (j > 0) {
+        Transfer t;
+        t.buffer = at::empty(shape, at::kFloat);
+        t.work = group_->Recv(t.buffer, prev,
+                              static_cast<int>(TagOf(DataKind::kEvalActivation, mb, j,
+                                                     model_stages)),
+                              options_.transfer);
+        if (absl::Status s = t.work->Wait(); !s.ok()) {
+          im.retired.push_back(std::move(t));
+          return WithContext(s, absl::StrCat("recv eval activation of micro-batch ", mb,
+                                             " from pipeline rank ", prev,
+                                             ModelStageNote(schedule_, j)));
+        }
+        input = std::move(t.buffer);
       }
-      input = std::move(t.buffer);
-    }
-    at::Tensor out = stage_->Forward(mb, /*slot=*/0, input);
-    if (!last) {
-      Transfer t;
-      t.what = absl::StrCat("send eval activation of micro-batch ", mb, " to pipeline rank ",
-                            rank + 1);
-      SHOAL_ASSIGN_OR_RETURN(t.buffer,
-                             SendCopy(out, shape, absl::StrCat("eval forward of micro-batch ", mb)));
-      t.work = group_->Send(
-          t.buffer, rank + 1,
-          static_cast<int>(TagOf(DataKind::kEvalActivation, mb, rank + 1, model_stages)),
-          options_.transfer);
-      im.sends.push_back(std::move(t));
+      at::Tensor out = stage_->Forward(chunk, mb, /*slot=*/0, input);
+      if (j < model_stages - 1) {
+        Transfer t;
+        t.what = absl::StrCat("send eval activation of micro-batch ", mb, " to pipeline rank ",
+                              next, ModelStageNote(schedule_, j + 1));
+        SHOAL_ASSIGN_OR_RETURN(
+            t.buffer, SendCopy(out, shape,
+                               absl::StrCat("eval forward of micro-batch ", mb,
+                                            ModelStageNote(schedule_, j))));
+        t.work = group_->Send(
+            t.buffer, next,
+            static_cast<int>(TagOf(DataKind::kEvalActivation, mb, j + 1, model_stages)),
+            options_.transfer);
+        im.sends.push_back(std::move(t));
+      }
     }
   }
   for (Transfer& t : im.sends) {

@@ -9,9 +9,10 @@
 // reuse its buffers at once; every send is waited on before RunStep returns). Rank r of the
 // group is pipeline rank r (model stage r when virtual_stages == 1).
 //
-// Activation slots: the executor gives each micro-batch a slot (a small integer) at its forward
-// and frees it at its backward, lowest free slot first, so a stage keeps activations only for the
-// micro-batches in flight: at most PeakInFlightBound of the schedule (GPipe m, 1F1B p - rank).
+// Activation slots: the executor gives each (micro-batch, chunk) a slot of that chunk (a small
+// integer) at its forward and frees it at its backward, lowest free slot first, so a chunk keeps
+// activations only for the micro-batches in flight; a rank holds at most PeakInFlightBound of
+// the schedule (GPipe m, 1F1B p - rank, interleaved as pipeline_schedule.h says) in all.
 //
 // Tags: a transfer is tagged by (data kind, micro-batch, receiving model stage), so transfers
 // never match the wrong recv even when several are in flight; forward-only passes (RunForward)
@@ -38,20 +39,22 @@
 
 namespace shoal::parallel {
 
-// This rank's model chunk, as the executor drives it. Implemented by runtime/ over the model.
+// This rank's model chunks (one per virtual stage; chunk c of pipeline rank r is model stage
+// c * stages + r), as the executor drives them. Implemented by runtime/ over the model.
 class StageCompute {
  public:
   virtual ~StageCompute() = default;
-  // Forward of `micro_batch` into activation slot `slot`. `input`: the received activation,
-  // undefined on the first model stage (which reads its own tokens). Returns the activation to
-  // send to the next model stage (float32, ActivationShape()), or an undefined tensor on the
-  // last model stage (which keeps its loss). The returned tensor may be overwritten by the next
-  // Forward.
-  virtual at::Tensor Forward(int micro_batch, int slot, const at::Tensor& input) = 0;
-  // Backward of the forward in `slot`. `grad_output`: the received gradient of this stage's
-  // output, undefined on the last model stage. Returns the gradient of the stage's input to send
-  // back (float32, ActivationShape()), or undefined on the first model stage.
-  virtual at::Tensor Backward(int micro_batch, int slot, const at::Tensor& grad_output) = 0;
+  // Forward of `micro_batch` through `chunk` into that chunk's activation slot `slot`. `input`:
+  // the received activation, undefined on the first model stage (which reads its own tokens).
+  // Returns the activation to send to the next model stage (float32, ActivationShape()), or an
+  // undefined tensor on the last model stage (which keeps its loss). The returned tensor may be
+  // overwritten by the next Forward.
+  virtual at::Tensor Forward(int chunk, int micro_batch, int slot, const at::Tensor& input) = 0;
+  // Backward of the forward in `chunk`'s `slot`. `grad_output`: the received gradient of the
+  // chunk's output, undefined on the last model stage. Returns the gradient of the chunk's input
+  // to send back (float32, ActivationShape()), or undefined on the first model stage.
+  virtual at::Tensor Backward(int chunk, int micro_batch, int slot,
+                              const at::Tensor& grad_output) = 0;
   // Shape of the activations exchanged between stages, e.g. (B, T, C); the same for every
   // micro-batch and stage boundary.
   virtual std::vector<int64_t> ActivationShape() const = 0;
@@ -72,8 +75,8 @@ struct PipelineStepTiming {
 class PipelineExecutor {
  public:
   // `group`: the pipeline group (size == schedule.stages; not owned, must outlive this object;
-  // may be null when stages == 1). `schedule` is copied. REQUIRES: Validate(schedule) is OK and
-  // schedule.virtual_stages == 1 (one chunk per rank; Create checks both).
+  // may be null when stages == 1). `schedule` is copied; any valid schedule runs, interleaved
+  // ones included (Create checks Validate).
   static absl::StatusOr<std::unique_ptr<PipelineExecutor>> Create(
       comm::Backend* group, PipelineSchedule schedule, StageCompute* stage,
       PipelineExecutorOptions options = {});
@@ -84,8 +87,9 @@ class PipelineExecutor {
   // when it returns OK.
   absl::Status RunStep(const std::function<absl::Status()>& reduce_grads = nullptr);
 
-  // Forward only (evaluation): micro-batches 0 .. micro_batches - 1 in order, each received,
-  // run forward in slot 0 and passed on. The last stage's StageCompute keeps the losses.
+  // Forward only (evaluation): micro-batches 0 .. micro_batches - 1 in order, each through this
+  // rank's chunks in model-stage order, received, run forward in slot 0 of the chunk and passed
+  // on. The last model stage's StageCompute keeps the losses.
   absl::Status RunForward(int micro_batches);
 
   // Timing of the last RunStep.

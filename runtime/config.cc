@@ -75,6 +75,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(parallel, pp, Kind::kInt),
       SHOAL_FIELD(parallel, stages, Kind::kIntList),
       SHOAL_FIELD(parallel, schedule, Kind::kString),
+      SHOAL_FIELD(parallel, virtual_stages, Kind::kInt),
       SHOAL_FIELD(memory, host_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_budget, Kind::kString),
   };
@@ -517,9 +518,14 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(c.parallel.tp < 1 || c.model.n_head % c.parallel.tp == 0,
           absl::StrCat("parallel.tp = ", c.parallel.tp, " must divide model.n_head = ",
                        c.model.n_head, " (tensor parallelism splits the heads)"));
-  p.Check(c.parallel.pp >= 1 && c.parallel.pp <= std::max(1, c.model.n_layer),
+  const int v = c.parallel.virtual_stages;
+  p.Check(v >= 1, absl::StrCat("parallel.virtual_stages must be >= 1 (got ", v, ")"));
+  const int model_stages = c.parallel.pp * std::max(1, v);
+  p.Check(c.parallel.pp >= 1 && model_stages <= std::max(1, c.model.n_layer),
           absl::StrCat("parallel.pp must be in [1, model.n_layer = ", c.model.n_layer,
-                       "] (got ", c.parallel.pp, "; every stage holds at least one block)"));
+                       "] (got ", c.parallel.pp,
+                       v > 1 ? absl::StrCat(" with ", v, " virtual stages each") : "",
+                       "; every stage holds at least one block)"));
   if (!c.parallel.stages.empty()) {
     int64_t sum = 0;
     bool positive = true;
@@ -527,18 +533,33 @@ absl::Status ValidateConfig(const Config& c) {
       sum += b;
       positive = positive && b >= 1;
     }
-    p.Check(static_cast<int>(c.parallel.stages.size()) == c.parallel.pp,
+    p.Check(static_cast<int>(c.parallel.stages.size()) == model_stages,
             absl::StrCat("parallel.stages has ", c.parallel.stages.size(),
                          " entries but parallel.pp = ", c.parallel.pp,
-                         " (one block count per pipeline stage)"));
+                         v > 1 ? absl::StrCat(" x parallel.virtual_stages = ", v) : "",
+                         " (one block count per ", v > 1 ? "model stage" : "pipeline stage",
+                         ")"));
     p.Check(positive && sum == c.model.n_layer,
             absl::StrCat("parallel.stages = [", absl::StrJoin(c.parallel.stages, ", "),
                          "] must be block counts >= 1 summing to model.n_layer = ",
                          c.model.n_layer));
   }
-  p.Check(c.parallel.schedule == "1f1b" || c.parallel.schedule == "gpipe",
-          absl::StrCat("parallel.schedule must be \"1f1b\" or \"gpipe\" (got \"",
-                       c.parallel.schedule, "\")"));
+  p.Check(c.parallel.schedule == "1f1b" || c.parallel.schedule == "gpipe" ||
+              c.parallel.schedule == "interleaved",
+          absl::StrCat("parallel.schedule must be \"1f1b\", \"gpipe\" or \"interleaved\" "
+                       "(got \"", c.parallel.schedule, "\")"));
+  if (c.parallel.schedule == "interleaved") {
+    p.Check(v >= 2 && c.parallel.pp >= 2,
+            absl::StrCat("parallel.schedule = \"interleaved\" needs parallel.pp >= 2 and "
+                         "parallel.virtual_stages >= 2 (got ", c.parallel.pp, " and ", v, ")"));
+    p.Check(c.parallel.pp < 1 || c.train.grad_accum % c.parallel.pp == 0,
+            absl::StrCat("parallel.schedule = \"interleaved\" runs micro-batches in groups of "
+                         "parallel.pp = ", c.parallel.pp, ": train.grad_accum = ",
+                         c.train.grad_accum, " must be a multiple of it"));
+  } else {
+    p.Check(v == 1, absl::StrCat("parallel.virtual_stages = ", v,
+                                 " needs parallel.schedule = \"interleaved\""));
+  }
   const bool model_parallel = c.parallel.tp > 1 || c.parallel.pp > 1;
   p.Check(!model_parallel || c.parallel.backend == "gloo",
           absl::StrCat("parallel.backend = \"", c.parallel.backend,

@@ -65,9 +65,12 @@ struct ParallelConfig {
   // (parallel/mesh.h). A layout from the coordinator, when there is one, takes precedence.
   int tp = 1;                      // tensor-parallel ranks per stage; divides model.n_head
   int pp = 1;                      // pipeline stages
-  std::vector<int> stages;         // blocks per stage (pp entries summing to n_layer); empty: even
-  std::string schedule = "1f1b";   // pipeline schedule: "1f1b" or "gpipe"; train.grad_accum
-                                   // micro-batches flow through it
+  // Blocks per model stage, pp x virtual_stages entries summing to n_layer (model stage
+  // c * pp + s is chunk c of stage s); empty: even.
+  std::vector<int> stages;
+  std::string schedule = "1f1b";   // pipeline schedule: "1f1b", "gpipe" or "interleaved";
+                                   // train.grad_accum micro-batches flow through it
+  int virtual_stages = 1;          // model chunks per pipeline rank; >= 2 with "interleaved"
 };
 
 // Memory budgets per tier, as sizes with a unit ("512MiB", "8GiB", "2.5GB", "1000000" bytes);

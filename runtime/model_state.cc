@@ -180,19 +180,34 @@ absl::StatusOr<NamedTensors> GatherModelWide(comm::Backend* world, bool contribu
   return NamedTensors(full.begin(), full.end());
 }
 
-std::vector<ShardedTensor> ShardedParameters(const Gpt& model) {
-  std::vector<ShardedTensor> out;
-  const std::vector<ShardSpec> specs = model.ShardSpecs();
-  const auto named = model.NamedParameters();
-  for (size_t i = 0; i < named.size(); ++i) out.push_back({named[i].first, named[i].second, specs[i]});
+namespace {
+
+// Every parameter of the chunks with its shard spec, in chunk order.
+std::vector<std::pair<std::string, std::pair<at::Tensor, ShardSpec>>> ChunkParameters(
+    const std::vector<const Gpt*>& chunks) {
+  std::vector<std::pair<std::string, std::pair<at::Tensor, ShardSpec>>> out;
+  for (const Gpt* chunk : chunks) {
+    const std::vector<ShardSpec> specs = chunk->ShardSpecs();
+    const auto named = chunk->NamedParameters();
+    for (size_t i = 0; i < named.size(); ++i) {
+      out.push_back({named[i].first, {named[i].second, specs[i]}});
+    }
+  }
   return out;
 }
 
-std::vector<ShardedTensor> ShardedOptimizerState(const Gpt& model, const NamedTensors& state) {
+}  // namespace
+
+std::vector<ShardedTensor> ShardedParameters(const std::vector<const Gpt*>& chunks) {
+  std::vector<ShardedTensor> out;
+  for (auto& [name, p] : ChunkParameters(chunks)) out.push_back({name, p.first, p.second});
+  return out;
+}
+
+std::vector<ShardedTensor> ShardedOptimizerState(const std::vector<const Gpt*>& chunks,
+                                                 const NamedTensors& state) {
   std::map<std::string, ShardSpec> spec_of;
-  const std::vector<ShardSpec> specs = model.ShardSpecs();
-  const auto named = model.NamedParameters();
-  for (size_t i = 0; i < named.size(); ++i) spec_of[named[i].first] = specs[i];
+  for (auto& [name, p] : ChunkParameters(chunks)) spec_of[name] = p.second;
   std::vector<ShardedTensor> out;
   for (const auto& [name, t] : state) {
     ShardSpec spec;
@@ -208,29 +223,29 @@ std::vector<ShardedTensor> ShardedOptimizerState(const Gpt& model, const NamedTe
   return out;
 }
 
-absl::StatusOr<NamedTensors> SliceOptimizerState(const Gpt& model, const NamedTensors& full) {
+absl::StatusOr<NamedTensors> SliceOptimizerState(const std::vector<const Gpt*>& chunks,
+                                                 const NamedTensors& full) {
   std::map<std::string, at::Tensor> by_name(full.begin(), full.end());
   NamedTensors out;
   auto step = by_name.find("step");
   if (step == by_name.end()) return absl::DataLossError("optimizer state: missing 'step'");
   out.emplace_back("step", step->second);
-  const std::vector<ShardSpec> specs = model.ShardSpecs();
-  const auto named = model.NamedParameters();
-  for (size_t i = 0; i < named.size(); ++i) {
+  for (auto& [param, p] : ChunkParameters(chunks)) {
+    const ShardSpec& spec = p.second;
     for (const char* prefix : {"exp_avg.", "exp_avg_sq."}) {
-      const std::string name = prefix + named[i].first;
+      const std::string name = prefix + param;
       auto it = by_name.find(name);
       if (it == by_name.end()) {
         return absl::DataLossError(absl::StrCat("optimizer state: missing tensor ", name));
       }
-      if (it->second.sizes() != at::IntArrayRef(specs[i].full_shape) ||
+      if (it->second.sizes() != at::IntArrayRef(spec.full_shape) ||
           it->second.scalar_type() != at::kFloat) {
         return absl::DataLossError(absl::StrCat(
             "optimizer state: tensor ", name, " has shape ", c10::str(it->second.sizes()),
-            "; the model-wide shape is ", c10::str(at::IntArrayRef(specs[i].full_shape)),
+            "; the model-wide shape is ", c10::str(at::IntArrayRef(spec.full_shape)),
             " float32"));
       }
-      out.emplace_back(name, SliceShard(it->second, specs[i]));
+      out.emplace_back(name, SliceShard(it->second, spec));
     }
   }
   return out;

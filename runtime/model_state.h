@@ -39,16 +39,18 @@ absl::StatusOr<NamedTensors> GatherModelWide(comm::Backend* world, bool contribu
                                              const std::vector<ShardedTensor>& mine,
                                              const comm::CollectiveOptions& options = {});
 
-// This model's parameters (ShardSpecs order) as sharded tensors; with `optimizer_state`, the
-// AdamW moments "exp_avg.<name>" / "exp_avg_sq.<name>" of the same parameters from `state`
-// (AdamW::StateDict) and its "step" (replicated).
-std::vector<ShardedTensor> ShardedParameters(const Gpt& model);
-std::vector<ShardedTensor> ShardedOptimizerState(const Gpt& model, const NamedTensors& state);
+// The parameters of this rank's model chunks (each in ShardSpecs order) as sharded tensors; and
+// the AdamW state of one optimizer over those chunks (AdamW::StateDict: "exp_avg.<name>",
+// "exp_avg_sq.<name>", sharded as the parameter <name>, and "step", replicated).
+std::vector<ShardedTensor> ShardedParameters(const std::vector<const Gpt*>& chunks);
+std::vector<ShardedTensor> ShardedOptimizerState(const std::vector<const Gpt*>& chunks,
+                                                 const NamedTensors& state);
 
-// From a model-wide optimizer state (a checkpoint's), this model's slice of it: the moments of
-// its own parameters cut to its shards, and "step". kDataLoss names a missing tensor or one whose
-// shape is not the model-wide one.
-absl::StatusOr<NamedTensors> SliceOptimizerState(const Gpt& model, const NamedTensors& full);
+// From a model-wide optimizer state (a checkpoint's), the chunks' slice of it: the moments of
+// their own parameters cut to their shards, and "step". kDataLoss names a missing tensor or one
+// whose shape is not the model-wide one.
+absl::StatusOr<NamedTensors> SliceOptimizerState(const std::vector<const Gpt*>& chunks,
+                                                 const NamedTensors& full);
 
 }  // namespace shoal::runtime
 

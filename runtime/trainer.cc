@@ -62,8 +62,9 @@ double ModelFlopsPerToken(const ModelConfig& m) {
 class MeshStage final : public parallel::StageCompute {
  public:
   using Batches = std::vector<std::pair<at::Tensor, at::Tensor>>;
-  MeshStage(Gpt* model, int64_t batch, int64_t seq, double throttle)
-      : model_(model), batch_(batch), seq_(seq), throttle_(throttle) {}
+  // `chunks`: this rank's model chunks, chunk c at index c (not owned).
+  MeshStage(std::vector<Gpt*> chunks, int64_t batch, int64_t seq, double throttle)
+      : chunks_(std::move(chunks)), batch_(batch), seq_(seq), throttle_(throttle) {}
 
   // The micro-batches of the next RunStep / RunForward (kept by pointer; must outlive it).
   void Begin(const Batches* batches, float loss_scale) {
@@ -73,12 +74,13 @@ class MeshStage final : public parallel::StageCompute {
   }
   double loss_sum() const { return loss_sum_; }
 
-  at::Tensor Forward(int micro_batch, int slot, const at::Tensor& input) override {
+  at::Tensor Forward(int chunk, int micro_batch, int slot, const at::Tensor& input) override {
+    Gpt& model = Chunk(chunk);
     const auto& [x, y] = Batch(micro_batch);
     MicroBatch mb{&y, x.size(0), x.size(1), slot};
     const Clock::time_point t0 = Clock::now();
-    at::Tensor out = model_->StageForward(model_->has_embedding() ? x : input, mb);
-    if (model_->has_head()) {
+    at::Tensor out = model.StageForward(model.has_embedding() ? x : input, mb);
+    if (model.has_head()) {
       loss_sum_ += out.item<double>();
       out = at::Tensor();
     }
@@ -86,20 +88,27 @@ class MeshStage final : public parallel::StageCompute {
     return out;
   }
 
-  at::Tensor Backward(int micro_batch, int slot, const at::Tensor& grad_output) override {
+  at::Tensor Backward(int chunk, int micro_batch, int slot,
+                      const at::Tensor& grad_output) override {
+    Gpt& model = Chunk(chunk);
     Batch(micro_batch);
     const Clock::time_point t0 = Clock::now();
-    at::Tensor g = model_->StageBackward(model_->has_head() ? at::Tensor() : grad_output,
-                                         loss_scale_, slot);
+    at::Tensor g = model.StageBackward(model.has_head() ? at::Tensor() : grad_output,
+                                       loss_scale_, slot);
     throttle_.After(Seconds(t0, Clock::now()));
     return g;
   }
 
   std::vector<int64_t> ActivationShape() const override {
-    return {batch_, seq_, model_->config().n_embd};
+    return {batch_, seq_, chunks_.front()->config().n_embd};
   }
 
  private:
+  Gpt& Chunk(int chunk) const {
+    TORCH_CHECK(chunk >= 0 && static_cast<size_t>(chunk) < chunks_.size(),
+                "pipeline stage asked for chunk ", chunk, " of ", chunks_.size());
+    return *chunks_[chunk];
+  }
   const std::pair<at::Tensor, at::Tensor>& Batch(int micro_batch) const {
     TORCH_CHECK(batches_ != nullptr && micro_batch >= 0 &&
                     static_cast<size_t>(micro_batch) < batches_->size(),
@@ -108,7 +117,7 @@ class MeshStage final : public parallel::StageCompute {
     return (*batches_)[micro_batch];
   }
 
-  Gpt* model_;
+  std::vector<Gpt*> chunks_;
   int64_t batch_, seq_;
   Throttle throttle_;
   const Batches* batches_ = nullptr;
@@ -159,23 +168,31 @@ absl::StatusOr<std::unique_ptr<StepEngine>> StepEngine::CreateForMesh(
   std::unique_ptr<StepEngine> e(new StepEngine(config, mesh));
   const parallel::MeshShape& shape = mesh->shape();
   const int n_layer = config.model.n_layer, s = mesh->coord().pp;
-  int b0 = 0, b1 = 0;
+  // A layout from the coordinator gives one chunk per rank; the config may give several.
+  const int chunks = given_blocks != nullptr ? 1 : std::max(1, config.parallel.virtual_stages);
+  const int model_stages = shape.pp * chunks;
+  // Blocks [first, end) of each of this rank's chunks; chunk c is model stage c * pp + s.
+  std::vector<std::pair<int, int>> ranges;
   if (given_blocks == nullptr) {
     // From the config: parallel.stages, or an even split (the first stages take the remainder).
     std::vector<int> blocks = config.parallel.stages;
     if (blocks.empty()) {
-      for (int i = 0; i < shape.pp; ++i) {
-        blocks.push_back(n_layer / shape.pp + (i < n_layer % shape.pp ? 1 : 0));
+      for (int j = 0; j < model_stages; ++j) {
+        blocks.push_back(n_layer / model_stages + (j < n_layer % model_stages ? 1 : 0));
       }
     }
-    if (static_cast<int>(blocks.size()) != shape.pp) {
+    if (static_cast<int>(blocks.size()) != model_stages) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "parallel.stages has ", blocks.size(), " entries for ", shape.pp, " pipeline stages"));
+          "parallel.stages has ", blocks.size(), " entries for ", model_stages, " model stages"));
     }
-    for (int i = 0; i < s; ++i) b0 += blocks[i];
-    b1 = b0 + blocks[s];
+    for (int c = 0; c < chunks; ++c) {
+      const int j = c * shape.pp + s;
+      int b0 = 0;
+      for (int i = 0; i < j; ++i) b0 += blocks[i];
+      ranges.emplace_back(b0, b0 + blocks[j]);
+    }
   } else {
-    std::tie(b0, b1) = *given_blocks;
+    const auto [b0, b1] = *given_blocks;
     const bool ok = 0 <= b0 && b0 < b1 && b1 <= n_layer && (s != 0 || b0 == 0) &&
                     (s != shape.pp - 1 || b1 == n_layer);
     if (!ok) {
@@ -184,47 +201,83 @@ absl::StatusOr<std::unique_ptr<StepEngine>> StepEngine::CreateForMesh(
           "), which is not a non-empty range of the model's ", n_layer,
           " blocks (the first stage starts at 0, the last ends at ", n_layer, ")"));
     }
+    ranges.emplace_back(b0, b1);
   }
-  e->stage_blocks_ = {b0, b1};
-  const int first_piece = s == 0 ? 0 : b0 + 1;
-  const int end_piece = s == shape.pp - 1 ? n_layer + 2 : b1 + 1;
+  e->stage_blocks_ = ranges.front();
   TensorParallel tp;
   tp.group = mesh->tp();
   tp.timeout = absl::Seconds(config.parallel.timeout_s);
-  SHOAL_ASSIGN_OR_RETURN(e->model_, Gpt::CreateStage(config.model, config.train.seed, first_piece,
-                                                     end_piece, /*pad_multiple=*/16, tp));
+  for (int c = 0; c < chunks; ++c) {
+    const int j = c * shape.pp + s;
+    const int first_piece = j == 0 ? 0 : ranges[c].first + 1;
+    const int end_piece = j == model_stages - 1 ? n_layer + 2 : ranges[c].second + 1;
+    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<Gpt> chunk,
+                           Gpt::CreateStage(config.model, config.train.seed, first_piece,
+                                            end_piece, /*pad_multiple=*/16, tp));
+    if (c == 0) {
+      e->model_ = std::move(chunk);
+    } else {
+      e->more_chunks_.push_back(std::move(chunk));
+    }
+  }
   parallel::AdamWOptions opt;
   opt.beta1 = config.optim.beta1;
   opt.beta2 = config.optim.beta2;
   opt.eps = config.optim.eps;
   opt.weight_decay = config.optim.weight_decay;
-  Gpt& m = *e->model_;
-  e->optimizer_ = std::make_unique<parallel::AdamW>(
-      std::vector<parallel::ParamGroup>{{&m.params(Gpt::kDecay), &m.grads(Gpt::kDecay), true},
-                                        {&m.params(Gpt::kNoDecay), &m.grads(Gpt::kNoDecay), false}},
-      opt);
+  // One optimizer and one data-parallel sync over every chunk's two flat buffers.
+  std::vector<parallel::ParamGroup> groups;
+  std::vector<memory::FlatBuffer*> params, grads;
+  std::vector<std::pair<int, int>> ready;
+  const std::vector<Gpt*> all = e->chunks();
+  for (size_t c = 0; c < all.size(); ++c) {
+    Gpt& m = *all[c];
+    groups.push_back({&m.params(Gpt::kDecay), &m.grads(Gpt::kDecay), true});
+    groups.push_back({&m.params(Gpt::kNoDecay), &m.grads(Gpt::kNoDecay), false});
+    for (int g = 0; g < 2; ++g) {
+      params.push_back(&m.params(g));
+      grads.push_back(&m.grads(g));
+    }
+    for (const auto& [g, entry] : m.BackwardReadyOrder()) {
+      ready.emplace_back(static_cast<int>(2 * c) + g, entry);
+    }
+    e->specs_.push_back(m.ShardSpecs());
+  }
+  e->optimizer_ = std::make_unique<parallel::AdamW>(std::move(groups), opt);
   if (mesh->dp() != nullptr) {
     parallel::DataParallelOptions dpo;
     dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
     dpo.collective.timeout = absl::Seconds(config.parallel.timeout_s);
-    e->dp_ = std::make_unique<parallel::DataParallel>(
-        mesh->dp(), std::vector<memory::FlatBuffer*>{&m.params(0), &m.params(1)},
-        std::vector<memory::FlatBuffer*>{&m.grads(0), &m.grads(1)}, m.BackwardReadyOrder(), dpo);
+    e->dp_ = std::make_unique<parallel::DataParallel>(mesh->dp(), params, grads, ready, dpo);
+    e->ready_order_ = std::move(ready);
   }
   SHOAL_RETURN_IF_ERROR(Throttle::CheckFactor(throttle, "throttle"));
-  e->stage_ = std::make_unique<MeshStage>(e->model_.get(), config.train.batch_size,
-                                          config.model.block_size, throttle);
+  e->stage_ = std::make_unique<MeshStage>(all, config.train.batch_size, config.model.block_size,
+                                          throttle);
+  const parallel::ScheduleKind kind = chunks > 1 ? parallel::ScheduleKind::kInterleaved1F1B
+                                      : config.parallel.schedule == "gpipe"
+                                          ? parallel::ScheduleKind::kGPipe
+                                          : parallel::ScheduleKind::k1F1B;
   SHOAL_ASSIGN_OR_RETURN(
       parallel::PipelineSchedule schedule,
-      parallel::MakeSchedule(config.parallel.schedule == "gpipe" ? parallel::ScheduleKind::kGPipe
-                                                                 : parallel::ScheduleKind::k1F1B,
-                             shape.pp, config.train.grad_accum));
+      parallel::MakeSchedule(kind, shape.pp, config.train.grad_accum, chunks));
   parallel::PipelineExecutorOptions xo;
   xo.transfer.timeout = absl::Seconds(config.parallel.timeout_s);
   SHOAL_ASSIGN_OR_RETURN(e->executor_, parallel::PipelineExecutor::Create(
                                            mesh->pp(), std::move(schedule), e->stage_.get(), xo));
-  e->specs_ = m.ShardSpecs();
   return e;
+}
+
+std::vector<Gpt*> StepEngine::chunks() const {
+  std::vector<Gpt*> out{model_.get()};
+  for (const auto& c : more_chunks_) out.push_back(c.get());
+  return out;
+}
+
+std::vector<const Gpt*> StepEngine::const_chunks() const {
+  std::vector<const Gpt*> out;
+  for (Gpt* c : chunks()) out.push_back(c);
+  return out;
 }
 
 double StepEngine::FlopsPerToken() const {
@@ -251,18 +304,19 @@ parallel::PipelineStepTiming StepEngine::pipeline_timing() const {
 
 absl::Status StepEngine::ReduceMeshGradients() {
   const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
-  // The tied embedding: the first stage's wte (embedding) and the last stage's copy (head) each
-  // hold part of the gradient; both add the other's. a + b == b + a exactly, so the two copies
-  // stay bit-identical.
-  if (mesh_->shape().pp > 1 && model_->has_embedding() != model_->has_head()) {
+  // The tied embedding: the first model stage's wte (embedding) and the last one's copy (head)
+  // each hold part of the gradient; both add the other's. a + b == b + a exactly, so the two
+  // copies stay bit-identical.
+  for (Gpt* chunk : chunks()) {
+    if (mesh_->shape().pp == 1 || chunk->has_embedding() == chunk->has_head()) continue;
     at::Tensor grad;
-    for (const auto& [name, g] : model_->NamedGradients()) {
+    for (const auto& [name, g] : chunk->NamedGradients()) {
       if (name == "wte.weight") grad = g;
     }
     TORCH_CHECK(grad.defined(), "pipeline stage without its wte gradient");
     at::Tensor mine = grad.clone();
     at::Tensor theirs = at::empty_like(grad);
-    const int peer = model_->has_embedding() ? mesh_->shape().pp - 1 : 0;
+    const int peer = chunk->has_embedding() ? mesh_->shape().pp - 1 : 0;
     std::unique_ptr<comm::Work> send = mesh_->pp()->Send(mine, peer, kTiedEmbeddingTag, co);
     std::unique_ptr<comm::Work> recv = mesh_->pp()->Recv(theirs, peer, kTiedEmbeddingTag, co);
     absl::Status r = recv->Wait();
@@ -273,7 +327,7 @@ absl::Status StepEngine::ReduceMeshGradients() {
   }
   if (dp_) {
     dp_->BeginMicroBatch(true);
-    for (const auto& [g, e] : model_->BackwardReadyOrder()) dp_->OnParamReady(g, e);
+    for (const auto& [g, e] : ready_order_) dp_->OnParamReady(g, e);
     SHOAL_RETURN_IF_ERROR(dp_->FinishGradients());
   }
   return absl::OkStatus();
@@ -283,7 +337,7 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
     int64_t step, const std::vector<std::pair<at::Tensor, at::Tensor>>& micro) {
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
-  model_->ZeroGrad();
+  for (Gpt* chunk : chunks()) chunk->ZeroGrad();
   const int total = TotalMicroBatches(static_cast<int>(micro.size()));
   stage_->Begin(&micro, static_cast<float>(dp_size()) / static_cast<float>(total));
   SHOAL_RETURN_IF_ERROR(executor_->RunStep([this] { return ReduceMeshGradients(); }));
@@ -291,17 +345,22 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
   // once (replicated parameters on tensor-parallel rank 0 only, the head's copy of wte not at
   // all, one data-parallel replica), and the loss comes from the last stage of each replica.
   double sumsq = 0;
-  if (dp_rank() == 0) {
-    const bool wte_copy = model_->has_head() && !model_->has_embedding();
-    const auto grads = model_->NamedGradients();
+  bool holds_head = false;
+  const std::vector<Gpt*> all = chunks();
+  for (size_t c = 0; c < all.size(); ++c) {
+    const Gpt& chunk = *all[c];
+    holds_head = holds_head || chunk.has_head();
+    if (dp_rank() != 0) continue;
+    const bool wte_copy = chunk.has_head() && !chunk.has_embedding();
+    const auto grads = chunk.NamedGradients();
     for (size_t i = 0; i < grads.size(); ++i) {
-      if (specs_[i].dim < 0 && model_->tp_rank() != 0) continue;
+      if (specs_[c][i].dim < 0 && chunk.tp_rank() != 0) continue;
       if (wte_copy && grads[i].first == "wte.weight") continue;
       sumsq += grads[i].second.to(at::kDouble).square().sum().item<double>();
     }
   }
   const double loss_part =
-      model_->has_head() && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
+      holds_head && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
   at::Tensor v = at::tensor({sumsq, loss_part}, at::kDouble);
   if (backend_ != nullptr) {
     SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
@@ -324,7 +383,9 @@ absl::StatusOr<double> StepEngine::EvaluateLoss(
   }
   stage_->Begin(&batches, 1.0f);
   SHOAL_RETURN_IF_ERROR(executor_->RunForward(static_cast<int>(batches.size())));
-  const bool reports = model_->has_head() && model_->tp_rank() == 0 && dp_rank() == 0;
+  bool holds_head = false;
+  for (const Gpt* chunk : chunks()) holds_head = holds_head || chunk->has_head();
+  const bool reports = holds_head && model_->tp_rank() == 0 && dp_rank() == 0;
   at::Tensor v = at::full({1}, reports ? stage_->loss_sum() / batches.size() : 0.0, at::kDouble);
   if (backend_ != nullptr) {
     SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
@@ -342,10 +403,12 @@ absl::Status StepEngine::ModelWideState(NamedTensors* model, NamedTensors* optim
   }
   const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
   const bool contributes = dp_rank() == 0;
-  SHOAL_ASSIGN_OR_RETURN(*model, GatherModelWide(backend_, contributes, ShardedParameters(*model_), co));
   SHOAL_ASSIGN_OR_RETURN(
-      *optimizer, GatherModelWide(backend_, contributes,
-                                  ShardedOptimizerState(*model_, optimizer_->StateDict()), co));
+      *model, GatherModelWide(backend_, contributes, ShardedParameters(const_chunks()), co));
+  SHOAL_ASSIGN_OR_RETURN(
+      *optimizer,
+      GatherModelWide(backend_, contributes,
+                      ShardedOptimizerState(const_chunks(), optimizer_->StateDict()), co));
   return absl::OkStatus();
 }
 
@@ -355,8 +418,8 @@ absl::Status StepEngine::LoadModelWide(const NamedTensors& model, const NamedTen
     return optimizer_->LoadStateDict(optimizer);
   }
   // Check the optimizer state before anything changes.
-  SHOAL_ASSIGN_OR_RETURN(NamedTensors mine, SliceOptimizerState(*model_, optimizer));
-  SHOAL_RETURN_IF_ERROR(model_->LoadParameters(model));
+  SHOAL_ASSIGN_OR_RETURN(NamedTensors mine, SliceOptimizerState(const_chunks(), optimizer));
+  for (Gpt* chunk : chunks()) SHOAL_RETURN_IF_ERROR(chunk->LoadParameters(model));
   return optimizer_->LoadStateDict(mine);
 }
 

@@ -52,7 +52,8 @@ class StepEngine {
   // `backend`: the data-parallel group (not owned; null or size 1 for a single process).
   explicit StepEngine(const Config& config, comm::Backend* backend = nullptr);
   // Model parallelism: this rank's pipeline stage (blocks from parallel.stages, or an even
-  // split) and tensor-parallel shard of the model, its micro-batches driven through the
+  // split; parallel.virtual_stages chunks of it under the interleaved schedule, chunk c being
+  // model stage c * pp + stage) and tensor-parallel shard of the model, its micro-batches driven through the
   // parallel.schedule by a PipelineExecutor over mesh->pp(), gradients summed between the two
   // copies of the tied wte (first and last stage) and averaged over mesh->dp(). `throttle` >= 1
   // slows every forward and backward of this stage down by that factor (runtime/profiler.h).
@@ -94,8 +95,7 @@ class StepEngine {
   int dp_rank() const;
   int dp_size() const;
   parallel::Mesh* mesh() { return mesh_; }
-  // Blocks [first, end) of this rank's stage; the stage holds pieces [first, end + 2) in
-  // Gpt::CreateStage numbering when first is 0, else [first + 1, end + 1) (+ head when last).
+  // Blocks [first, end) of this rank's stage (its first chunk under an interleaved schedule).
   std::pair<int, int> stage_blocks() const { return stage_blocks_; }
   // Last step's pipeline timing (mesh mode; zeros otherwise).
   parallel::PipelineStepTiming pipeline_timing() const;
@@ -109,6 +109,9 @@ class StepEngine {
   absl::StatusOr<StepStats> MeshStep(int64_t step,
                                      const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
   absl::Status ReduceMeshGradients();
+  // This rank's model chunks: model_ and, under an interleaved schedule, the others.
+  std::vector<Gpt*> chunks() const;
+  std::vector<const Gpt*> const_chunks() const;
   int TotalMicroBatches(int mine) const;
 
   Config config_;
@@ -119,9 +122,11 @@ class StepEngine {
   // Mesh mode.
   parallel::Mesh* mesh_ = nullptr;
   std::pair<int, int> stage_blocks_{0, 0};
+  std::vector<std::unique_ptr<Gpt>> more_chunks_;  // chunks 1 .. v-1 (interleaved); 0 is model_
+  std::vector<std::pair<int, int>> ready_order_;    // (group over all chunks, entry)
   std::unique_ptr<MeshStage> stage_;
   std::unique_ptr<parallel::PipelineExecutor> executor_;
-  std::vector<ShardSpec> specs_;
+  std::vector<std::vector<ShardSpec>> specs_;       // per chunk
   int total_micro_batches_ = 0;
 };
 

@@ -1,5 +1,5 @@
 // Tensor, pipeline and data parallelism are exact: every (tp, pp, dp) layout, with uneven stage
-// splits and either schedule, trains like one process with the same global batch (losses within
+// splits and any schedule (1F1B, GPipe, interleaved 1F1B), trains like one process with the same global batch (losses within
 // 1e-4 relative over 10 fp32 steps, final weights within 1e-4 in relative norm), and a
 // checkpoint written by one layout resumes on another. Real `shoal train` processes over
 // 127.0.0.1.
@@ -52,10 +52,12 @@ timeout_s = 60
 struct Layout {
   int tp, pp, dp;
   const char* stages;    // "" for an even split
-  const char* schedule;  // "1f1b" or "gpipe"
+  const char* schedule;  // "1f1b", "gpipe" or "interleaved"
+  int virtual_stages = 1;
   std::string Name() const {
     std::string n = "tp" + std::to_string(tp) + "pp" + std::to_string(pp) + "dp" +
-                    std::to_string(dp) + schedule;
+                    std::to_string(dp) + schedule +
+                    (virtual_stages > 1 ? "v" + std::to_string(virtual_stages) : "");
     for (const char* c = stages; *c; ++c) {
       if (*c >= '0' && *c <= '9') n += *c;
     }
@@ -66,6 +68,7 @@ struct Layout {
     std::string s = "parallel.tp=" + std::to_string(tp) + " parallel.pp=" + std::to_string(pp) +
                     " parallel.schedule=" + schedule;
     if (*stages) s += std::string(" parallel.stages=") + stages;
+    if (virtual_stages > 1) s += " parallel.virtual_stages=" + std::to_string(virtual_stages);
     return s;
   }
 };
@@ -152,7 +155,10 @@ INSTANTIATE_TEST_SUITE_P(
                       Layout{1, 4, 1, "[1,2,2,1]", "1f1b"},
                       Layout{2, 2, 1, "[5,1]", "1f1b"},
                       Layout{1, 2, 2, "", "1f1b"},
-                      Layout{2, 2, 2, "[2,4]", "1f1b"}),
+                      Layout{2, 2, 2, "[2,4]", "1f1b"},
+                      // two chunks per rank: model stages 0..3 on ranks 0, 1, 0, 1
+                      Layout{1, 2, 1, "[1,2,2,1]", "interleaved", 2},
+                      Layout{2, 2, 1, "", "interleaved", 2}),
     [](const ::testing::TestParamInfo<Layout>& info) { return info.param.Name(); });
 
 TEST_F(MeshTest, CheckpointsResumeOnAnotherLayout) {
@@ -163,7 +169,8 @@ TEST_F(MeshTest, CheckpointsResumeOnAnotherLayout) {
   };
   for (const Hop& h : {Hop{{1, 2, 1, "[4,2]", "1f1b"}, {2, 1, 1, "", "1f1b"}},
                        Hop{{2, 2, 1, "[2,4]", "1f1b"}, {1, 1, 1, "", "1f1b"}},
-                       Hop{{1, 1, 1, "", "1f1b"}, {1, 4, 1, "", "gpipe"}}}) {
+                       Hop{{1, 1, 1, "", "1f1b"}, {1, 4, 1, "", "gpipe"}},
+                       Hop{{1, 2, 1, "[2,1,1,2]", "interleaved", 2}, {1, 1, 1, "", "1f1b"}}}) {
     const std::string run = "hop_" + h.from.Name() + "_" + h.to.Name();
     Run(h.from, run, "--stop-after 5");
     Run(h.to, run, "--resume");

@@ -1,14 +1,17 @@
 // PipelineExecutor over real Gloo between real processes on 127.0.0.1 (rank_launcher.h), on a
-// synthetic stage with a closed form.
+// synthetic model with a closed form.
 //
-// Stage s holds a weight vector w_s of F = 8 values and exchanges activations of shape (2, 4):
-//   forward   y = w_s * x                (elementwise; stage 0's x is x_m, known per micro-batch)
-//   backward  dx = w_s * dy, dw_s += x * dy
-//   loss      sum(y * t_m) on the last stage, so its dy = t_m.
-// Hence stage s receives x = (prod_{j<s} w_j) * x_m, the gradient (prod_{j>s} w_j) * t_m, and
-// after one step dw_s = sum_m (prod_{j != s} w_j) * x_m * t_m. Each rank computes these in double
-// from the formulas (not from the executor) and checks every received tensor and the gradients
-// of every step; a tag mix-up, a lost or duplicated transfer, or a wrong slot shows up there.
+// The model is a chain of L = stages * virtual_stages model stages; model stage j holds a weight
+// vector w_j of F = 8 values and lives on rank j % stages as its chunk j / stages. Activations
+// have shape (2, 4):
+//   forward   y = w_j * x                (elementwise; model stage 0's x is x_m, per micro-batch)
+//   backward  dx = w_j * dy, dw_j += x * dy
+//   loss      sum(y * t_m) on model stage L - 1, so its dy = t_m.
+// Hence model stage j receives x = (prod_{i<j} w_i) * x_m, the gradient (prod_{i>j} w_i) * t_m,
+// and after one step dw_j = sum_m (prod_{i != j} w_i) * x_m * t_m. Each rank computes these in
+// double from the formulas (not from the executor) and checks every received tensor and the
+// gradients of every chunk after every step; a tag mix-up, a lost or duplicated transfer, a
+// chunk mix-up or a wrong slot shows up there.
 #include "parallel/pipeline_executor.h"
 
 #include <ATen/ATen.h>
@@ -43,20 +46,21 @@ using ::shoal::testing::EnvString;
 constexpr int kF = 8;
 const std::vector<int64_t> kShape = {2, 4};
 
-constexpr char kKindEnv[] = "SHOAL_PIPE_TEST_KIND";  // "1f1b" or "gpipe"
+constexpr char kKindEnv[] = "SHOAL_PIPE_TEST_KIND";  // "1f1b", "gpipe" or "interleaved"
 constexpr char kStagesEnv[] = "SHOAL_PIPE_TEST_STAGES";
 constexpr char kMicroEnv[] = "SHOAL_PIPE_TEST_M";
+constexpr char kVirtualEnv[] = "SHOAL_PIPE_TEST_V";
 constexpr char kPortEnv[] = "SHOAL_PIPE_TEST_PORT";
-// "die": rank 1 exits (status 0, no goodbye) inside the forward of micro-batch 1 of the second
-// step, a peer that dies mid-step; "stall": it sleeps there for 5 s, a peer alive but silent
-// for longer than the transfer timeout (3 s).
+// "die": rank 1 exits (status 0, no goodbye) inside the forward of micro-batch 1 (chunk 0) of
+// the second step, a peer that dies mid-step; "stall": it sleeps there for 5 s, a peer alive but
+// silent for longer than the transfer timeout (3 s).
 constexpr char kFaultEnv[] = "SHOAL_PIPE_TEST_FAULT";
 
 double W(int stage, int i) { return 0.6 + 0.1 * stage + 0.05 * i; }
 double X(int m, int i) { return 1.0 + m + i / 10.0; }
 double T(int m, int i) { return 0.5 + 0.25 * m - 0.1 * i; }
 
-// The closed forms, in double.
+// The closed forms, in double, over model stages.
 double ProdW(int from, int to, int skip, int i) {  // prod of w_j[i], from <= j < to, j != skip
   double p = 1;
   for (int j = from; j < to; ++j) {
@@ -83,81 +87,114 @@ at::Tensor Filled(double (*f)(int, int), int a) {
 
 bool Near(double got, double want) { return std::abs(got - want) <= 1e-5 * (1 + std::abs(want)); }
 
-// The synthetic stage. Records every disagreement with the closed form in `errors_`.
+// The synthetic rank: `chunks` model stages, chunk c being model stage c * stages + rank. Records
+// every disagreement with the closed form in `errors_`, and counts for itself the (micro-batch,
+// chunk) pairs in flight, to check the executor's slot bookkeeping against.
 class ClosedFormStage final : public StageCompute {
  public:
-  ClosedFormStage(int stage, int stages) : stage_(stage), stages_(stages) {
-    w_ = at::empty(kShape, at::kFloat);
-    for (int i = 0; i < kF; ++i) w_.data_ptr<float>()[i] = static_cast<float>(W(stage, i));
-    dw_ = at::zeros(kShape, at::kFloat);
+  ClosedFormStage(int rank, int stages, int chunks = 1)
+      : rank_(rank), stages_(stages), model_stages_(stages * chunks), chunks_(chunks) {
+    for (int c = 0; c < chunks; ++c) {
+      at::Tensor w = at::empty(kShape, at::kFloat);
+      for (int i = 0; i < kF; ++i) w.data_ptr<float>()[i] = static_cast<float>(W(ModelStage(c), i));
+      w_.push_back(w);
+      dw_.push_back(at::zeros(kShape, at::kFloat));
+    }
+    slots_.resize(chunks);
+    max_slot_.assign(chunks, -1);
+    in_flight_.assign(chunks, 0);
+    peak_in_flight_.assign(chunks, 0);
     y_ = at::zeros(kShape, at::kFloat);
     dx_ = at::zeros(kShape, at::kFloat);
   }
 
-  at::Tensor Forward(int micro_batch, int slot, const at::Tensor& input) override {
-    if (fault_at_forward_ == micro_batch && step_ == 1) {
-      std::printf("rank %d: %s inside forward of micro-batch %d\n", stage_,
+  int ModelStage(int chunk) const { return chunk * stages_ + rank_; }
+
+  at::Tensor Forward(int chunk, int micro_batch, int slot, const at::Tensor& input) override {
+    if (chunk < 0 || chunk >= chunks_) {
+      Expect(false, absl::StrCat("forward of micro-batch ", micro_batch, " in chunk ", chunk));
+      return at::zeros(kShape);
+    }
+    const int j = ModelStage(chunk);
+    if (fault_at_forward_ == micro_batch && chunk == 0 && step_ == 1) {
+      std::printf("rank %d: %s inside forward of micro-batch %d\n", rank_,
                   stall_ ? "stalling" : "exiting", micro_batch);
       std::fflush(stdout);
       if (!stall_) std::_Exit(0);
       std::this_thread::sleep_for(std::chrono::seconds(5));
     }
     at::Tensor x;
-    if (stage_ == 0) {
-      Expect(!input.defined(), "first stage got an input");
+    if (j == 0) {
+      Expect(!input.defined(), "first model stage got an input");
       x = Filled(X, micro_batch);
     } else {
-      if (!CheckTensor(input, "forward input", micro_batch)) return at::zeros(kShape);
+      if (!CheckTensor(input, "forward input", micro_batch, chunk)) return at::zeros(kShape);
       for (int i = 0; i < kF; ++i) {
-        Expect(Near(input.data_ptr<float>()[i], ExpectedInput(stage_, micro_batch, i)),
-               absl::StrCat("forward input of micro-batch ", micro_batch, " element ", i, " is ",
-                            input.data_ptr<float>()[i], ", want ",
-                            ExpectedInput(stage_, micro_batch, i)));
+        Expect(Near(input.data_ptr<float>()[i], ExpectedInput(j, micro_batch, i)),
+               absl::StrCat("forward input of micro-batch ", micro_batch, " chunk ", chunk,
+                            " element ", i, " is ", input.data_ptr<float>()[i], ", want ",
+                            ExpectedInput(j, micro_batch, i)));
       }
       x = input.clone();
     }
-    if (slot >= static_cast<int>(slots_.size())) slots_.resize(slot + 1);
+    std::vector<Slot>& slots = slots_[chunk];
+    if (slot < 0) {
+      Expect(false, absl::StrCat("negative slot ", slot));
+      return at::zeros(kShape);
+    }
+    if (slot >= static_cast<int>(slots.size())) slots.resize(slot + 1);
     // A forward-only pass reuses slot 0 without backwards; a training step never reuses a slot
-    // before its backward.
-    Expect(eval_ || slots_[slot].micro_batch < 0,
-           absl::StrCat("slot ", slot, " given to micro-batch ", micro_batch, " still holds ",
-                        slots_[slot].micro_batch));
-    if (!eval_) slots_[slot] = {micro_batch, x};
-    max_slot_ = std::max(max_slot_, slot);
-    // Into the same buffer every time, as the model does (the executor must copy what it sends).
-    at::mul_out(y_, w_, x);
-    if (stage_ == stages_ - 1) {
+    // of a chunk before its backward.
+    Expect(eval_ || slots[slot].micro_batch < 0,
+           absl::StrCat("slot ", slot, " of chunk ", chunk, " given to micro-batch ",
+                        micro_batch, " still holds ", slots[slot].micro_batch));
+    if (!eval_) {
+      slots[slot] = {micro_batch, x};
+      max_slot_[chunk] = std::max(max_slot_[chunk], slot);
+      peak_in_flight_[chunk] = std::max(peak_in_flight_[chunk], ++in_flight_[chunk]);
+      ++total_in_flight_;
+      peak_total_in_flight_ = std::max(peak_total_in_flight_, total_in_flight_);
+    }
+    // Into the same buffer for every micro-batch and chunk, as the model does (the executor
+    // must copy what it sends).
+    at::mul_out(y_, w_[chunk], x);
+    if (j == model_stages_ - 1) {
       outputs_[micro_batch] = y_.clone();
       return at::Tensor();
     }
     return y_;
   }
 
-  at::Tensor Backward(int micro_batch, int slot, const at::Tensor& grad_output) override {
-    if (slot < 0 || slot >= static_cast<int>(slots_.size()) ||
-        slots_[slot].micro_batch != micro_batch) {
-      Expect(false, absl::StrCat("backward of micro-batch ", micro_batch, " in slot ", slot,
-                                 " which does not hold it"));
-      return stage_ == 0 ? at::Tensor() : at::zeros(kShape);
+  at::Tensor Backward(int chunk, int micro_batch, int slot, const at::Tensor& grad_output) override {
+    if (chunk < 0 || chunk >= chunks_ || slot < 0 ||
+        slot >= static_cast<int>(slots_[chunk].size()) ||
+        slots_[chunk][slot].micro_batch != micro_batch) {
+      Expect(false, absl::StrCat("backward of micro-batch ", micro_batch, " in chunk ", chunk,
+                                 " slot ", slot, " which does not hold it"));
+      return ModelStage(std::max(chunk, 0)) == 0 ? at::Tensor() : at::zeros(kShape);
     }
+    const int j = ModelStage(chunk);
     at::Tensor dy;
-    if (stage_ == stages_ - 1) {
-      Expect(!grad_output.defined(), "last stage got a gradient");
+    if (j == model_stages_ - 1) {
+      Expect(!grad_output.defined(), "last model stage got a gradient");
       dy = Filled(T, micro_batch);
     } else {
-      if (!CheckTensor(grad_output, "grad output", micro_batch)) return at::zeros(kShape);
+      if (!CheckTensor(grad_output, "grad output", micro_batch, chunk)) return at::zeros(kShape);
       for (int i = 0; i < kF; ++i) {
-        const double want = ExpectedGrad(stage_, stages_, micro_batch, i);
+        const double want = ExpectedGrad(j, model_stages_, micro_batch, i);
         Expect(Near(grad_output.data_ptr<float>()[i], want),
-               absl::StrCat("grad output of micro-batch ", micro_batch, " element ", i, " is ",
-                            grad_output.data_ptr<float>()[i], ", want ", want));
+               absl::StrCat("grad output of micro-batch ", micro_batch, " chunk ", chunk,
+                            " element ", i, " is ", grad_output.data_ptr<float>()[i], ", want ",
+                            want));
       }
       dy = grad_output;
     }
-    dw_ += slots_[slot].x * dy;
-    slots_[slot].micro_batch = -1;
-    if (stage_ == 0) return at::Tensor();
-    at::mul_out(dx_, w_, dy);
+    dw_[chunk] += slots_[chunk][slot].x * dy;
+    slots_[chunk][slot].micro_batch = -1;
+    --in_flight_[chunk];
+    --total_in_flight_;
+    if (j == 0) return at::Tensor();
+    at::mul_out(dx_, w_[chunk], dy);
     return dx_;
   }
 
@@ -166,21 +203,32 @@ class ClosedFormStage final : public StageCompute {
   void Expect(bool ok, const std::string& what) {
     if (!ok && errors_.size() < 20) errors_.push_back(what);
   }
-  bool CheckTensor(const at::Tensor& t, const char* what, int micro_batch) {
+  bool CheckTensor(const at::Tensor& t, const char* what, int micro_batch, int chunk) {
     const bool ok = t.defined() && t.scalar_type() == at::kFloat && t.sizes().equals(kShape);
-    Expect(ok, absl::StrCat(what, " of micro-batch ", micro_batch, " missing or misshapen"));
+    Expect(ok, absl::StrCat(what, " of micro-batch ", micro_batch, " chunk ", chunk,
+                            " missing or misshapen"));
     return ok;
+  }
+  // Before a step: no gradients, no slot history.
+  void ResetStep() {
+    for (at::Tensor& dw : dw_) dw.zero_();
+    max_slot_.assign(chunks_, -1);
+    peak_in_flight_.assign(chunks_, 0);
+    peak_total_in_flight_ = 0;
   }
 
   struct Slot {
     int micro_batch = -1;
     at::Tensor x;
   };
-  const int stage_, stages_;
-  at::Tensor w_, dw_, y_, dx_;
-  std::vector<Slot> slots_;
-  int max_slot_ = -1;
-  std::map<int, at::Tensor> outputs_;  // last stage: y per micro-batch
+  const int rank_, stages_, model_stages_, chunks_;
+  std::vector<at::Tensor> w_, dw_;  // [chunk]
+  at::Tensor y_, dx_;
+  std::vector<std::vector<Slot>> slots_;  // [chunk][slot]
+  // [chunk]: highest slot given out; pairs in flight now and at most, as seen by this stage.
+  std::vector<int> max_slot_, in_flight_, peak_in_flight_;
+  int total_in_flight_ = 0, peak_total_in_flight_ = 0;
+  std::map<int, at::Tensor> outputs_;  // last model stage: y per micro-batch
   std::vector<std::string> errors_;
   int step_ = 0;
   int fault_at_forward_ = -1;
@@ -189,7 +237,9 @@ class ClosedFormStage final : public StageCompute {
 };
 
 ScheduleKind KindFromName(const std::string& name) {
-  return name == "gpipe" ? ScheduleKind::kGPipe : ScheduleKind::k1F1B;
+  if (name == "gpipe") return ScheduleKind::kGPipe;
+  if (name == "interleaved") return ScheduleKind::kInterleaved1F1B;
+  return ScheduleKind::k1F1B;
 }
 
 // ---- Inside a rank process. ----
@@ -199,9 +249,10 @@ int RunRank() {
   const int rank = EnvInt(::shoal::testing::kRankEnv, -1);
   const int stages = EnvInt(kStagesEnv, -1);
   const int m = EnvInt(kMicroEnv, -1);
+  const int v = EnvInt(kVirtualEnv, 1);
   const ScheduleKind kind = KindFromName(EnvString(kKindEnv));
   const std::string fault = EnvString(kFaultEnv);
-  if (rank < 0 || stages < 1 || m < 1) {
+  if (rank < 0 || stages < 1 || m < 1 || v < 1) {
     std::printf("rank process: bad environment\n");
     return 2;
   }
@@ -226,12 +277,12 @@ int RunRank() {
     std::printf("rank %d: CreateBackend: %s\n", rank, backend.status().ToString().c_str());
     return 1;
   }
-  auto schedule = MakeSchedule(kind, stages, m);
+  auto schedule = MakeSchedule(kind, stages, m, v);
   if (!schedule.ok()) {
     std::printf("rank %d: MakeSchedule: %s\n", rank, schedule.status().ToString().c_str());
     return 1;
   }
-  ClosedFormStage stage(rank, stages);
+  ClosedFormStage stage(rank, stages, v);
   if (!fault.empty() && rank == 1) {
     stage.fault_at_forward_ = 1;
     stage.stall_ = fault == "stall";
@@ -272,7 +323,18 @@ int RunRank() {
     return 1;
   }
 
-  const int bound = PeakInFlightBound(kind, stages, m, rank);
+  // The peak two ways: the schedule's bound, and the discrete-event simulation of the same
+  // program (which counts the pairs in flight independently of the executor).
+  const int bound = PeakInFlightBound(kind, stages, m, rank, v);
+  StageCosts costs;
+  costs.forward.assign(stages * v, 1.0);
+  costs.backward.assign(stages * v, 2.0);
+  auto sim = Simulate(*schedule, costs);
+  if (!sim.ok()) {
+    std::printf("rank %d: Simulate: %s\n", rank, sim.status().ToString().c_str());
+    return 1;
+  }
+  const int simulated_peak = sim->peak_in_flight[rank];
   // Steps in a row reuse the same tags; a forward-only pass with a different count of
   // micro-batches goes between them.
   const int eval_m = m + 2;
@@ -286,39 +348,51 @@ int RunRank() {
         std::printf("rank %d: RunForward: %s\n", rank, s.ToString().c_str());
         return 1;
       }
-      if (rank == stages - 1) {
+      if (rank == stages - 1) {  // holds the last model stage (chunk v - 1)
         stage.Expect(static_cast<int>(stage.outputs_.size()) == eval_m,
                      absl::StrCat("RunForward produced ", stage.outputs_.size(), " outputs"));
         for (const auto& [mb, y] : stage.outputs_) {
           for (int i = 0; i < kF; ++i) {
-            const double want = ProdW(0, stages, -1, i) * X(mb, i);
+            const double want = ProdW(0, stages * v, -1, i) * X(mb, i);
             stage.Expect(Near(y.data_ptr<float>()[i], want),
                          absl::StrCat("eval output of micro-batch ", mb, " element ", i, " is ",
                                       y.data_ptr<float>()[i], ", want ", want));
           }
         }
+      } else {
+        stage.Expect(stage.outputs_.empty(), "RunForward produced outputs off the last stage");
       }
       continue;
     }
-    stage.dw_.zero_();
-    stage.max_slot_ = -1;
+    stage.ResetStep();
     const absl::Status s = ex.RunStep(reduce);
     if (!s.ok()) {
       std::printf("rank %d: RunStep %d: %s\n", rank, round, s.ToString().c_str());
       return 1;
     }
-    for (int i = 0; i < kF; ++i) {
-      const double want = ExpectedDw(rank, stages, m, i);
-      stage.Expect(Near(stage.dw_.data_ptr<float>()[i], want),
-                   absl::StrCat("round ", round, ": dw[", i, "] = ",
-                                stage.dw_.data_ptr<float>()[i], ", want ", want));
+    for (int c = 0; c < v; ++c) {
+      const int j = stage.ModelStage(c);
+      for (int i = 0; i < kF; ++i) {
+        const double want = ExpectedDw(j, stages * v, m, i);
+        stage.Expect(Near(stage.dw_[c].data_ptr<float>()[i], want),
+                     absl::StrCat("round ", round, ": model stage ", j, " dw[", i, "] = ",
+                                  stage.dw_[c].data_ptr<float>()[i], ", want ", want));
+      }
+      // Lowest free slot of the chunk first: a chunk's slots are exactly 0 .. peak - 1.
+      stage.Expect(stage.max_slot_[c] + 1 == stage.peak_in_flight_[c],
+                   absl::StrCat("chunk ", c, ": highest slot ", stage.max_slot_[c], " with ",
+                                stage.peak_in_flight_[c], " micro-batches in flight at most"));
+      stage.Expect(stage.in_flight_[c] == 0,
+                   absl::StrCat("chunk ", c, ": ", stage.in_flight_[c], " left in flight"));
     }
-    // Lowest free slot first: the slots used are exactly 0 .. peak - 1, and the peak is the
-    // schedule's bound (1F1B: min(p - rank, m); GPipe: m).
-    stage.Expect(ex.peak_slots() == bound,
-                 absl::StrCat("peak_slots ", ex.peak_slots(), ", bound ", bound));
-    stage.Expect(stage.max_slot_ + 1 == ex.peak_slots(),
-                 absl::StrCat("highest slot ", stage.max_slot_, " with peak ", ex.peak_slots()));
+    // peak_slots counts the pairs in flight across chunks, which is the schedule's bound
+    // (1F1B: min(p - rank, m); GPipe: m; interleaved: min(2 (p - rank - 1) + (v - 1) p + 1, m v)).
+    stage.Expect(ex.peak_slots() == stage.peak_total_in_flight_,
+                 absl::StrCat("peak_slots ", ex.peak_slots(), ", seen in flight ",
+                              stage.peak_total_in_flight_));
+    stage.Expect(ex.peak_slots() == bound && ex.peak_slots() == simulated_peak,
+                 absl::StrCat("peak_slots ", ex.peak_slots(), ", bound ", bound, ", simulated ",
+                              simulated_peak));
     const PipelineStepTiming& t = ex.last_timing();
     stage.Expect(t.total_s > 0 && t.compute_s >= 0 && t.recv_wait_s >= 0 &&
                      t.compute_s + t.recv_wait_s + t.send_wait_s <= t.total_s,
@@ -338,9 +412,10 @@ struct Case {
   const char* kind;
   int stages;
   int micro_batches;
+  int virtual_stages = 1;
 };
 void PrintTo(const Case& c, std::ostream* os) {
-  *os << c.kind << " p=" << c.stages << " m=" << c.micro_batches;
+  *os << c.kind << " p=" << c.stages << " m=" << c.micro_batches << " v=" << c.virtual_stages;
 }
 
 // `fault`: "", "die" or "stall" (kFaultEnv).
@@ -356,6 +431,7 @@ std::vector<::shoal::testing::RankResult> Launch(const Case& c, const std::strin
   std::map<std::string, std::string> env{{kKindEnv, c.kind},
                                          {kStagesEnv, std::to_string(c.stages)},
                                          {kMicroEnv, std::to_string(c.micro_batches)},
+                                         {kVirtualEnv, std::to_string(c.virtual_stages)},
                                          {kPortEnv, std::to_string((*server)->port())}};
   if (!fault.empty()) env[kFaultEnv] = fault;
   std::vector<int> ranks;
@@ -377,22 +453,31 @@ TEST_P(PipelineExecutorRanks, GradientsMatchTheClosedForm) {
 INSTANTIATE_TEST_SUITE_P(Schedules, PipelineExecutorRanks,
                          ::testing::Values(Case{"1f1b", 2, 1}, Case{"1f1b", 2, 4},
                                            Case{"1f1b", 4, 6}, Case{"gpipe", 4, 3},
-                                           Case{"gpipe", 3, 5}),
+                                           Case{"gpipe", 3, 5}, Case{"interleaved", 2, 4, 2},
+                                           Case{"interleaved", 2, 6, 3},
+                                           Case{"interleaved", 4, 8, 2}),
                          [](const ::testing::TestParamInfo<Case>& info) {
                            return absl::StrCat(info.param.kind, "_p", info.param.stages, "_m",
-                                               info.param.micro_batches);
+                                               info.param.micro_batches, "_v",
+                                               info.param.virtual_stages);
                          });
 
 TEST(PipelineExecutorFailure, DeadPeerFailsTheOthersInsteadOfHanging) {
-  const auto results = Launch(Case{"1f1b", 3, 4}, "die");
-  ASSERT_EQ(results.size(), 3u);
-  for (const auto& r : results) {
-    EXPECT_FALSE(r.timed_out) << ::shoal::testing::DescribeRanks(results);
-    EXPECT_EQ(r.exit_code, 0) << "rank " << r.rank << "\n"
-                              << ::shoal::testing::DescribeRanks(results);
+  // 1F1B over 3 ranks; and interleaved over 2, where rank 1 dies in its chunk 0 while rank 0 has
+  // work in flight on both of its chunks (transfers posted both ways with rank 1, its previous
+  // and next model stage at once).
+  for (const Case& c : {Case{"1f1b", 3, 4}, Case{"interleaved", 2, 4, 2}}) {
+    SCOPED_TRACE(c.kind);
+    const auto results = Launch(c, "die");
+    ASSERT_EQ(results.size(), static_cast<size_t>(c.stages));
+    for (const auto& r : results) {
+      EXPECT_FALSE(r.timed_out) << ::shoal::testing::DescribeRanks(results);
+      EXPECT_EQ(r.exit_code, 0) << "rank " << r.rank << "\n"
+                                << ::shoal::testing::DescribeRanks(results);
+    }
+    EXPECT_TRUE(::shoal::testing::Contains(results[1].output, "exiting inside forward"))
+        << results[1].output;
   }
-  EXPECT_TRUE(::shoal::testing::Contains(results[1].output, "exiting inside forward"))
-      << results[1].output;
 }
 
 TEST(PipelineExecutorFailure, SilentPeerTimesOutTheOthers) {
@@ -421,7 +506,7 @@ TEST(PipelineExecutorSingleStage, RunsWithoutAGroup) {
   EXPECT_TRUE(reduced);
   EXPECT_EQ((*ex)->peak_slots(), 1);
   for (int i = 0; i < kF; ++i) {
-    EXPECT_NEAR(stage.dw_.data_ptr<float>()[i], ExpectedDw(0, 1, 3, i), 1e-4) << i;
+    EXPECT_NEAR(stage.dw_[0].data_ptr<float>()[i], ExpectedDw(0, 1, 3, i), 1e-4) << i;
   }
   stage.outputs_.clear();
   stage.eval_ = true;
@@ -485,12 +570,20 @@ TEST_F(PipelineExecutorCreate, RefusesAnInvalidSchedule) {
   EXPECT_TRUE(absl::StrContains(ex.status().message(), "invalid schedule")) << ex.status();
 }
 
-TEST_F(PipelineExecutorCreate, RefusesInterleaving) {
+TEST_F(PipelineExecutorCreate, RefusesAnInterleavedScheduleWithABadChunk) {
   auto schedule = MakeSchedule(ScheduleKind::kInterleaved1F1B, 2, 2, 2);
   ASSERT_TRUE(schedule.ok()) << schedule.status();
+  // A valid interleaved schedule is accepted as far as its group (here: missing) ...
+  auto missing = PipelineExecutor::Create(nullptr, *schedule, &stage_);
+  EXPECT_TRUE(absl::IsInvalidArgument(missing.status())) << missing.status();
+  EXPECT_TRUE(absl::StrContains(missing.status().message(), "2 stages")) << missing.status();
+  // ... and one naming a chunk the rank does not have is not.
+  for (Action& a : schedule->per_rank[0]) {
+    if (a.kind == ActionKind::kForward) a.chunk = 2;
+  }
   auto ex = PipelineExecutor::Create(nullptr, *schedule, &stage_);
   EXPECT_TRUE(absl::IsInvalidArgument(ex.status())) << ex.status();
-  EXPECT_TRUE(absl::StrContains(ex.status().message(), "virtual_stages 2")) << ex.status();
+  EXPECT_TRUE(absl::StrContains(ex.status().message(), "invalid schedule")) << ex.status();
 }
 
 TEST_F(PipelineExecutorCreate, RefusesANullStage) {
@@ -531,10 +624,32 @@ TEST_F(PipelineExecutorCreate, RefusesAGroupOfTheWrongSize) {
 // transfer of the wrong size.
 class WrongShapeStage final : public StageCompute {
  public:
-  at::Tensor Forward(int, int, const at::Tensor&) override { return at::zeros({3}); }
-  at::Tensor Backward(int, int, const at::Tensor&) override { return at::Tensor(); }
+  at::Tensor Forward(int, int, int, const at::Tensor&) override { return at::zeros({3}); }
+  at::Tensor Backward(int, int, int, const at::Tensor&) override { return at::Tensor(); }
   std::vector<int64_t> ActivationShape() const override { return {2, 4}; }
 };
+
+// A real Gloo group of two in this process: rendezvous needs both ranks at once, so each is
+// built on its own thread.
+void MakePairInThreads(std::shared_ptr<comm::Store> store, std::unique_ptr<comm::Backend> out[2]) {
+  absl::Status statuses[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] {
+      comm::BackendOptions o;
+      o.rank = r;
+      o.world_size = 2;
+      o.store = store;
+      o.timeout = absl::Seconds(10);
+      o.gloo_hostname = "127.0.0.1";
+      auto b = comm::CreateBackend(o);
+      statuses[r] = b.status();
+      if (b.ok()) out[r] = std::move(*b);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_TRUE(statuses[0].ok() && statuses[1].ok()) << statuses[0] << " / " << statuses[1];
+}
 
 TEST_F(PipelineExecutorCreate, WrongOutputShapeIsAnErrorNamingTheAction) {
   // A real group of two in this process (rendezvous needs both ranks at once: one thread each);
@@ -543,23 +658,7 @@ TEST_F(PipelineExecutorCreate, WrongOutputShapeIsAnErrorNamingTheAction) {
   auto store = comm::MakeFileStore(dir_ / "store2", 2, absl::Seconds(10));
   ASSERT_TRUE(store.ok()) << store.status();
   std::unique_ptr<comm::Backend> groups[2];
-  absl::Status statuses[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      comm::BackendOptions o;
-      o.rank = r;
-      o.world_size = 2;
-      o.store = *store;
-      o.timeout = absl::Seconds(10);
-      o.gloo_hostname = "127.0.0.1";
-      auto b = comm::CreateBackend(o);
-      statuses[r] = b.status();
-      if (b.ok()) groups[r] = std::move(*b);
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  ASSERT_TRUE(statuses[0].ok() && statuses[1].ok()) << statuses[0] << " / " << statuses[1];
+  ASSERT_NO_FATAL_FAILURE(MakePairInThreads(*store, groups));
   auto schedule = MakeSchedule(ScheduleKind::k1F1B, 2, 2);
   ASSERT_TRUE(schedule.ok());
   WrongShapeStage wrong;
@@ -590,6 +689,7 @@ TEST(PipelineBench, OneStageRunsBothSchedulesAndBothWorks) {
     for (const PipelineBenchCase& c : *cases) {
       EXPECT_EQ(c.stages, 1);
       EXPECT_EQ(c.micro_batches, 3);
+      EXPECT_EQ(c.virtual_stages, 1);
       EXPECT_EQ(c.bubble_theory, 0.0);
       // One stage computes whenever it runs: what is not compute is bookkeeping, never negative.
       EXPECT_GE(c.bubble_measured, 0.0);
@@ -605,6 +705,63 @@ TEST(PipelineBench, OneStageRunsBothSchedulesAndBothWorks) {
     EXPECT_TRUE(absl::StrContains(table, "GPipe")) << table;
     EXPECT_TRUE(absl::StrContains(table, "3/3")) << table;
   }
+}
+
+// Two ranks as two threads of this process over a real Gloo group: every schedule, interleaved
+// included, with chunks that take 1/v of the rank's time.
+TEST(PipelineBench, TwoStagesRunAllSchedules) {
+  ::shoal::testing::TempDir dir;
+  auto store = comm::MakeFileStore(dir / "store", 2, absl::Seconds(10));
+  ASSERT_TRUE(store.ok()) << store.status();
+  PipelineBenchOptions o;
+  o.schedules = {ScheduleKind::k1F1B, ScheduleKind::kGPipe, ScheduleKind::kInterleaved1F1B};
+  o.micro_batches = 4;
+  o.virtual_stages = 2;
+  o.forward_ms = 2;
+  o.backward_ms = 4;
+  o.steps = 2;
+  o.activation_shape = {4, 8};
+  o.transfer.timeout = absl::Seconds(20);
+  std::unique_ptr<comm::Backend> groups[2];
+  ASSERT_NO_FATAL_FAILURE(MakePairInThreads(*store, groups));
+  absl::StatusOr<std::vector<PipelineBenchCase>> results[2];
+  std::vector<std::thread> threads;
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&, r] { results[r] = RunPipelineBench(groups[r].get(), o); });
+  }
+  for (std::thread& t : threads) t.join();
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  ASSERT_TRUE(results[1].ok()) << results[1].status();
+  const std::vector<PipelineBenchCase>& cases = *results[0];
+  ASSERT_EQ(cases.size(), 3u);
+  ASSERT_EQ(results[1]->size(), 3u);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const PipelineBenchCase& c = cases[i];
+    SCOPED_TRACE(ToString(c.schedule));
+    EXPECT_EQ(c.schedule, o.schedules[i]);
+    EXPECT_EQ(c.stages, 2);
+    const bool interleaved = c.schedule == ScheduleKind::kInterleaved1F1B;
+    EXPECT_EQ(c.virtual_stages, interleaved ? 2 : 1);
+    // p = 2, m = 4: 1 / 5 without interleaving, 1 / (2 * 4 + 1) with v = 2.
+    EXPECT_DOUBLE_EQ(c.bubble_theory, interleaved ? 1.0 / 9 : 1.0 / 5);
+    // Every rank does m (forward + backward) of work in each schedule: 4 x 6 ms at least.
+    EXPECT_GE(c.compute_s, 0.024);
+    EXPECT_GE(c.step_s, c.compute_s);
+    EXPECT_GE(c.bubble_measured, 0.0);
+    EXPECT_LT(c.bubble_measured, 1.0);
+    // Both ranks gathered the same figures.
+    EXPECT_EQ((*results[1])[i].step_s, c.step_s);
+    ASSERT_EQ(c.peak_slots.size(), 2u);
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(c.peak_bound[r], PeakInFlightBound(c.schedule, 2, 4, r, c.virtual_stages));
+      EXPECT_EQ(c.peak_slots[r], c.peak_bound[r]) << "rank " << r;
+    }
+  }
+  // Interleaved p = 2, v = 2: rank 0 warms up 2 + 2 chunk-forwards and holds one more.
+  EXPECT_EQ(cases[2].peak_bound, (std::vector<int>{5, 3}));
+  const std::string table = FormatPipelineBenchTable(cases);
+  EXPECT_TRUE(absl::StrContains(table, "interleaved 1F1B")) << table;
+  EXPECT_TRUE(absl::StrContains(table, "5/5 3/3")) << table;
 }
 
 TEST(PipelineBench, BadOptionsAreRefusedByName) {
@@ -630,8 +787,29 @@ TEST(PipelineBench, BadOptionsAreRefusedByName) {
   o.schedules = {};
   refused(o, "schedule");
   o = {};
+  o.schedules = {ScheduleKind::k1F1B, ScheduleKind::kInterleaved1F1B};
+  o.virtual_stages = 1;
+  refused(o, "virtual-stages");
+  // Without an interleaved schedule the number of chunks is not used.
+  o.schedules = {ScheduleKind::k1F1B};
+  EXPECT_TRUE(ValidatePipelineBenchOptions(o).ok());
+  // What depends on the stage count: one stage cannot interleave, m must be a multiple of p.
+  o = {};
   o.schedules = {ScheduleKind::kInterleaved1F1B};
-  refused(o, "interleaved");
+  EXPECT_TRUE(ValidatePipelineBenchOptions(o).ok());
+  absl::Status s = CheckPipelineBenchStages(o, 1);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "at least 2 stages, got 1")) << s;
+  EXPECT_TRUE(absl::IsInvalidArgument(RunPipelineBench(nullptr, o).status()));
+  o.micro_batches = 6;
+  s = CheckPipelineBenchStages(o, 4);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "micro-batches (6)")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "stages (4)")) << s;
+  EXPECT_TRUE(CheckPipelineBenchStages(o, 3).ok());
+  o.schedules = {ScheduleKind::kGPipe};
+  EXPECT_TRUE(CheckPipelineBenchStages(o, 4).ok());
+  EXPECT_TRUE(CheckPipelineBenchStages(o, 1).ok());
   o = {};
   o.activation_shape = {4, 0};
   refused(o, "activation shape");

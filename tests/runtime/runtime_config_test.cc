@@ -66,6 +66,7 @@ void ExpectSameValues(const Config& a, const Config& b) {
   EXPECT_EQ(a.parallel.pp, b.parallel.pp);
   EXPECT_EQ(a.parallel.stages, b.parallel.stages);
   EXPECT_EQ(a.parallel.schedule, b.parallel.schedule);
+  EXPECT_EQ(a.parallel.virtual_stages, b.parallel.virtual_stages);
   EXPECT_EQ(a.memory.host_budget, b.memory.host_budget);
   EXPECT_EQ(a.memory.disk_budget, b.memory.disk_budget);
 }
@@ -356,7 +357,21 @@ TEST(ConfigTest, ModelParallelKeys) {
        "block counts >= 1"},
       {{"parallel.stages=[1, \"a\"]"}, "parallel.stages must be an array of integers"},
       {{"parallel.stages=3"}, "parallel.stages must be an array of integers (got integer)"},
-      {{"parallel.schedule=zigzag"}, "parallel.schedule must be \"1f1b\" or \"gpipe\""},
+      {{"parallel.schedule=zigzag"},
+       "parallel.schedule must be \"1f1b\", \"gpipe\" or \"interleaved\""},
+      {{"parallel.pp=2", "parallel.schedule=interleaved"},
+       "needs parallel.pp >= 2 and parallel.virtual_stages >= 2 (got 2 and 1)"},
+      {{"parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved",
+        "train.grad_accum=3"},
+       "train.grad_accum = 3 must be a multiple of it"},
+      {{"parallel.pp=2", "parallel.virtual_stages=2"},
+       "parallel.virtual_stages = 2 needs parallel.schedule = \"interleaved\""},
+      {{"parallel.pp=2", "parallel.virtual_stages=4", "parallel.schedule=interleaved",
+        "train.grad_accum=2"},
+       "with 4 virtual stages each"},
+      {{"model.n_layer=6", "parallel.pp=2", "parallel.virtual_stages=2",
+        "parallel.schedule=interleaved", "train.grad_accum=2", "parallel.stages=[3, 3]"},
+       "parallel.stages has 2 entries but parallel.pp = 2 x parallel.virtual_stages = 2"},
       {{"parallel.pp=2", "parallel.backend=mpi"}, "need \"gloo\""},
       {{"parallel.tp=2", "parallel.zero=1"}, "ZeRO-1"},
   };
