@@ -344,7 +344,7 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
   // Global gradient norm and the loss in one world all-reduce: each gradient element is counted
   // once (replicated parameters on tensor-parallel rank 0 only, the head's copy of wte not at
   // all, one data-parallel replica), and the loss comes from the last stage of each replica.
-  double sumsq = 0;
+  std::vector<at::Tensor> counted;  // gradient views, each element of the model once
   bool holds_head = false;
   const std::vector<Gpt*> all = chunks();
   for (size_t c = 0; c < all.size(); ++c) {
@@ -356,9 +356,11 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
     for (size_t i = 0; i < grads.size(); ++i) {
       if (specs_[c][i].dim < 0 && chunk.tp_rank() != 0) continue;
       if (wte_copy && grads[i].first == "wte.weight") continue;
-      sumsq += grads[i].second.to(at::kDouble).square().sum().item<double>();
+      counted.push_back(grads[i].second);
     }
   }
+  const double norm = parallel::GlobalL2Norm(counted);
+  const double sumsq = norm * norm;
   const double loss_part =
       holds_head && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
   at::Tensor v = at::tensor({sumsq, loss_part}, at::kDouble);
