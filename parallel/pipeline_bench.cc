@@ -227,7 +227,7 @@ absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
     c.virtual_stages = v;
     // Interleaving: the fill and drain are still p - 1 compute slots, but each is one chunk's
     // time, 1 / v of a rank's per-micro-batch work, against m of busy time per rank:
-    // ((p - 1) / v) / (m + (p - 1) / v) = (p - 1) / (v m + p - 1) (ALGORITHMS.md §5; Simulate
+    // ((p - 1) / v) / (m + (p - 1) / v) = (p - 1) / (v m + p - 1) (Simulate
     // gives the same in parallel_pipeline_schedule_test).
     c.bubble_theory = kind == ScheduleKind::kInterleaved1F1B
                           ? static_cast<double>(stages - 1) /
