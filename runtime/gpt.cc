@@ -429,12 +429,6 @@ ShardSpec ShardFor(const ParamSpec& s, const ModelConfig& c, int r, int t) {
   return spec;
 }
 
-std::vector<int64_t> LocalShape(const ShardSpec& spec) {
-  std::vector<int64_t> shape = spec.full_shape;
-  if (spec.dim >= 0) shape[spec.dim] = spec.parts * spec.length;
-  return shape;
-}
-
 // Owner piece of a declared parameter in the full model: embeddings -> 0, blocks.<l>. -> l + 1,
 // ln_f -> the head.
 int OwnerPiece(const std::string& name, int n_layer) {
@@ -444,6 +438,12 @@ int OwnerPiece(const std::string& name, int n_layer) {
 }
 
 }  // namespace
+
+std::vector<int64_t> ShardShape(const ShardSpec& spec) {
+  std::vector<int64_t> shape = spec.full_shape;
+  if (spec.dim >= 0) shape[spec.dim] = static_cast<int64_t>(spec.parts) * spec.length;
+  return shape;
+}
 
 at::Tensor SliceShard(const at::Tensor& full, const ShardSpec& spec) {
   TORCH_CHECK(full.sizes() == at::IntArrayRef(spec.full_shape), "SliceShard: tensor of shape ",
@@ -460,8 +460,8 @@ at::Tensor SliceShard(const at::Tensor& full, const ShardSpec& spec) {
 void PlaceShard(const at::Tensor& local, const ShardSpec& spec, at::Tensor& full) {
   TORCH_CHECK(full.sizes() == at::IntArrayRef(spec.full_shape), "PlaceShard: tensor of shape ",
               full.sizes(), " for a shard of ", at::IntArrayRef(spec.full_shape));
-  TORCH_CHECK(local.sizes() == at::IntArrayRef(LocalShape(spec)), "PlaceShard: shard of shape ",
-              local.sizes(), ", expected ", at::IntArrayRef(LocalShape(spec)));
+  TORCH_CHECK(local.sizes() == at::IntArrayRef(ShardShape(spec)), "PlaceShard: shard of shape ",
+              local.sizes(), ", expected ", at::IntArrayRef(ShardShape(spec)));
   if (spec.dim < 0) {
     full.copy_(local);
     return;
@@ -531,7 +531,7 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
     kept[i] = true;
     shard_specs_.push_back(ShardFor(s, config, tp_rank_, tp_size_));
     const int group = s.decay ? kDecay : kNoDecay;
-    where_.emplace_back(group, params_[group].Add(s.name, LocalShape(shard_specs_.back())));
+    where_.emplace_back(group, params_[group].Add(s.name, ShardShape(shard_specs_.back())));
     names_.push_back(s.name);
     piece_params_[piece - first_piece].push_back(where_.back());
   }

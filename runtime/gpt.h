@@ -106,6 +106,8 @@ struct ShardSpec {
   int64_t length = 0;
 };
 
+// The shape of the local tensor `spec` describes.
+std::vector<int64_t> ShardShape(const ShardSpec& spec);
 // The local shard of `full` (a new contiguous tensor). REQUIRES: full.sizes() == spec.full_shape.
 at::Tensor SliceShard(const at::Tensor& full, const ShardSpec& spec);
 // Writes `local` into its place in `full`. REQUIRES: shapes as above.

@@ -47,13 +47,6 @@ bool ParseInt(absl::string_view s, int64_t* v) {
   return true;
 }
 
-// The shape of the local shard a spec describes.
-std::vector<int64_t> LocalShape(const ShardSpec& spec) {
-  std::vector<int64_t> shape = spec.full_shape;
-  if (spec.dim >= 0) shape[spec.dim] = static_cast<int64_t>(spec.parts) * spec.length;
-  return shape;
-}
-
 absl::StatusOr<std::vector<Described>> ParseDescription(const std::string& text, int from) {
   std::vector<Described> out;
   auto bad = [&](const std::string& line, const std::string& why) {
@@ -91,7 +84,7 @@ absl::StatusOr<std::vector<Described>> ParseDescription(const std::string& text,
         return bad(std::string(line), "shard outside the tensor");
       }
     }
-    d.local_shape = LocalShape(d.spec);
+    d.local_shape = ShardShape(d.spec);
     out.push_back(std::move(d));
   }
   return out;

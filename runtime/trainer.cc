@@ -241,7 +241,26 @@ absl::StatusOr<std::unique_ptr<StepEngine>> StepEngine::CreateForMesh(
     for (const auto& [g, entry] : m.BackwardReadyOrder()) {
       ready.emplace_back(static_cast<int>(2 * c) + g, entry);
     }
-    e->specs_.push_back(m.ShardSpecs());
+  }
+  // What the step reads from the chunks, found once (the views stay valid: flat buffers never
+  // move). The gradient norm counts every element of the model once: replicated parameters on
+  // tensor-parallel rank 0 only, the head's copy of the tied wte not at all, one replica only.
+  for (Gpt* chunk : all) {
+    e->holds_head_ = e->holds_head_ || chunk->has_head();
+    const bool wte_copy = chunk->has_head() && !chunk->has_embedding();
+    const std::vector<ShardSpec> specs = chunk->ShardSpecs();
+    const auto grads = chunk->NamedGradients();
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const bool tied = grads[i].first == "wte.weight";
+      if (tied && shape.pp > 1 && chunk->has_embedding() != chunk->has_head()) {
+        e->tied_wte_.push_back({grads[i].second, chunk->has_embedding() ? shape.pp - 1 : 0});
+      }
+      if (mesh->coord().dp != 0 || (specs[i].dim < 0 && chunk->tp_rank() != 0) ||
+          (wte_copy && tied)) {
+        continue;
+      }
+      e->counted_grads_.push_back(grads[i].second);
+    }
   }
   e->optimizer_ = std::make_unique<parallel::AdamW>(std::move(groups), opt);
   if (mesh->dp() != nullptr) {
@@ -307,16 +326,9 @@ absl::Status StepEngine::ReduceMeshGradients() {
   // The tied embedding: the first model stage's wte (embedding) and the last one's copy (head)
   // each hold part of the gradient; both add the other's. a + b == b + a exactly, so the two
   // copies stay bit-identical.
-  for (Gpt* chunk : chunks()) {
-    if (mesh_->shape().pp == 1 || chunk->has_embedding() == chunk->has_head()) continue;
-    at::Tensor grad;
-    for (const auto& [name, g] : chunk->NamedGradients()) {
-      if (name == "wte.weight") grad = g;
-    }
-    TORCH_CHECK(grad.defined(), "pipeline stage without its wte gradient");
+  for (const auto& [grad, peer] : tied_wte_) {
     at::Tensor mine = grad.clone();
     at::Tensor theirs = at::empty_like(grad);
-    const int peer = chunk->has_embedding() ? mesh_->shape().pp - 1 : 0;
     std::unique_ptr<comm::Work> send = mesh_->pp()->Send(mine, peer, kTiedEmbeddingTag, co);
     std::unique_ptr<comm::Work> recv = mesh_->pp()->Recv(theirs, peer, kTiedEmbeddingTag, co);
     absl::Status r = recv->Wait();
@@ -341,28 +353,12 @@ absl::StatusOr<StepStats> StepEngine::MeshStep(
   const int total = TotalMicroBatches(static_cast<int>(micro.size()));
   stage_->Begin(&micro, static_cast<float>(dp_size()) / static_cast<float>(total));
   SHOAL_RETURN_IF_ERROR(executor_->RunStep([this] { return ReduceMeshGradients(); }));
-  // Global gradient norm and the loss in one world all-reduce: each gradient element is counted
-  // once (replicated parameters on tensor-parallel rank 0 only, the head's copy of wte not at
-  // all, one data-parallel replica), and the loss comes from the last stage of each replica.
-  std::vector<at::Tensor> counted;  // gradient views, each element of the model once
-  bool holds_head = false;
-  const std::vector<Gpt*> all = chunks();
-  for (size_t c = 0; c < all.size(); ++c) {
-    const Gpt& chunk = *all[c];
-    holds_head = holds_head || chunk.has_head();
-    if (dp_rank() != 0) continue;
-    const bool wte_copy = chunk.has_head() && !chunk.has_embedding();
-    const auto grads = chunk.NamedGradients();
-    for (size_t i = 0; i < grads.size(); ++i) {
-      if (specs_[c][i].dim < 0 && chunk.tp_rank() != 0) continue;
-      if (wte_copy && grads[i].first == "wte.weight") continue;
-      counted.push_back(grads[i].second);
-    }
-  }
-  const double norm = parallel::GlobalL2Norm(counted);
+  // Global gradient norm and the loss in one world all-reduce: each gradient element counted once
+  // (counted_grads_), the loss from the last stage of each replica.
+  const double norm = parallel::GlobalL2Norm(counted_grads_);
   const double sumsq = norm * norm;
   const double loss_part =
-      holds_head && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
+      holds_head_ && model_->tp_rank() == 0 ? stage_->loss_sum() / total : 0.0;
   at::Tensor v = at::tensor({sumsq, loss_part}, at::kDouble);
   if (backend_ != nullptr) {
     SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,
@@ -385,9 +381,7 @@ absl::StatusOr<double> StepEngine::EvaluateLoss(
   }
   stage_->Begin(&batches, 1.0f);
   SHOAL_RETURN_IF_ERROR(executor_->RunForward(static_cast<int>(batches.size())));
-  bool holds_head = false;
-  for (const Gpt* chunk : chunks()) holds_head = holds_head || chunk->has_head();
-  const bool reports = holds_head && model_->tp_rank() == 0 && dp_rank() == 0;
+  const bool reports = holds_head_ && model_->tp_rank() == 0 && dp_rank() == 0;
   at::Tensor v = at::full({1}, reports ? stage_->loss_sum() / batches.size() : 0.0, at::kDouble);
   if (backend_ != nullptr) {
     SHOAL_RETURN_IF_ERROR(backend_->AllReduce(v, comm::ReduceOp::kSum,

@@ -126,7 +126,12 @@ class StepEngine {
   std::vector<std::pair<int, int>> ready_order_;    // (group over all chunks, entry)
   std::unique_ptr<MeshStage> stage_;
   std::unique_ptr<parallel::PipelineExecutor> executor_;
-  std::vector<std::vector<ShardSpec>> specs_;       // per chunk
+  // Found once at creation: the gradient views the global norm counts (each element of the model
+  // once across the mesh), the tied-wte gradient views with the pipeline rank holding the other
+  // copy, and whether this rank computes the loss.
+  std::vector<at::Tensor> counted_grads_;
+  std::vector<std::pair<at::Tensor, int>> tied_wte_;
+  bool holds_head_ = false;
   int total_micro_batches_ = 0;
 };
 
