@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
+#include <csignal>
 #include <cstdlib>
 #include <functional>
 #include <mutex>
@@ -373,12 +374,30 @@ class GlooBackend final : public Backend {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
 };
 
+// Gloo's TCP transport writes to sockets without MSG_NOSIGNAL, so a write to a peer that has
+// just died raises SIGPIPE, whose default action kills this process before the failed write can
+// become a status naming the peer. Ignore it (once, and only where nobody installed a handler):
+// the write then fails with EPIPE and the collective reports kUnavailable.
+void IgnoreSigpipeUnlessHandled() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction current {};
+    if (::sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+      struct sigaction ignore {};
+      ignore.sa_handler = SIG_IGN;
+      sigemptyset(&ignore.sa_mask);
+      ::sigaction(SIGPIPE, &ignore, nullptr);
+    }
+  });
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Backend>> CreateGlooBackend(const BackendOptions& options) {
   if (options.store == nullptr) {
     return absl::InvalidArgumentError("gloo backend: BackendOptions::store is required");
   }
+  IgnoreSigpipeUnlessHandled();
   auto state = std::make_shared<GlooGroupState>(
       absl::StrCat("gloo group of ", options.world_size, " (rank ", options.rank, ")"));
   auto backend = std::make_unique<GlooBackend>(options, std::move(state));
