@@ -40,17 +40,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-int ExitCode(const absl::Status& status) {
-  std::fprintf(stderr, "shoal: error: %s\n", std::string(status.message()).c_str());
-  const bool user_error = status.code() == absl::StatusCode::kInvalidArgument ||
-                          status.code() == absl::StatusCode::kNotFound ||
-                          status.code() == absl::StatusCode::kFailedPrecondition;
-  return user_error ? 2 : 1;
-}
-
-// CLI11's parse errors are usage errors (exit 2); --help exits 0.
-int ParseExit(CLI::App& app, const CLI::ParseError& e) { return app.exit(e) == 0 ? 0 : 2; }
-
 std::string Bytes(int64_t b) {
   const double gib = static_cast<double>(b) / (1ull << 30);
   return absl::StrFormat("%.1f GiB", gib);
@@ -420,7 +409,7 @@ int ProfileMain(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return ParseExit(app, e);
+    return app.exit(e) == 0 ? 0 : 2;
   }
   if (o.refresh) {
     // The MFU denominator is cached beside the profile; a refresh renews both (a peak measured
@@ -454,16 +443,6 @@ void AddSplitFlags(CLI::App& app, std::string* config, std::vector<std::string>*
 }
 
 // Parses the flags, runs, and turns the outcome into an exit code.
-int ParseAndRun(CLI::App& app, int argc, char** argv, const std::function<absl::Status()>& run) {
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return ParseExit(app, e);
-  }
-  const absl::Status s = run();
-  return s.ok() ? 0 : ExitCode(s);
-}
-
 }  // namespace
 
 int BenchSplitMain(int argc, char** argv) {

@@ -349,6 +349,9 @@ int main(int argc, char** argv) {
     if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "hetero") {
       return shoal::launch::BenchHeteroMain(argc - 2, argv + 2);
     }
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "demo") {
+      return shoal::launch::BenchDemoMain(argc - 2, argv + 2);
+    }
   }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
@@ -439,6 +442,8 @@ int main(int argc, char** argv) {
       "pipeline", "Pipeline schedules: measured bubble fraction against (p-1)/(m+p-1), p = 2, 4");
   bench_cmd->add_subcommand(
       "hetero", "Two ranks, one slowed down: 2-stage pipeline with the solver's split vs uniform");
+  bench_cmd->add_subcommand(
+      "demo", "AdamW + fp32 all-reduce vs DeMo on real ranks: bytes per step and validation loss");
 
   // env: what rank discovery sees (for launch scripts and tests)
   auto* env_cmd = app.add_subcommand(

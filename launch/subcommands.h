@@ -29,6 +29,10 @@ int BenchHeteroMain(int argc, char** argv);
 // (argv starts at "pipeline"): the pipeline executor's measured bubble against theory, per
 // schedule and stage count, on stages of fixed time; a table and a final JSON line
 int BenchPipelineMain(int argc, char** argv);
+// shoal bench demo --config FILE [--ranks 2] [--steps N] [--demo-lr X] [--adamw-lr X] [--set ...]
+// (argv starts at "demo"): AdamW + all-reduce against DeMo on real ranks, same steps: bytes on
+// the wire per step and final validation loss; a table and a JSON line with `bytes_ratio`
+int BenchDemoMain(int argc, char** argv);
 
 }  // namespace shoal::launch
 

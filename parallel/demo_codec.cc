@@ -355,11 +355,16 @@ absl::Status DemoApply(const DemoCodec& codec, const std::vector<DemoSelection>&
               "DemoApply: param must be Float or Double");
   auto mean = codec.DecompressMean(gathered, param->scalar_type());
   if (!mean.ok()) return mean.status();
-  const at::Tensor direction = codec.Decode(*mean).sign();
+  DemoApplyMean(codec, *mean, lr, weight_decay, param);
+  return absl::OkStatus();
+}
+
+void DemoApplyMean(const DemoCodec& codec, const at::Tensor& mean, double lr, double weight_decay,
+                   at::Tensor* param) {
+  const at::Tensor direction = codec.Decode(mean).sign();
   // The reference's order: decoupled decay first, then the SGD step with the sign as gradient.
   if (weight_decay != 0) param->mul_(1 - lr * weight_decay);
   param->add_(direction, -lr);
-  return absl::OkStatus();
 }
 
 }  // namespace shoal::parallel

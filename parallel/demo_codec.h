@@ -164,6 +164,11 @@ DemoSelection DemoCompress(const DemoCodec& codec, double lr, double decay,
 absl::Status DemoApply(const DemoCodec& codec, const std::vector<DemoSelection>& gathered,
                        double lr, double weight_decay, at::Tensor* param);
 
+// DemoApply's update for an already decompressed mean (DecompressMean's result):
+// *param ← *param·(1 − lr·weight_decay) − lr·sign(Decode(mean)).
+void DemoApplyMean(const DemoCodec& codec, const at::Tensor& mean, double lr, double weight_decay,
+                   at::Tensor* param);
+
 }  // namespace shoal::parallel
 
 #endif  // SHOAL_PARALLEL_DEMO_CODEC_H_

@@ -5,7 +5,9 @@
 #include <cstdlib>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <toml++/toml.h>
@@ -64,6 +66,13 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(optim, eps, Kind::kDouble),
       SHOAL_FIELD(optim, weight_decay, Kind::kDouble),
       SHOAL_FIELD(optim, grad_clip, Kind::kDouble),
+      SHOAL_FIELD(optim, name, Kind::kString),
+      SHOAL_FIELD(optim, demo_chunk, Kind::kInt),
+      SHOAL_FIELD(optim, demo_topk, Kind::kInt),
+      SHOAL_FIELD(optim, demo_decay, Kind::kDouble),
+      SHOAL_FIELD(optim, demo_wire, Kind::kString),
+      SHOAL_FIELD(optim, demo_weight_decay, Kind::kDouble),
+      SHOAL_FIELD(optim, demo_drift_check, Kind::kInt),
       SHOAL_FIELD(checkpoint, dir, Kind::kString),
       SHOAL_FIELD(checkpoint, every, Kind::kInt),
       SHOAL_FIELD(checkpoint, keep, Kind::kInt),
@@ -87,18 +96,41 @@ const std::vector<Field>& Schema() {
 constexpr const char* kSections[] = {"model",      "data",     "train", "optim",
                                      "checkpoint", "parallel", "memory"};
 
+// Other names a section answers to in files and overrides, as {alias, canonical}. The issue
+// tracker and other trainers call the optimizer section "optimizer"; ToToml writes only the
+// canonical name, so a manifest reads the same whichever spelling the run was started with.
+constexpr std::pair<const char*, const char*> kSectionAliases[] = {{"optimizer", "optim"}};
+
+// "optim" for "optimizer"; any other name unchanged (it may not be a section at all).
+absl::string_view CanonicalSection(absl::string_view section) {
+  for (const auto& [alias, canonical] : kSectionAliases) {
+    if (section == alias) return canonical;
+  }
+  return section;
+}
+
+// `section` may be an alias.
 const Field* FindField(absl::string_view section, absl::string_view key) {
+  const absl::string_view canonical = CanonicalSection(section);
   for (const Field& f : Schema()) {
-    if (section == f.section && key == f.key) return &f;
+    if (canonical == f.section && key == f.key) return &f;
   }
   return nullptr;
 }
 
 bool IsSection(absl::string_view name) {
+  const absl::string_view canonical = CanonicalSection(name);
   for (const char* s : kSections) {
-    if (name == s) return true;
+    if (canonical == s) return true;
   }
   return false;
+}
+
+// Section names a misspelled one is compared with: the canonical names and the aliases.
+std::vector<std::string> SectionNames() {
+  std::vector<std::string> names(std::begin(kSections), std::end(kSections));
+  for (const auto& [alias, canonical] : kSectionAliases) names.push_back(alias);
+  return names;
 }
 
 size_t EditDistance(absl::string_view a, absl::string_view b) {
@@ -138,6 +170,20 @@ std::vector<std::string> AllKeys() {
   std::vector<std::string> keys;
   for (const Field& f : Schema()) keys.push_back(absl::StrCat(f.section, ".", f.key));
   return keys;
+}
+
+// Suggestion() for an unknown "section.key" whose section may be an alias: compared under the
+// canonical section (so "optimizer.demo_topK" is one edit from "optim.demo_topk", not six),
+// and shown in the spelling the user wrote when the match is in that same section.
+std::string KeySuggestion(absl::string_view section, absl::string_view key) {
+  const absl::string_view canonical = CanonicalSection(section);
+  std::string suggestion = Suggestion(absl::StrCat(canonical, ".", key), AllKeys());
+  const std::string canonical_prefix = absl::StrCat("'", canonical, ".");
+  const size_t at = suggestion.find(canonical_prefix);
+  if (canonical != section && at != std::string::npos) {
+    suggestion.replace(at, canonical_prefix.size(), absl::StrCat("'", section, "."));
+  }
+  return suggestion;
 }
 
 const char* TypeName(toml::node_type type) {
@@ -258,6 +304,10 @@ std::string FormatParseError(const toml::parse_error& e, absl::string_view sourc
 }
 
 absl::Status ApplyTable(const toml::table& root, const std::string& source, Config& config) {
+  // Canonical "section.key" -> the section it was written under, so that a key given under
+  // both a section and its alias ([optim] lr and [optimizer] lr) is an error, not a silent
+  // choice between the two.
+  std::map<std::string, std::string> written_under;
   for (auto&& [section_key, section_node] : root) {
     const std::string section(section_key.str());
     if (!IsSection(section)) {
@@ -268,7 +318,7 @@ absl::Status ApplyTable(const toml::table& root, const std::string& source, Conf
       }
       return absl::InvalidArgumentError(
           absl::StrCat("unknown section '", section, "'", Where(source, section_node),
-                       Suggestion(section, {std::begin(kSections), std::end(kSections)})));
+                       Suggestion(section, SectionNames())));
     }
     if (!section_node.is_table()) {
       return absl::InvalidArgumentError(absl::StrCat(section, " must be a table (got ",
@@ -282,7 +332,14 @@ absl::Status ApplyTable(const toml::table& root, const std::string& source, Conf
         const std::string name = absl::StrCat(section, ".", key);
         return absl::InvalidArgumentError(absl::StrCat("unknown key '", name, "'",
                                                        Where(source, node),
-                                                       Suggestion(name, AllKeys())));
+                                                       KeySuggestion(section, key)));
+      }
+      const auto [it, first] =
+          written_under.emplace(absl::StrCat(field->section, ".", field->key), section);
+      if (!first) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            it->first, " is set under both [", it->second, "] and [", section, "]",
+            Where(source, node), "; keep one"));
       }
       SHOAL_RETURN_IF_ERROR(SetField(*field, node, Where(source, node), config));
     }
@@ -309,8 +366,9 @@ absl::Status ApplyOverride(const std::string& override_text, Config& config) {
   }
   const Field* field = FindField(name.substr(0, dot), name.substr(dot + 1));
   if (field == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown key '", name, "' in ", where,
-                                                   Suggestion(name, AllKeys())));
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown key '", name, "' in ", where,
+                     KeySuggestion(name.substr(0, dot), name.substr(dot + 1))));
   }
   // Read the value as TOML ("3", "1e-4", "true", "\"a b\""); text that is not a TOML value is
   // taken as a string, so `data.dir=/tmp/x` needs no quotes.
@@ -499,6 +557,26 @@ absl::Status ValidateConfig(const Config& c) {
           absl::StrCat("optim.eps must be finite and > 0 (got ", c.optim.eps, ")"));
   finite_non_negative("optim.weight_decay", c.optim.weight_decay);
   finite_non_negative("optim.grad_clip", c.optim.grad_clip);
+  const bool demo = c.optim.name == "demo";
+  p.Check(c.optim.name == "adamw" || demo,
+          absl::StrCat("optim.name must be \"adamw\" or \"demo\" (got \"", c.optim.name, "\")"));
+  // The DeMo keys are checked whichever optimizer is chosen: a typo should not wait until
+  // someone switches optim.name.
+  positive("optim.demo_chunk", c.optim.demo_chunk);
+  // A tile holds up to chunk² coefficients, addressed by int16 indices on the wire.
+  p.Check(c.optim.demo_chunk <= 181,
+          absl::StrCat("optim.demo_chunk must be <= 181 so a chunk x chunk tile fits the int16 "
+                       "indices of the wire format (got ", c.optim.demo_chunk, ")"));
+  // demo_topk may exceed demo_chunk^2: DeMo keeps min(topk, tile size) per tile.
+  positive("optim.demo_topk", c.optim.demo_topk);
+  p.Check(c.optim.demo_decay >= 0 && c.optim.demo_decay < 1,
+          absl::StrCat("optim.demo_decay must be in [0, 1) (got ", c.optim.demo_decay, ")"));
+  p.Check(c.optim.demo_wire == "fp32" || c.optim.demo_wire == "bf16" ||
+              c.optim.demo_wire == "fp16",
+          absl::StrCat("optim.demo_wire must be \"fp32\", \"bf16\" or \"fp16\" (got \"",
+                       c.optim.demo_wire, "\")"));
+  finite_non_negative("optim.demo_weight_decay", c.optim.demo_weight_decay);
+  non_negative("optim.demo_drift_check", c.optim.demo_drift_check);
 
   non_negative("checkpoint.every", c.checkpoint.every);
   non_negative("checkpoint.keep", c.checkpoint.keep);
@@ -568,6 +646,18 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(!model_parallel || c.parallel.zero == 0,
           "parallel.zero = 1 (ZeRO-1) is for data parallelism only; set it to 0 with "
           "parallel.tp or parallel.pp > 1");
+  // DeMo replaces the gradient all-reduce with its own exchange between data-parallel
+  // replicas, each holding a whole model and its own momentum; it has no sharded or
+  // model-parallel form yet. Any backend can carry the exchange.
+  if (demo) {
+    p.Check(c.parallel.zero != 1,
+            "optim.name = \"demo\" keeps a local optimizer state per replica; parallel.zero = 1 "
+            "(ZeRO-1) shards one shared state: choose one");
+    p.Check(!model_parallel,
+            absl::StrCat("optim.name = \"demo\" runs over data parallelism only for now: it "
+                         "needs parallel.tp = 1 and parallel.pp = 1 (got parallel.tp = ",
+                         c.parallel.tp, " and parallel.pp = ", c.parallel.pp, ")"));
+  }
 
   for (const auto& [key, value] : {std::make_pair("memory.host_budget", &c.memory.host_budget),
                                    std::make_pair("memory.disk_budget", &c.memory.disk_budget)}) {

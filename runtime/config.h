@@ -2,6 +2,8 @@
 // [checkpoint], [parallel] and [memory], plus command-line overrides `section.key=value`. Parsing
 // is strict: an unknown section or key, a value of the wrong type, or an impossible value is an error whose message
 // names the key (as "model.n_embd") and the file. Config is a plain value; copy it freely.
+// `optimizer` is accepted as another name for `optim` (`[optimizer]` in a file,
+// `optimizer.name=demo` in an override); ToToml always writes `[optim]`.
 #ifndef SHOAL_RUNTIME_CONFIG_H_
 #define SHOAL_RUNTIME_CONFIG_H_
 
@@ -48,6 +50,15 @@ struct OptimConfig {
   double eps = 1e-8;
   double weight_decay = 0.1;       // on 2-D weights only
   double grad_clip = 1.0;          // global L2 norm; 0 disables
+  std::string name = "adamw";      // the optimizer: "adamw" or "demo" (decoupled momentum)
+  // DeMo (parallel/demo.h): each replica keeps its own momentum and exchanges only the top-k
+  // DCT coefficients of every chunk. The trainer switches the gradient all-reduce off then.
+  int demo_chunk = 64;             // DCT chunk length per axis (2-D tiles are chunk x chunk)
+  int demo_topk = 32;              // coefficients kept per chunk/tile (clamped to its size)
+  double demo_decay = 0.999;       // momentum decay, in [0, 1)
+  std::string demo_wire = "bf16";  // value type on the wire: "fp32", "bf16" or "fp16"
+  double demo_weight_decay = 0.0;  // DeMo's decoupled decay (the reference runs use 0)
+  int demo_drift_check = 50;       // steps between replica parameter-hash checks; 0: off
 };
 
 struct CheckpointConfig {
@@ -112,7 +123,8 @@ absl::StatusOr<Config> LoadConfig(const std::string& path,
 
 // Checks the values that do not need the data: positive sizes, n_embd % n_head == 0,
 // 0 <= beta < 1, min_lr_ratio in [0, 1], vocab_size in [2, 65536], finite lr/eps/decay/clip,
-// non-empty data.dir and train.out_dir. kInvalidArgument lists every problem, each naming its
+// non-empty data.dir and train.out_dir, the DeMo keys, and optim.name = "demo" only with
+// parallel.zero = 0 and tp = pp = 1. kInvalidArgument lists every problem, each naming its
 // key. Filling an empty checkpoint.dir from train.out_dir is NOT done here (see
 // ResolvedCheckpointDir).
 absl::Status ValidateConfig(const Config& config);

@@ -26,10 +26,16 @@ std::string Thousands(double v) {
 
 std::string FormatTrainLine(const TrainLogRecord& r) {
   const int width = static_cast<int>(std::to_string(r.total_steps).size());
+  const std::string net =
+      r.bytes_sent < 0 ? ""
+                       : absl::StrCat(" | net ", FormatBytes(static_cast<double>(r.bytes_sent)),
+                                      " out ", FormatBytes(static_cast<double>(r.bytes_received)),
+                                      " in/step");
   return absl::StrFormat(
-      "step %*d/%d | loss %.4f | lr %.2e | gnorm %.3f | tok/s %s | MFU %.1f%% | elapsed %s | ETA %s",
+      "step %*d/%d | loss %.4f | lr %.2e | gnorm %.3f | tok/s %s | MFU %.1f%%%s | elapsed %s | "
+      "ETA %s",
       width, r.step, r.total_steps, r.loss, r.lr, r.grad_norm, Thousands(r.tokens_per_s),
-      100.0 * r.mfu, FormatDuration(r.elapsed_s), FormatDuration(r.eta_s));
+      100.0 * r.mfu, net, FormatDuration(r.elapsed_s), FormatDuration(r.eta_s));
 }
 
 absl::StatusOr<MetricsFile> MetricsFile::Open(const std::string& path) {

@@ -24,10 +24,15 @@ struct TrainLogRecord {
   double mfu = 0;          // 0..1
   double elapsed_s = 0;
   double eta_s = 0;
+  // Bytes this rank's gradient/optimizer exchange sent and received in the last step; shown
+  // when >= 0 (multi-rank runs).
+  int64_t bytes_sent = -1;
+  int64_t bytes_received = -1;
 };
 
 // "step   10/200 | loss 2.9812 | lr 6.00e-04 | gnorm 1.234 | tok/s 12,345 | MFU 41.2% |
-//  elapsed 0:12 | ETA 3:45"
+//  elapsed 0:12 | ETA 3:45", with " | net 1.2 MB out 1.2 MB in/step" before "elapsed" when
+//  bytes_sent >= 0.
 std::string FormatTrainLine(const TrainLogRecord& r);
 
 class MetricsFile {

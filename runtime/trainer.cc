@@ -5,11 +5,13 @@
 
 #include <chrono>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/progress.h"
 #include "common/status.h"
 #include "runtime/device_probe.h"
 #include "runtime/lr_schedule.h"
@@ -37,6 +39,14 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
   }
   return absl::OkStatus();
 }
+
+at::ScalarType DemoWireDtype(const std::string& name) {
+  if (name == "fp32") return at::kFloat;
+  if (name == "fp16") return at::kHalf;
+  return at::kBFloat16;  // "bf16", the default (ValidateConfig refuses anything else)
+}
+
+constexpr char kDemoDeltaPrefix[] = "demo.delta.";
 
 // The tag of the tied-embedding gradient exchange on the pipeline group; the executor's tags
 // stay below it (parallel/pipeline_executor.cc).
@@ -139,6 +149,27 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
   opt.beta2 = config.optim.beta2;
   opt.eps = config.optim.eps;
   opt.weight_decay = config.optim.weight_decay;
+  if (config.optim.name == "demo") {
+    // DeMo: every replica keeps its own residual and exchanges top-k DCT coefficients of it;
+    // there is no gradient all-reduce and no AdamW state.
+    parallel::DemoOptions o;
+    o.codec.chunk = config.optim.demo_chunk;
+    o.codec.topk = config.optim.demo_topk;
+    o.codec.wire_dtype = DemoWireDtype(config.optim.demo_wire);
+    o.decay = config.optim.demo_decay;
+    o.weight_decay = config.optim.demo_weight_decay;
+    auto demo = parallel::Demo::Create(
+        {{&model_->params(Gpt::kDecay), &model_->grads(Gpt::kDecay), true},
+         {&model_->params(Gpt::kNoDecay), &model_->grads(Gpt::kNoDecay), false}},
+        o);
+    TORCH_CHECK(demo.ok(), demo.status().ToString());
+    demo_ = std::move(*demo);
+    if (world > 1) {
+      exchange_ = parallel::MakeBackendExchange(
+          backend, comm::CollectiveOptions{absl::Seconds(config.parallel.timeout_s)});
+    }
+    return;
+  }
   const bool zero1 = config.parallel.zero == 1 && world > 1;
   optimizer_ = std::make_unique<parallel::AdamW>(
       std::vector<parallel::ParamGroup>{
@@ -410,6 +441,11 @@ absl::Status StepEngine::ModelWideState(NamedTensors* model, NamedTensors* optim
 
 absl::Status StepEngine::LoadModelWide(const NamedTensors& model, const NamedTensors& optimizer) {
   if (mesh_ == nullptr) {
+    if (demo_) {
+      // Check the optimizer state before the parameters change.
+      SHOAL_RETURN_IF_ERROR(LoadDemoState(optimizer));
+      return model_->LoadParameters(model);
+    }
     SHOAL_RETURN_IF_ERROR(model_->LoadParameters(model));
     return optimizer_->LoadStateDict(optimizer);
   }
@@ -425,6 +461,13 @@ absl::StatusOr<StepStats> StepEngine::Step(
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
   model_->ZeroGrad();
+  if (demo_) {
+    // Each replica's own mean gradient over its micro-batches: DeMo never averages gradients.
+    const float scale = 1.0f / static_cast<float>(micro.size());
+    for (const auto& [x, y] : micro) stats.loss += model_->ForwardBackward(x, y, scale);
+    SHOAL_RETURN_IF_ERROR(DemoStep(step, static_cast<int>(micro.size()), &stats));
+    return stats;
+  }
   // Every replica scales its micro-batches' losses by dp / M (M: the step's micro-batches over
   // all replicas), so the group's mean gradient is the mean over all M, shares even or not.
   const int total = TotalMicroBatches(static_cast<int>(micro.size()));
@@ -452,11 +495,97 @@ absl::StatusOr<StepStats> StepEngine::Step(
   if (dp_) {
     SHOAL_RETURN_IF_ERROR(dp_->FinishStep());
     SHOAL_ASSIGN_OR_RETURN(stats.loss, dp_->Mean(stats.loss));
+    // The gradient buffers (padding included) go through a ring all-reduce.
+    const int w = dp_size();
+    int64_t bytes = 0;
+    for (int g : {Gpt::kDecay, Gpt::kNoDecay}) bytes += model_->grads(g).flat().nbytes();
+    stats.bytes_sent = stats.bytes_received = 2 * (w - 1) * bytes / w;
   }
   return stats;
 }
 
+absl::Status StepEngine::DemoStep(int64_t step, int micro_batches, StepStats* stats) {
+  // The local, unsynchronised gradient is clipped, as the reference does.
+  stats->grad_norm = parallel::GlobalL2Norm(
+      {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()});
+  const double clip = parallel::ClipScale(stats->grad_norm, config_.optim.grad_clip);
+  if (exchange_ == nullptr) {
+    const at::Tensor payload = demo_->Compress(stats->lr, clip);
+    SHOAL_RETURN_IF_ERROR(demo_->Apply({payload}, stats->lr));
+    return absl::OkStatus();
+  }
+  SHOAL_RETURN_IF_ERROR(demo_->Step(stats->lr, clip, exchange_.get()));
+  // A ring all-gather: every rank sends and receives everybody else's payload once.
+  stats->bytes_sent = stats->bytes_received =
+      demo_->last_traffic().received - demo_->last_traffic().sent;
+  const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
+  // The logged loss is the mean over every replica's micro-batches (shares may be uneven).
+  at::Tensor loss = at::tensor({stats->loss, static_cast<double>(micro_batches)}, at::kDouble);
+  SHOAL_RETURN_IF_ERROR(backend_->AllReduce(loss, comm::ReduceOp::kSum, co)->Wait());
+  stats->loss = loss[0].item<double>() / loss[1].item<double>();
+  const int every = config_.optim.demo_drift_check;
+  if (every > 0 && (step + 1) % every == 0) {
+    const uint64_t hash = parallel::HashTensors(
+        {model_->params(Gpt::kDecay).flat(), model_->params(Gpt::kNoDecay).flat()});
+    SHOAL_RETURN_IF_ERROR(parallel::CheckReplicasAgree(backend_, hash, step + 1, co));
+  }
+  return absl::OkStatus();
+}
+
+int64_t StepEngine::optimizer_steps() const {
+  return demo_ ? demo_->steps() : optimizer_->steps();
+}
+
+absl::StatusOr<NamedTensors> StepEngine::GatherDemoState() {
+  // Every replica's residual differs and is worth keeping: the checkpoint holds all of them as
+  // "demo.r<replica>.delta.<param>", so a resume with the same replicas continues exactly.
+  const NamedTensors mine = demo_->StateDict();
+  const int w = backend_ != nullptr ? backend_->size() : 1;
+  const comm::CollectiveOptions co{absl::Seconds(config_.parallel.timeout_s)};
+  NamedTensors out;
+  for (const auto& [name, t] : mine) {
+    if (!absl::StartsWith(name, kDemoDeltaPrefix)) {
+      out.emplace_back(name, t.clone());
+      continue;
+    }
+    const std::string param = name.substr(sizeof(kDemoDeltaPrefix) - 1);
+    at::Tensor all = t.contiguous().view({1, -1});
+    if (w > 1) {
+      all = at::empty({w, t.numel()}, t.options());
+      SHOAL_RETURN_IF_ERROR(backend_->AllGather(all, t.contiguous().view(-1), co)->Wait());
+    }
+    for (int r = 0; r < w; ++r) {
+      out.emplace_back(absl::StrCat("demo.r", r, ".delta.", param), all[r].view(t.sizes()));
+    }
+  }
+  return out;
+}
+
+absl::Status StepEngine::LoadDemoState(const NamedTensors& optimizer) {
+  const int replica = backend_ != nullptr ? backend_->rank() : 0;
+  const std::string own = absl::StrCat("demo.r", replica, ".delta.");
+  NamedTensors mine, first;
+  for (const auto& [name, t] : optimizer) {
+    if (name == "demo.step") {
+      mine.emplace_back(name, t);
+      first.emplace_back(name, t);
+    } else if (absl::StartsWith(name, own)) {
+      mine.emplace_back(kDemoDeltaPrefix + name.substr(own.size()), t);
+    } else if (absl::StartsWith(name, "demo.r0.delta.")) {
+      first.emplace_back(kDemoDeltaPrefix + name.substr(sizeof("demo.r0.delta.") - 1),
+                         at::zeros_like(t));
+    }
+  }
+  if (mine.size() > 1 || first.size() <= 1) return demo_->LoadStateDict(mine);
+  // A replica the checkpoint did not have (the run resumed on more ranks) starts from a zero
+  // residual, as a worker joining a DeMo run does; it needs only the parameters.
+  SHOAL_LOG(Warning) << "rank " << replica << ": the checkpoint holds no DeMo residual for this "
+                     << "replica; starting it from zero";
+  return demo_->LoadStateDict(first);
+}
+
 absl::StatusOr<NamedTensors> StepEngine::OptimizerState() {
+  if (demo_) return GatherDemoState();
   if (optimizer_->shard().count > 1) return optimizer_->GatherStateDict(backend_);
   return optimizer_->StateDict();
 }
@@ -498,6 +627,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   const std::optional<parallel::MeshPlacement>& placed = options.placement;
   const bool model_parallel =
       placed ? placed->shape.tp > 1 || placed->shape.pp > 1 : c.parallel.tp > 1 || c.parallel.pp > 1;
+  if (model_parallel && c.optim.name == "demo") {
+    // ValidateConfig refuses tp/pp > 1 with DeMo; a coordinator's layout can still ask for it.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "optim.name = \"demo\" runs over data parallelism only, but the layout is tp = ",
+        placed ? placed->shape.tp : c.parallel.tp, ", pp = ", placed ? placed->shape.pp : c.parallel.pp,
+        " (give the coordinator parallel.tp = 1 and parallel.pp = 1, or use AdamW)"));
+  }
   std::pair<int, int> placed_blocks;
   if (model_parallel && placed) {
     placed_blocks = {placed->first_block, placed->end_block};
@@ -574,12 +710,28 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                       << "; " << c.train.grad_accum << " micro-batches of "
                       << c.train.batch_size << " sequences per replica, global batch "
                       << global_batch << " sequences";
+    } else if (t->world_ > 1 && t->engine_->demo() != nullptr) {
+      const parallel::Demo& d = *t->engine_->demo();
+      Gpt& m = t->engine_->model();
+      const double grad_bytes = static_cast<double>(m.grads(Gpt::kDecay).flat().nbytes() +
+                                                    m.grads(Gpt::kNoDecay).flat().nbytes());
+      SHOAL_LOG(Info) << absl::StrFormat(
+          "data parallel: %d ranks over %s, DeMo (chunk %d, top-k %d, %s values, decay %g): "
+          "payload %s per rank and step, %.1fx less than the %s of fp32 gradients; global "
+          "batch %d sequences; replica check every %d steps",
+          t->world_, options.backend->name(), c.optim.demo_chunk, c.optim.demo_topk,
+          c.optim.demo_wire, c.optim.demo_decay, FormatBytes(d.PayloadBytes()),
+          grad_bytes / d.PayloadBytes(), FormatBytes(grad_bytes), global_batch,
+          c.optim.demo_drift_check);
     } else if (t->world_ > 1) {
       SHOAL_LOG(Info) << "data parallel: " << t->world_ << " ranks over "
                       << options.backend->name() << ", "
                       << (c.parallel.zero == 1 ? "ZeRO-1 (sharded optimizer state)"
                                                : "bucketed all-reduce")
                       << ", global batch " << global_batch << " sequences";
+    } else if (t->engine_->demo() != nullptr) {
+      SHOAL_LOG(Info) << "optimizer: DeMo on one process (sign of the top-k DCT of the residual, "
+                         "no exchange)";
     }
   }
 
@@ -726,16 +878,22 @@ absl::Status Trainer::Resume() {
         "checkpoint step ", state->step, " under ", checkpoints_->root(),
         " is of another model ([model] differs from ", config_.source, ")"));
   }
+  if (saved.optim.name != config_.optim.name) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint step ", state->step, " under ", checkpoints_->root(), " was trained with optim.name = \"",
+        saved.optim.name, "\", this run has \"", config_.optim.name,
+        "\": switching optimizers on resume is not supported"));
+  }
   if (state->step > config_.train.steps) {
     return absl::FailedPreconditionError(absl::StrCat("checkpoint is at step ", state->step,
                                                       " but train.steps is ",
                                                       config_.train.steps));
   }
   SHOAL_RETURN_IF_ERROR(engine_->LoadModelWide(state->model, state->optimizer));
-  if (engine_->optimizer().steps() != state->step) {
+  if (engine_->optimizer_steps() != state->step) {
     return absl::DataLossError(absl::StrCat("checkpoint step ", state->step,
                                             " disagrees with its optimizer step count ",
-                                            engine_->optimizer().steps()));
+                                            engine_->optimizer_steps()));
   }
   start_step_ = state->step;
   if (options_.log) SHOAL_LOG(Info) << "resumed from " << checkpoints_->root() << " at step " << start_step_;
@@ -900,13 +1058,19 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       r.mfu = r.tokens_per_s * flops_per_token / (peak_gflops_ * 1e9 * options_.nodes);
       r.elapsed_s = Seconds(run_start, Clock::now());
       r.eta_s = Seconds(interval_start, Clock::now()) / interval_steps * (c.train.steps - done);
+      if (world_ > 1) {
+        r.bytes_sent = stats.bytes_sent;
+        r.bytes_received = stats.bytes_received;
+      }
       if (options_.log) SHOAL_LOG(Info) << FormatTrainLine(r);
       if (metrics_) {
         metrics_->Write({{"kind", "train"},     {"step", done},
                          {"loss", r.loss},      {"lr", r.lr},
                          {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s},
                          {"mfu", r.mfu},        {"elapsed_s", r.elapsed_s},
-                         {"eta_s", r.eta_s},    {"step_loss", stats.loss}});
+                         {"eta_s", r.eta_s},    {"step_loss", stats.loss},
+                         {"bytes_sent", stats.bytes_sent},
+                         {"bytes_received", stats.bytes_received}});
       }
       interval_start = Clock::now();
       interval_compute_s = interval_loss = 0;
@@ -932,6 +1096,15 @@ absl::StatusOr<TrainResult> Trainer::Run() {
         rank_, mc.pp, b0, b1, mc.tp, 100 * pipeline_total.compute_s / pipeline_total.total_s,
         100 * pipeline_total.recv_wait_s / pipeline_total.total_s,
         100 * pipeline_total.send_wait_s / pipeline_total.total_s, pipeline_total.total_s);
+  }
+  if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
+    // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the
+    // replicas ended identical without trusting the in-run check.
+    Gpt& m = engine_->model();
+    SHOAL_LOG(Info) << absl::StrFormat(
+        "rank %d: DeMo replica parameters hash %016x after step %d", rank_,
+        parallel::HashTensors({m.params(Gpt::kDecay).flat(), m.params(Gpt::kNoDecay).flat()}),
+        step);
   }
   if (timed_steps > 0) {
     result.step_time_ms = 1e3 * timed_s / timed_steps;

@@ -28,6 +28,7 @@
 #include "comm/backend.h"
 #include "parallel/adamw.h"
 #include "parallel/data_parallel.h"
+#include "parallel/demo.h"
 #include "parallel/mesh.h"
 #include "parallel/pipeline_executor.h"
 #include "runtime/checkpoint.h"
@@ -43,6 +44,11 @@ struct StepStats {
   double loss = 0;       // mean over the micro-batches
   double grad_norm = 0;  // global L2 norm before clipping
   double lr = 0;
+  // What this rank's gradient or optimizer exchange put on the wire this step, in each
+  // direction, modelled as the ring algorithms do it: an all-reduce of B bytes over W ranks sends
+  // and receives 2(W-1)/W·B; DeMo's all-gather of a T-byte payload (W-1)·T. 0 for one process.
+  int64_t bytes_sent = 0;
+  int64_t bytes_received = 0;
 };
 
 class MeshStage;
@@ -101,11 +107,18 @@ class StepEngine {
   parallel::PipelineStepTiming pipeline_timing() const;
 
   Gpt& model() { return *model_; }
-  parallel::AdamW& optimizer() { return *optimizer_; }
+  // The AdamW optimizer (null under optim.name = "demo") or the DeMo one (null otherwise).
+  parallel::AdamW* optimizer() { return optimizer_.get(); }
+  parallel::Demo* demo() { return demo_.get(); }
+  // Updates taken by whichever optimizer runs.
+  int64_t optimizer_steps() const;
   parallel::DataParallel* data_parallel() { return dp_.get(); }
 
  private:
   StepEngine(const Config& config, parallel::Mesh* mesh);
+  absl::Status DemoStep(int64_t step, int micro_batches, StepStats* stats);
+  absl::StatusOr<NamedTensors> GatherDemoState();
+  absl::Status LoadDemoState(const NamedTensors& optimizer);
   absl::StatusOr<StepStats> MeshStep(int64_t step,
                                      const std::vector<std::pair<at::Tensor, at::Tensor>>& micro);
   absl::Status ReduceMeshGradients();
@@ -119,6 +132,10 @@ class StepEngine {
   std::unique_ptr<Gpt> model_;
   std::unique_ptr<parallel::AdamW> optimizer_;
   std::unique_ptr<parallel::DataParallel> dp_;
+  // optim.name = "demo": the DeMo optimizer and its exchange over `backend_` (null for one
+  // process); no AdamW and no DataParallel then.
+  std::unique_ptr<parallel::Demo> demo_;
+  std::unique_ptr<parallel::DemoExchange> exchange_;
   // Mesh mode.
   parallel::Mesh* mesh_ = nullptr;
   std::pair<int, int> stage_blocks_{0, 0};

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,17 +29,17 @@ inline void PrepareCorpus(const std::string& dir, size_t chars) {
   ASSERT_TRUE(s.ok()) << s;
 }
 
-// Starts `n` ranks of `command` as the launchers do (environment variables, one master port),
+// Starts `n` ranks of `command(rank)` as the launchers do (environment variables, one master port),
 // waits for all. Each result has the job's exit code (non-zero if any rank failed) and that
 // rank's output.
-inline std::vector<CommandResult> RunRanks(int n, const std::string& command) {
+inline std::vector<CommandResult> RunRanks(int n, const std::function<std::string(int)>& command) {
   const int port = FreePort();
   TempDir logdir;
   std::string script = "pids=''; ";
   for (int r = 0; r < n; ++r) {
     script += "RANK=" + std::to_string(r) + " LOCAL_RANK=" + std::to_string(r) +
               " WORLD_SIZE=" + std::to_string(n) + " LOCAL_WORLD_SIZE=" + std::to_string(n) +
-              " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + command +
+              " MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " + command(r) +
               " > " + (logdir / std::to_string(r)) + " 2>&1 & pids=\"$pids $!\"; ";
   }
   script += "rc=0; for p in $pids; do wait $p || rc=$?; done; exit $rc";
@@ -49,6 +50,11 @@ inline std::vector<CommandResult> RunRanks(int n, const std::string& command) {
     out[r].output = ReadTextFile(logdir / std::to_string(r));
   }
   return out;
+}
+
+// The same command on every rank.
+inline std::vector<CommandResult> RunRanks(int n, const std::string& command) {
+  return RunRanks(n, [&](int) { return command; });
 }
 
 

@@ -55,6 +55,13 @@ void ExpectSameValues(const Config& a, const Config& b) {
   EXPECT_EQ(a.optim.eps, b.optim.eps);
   EXPECT_EQ(a.optim.weight_decay, b.optim.weight_decay);
   EXPECT_EQ(a.optim.grad_clip, b.optim.grad_clip);
+  EXPECT_EQ(a.optim.name, b.optim.name);
+  EXPECT_EQ(a.optim.demo_chunk, b.optim.demo_chunk);
+  EXPECT_EQ(a.optim.demo_topk, b.optim.demo_topk);
+  EXPECT_EQ(a.optim.demo_decay, b.optim.demo_decay);
+  EXPECT_EQ(a.optim.demo_wire, b.optim.demo_wire);
+  EXPECT_EQ(a.optim.demo_weight_decay, b.optim.demo_weight_decay);
+  EXPECT_EQ(a.optim.demo_drift_check, b.optim.demo_drift_check);
   EXPECT_EQ(a.checkpoint.dir, b.checkpoint.dir);
   EXPECT_EQ(a.checkpoint.every, b.checkpoint.every);
   EXPECT_EQ(a.checkpoint.keep, b.checkpoint.keep);
@@ -312,6 +319,13 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   original.optim.eps = 1e-300;
   original.optim.weight_decay = 0.0;
   original.optim.grad_clip = 2.5;
+  // optim.name stays "adamw": DeMo refuses pp = 3 (below). DemoKeysRoundTrip covers "demo".
+  original.optim.demo_chunk = 48;
+  original.optim.demo_topk = 5000;
+  original.optim.demo_decay = 0.1 + 0.7;  // 0.7999999999999999: needs all 16 digits
+  original.optim.demo_wire = "fp16";
+  original.optim.demo_weight_decay = 1e-5;
+  original.optim.demo_drift_check = 0;
   original.checkpoint.dir = "";
   original.checkpoint.every = 4;
   original.checkpoint.keep = 9;
@@ -380,6 +394,241 @@ TEST(ConfigTest, ModelParallelKeys) {
     EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << message;
     EXPECT_THAT(Msg(c.status()), HasSubstr(message));
   }
+}
+
+// DeMo's keys ([optim] name and demo_*; ALGORITHMS.md section 1.8 for the defaults).
+
+TEST(ConfigTest, DemoDefaults) {
+  // The reference run's values (ALGORITHMS.md 1.8): chunk 64, top-32 per chunk, decay 0.999,
+  // no weight decay; the optimizer stays AdamW unless asked.
+  const Config defaults;
+  EXPECT_EQ(defaults.optim.name, "adamw");
+  EXPECT_EQ(defaults.optim.demo_chunk, 64);
+  EXPECT_EQ(defaults.optim.demo_topk, 32);
+  EXPECT_EQ(defaults.optim.demo_decay, 0.999);
+  EXPECT_EQ(defaults.optim.demo_wire, "bf16");
+  EXPECT_EQ(defaults.optim.demo_weight_decay, 0.0);
+  EXPECT_EQ(defaults.optim.demo_drift_check, 50);
+  EXPECT_EQ(defaults.optim.weight_decay, 0.1);  // AdamW's, untouched by DeMo's own
+
+  absl::StatusOr<Config> c = Parse(kMinimal);
+  ASSERT_TRUE(c.ok()) << c.status();
+  Config expected;
+  expected.data.dir = "data/tiny";
+  ExpectSameValues(*c, expected);
+}
+
+TEST(ConfigTest, DemoKeysFromFile) {
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + R"([optim]
+name = "demo"
+demo_chunk = 32
+demo_topk = 7
+demo_decay = 0.5
+demo_wire = "fp32"
+demo_weight_decay = 1
+demo_drift_check = 0
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.name, "demo");
+  EXPECT_EQ(c->optim.demo_chunk, 32);
+  EXPECT_EQ(c->optim.demo_topk, 7);
+  EXPECT_EQ(c->optim.demo_decay, 0.5);
+  EXPECT_EQ(c->optim.demo_wire, "fp32");
+  EXPECT_EQ(c->optim.demo_weight_decay, 1.0);  // an integer where a float is expected
+  EXPECT_EQ(c->optim.demo_drift_check, 0);
+  EXPECT_EQ(c->optim.lr, Config().optim.lr);   // the other [optim] keys keep their defaults
+
+  // Types are checked like every other key's.
+  c = Parse(std::string(kMinimal) + "[optim]\ndemo_topk = 3.5\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_topk must be an integer (got float)"));
+  c = Parse(std::string(kMinimal) + "[optim]\nname = 3\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.name must be a string (got integer)"));
+  c = Parse(std::string(kMinimal) + "[optim]\ndemo_decay = \"high\"\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_decay must be a number (got string)"));
+}
+
+TEST(ConfigTest, DemoKeysFromOverrides) {
+  absl::StatusOr<Config> c =
+      Parse(kMinimal, {"optim.name=demo", "optim.demo_chunk=16", "optim.demo_topk=3",
+                       "optim.demo_decay=0", "optim.demo_wire=fp16",
+                       "optim.demo_weight_decay=0.25", "optim.demo_drift_check=7"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.name, "demo");
+  EXPECT_EQ(c->optim.demo_chunk, 16);
+  EXPECT_EQ(c->optim.demo_topk, 3);
+  EXPECT_EQ(c->optim.demo_decay, 0.0);
+  EXPECT_EQ(c->optim.demo_wire, "fp16");
+  EXPECT_EQ(c->optim.demo_weight_decay, 0.25);
+  EXPECT_EQ(c->optim.demo_drift_check, 7);
+
+  // An override beats the file, a quoted TOML string works as well as bare text.
+  c = Parse(std::string(kMinimal) + "[optim]\nname = \"demo\"\ndemo_topk = 9\n",
+            {"optim.demo_topk=11", "optim.name=\"adamw\""});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.demo_topk, 11);
+  EXPECT_EQ(c->optim.name, "adamw");
+
+  c = Parse(kMinimal, {"optim.demo_chunk=big"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_chunk must be an integer (got string)"));
+}
+
+TEST(ConfigTest, OptimizerIsAnotherNameForOptim) {
+  // In a file, [optimizer] fills the same fields as [optim].
+  absl::StatusOr<Config> c = Parse(std::string(kMinimal) + R"([optimizer]
+name = "demo"
+lr = 4e-4
+demo_topk = 16
+)");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.name, "demo");
+  EXPECT_EQ(c->optim.lr, 4e-4);
+  EXPECT_EQ(c->optim.demo_topk, 16);
+
+  // Both spellings in one file merge; the same key under both is refused, naming both.
+  c = Parse(std::string(kMinimal) + "[optim]\nlr = 1e-3\n[optimizer]\nname = \"demo\"\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.lr, 1e-3);
+  EXPECT_EQ(c->optim.name, "demo");
+  c = Parse(std::string(kMinimal) + "[optim]\nlr = 1e-3\n[optimizer]\nlr = 2e-3\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.lr is set under both [optim] and [optimizer]"));
+
+  // A dotted top-level key is the same TOML table.
+  c = Parse("optimizer.demo_wire = \"fp32\"\n" + std::string(kMinimal));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.demo_wire, "fp32");
+
+  // In an override, optimizer.<key> sets optim.<key>; later overrides win across spellings.
+  c = Parse(kMinimal, {"optimizer.name=demo", "optimizer.demo_chunk=8", "optim.demo_chunk=4"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->optim.name, "demo");
+  EXPECT_EQ(c->optim.demo_chunk, 4);
+
+  // Validation speaks of the canonical key whichever spelling set it.
+  c = Parse(kMinimal, {"optimizer.demo_decay=1"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_decay must be in [0, 1) (got 1)"));
+
+  // ToToml writes the canonical section only, so a manifest reads the same either way.
+  c = Parse(std::string(kMinimal) + "[optimizer]\nname = \"demo\"\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  const std::string text = c->ToToml();
+  EXPECT_THAT(text, HasSubstr("\n[optim]\n"));
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("optimizer")));
+  EXPECT_THAT(text, HasSubstr("name = \"demo\"\n"));
+}
+
+TEST(ConfigTest, DemoKeysRoundTrip) {
+  Config original;
+  original.data.dir = "d";
+  original.optim.name = "demo";
+  original.optim.demo_chunk = 100;
+  original.optim.demo_topk = 1;
+  original.optim.demo_decay = 0.9990000000000001;  // one ulp above 0.999
+  original.optim.demo_wire = "fp32";
+  original.optim.demo_weight_decay = 1.0 / 3.0;
+  original.optim.demo_drift_check = 123456;
+  original.parallel.backend = "nccl";  // DeMo over any backend
+
+  const std::string text = original.ToToml();
+  absl::StatusOr<Config> parsed = ParseConfig(text, "roundtrip.toml");
+  ASSERT_TRUE(parsed.ok()) << parsed.status() << "\n" << text;
+  ExpectSameValues(original, *parsed);
+  EXPECT_NE(parsed->optim.demo_decay, 0.999);
+}
+
+TEST(ConfigTest, DemoKeysAreValidated) {
+  const std::pair<std::vector<std::string>, std::string> bad[] = {
+      {{"optim.name=sgd"}, "optim.name must be \"adamw\" or \"demo\" (got \"sgd\")"},
+      {{"optim.name=DeMo"}, "optim.name must be \"adamw\" or \"demo\" (got \"DeMo\")"},
+      {{"optim.demo_chunk=0"}, "optim.demo_chunk must be >= 1 (got 0)"},
+      {{"optim.demo_chunk=-64"}, "optim.demo_chunk must be >= 1 (got -64)"},
+      {{"optim.demo_chunk=182"}, "optim.demo_chunk must be <= 181 so a chunk x chunk tile fits"},
+      {{"optim.demo_topk=0"}, "optim.demo_topk must be >= 1 (got 0)"},
+      {{"optim.demo_topk=-1"}, "optim.demo_topk must be >= 1 (got -1)"},
+      {{"optim.demo_decay=1"}, "optim.demo_decay must be in [0, 1) (got 1)"},
+      {{"optim.demo_decay=-0.5"}, "optim.demo_decay must be in [0, 1) (got -0.5)"},
+      {{"optim.demo_decay=nan"}, "optim.demo_decay must be in [0, 1) (got nan)"},
+      {{"optim.demo_wire=int8"},
+       "optim.demo_wire must be \"fp32\", \"bf16\" or \"fp16\" (got \"int8\")"},
+      {{"optim.demo_wire=BF16"},
+       "optim.demo_wire must be \"fp32\", \"bf16\" or \"fp16\" (got \"BF16\")"},
+      {{"optim.demo_weight_decay=-0.1"},
+       "optim.demo_weight_decay must be finite and >= 0 (got -0.1)"},
+      {{"optim.demo_weight_decay=inf"},
+       "optim.demo_weight_decay must be finite and >= 0 (got inf)"},
+      {{"optim.demo_drift_check=-1"}, "optim.demo_drift_check must be >= 0 (got -1)"},
+      // The DeMo keys are checked with AdamW selected too.
+      {{"optim.name=adamw", "optim.demo_topk=0"}, "optim.demo_topk must be >= 1 (got 0)"},
+      // Cross-field refusals.
+      {{"optim.name=demo", "parallel.zero=1"},
+       "optim.name = \"demo\" keeps a local optimizer state per replica; parallel.zero = 1 "
+       "(ZeRO-1) shards one shared state: choose one"},
+      {{"optim.name=demo", "parallel.tp=2"},
+       "optim.name = \"demo\" runs over data parallelism only for now: it needs parallel.tp = 1 "
+       "and parallel.pp = 1 (got parallel.tp = 2 and parallel.pp = 1)"},
+      {{"optim.name=demo", "parallel.pp=4"},
+       "runs over data parallelism only for now: it needs parallel.tp = 1 and parallel.pp = 1 "
+       "(got parallel.tp = 1 and parallel.pp = 4)"},
+      {{"optimizer.name=demo", "parallel.tp=2", "parallel.pp=2"},
+       "(got parallel.tp = 2 and parallel.pp = 2)"},
+  };
+  for (const auto& [overrides, message] : bad) {
+    absl::StatusOr<Config> c = Parse(kMinimal, overrides);
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << message;
+    EXPECT_THAT(Msg(c.status()), HasSubstr(message));
+  }
+
+  // Every problem is listed, not only the first.
+  absl::StatusOr<Config> c =
+      Parse(kMinimal, {"optim.name=demo", "optim.demo_chunk=0", "optim.demo_wire=fp8",
+                       "parallel.zero=1"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_chunk"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("optim.demo_wire"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("choose one"));
+
+  // What is allowed: boundaries, DeMo over NCCL or MPI with plain data parallelism, ZeRO-1
+  // and model parallelism with AdamW, a top-k larger than a whole tile (clamped per tile).
+  const std::vector<std::string> good[] = {
+      {"optim.name=demo", "optim.demo_decay=0", "optim.demo_drift_check=0",
+       "optim.demo_weight_decay=0", "optim.demo_chunk=1", "optim.demo_topk=1"},
+      {"optim.name=demo", "optim.demo_chunk=2", "optim.demo_topk=100"},
+      {"optim.name=demo", "parallel.backend=nccl"},
+      {"optim.name=demo", "parallel.backend=mpi"},
+      {"optim.name=demo", "parallel.zero=0"},
+      {"optim.demo_decay=0.9999999999"},
+      {"optim.name=adamw", "parallel.zero=1"},
+      {"optim.name=adamw", "parallel.tp=2", "parallel.pp=2"},
+  };
+  for (const std::vector<std::string>& overrides : good) {
+    absl::StatusOr<Config> ok = Parse(kMinimal, overrides);
+    EXPECT_TRUE(ok.ok()) << ok.status() << " for " << overrides.front();
+  }
+}
+
+TEST(ConfigTest, MisspelledDemoKeyGetsSuggestion) {
+  absl::StatusOr<Config> c = Parse(kMinimal, {"optim.demo_topK=8"});
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'optim.demo_topK' in override"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optim.demo_topk'?)"));
+
+  c = Parse(std::string(kMinimal) + "[optim]\ndemo_topK = 8\n");
+  ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'optim.demo_topK' in test.toml (line 4)"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optim.demo_topk'?)"));
+
+  // Under the alias the suggestion keeps the spelling the user wrote.
+  c = Parse(kMinimal, {"optimizer.demo_topK=8"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'optimizer.demo_topK'"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optimizer.demo_topk'?)"));
+  c = Parse(std::string(kMinimal) + "[optimizer]\ndemo_dacay = 0.9\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown key 'optimizer.demo_dacay'"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optimizer.demo_decay'?)"));
+  // A bare key, and a misspelled section.
+  c = Parse(kMinimal, {"demo_wire=fp32"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optim.demo_wire'?)"));
+  c = Parse(std::string(kMinimal) + "[optimiser]\nname = \"demo\"\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("unknown section 'optimiser'"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("(did you mean 'optimizer'?)"));
 }
 
 TEST(ConfigTest, ByteSizes) {
