@@ -73,7 +73,9 @@ absl::Status RunBenchDemo(const DemoBenchOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--ranks must be >= 2 (DeMo exchanges between replicas), got ", o.ranks));
   }
-  if (o.steps < 1) return absl::InvalidArgumentError(absl::StrCat("--steps must be >= 1, got ", o.steps));
+  if (o.steps < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--steps must be >= 1, got ", o.steps));
+  }
   if (!(o.adamw_lr >= 0) || !(o.demo_lr >= 0)) {
     return absl::InvalidArgumentError("--adamw-lr and --demo-lr must be >= 0 (0: the default)");
   }

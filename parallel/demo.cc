@@ -64,9 +64,7 @@ class BackendExchange : public DemoExchange {
       // The first time (and whenever the size changes): every worker must send the same number
       // of bytes, or the all-gather itself would fail obscurely. A worker configured
       // differently is named here, before any payload moves.
-      at::Tensor mine = at::full({1}, n, at::kLong);
-      at::Tensor sizes = at::empty({backend_->size()}, at::kLong);
-      SHOAL_RETURN_IF_ERROR(backend_->AllGather(sizes, mine, options_)->Wait());
+      SHOAL_ASSIGN_OR_RETURN(const at::Tensor sizes, Gather(at::full({1}, n, at::kLong)));
       for (int w = 0; w < backend_->size(); ++w) {
         const int64_t theirs = sizes[w].item<int64_t>();
         if (theirs != n) {
@@ -78,8 +76,7 @@ class BackendExchange : public DemoExchange {
       }
       checked_size_ = n;
     }
-    at::Tensor all = at::empty({n * backend_->size()}, payload.options());
-    SHOAL_RETURN_IF_ERROR(backend_->AllGather(all, payload, options_)->Wait());
+    SHOAL_ASSIGN_OR_RETURN(const at::Tensor all, Gather(payload));
     std::vector<at::Tensor> out;
     out.reserve(backend_->size());
     for (int w = 0; w < backend_->size(); ++w) out.push_back(all.narrow(0, w * n, n));
@@ -90,6 +87,16 @@ class BackendExchange : public DemoExchange {
   comm::Backend* backend_;
   comm::CollectiveOptions options_;
   int64_t checked_size_ = -1;  // the payload size every worker was seen to agree on
+
+  // Every worker's `input` concatenated in worker order, on the CPU. NCCL moves device memory
+  // only, so there the bytes are staged through the current CUDA device.
+  absl::StatusOr<at::Tensor> Gather(const at::Tensor& input) {
+    const bool device = backend_->name() == "nccl";
+    const at::Tensor send = device ? input.to(at::kCUDA) : input;
+    at::Tensor all = at::empty({input.numel() * backend_->size()}, send.options());
+    SHOAL_RETURN_IF_ERROR(backend_->AllGather(all, send, options_)->Wait());
+    return device ? all.cpu() : all;
+  }
 };
 
 }  // namespace
@@ -271,7 +278,9 @@ absl::Status Demo::LoadStateDict(const std::vector<std::pair<std::string, at::Te
   for (const Param& p : params_) {
     const std::string name = "demo.delta." + p.name;
     auto it = by_name.find(name);
-    if (it == by_name.end()) return absl::DataLossError(absl::StrCat("DeMo state has no '", name, "'"));
+    if (it == by_name.end()) {
+      return absl::DataLossError(absl::StrCat("DeMo state has no '", name, "'"));
+    }
     const at::Tensor& t = *it->second;
     if (t.sizes() != p.delta.sizes() || t.scalar_type() != p.delta.scalar_type()) {
       return absl::DataLossError(absl::StrCat("DeMo state: '", name, "' is ",

@@ -631,7 +631,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
     // ValidateConfig refuses tp/pp > 1 with DeMo; a coordinator's layout can still ask for it.
     return absl::FailedPreconditionError(absl::StrCat(
         "optim.name = \"demo\" runs over data parallelism only, but the layout is tp = ",
-        placed ? placed->shape.tp : c.parallel.tp, ", pp = ", placed ? placed->shape.pp : c.parallel.pp,
+        placed ? placed->shape.tp : c.parallel.tp, ", pp = ",
+        placed ? placed->shape.pp : c.parallel.pp,
         " (give the coordinator parallel.tp = 1 and parallel.pp = 1, or use AdamW)"));
   }
   std::pair<int, int> placed_blocks;
@@ -880,7 +881,8 @@ absl::Status Trainer::Resume() {
   }
   if (saved.optim.name != config_.optim.name) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "checkpoint step ", state->step, " under ", checkpoints_->root(), " was trained with optim.name = \"",
+        "checkpoint step ", state->step, " under ", checkpoints_->root(),
+        " was trained with optim.name = \"",
         saved.optim.name, "\", this run has \"", config_.optim.name,
         "\": switching optimizers on resume is not supported"));
   }

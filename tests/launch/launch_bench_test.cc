@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -54,14 +55,20 @@ TEST(BenchPipelineTest, BadFlagsAreNamed) {
   EXPECT_NE(r.output.find("/nonexistent.toml"), std::string::npos) << r.output;
 }
 
-TEST(BenchHeteroTest, TrainsBothSplitsAndGivesTheFastStageMoreBlocks) {
-  ::setenv("OMP_WAIT_POLICY", "passive", 1);
-  TempDir tmp;
+// Synthetic text prepared into `tmp`/data with the real CLI.
+void PrepareData(const TempDir& tmp) {
   testing::WriteTextFile(tmp / "text.txt", testing::SyntheticText(100000));
   CommandResult r = RunCommand(std::string(SHOAL_BINARY) + " prepare-data --no-progress --input " +
                                (tmp / "text.txt") + " --out " + (tmp / "data"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = RunCommand("timeout -k 5 240 " + std::string(SHOAL_BINARY) + " bench hetero --config " +
+}
+
+TEST(BenchHeteroTest, TrainsBothSplitsAndGivesTheFastStageMoreBlocks) {
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  TempDir tmp;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp));
+  CommandResult r = RunCommand("timeout -k 5 240 " + std::string(SHOAL_BINARY) +
+                               " bench hetero --config " +
                  SHOAL_SOURCE_DIR + "/configs/tiny.toml --set data.dir=" + (tmp / "data") +
                  " model.n_layer=6 train.batch_size=1 --throttle 3 --micro-batches 2 --steps 1 "
                  "--rounds 1 --profile-seconds 1");
@@ -81,6 +88,53 @@ TEST(BenchHeteroTest, TrainsBothSplitsAndGivesTheFastStageMoreBlocks) {
   // Both runs really were pipelines with the slow rank throttled.
   EXPECT_NE(r.output.find("mesh (tp 1, pp 2, dp 1)"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("throttle: rank 1"), std::string::npos) << r.output;
+}
+
+
+TEST(BenchDemoTest, TrainsBothOptimizersAndReportsBytesAndLosses) {
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  TempDir tmp;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp));
+  // n_embd 64 and block 64: every 2-D weight is cut into whole 64 x 64 tiles.
+  CommandResult r = RunCommand("timeout -k 5 240 " + std::string(SHOAL_BINARY) +
+                               " bench demo --config " +
+                 SHOAL_SOURCE_DIR + "/configs/tiny.toml --set data.dir=" + (tmp / "data") +
+                 " model.n_layer=1 model.n_embd=64 model.n_head=2 model.block_size=64 "
+                 "train.batch_size=2 train.eval_batches=1 train.log_every=2 --ranks 2 --steps 4 "
+                 "--keep " + (tmp / "runs"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json j = LastJsonLine(r.output);
+  ASSERT_EQ(j["bench"], "demo") << r.output;
+  // AdamW's ring all-reduce over 2 ranks sends the fp32 gradient buffers once; DeMo sends its
+  // payload once: 16 bytes, then per tensor tiles x min(32, tile) x (2 + 2) bytes (bf16).
+  // Tensors of the model (n_embd C = 64, vocab 256, context 64, one block):
+  //   2-D: wte 256x64 (4 tiles), wpe 64x64 (1), qkv 192x64 (3), attn.proj 64x64 (1),
+  //        fc 256x64 (4), mlp.proj 64x256 (4): 17 tiles of 32 picks;
+  //   1-D of 64 (ln1 w/b, ln2 w/b, ln_f w/b, attn.proj bias, mlp.proj bias): 8 x 32 picks,
+  //   qkv bias 192 (3 chunks of 64, 32 each), fc bias 256 (4 chunks): 7 x 32 picks.
+  const int64_t demo_bytes = 16 + (17 + 8 + 7) * 32 * 4;
+  EXPECT_EQ(j["bytes_demo"].get<int64_t>(), demo_bytes) << r.output;
+  const int64_t params = 256 * 64 + 64 * 64 + 192 * 64 + 64 * 64 + 256 * 64 + 64 * 256 +
+                         8 * 64 + 192 + 256;
+  const int64_t adamw_bytes = j["bytes_adamw"].get<int64_t>();
+  EXPECT_GE(adamw_bytes, 4 * params);  // fp32 gradients, plus alignment padding
+  EXPECT_LT(adamw_bytes, 4 * params + 64 * 40);
+  EXPECT_NEAR(j["bytes_ratio"].get<double>(), static_cast<double>(adamw_bytes) / demo_bytes, 1e-9);
+  for (const char* k : {"val_loss_adamw", "val_loss_demo"}) {
+    EXPECT_GT(j[k].get<double>(), 0) << k;
+    EXPECT_LT(j[k].get<double>(), 5.6) << k;  // below or near ln 256 after 4 steps
+  }
+  EXPECT_NEAR(j["val_loss_gap"].get<double>(),
+              j["val_loss_demo"].get<double>() / j["val_loss_adamw"].get<double>() - 1, 1e-9);
+  EXPECT_DOUBLE_EQ(j["lr_demo"].get<double>(), 2 * j["lr_adamw"].get<double>());
+  // Both runs really ran: their metrics are kept.
+  EXPECT_TRUE(std::filesystem::exists(tmp / "runs/adamw/metrics.jsonl"));
+  EXPECT_TRUE(std::filesystem::exists(tmp / "runs/demo/metrics.jsonl"));
+
+  r = RunCommand(std::string(SHOAL_BINARY) + " bench demo --config " + SHOAL_SOURCE_DIR +
+                 "/configs/tiny.toml --ranks 1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--ranks must be >= 2"), std::string::npos) << r.output;
 }
 
 }  // namespace

@@ -28,29 +28,20 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "memory/flat_buffer.h"
 #include "parallel/demo.h"
 #include "runtime/safetensors.h"
+#include "tests/parallel/demo_test_workers.h"
 #include "tests/test_util.h"
 
 namespace shoal::parallel {
 namespace {
 
-using memory::FlatBuffer;
+using ::shoal::testing::DemoTestSpecs;
+using ::shoal::testing::ParamSpec;
+using Worker = ::shoal::testing::DemoTestWorker;
 
-struct ParamSpec {
-  const char* name;
-  std::vector<int64_t> shape;
-  bool decay;
-};
-
-const std::vector<ParamSpec>& Specs() {
-  static const std::vector<ParamSpec> specs = {
-      {"fc.weight", {128, 64}, true}, {"proj.weight", {96, 40}, true},
-      {"head.weight", {50, 64}, true}, {"fc.bias", {64}, false},
-      {"ln.gain", {100}, false},       {"head.bias", {97}, false}};
-  return specs;
-}
+// The tiny model is DemoTestSpecs(): three 2-D weights with weight decay, then three vectors
+// without.
 constexpr int kNumParams = 6;
 constexpr int kWorkers = 2;
 constexpr int kSteps = 4;
@@ -72,7 +63,7 @@ struct Inputs {
 Inputs MakeInputs() {
   at::manual_seed(2024);
   Inputs in;
-  for (const ParamSpec& s : Specs()) {
+  for (const ParamSpec& s : DemoTestSpecs()) {
     in.params.push_back(0.02 * at::randn(s.shape));
     std::vector<int64_t> gshape = {kSteps, kWorkers};
     gshape.insert(gshape.end(), s.shape.begin(), s.shape.end());
@@ -80,13 +71,6 @@ Inputs MakeInputs() {
   }
   return in;
 }
-
-struct Worker {
-  FlatBuffer decay_params, decay_grads, plain_params, plain_grads;
-  std::unique_ptr<Demo> demo;
-  at::Tensor Param(int i) const { return i < 3 ? decay_params.View(i) : plain_params.View(i - 3); }
-  at::Tensor Grad(int i) const { return i < 3 ? decay_grads.View(i) : plain_grads.View(i - 3); }
-};
 
 // Runs shoal's Demo over the inputs: kWorkers in-process workers, payloads applied in worker
 // order. Returns the final parameters and each worker's state dict (its deltas).
@@ -102,22 +86,11 @@ ShoalRun RunShoal(const Inputs& in, int chunk, int topk, at::ScalarType wire) {
   options.weight_decay = kWeightDecay;
   std::vector<std::unique_ptr<Worker>> workers;
   for (int w = 0; w < kWorkers; ++w) {
-    auto wk = std::make_unique<Worker>();
-    for (const ParamSpec& s : Specs()) {
-      (s.decay ? wk->decay_params : wk->plain_params).Add(s.name, s.shape);
-    }
-    wk->decay_params.Allocate();
-    wk->plain_params.Allocate();
-    wk->decay_grads = wk->decay_params.MakeLike();
-    wk->plain_grads = wk->plain_params.MakeLike();
-    for (int i = 0; i < kNumParams; ++i) wk->Param(i).copy_(in.params[i]);
-    auto demo = Demo::Create({{&wk->decay_params, &wk->decay_grads, true},
-                              {&wk->plain_params, &wk->plain_grads, false}},
-                             options);
-    EXPECT_TRUE(demo.ok()) << demo.status();
-    if (!demo.ok()) return {};
-    wk->demo = *std::move(demo);
-    workers.push_back(std::move(wk));
+    auto wk = testing::MakeDemoTestWorker(DemoTestSpecs(), options);
+    EXPECT_TRUE(wk.ok()) << wk.status();
+    if (!wk.ok()) return {};
+    (*wk)->SetParams(in.params);
+    workers.push_back(*std::move(wk));
   }
   for (int s = 0; s < kSteps; ++s) {
     std::vector<at::Tensor> payloads;
@@ -147,7 +120,7 @@ runtime::SafetensorsFile RunReference(const Inputs& in, int chunk, int topk,
   runtime::NamedTensors tensors;
   nlohmann::json params = nlohmann::json::array();
   for (int i = 0; i < kNumParams; ++i) {
-    const ParamSpec& s = Specs()[i];
+    const ParamSpec& s = DemoTestSpecs()[i];
     tensors.emplace_back(std::string("param.") + s.name, in.params[i]);
     tensors.emplace_back(std::string("grad.") + s.name, in.grads[i] * kGradScale);
     params.push_back({{"name", s.name}, {"decay", s.decay}});
@@ -186,7 +159,7 @@ void CompareWithReference(int chunk, int topk) {
   int64_t total = 0, undecided = 0, differ = 0, moved = 0;
   double worst_delta = 0;
   for (int i = 0; i < kNumParams; ++i) {
-    const std::string name = Specs()[i].name;
+    const std::string name = DemoTestSpecs()[i].name;
     SCOPED_TRACE(name);
     ASSERT_EQ(ref.tensors.count("final." + name), 1u);
     const at::Tensor theirs = ref.tensors.at("final." + name);

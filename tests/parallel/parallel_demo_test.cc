@@ -23,75 +23,31 @@
 #include "memory/flat_buffer.h"
 #include "parallel/demo.h"
 #include "parallel/demo_codec.h"
+#include "tests/parallel/demo_test_workers.h"
 
 namespace shoal::parallel {
 namespace {
 
 using memory::FlatBuffer;
 using ::testing::HasSubstr;
+using ::shoal::testing::DemoTestSpecs;
+using ::shoal::testing::ParamSpec;
 using StateList = std::vector<std::pair<std::string, at::Tensor>>;
+using Worker = ::shoal::testing::DemoTestWorker;
 
-// The tiny model: 2-D weights with weight decay, 1-D vectors without. The shapes exercise the
-// chunk rule (64 divides, 96 → 48, 40 < 64 → 40, 50 < 64 → 50, 100 → 50, prime 97 → 1).
-struct ParamSpec {
-  const char* name;
-  std::vector<int64_t> shape;
-  bool decay;
-};
-
-const std::vector<ParamSpec>& Specs() {
-  static const std::vector<ParamSpec> specs = {
-      {"fc.weight", {128, 64}, true}, {"proj.weight", {96, 40}, true},
-      {"head.weight", {50, 64}, true}, {"fc.bias", {64}, false},
-      {"ln.gain", {100}, false},       {"head.bias", {97}, false}};
-  return specs;
-}
+// The tiny model is DemoTestSpecs(): three 2-D weights with weight decay, then three vectors
+// without.
 constexpr int kNumParams = 6;
-
-// One worker: its own parameter and gradient buffers and its own Demo over them. Held by
-// unique_ptr because Demo keeps pointers to the buffers.
-struct Worker {
-  FlatBuffer decay_params, decay_grads, plain_params, plain_grads;
-  std::unique_ptr<Demo> demo;
-
-  // View of parameter `i` (Specs() order) in `decay` or `plain` buffers.
-  at::Tensor Param(int i) const {
-    return i < 3 ? decay_params.View(i) : plain_params.View(i - 3);
-  }
-  at::Tensor Grad(int i) const { return i < 3 ? decay_grads.View(i) : plain_grads.View(i - 3); }
-  std::vector<at::Tensor> Flats() const { return {decay_params.flat(), plain_params.flat()}; }
-  std::vector<at::Tensor> CloneParams() const {
-    std::vector<at::Tensor> out;
-    for (int i = 0; i < kNumParams; ++i) out.push_back(Param(i).clone());
-    return out;
-  }
-  void SetParams(const std::vector<at::Tensor>& values) {
-    for (int i = 0; i < kNumParams; ++i) Param(i).copy_(values[i]);
-  }
-  void SetGrads(const std::vector<at::Tensor>& grads) {
-    for (int i = 0; i < kNumParams; ++i) Grad(i).copy_(grads[i]);
-  }
-};
 
 // A worker over the tiny model with parameters `init`. `name_prefix` renames every parameter
 // (same shapes, another layout fingerprint).
 std::unique_ptr<Worker> MakeWorker(const DemoOptions& options, const std::vector<at::Tensor>& init,
                                    const std::string& name_prefix = "") {
-  auto w = std::make_unique<Worker>();
-  for (const ParamSpec& s : Specs()) {
-    (s.decay ? w->decay_params : w->plain_params).Add(name_prefix + s.name, s.shape);
-  }
-  w->decay_params.Allocate();
-  w->plain_params.Allocate();
-  w->decay_grads = w->decay_params.MakeLike();
-  w->plain_grads = w->plain_params.MakeLike();
-  w->SetParams(init);
-  auto demo = Demo::Create({{&w->decay_params, &w->decay_grads, true},
-                            {&w->plain_params, &w->plain_grads, false}},
-                           options);
-  EXPECT_TRUE(demo.ok()) << demo.status();
-  if (demo.ok()) w->demo = *std::move(demo);
-  return w;
+  auto w = ::shoal::testing::MakeDemoTestWorker(DemoTestSpecs(), options, name_prefix);
+  EXPECT_TRUE(w.ok()) << w.status();
+  if (!w.ok()) return nullptr;
+  (*w)->SetParams(init);
+  return *std::move(w);
 }
 
 std::vector<std::unique_ptr<Worker>> MakeWorkers(int count, const DemoOptions& options,
@@ -104,13 +60,13 @@ std::vector<std::unique_ptr<Worker>> MakeWorkers(int count, const DemoOptions& o
 // Small parameters (scale 0.01) so that float32 rounding of p is far below lr.
 std::vector<at::Tensor> InitParams() {
   std::vector<at::Tensor> out;
-  for (const ParamSpec& s : Specs()) out.push_back(0.01 * at::randn(s.shape));
+  for (const ParamSpec& s : DemoTestSpecs()) out.push_back(0.01 * at::randn(s.shape));
   return out;
 }
 
 std::vector<at::Tensor> RandomGrads() {
   std::vector<at::Tensor> out;
-  for (const ParamSpec& s : Specs()) out.push_back(at::randn(s.shape));
+  for (const ParamSpec& s : DemoTestSpecs()) out.push_back(at::randn(s.shape));
   return out;
 }
 
@@ -142,7 +98,9 @@ std::vector<at::Tensor> StepAll(const std::vector<std::unique_ptr<Worker>>& work
   return payloads;
 }
 
-double WeightDecayOf(int i, double weight_decay) { return Specs()[i].decay ? weight_decay : 0.0; }
+double WeightDecayOf(int i, double weight_decay) {
+  return DemoTestSpecs()[i].decay ? weight_decay : 0.0;
+}
 
 // Every element moves by exactly 0 or lr beyond the decoupled decay, |p_new − p·(1 − lr·λ)| ∈
 // {0, lr}, for both groups (λ only on the decay group). lr = 2^-5 and λ = 0.25 make 1 − lr·λ
@@ -170,8 +128,8 @@ TEST(DemoTest, EveryElementMovesByZeroOrLrAfterDecay) {
       const at::Tensor is_zero = moved <= 1e-6 * lr;
       const at::Tensor is_lr = (moved - lr).abs() <= 1e-6 * lr;
       EXPECT_TRUE((is_zero | is_lr).all().item<bool>())
-          << Specs()[i].name << " step " << step << ": a move that is neither 0 nor lr, max "
-          << moved.max().item<double>();
+          << DemoTestSpecs()[i].name << " step " << step
+          << ": a move that is neither 0 nor lr, max " << moved.max().item<double>();
       zeros += is_zero.sum().item<int64_t>();
       lrs += is_lr.sum().item<int64_t>();
       total += moved.numel();
@@ -194,7 +152,7 @@ TEST(DemoTest, OneWorkerSendingEverythingIsSignSgd) {
   auto worker = MakeWorker(Options(64, 4096, at::kFloat, 0.999, wd), InitParams());
   for (int step = 0; step < 3; ++step) {
     std::vector<at::Tensor> g;
-    for (const ParamSpec& s : Specs()) g.push_back(AwayFromZero(s.shape));
+    for (const ParamSpec& s : DemoTestSpecs()) g.push_back(AwayFromZero(s.shape));
     worker->SetGrads(g);
     const std::vector<at::Tensor> before = worker->CloneParams();
     const at::Tensor payload = worker->demo->Compress(lr, scale);
@@ -204,13 +162,13 @@ TEST(DemoTest, OneWorkerSendingEverythingIsSignSgd) {
       const at::Tensor expect = before[i].to(at::kDouble) * (1.0 - lr * WeightDecayOf(i, wd)) -
                                 lr * g[i].sign().to(at::kDouble);
       const double err = (worker->Param(i).to(at::kDouble) - expect).abs().max().item<double>();
-      EXPECT_LE(err, 1e-6 * lr) << Specs()[i].name << " step " << step;
+      EXPECT_LE(err, 1e-6 * lr) << DemoTestSpecs()[i].name << " step " << step;
       // state[0] is demo.step; the deltas follow in parameter order.
       const at::Tensor& delta = state[i + 1].second;
-      ASSERT_EQ(state[i + 1].first, std::string("demo.delta.") + Specs()[i].name);
+      ASSERT_EQ(state[i + 1].first, std::string("demo.delta.") + DemoTestSpecs()[i].name);
       EXPECT_LE(delta.abs().max().item<double>(),
                 1e-5 * lr * scale * g[i].abs().max().item<double>())
-          << Specs()[i].name << " step " << step;
+          << DemoTestSpecs()[i].name << " step " << step;
     }
   }
 }
@@ -224,7 +182,7 @@ TEST(DemoTest, TwoWorkersSendingEverythingIsSignOfMean) {
   const double lr = 1.0 / 32;
   auto workers = MakeWorkers(2, Options(64, 4096, at::kFloat, 0.5, 0.0), InitParams());
   std::vector<at::Tensor> a, g0, g1;
-  for (const ParamSpec& s : Specs()) {
+  for (const ParamSpec& s : DemoTestSpecs()) {
     a.push_back(AwayFromZero(s.shape));
     const at::Tensor b = 3.0 * at::randn(s.shape);
     g0.push_back(a.back() + b);
@@ -240,7 +198,7 @@ TEST(DemoTest, TwoWorkersSendingEverythingIsSignOfMean) {
     for (int w = 0; w < 2; ++w) {
       const double err =
           (workers[w]->Param(i).to(at::kDouble) - expect).abs().max().item<double>();
-      EXPECT_LE(err, 1e-6 * lr) << Specs()[i].name << " worker " << w;
+      EXPECT_LE(err, 1e-6 * lr) << DemoTestSpecs()[i].name << " worker " << w;
     }
     disagree += (g0[i].sign() != a[i].sign()).sum().item<int64_t>();
     total += a[i].numel();
@@ -248,8 +206,8 @@ TEST(DemoTest, TwoWorkersSendingEverythingIsSignOfMean) {
   EXPECT_GT(disagree, total / 10);
 }
 
-// Reads the payload at the documented offsets: 16 header bytes, then per parameter (Specs()
-// order) tiles·k int16 indices followed by tiles·k values in the wire dtype.
+// Reads the payload at the documented offsets: 16 header bytes, then per parameter
+// (DemoTestSpecs() order) tiles·k int16 indices followed by tiles·k values in the wire dtype.
 struct ParsedPayload {
   char magic[4];
   uint32_t fingerprint;
@@ -281,7 +239,7 @@ ParsedPayload Parse(const at::Tensor& payload, const std::vector<DemoCodec>& cod
 
 std::vector<DemoCodec> CodecsFor(const DemoOptions& options) {
   std::vector<DemoCodec> out;
-  for (const ParamSpec& s : Specs()) {
+  for (const ParamSpec& s : DemoTestSpecs()) {
     auto c = DemoCodec::Create(s.shape, options.codec);
     EXPECT_TRUE(c.ok()) << c.status();
     out.push_back(*std::move(c));
@@ -326,7 +284,7 @@ TEST(DemoTest, ErrorFeedbackThroughThePayloadBytes) {
 
     const StateList after = worker->demo->StateDict();
     for (int i = 0; i < kNumParams; ++i) {
-      SCOPED_TRACE(Specs()[i].name);
+      SCOPED_TRACE(DemoTestSpecs()[i].name);
       const DemoCodec& codec = codecs[i];
       const DemoSelection& sel = parsed.selections[i];
       const at::Tensor target =
@@ -465,7 +423,8 @@ class DemoApplyRefusalTest : public ::testing::Test {
     EXPECT_EQ(w.demo->steps(), 0);
   }
 
-  // Byte offset of the int16 index block of parameter `param` (Specs() order), from the layout.
+  // Byte offset of the int16 index block of parameter `param` (DemoTestSpecs() order), from the
+  // layout.
   int64_t IndexOffset(int param) const {
     int64_t offset = kDemoHeaderBytes;
     const std::vector<DemoCodec> codecs = CodecsFor(options_);
@@ -567,7 +526,7 @@ TEST(DemoCreateTest, RefusesOptionsOutOfRangeNamingThem) {
   };
   for (const Case& c : cases) {
     FlatBuffer params, grads;
-    for (const ParamSpec& s : Specs()) params.Add(s.name, s.shape);
+    for (const ParamSpec& s : DemoTestSpecs()) params.Add(s.name, s.shape);
     params.Allocate();
     grads = params.MakeLike();
     const auto demo = Demo::Create({{&params, &grads, true}}, c.options);

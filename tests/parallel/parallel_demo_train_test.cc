@@ -193,7 +193,8 @@ TEST_F(DemoTrainTest, StoppedJobResumesExactlyAndOnMoreRanks) {
   auto first = testing::RunRanks(2, Train("resume", "", "--stop-after 20"));
   ASSERT_EQ(first[0].exit_code, 0) << first[0].output;
   // The checkpoint at step 20 holds both replicas' residuals.
-  auto opt = runtime::ReadSafetensors(*tmp_ / "resume/checkpoints/step_00000020/optimizer.safetensors");
+  auto opt = runtime::ReadSafetensors(*tmp_ /
+                                      "resume/checkpoints/step_00000020/optimizer.safetensors");
   ASSERT_TRUE(opt.ok()) << opt.status();
   int r0 = 0, r1 = 0;
   for (const auto& [name, t] : opt->tensors) {
