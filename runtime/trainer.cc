@@ -510,9 +510,9 @@ absl::Status StepEngine::DemoStep(int64_t step, int micro_batches, StepStats* st
       {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()});
   const double clip = parallel::ClipScale(stats->grad_norm, config_.optim.grad_clip);
   if (exchange_ == nullptr) {
+    stats->loss /= micro_batches;
     const at::Tensor payload = demo_->Compress(stats->lr, clip);
-    SHOAL_RETURN_IF_ERROR(demo_->Apply({payload}, stats->lr));
-    return absl::OkStatus();
+    return demo_->Apply({payload}, stats->lr);
   }
   SHOAL_RETURN_IF_ERROR(demo_->Step(stats->lr, clip, exchange_.get()));
   // A ring all-gather: every rank sends and receives everybody else's payload once.
@@ -1060,19 +1060,25 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       r.mfu = r.tokens_per_s * flops_per_token / (peak_gflops_ * 1e9 * options_.nodes);
       r.elapsed_s = Seconds(run_start, Clock::now());
       r.eta_s = Seconds(interval_start, Clock::now()) / interval_steps * (c.train.steps - done);
-      if (world_ > 1) {
+      // The exchange's bytes are counted for data parallelism (all-reduce or DeMo); a mesh's
+      // pipeline and tensor-parallel traffic is not, so nothing is shown there.
+      const bool counted = !mesh_;
+      if (world_ > 1 && counted) {
         r.bytes_sent = stats.bytes_sent;
         r.bytes_received = stats.bytes_received;
       }
       if (options_.log) SHOAL_LOG(Info) << FormatTrainLine(r);
       if (metrics_) {
-        metrics_->Write({{"kind", "train"},     {"step", done},
-                         {"loss", r.loss},      {"lr", r.lr},
-                         {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s},
-                         {"mfu", r.mfu},        {"elapsed_s", r.elapsed_s},
-                         {"eta_s", r.eta_s},    {"step_loss", stats.loss},
-                         {"bytes_sent", stats.bytes_sent},
-                         {"bytes_received", stats.bytes_received}});
+        nlohmann::json record = {{"kind", "train"},     {"step", done},
+                                 {"loss", r.loss},      {"lr", r.lr},
+                                 {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s},
+                                 {"mfu", r.mfu},        {"elapsed_s", r.elapsed_s},
+                                 {"eta_s", r.eta_s},    {"step_loss", stats.loss}};
+        if (counted) {
+          record["bytes_sent"] = stats.bytes_sent;
+          record["bytes_received"] = stats.bytes_received;
+        }
+        metrics_->Write(record);
       }
       interval_start = Clock::now();
       interval_compute_s = interval_loss = 0;
