@@ -1,0 +1,607 @@
+#include "memory/tiered_store.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "common/status.h"
+
+namespace shoal::memory {
+namespace {
+
+// The rule before a trace exists (PatrickStar's warm-up: every candidate has the same priority,
+// ties to the lower id). Candidates arrive sorted, but taking the minimum does not rely on that.
+class LowestIdPolicy final : public EvictionPolicy {
+ public:
+  absl::string_view name() const override { return "lowest-id"; }
+  absl::StatusOr<int> ChooseVictim(absl::Span<const int> candidates,
+                                   int64_t moment) const override {
+    if (candidates.empty()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("lowest-id: no evictable chunk at moment ", moment));
+    }
+    return *std::min_element(candidates.begin(), candidates.end());
+  }
+};
+
+const LowestIdPolicy& LowestId() {
+  static const LowestIdPolicy* policy = new LowestIdPolicy();
+  return *policy;
+}
+
+// Buffers are 64-byte aligned (a cache line; what vectorised AdamW over the chunk wants).
+constexpr size_t kBufferAlignment = 64;
+
+absl::Status Annotate(const absl::Status& status, const std::string& context) {
+  if (status.ok()) return status;
+  return absl::Status(status.code(), absl::StrCat("tiered store: ", context, ": ", status.message()));
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace
+
+void TieredChunkStore::BufferDeleter::operator()(float* p) const { std::free(p); }
+
+// One chunk being made resident in `out`. Either a read submitted directly (`direct`: the buffer
+// was free), or a job for the loader thread, which first waits for the write-back of the evicted
+// chunk that still owns the bytes of `out`, then reads or zero-fills.
+struct TieredChunkStore::LoadJob {
+  int chunk = 0;
+  float* out = nullptr;
+  int64_t bytes = 0;
+  uint64_t generation = 0;  // to read; 0: never written, zero-fill
+
+  bool direct = false;
+  DiskReadHandle read;  // when direct
+
+  bool after_write = false;
+  DiskWriteHandle write_before;  // when after_write: the victim's write-back from `out`
+  int write_chunk = -1;
+  uint64_t write_generation = 0;
+
+  // Loader results, guarded by mu.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool finished = false;
+  absl::Status status;
+  absl::Status write_status;
+
+  bool Done() {
+    if (direct) return read.done();
+    std::lock_guard<std::mutex> lock(mu);
+    return finished;
+  }
+  // Once per job.
+  absl::Status Wait() {
+    if (direct) return read.Wait();
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [this] { return finished; });
+    return status;
+  }
+};
+
+// One thread running LoadJobs in submission order. Why a thread rather than chaining on the
+// DiskTier: the tier orders operations per chunk only, and here a read of chunk X must follow the
+// write of a different chunk V out of the same buffer. Blocking on that write is the loader's
+// job, so that neither Prefetch() nor the caller's compute waits for it.
+class TieredChunkStore::Loader {
+ public:
+  explicit Loader(DiskTier* disk) : disk_(disk), thread_([this] { Run(); }) {}
+  // Runs what is queued, then stops.
+  ~Loader() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  void Submit(std::shared_ptr<LoadJob> job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(job));
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void Run() {
+    while (true) {
+      std::shared_ptr<LoadJob> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      absl::Status write_status;
+      if (job->after_write) write_status = job->write_before.Wait().status();
+      // The buffer is free once the write has ended, whether or not it succeeded.
+      absl::Status status;
+      if (job->generation == 0) {
+        std::memset(job->out, 0, static_cast<size_t>(job->bytes));
+      } else {
+        status = disk_->Read(job->chunk, job->out, job->bytes, job->generation);
+      }
+      {
+        std::lock_guard<std::mutex> lock(job->mu);
+        job->write_status = std::move(write_status);
+        job->status = std::move(status);
+        job->finished = true;
+      }
+      job->cv.notify_all();
+    }
+  }
+
+  DiskTier* disk_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<LoadJob>> queue_;  // guarded by mu_
+  bool stop_ = false;                           // guarded by mu_
+  std::thread thread_;                          // last: starts after the rest is initialised
+};
+
+absl::StatusOr<std::unique_ptr<TieredChunkStore>> TieredChunkStore::Create(
+    const TieredChunkStoreOptions& options) {
+  if (options.num_chunks <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tiered store: num_chunks must be > 0, got ", options.num_chunks));
+  }
+  if (options.chunk_bytes <= 0 ||
+      options.chunk_bytes % static_cast<int64_t>(sizeof(float)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tiered store: chunk_bytes must be a positive multiple of 4, got ", options.chunk_bytes));
+  }
+  if (options.host_budget_bytes < options.chunk_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tiered store: host budget of ", options.host_budget_bytes,
+        " bytes cannot hold one chunk of ", options.chunk_bytes, " bytes"));
+  }
+  if (options.disk_directory.empty()) {
+    return absl::InvalidArgumentError("tiered store: disk_directory is empty");
+  }
+  if (options.disk_budget_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tiered store: disk_budget_bytes must be >= 0, got ", options.disk_budget_bytes));
+  }
+  DiskTierOptions disk;
+  disk.directory = options.disk_directory;
+  disk.worker = options.disk_worker;
+  disk.slot_bytes = options.chunk_bytes;
+  disk.num_slots = options.num_chunks;
+  disk.budget_bytes = options.disk_budget_bytes > 0
+                          ? options.disk_budget_bytes
+                          : DiskTier::FileBytes(options.chunk_bytes, options.num_chunks);
+  disk.backend = options.disk_backend;
+  disk.io_threads = options.disk_io_threads;
+  absl::StatusOr<std::unique_ptr<DiskTier>> opened = DiskTier::Open(disk);
+  if (!opened.ok()) return Annotate(opened.status(), "opening the disk tier");
+
+  std::unique_ptr<TieredChunkStore> store(new TieredChunkStore(options));
+  store->disk_ = *std::move(opened);
+  store->loader_ = std::make_unique<Loader>(store->disk_.get());
+  return store;
+}
+
+TieredChunkStore::TieredChunkStore(const TieredChunkStoreOptions& options)
+    : chunk_bytes_(options.chunk_bytes),
+      host_budget_bytes_(options.host_budget_bytes),
+      capacity_(static_cast<int>(
+          std::min<int64_t>(options.host_budget_bytes / options.chunk_bytes, options.num_chunks))),
+      allocation_observer_(options.allocation_observer),
+      chunks_(options.num_chunks),
+      // Create() has checked that the budget holds a chunk, so the capacity is >= 1.
+      resident_(*ResidentSet::Create(capacity_)) {}
+
+TieredChunkStore::~TieredChunkStore() {
+  // Every buffer may still be in use by an operation: the loader finishes its queued jobs (each
+  // waits for its write-back), the tier drains the direct reads; only then are buffers freed.
+  loader_.reset();
+  disk_.reset();
+  for (Chunk& c : chunks_) {
+    if (c.buffer != nullptr) FreeBuffer(std::move(c.buffer));
+  }
+}
+
+absl::Status TieredChunkStore::CheckId(int id, const char* what) const {
+  if (id < 0 || id >= num_chunks()) {
+    return absl::OutOfRangeError(absl::StrCat("tiered store: ", what, " of chunk ", id,
+                                              ": ids are [0, ", num_chunks(), ")"));
+  }
+  return absl::OkStatus();
+}
+
+bool TieredChunkStore::IsResident(int id) const {
+  return id >= 0 && id < num_chunks() && chunks_[id].buffer != nullptr;
+}
+
+absl::Status TieredChunkStore::SetTrace(absl::Span<const int> trace) {
+  for (size_t t = 0; t < trace.size(); ++t) {
+    if (trace[t] < 0 || trace[t] >= num_chunks()) {
+      return absl::InvalidArgumentError(absl::StrCat("tiered store: trace position ", t,
+                                                     " names chunk ", trace[t], ", ids are [0, ",
+                                                     num_chunks(), ")"));
+    }
+  }
+  absl::StatusOr<NextUseTable> table = NextUseTable::Build(trace);
+  if (!table.ok()) return Annotate(table.status(), "trace");
+  trace_table_ = std::make_unique<NextUseTable>(*std::move(table));
+  trace_policy_ = std::make_unique<FarthestNextUsePolicy>(trace_table_.get());
+  trace_positions_.assign(chunks_.size(), {});
+  for (size_t t = 0; t < trace.size(); ++t) {
+    trace_positions_[trace[t]].push_back(static_cast<int64_t>(t));
+  }
+  moment_ = 0;
+  next_position_ = 0;
+  return absl::OkStatus();
+}
+
+const EvictionPolicy& TieredChunkStore::policy() const {
+  if (trace_policy_ != nullptr) return *trace_policy_;
+  return LowestId();
+}
+
+int64_t TieredChunkStore::AdvanceMoment(int id) {
+  if (trace_table_ == nullptr) return 0;
+  const std::vector<int64_t>& positions = trace_positions_[id];
+  if (positions.empty()) return moment_;
+  // The next position of `id` at or after where the previous access left off, wrapping into the
+  // next iteration: an access that skips entries of the trace (or repeats one) resynchronises.
+  auto it = std::lower_bound(positions.begin(), positions.end(), next_position_);
+  moment_ = it != positions.end() ? *it : positions.front();
+  next_position_ = (moment_ + 1) % trace_table_->length();
+  return moment_;
+}
+
+TieredChunkStore::BufferPtr TieredChunkStore::AllocateBuffer() {
+  // The one place a buffer comes into being. The resident set never holds more than capacity_
+  // chunks and every buffer belongs to one of them, so this cannot pass the budget; checked
+  // anyway, because passing it would be a bug here that a caller could not work around.
+  if (stats_.resident_bytes + chunk_bytes_ > static_cast<int64_t>(capacity_) * chunk_bytes_) {
+    SHOAL_LOG(Error) << "tiered store: allocating a chunk buffer would exceed the host budget of "
+                     << host_budget_bytes_ << " bytes (" << stats_.resident_bytes
+                     << " bytes held)";
+    std::abort();
+  }
+  const size_t size = (static_cast<size_t>(chunk_bytes_) + kBufferAlignment - 1) /
+                      kBufferAlignment * kBufferAlignment;
+  auto* p = static_cast<float*>(std::aligned_alloc(kBufferAlignment, size));
+  if (p == nullptr) {
+    SHOAL_LOG(Error) << "tiered store: out of memory allocating " << size << " bytes";
+    std::abort();
+  }
+  stats_.resident_bytes += chunk_bytes_;
+  stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, stats_.resident_bytes);
+  if (allocation_observer_) allocation_observer_(chunk_bytes_);
+  return BufferPtr(p);
+}
+
+void TieredChunkStore::FreeBuffer(BufferPtr buffer) {
+  if (buffer == nullptr) return;
+  buffer.reset();
+  stats_.resident_bytes -= chunk_bytes_;
+  if (allocation_observer_) allocation_observer_(-chunk_bytes_);
+}
+
+void TieredChunkStore::NoteError(const absl::Status& status) {
+  if (!status.ok() && pending_error_.ok()) pending_error_ = status;
+}
+
+void TieredChunkStore::DropFromResidentSet(int id) {
+  ResidentSet rebuilt = *ResidentSet::Create(capacity_);
+  for (int r : resident_.Residents()) {
+    if (r == id) continue;
+    // Below capacity: no eviction, so the policy is never consulted.
+    (void)rebuilt.Load(r, 0, LowestId());
+    const int pins = chunks_[r].caller_pins + (chunks_[r].loading ? 1 : 0);
+    for (int i = 0; i < pins; ++i) (void)rebuilt.Pin(r);
+  }
+  resident_ = std::move(rebuilt);
+}
+
+absl::Status TieredChunkStore::StartLoad(int id, int64_t moment) {
+  Chunk& c = chunks_[id];
+  absl::StatusOr<std::optional<int>> evicted = resident_.Load(id, moment, policy());
+  if (!evicted.ok()) return evicted.status();
+
+  auto job = std::make_shared<LoadJob>();
+  job->chunk = id;
+  job->bytes = chunk_bytes_;
+  job->generation = c.generation;
+  if (evicted->has_value()) {
+    // The newcomer takes the victim's buffer, so the number of buffers does not change: this is
+    // what keeps write-backs in flight inside the budget.
+    const int v = **evicted;
+    Chunk& victim = chunks_[v];
+    ++stats_.evictions;
+    c.buffer = std::move(victim.buffer);
+    if (victim.prefetched) ++stats_.prefetches_wasted;
+    victim.prefetched = false;
+    if (victim.dirty) {
+      const uint64_t before = victim.generation;
+      job->write_before = disk_->WriteAsync(v, c.buffer.get(), chunk_bytes_);
+      // The tier numbers a write when it is submitted; a later read of v names this generation
+      // and, being queued behind this write on chunk v, sees its bytes.
+      victim.generation = disk_->generation(v);
+      victim.dirty = false;
+      job->after_write = true;
+      job->write_chunk = v;
+      job->write_generation = victim.generation;
+      ++stats_.write_backs;
+      stats_.bytes_written += chunk_bytes_;
+      if (victim.generation == before) {
+        // Refused before any I/O (the handle is already done): the contents of v are lost.
+        victim.error = Annotate(job->write_before.Wait().status(),
+                                absl::StrCat("writing back chunk ", v));
+        NoteError(victim.error);
+      }
+    }
+  } else {
+    c.buffer = AllocateBuffer();
+  }
+  job->out = c.buffer.get();
+
+  if (!job->after_write && job->generation == 0) {
+    // Never written: zeros, no disk, nothing in flight.
+    std::memset(job->out, 0, static_cast<size_t>(chunk_bytes_));
+    ++stats_.zero_fills;
+    return absl::OkStatus();
+  }
+  // Pinned while loading, so that no other load evicts a buffer an operation is filling.
+  c.loading = true;
+  (void)resident_.Pin(id);
+  if (job->after_write) {
+    loader_->Submit(job);
+  } else {
+    job->direct = true;
+    job->read = disk_->ReadAsync(id, job->out, chunk_bytes_, job->generation);
+  }
+  c.load = std::move(job);
+  in_flight_.push_back(id);
+  return absl::OkStatus();
+}
+
+absl::Status TieredChunkStore::FinishLoad(int id) {
+  Chunk& c = chunks_[id];
+  std::shared_ptr<LoadJob> job = std::move(c.load);
+  absl::Status status = job->Wait();
+  in_flight_.erase(std::find(in_flight_.begin(), in_flight_.end(), id));
+  c.loading = false;
+  (void)resident_.Unpin(id);
+
+  if (job->after_write && !job->write_status.ok()) {
+    // The victim's only up-to-date copy was the one written: it is lost. Its next Acquire says
+    // so, unless it has been rewritten (a newer generation) or reloaded meanwhile.
+    const absl::Status lost =
+        Annotate(job->write_status, absl::StrCat("writing back chunk ", job->write_chunk));
+    NoteError(lost);
+    Chunk& victim = chunks_[job->write_chunk];
+    if (victim.buffer == nullptr && victim.generation == job->write_generation) {
+      victim.error = lost;
+    }
+  }
+  if (!status.ok()) {
+    DropFromResidentSet(id);
+    FreeBuffer(std::move(c.buffer));
+    c.prefetched = false;
+    return Annotate(status, absl::StrCat("loading chunk ", id));
+  }
+  if (job->generation != 0) {
+    ++stats_.loads;
+    stats_.bytes_read += chunk_bytes_;
+  } else {
+    ++stats_.zero_fills;
+  }
+  return absl::OkStatus();
+}
+
+void TieredChunkStore::ReapLoads() {
+  // A copy: FinishLoad edits in_flight_.
+  const std::vector<int> loading = in_flight_;
+  for (int id : loading) {
+    if (!chunks_[id].load->Done()) continue;
+    absl::Status status = FinishLoad(id);
+    if (!status.ok()) chunks_[id].error = status;
+  }
+}
+
+absl::Status TieredChunkStore::AcquireAt(int id, int64_t moment) {
+  while (true) {
+    absl::Status started = StartLoad(id, moment);
+    if (started.ok()) break;
+    if (!absl::IsResourceExhausted(started)) return started;
+    if (!in_flight_.empty()) {
+      // Loads in flight hold pins; once settled their chunks can be evicted.
+      const int other = in_flight_.front();
+      absl::Status finished = FinishLoad(other);
+      if (!finished.ok()) chunks_[other].error = finished;
+      continue;
+    }
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "tiered store: host budget of ", host_budget_bytes_, " bytes holds ", capacity_,
+        " chunk(s) of ", chunk_bytes_, " bytes and every one is pinned; cannot make chunk ", id,
+        " resident (", started.message(), ")"));
+  }
+  if (chunks_[id].loading) return FinishLoad(id);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<float*> TieredChunkStore::Acquire(int id) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "acquire"));
+  ReapLoads();
+  const int64_t moment = AdvanceMoment(id);
+  Chunk& c = chunks_[id];
+  if (!c.error.ok()) {
+    // Reported once; the next Acquire tries again.
+    absl::Status error = std::move(c.error);
+    c.error = absl::OkStatus();
+    return error;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  if (resident_.Contains(id)) {
+    ++stats_.prefetch_hits;
+    if (c.loading) {
+      absl::Status loaded = FinishLoad(id);
+      stats_.acquire_wait_seconds += SecondsSince(start);
+      if (!loaded.ok()) return loaded;
+    }
+  } else {
+    ++stats_.demand_loads;
+    absl::Status loaded = AcquireAt(id, moment);
+    stats_.acquire_wait_seconds += SecondsSince(start);
+    if (!loaded.ok()) return loaded;
+  }
+  c.prefetched = false;
+  (void)resident_.Pin(id);
+  ++c.caller_pins;
+  return c.buffer.get();
+}
+
+absl::Status TieredChunkStore::Release(int id, bool dirty) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "release"));
+  Chunk& c = chunks_[id];
+  if (c.caller_pins == 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("tiered store: release of chunk ", id, ", which is not acquired"));
+  }
+  --c.caller_pins;
+  (void)resident_.Unpin(id);
+  if (dirty) c.dirty = true;
+  ReapLoads();
+  return absl::OkStatus();
+}
+
+absl::Status TieredChunkStore::Prefetch(int id) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "prefetch"));
+  ReapLoads();
+  Chunk& c = chunks_[id];
+  // Resident or in flight; or a failure waiting to be reported by Acquire.
+  if (resident_.Contains(id) || !c.error.ok()) return absl::OkStatus();
+  if (resident_.size() >= capacity_ && resident_.NumEvictable() == 0) {
+    ++stats_.prefetches_skipped;
+    return absl::OkStatus();
+  }
+  // Victims are judged at the moment of the latest access, as SimulateTrace's prefetch does.
+  SHOAL_RETURN_IF_ERROR(StartLoad(id, moment_));
+  ++stats_.prefetches;
+  c.prefetched = true;
+  return absl::OkStatus();
+}
+
+absl::Status TieredChunkStore::Flush() {
+  while (!in_flight_.empty()) {
+    const int id = in_flight_.front();
+    absl::Status finished = FinishLoad(id);
+    if (!finished.ok()) chunks_[id].error = finished;
+  }
+  std::vector<std::pair<int, DiskWriteHandle>> writes;
+  for (int id = 0; id < num_chunks(); ++id) {
+    Chunk& c = chunks_[id];
+    if (c.buffer == nullptr || !c.dirty) continue;
+    writes.emplace_back(id, disk_->WriteAsync(id, c.buffer.get(), chunk_bytes_));
+    c.generation = disk_->generation(id);
+    c.dirty = false;
+    ++stats_.write_backs;
+    stats_.bytes_written += chunk_bytes_;
+  }
+  for (auto& [id, handle] : writes) {
+    absl::StatusOr<uint64_t> written = handle.Wait();
+    if (!written.ok()) {
+      // The RAM copy is still the latest: keep it dirty so that it is written again.
+      chunks_[id].dirty = true;
+      NoteError(Annotate(written.status(), absl::StrCat("flushing chunk ", id)));
+    }
+  }
+  NoteError(Annotate(disk_->Drain(), "flush"));
+  absl::Status error = std::move(pending_error_);
+  pending_error_ = absl::OkStatus();
+  return error;
+}
+
+absl::Status TieredChunkStore::Read(int id, absl::Span<float> out) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "read"));
+  if (static_cast<int64_t>(out.size()) != chunk_elements()) {
+    return absl::InvalidArgumentError(absl::StrCat("tiered store: read of chunk ", id, " into ",
+                                                   out.size(), " floats, the chunk holds ",
+                                                   chunk_elements()));
+  }
+  ReapLoads();
+  Chunk& c = chunks_[id];
+  if (c.loading) {
+    absl::Status loaded = FinishLoad(id);
+    if (!loaded.ok()) return loaded;
+  }
+  if (c.buffer != nullptr) {
+    std::memcpy(out.data(), c.buffer.get(), static_cast<size_t>(chunk_bytes_));
+    return absl::OkStatus();
+  }
+  if (!c.error.ok()) return c.error;
+  if (c.generation == 0) {
+    std::fill(out.begin(), out.end(), 0.0f);
+    return absl::OkStatus();
+  }
+  SHOAL_RETURN_IF_ERROR(Annotate(disk_->Read(id, out.data(), chunk_bytes_, c.generation),
+                                 absl::StrCat("reading chunk ", id)));
+  stats_.bytes_read += chunk_bytes_;
+  return absl::OkStatus();
+}
+
+absl::Status TieredChunkStore::Write(int id, absl::Span<const float> in) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "write"));
+  if (static_cast<int64_t>(in.size()) != chunk_elements()) {
+    return absl::InvalidArgumentError(absl::StrCat("tiered store: write of chunk ", id, " from ",
+                                                   in.size(), " floats, the chunk holds ",
+                                                   chunk_elements()));
+  }
+  ReapLoads();
+  Chunk& c = chunks_[id];
+  // A failed load leaves the chunk absent, and the write below replaces what it could not read.
+  if (c.loading) (void)FinishLoad(id);
+  c.error = absl::OkStatus();
+  if (c.buffer != nullptr) {
+    std::memcpy(c.buffer.get(), in.data(), static_cast<size_t>(chunk_bytes_));
+    c.dirty = true;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<uint64_t> written = disk_->Write(id, in.data(), chunk_bytes_);
+  if (!written.ok()) return Annotate(written.status(), absl::StrCat("writing chunk ", id));
+  c.generation = *written;
+  stats_.bytes_written += chunk_bytes_;
+  return absl::OkStatus();
+}
+
+absl::Status TieredChunkStore::ForEachChunk(
+    const std::function<absl::Status(int id, absl::Span<const float> payload)>& visit) {
+  for (int id = 0; id < num_chunks(); ++id) {
+    ReapLoads();
+    Chunk& c = chunks_[id];
+    if (!c.error.ok()) return c.error;
+    if (c.loading) {
+      SHOAL_RETURN_IF_ERROR(FinishLoad(id));
+    } else if (c.buffer == nullptr) {
+      SHOAL_RETURN_IF_ERROR(AcquireAt(id, moment_));
+    }
+    // Nothing else runs on the caller's thread during the visit, so the chunk stays resident
+    // without a pin.
+    SHOAL_RETURN_IF_ERROR(visit(id, absl::Span<const float>(c.buffer.get(),
+                                                            static_cast<size_t>(chunk_elements()))));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace shoal::memory
