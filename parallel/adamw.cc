@@ -1,5 +1,7 @@
 #include "parallel/adamw.h"
 
+#include <cstring>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -69,18 +71,49 @@ double ClipScale(double norm, double max_norm) {
   return std::min(1.0, max_norm / (norm + 1e-6));
 }
 
-AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard)
-    : groups_(std::move(groups)), options_(options), shard_(shard) {
+AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard,
+             MomentOffload offload)
+    : groups_(std::move(groups)), offload_(std::move(offload)), options_(options), shard_(shard) {
   TORCH_CHECK(shard_.count >= 1 && shard_.index >= 0 && shard_.index < shard_.count,
               "AdamW: bad shard ", shard_.index, " of ", shard_.count);
   for (size_t g = 0; g < groups_.size(); ++g) {
     TORCH_CHECK(groups_[g].params->numel() % shard_.count == 0, "AdamW: group of ",
                 groups_[g].params->numel(), " elements cannot be split into ", shard_.count,
                 " shards");
-    exp_avg_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
-    exp_avg_sq_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
   }
+  if (offload_.host_budget_bytes <= 0) {
+    for (size_t g = 0; g < groups_.size(); ++g) {
+      exp_avg_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
+      exp_avg_sq_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
+    }
+    return;
+  }
+  TORCH_CHECK(shard_.count == 1, "AdamW: moment offload does not combine with ZeRO-1 sharding");
+  TORCH_CHECK(offload_.chunk_elements > 0, "AdamW: offload chunk_elements must be > 0");
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    const int64_t n = ShardSize(static_cast<int>(g));
+    for (int64_t b = 0; b < n; b += offload_.chunk_elements) {
+      chunks_.push_back({static_cast<int>(g), b, std::min(offload_.chunk_elements, n - b)});
+    }
+  }
+  memory::TieredChunkStoreOptions o;
+  o.num_chunks = static_cast<int>(chunks_.size());
+  o.chunk_bytes = 2 * offload_.chunk_elements * static_cast<int64_t>(sizeof(float));
+  o.host_budget_bytes = offload_.host_budget_bytes;
+  o.disk_directory = offload_.disk_directory;
+  o.disk_budget_bytes = offload_.disk_budget_bytes;
+  o.disk_worker = offload_.worker;
+  auto store = memory::TieredChunkStore::Create(o);
+  TORCH_CHECK(store.ok(), "AdamW moment offload: ", store.status().ToString());
+  store_ = std::move(*store);
+  // Every step sweeps the chunks in order: that is the trace the eviction policy plans by.
+  std::vector<int> trace(chunks_.size());
+  for (size_t c = 0; c < trace.size(); ++c) trace[c] = static_cast<int>(c);
+  const absl::Status traced = store_->SetTrace(trace);
+  TORCH_CHECK(traced.ok(), "AdamW moment offload: ", traced.ToString());
 }
+
+AdamW::~AdamW() = default;
 
 int64_t AdamW::ShardSize(int g) const { return groups_[g].params->numel() / shard_.count; }
 int64_t AdamW::ShardBegin(int g) const { return ShardSize(g) * shard_.index; }
@@ -99,17 +132,54 @@ void AdamW::Step(double lr, double grad_scale) {
   k.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
   k.eps = static_cast<float>(options_.eps);
   k.scale = static_cast<float>(grad_scale);
-  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+  // Elements [first, first + count) of group gi's shard, whose moments are at m and v.
+  auto update = [&](size_t gi, int64_t first, int64_t count, float* m, float* v) {
     const ParamGroup& group = groups_[gi];
-    const int64_t begin = ShardBegin(static_cast<int>(gi));
-    k.decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
+    const int64_t begin = ShardBegin(static_cast<int>(gi)) + first;
+    AdamWConstants kg = k;
+    kg.decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
     float* p = group.params->flat().data_ptr<float>() + begin;
     const float* gr = group.grads->flat().data_ptr<float>() + begin;
-    float* m = exp_avg_[gi].data_ptr<float>();
-    float* v = exp_avg_sq_[gi].data_ptr<float>();
-    at::parallel_for(0, ShardSize(static_cast<int>(gi)), kStepGrain, [&](int64_t i0, int64_t i1) {
-      AdamWRange(k, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
+    at::parallel_for(0, count, kStepGrain, [&](int64_t i0, int64_t i1) {
+      AdamWRange(kg, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
     });
+  };
+  if (store_ == nullptr) {
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      update(gi, 0, ShardSize(static_cast<int>(gi)), exp_avg_[gi].data_ptr<float>(),
+             exp_avg_sq_[gi].data_ptr<float>());
+    }
+    return;
+  }
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    const int id = static_cast<int>(c);
+    if (c + 1 < chunks_.size()) {
+      const absl::Status hinted = store_->Prefetch(id + 1);
+      TORCH_CHECK(hinted.ok(), "AdamW moment offload: ", hinted.ToString());
+    }
+    absl::StatusOr<float*> moments = store_->Acquire(id);
+    TORCH_CHECK(moments.ok(), "AdamW moment offload: ", moments.status().ToString());
+    const MomentChunk& ch = chunks_[c];
+    update(ch.group, ch.begin, ch.count, *moments, *moments + offload_.chunk_elements);
+    const absl::Status released = store_->Release(id, /*dirty=*/true);
+    TORCH_CHECK(released.ok(), "AdamW moment offload: ", released.ToString());
+  }
+}
+
+void AdamW::ReadOffloaded(std::vector<at::Tensor>* full_m, std::vector<at::Tensor>* full_v) const {
+  std::vector<float> buffer(2 * offload_.chunk_elements);
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    full_m->push_back(at::empty({ShardSize(static_cast<int>(g))}, at::kFloat));
+    full_v->push_back(at::empty({ShardSize(static_cast<int>(g))}, at::kFloat));
+  }
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    const MomentChunk& ch = chunks_[c];
+    const absl::Status read = store_->Read(static_cast<int>(c), absl::MakeSpan(buffer));
+    TORCH_CHECK(read.ok(), "AdamW moment offload: ", read.ToString());
+    std::memcpy((*full_m)[ch.group].data_ptr<float>() + ch.begin, buffer.data(),
+                ch.count * sizeof(float));
+    std::memcpy((*full_v)[ch.group].data_ptr<float>() + ch.begin,
+                buffer.data() + offload_.chunk_elements, ch.count * sizeof(float));
   }
 }
 
@@ -124,8 +194,10 @@ void AdamW::AppendNamedViews(int g, const at::Tensor& full_m, const at::Tensor& 
 std::vector<std::pair<std::string, at::Tensor>> AdamW::StateDict() const {
   TORCH_CHECK(shard_.count == 1, "AdamW::StateDict on a sharded optimizer: use GatherStateDict");
   std::vector<std::pair<std::string, at::Tensor>> out;
+  std::vector<at::Tensor> full_m = exp_avg_, full_v = exp_avg_sq_;
+  if (store_ != nullptr) ReadOffloaded(&full_m, &full_v);
   for (size_t g = 0; g < groups_.size(); ++g) {
-    AppendNamedViews(static_cast<int>(g), exp_avg_[g], exp_avg_sq_[g], &out);
+    AppendNamedViews(static_cast<int>(g), full_m[g], full_v[g], &out);
   }
   out.emplace_back("step", at::scalar_tensor(steps_, at::kLong));
   return out;
@@ -178,10 +250,23 @@ absl::Status AdamW::LoadStateDict(const std::vector<std::pair<std::string, at::T
       }
     }
   }
-  for (size_t g = 0; g < groups_.size(); ++g) {
-    const int64_t begin = ShardBegin(static_cast<int>(g)), size = ShardSize(static_cast<int>(g));
-    exp_avg_[g].copy_(full_m[g].narrow(0, begin, size));
-    exp_avg_sq_[g].copy_(full_v[g].narrow(0, begin, size));
+  if (store_ != nullptr) {
+    // Chunk by chunk through one buffer, so loading stays within the RAM budget too.
+    std::vector<float> buffer(2 * offload_.chunk_elements, 0.0f);
+    for (size_t c = 0; c < chunks_.size(); ++c) {
+      const MomentChunk& ch = chunks_[c];
+      std::memcpy(buffer.data(), full_m[ch.group].data_ptr<float>() + ch.begin,
+                  ch.count * sizeof(float));
+      std::memcpy(buffer.data() + offload_.chunk_elements,
+                  full_v[ch.group].data_ptr<float>() + ch.begin, ch.count * sizeof(float));
+      SHOAL_RETURN_IF_ERROR(store_->Write(static_cast<int>(c), absl::MakeConstSpan(buffer)));
+    }
+  } else {
+    for (size_t g = 0; g < groups_.size(); ++g) {
+      const int64_t begin = ShardBegin(static_cast<int>(g)), size = ShardSize(static_cast<int>(g));
+      exp_avg_[g].copy_(full_m[g].narrow(0, begin, size));
+      exp_avg_sq_[g].copy_(full_v[g].narrow(0, begin, size));
+    }
   }
   steps_ = steps;
   return absl::OkStatus();

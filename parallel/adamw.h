@@ -12,6 +12,7 @@
 #define SHOAL_PARALLEL_ADAMW_H_
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "absl/status/status.h"
 #include "comm/backend.h"
 #include "memory/flat_buffer.h"
+#include "memory/tiered_store.h"
 
 namespace shoal::parallel {
 
@@ -55,10 +57,27 @@ double GlobalL2Norm(const std::vector<at::Tensor>& flats);
 // 1 when max_norm <= 0 (clipping off).
 double ClipScale(double norm, double max_norm);
 
+// Offload of the moments (issue 7, first step): m and v live in a memory::TieredChunkStore — up to
+// `host_budget_bytes` of them in RAM, the rest in a disk tier under `disk_directory` — in chunks of
+// `chunk_elements` elements (m then v: 8 bytes per element), and Step() runs over them chunk by
+// chunk in order, prefetching the next chunk while it updates the current one. The update is the
+// same element-wise arithmetic, so the results are bit-identical to moments in RAM.
+struct MomentOffload {
+  int64_t host_budget_bytes = 0;  // 0: moments in RAM, no offload
+  std::string disk_directory;     // where the disk tier's file goes
+  int64_t disk_budget_bytes = 0;  // 0: what the slots need
+  int64_t chunk_elements = 1 << 18;
+  int worker = 0;                 // names the disk file (one per worker)
+};
+
 class AdamW {
  public:
-  // REQUIRES: each group's numel() is a multiple of shard.count.
-  AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard = {});
+  // REQUIRES: each group's numel() is a multiple of shard.count; with `offload` on, shard.count
+  // is 1 (ZeRO-1 and offload do not combine yet). Throws c10::Error when the moment store cannot
+  // be created (a budget below two chunks, a disk tier that does not fit), naming the cause.
+  AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard = {},
+        MomentOffload offload = {});
+  ~AdamW();
 
   // One update of this rank's shard with learning rate `lr`, gradients multiplied by
   // `grad_scale` first.
@@ -71,10 +90,13 @@ class AdamW {
 
   // Updates taken so far (t in the bias corrections).
   int64_t steps() const { return steps_; }
+  // The store of offloaded moments (its counters), or null.
+  const memory::TieredChunkStore* moment_store() const { return store_.get(); }
 
   // Full (unsharded) state as named tensors: "exp_avg.<param>", "exp_avg_sq.<param>" per
   // parameter, and "step" (int64 scalar). REQUIRES: not sharded (count == 1); the tensors are
-  // views that share storage with the optimizer.
+  // views that share storage with the optimizer, or copies read from the store when the moments
+  // are offloaded (which then needs their full size in RAM for a moment).
   std::vector<std::pair<std::string, at::Tensor>> StateDict() const;
   // The same for a sharded optimizer: all-gathers the moments over `backend` (a collective:
   // every rank of the group calls it). kUnavailable / kDeadlineExceeded from the backend.
@@ -90,8 +112,20 @@ class AdamW {
   void AppendNamedViews(int g, const at::Tensor& full_m, const at::Tensor& full_v,
                         std::vector<std::pair<std::string, at::Tensor>>* out) const;
 
+  // One chunk of offloaded moments: elements [begin, begin + count) of group `group`'s shard.
+  struct MomentChunk {
+    int group;
+    int64_t begin;
+    int64_t count;
+  };
+  // Full-size moments of every group read back from the store.
+  void ReadOffloaded(std::vector<at::Tensor>* full_m, std::vector<at::Tensor>* full_v) const;
+
   std::vector<ParamGroup> groups_;
-  std::vector<at::Tensor> exp_avg_;     // per group, ShardSize(g) elements
+  MomentOffload offload_;
+  std::unique_ptr<memory::TieredChunkStore> store_;  // null: moments in exp_avg_ / exp_avg_sq_
+  std::vector<MomentChunk> chunks_;
+  std::vector<at::Tensor> exp_avg_;     // per group, ShardSize(g) elements (empty when offloaded)
   std::vector<at::Tensor> exp_avg_sq_;
   AdamWOptions options_;
   Shard shard_;

@@ -87,6 +87,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(parallel, virtual_stages, Kind::kInt),
       SHOAL_FIELD(memory, host_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_budget, Kind::kString),
+      SHOAL_FIELD(memory, disk_path, Kind::kString),
   };
   return *kSchema;
 }

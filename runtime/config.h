@@ -91,6 +91,9 @@ struct ParallelConfig {
 struct MemoryConfig {
   std::string host_budget;         // host RAM
   std::string disk_budget;         // the disk tier (under train.out_dir)
+  // Where the disk tier's file goes. With host_budget too small for the model states, the AdamW
+  // moments that do not fit go there (data parallelism and one process; not in mesh mode yet).
+  std::string disk_path;
 };
 
 struct Config {

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/match.h"
@@ -47,6 +48,42 @@ at::ScalarType DemoWireDtype(const std::string& name) {
 }
 
 constexpr char kDemoDeltaPrefix[] = "demo.delta.";
+
+// The AdamW moment offload that memory.host_budget and memory.disk_path ask for: parameters and
+// gradients stay in RAM, the moments get what is left of the budget, and the rest of them goes to
+// a disk tier under disk_path. Off (host_budget_bytes 0) when no disk_path is set or everything
+// fits. Throws c10::Error when the budget cannot hold the parameters, gradients and two chunks of
+// moments.
+parallel::MomentOffload MomentOffloadFor(const Config& config, Gpt& model, int worker) {
+  parallel::MomentOffload o;
+  if (config.memory.disk_path.empty() || config.memory.host_budget.empty()) return o;
+  const absl::StatusOr<int64_t> host = ParseByteSize(config.memory.host_budget, "memory.host_budget");
+  TORCH_CHECK(host.ok(), host.status().ToString());
+  int64_t resident = 0, elements = 0;
+  for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+    resident += model.params(g).flat().nbytes() + model.grads(g).flat().nbytes();
+    elements += model.params(g).numel();
+  }
+  const int64_t moments = 8 * elements;
+  if (*host >= resident + moments) return o;  // everything fits in RAM
+  // About 32 chunks of moments: fine enough that a small budget still holds several of them.
+  o.chunk_elements = std::clamp<int64_t>((elements / 32 + 15) / 16 * 16, 4096, int64_t{1} << 20);
+  const int64_t chunk_bytes = 8 * o.chunk_elements;
+  TORCH_CHECK(*host - resident >= 2 * chunk_bytes, "memory.host_budget = ",
+              config.memory.host_budget, " (", *host, " bytes) cannot hold the parameters and "
+              "gradients (", resident, " bytes) plus two chunks of AdamW moments (",
+              2 * chunk_bytes, " bytes); raise it to at least ", resident + 2 * chunk_bytes);
+  o.host_budget_bytes = *host - resident;
+  o.disk_directory = config.memory.disk_path;
+  if (!config.memory.disk_budget.empty()) {
+    const absl::StatusOr<int64_t> disk =
+        ParseByteSize(config.memory.disk_budget, "memory.disk_budget");
+    TORCH_CHECK(disk.ok(), disk.status().ToString());
+    o.disk_budget_bytes = *disk;
+  }
+  o.worker = worker;
+  return o;
+}
 
 // The tag of the tied-embedding gradient exchange on the pipeline group; the executor's tags
 // stay below it (parallel/pipeline_executor.cc).
@@ -175,7 +212,8 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
       std::vector<parallel::ParamGroup>{
           {&model_->params(Gpt::kDecay), &model_->grads(Gpt::kDecay), true},
           {&model_->params(Gpt::kNoDecay), &model_->grads(Gpt::kNoDecay), false}},
-      opt, zero1 ? parallel::Shard{rank, world} : parallel::Shard{});
+      opt, zero1 ? parallel::Shard{rank, world} : parallel::Shard{},
+      MomentOffloadFor(config, *model_, rank));
   if (world > 1) {
     parallel::DataParallelOptions dpo;
     dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
@@ -679,7 +717,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                            StepEngine::CreateForMesh(c, t->mesh_.get(), options.throttle,
                                                      placed ? &placed_blocks : nullptr));
   } else {
-    t->engine_ = std::make_unique<StepEngine>(c, options.backend);
+    // The constructor throws for what it cannot build (a moment offload that does not fit).
+    SHOAL_RETURN_IF_ERROR(CatchTorch("building the model and optimizer", [&] {
+      t->engine_ = std::make_unique<StepEngine>(c, options.backend);
+    }));
   }
   t->engine_->set_total_micro_batches(t->total_micro_batches_);
   if (t->options_.log) {
@@ -733,6 +774,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
     } else if (t->engine_->demo() != nullptr) {
       SHOAL_LOG(Info) << "optimizer: DeMo on one process (sign of the top-k DCT of the residual, "
                          "no exchange)";
+    }
+    if (t->mesh_ && !c.memory.disk_path.empty()) {
+      SHOAL_LOG(Warning) << "memory.disk_path: the AdamW moment offload is not available in mesh "
+                            "mode yet; the moments stay in RAM";
+    }
+    const parallel::AdamW* adamw = t->engine_->optimizer();
+    if (adamw != nullptr && adamw->moment_store() != nullptr) {
+      const memory::TieredChunkStore& store = *adamw->moment_store();
+      SHOAL_LOG(Info) << absl::StrFormat(
+          "optimizer moments: %s in %d chunks of %s; %s of them in RAM (memory.host_budget %s "
+          "less parameters and gradients), the rest on disk under %s",
+          FormatBytes(static_cast<double>(store.num_chunks()) * store.chunk_bytes()),
+          store.num_chunks(), FormatBytes(store.chunk_bytes()),
+          FormatBytes(store.host_budget_bytes()), c.memory.host_budget, c.memory.disk_path);
     }
   }
 
@@ -1104,6 +1159,17 @@ absl::StatusOr<TrainResult> Trainer::Run() {
         rank_, mc.pp, b0, b1, mc.tp, 100 * pipeline_total.compute_s / pipeline_total.total_s,
         100 * pipeline_total.recv_wait_s / pipeline_total.total_s,
         100 * pipeline_total.send_wait_s / pipeline_total.total_s, pipeline_total.total_s);
+  }
+  if (engine_->optimizer() != nullptr && engine_->optimizer()->moment_store() != nullptr &&
+      options_.log) {
+    const memory::TieredChunkStore& store = *engine_->optimizer()->moment_store();
+    const memory::TieredChunkStoreStats st = store.stats();
+    SHOAL_LOG(Info) << absl::StrFormat(
+        "optimizer moments offloaded: %d chunks of %d bytes, at most %d in RAM (peak %d of %d "
+        "bytes); %d loads and %d write-backs, %d bytes read and %d written, %.2f s waited",
+        store.num_chunks(), store.chunk_bytes(), store.capacity_chunks(), st.peak_resident_bytes,
+        store.host_budget_bytes(), st.loads, st.write_backs, st.bytes_read, st.bytes_written,
+        st.acquire_wait_seconds);
   }
   if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
     // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the

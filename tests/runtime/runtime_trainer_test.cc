@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -118,6 +119,51 @@ TEST_F(TrainerTest, ResumeIsBitExact) {
     ASSERT_TRUE(wb->tensors.count(name)) << name;
     EXPECT_TRUE(t.equal(wb->tensors.at(name))) << name;
   }
+}
+
+TEST_F(TrainerTest, MomentsOffloadedToDiskTrainBitIdentically) {
+  // Width 64, so the model has enough moments for ~30 chunks of 4096 elements.
+  const std::string model = "--set model.n_embd=64 train.steps=8 train.eval_every=0";
+  CommandResult ram = Train("ram", model);
+  ASSERT_EQ(ram.exit_code, 0) << ram.output;
+  auto wa = ReadSafetensors(tmp_ / "ram/checkpoints/step_00000008/model.safetensors");
+  ASSERT_TRUE(wa.ok());
+  // Parameters and gradients stay in RAM (8 bytes per element, alignment padding of at most 16
+  // elements per tensor); the budget leaves room for 6 chunks of moments (8 bytes x 4096) beyond
+  // them, about a quarter of the ~30 chunks.
+  int64_t elements = 0;
+  for (auto& [name, t] : wa->tensors) elements += t.numel() + 16;
+  const int64_t budget = 8 * (elements + 16) + 6 * 8 * 4096;
+  CommandResult disk = Train("disk", model + " memory.host_budget=" + std::to_string(budget) +
+                                         " memory.disk_path=" + (tmp_ / "tier"));
+  ASSERT_EQ(disk.exit_code, 0) << disk.output;
+  std::smatch m;
+  const std::string out = disk.output;
+  ASSERT_TRUE(std::regex_search(out, m, std::regex("offloaded: (\\d+) chunks of (\\d+) bytes, at "
+                                                   "most (\\d+) in RAM \\(peak (\\d+) of (\\d+) "
+                                                   "bytes\\); (\\d+) loads and (\\d+) write-backs")))
+      << out;
+  const int chunks = std::stoi(m[1]), capacity = std::stoi(m[3]);
+  EXPECT_GE(chunks, 4 * capacity) << "the moments are at least 4x over their RAM budget";
+  EXPECT_LE(std::stoll(m[4]), std::stoll(m[5])) << "the budget held";
+  EXPECT_GT(std::stoll(m[6]), 0) << "moments were read back from disk";
+  EXPECT_GT(std::stoll(m[7]), 0) << "and written to it";
+  // Same losses, weights and optimizer state, bit for bit.
+  const std::vector<double> a = StepLosses("ram"), b = StepLosses("disk");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(a, b);
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+    auto x = ReadSafetensors(tmp_ / ("ram/checkpoints/step_00000008/" + std::string(file)));
+    auto y = ReadSafetensors(tmp_ / ("disk/checkpoints/step_00000008/" + std::string(file)));
+    ASSERT_TRUE(x.ok() && y.ok()) << file;
+    ASSERT_EQ(x->tensors.size(), y->tensors.size()) << file;
+    for (auto& [name, t] : x->tensors) EXPECT_TRUE(t.equal(y->tensors.at(name))) << name;
+  }
+  // A budget that cannot hold the parameters, gradients and two chunks is refused by name.
+  CommandResult small = Train("small", model + " memory.host_budget=100KB memory.disk_path=" +
+                                           (tmp_ / "tier"));
+  EXPECT_NE(small.exit_code, 0);
+  EXPECT_NE(small.output.find("memory.host_budget = 100KB"), std::string::npos) << small.output;
 }
 
 TEST_F(TrainerTest, ResumeSkipsCorruptNewestCheckpoint) {
