@@ -28,15 +28,6 @@ uint64_t Fnv1a(const void* data, size_t n, uint64_t h) {
   return h;
 }
 
-const char* WireName(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "fp32";
-    case at::kBFloat16: return "bf16";
-    case at::kHalf: return "fp16";
-    default: return "?";
-  }
-}
-
 // Copies `bytes` bytes at `offset` of a payload into a new tensor of `shape` and `dtype`.
 at::Tensor ReadBlock(const at::Tensor& payload, int64_t offset, at::IntArrayRef shape,
                      at::ScalarType dtype) {
@@ -101,6 +92,23 @@ class BackendExchange : public DemoExchange {
 
 }  // namespace
 
+const char* DemoWireName(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "fp32";
+    case at::kBFloat16: return "bf16";
+    case at::kHalf: return "fp16";
+    default: return "?";
+  }
+}
+
+absl::StatusOr<at::ScalarType> DemoWireDtype(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    if (name == DemoWireName(t)) return t;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("DeMo wire dtype \"", name, "\" is not one of fp32, bf16, fp16"));
+}
+
 std::unique_ptr<DemoExchange> MakeBackendExchange(comm::Backend* backend,
                                                   comm::CollectiveOptions options) {
   return std::make_unique<BackendExchange>(backend, options);
@@ -121,7 +129,7 @@ absl::StatusOr<std::unique_ptr<Demo>> Demo::Create(std::vector<ParamGroup> group
   // The fingerprint covers everything that must agree between workers for their payloads to
   // mean the same thing and for their parameters to stay identical.
   std::string layout = absl::StrCat("chunk=", options.codec.chunk, ";topk=", options.codec.topk,
-                                    ";wire=", WireName(options.codec.wire_dtype),
+                                    ";wire=", DemoWireName(options.codec.wire_dtype),
                                     ";decay=", options.decay, ";wd=", options.weight_decay);
   int64_t cursor = kDemoHeaderBytes;
   for (size_t g = 0; g < groups.size(); ++g) {

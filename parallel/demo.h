@@ -49,6 +49,11 @@ struct DemoOptions {
   double weight_decay = 0.0;  // decoupled, on groups with decay = true
 };
 
+// The wire dtype's config name ("fp32", "bf16", "fp16") and back; kInvalidArgument names the
+// accepted ones.
+const char* DemoWireName(at::ScalarType dtype);
+absl::StatusOr<at::ScalarType> DemoWireDtype(const std::string& name);
+
 // Bytes of the payload header.
 inline constexpr int64_t kDemoHeaderBytes = 16;
 

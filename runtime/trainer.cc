@@ -41,12 +41,6 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
   return absl::OkStatus();
 }
 
-at::ScalarType DemoWireDtype(const std::string& name) {
-  if (name == "fp32") return at::kFloat;
-  if (name == "fp16") return at::kHalf;
-  return at::kBFloat16;  // "bf16", the default (ValidateConfig refuses anything else)
-}
-
 constexpr char kDemoDeltaPrefix[] = "demo.delta.";
 
 // The AdamW moment offload that memory.host_budget and memory.disk_path ask for: parameters and
@@ -192,7 +186,9 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
     parallel::DemoOptions o;
     o.codec.chunk = config.optim.demo_chunk;
     o.codec.topk = config.optim.demo_topk;
-    o.codec.wire_dtype = DemoWireDtype(config.optim.demo_wire);
+    const absl::StatusOr<at::ScalarType> wire = parallel::DemoWireDtype(config.optim.demo_wire);
+    TORCH_CHECK(wire.ok(), wire.status().ToString());
+    o.codec.wire_dtype = *wire;
     o.decay = config.optim.demo_decay;
     o.weight_decay = config.optim.demo_weight_decay;
     auto demo = parallel::Demo::Create(
@@ -563,11 +559,14 @@ absl::Status StepEngine::DemoStep(int64_t step, int micro_batches, StepStats* st
   stats->loss = loss[0].item<double>() / loss[1].item<double>();
   const int every = config_.optim.demo_drift_check;
   if (every > 0 && (step + 1) % every == 0) {
-    const uint64_t hash = parallel::HashTensors(
-        {model_->params(Gpt::kDecay).flat(), model_->params(Gpt::kNoDecay).flat()});
-    SHOAL_RETURN_IF_ERROR(parallel::CheckReplicasAgree(backend_, hash, step + 1, co));
+    SHOAL_RETURN_IF_ERROR(parallel::CheckReplicasAgree(backend_, ParameterHash(), step + 1, co));
   }
   return absl::OkStatus();
+}
+
+uint64_t StepEngine::ParameterHash() {
+  return parallel::HashTensors(
+      {model_->params(Gpt::kDecay).flat(), model_->params(Gpt::kNoDecay).flat()});
 }
 
 int64_t StepEngine::optimizer_steps() const {
@@ -1174,11 +1173,8 @@ absl::StatusOr<TrainResult> Trainer::Run() {
   if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
     // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the
     // replicas ended identical without trusting the in-run check.
-    Gpt& m = engine_->model();
-    SHOAL_LOG(Info) << absl::StrFormat(
-        "rank %d: DeMo replica parameters hash %016x after step %d", rank_,
-        parallel::HashTensors({m.params(Gpt::kDecay).flat(), m.params(Gpt::kNoDecay).flat()}),
-        step);
+    SHOAL_LOG(Info) << absl::StrFormat("rank %d: DeMo replica parameters hash %016x after step %d",
+                                       rank_, engine_->ParameterHash(), step);
   }
   if (timed_steps > 0) {
     result.step_time_ms = 1e3 * timed_s / timed_steps;

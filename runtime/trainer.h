@@ -112,6 +112,8 @@ class StepEngine {
   parallel::Demo* demo() { return demo_.get(); }
   // Updates taken by whichever optimizer runs.
   int64_t optimizer_steps() const;
+  // FNV-1a of this rank's parameter buffers (not in mesh mode): what DeMo's replicas compare.
+  uint64_t ParameterHash();
   parallel::DataParallel* data_parallel() { return dp_.get(); }
 
  private:

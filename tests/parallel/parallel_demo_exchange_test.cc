@@ -49,6 +49,7 @@
 #include "comm/store.h"
 #include "parallel/demo.h"
 #include "tests/comm/rank_launcher.h"
+#include "tests/comm/store_ranks.h"
 #include "tests/parallel/demo_test_workers.h"
 #include "tests/test_util.h"
 
@@ -447,27 +448,16 @@ struct RankRun {
 
 RankRun RunGloo(const std::string& name, int world) {
   RankRun run;
-  comm::TcpStoreOptions o;
-  o.port = 0;  // a free port, published to the ranks
-  o.is_server = true;
-  o.world_size = world;
-  o.timeout = absl::Seconds(30);
-  auto server = comm::MakeTcpStore(o);
-  if (!server.ok()) {
+  const auto results = ::shoal::testing::LaunchRanksWithStore(
+      world, {{kCaseEnv, name}, {kWorldEnv, std::to_string(world)}}, kPortEnv,
+      std::chrono::seconds(60));
+  if (!results.ok()) {
     run.all_exited_zero = false;
-    run.output = "store server: " + server.status().ToString();
+    run.output = "store server: " + results.status().ToString();
     return run;
   }
-  std::vector<int> ranks;
-  for (int r = 0; r < world; ++r) ranks.push_back(r);
-  const auto results = ::shoal::testing::LaunchRanks(
-      ranks,
-      {{kCaseEnv, name},
-       {kWorldEnv, std::to_string(world)},
-       {kPortEnv, std::to_string((*server)->port())}},
-      std::chrono::seconds(60));
-  for (const auto& r : results) run.all_exited_zero = run.all_exited_zero && r.exit_code == 0;
-  run.output = ::shoal::testing::DescribeRanks(results);
+  for (const auto& r : *results) run.all_exited_zero = run.all_exited_zero && r.exit_code == 0;
+  run.output = ::shoal::testing::DescribeRanks(*results);
   return run;
 }
 

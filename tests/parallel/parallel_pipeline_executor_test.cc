@@ -35,6 +35,7 @@
 #include "comm/store.h"
 #include "parallel/pipeline_bench.h"
 #include "tests/comm/rank_launcher.h"
+#include "tests/comm/store_ranks.h"
 #include "tests/test_util.h"
 
 namespace shoal::parallel {
@@ -420,23 +421,16 @@ void PrintTo(const Case& c, std::ostream* os) {
 
 // `fault`: "", "die" or "stall" (kFaultEnv).
 std::vector<::shoal::testing::RankResult> Launch(const Case& c, const std::string& fault) {
-  comm::TcpStoreOptions o;
-  o.port = 0;
-  o.is_server = true;
-  o.world_size = c.stages;
-  o.timeout = absl::Seconds(30);
-  auto server = comm::MakeTcpStore(o);  // serves the ranks for the length of the test
-  EXPECT_TRUE(server.ok()) << server.status();
-  if (!server.ok()) return {};
   std::map<std::string, std::string> env{{kKindEnv, c.kind},
                                          {kStagesEnv, std::to_string(c.stages)},
                                          {kMicroEnv, std::to_string(c.micro_batches)},
-                                         {kVirtualEnv, std::to_string(c.virtual_stages)},
-                                         {kPortEnv, std::to_string((*server)->port())}};
+                                         {kVirtualEnv, std::to_string(c.virtual_stages)}};
   if (!fault.empty()) env[kFaultEnv] = fault;
-  std::vector<int> ranks;
-  for (int r = 0; r < c.stages; ++r) ranks.push_back(r);
-  return ::shoal::testing::LaunchRanks(ranks, env, std::chrono::seconds(50));
+  auto results = ::shoal::testing::LaunchRanksWithStore(c.stages, env, kPortEnv,
+                                                        std::chrono::seconds(50));
+  EXPECT_TRUE(results.ok()) << results.status();
+  if (!results.ok()) return {};
+  return *std::move(results);
 }
 
 class PipelineExecutorRanks : public ::testing::TestWithParam<Case> {};

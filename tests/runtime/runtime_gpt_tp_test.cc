@@ -31,6 +31,7 @@
 #include "runtime/config.h"
 #include "runtime/gpt.h"
 #include "tests/comm/rank_launcher.h"
+#include "tests/comm/store_ranks.h"
 #include "tests/test_util.h"
 
 namespace shoal::runtime {
@@ -433,24 +434,13 @@ int RunRank() {
 
 // Runs `name` on `world` rank processes; every rank must exit 0.
 void RunRanks(const std::string& name, int world) {
-  comm::TcpStoreOptions o;
-  o.port = 0;
-  o.is_server = true;
-  o.world_size = world;
-  o.timeout = absl::Seconds(30);
-  absl::StatusOr<std::shared_ptr<comm::Store>> server = comm::MakeTcpStore(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  std::vector<int> ranks;
-  for (int r = 0; r < world; ++r) ranks.push_back(r);
-  const auto results = ::shoal::testing::LaunchRanks(
-      ranks,
-      {{kCaseEnv, name},
-       {kWorldEnv, std::to_string(world)},
-       {kPortEnv, std::to_string((*server)->port())}},
+  const auto results = ::shoal::testing::LaunchRanksWithStore(
+      world, {{kCaseEnv, name}, {kWorldEnv, std::to_string(world)}}, kPortEnv,
       std::chrono::seconds(90));
-  for (const auto& r : results) {
+  ASSERT_TRUE(results.ok()) << results.status();
+  for (const auto& r : *results) {
     EXPECT_EQ(r.exit_code, 0) << "rank " << r.rank << "\n"
-                              << ::shoal::testing::DescribeRanks(results);
+                              << ::shoal::testing::DescribeRanks(*results);
   }
 }
 
