@@ -84,6 +84,8 @@ v1::JobSpec JobSpecFor(const runtime::Config& config, int world_size) {
   m->set_optimizer_bytes(8);
   job.set_global_batch(config.train.batch_size * config.train.grad_accum * world_size);
   job.set_expected_workers(world_size);
+  // The launcher started world_size ranks and each runs a share of the mesh: none may be left out.
+  job.set_place_all(true);
   // parallel.tp and parallel.pp bound what the solver may choose (1 and 1: data parallelism).
   job.set_max_tp(config.parallel.tp);
   job.set_max_pp(config.parallel.pp);

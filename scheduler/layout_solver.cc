@@ -530,29 +530,35 @@ class Solver {
     for (const Device& d : devices_) ++per_host[{d.source->profile.host(), d.cuda}];
     int largest_host = 0;
     for (const auto& [key, n] : per_host) largest_host = std::max(largest_host, n);
+    // A fixed world: only layouts that use every device (all groups, none left over, dp·pp of
+    // them exactly) are weighed, and the early stops that skip worse candidates stay off.
+    const bool all = job_.place_all();
     for (int tp = 1; tp <= heads && tp <= largest_host; ++tp) {
       if (heads % tp != 0 || (job_.max_tp() > 0 && tp > job_.max_tp())) continue;
       std::vector<int> leftover;
       std::vector<Group> groups = FormGroups(tp, &leftover);
-      if (groups.empty()) continue;
-      for (int prefix : Prefixes(groups)) {
+      if (groups.empty() || (all && !leftover.empty())) continue;
+      const std::vector<int> prefixes =
+          all ? std::vector<int>{static_cast<int>(groups.size())} : Prefixes(groups);
+      for (int prefix : prefixes) {
         int max_pp = std::min(m_.L, prefix);
         if (job_.max_pp() > 0) max_pp = std::min(max_pp, job_.max_pp());
         Candidate best_pp;
         int pp_misses = 0;
-        for (int pp = 1; pp <= max_pp && pp_misses < kPatience; ++pp) {
+        for (int pp = 1; pp <= max_pp && (all || pp_misses < kPatience); ++pp) {
+          if (all && prefix % pp != 0) continue;
           Candidate best_mbs;
           int mbs_misses = 0;
           for (int mbs : mbs_values) {
             const int dp = std::min(prefix / pp, batch / mbs);
-            if (dp < 1) break;
+            if (dp < 1 || (all && dp * pp != prefix)) break;
             const std::vector<std::vector<int>> replicas = FormReplicas(groups, dp, pp);
             Candidate c = Evaluate(groups, replicas, tp, pp, mbs);
             if (!c.ok) break;  // a larger micro-batch needs more memory still
             if (Better(c, best_mbs)) {
               best_mbs = std::move(c);
               mbs_misses = 0;
-            } else if (++mbs_misses >= kPatience) {
+            } else if (++mbs_misses >= kPatience && !all) {
               break;
             }
           }
@@ -839,10 +845,28 @@ absl::StatusOr<v1::Layout> SolveLayout(const std::vector<SolverDevice>& devices,
                      " devices is usable (each needs a known kind and a positive GEMM rate)"));
   }
 
+  if (job.place_all() && !unusable.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "devices: the job must place all ", devices.size(), " workers (job.place_all), but ",
+        unusable.size(), " are unusable (each needs a known kind and a positive GEMM rate): ",
+        absl::StrJoin(unusable, ", ")));
+  }
   std::vector<Device> all_usable = usable;
   Solver solver(m, job, std::move(usable));
   solver.Search();
   const Candidate& best = solver.best();
+  if (!best.ok && job.place_all()) {
+    // Say whether the devices could train the job at all, leaving some out.
+    v1::JobSpec some = job;
+    some.set_place_all(false);
+    absl::StatusOr<v1::Layout> without = SolveLayout(devices, some, options);
+    if (!without.ok()) return without.status();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "no layout uses all ", devices.size(), " workers as the job asks (job.place_all: tp x pp ",
+        "x dp must equal the workers, each replica must hold its share of the model and get at "
+        "least one micro-batch of the global batch of ", job.global_batch(),
+        "); leaving some out, the solver would choose ", without->summary()));
+  }
   if (!best.ok) return NothingFits(m, all_usable, options);
 
   // The layout of the winner.

@@ -65,9 +65,12 @@ std::vector<int> UniformSplit(int n_layer, int stages);
 // `stage_seconds_per_micro[i]` per micro-batch: (m - 1) * slowest + sum over stages.
 double PipelineStepSeconds(const std::vector<double>& stage_seconds_per_micro, int micro_batches);
 
+// With job.place_all (a launcher's fixed world), only layouts that use every device are weighed.
 // Errors: kInvalidArgument for an empty device list or a job the solver cannot read (named
 // field); kResourceExhausted when the model fits on no combination of the devices, with the
-// shortfall in bytes in the message.
+// shortfall in bytes in the message, or, with place_all, on none that uses them all (the message
+// names the layout that would leave some out); kFailedPrecondition with place_all and an
+// unusable device.
 absl::StatusOr<v1::Layout> SolveLayout(const std::vector<SolverDevice>& devices,
                                        const v1::JobSpec& job, const SolverOptions& options = {});
 

@@ -637,3 +637,83 @@ TEST(SolveLayoutTest, UnevenReplicasGetUnevenShares) {
 
 }  // namespace
 }  // namespace shoal::scheduler
+
+namespace shoal::scheduler {
+namespace {
+
+TEST(SolveLayoutTest, PlaceAllUsesEveryDeviceEvenWhereOneWouldNotPay) {
+  // A fast device and one 50 times slower behind a slow link: a swarm leaves the slow one out;
+  // a launcher's fixed world (place_all) places it, with the smaller share of the batch.
+  v1::JobSpec job = Job(4, 4, 256, 128, 256, 16);
+  job.set_max_pp(1);
+  const std::vector<SolverDevice> devices = {
+      Device("fast", "h0", v1::DEVICE_KIND_CPU, 5000, 0, 64, 0, 0.2),
+      Device("slow", "h1", v1::DEVICE_KIND_CPU, 100, 0, 64, 0, 0.2)};
+  absl::StatusOr<v1::Layout> swarm = SolveLayout(devices, job);
+  ASSERT_TRUE(swarm.ok()) << swarm.status();
+  ASSERT_EQ(swarm->unused_workers_size(), 1) << swarm->summary();
+  EXPECT_EQ(swarm->unused_workers(0), "slow");
+
+  job.set_place_all(true);
+  absl::StatusOr<v1::Layout> fixed = SolveLayout(devices, job);
+  ASSERT_TRUE(fixed.ok()) << fixed.status();
+  CheckLayout(devices, job, SolverOptions(), *fixed);
+  EXPECT_EQ(fixed->unused_workers_size(), 0) << fixed->summary();
+  ASSERT_EQ(fixed->dp(), 2) << fixed->summary();
+  std::map<std::string, int> micro;
+  for (const v1::Pipeline& pipe : fixed->pipelines()) {
+    micro[pipe.stages(0).workers(0)] = pipe.micro_batches();
+  }
+  EXPECT_GT(micro["fast"], micro["slow"]);
+  EXPECT_GE(micro["slow"], 1);
+  // Placing the slow device cannot be predicted faster than leaving it out.
+  EXPECT_LE(fixed->predicted_tokens_per_s(), swarm->predicted_tokens_per_s() * 1.0001);
+}
+
+TEST(SolveLayoutTest, PlaceAllOverRandomClustersPlacesEveryDeviceOrSaysWhy) {
+  std::mt19937_64 rng(20261127);
+  int solved = 0, refused = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    SCOPED_TRACE(absl::StrCat("trial ", trial));
+    const std::vector<SolverDevice> devices = RandomCluster(rng, 8);
+    v1::JobSpec job = RandomJob(rng);
+    job.set_place_all(true);
+    absl::StatusOr<v1::Layout> layout = SolveLayout(devices, job);
+    if (!layout.ok()) {
+      ASSERT_EQ(layout.status().code(), absl::StatusCode::kResourceExhausted) << layout.status();
+      ++refused;
+      continue;
+    }
+    ++solved;
+    CheckLayout(devices, job, SolverOptions(), *layout);
+    EXPECT_EQ(layout->placements_size(), static_cast<int>(devices.size())) << layout->summary();
+    EXPECT_EQ(layout->unused_workers_size(), 0);
+    if (HasFatalFailure()) return;
+  }
+  EXPECT_GT(solved, 50);
+}
+
+TEST(SolveLayoutTest, PlaceAllImpossibleNamesTheConstraint) {
+  // Three devices, a batch of two sequences and no pipelines: no layout uses all three.
+  v1::JobSpec job = Job(2, 2, 64, 64, 256, 2);
+  job.set_max_pp(1);
+  job.set_place_all(true);
+  const std::vector<SolverDevice> devices = {
+      Device("a", "h0", v1::DEVICE_KIND_CPU, 1000, 0, 8, 0, 10),
+      Device("b", "h1", v1::DEVICE_KIND_CPU, 1000, 0, 8, 0, 10),
+      Device("c", "h2", v1::DEVICE_KIND_CPU, 1000, 0, 8, 0, 10)};
+  absl::StatusOr<v1::Layout> r = SolveLayout(devices, job);
+  ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_NE(r.status().message().find("place_all"), absl::string_view::npos) << r.status();
+  EXPECT_NE(r.status().message().find("all 3 workers"), absl::string_view::npos) << r.status();
+  // An unusable device cannot be placed at all.
+  std::vector<SolverDevice> broken = devices;
+  broken[2].profile.set_fp32_gflops(0);
+  job.set_global_batch(4);
+  r = SolveLayout(broken, job);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_NE(r.status().message().find("c"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace shoal::scheduler
