@@ -352,6 +352,9 @@ int main(int argc, char** argv) {
     if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "demo") {
       return shoal::launch::BenchDemoMain(argc - 2, argv + 2);
     }
+    if (sub == "bench" && argc >= 3 && std::string(argv[2]) == "memory") {
+      return shoal::launch::BenchMemoryMain(argc - 2, argv + 2);
+    }
   }
   CLI::App app{"shoal: pre-training transformer language models on heterogeneous clusters"};
   app.require_subcommand(1);
@@ -444,6 +447,8 @@ int main(int argc, char** argv) {
       "hetero", "Two ranks, one slowed down: 2-stage pipeline with the solver's split vs uniform");
   bench_cmd->add_subcommand(
       "demo", "AdamW + fp32 all-reduce vs DeMo on real ranks: bytes per step and validation loss");
+  bench_cmd->add_subcommand(
+      "memory", "Model states paged to disk under a host budget vs all in RAM: tokens/s, RSS");
 
   // env: what rank discovery sees (for launch scripts and tests)
   auto* env_cmd = app.add_subcommand(

@@ -33,6 +33,12 @@ int BenchPipelineMain(int argc, char** argv);
 // (argv starts at "demo"): AdamW + all-reduce against DeMo on real ranks, same steps: bytes on
 // the wire per step and final validation loss; a table and a JSON line with `bytes_ratio`
 int BenchDemoMain(int argc, char** argv);
+// shoal bench memory --config FILE [--budget 1GiB] [--disk-path DIR] [--steps 3] [--max-params N]
+//                    [--over 4] [--part a|b|both] [--keep DIR] [--set ...]
+// (argv starts at "memory"): training with the model states paged to a disk tier under a host
+// budget against all in RAM; a table on stderr and a JSON line with `states_over_budget`,
+// `throughput_ratio`
+int BenchMemoryMain(int argc, char** argv);
 
 }  // namespace shoal::launch
 

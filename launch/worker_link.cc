@@ -298,6 +298,9 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
                          cap(config.memory.host_budget, "memory.host_budget", tiers->host_bytes()));
   SHOAL_ASSIGN_OR_RETURN(const int64_t disk,
                          cap(config.memory.disk_budget, "memory.disk_budget", tiers->disk_bytes()));
+  SHOAL_ASSIGN_OR_RETURN(const int64_t gpu,
+                         cap(config.memory.device_budget, "memory.device_budget", tiers->gpu_bytes()));
+  tiers->set_gpu_bytes(gpu);
   tiers->set_host_bytes(host);
   tiers->set_disk_bytes(disk);
   impl->profile.set_rtt_ms(rtt_ms);

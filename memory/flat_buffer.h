@@ -18,6 +18,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "absl/status/status.h"
+#include "memory/chunk_layout.h"
+
 namespace shoal::memory {
 
 class FlatBuffer {
@@ -37,8 +40,20 @@ class FlatBuffer {
   // `pad_multiple` elements (so that N ranks can each own an equal shard of it).
   void Allocate(int64_t pad_multiple = 1);
 
-  // A buffer with the same layout and fresh zeroed storage (gradients, optimizer moments).
-  // REQUIRES: allocated.
+  // Chunked layout (the chunk manager's paged states): every entry moves to its place in
+  // `layout` (chunk * capacity + offset), and the buffer becomes num_chunks * capacity elements.
+  // Errors (kInvalidArgument, naming the tensor): an entry missing from the layout or a size that
+  // differs, a layout tensor that is no entry; nothing changes then. REQUIRES: not allocated.
+  absl::Status ApplyChunkLayout(const ChunkLayout& layout);
+
+  // Like Allocate, but the storage is an anonymous memory mapping of whole pages: zero, and
+  // committed only as it is touched, so that a chunk manager can release ranges of it
+  // (madvise) and protect them (mprotect). Unmapped with the last tensor that uses it.
+  void AllocateMapped(int64_t pad_multiple = 1);
+  bool mapped() const { return mapped_; }
+
+  // A buffer with the same layout and fresh zeroed storage (gradients, optimizer moments),
+  // mapped if this one is. REQUIRES: allocated.
   FlatBuffer MakeLike() const;
 
   // The view of entry `index`, shaped as added. REQUIRES: allocated.
@@ -57,6 +72,7 @@ class FlatBuffer {
  private:
   std::vector<Entry> entries_;
   int64_t size_ = 0;
+  bool mapped_ = false;
   at::Tensor flat_;
 };
 

@@ -1,11 +1,18 @@
 #include "memory/tiered_store.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cinttypes>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -51,18 +58,146 @@ double SecondsSince(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+int64_t PageBytes() {
+  static const int64_t page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+// Homes mode. A home leaves RAM by madvise(MADV_DONTNEED), which in private anonymous memory
+// frees its pages so that they read as zeros when next touched, and PROT_NONE, so that a stray
+// access faults instead of silently reading those zeros. Returns 0 or the errno.
+int ReleasePages(float* home, int64_t bytes) {
+  if (::madvise(home, static_cast<size_t>(bytes), MADV_DONTNEED) != 0) return errno;
+  if (::mprotect(home, static_cast<size_t>(bytes), PROT_NONE) != 0) return errno;
+  return 0;
+}
+
+// Both calls below act on ranges Create() checked (mapped, private anonymous, page-aligned), so
+// they fail only if the caller unmapped a home (the contract says it must not) or the kernel is
+// out of memory for its own bookkeeping. Going on would break the budget or hand out a chunk
+// that faults, hence abort, as for a failed allocation of an own buffer.
+void ReleaseHome(float* home, int64_t bytes) {
+  const int error = ReleasePages(home, bytes);
+  if (error != 0) {
+    SHOAL_LOG(Error) << "tiered store: releasing the home at " << home << " (" << bytes
+                     << " bytes) failed: " << std::strerror(error);
+    std::abort();
+  }
+}
+
+// The released pages come back as zeros, committed one by one as they are touched.
+void CommitHome(float* home, int64_t bytes) {
+  if (::mprotect(home, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE) != 0) {
+    const int error = errno;
+    SHOAL_LOG(Error) << "tiered store: making the home at " << home << " (" << bytes
+                     << " bytes) accessible failed: " << std::strerror(error);
+    std::abort();
+  }
+}
+
+// [start, end) of this process's private anonymous mappings (anonymous: no backing inode), from
+// /proc/self/maps, adjacent ones merged.
+absl::StatusOr<std::vector<std::pair<uintptr_t, uintptr_t>>> PrivateAnonymousRanges() {
+  std::ifstream maps("/proc/self/maps");
+  if (!maps) return absl::UnavailableError("tiered store: cannot read /proc/self/maps");
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  std::string line;
+  while (std::getline(maps, line)) {
+    uintptr_t start = 0, end = 0;
+    char perms[8] = {};
+    uint64_t inode = 0;
+    if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " %7s %*s %*s %" SCNu64, &start, &end,
+                    perms, &inode) != 4) {
+      continue;
+    }
+    if (perms[3] != 'p' || inode != 0) continue;
+    if (!ranges.empty() && ranges.back().second == start) {
+      ranges.back().second = end;
+    } else {
+      ranges.emplace_back(start, end);
+    }
+  }
+  return ranges;
+}
+
+// The rules for TieredChunkStoreOptions::homes (see there). Why private anonymous memory: only
+// there do released pages read back as zeros and leave the process's memory (a shared mapping
+// keeps them, a file mapping re-reads the file), which is what both the contents and the budget
+// rely on.
+absl::Status CheckHomes(const TieredChunkStoreOptions& o) {
+  const std::vector<float*>& homes = o.homes;
+  const int64_t page = PageBytes();
+  if (static_cast<int64_t>(homes.size()) != o.num_chunks) {
+    return absl::InvalidArgumentError(absl::StrCat("tiered store: homes has ", homes.size(),
+                                                   " entries, one per chunk is needed (",
+                                                   o.num_chunks, ")"));
+  }
+  if (o.chunk_bytes % page != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tiered store: with homes, chunk_bytes (", o.chunk_bytes,
+                     ") must be a multiple of the page size (", page, ")"));
+  }
+  std::vector<std::pair<uintptr_t, int>> sorted;
+  sorted.reserve(homes.size());
+  for (size_t i = 0; i < homes.size(); ++i) {
+    const auto address = reinterpret_cast<uintptr_t>(homes[i]);
+    if (homes[i] == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("tiered store: homes[", i, "] is null"));
+    }
+    if (address % static_cast<uintptr_t>(page) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("tiered store: homes[", i, "] (0x",
+                                                     absl::Hex(address),
+                                                     ") is not aligned to the page size (", page,
+                                                     " bytes)"));
+    }
+    sorted.emplace_back(address, static_cast<int>(i));
+  }
+  std::sort(sorted.begin(), sorted.end());
+  const auto bytes = static_cast<uintptr_t>(o.chunk_bytes);
+  for (size_t k = 1; k < sorted.size(); ++k) {
+    if (sorted[k - 1].first + bytes > sorted[k].first) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tiered store: homes[", sorted[k - 1].second, "] and homes[", sorted[k].second,
+          "] overlap (0x", absl::Hex(sorted[k - 1].first), " and 0x", absl::Hex(sorted[k].first),
+          ", chunk_bytes ", o.chunk_bytes, ")"));
+    }
+  }
+  absl::StatusOr<std::vector<std::pair<uintptr_t, uintptr_t>>> ranges = PrivateAnonymousRanges();
+  if (!ranges.ok()) return Annotate(ranges.status(), "checking homes");
+  for (const auto& [address, i] : sorted) {
+    // The last range starting at or before the home must cover all of it.
+    auto it = std::upper_bound(
+        ranges->begin(), ranges->end(), address,
+        [](uintptr_t a, const std::pair<uintptr_t, uintptr_t>& r) { return a < r.first; });
+    if (it == ranges->begin() || std::prev(it)->second < address + bytes) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tiered store: homes[", i, "] (0x", absl::Hex(address), ", ", o.chunk_bytes,
+          " bytes) is not all in private anonymous memory (mmap MAP_PRIVATE | MAP_ANONYMOUS)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 void TieredChunkStore::BufferDeleter::operator()(float* p) const { std::free(p); }
 
 // One chunk being made resident in `out`. Either a read submitted directly (`direct`: the buffer
 // was free), or a job for the loader thread, which first waits for the write-back of the evicted
-// chunk that still owns the bytes of `out`, then reads or zero-fills.
+// chunk that still owns the bytes of `out`, then reads or zero-fills. In homes mode `out` is the
+// newcomer's own home and the victim's is another: the loader releases the victim's home after
+// its write-back and only then makes `out` accessible (`commit_home`), so that the pages in use
+// never pass the budget; a load into a home whose release is still queued also runs here, behind
+// that release.
 struct TieredChunkStore::LoadJob {
   int chunk = 0;
   float* out = nullptr;
   int64_t bytes = 0;
   uint64_t generation = 0;  // to read; 0: never written, zero-fill
+
+  float* release_home = nullptr;  // homes mode: the victim's home, released after the write
+  bool commit_home = false;       // homes mode: make `out` accessible before filling it
+  bool zeros_free = false;        // `out` reads as zeros already (released pages): no memset
 
   bool direct = false;
   DiskReadHandle read;  // when direct
@@ -132,9 +267,11 @@ class TieredChunkStore::Loader {
       absl::Status write_status;
       if (job->after_write) write_status = job->write_before.Wait().status();
       // The buffer is free once the write has ended, whether or not it succeeded.
+      if (job->release_home != nullptr) ReleaseHome(job->release_home, job->bytes);
+      if (job->commit_home) CommitHome(job->out, job->bytes);
       absl::Status status;
       if (job->generation == 0) {
-        std::memset(job->out, 0, static_cast<size_t>(job->bytes));
+        if (!job->zeros_free) std::memset(job->out, 0, static_cast<size_t>(job->bytes));
       } else {
         status = disk_->Read(job->chunk, job->out, job->bytes, job->generation);
       }
@@ -179,6 +316,7 @@ absl::StatusOr<std::unique_ptr<TieredChunkStore>> TieredChunkStore::Create(
     return absl::InvalidArgumentError(absl::StrCat(
         "tiered store: disk_budget_bytes must be >= 0, got ", options.disk_budget_bytes));
   }
+  if (!options.homes.empty()) SHOAL_RETURN_IF_ERROR(CheckHomes(options));
   DiskTierOptions disk;
   disk.directory = options.disk_directory;
   disk.worker = options.disk_worker;
@@ -195,6 +333,18 @@ absl::StatusOr<std::unique_ptr<TieredChunkStore>> TieredChunkStore::Create(
   std::unique_ptr<TieredChunkStore> store(new TieredChunkStore(options));
   store->disk_ = *std::move(opened);
   store->loader_ = std::make_unique<Loader>(store->disk_.get());
+  if (store->home_mode_) {
+    // Only now that nothing else can fail: a Create() that fails leaves the homes untouched.
+    for (int id = 0; id < options.num_chunks; ++id) {
+      Chunk& c = store->chunks_[id];
+      c.home = options.homes[id];
+      const int error = ReleasePages(c.home, options.chunk_bytes);
+      if (error != 0) {
+        return absl::InvalidArgumentError(absl::StrCat("tiered store: releasing homes[", id,
+                                                       "] failed: ", std::strerror(error)));
+      }
+    }
+  }
   return store;
 }
 
@@ -204,6 +354,7 @@ TieredChunkStore::TieredChunkStore(const TieredChunkStoreOptions& options)
       capacity_(static_cast<int>(
           std::min<int64_t>(options.host_budget_bytes / options.chunk_bytes, options.num_chunks))),
       allocation_observer_(options.allocation_observer),
+      home_mode_(!options.homes.empty()),
       chunks_(options.num_chunks),
       // Create() has checked that the budget holds a chunk, so the capacity is >= 1.
       resident_(*ResidentSet::Create(capacity_)) {}
@@ -212,9 +363,30 @@ TieredChunkStore::~TieredChunkStore() {
   // Every buffer may still be in use by an operation: the loader finishes its queued jobs (each
   // waits for its write-back), the tier drains the direct reads; only then are buffers freed.
   loader_.reset();
+  if (!home_mode_) {
+    disk_.reset();
+    for (Chunk& c : chunks_) {
+      if (c.buffer != nullptr) FreeBuffer(std::move(c.buffer));
+    }
+    return;
+  }
+  // Homes stay with the caller: resident chunks keep their contents; a load that failed left
+  // garbage, so that home is released like the non-resident ones, and all of those become
+  // readable and writable zeros, as the caller's mapping was before Create().
+  for (Chunk& c : chunks_) {
+    if (c.loading && !c.load->Wait().ok()) {
+      ReleaseHome(c.data, chunk_bytes_);
+      c.data = nullptr;
+      UnchargeBuffer();
+    }
+  }
   disk_.reset();
   for (Chunk& c : chunks_) {
-    if (c.buffer != nullptr) FreeBuffer(std::move(c.buffer));
+    if (c.data != nullptr) {
+      UnchargeBuffer();  // no longer the store's
+    } else if (c.home != nullptr) {
+      CommitHome(c.home, chunk_bytes_);
+    }
   }
 }
 
@@ -227,7 +399,7 @@ absl::Status TieredChunkStore::CheckId(int id, const char* what) const {
 }
 
 bool TieredChunkStore::IsResident(int id) const {
-  return id >= 0 && id < num_chunks() && chunks_[id].buffer != nullptr;
+  return id >= 0 && id < num_chunks() && chunks_[id].data != nullptr;
 }
 
 absl::Status TieredChunkStore::SetTrace(absl::Span<const int> trace) {
@@ -268,16 +440,28 @@ int64_t TieredChunkStore::AdvanceMoment(int id) {
   return moment_;
 }
 
-TieredChunkStore::BufferPtr TieredChunkStore::AllocateBuffer() {
-  // The one place a buffer comes into being. The resident set never holds more than capacity_
-  // chunks and every buffer belongs to one of them, so this cannot pass the budget; checked
-  // anyway, because passing it would be a bug here that a caller could not work around.
+void TieredChunkStore::ChargeBuffer() {
+  // The one place a buffer (or a home) is counted in. The resident set never holds more than
+  // capacity_ chunks and every buffer belongs to one of them, so this cannot pass the budget;
+  // checked anyway, because passing it would be a bug here that a caller could not work around.
   if (stats_.resident_bytes + chunk_bytes_ > static_cast<int64_t>(capacity_) * chunk_bytes_) {
     SHOAL_LOG(Error) << "tiered store: allocating a chunk buffer would exceed the host budget of "
                      << host_budget_bytes_ << " bytes (" << stats_.resident_bytes
                      << " bytes held)";
     std::abort();
   }
+  stats_.resident_bytes += chunk_bytes_;
+  stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, stats_.resident_bytes);
+  if (allocation_observer_) allocation_observer_(chunk_bytes_);
+}
+
+void TieredChunkStore::UnchargeBuffer() {
+  stats_.resident_bytes -= chunk_bytes_;
+  if (allocation_observer_) allocation_observer_(-chunk_bytes_);
+}
+
+TieredChunkStore::BufferPtr TieredChunkStore::AllocateBuffer() {
+  ChargeBuffer();
   const size_t size = (static_cast<size_t>(chunk_bytes_) + kBufferAlignment - 1) /
                       kBufferAlignment * kBufferAlignment;
   auto* p = static_cast<float*>(std::aligned_alloc(kBufferAlignment, size));
@@ -285,17 +469,25 @@ TieredChunkStore::BufferPtr TieredChunkStore::AllocateBuffer() {
     SHOAL_LOG(Error) << "tiered store: out of memory allocating " << size << " bytes";
     std::abort();
   }
-  stats_.resident_bytes += chunk_bytes_;
-  stats_.peak_resident_bytes = std::max(stats_.peak_resident_bytes, stats_.resident_bytes);
-  if (allocation_observer_) allocation_observer_(chunk_bytes_);
   return BufferPtr(p);
 }
 
 void TieredChunkStore::FreeBuffer(BufferPtr buffer) {
   if (buffer == nullptr) return;
   buffer.reset();
-  stats_.resident_bytes -= chunk_bytes_;
-  if (allocation_observer_) allocation_observer_(-chunk_bytes_);
+  UnchargeBuffer();
+}
+
+void TieredChunkStore::FreeChunkBuffer(int id) {
+  Chunk& c = chunks_[id];
+  if (c.data == nullptr) return;
+  c.data = nullptr;
+  if (home_mode_) {
+    ReleaseHome(c.home, chunk_bytes_);
+    UnchargeBuffer();
+  } else {
+    FreeBuffer(std::move(c.buffer));
+  }
 }
 
 void TieredChunkStore::NoteError(const absl::Status& status) {
@@ -323,18 +515,29 @@ absl::Status TieredChunkStore::StartLoad(int id, int64_t moment) {
   job->chunk = id;
   job->bytes = chunk_bytes_;
   job->generation = c.generation;
+  // Homes mode: this chunk's home may still be waiting for its release after an earlier eviction
+  // (its write-back in flight). Then this load goes to the loader too, which runs jobs in order,
+  // so that the release happens before the home is made accessible again, not after.
+  bool behind_release = false;
+  if (c.home_release != nullptr) {
+    behind_release = !c.home_release->Done();
+    c.home_release.reset();
+  }
   if (evicted->has_value()) {
-    // The newcomer takes the victim's buffer, so the number of buffers does not change: this is
-    // what keeps write-backs in flight inside the budget.
+    // The newcomer takes the victim's buffer (or, with homes, its place in the budget), so the
+    // number of buffers does not change: this is what keeps write-backs in flight inside the
+    // budget.
     const int v = **evicted;
     Chunk& victim = chunks_[v];
     ++stats_.evictions;
-    c.buffer = std::move(victim.buffer);
+    float* const victim_data = victim.data;
+    victim.data = nullptr;
+    if (!home_mode_) c.buffer = std::move(victim.buffer);
     if (victim.prefetched) ++stats_.prefetches_wasted;
     victim.prefetched = false;
     if (victim.dirty) {
       const uint64_t before = victim.generation;
-      job->write_before = disk_->WriteAsync(v, c.buffer.get(), chunk_bytes_);
+      job->write_before = disk_->WriteAsync(v, victim_data, chunk_bytes_);
       // The tier numbers a write when it is submitted; a later read of v names this generation
       // and, being queued behind this write on chunk v, sees its bytes.
       victim.generation = disk_->generation(v);
@@ -350,22 +553,46 @@ absl::Status TieredChunkStore::StartLoad(int id, int64_t moment) {
                                 absl::StrCat("writing back chunk ", v));
         NoteError(victim.error);
       }
+      if (home_mode_) {
+        // The victim's pages leave only once written; `id`'s home is filled after that.
+        job->release_home = victim_data;
+        victim.home_release = job;
+      }
+    } else if (home_mode_) {
+      // Nothing to write: the victim's pages leave now, and `id` proceeds as into a free slot.
+      ReleaseHome(victim_data, chunk_bytes_);
+      UnchargeBuffer();
+      ChargeBuffer();
     }
+  } else if (home_mode_) {
+    ChargeBuffer();
   } else {
     c.buffer = AllocateBuffer();
   }
-  job->out = c.buffer.get();
+  c.data = home_mode_ ? c.home : c.buffer.get();
+  job->out = c.data;
+  const bool on_loader = job->after_write || behind_release;
+  if (home_mode_) {
+    // Every home not in use has been released (at Create, eviction, Discard or a failed load),
+    // so it reads as zeros once accessible.
+    job->zeros_free = true;
+    if (on_loader) {
+      job->commit_home = true;
+    } else {
+      CommitHome(c.home, chunk_bytes_);
+    }
+  }
 
-  if (!job->after_write && job->generation == 0) {
+  if (!on_loader && job->generation == 0) {
     // Never written: zeros, no disk, nothing in flight.
-    std::memset(job->out, 0, static_cast<size_t>(chunk_bytes_));
+    if (!job->zeros_free) std::memset(job->out, 0, static_cast<size_t>(chunk_bytes_));
     ++stats_.zero_fills;
     return absl::OkStatus();
   }
   // Pinned while loading, so that no other load evicts a buffer an operation is filling.
   c.loading = true;
   (void)resident_.Pin(id);
-  if (job->after_write) {
+  if (on_loader) {
     loader_->Submit(job);
   } else {
     job->direct = true;
@@ -391,13 +618,13 @@ absl::Status TieredChunkStore::FinishLoad(int id) {
         Annotate(job->write_status, absl::StrCat("writing back chunk ", job->write_chunk));
     NoteError(lost);
     Chunk& victim = chunks_[job->write_chunk];
-    if (victim.buffer == nullptr && victim.generation == job->write_generation) {
+    if (victim.data == nullptr && victim.generation == job->write_generation) {
       victim.error = lost;
     }
   }
   if (!status.ok()) {
     DropFromResidentSet(id);
-    FreeBuffer(std::move(c.buffer));
+    FreeChunkBuffer(id);
     c.prefetched = false;
     return Annotate(status, absl::StrCat("loading chunk ", id));
   }
@@ -469,7 +696,7 @@ absl::StatusOr<float*> TieredChunkStore::Acquire(int id) {
   c.prefetched = false;
   (void)resident_.Pin(id);
   ++c.caller_pins;
-  return c.buffer.get();
+  return c.data;
 }
 
 absl::Status TieredChunkStore::Release(int id, bool dirty) {
@@ -503,6 +730,34 @@ absl::Status TieredChunkStore::Prefetch(int id) {
   return absl::OkStatus();
 }
 
+absl::Status TieredChunkStore::Discard(int id) {
+  SHOAL_RETURN_IF_ERROR(CheckId(id, "discard"));
+  ReapLoads();
+  Chunk& c = chunks_[id];
+  if (c.caller_pins > 0) {
+    return absl::FailedPreconditionError(absl::StrCat("tiered store: discard of chunk ", id,
+                                                      ", which is acquired (", c.caller_pins,
+                                                      " pin(s))"));
+  }
+  // A load in flight owns the buffer until it ends. Its outcome does not matter: whatever it
+  // read is dropped, and a failure leaves the chunk absent already.
+  if (c.loading) (void)FinishLoad(id);
+  if (c.data != nullptr) {
+    DropFromResidentSet(id);
+    FreeChunkBuffer(id);
+  }
+  // Never written again. A write-back still in flight from an earlier eviction may complete; its
+  // generation is simply no longer named (and its failure no longer matters to this chunk). With
+  // homes, a release of this home still queued stays in c.home_release, which the next load
+  // waits behind.
+  c.dirty = false;
+  c.generation = 0;
+  c.prefetched = false;
+  c.error = absl::OkStatus();
+  ++stats_.discards;
+  return absl::OkStatus();
+}
+
 absl::Status TieredChunkStore::Flush() {
   while (!in_flight_.empty()) {
     const int id = in_flight_.front();
@@ -512,8 +767,8 @@ absl::Status TieredChunkStore::Flush() {
   std::vector<std::pair<int, DiskWriteHandle>> writes;
   for (int id = 0; id < num_chunks(); ++id) {
     Chunk& c = chunks_[id];
-    if (c.buffer == nullptr || !c.dirty) continue;
-    writes.emplace_back(id, disk_->WriteAsync(id, c.buffer.get(), chunk_bytes_));
+    if (c.data == nullptr || !c.dirty) continue;
+    writes.emplace_back(id, disk_->WriteAsync(id, c.data, chunk_bytes_));
     c.generation = disk_->generation(id);
     c.dirty = false;
     ++stats_.write_backs;
@@ -546,8 +801,8 @@ absl::Status TieredChunkStore::Read(int id, absl::Span<float> out) {
     absl::Status loaded = FinishLoad(id);
     if (!loaded.ok()) return loaded;
   }
-  if (c.buffer != nullptr) {
-    std::memcpy(out.data(), c.buffer.get(), static_cast<size_t>(chunk_bytes_));
+  if (c.data != nullptr) {
+    std::memcpy(out.data(), c.data, static_cast<size_t>(chunk_bytes_));
     return absl::OkStatus();
   }
   if (!c.error.ok()) return c.error;
@@ -573,8 +828,8 @@ absl::Status TieredChunkStore::Write(int id, absl::Span<const float> in) {
   // A failed load leaves the chunk absent, and the write below replaces what it could not read.
   if (c.loading) (void)FinishLoad(id);
   c.error = absl::OkStatus();
-  if (c.buffer != nullptr) {
-    std::memcpy(c.buffer.get(), in.data(), static_cast<size_t>(chunk_bytes_));
+  if (c.data != nullptr) {
+    std::memcpy(c.data, in.data(), static_cast<size_t>(chunk_bytes_));
     c.dirty = true;
     return absl::OkStatus();
   }
@@ -593,13 +848,13 @@ absl::Status TieredChunkStore::ForEachChunk(
     if (!c.error.ok()) return c.error;
     if (c.loading) {
       SHOAL_RETURN_IF_ERROR(FinishLoad(id));
-    } else if (c.buffer == nullptr) {
+    } else if (c.data == nullptr) {
       SHOAL_RETURN_IF_ERROR(AcquireAt(id, moment_));
     }
     // Nothing else runs on the caller's thread during the visit, so the chunk stays resident
     // without a pin.
-    SHOAL_RETURN_IF_ERROR(visit(id, absl::Span<const float>(c.buffer.get(),
-                                                            static_cast<size_t>(chunk_elements()))));
+    SHOAL_RETURN_IF_ERROR(
+        visit(id, absl::Span<const float>(c.data, static_cast<size_t>(chunk_elements()))));
   }
   return absl::OkStatus();
 }

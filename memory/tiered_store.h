@@ -27,12 +27,14 @@
 // later. Every disk write gets a new generation from the DiskTier, which the store keeps per chunk
 // and names when reading, so a read always returns the latest data written for that chunk (the
 // DiskTier runs operations on one chunk in submission order) and a damaged or stale slot fails
-// with kDataLoss instead of returning wrong bytes.
+// with kDataLoss instead of returning wrong bytes. Discard() makes a chunk never-written again
+// (counted in `discards`): its resident copy is dropped without a write-back and its slot is no
+// longer referenced.
 //
 // Blocking. Acquire() blocks until the chunk is resident (waiting for its prefetch, or loading it
 // now, behind any write-back of the buffer it takes). Prefetch() and Release() never wait for I/O.
-// Flush(), Read()/Write() of a non-resident chunk, ForEachChunk() and the destructor (which waits
-// for outstanding I/O) block.
+// Flush(), Read()/Write() of a non-resident chunk, Discard() of a chunk being loaded,
+// ForEachChunk() and the destructor (which waits for outstanding I/O) block.
 //
 // Thread safety: one caller thread. The public methods must not be called concurrently (they
 // share the resident set, the policy and the counters without locks); I/O runs on the DiskTier's
@@ -63,6 +65,23 @@ struct TieredChunkStoreOptions {
   int disk_worker = 0;             // names the file: shoal-disk-tier-<worker>.bin
   DiskIoBackend disk_backend = DiskIoBackend::kAuto;
   int disk_io_threads = 2;         // DiskTier thread pool (kThreadPool or the kAuto fallback)
+  // Fixed homes (the chunk manager's parameters and gradients, which the model uses as views at
+  // fixed addresses). Empty: the store allocates its own buffers, as described above. Otherwise
+  // exactly num_chunks entries: chunk i lives at homes[i], chunk_bytes long, page-aligned (and
+  // chunk_bytes a multiple of the page size), no two overlapping, in anonymous memory the caller
+  // mapped (mmap) and keeps mapped for the store's lifetime; Create() checks all of that, private
+  // anonymous mappings (MAP_PRIVATE | MAP_ANONYMOUS) included, because only there do released
+  // pages read back as zeros and leave memory. Create() discards what the homes held: every
+  // chunk starts never-written (zeros). A resident chunk's pages hold its contents; a chunk that
+  // is not resident has its pages released (madvise MADV_DONTNEED: they leave RSS) and protected
+  // (PROT_NONE), so a stray access faults instead of reading zeros. "A buffer" in the
+  // budget rule above is then a resident home: a victim's write-back runs from its own home,
+  // and the newcomer's pages are made accessible and filled only after the victim's pages are
+  // released (on the loader thread, as the buffer hand-over is), so the committed homes never
+  // exceed the capacity either (allocation_observer and stats count homes made accessible as
+  // buffers). The destructor leaves resident chunks' contents in place and makes every other
+  // home readable zeros again.
+  std::vector<float*> homes;
   // Called on the caller's thread whenever the store allocates (+chunk_bytes) or frees
   // (-chunk_bytes) a chunk buffer, before the buffer is used / after it is no longer used; for
   // tests and a memory profiler that account for allocations independently of the counters.
@@ -85,6 +104,7 @@ struct TieredChunkStoreStats {
   int64_t write_backs = 0;          // dirty chunks written to disk (eviction or Flush)
   int64_t bytes_read = 0;           // chunk payload bytes read from disk (Read() included)
   int64_t bytes_written = 0;        // chunk payload bytes written to disk (Write() included)
+  int64_t discards = 0;             // Discard() calls (resident or not)
   double acquire_wait_seconds = 0;  // time Acquire() blocked on loads and write-backs
 };
 
@@ -127,6 +147,12 @@ class TieredChunkStore {
   // load failure is reported by the Acquire that follows.
   absl::Status Prefetch(int id);
 
+  // Forgets chunk `id`'s contents without any I/O: it reads as zeros again, as if never written
+  // (gradients after an optimizer step). A resident copy is dropped (its buffer freed, or its
+  // home released), an in-flight prefetch is waited for first, its disk slot's data is no longer
+  // referenced. Errors: kOutOfRange for a bad id; kFailedPrecondition if it is pinned.
+  absl::Status Discard(int id);
+
   // Writes every dirty chunk (pinned ones included, with their contents as of now) to disk and
   // waits for all outstanding I/O, so that the disk tier holds every chunk's latest released
   // contents. Returns the first error of those writes or of earlier write-backs not yet reported.
@@ -165,7 +191,12 @@ class TieredChunkStore {
   using BufferPtr = std::unique_ptr<float[], BufferDeleter>;
 
   struct Chunk {
-    BufferPtr buffer;               // set while resident or loading
+    BufferPtr buffer;               // own buffers: set while resident or loading
+    float* data = nullptr;          // the payload while resident or loading (buffer or home)
+    float* home = nullptr;          // homes mode: its fixed address
+    // Homes mode: the loader job that releases this chunk's home after its eviction's write-back,
+    // while that may still be queued; a load of the chunk must then run after it, on the loader.
+    std::shared_ptr<LoadJob> home_release;
     std::shared_ptr<LoadJob> load;  // set while loading
     bool loading = false;
     bool prefetched = false;        // made resident by Prefetch and not yet acquired
@@ -196,12 +227,19 @@ class TieredChunkStore {
   void DropFromResidentSet(int id);
   BufferPtr AllocateBuffer();
   void FreeBuffer(BufferPtr buffer);
+  // Budget accounting of one buffer (own or home) coming into use / going out of use: the
+  // counters and the allocation observer. ChargeBuffer aborts if the budget would be passed.
+  void ChargeBuffer();
+  void UnchargeBuffer();
+  // Frees chunk `id`'s buffer, or releases its home, with the accounting; nothing if it has none.
+  void FreeChunkBuffer(int id);
   void NoteError(const absl::Status& status);
 
   int64_t chunk_bytes_;
   int64_t host_budget_bytes_;
   int capacity_;
   std::function<void(int64_t)> allocation_observer_;
+  bool home_mode_ = false;  // options.homes given: chunks live at fixed addresses
 
   std::vector<Chunk> chunks_;
   ResidentSet resident_;

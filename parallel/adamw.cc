@@ -48,8 +48,14 @@ double SumSquares(const float* g, int64_t n) {
 
 }  // namespace
 
+double BlockSumSquares(const float* g, int64_t n) { return SumSquares(g, n); }
+
 double GlobalL2Norm(const std::vector<at::Tensor>& flats) {
-  double total = 0;
+  return std::sqrt(GlobalSumSquares(flats, 0.0));
+}
+
+double GlobalSumSquares(const std::vector<at::Tensor>& flats, double start) {
+  double total = start;
   for (const at::Tensor& t : flats) {
     const float* g = t.data_ptr<float>();
     const int64_t n = t.numel();
@@ -63,7 +69,7 @@ double GlobalL2Norm(const std::vector<at::Tensor>& flats) {
     });
     for (double s : partial) total += s;  // fixed order: independent of the thread count
   }
-  return std::sqrt(total);
+  return total;
 }
 
 double ClipScale(double norm, double max_norm) {
@@ -81,6 +87,8 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard,
                 groups_[g].params->numel(), " elements cannot be split into ", shard_.count,
                 " shards");
   }
+  TORCH_CHECK(offload_.residency == nullptr || offload_.host_budget_bytes > 0,
+              "AdamW: paged parameters need the moments offloaded too");
   if (offload_.host_budget_bytes <= 0) {
     for (size_t g = 0; g < groups_.size(); ++g) {
       exp_avg_.push_back(at::zeros({ShardSize(static_cast<int>(g))}, at::kFloat));
@@ -151,16 +159,22 @@ void AdamW::Step(double lr, double grad_scale) {
     }
     return;
   }
+  RangeResidency* paged = offload_.residency;
+  auto is_paged = [&](const MomentChunk& ch) { return paged != nullptr && paged->Paged(ch.group); };
   for (size_t c = 0; c < chunks_.size(); ++c) {
     const int id = static_cast<int>(c);
+    const MomentChunk& ch = chunks_[c];
     if (c + 1 < chunks_.size()) {
       const absl::Status hinted = store_->Prefetch(id + 1);
       TORCH_CHECK(hinted.ok(), "AdamW moment offload: ", hinted.ToString());
+      const MomentChunk& next = chunks_[c + 1];
+      if (is_paged(next)) paged->Prefetch(next.group, next.begin, next.count);
     }
     absl::StatusOr<float*> moments = store_->Acquire(id);
     TORCH_CHECK(moments.ok(), "AdamW moment offload: ", moments.status().ToString());
-    const MomentChunk& ch = chunks_[c];
+    if (is_paged(ch)) paged->Acquire(ch.group, ch.begin, ch.count);
     update(ch.group, ch.begin, ch.count, *moments, *moments + offload_.chunk_elements);
+    if (is_paged(ch)) paged->Release(ch.group, ch.begin, ch.count);
     const absl::Status released = store_->Release(id, /*dirty=*/true);
     TORCH_CHECK(released.ok(), "AdamW moment offload: ", released.ToString());
   }

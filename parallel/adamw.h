@@ -50,8 +50,29 @@ struct Shard {
 };
 
 // sqrt(sum of squares) over the given flat gradient buffers, accumulated in double over fixed
-// 4096-element blocks so the result does not depend on the thread count.
+// kNormBlockElements-element blocks so the result does not depend on the thread count.
 double GlobalL2Norm(const std::vector<at::Tensor>& flats);
+inline constexpr int64_t kNormBlockElements = 4096;
+// The parts of it, for gradients that are never all in RAM at once: the sum of squares of one
+// block (elements [0, n), n <= kNormBlockElements), and the sum over the blocks of `flats`, in
+// order, added one by one to `start` (the running sum over earlier buffers' blocks, in order):
+// GlobalL2Norm(f) == sqrt(GlobalSumSquares(f, 0)) exactly.
+double BlockSumSquares(const float* g, int64_t n);
+double GlobalSumSquares(const std::vector<at::Tensor>& flats, double start);
+
+// Parameters and gradients that are themselves paged (runtime/model_pager): Step() brackets the
+// update of each moment chunk's range of a paged group with Acquire and Release, so that the
+// range's parameters and gradients are resident, and hints the next range with Prefetch. The
+// calls may throw c10::Error. Release means the range's parameters changed and its gradients are
+// consumed.
+class RangeResidency {
+ public:
+  virtual ~RangeResidency() = default;
+  virtual bool Paged(int group) const = 0;
+  virtual void Prefetch(int group, int64_t begin, int64_t count) = 0;
+  virtual void Acquire(int group, int64_t begin, int64_t count) = 0;
+  virtual void Release(int group, int64_t begin, int64_t count) = 0;
+};
 
 // The factor torch.nn.utils.clip_grad_norm_ applies: min(1, max_norm / (norm + 1e-6));
 // 1 when max_norm <= 0 (clipping off).
@@ -68,6 +89,9 @@ struct MomentOffload {
   int64_t disk_budget_bytes = 0;  // 0: what the slots need
   int64_t chunk_elements = 1 << 18;
   int worker = 0;                 // names the disk file (one per worker)
+  // Paged parameters and gradients (not owned): chunk_elements is then the pager's chunk
+  // capacity, so that each moment chunk of a paged group covers exactly one chunk of them.
+  RangeResidency* residency = nullptr;
 };
 
 class AdamW {

@@ -85,6 +85,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(parallel, stages, Kind::kIntList),
       SHOAL_FIELD(parallel, schedule, Kind::kString),
       SHOAL_FIELD(parallel, virtual_stages, Kind::kInt),
+      SHOAL_FIELD(memory, device_budget, Kind::kString),
       SHOAL_FIELD(memory, host_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_path, Kind::kString),
@@ -660,7 +661,8 @@ absl::Status ValidateConfig(const Config& c) {
                          c.parallel.tp, " and parallel.pp = ", c.parallel.pp, ")"));
   }
 
-  for (const auto& [key, value] : {std::make_pair("memory.host_budget", &c.memory.host_budget),
+  for (const auto& [key, value] : {std::make_pair("memory.device_budget", &c.memory.device_budget),
+                                   std::make_pair("memory.host_budget", &c.memory.host_budget),
                                    std::make_pair("memory.disk_budget", &c.memory.disk_budget)}) {
     if (value->empty()) continue;
     absl::StatusOr<int64_t> bytes = ParseByteSize(*value, key);

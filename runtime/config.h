@@ -89,6 +89,7 @@ struct ParallelConfig {
 // whose layout solver plans within them (a small budget makes it split the model over more
 // pipeline stages); the chunk manager will hold the process to them.
 struct MemoryConfig {
+  std::string device_budget;       // CUDA device memory (a worker without one has no such tier)
   std::string host_budget;         // host RAM
   std::string disk_budget;         // the disk tier (under train.out_dir)
   // Where the disk tier's file goes. With host_budget too small for the model states, the AdamW

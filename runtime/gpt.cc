@@ -473,8 +473,8 @@ void PlaceShard(const at::Tensor& local, const ShardSpec& spec, at::Tensor& full
   }
 }
 
-Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple)
-    : Gpt(config, seed, 0, config.n_layer + 2, pad_multiple, TensorParallel{}) {}
+Gpt::Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple, StatePager* pager)
+    : Gpt(config, seed, 0, config.n_layer + 2, pad_multiple, TensorParallel{}, pager) {}
 
 absl::StatusOr<std::unique_ptr<Gpt>> Gpt::CreateStage(const ModelConfig& config, uint64_t seed,
                                                       int first_piece, int end_piece,
@@ -509,8 +509,8 @@ absl::StatusOr<std::unique_ptr<Gpt>> Gpt::CreateStage(const ModelConfig& config,
 }
 
 Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
-         int64_t pad_multiple, const TensorParallel& tp)
-    : config_(config), first_piece_(first_piece), end_piece_(end_piece), tp_(tp) {
+         int64_t pad_multiple, const TensorParallel& tp, StatePager* pager)
+    : config_(config), first_piece_(first_piece), end_piece_(end_piece), tp_(tp), pager_(pager) {
   if (tp_.group != nullptr && tp_.group->size() == 1) tp_.group = nullptr;  // same as none
   if (tp_.group != nullptr) {
     tp_rank_ = tp_.group->rank();
@@ -535,9 +535,40 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
     names_.push_back(s.name);
     piece_params_[piece - first_piece].push_back(where_.back());
   }
-  for (int g = 0; g < 2; ++g) {
-    params_[g].Allocate(pad_multiple);
-    grads_[g] = params_[g].MakeLike();
+  if (pager_ != nullptr) {
+    TORCH_CHECK(first_piece == 0 && end_piece == head + 1 && tp_size_ == 1,
+                "a paged model is the whole model, without tensor parallelism");
+    // Per piece, the decay tensors it is the first to use (the chunk groups), and all it uses:
+    // the head multiplies by the tied wte.
+    std::vector<std::vector<int>> uses(head + 1);
+    std::vector<memory::ChunkGroup> groups;
+    page_piece_.assign(names_.size(), -1);
+    for (size_t k = 0; k < where_.size(); ++k) {
+      if (where_[k].first != kDecay) continue;
+      const int piece = OwnerPiece(names_[k], config.n_layer);
+      page_piece_[k] = piece;
+      if (uses[piece].empty()) groups.emplace_back();
+      uses[piece].push_back(where_[k].second);
+      const memory::FlatBuffer::Entry& e = params_[kDecay].entries()[where_[k].second];
+      groups.back().push_back({e.name, e.numel});
+    }
+    uses[head].push_back(params_[kDecay].Find("wte.weight"));
+    const memory::ChunkLayout layout = pager_->Layout(groups);
+    const absl::Status laid = params_[kDecay].ApplyChunkLayout(layout);
+    TORCH_CHECK(laid.ok(), laid.ToString());
+    params_[kDecay].AllocateMapped(pad_multiple);
+    TORCH_CHECK(params_[kDecay].numel() == layout.num_chunks() * layout.capacity(),
+                "paged model: chunk capacity ", layout.capacity(),
+                " is not a multiple of the padding ", pad_multiple);
+    params_[kNoDecay].Allocate(pad_multiple);
+    grads_[kDecay] = params_[kDecay].MakeLike();
+    grads_[kNoDecay] = params_[kNoDecay].MakeLike();
+    pager_->Attach(&params_[kDecay], &grads_[kDecay], std::move(uses));
+  } else {
+    for (int g = 0; g < 2; ++g) {
+      params_[g].Allocate(pad_multiple);
+      grads_[g] = params_[g].MakeLike();
+    }
   }
   // The full model draws every normal parameter, in declaration order, from one generator. A
   // stage replays that sequence: a parameter it does not hold is drawn into scratch of the same
@@ -550,6 +581,7 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   at::Tensor scratch;
   size_t k = 0;  // index into where_ of the next kept parameter
+  int writing = -1;  // paged: the piece whose chunks are open for writing
   for (size_t i = 0; i < specs.size(); ++i) {
     if (!kept[i]) {
       if (i < last_draw && specs[i].init == ParamSpec::Init::kNormal) {
@@ -557,6 +589,11 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
         scratch.normal_(0.0, specs[i].std, gen);
       }
       continue;
+    }
+    if (pager_ != nullptr && page_piece_[k] >= 0 && page_piece_[k] != writing) {
+      if (writing >= 0) pager_->End(writing, StatePager::Pass::kWrite);
+      writing = page_piece_[k];
+      pager_->Begin(writing, StatePager::Pass::kWrite);
     }
     at::Tensor v = params_[where_[k].first].View(where_[k].second);
     const ShardSpec& shard = shard_specs_[k];
@@ -575,6 +612,7 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
       case ParamSpec::Init::kZeros: v.zero_(); break;
     }
   }
+  if (writing >= 0) pager_->End(writing, StatePager::Pass::kWrite);
   const int64_t v_begin = VocabBegin(config.vocab_size, tp_rank_, tp_size_);
   if (first_piece == 0) {
     pieces_.push_back(std::make_unique<EmbeddingPiece>(
@@ -616,15 +654,31 @@ double Gpt::ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets,
   TORCH_CHECK(is_full_model(), "ForwardBackward needs the full model; a stage uses StageForward");
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
-  for (auto& piece : pieces_) x = piece->Forward(x, mb);
+  for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   const double loss = x.item<double>();
   loss_grad_.fill_(static_cast<double>(loss_scale));
   at::Tensor g = loss_grad_;
   for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) {
-    g = pieces_[p]->Backward(g);
+    g = RunBackward(p, g, 0);
     if (on_piece_done) on_piece_done(p);
   }
   return loss;
+}
+
+at::Tensor Gpt::RunForward(int p, const at::Tensor& x, const MicroBatch& mb) {
+  if (pager_ == nullptr) return pieces_[p]->Forward(x, mb);
+  pager_->Begin(p, StatePager::Pass::kForward);
+  at::Tensor y = pieces_[p]->Forward(x, mb);
+  pager_->End(p, StatePager::Pass::kForward);
+  return y;
+}
+
+at::Tensor Gpt::RunBackward(int p, const at::Tensor& g, int slot) {
+  if (pager_ == nullptr) return pieces_[p]->Backward(g, slot);
+  pager_->Begin(p, StatePager::Pass::kBackward);
+  at::Tensor dx = pieces_[p]->Backward(g, slot);
+  pager_->End(p, StatePager::Pass::kBackward);
+  return dx;
 }
 
 at::Tensor Gpt::StageForward(const at::Tensor& input, const MicroBatch& mb) {
@@ -645,7 +699,7 @@ at::Tensor Gpt::StageForward(const at::Tensor& input, const MicroBatch& mb) {
     x = input.view({B * T, C});
   }
   TORCH_CHECK(!has_head() || mb.targets != nullptr, "the last stage needs the targets");
-  for (auto& piece : pieces_) x = piece->Forward(x, mb);
+  for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   if (static_cast<size_t>(mb.slot) >= slot_shapes_.size()) slot_shapes_.resize(mb.slot + 1);
   slot_shapes_[mb.slot] = {B, T};
   if (has_head()) return x;
@@ -674,7 +728,7 @@ at::Tensor Gpt::StageBackward(const at::Tensor& grad_output, float loss_scale, i
                 T, ", ", C, ") output gradient for slot ", slot);
     g = grad_output.view({B * T, C});
   }
-  for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) g = pieces_[p]->Backward(g, slot);
+  for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) g = RunBackward(p, g, slot);
   if (has_embedding()) return at::Tensor();
   return g.view({B, T, C});
 }
@@ -696,7 +750,7 @@ double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {
   TORCH_CHECK(is_full_model(), "Loss needs the full model");
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
-  for (auto& piece : pieces_) x = piece->Forward(x, mb);
+  for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   return x.item<double>();
 }
 
@@ -706,24 +760,36 @@ at::Tensor Gpt::Logits(const at::Tensor& tokens) {
               "): each rank holds a slice of the vocabulary");
   MicroBatch mb{nullptr, tokens.size(0), tokens.size(1)};
   at::Tensor x = tokens;
-  for (auto& piece : pieces_) x = piece->Forward(x, mb);
+  for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   return x.view({mb.batch, mb.seq, config_.vocab_size}).clone();
 }
 
 void Gpt::ZeroGrad() {
-  grads_[0].flat().zero_();
-  grads_[1].flat().zero_();
+  if (pager_ != nullptr) {
+    pager_->ZeroGrads();
+  } else {
+    grads_[kDecay].flat().zero_();
+  }
+  grads_[kNoDecay].flat().zero_();
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Gpt::NamedParameters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (size_t i = 0; i < names_.size(); ++i) {
-    out.emplace_back(names_[i], params_[where_[i].first].View(where_[i].second));
+    at::Tensor v = params_[where_[i].first].View(where_[i].second);
+    if (pager_ != nullptr && page_piece_[i] >= 0) {
+      // Paged: a copy, read while its chunk is resident.
+      pager_->Begin(page_piece_[i], StatePager::Pass::kRead);
+      v = v.clone();
+      pager_->End(page_piece_[i], StatePager::Pass::kRead);
+    }
+    out.emplace_back(names_[i], std::move(v));
   }
   return out;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Gpt::NamedGradients() const {
+  TORCH_CHECK(pager_ == nullptr, "NamedGradients of a paged model");
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (size_t i = 0; i < names_.size(); ++i) {
     out.emplace_back(names_[i], grads_[where_[i].first].View(where_[i].second));
@@ -738,10 +804,9 @@ std::vector<ShardSpec> Gpt::ShardSpecs() const { return shard_specs_; }
 
 absl::Status Gpt::LoadParameters(const std::vector<std::pair<std::string, at::Tensor>>& named) {
   std::map<std::string, at::Tensor> by_name(named.begin(), named.end());
-  const std::vector<std::pair<std::string, at::Tensor>> params = NamedParameters();
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;  // (local view, model-wide source)
-  for (size_t i = 0; i < params.size(); ++i) {
-    const std::string& name = params[i].first;
+  for (size_t i = 0; i < names_.size(); ++i) {
+    const std::string& name = names_[i];
     const at::IntArrayRef full_shape(shard_specs_[i].full_shape);
     auto it = by_name.find(name);
     if (it == by_name.end()) return absl::DataLossError(absl::StrCat("missing tensor ", name));
@@ -752,18 +817,23 @@ absl::Status Gpt::LoadParameters(const std::vector<std::pair<std::string, at::Te
           " float32", tp_size_ > 1 ? " (model-wide; this tensor-parallel rank keeps its slice)"
                                    : ""));
     }
-    copies.emplace_back(params[i].second, it->second);
+    copies.emplace_back(params_[where_[i].first].View(where_[i].second), it->second);
   }
   for (size_t i = 0; i < copies.size(); ++i) {
     const ShardSpec& spec = shard_specs_[i];
+    const bool paged = pager_ != nullptr && page_piece_[i] >= 0;
+    if (paged) pager_->Begin(page_piece_[i], StatePager::Pass::kWrite);
     copies[i].first.copy_(spec.dim < 0 ? copies[i].second : SliceShard(copies[i].second, spec));
+    if (paged) pager_->End(page_piece_[i], StatePager::Pass::kWrite);
   }
   return absl::OkStatus();
 }
 
 int64_t Gpt::NumParameters() const {
   int64_t n = 0;
-  for (const auto& [name, t] : NamedParameters()) n += t.numel();
+  for (int g : {kDecay, kNoDecay}) {
+    for (const memory::FlatBuffer::Entry& e : params_[g].entries()) n += e.numel;
+  }
   return n;
 }
 

@@ -119,6 +119,35 @@ struct TensorParallel {
   absl::Duration timeout = absl::Seconds(60);  // of each collective
 };
 
+// Paged parameters and gradients (issue 7; implemented by runtime/model_pager). With a pager, the
+// decay group's parameters and gradients are laid out in equal chunks, in mapped flat buffers, and
+// a chunk may be absent from RAM (on disk) whenever no pass needs it: the model brackets every
+// piece's pass, and every other touch of a decay tensor, with Begin/End so that the pager makes
+// what the piece uses resident. The pager's calls may throw c10::Error (a disk failure), which
+// propagates out of the model's methods like a failed collective does.
+class StatePager {
+ public:
+  enum class Pass {
+    kWrite,     // parameters written outside training (initialisation, LoadParameters)
+    kRead,      // parameters read outside training (NamedParameters)
+    kForward,   // parameters read
+    kBackward,  // parameters read, gradients added to
+  };
+  virtual ~StatePager() = default;
+  // From the constructor, once the parameters are declared: the layout of the decay group's
+  // tensors in chunks, for these groups (per piece, the decay tensors it is the first to use; in
+  // piece order).
+  virtual memory::ChunkLayout Layout(const std::vector<memory::ChunkGroup>& groups) = 0;
+  // Then, with the buffers allocated (mapped) in that layout and before anything is written:
+  // `piece_entries[p]` lists the entries of `params` (and `grads`) that piece p uses.
+  virtual void Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
+                      std::vector<std::vector<int>> piece_entries) = 0;
+  virtual void Begin(int piece, Pass pass) = 0;
+  virtual void End(int piece, Pass pass) = 0;
+  // ZeroGrad: every decay gradient is zero again.
+  virtual void ZeroGrads() = 0;
+};
+
 class Gpt {
  public:
   // Lays out and initialises the parameters: GPT-2 init, N(0, 0.02) for weights and embeddings,
@@ -126,7 +155,9 @@ class Gpt {
   // unit LayerNorm gains; drawn from a generator seeded with `seed`, in declaration order.
   // `pad_multiple`: each flat buffer's size is rounded up to a multiple of it (the data-parallel
   // group size, so ZeRO-1 shards are equal).
-  Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple = 1);
+  // With `pager` (not owned; outlives the model): the decay group is paged (see StatePager).
+  Gpt(const ModelConfig& config, uint64_t seed, int64_t pad_multiple = 1,
+      StatePager* pager = nullptr);
   ~Gpt();
 
   // A pipeline stage: pieces [first_piece, end_piece) of the full model (piece 0 = embedding,
@@ -183,7 +214,8 @@ class Gpt {
   static constexpr int kDecay = 0;
   static constexpr int kNoDecay = 1;
 
-  // All parameters (or their gradients) by name, in declaration order; views.
+  // All parameters (or their gradients) by name, in declaration order; views (copies, read
+  // through the pager, when the model is paged: then NamedGradients is not available).
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
   std::vector<std::pair<std::string, at::Tensor>> NamedGradients() const;
   // For each of NamedParameters(), in the same order: how it relates to the model-wide tensor.
@@ -224,13 +256,20 @@ class Gpt {
  private:
   // `tp`: already validated (its size divides n_head); a null group or one of size 1 is none.
   Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piece,
-      int64_t pad_multiple, const TensorParallel& tp);
+      int64_t pad_multiple, const TensorParallel& tp, StatePager* pager = nullptr);
+  // Runs piece p's pass between the pager's Begin and End (directly without a pager).
+  at::Tensor RunForward(int p, const at::Tensor& x, const MicroBatch& mb);
+  at::Tensor RunBackward(int p, const at::Tensor& g, int slot);
   Param Lookup(const std::string& name) const;
 
   ModelConfig config_;
   int first_piece_ = 0;
   int end_piece_ = 0;
   TensorParallel tp_;  // group null without tensor parallelism
+  StatePager* pager_ = nullptr;  // not owned; null: nothing paged
+  // Paged: the piece whose Begin(kRead / kWrite) covers each declared parameter (index as
+  // names_), -1 for the no-decay group, which is never paged.
+  std::vector<int> page_piece_;
   int tp_rank_ = 0;
   int tp_size_ = 1;
   std::vector<ShardSpec> shard_specs_;  // per parameter, in NamedParameters() order

@@ -16,6 +16,7 @@
 #include "common/status.h"
 #include "runtime/device_probe.h"
 #include "runtime/lr_schedule.h"
+#include "runtime/model_pager.h"
 #include "runtime/model_state.h"
 #include "runtime/profiler.h"
 
@@ -43,13 +44,72 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
 
 constexpr char kDemoDeltaPrefix[] = "demo.delta.";
 
+int64_t DiskBudgetBytes(const Config& config) {
+  if (config.memory.disk_budget.empty()) return 0;
+  const absl::StatusOr<int64_t> disk = ParseByteSize(config.memory.disk_budget, "memory.disk_budget");
+  TORCH_CHECK(disk.ok(), disk.status().ToString());
+  return *disk;
+}
+
+// The AdamW moment chunks that fit next to the parameters and gradients when both are in RAM.
+int64_t MomentChunkElements(int64_t elements) {
+  // About 32 chunks of moments: fine enough that a small budget still holds several of them.
+  return std::clamp<int64_t>((elements / 32 + 15) / 16 * 16, 4096, int64_t{1} << 20);
+}
+
+// Elements of the decay group (2-D weights and embeddings) and of the rest, from the config.
+std::pair<int64_t, int64_t> GroupElements(const ModelConfig& m) {
+  const int64_t c = m.n_embd;
+  const int64_t decay = static_cast<int64_t>(m.vocab_size) * c +
+                        static_cast<int64_t>(m.block_size) * c + m.n_layer * 12 * c * c;
+  return {decay, m.n_layer * 13 * c + 2 * c};
+}
+
+// Which offload memory.host_budget and memory.disk_path ask for (issue 7), from the model's
+// size: none when no disk_path is set or all states (16 bytes per parameter) fit; the AdamW
+// moments alone when the parameters and gradients fit with two chunks of moments; otherwise
+// everything paged (ModelPager), which needs one process. Throws c10::Error naming the budget
+// when paging is needed but not available.
+std::unique_ptr<ModelPager> PagerFor(const Config& config, int world, int worker) {
+  if (config.memory.disk_path.empty() || config.memory.host_budget.empty()) return nullptr;
+  const absl::StatusOr<int64_t> host = ParseByteSize(config.memory.host_budget, "memory.host_budget");
+  TORCH_CHECK(host.ok(), host.status().ToString());
+  const auto [decay, rest] = GroupElements(config.model);
+  const int64_t elements = decay + rest;
+  if (*host >= 16 * elements) return nullptr;
+  if (*host >= 8 * elements + 2 * 8 * MomentChunkElements(elements)) return nullptr;
+  TORCH_CHECK(world == 1 && config.optim.name == "adamw",
+              "memory.host_budget = ", config.memory.host_budget, " (", *host, " bytes) cannot "
+              "hold the parameters and gradients (", 8 * elements, " bytes): paging them to "
+              "memory.disk_path needs one process with AdamW for now (", world, " ranks, optim ",
+              config.optim.name, ")");
+  ModelPagerOptions o;
+  // The rest (biases and norm gains, a few per mille of the model) stays in RAM with its
+  // gradients; its moments share the optimizer's store with the decay group's.
+  o.budget_bytes = *host - 8 * (rest + 64);
+  o.disk_directory = config.memory.disk_path;
+  o.disk_budget_bytes = DiskBudgetBytes(config);
+  o.worker = worker;
+  return std::make_unique<ModelPager>(o);
+}
+
 // The AdamW moment offload that memory.host_budget and memory.disk_path ask for: parameters and
 // gradients stay in RAM, the moments get what is left of the budget, and the rest of them goes to
 // a disk tier under disk_path. Off (host_budget_bytes 0) when no disk_path is set or everything
 // fits. Throws c10::Error when the budget cannot hold the parameters, gradients and two chunks of
-// moments.
-parallel::MomentOffload MomentOffloadFor(const Config& config, Gpt& model, int worker) {
+// moments. With a pager, the moments follow its chunks and get its share of the budget.
+parallel::MomentOffload MomentOffloadFor(const Config& config, Gpt& model, int worker,
+                                         ModelPager* pager) {
   parallel::MomentOffload o;
+  if (pager != nullptr) {
+    o.chunk_elements = pager->chunk_elements();
+    o.host_budget_bytes = pager->moment_budget_bytes();
+    o.disk_directory = config.memory.disk_path;
+    o.disk_budget_bytes = DiskBudgetBytes(config);
+    o.worker = worker;
+    o.residency = pager;
+    return o;
+  }
   if (config.memory.disk_path.empty() || config.memory.host_budget.empty()) return o;
   const absl::StatusOr<int64_t> host = ParseByteSize(config.memory.host_budget, "memory.host_budget");
   TORCH_CHECK(host.ok(), host.status().ToString());
@@ -60,8 +120,7 @@ parallel::MomentOffload MomentOffloadFor(const Config& config, Gpt& model, int w
   }
   const int64_t moments = 8 * elements;
   if (*host >= resident + moments) return o;  // everything fits in RAM
-  // About 32 chunks of moments: fine enough that a small budget still holds several of them.
-  o.chunk_elements = std::clamp<int64_t>((elements / 32 + 15) / 16 * 16, 4096, int64_t{1} << 20);
+  o.chunk_elements = MomentChunkElements(elements);
   const int64_t chunk_bytes = 8 * o.chunk_elements;
   TORCH_CHECK(*host - resident >= 2 * chunk_bytes, "memory.host_budget = ",
               config.memory.host_budget, " (", *host, " bytes) cannot hold the parameters and "
@@ -69,12 +128,7 @@ parallel::MomentOffload MomentOffloadFor(const Config& config, Gpt& model, int w
               2 * chunk_bytes, " bytes); raise it to at least ", resident + 2 * chunk_bytes);
   o.host_budget_bytes = *host - resident;
   o.disk_directory = config.memory.disk_path;
-  if (!config.memory.disk_budget.empty()) {
-    const absl::StatusOr<int64_t> disk =
-        ParseByteSize(config.memory.disk_budget, "memory.disk_budget");
-    TORCH_CHECK(disk.ok(), disk.status().ToString());
-    o.disk_budget_bytes = *disk;
-  }
+  o.disk_budget_bytes = DiskBudgetBytes(config);
   o.worker = worker;
   return o;
 }
@@ -174,7 +228,9 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
   const int world = backend != nullptr ? backend->size() : 1;
   const int rank = backend != nullptr ? backend->rank() : 0;
   // Buffers padded so N ranks own equal, cache-line-aligned shards (ZeRO-1).
-  model_ = std::make_unique<Gpt>(config.model, config.train.seed, 16 * static_cast<int64_t>(world));
+  pager_ = PagerFor(config, world, rank);
+  model_ = std::make_unique<Gpt>(config.model, config.train.seed, 16 * static_cast<int64_t>(world),
+                                 pager_.get());
   parallel::AdamWOptions opt;
   opt.beta1 = config.optim.beta1;
   opt.beta2 = config.optim.beta2;
@@ -209,7 +265,7 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
           {&model_->params(Gpt::kDecay), &model_->grads(Gpt::kDecay), true},
           {&model_->params(Gpt::kNoDecay), &model_->grads(Gpt::kNoDecay), false}},
       opt, zero1 ? parallel::Shard{rank, world} : parallel::Shard{},
-      MomentOffloadFor(config, *model_, rank));
+      MomentOffloadFor(config, *model_, rank, pager_.get()));
   if (world > 1) {
     parallel::DataParallelOptions dpo;
     dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
@@ -494,6 +550,7 @@ absl::StatusOr<StepStats> StepEngine::Step(
   if (mesh_ != nullptr) return MeshStep(step, micro);
   StepStats stats;
   stats.lr = LearningRateAt(step, config_.optim, config_.train.steps);
+  if (pager_) pager_->BeginStep();
   model_->ZeroGrad();
   if (demo_) {
     // Each replica's own mean gradient over its micro-batches: DeMo never averages gradients.
@@ -515,12 +572,17 @@ absl::StatusOr<StepStats> StepEngine::Step(
   }
   for (size_t m = 0; m < micro.size(); ++m) {
     if (dp_) dp_->BeginMicroBatch(m + 1 == micro.size());
+    if (pager_) pager_->BeginMicroBatch(m + 1 == micro.size());
     stats.loss += model_->ForwardBackward(micro[m].first, micro[m].second, loss_scale, on_piece_done);
   }
   stats.loss *= static_cast<double>(dp_size()) / total;  // the group's Mean makes it sum / M
   if (dp_) {
     SHOAL_RETURN_IF_ERROR(dp_->FinishGradients());
     SHOAL_ASSIGN_OR_RETURN(stats.grad_norm, dp_->GradNorm());
+  } else if (pager_) {
+    // The decay gradients' block sums were taken as backward finished each chunk.
+    stats.grad_norm = std::sqrt(parallel::GlobalSumSquares(
+        {model_->grads(Gpt::kNoDecay).flat()}, pager_->DecayGradSumSquares()));
   } else {
     stats.grad_norm = parallel::GlobalL2Norm(
         {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()});
@@ -565,6 +627,12 @@ absl::Status StepEngine::DemoStep(int64_t step, int micro_batches, StepStats* st
 }
 
 uint64_t StepEngine::ParameterHash() {
+  if (pager_) {
+    // The paged buffers are never all resident: hash the parameters read through the pager.
+    std::vector<at::Tensor> values;
+    for (auto& [name, v] : model_->NamedParameters()) values.push_back(std::move(v));
+    return parallel::HashTensors(values);
+  }
   return parallel::HashTensors(
       {model_->params(Gpt::kDecay).flat(), model_->params(Gpt::kNoDecay).flat()});
 }
@@ -779,7 +847,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                             "mode yet; the moments stay in RAM";
     }
     const parallel::AdamW* adamw = t->engine_->optimizer();
-    if (adamw != nullptr && adamw->moment_store() != nullptr) {
+    if (!c.memory.device_budget.empty()) {
+      SHOAL_LOG(Warning) << "memory.device_budget = " << c.memory.device_budget
+                         << ": this trainer runs on the CPU, which has no device tier; the "
+                            "budget bounds only what the coordinator plans for this worker";
+    }
+    if (t->engine_->pager() != nullptr) {
+      SHOAL_LOG(Info) << "memory plan (memory.host_budget " << c.memory.host_budget
+                      << "): " << t->engine_->pager()->Describe();
+    } else if (adamw != nullptr && adamw->moment_store() != nullptr) {
       const memory::TieredChunkStore& store = *adamw->moment_store();
       SHOAL_LOG(Info) << absl::StrFormat(
           "optimizer moments: %s in %d chunks of %s; %s of them in RAM (memory.host_budget %s "
@@ -1169,6 +1245,17 @@ absl::StatusOr<TrainResult> Trainer::Run() {
         store.num_chunks(), store.chunk_bytes(), store.capacity_chunks(), st.peak_resident_bytes,
         store.host_budget_bytes(), st.loads, st.write_backs, st.bytes_read, st.bytes_written,
         st.acquire_wait_seconds);
+  }
+  if (engine_->pager() != nullptr && options_.log) {
+    const ModelPager& pager = *engine_->pager();
+    const memory::TieredChunkStoreStats st = pager.store().stats();
+    SHOAL_LOG(Info) << absl::StrFormat(
+        "paged parameters and gradients: %d chunks of %d bytes, peak %d of %d bytes in RAM; %d "
+        "loads (%d prefetched, %d hits), %d write-backs, %d bytes read and %d written, %.2f s "
+        "waited",
+        pager.store().num_chunks(), pager.store().chunk_bytes(), st.peak_resident_bytes,
+        pager.store().host_budget_bytes(), st.loads, st.prefetches, st.prefetch_hits,
+        st.write_backs, st.bytes_read, st.bytes_written, st.acquire_wait_seconds);
   }
   if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
     // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the

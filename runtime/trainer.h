@@ -52,6 +52,7 @@ struct StepStats {
 };
 
 class MeshStage;
+class ModelPager;
 
 class StepEngine {
  public:
@@ -115,6 +116,8 @@ class StepEngine {
   // FNV-1a of this rank's parameter buffers (not in mesh mode): what DeMo's replicas compare.
   uint64_t ParameterHash();
   parallel::DataParallel* data_parallel() { return dp_.get(); }
+  // The chunk manager of paged states, or null.
+  const ModelPager* pager() const { return pager_.get(); }
 
  private:
   StepEngine(const Config& config, parallel::Mesh* mesh);
@@ -138,6 +141,9 @@ class StepEngine {
   // process); no AdamW and no DataParallel then.
   std::unique_ptr<parallel::Demo> demo_;
   std::unique_ptr<parallel::DemoExchange> exchange_;
+  // States paged to disk (memory.host_budget below the parameters and gradients): constructed
+  // before the model, destroyed before it (its store's homes are the model's buffers).
+  std::unique_ptr<ModelPager> pager_;
   // Mesh mode.
   parallel::Mesh* mesh_ = nullptr;
   std::pair<int, int> stage_blocks_{0, 0};

@@ -137,5 +137,81 @@ TEST(BenchDemoTest, TrainsBothOptimizersAndReportsBytesAndLosses) {
   EXPECT_NE(r.output.find("--ranks must be >= 2"), std::string::npos) << r.output;
 }
 
+// GPT parameters at width 64, context 32, byte vocabulary (the output head shares the token
+// embedding): embeddings, L blocks of 12 C^2 + 13 C, the final layer norm.
+int64_t TinyGptParams(int64_t n_layer) {
+  const int64_t c = 64;
+  return 256 * c + 32 * c + n_layer * (12 * c * c + 13 * c) + 2 * c;
+}
+
+TEST(BenchMemoryTest, TrainsBeyondTheBudgetWithTheDiskTierAndReportsBothParts) {
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  TempDir tmp;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp));
+  const int64_t budget = 3 * 1024 * 1024;
+  // n_layer 10 for part (b): a quarter of its states still holds the 4 parameter/gradient chunks
+  // and 2 moment chunks of one block's 12 C^2 weights that paging needs.
+  const std::string common = std::string(SHOAL_BINARY) + " bench memory --config " +
+                             SHOAL_SOURCE_DIR + "/configs/tiny.toml --set data.dir=" +
+                             (tmp / "data") +
+                             " model.n_embd=64 model.n_head=2 model.block_size=32 "
+                             "train.batch_size=2 model.n_layer=10 ";
+  CommandResult r = RunCommand("timeout -k 5 200 " + common +
+                               "--budget 3MiB --max-params 1.5e6 --steps 2 --disk-path " +
+                               (tmp / "disk"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json j = LastJsonLine(r.output);
+  ASSERT_EQ(j["bench"], "memory") << r.output;
+  for (const char* k :
+       {"budget", "steps", "params", "params_in_ram", "states_over_budget", "throughput_ratio",
+        "tokens_per_s_offload", "tokens_per_s_ram", "peak_rss_mb_offload", "peak_rss_mb_ram",
+        "n_layer_offload", "n_layer_ram", "b_params", "b_states_over_budget", "b_throughput_ratio",
+        "b_tokens_per_s_offload", "b_tokens_per_s_ram", "b_peak_rss_mb_offload",
+        "b_peak_rss_mb_ram"}) {
+    EXPECT_TRUE(j.contains(k)) << k << "\n" << j.dump();
+  }
+  EXPECT_EQ(j["budget"].get<int64_t>(), budget);
+  EXPECT_EQ(j["steps"].get<int64_t>(), 2);
+  // Part (a): the in-RAM model is the largest whose 16 bytes per parameter fit 0.8 of the
+  // budget, the offloaded one the largest under --max-params: counted here from the shape.
+  const int64_t l_ram = j["n_layer_ram"].get<int64_t>(), l_off = j["n_layer_offload"].get<int64_t>();
+  EXPECT_LE(16 * TinyGptParams(l_ram), 0.8 * budget);
+  EXPECT_GT(16 * TinyGptParams(l_ram + 1), 0.8 * budget);
+  EXPECT_LE(TinyGptParams(l_off), 1.5e6);
+  EXPECT_GT(TinyGptParams(l_off + 1), 1.5e6);
+  EXPECT_GE(l_off, 20);  // a few tens of layers
+  const int64_t params = TinyGptParams(l_off);
+  EXPECT_EQ(j["params"].get<int64_t>(), params);
+  EXPECT_EQ(j["params_in_ram"].get<int64_t>(), TinyGptParams(l_ram));
+  EXPECT_GT(params, j["params_in_ram"].get<int64_t>());
+  EXPECT_NEAR(j["states_over_budget"].get<double>(), 16.0 * params / budget, 1e-9);
+  EXPECT_GT(j["states_over_budget"].get<double>(), 1);
+  for (const char* k : {"tokens_per_s_offload", "tokens_per_s_ram", "b_tokens_per_s_offload",
+                        "b_tokens_per_s_ram"}) {
+    EXPECT_GT(j[k].get<double>(), 0) << k;
+  }
+  EXPECT_NEAR(j["throughput_ratio"].get<double>(),
+              j["tokens_per_s_offload"].get<double>() / j["tokens_per_s_ram"].get<double>(), 1e-9);
+  // Part (b): the config's 10 layers, states 4x the budget, both runs.
+  EXPECT_EQ(j["b_params"].get<int64_t>(), TinyGptParams(10));
+  EXPECT_NEAR(j["b_states_over_budget"].get<double>(), 4.0, 0.04);
+  // The offloaded runs really paged their parameters and gradients (the trainer's plan line).
+  EXPECT_NE(j["plan_offload"].get<std::string>().find("paged states"), std::string::npos) << r.output;
+  EXPECT_NE(j["b_plan_offload"].get<std::string>().find("paged states"), std::string::npos)
+      << r.output;
+  // Without --keep the disk tier's folder is gone after the runs.
+  EXPECT_TRUE(std::filesystem::is_empty(tmp / "disk")) << r.output;
+
+  for (const std::string flag : {"--budget 0", "--over 0.5", "--part x"}) {
+    r = RunCommand(common + flag);
+    EXPECT_EQ(r.exit_code, 2) << flag << "\n" << r.output;
+    EXPECT_NE(r.output.find(flag.substr(0, flag.find(' '))), std::string::npos) << r.output;
+  }
+  // A budget that cannot hold even one layer in RAM is named.
+  r = RunCommand(common + "--budget 100KiB --part a");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--budget 100KiB is too small"), std::string::npos) << r.output;
+}
+
 }  // namespace
 }  // namespace shoal

@@ -4,16 +4,25 @@
 // References are independent of the store: an optimizer sweep computed on plain vectors, a shadow
 // copy of every chunk kept by the test, the resident-set contents and load counts derived by hand
 // for a cyclic scan (and SimulateTrace's count for the same trace), the disk file read back with
-// DiskTier::Inspect, and the test's own accounting of every buffer the store allocates.
+// DiskTier::Inspect, and the test's own accounting of every buffer the store allocates. In homes
+// mode, the memory in use is also counted by the kernel (mincore over the caller's mapping), and
+// a stray access to a home that is not resident is shown to fault (a death test).
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <memory>
+#include <numeric>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -660,6 +669,451 @@ TEST(TieredChunkStoreTest, ReacquireWhileWriteBackInFlightSeesNewData) {
   EXPECT_GE(store->stats().write_backs, 4);
   EXPECT_FALSE(watcher.exceeded);
   EXPECT_LE(watcher.peak, 2 * kChunkBytes);
+}
+
+// ---- Homes mode: chunks at fixed addresses in the caller's anonymous mapping ----
+
+int64_t PageBytes() { return static_cast<int64_t>(::sysconf(_SC_PAGESIZE)); }
+
+// An anonymous mapping made as the model's flat buffers make theirs (private, zero, committed as
+// touched); unmapped at the end of the test.
+class MappedRegion {
+ public:
+  MappedRegion(int64_t bytes, int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)
+      : bytes_(bytes) {
+    void* p = ::mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("mmap failed");
+    base_ = static_cast<float*>(p);
+  }
+  ~MappedRegion() { ::munmap(base_, static_cast<size_t>(bytes_)); }
+  MappedRegion(const MappedRegion&) = delete;
+  MappedRegion& operator=(const MappedRegion&) = delete;
+
+  float* base() const { return base_; }
+  int64_t bytes() const { return bytes_; }
+  // Bytes of [p, p + bytes) in RAM now, as the kernel counts them (mincore): the store's own
+  // counters play no part. -1 if mincore fails.
+  static int64_t ResidentBytes(const void* p, int64_t bytes) {
+    const int64_t page = PageBytes();
+    std::vector<unsigned char> pages(static_cast<size_t>((bytes + page - 1) / page));
+    if (::mincore(const_cast<void*>(p), static_cast<size_t>(bytes), pages.data()) != 0) return -1;
+    int64_t resident = 0;
+    for (unsigned char v : pages) resident += (v & 1) ? page : 0;
+    return resident;
+  }
+  int64_t ResidentBytes() const { return ResidentBytes(base_, bytes_); }
+
+ private:
+  int64_t bytes_;
+  float* base_ = nullptr;
+};
+
+// Homes for `n` chunks in `region`, in a shuffled order (so that the store cannot rely on homes
+// ascending with the chunk id).
+std::vector<float*> ShuffledHomes(const MappedRegion& region, int n, int64_t chunk_bytes,
+                                  uint32_t seed) {
+  std::vector<int> slot(n);
+  std::iota(slot.begin(), slot.end(), 0);
+  std::shuffle(slot.begin(), slot.end(), std::mt19937(seed));
+  std::vector<float*> homes(n);
+  for (int i = 0; i < n; ++i) homes[i] = region.base() + slot[i] * (chunk_bytes / 4);
+  return homes;
+}
+
+class TieredChunkStoreHomesTest : public ::testing::TestWithParam<DiskIoBackend> {};
+
+// 7. Homes: a random mix of every call (Discard included) against a plain reference model, the
+// chunks written through their home addresses; the budget holds both in the store's accounting
+// and in the kernel's count of the mapping's resident pages, after every call.
+TEST_P(TieredChunkStoreHomesTest, RandomCallsMatchAReferenceWithinTheRssBudget) {
+  constexpr int kChunks = 12;
+  constexpr int64_t kChunkBytes = 64 * 1024;
+  constexpr int kCapacity = 3;
+  const int64_t elements = kChunkBytes / 4;
+  const int64_t budget = kCapacity * kChunkBytes;
+  TempDir dir;
+  MappedRegion region(kChunks * kChunkBytes);
+  // What the homes held before Create is discarded: every chunk starts as zeros.
+  std::memset(region.base(), 0x5A, static_cast<size_t>(region.bytes()));
+  const std::vector<float*> homes = ShuffledHomes(region, kChunks, kChunkBytes, 7);
+  BudgetWatcher watcher;
+  TieredChunkStoreOptions options = MakeOptions(dir, kChunks, kChunkBytes, budget, &watcher);
+  options.disk_backend = GetParam();
+  options.homes = homes;
+  auto store = MustCreate(options);
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(region.ResidentBytes(), 0);
+
+  std::vector<std::vector<float>> reference(kChunks, std::vector<float>(elements, 0.0f));
+  std::vector<int> version(kChunks, 0);
+  struct Held {
+    int id;
+    bool dirty;
+  };
+  std::vector<Held> held;
+  std::mt19937 rng(77);
+  auto pick = [&rng](int n) { return static_cast<int>(rng() % static_cast<uint32_t>(n)); };
+  auto is_held = [&held](int id) {
+    return std::any_of(held.begin(), held.end(), [id](const Held& h) { return h.id == id; });
+  };
+  auto check_budget = [&](const std::string& after) {
+    const int64_t rss = region.ResidentBytes();
+    ASSERT_GE(rss, 0);
+    ASSERT_LE(rss, budget) << "resident pages after " << after;
+    ASSERT_LE(watcher.live, budget) << "after " << after;
+    ASSERT_EQ(store->stats().resident_bytes, watcher.live) << "after " << after;
+  };
+  auto release_one = [&]() {
+    const size_t k = static_cast<size_t>(pick(static_cast<int>(held.size())));
+    const Held h = held[k];
+    held.erase(held.begin() + static_cast<std::ptrdiff_t>(k));
+    ASSERT_TRUE(store->Release(h.id, h.dirty).ok());
+  };
+
+  int cursor = 0;
+  for (int op = 0; op < 400; ++op) {
+    const int kind = pick(100);
+    const int id = pick(3) == 0 ? pick(kChunks) : cursor % kChunks;
+    std::string what;
+    if (kind < 35) {
+      what = "Acquire(" + std::to_string(id) + ")";
+      ++cursor;
+      if (is_held(id)) continue;
+      while (held.size() >= 2) release_one();
+      absl::StatusOr<float*> data = store->Acquire(id);
+      ASSERT_TRUE(data.ok()) << data.status();
+      ASSERT_EQ(*data, homes[id]) << what;
+      ASSERT_EQ(std::memcmp(homes[id], reference[id].data(), kChunkBytes), 0) << what;
+      const bool write = pick(2) == 0;
+      if (write) {
+        // Through the home address, as the model's tensor views do.
+        reference[id] = Pattern(elements, id, ++version[id]);
+        std::memcpy(homes[id], reference[id].data(), kChunkBytes);
+      }
+      held.push_back({id, write});
+    } else if (kind < 55) {
+      what = "Release";
+      if (!held.empty()) release_one();
+    } else if (kind < 70) {
+      what = "Prefetch(" + std::to_string(id) + ")";
+      ASSERT_TRUE(store->Prefetch(id).ok());
+    } else if (kind < 82) {
+      const int victim = pick(kChunks);
+      what = "Discard(" + std::to_string(victim) + ")";
+      const absl::Status discarded = store->Discard(victim);
+      if (is_held(victim)) {
+        ASSERT_EQ(discarded.code(), absl::StatusCode::kFailedPrecondition) << discarded;
+      } else {
+        ASSERT_TRUE(discarded.ok()) << discarded;
+        std::fill(reference[victim].begin(), reference[victim].end(), 0.0f);
+        ASSERT_FALSE(store->IsResident(victim));
+      }
+    } else if (kind < 90) {
+      what = "Read(" + std::to_string(id) + ")";
+      std::vector<float> out(elements);
+      ASSERT_TRUE(store->Read(id, absl::MakeSpan(out)).ok());
+      ASSERT_EQ(std::memcmp(out.data(), reference[id].data(), kChunkBytes), 0) << what;
+    } else if (kind < 96) {
+      what = "Write(" + std::to_string(id) + ")";
+      if (is_held(id)) continue;
+      reference[id] = Pattern(elements, id, ++version[id]);
+      ASSERT_TRUE(store->Write(id, reference[id]).ok());
+    } else {
+      what = "Flush";
+      ASSERT_TRUE(store->Flush().ok());
+      // No load in flight now, so every home not resident has been released.
+      for (int c = 0; c < kChunks; ++c) {
+        if (!store->IsResident(c)) {
+          ASSERT_EQ(MappedRegion::ResidentBytes(homes[c], kChunkBytes), 0) << "chunk " << c;
+        }
+      }
+    }
+    check_budget(what);
+  }
+  while (!held.empty()) release_one();
+  ASSERT_TRUE(store->ForEachChunk([&](int id, absl::Span<const float> payload) {
+                      EXPECT_EQ(payload.data(), homes[id]);
+                      EXPECT_EQ(std::memcmp(payload.data(), reference[id].data(), kChunkBytes),
+                                0)
+                          << "chunk " << id;
+                      EXPECT_LE(region.ResidentBytes(), budget);
+                      return absl::OkStatus();
+                    }).ok());
+  const TieredChunkStoreStats s = store->stats();
+  EXPECT_FALSE(watcher.exceeded) << "peak " << watcher.peak;
+  EXPECT_EQ(s.peak_resident_bytes, watcher.peak);
+  // The mix exercised what it is meant to.
+  EXPECT_GT(s.evictions, 50);
+  EXPECT_GT(s.write_backs, 20);
+  EXPECT_GT(s.loads, 20);
+  EXPECT_GT(s.prefetches, 20);
+  EXPECT_GT(s.discards, 20);
+
+  // The destructor leaves resident chunks in place and every other home as readable zeros.
+  std::vector<bool> resident(kChunks);
+  for (int c = 0; c < kChunks; ++c) resident[c] = store->IsResident(c);
+  store.reset();
+  EXPECT_EQ(watcher.live, 0);
+  const std::vector<float> zeros(elements, 0.0f);
+  for (int c = 0; c < kChunks; ++c) {
+    EXPECT_EQ(std::memcmp(homes[c], resident[c] ? reference[c].data() : zeros.data(), kChunkBytes),
+              0)
+        << "chunk " << c << (resident[c] ? " (resident)" : "");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Engines, TieredChunkStoreHomesTest,
+                         ::testing::Values(DiskIoBackend::kAuto, DiskIoBackend::kThreadPool),
+                         [](const ::testing::TestParamInfo<DiskIoBackend>& info) {
+                           return info.param == DiskIoBackend::kAuto ? "Auto" : "ThreadPool";
+                         });
+
+// 8. A home whose chunk was evicted is protected: reading it is a fault, not a silent zero; the
+// chunk's contents are on disk and come back to the same address.
+TEST(TieredChunkStoreHomesDeathTest, StrayAccessToAnEvictedHomeFaults) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  constexpr int64_t kChunkBytes = 64 * 1024;
+  const int64_t elements = kChunkBytes / 4;
+  TempDir dir;
+  MappedRegion region(2 * kChunkBytes);
+  TieredChunkStoreOptions options = MakeOptions(dir, 2, kChunkBytes, kChunkBytes);
+  options.homes = {region.base(), region.base() + elements};
+  auto store = MustCreate(options);
+  ASSERT_NE(store, nullptr);
+  const std::vector<float> a = Pattern(elements, 0, 1);
+  absl::StatusOr<float*> p0 = store->Acquire(0);
+  ASSERT_TRUE(p0.ok()) << p0.status();
+  std::memcpy(*p0, a.data(), kChunkBytes);
+  ASSERT_TRUE(store->Release(0, true).ok());
+  ASSERT_TRUE(store->Acquire(1).ok());  // the only slot: 0 is written back and released
+  ASSERT_TRUE(store->Release(1, false).ok());
+  ASSERT_FALSE(store->IsResident(0));
+  EXPECT_EQ(MappedRegion::ResidentBytes(options.homes[0], kChunkBytes), 0);
+  const float* stray = options.homes[0] + 100;
+  EXPECT_EXIT(
+      {
+        // The child dies here, before its TempDir could clean up after it.
+        std::error_code ignored;
+        std::filesystem::remove_all(dir.path(), ignored);
+        const float value = *static_cast<const volatile float*>(stray);
+        std::fprintf(stderr, "read %f without a fault\n", static_cast<double>(value));
+        std::_Exit(0);
+      },
+      ::testing::KilledBySignal(SIGSEGV), "");
+  p0 = store->Acquire(0);
+  ASSERT_TRUE(p0.ok()) << p0.status();
+  EXPECT_EQ(*p0, options.homes[0]);
+  EXPECT_EQ(std::memcmp(*p0, a.data(), kChunkBytes), 0);
+  ASSERT_TRUE(store->Release(0, false).ok());
+}
+
+// 9. Discard, in both modes: refused for a pinned chunk; a resident chunk leaves RAM without a
+// write-back; an evicted dirty chunk and a chunk whose prefetch is in flight (behind a
+// write-back) read as zeros afterwards, without reading the disk.
+TEST(TieredChunkStoreTest, DiscardForgetsContentsWithoutIo) {
+  constexpr int kChunks = 4;
+  constexpr int64_t kChunkBytes = 64 * 1024;
+  const int64_t elements = kChunkBytes / 4;
+  const std::vector<float> zeros(elements, 0.0f);
+  for (const bool with_homes : {false, true}) {
+    SCOPED_TRACE(with_homes ? "homes" : "own buffers");
+    TempDir dir;
+    MappedRegion region(kChunks * kChunkBytes);
+    BudgetWatcher watcher;
+    TieredChunkStoreOptions options =
+        MakeOptions(dir, kChunks, kChunkBytes, 2 * kChunkBytes, &watcher);
+    if (with_homes) options.homes = ShuffledHomes(region, kChunks, kChunkBytes, 3);
+    auto store = MustCreate(options);
+    ASSERT_NE(store, nullptr);
+    auto fill = [&](int id, int version) {
+      absl::StatusOr<float*> p = store->Acquire(id);
+      ASSERT_TRUE(p.ok()) << p.status();
+      std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
+      ASSERT_TRUE(store->Release(id, true).ok());
+    };
+    auto expect_zeros = [&](int id) {
+      std::vector<float> out(elements, 1.0f);
+      ASSERT_TRUE(store->Read(id, absl::MakeSpan(out)).ok());
+      EXPECT_EQ(out, zeros) << "Read of chunk " << id;
+      absl::StatusOr<float*> p = store->Acquire(id);
+      ASSERT_TRUE(p.ok()) << p.status();
+      EXPECT_EQ(std::memcmp(*p, zeros.data(), kChunkBytes), 0) << "Acquire of chunk " << id;
+      ASSERT_TRUE(store->Release(id, false).ok());
+    };
+
+    // Pinned: refused, nothing changes.
+    absl::StatusOr<float*> p0 = store->Acquire(0);
+    ASSERT_TRUE(p0.ok());
+    std::memcpy(*p0, Pattern(elements, 0, 1).data(), kChunkBytes);
+    const absl::Status pinned = store->Discard(0);
+    EXPECT_EQ(pinned.code(), absl::StatusCode::kFailedPrecondition) << pinned;
+    EXPECT_NE(pinned.message().find("chunk 0"), std::string::npos) << pinned;
+    ASSERT_TRUE(store->Release(0, true).ok());
+
+    // Resident and dirty: dropped without a write-back, its bytes leave the budget.
+    TieredChunkStoreStats before = store->stats();
+    ASSERT_TRUE(store->Discard(0).ok());
+    EXPECT_FALSE(store->IsResident(0));
+    EXPECT_EQ(store->stats().resident_bytes, before.resident_bytes - kChunkBytes);
+    EXPECT_EQ(watcher.live, before.resident_bytes - kChunkBytes);
+    EXPECT_EQ(store->stats().write_backs, before.write_backs);
+    if (with_homes) EXPECT_EQ(MappedRegion::ResidentBytes(options.homes[0], kChunkBytes), 0);
+    expect_zeros(0);
+    EXPECT_EQ(store->stats().loads, before.loads);
+    EXPECT_EQ(store->stats().zero_fills, before.zero_fills + 1);
+
+    // Evicted dirty (written back to disk), then discarded: zeros, no disk read. No trace: the
+    // victim is the lowest-id unpinned resident, so 1 is evicted by 3 (0 by 2 before that).
+    fill(1, 1);
+    fill(2, 1);
+    fill(3, 1);
+    ASSERT_FALSE(store->IsResident(1));
+    ASSERT_GE(store->stats().write_backs, before.write_backs + 1);
+    before = store->stats();
+    ASSERT_TRUE(store->Discard(1).ok());
+    expect_zeros(1);  // evicts 2 (dirty): written back
+    EXPECT_EQ(store->stats().loads, before.loads);
+    EXPECT_EQ(store->stats().bytes_read, before.bytes_read);
+
+    // Resident now: 1 (clean) and 3 (dirty). Make 1 dirty, then prefetch 2: its load waits for
+    // the write-back of 1 (the victim), and the Discard waits for that load.
+    fill(1, 2);
+    ASSERT_TRUE(store->Prefetch(2).ok());
+    ASSERT_TRUE(store->IsResident(2));
+    ASSERT_FALSE(store->IsResident(1));
+    ASSERT_TRUE(store->Discard(2).ok());
+    EXPECT_FALSE(store->IsResident(2));
+    before = store->stats();
+    expect_zeros(2);
+    EXPECT_EQ(store->stats().loads, before.loads);
+    // The write-back of 1 was not disturbed.
+    absl::StatusOr<float*> p1 = store->Acquire(1);
+    ASSERT_TRUE(p1.ok()) << p1.status();
+    EXPECT_EQ(std::memcmp(*p1, Pattern(elements, 1, 2).data(), kChunkBytes), 0);
+    ASSERT_TRUE(store->Release(1, false).ok());
+
+    EXPECT_EQ(store->stats().discards, 3);
+    EXPECT_EQ(store->Discard(kChunks).code(), absl::StatusCode::kOutOfRange);
+    EXPECT_FALSE(watcher.exceeded);
+    EXPECT_EQ(store->stats().resident_bytes, watcher.live);
+  }
+}
+
+// 10. Homes: a chunk evicted dirty by a prefetch (its write-back, and so the release of its
+// home, still queued on the loader) and wanted back at once, or discarded and wanted back at
+// once. Its home is made accessible again only after that release, so the caller gets the data
+// (or the zeros) and a home that stays accessible, never a home released under it.
+TEST(TieredChunkStoreTest, HomeWantedBackWhileItsReleaseIsQueued) {
+  constexpr int kChunks = 6;
+  constexpr int64_t kChunkBytes = 4 << 20;  // long write-backs: a wide window
+  const int64_t elements = kChunkBytes / 4;
+  const std::vector<float> zeros(elements, 0.0f);
+  TempDir dir;
+  MappedRegion region(kChunks * kChunkBytes);
+  BudgetWatcher watcher;
+  TieredChunkStoreOptions options =
+      MakeOptions(dir, kChunks, kChunkBytes, 2 * kChunkBytes, &watcher);
+  options.homes = ShuffledHomes(region, kChunks, kChunkBytes, 11);
+  auto store = MustCreate(options);
+  ASSERT_NE(store, nullptr);
+  auto fill = [&](int id, int version) {
+    absl::StatusOr<float*> p = store->Acquire(id);
+    ASSERT_TRUE(p.ok()) << p.status();
+    std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
+    ASSERT_TRUE(store->Release(id, true).ok());
+  };
+  fill(1, 0);  // the other slot, so that the prefetches below must evict
+  for (int round = 1; round <= 12; ++round) {
+    const bool discard = round % 3 == 0;
+    fill(0, round);
+    // No trace: 0, the lowest-id unpinned resident, is evicted for the prefetch of a chunk not
+    // resident (which other one stayed resident depends on when the last prefetch ended).
+    int other = 1 + round % (kChunks - 1);
+    while (store->IsResident(other)) other = 1 + other % (kChunks - 1);
+    ASSERT_TRUE(store->Prefetch(other).ok());
+    ASSERT_FALSE(store->IsResident(0));
+    if (discard) ASSERT_TRUE(store->Discard(0).ok());
+    absl::StatusOr<float*> p0 = store->Acquire(0);
+    ASSERT_TRUE(p0.ok()) << p0.status();
+    ASSERT_EQ(*p0, options.homes[0]);
+    // Touch it after the loads in flight have ended: a late release would make this fault.
+    ASSERT_TRUE(store->Flush().ok());
+    EXPECT_EQ(std::memcmp(*p0, discard ? zeros.data() : Pattern(elements, 0, round).data(),
+                          kChunkBytes),
+              0)
+        << "round " << round;
+    (*p0)[0] += 1.0f;
+    (*p0)[0] -= 1.0f;
+    ASSERT_TRUE(store->Release(0, false).ok());
+    EXPECT_LE(region.ResidentBytes(), 2 * kChunkBytes) << "round " << round;
+  }
+  EXPECT_FALSE(watcher.exceeded);
+  EXPECT_LE(region.ResidentBytes(), 2 * kChunkBytes);
+}
+
+// 11. Homes that break the rules are rejected naming `homes`, before any of them is touched.
+TEST(TieredChunkStoreTest, BadHomesAreRejectedNamingThem) {
+  constexpr int kChunks = 4;
+  const int64_t page = PageBytes();
+  const int64_t chunk_bytes = 2 * page;
+  const int64_t elements = chunk_bytes / 4;
+  TempDir dir;
+  MappedRegion region(kChunks * chunk_bytes);
+  std::fill(region.base(), region.base() + region.bytes() / 4, 1.0f);
+  std::vector<float*> good(kChunks);
+  for (int i = 0; i < kChunks; ++i) good[i] = region.base() + i * elements;
+
+  auto create = [&](const std::vector<float*>& homes, int64_t bytes) {
+    TieredChunkStoreOptions o = MakeOptions(dir, kChunks, bytes, 2 * bytes);
+    o.homes = homes;
+    return TieredChunkStore::Create(o).status();
+  };
+  auto expect_rejected = [](const absl::Status& s, const std::string& also) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find("homes"), std::string::npos) << s;
+    EXPECT_NE(s.message().find(also), std::string::npos) << s;
+  };
+
+  expect_rejected(create(std::vector<float*>(good.begin(), good.end() - 1), chunk_bytes), "3");
+  std::vector<float*> bad = good;
+  bad[2] = nullptr;
+  expect_rejected(create(bad, chunk_bytes), "homes[2]");
+  bad = good;
+  bad[1] = good[1] + 1;  // 4 bytes off a page boundary
+  expect_rejected(create(bad, chunk_bytes), "homes[1]");
+  bad = good;
+  bad[3] = good[2] + page / 4;  // its first page is homes[2]'s second
+  expect_rejected(create(bad, chunk_bytes), "homes[3]");
+  bad = good;
+  bad[3] = good[0];
+  expect_rejected(create(bad, chunk_bytes), "overlap");
+  // chunk_bytes must be whole pages (the homes are aligned; the chunk is not).
+  expect_rejected(create(good, chunk_bytes - 4), "chunk_bytes");
+  // Not private anonymous memory: released pages of a shared mapping keep their contents.
+  MappedRegion shared(kChunks * chunk_bytes, MAP_SHARED | MAP_ANONYMOUS);
+  bad = good;
+  bad[0] = shared.base();
+  expect_rejected(create(bad, chunk_bytes), "homes[0]");
+  // Not mapped at all.
+  float* unmapped = nullptr;
+  {
+    MappedRegion gone(chunk_bytes);
+    unmapped = gone.base();
+  }
+  bad = good;
+  bad[2] = unmapped;
+  expect_rejected(create(bad, chunk_bytes), "homes[2]");
+
+  // None of that touched the homes.
+  EXPECT_EQ(region.ResidentBytes(), region.bytes());
+  EXPECT_EQ(std::count(region.base(), region.base() + region.bytes() / 4, 1.0f),
+            region.bytes() / 4);
+  // The good ones are accepted, and Create releases them.
+  TieredChunkStoreOptions o = MakeOptions(dir, kChunks, chunk_bytes, 2 * chunk_bytes);
+  o.homes = good;
+  auto store = MustCreate(o);
+  ASSERT_NE(store, nullptr);
+  EXPECT_EQ(region.ResidentBytes(), 0);
 }
 
 }  // namespace

@@ -646,6 +646,11 @@ TEST(ConfigTest, ByteSizes) {
   EXPECT_EQ(c->memory.host_budget, "64MiB");
   c = Parse(kMinimal, {"memory.disk_budget=lots"});
   EXPECT_THAT(Msg(c.status()), HasSubstr("memory.disk_budget = \"lots\" is not a size"));
+  c = Parse(kMinimal, {"memory.device_budget=20GiB"});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->memory.device_budget, "20GiB");
+  c = Parse(kMinimal, {"memory.device_budget=most"});
+  EXPECT_THAT(Msg(c.status()), HasSubstr("memory.device_budget = \"most\" is not a size"));
 }
 
 TEST(ConfigTest, ResolvedCheckpointDirDefaultsUnderOutDir) {

@@ -1,0 +1,298 @@
+#include "runtime/model_pager.h"
+
+#include <algorithm>
+#include <climits>
+#include <optional>
+#include <utility>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/file_util.h"
+
+namespace shoal::runtime {
+namespace {
+
+// Chunk capacities are multiples of this many elements: whole pages (so a chunk's home can be
+// released and protected on its own) and whole gradient-norm blocks (so a chunk's block sums are
+// the buffer's).
+constexpr int64_t kCapacityQuantum = parallel::kNormBlockElements;
+static_assert(parallel::kNormBlockElements * 4 % 4096 == 0, "a block must be whole pages");
+
+
+// Bytes of budget per element of chunk capacity that the smallest working set needs when a piece
+// spans `k` chunks: its k parameter and k gradient chunks pinned during backward, the next
+// piece's first parameter and gradient chunks prefetched (4 bytes per element each), and 2
+// chunks of AdamW moments (8 bytes per element each).
+int64_t WorkingSetBytesPerElement(int k) { return 4 * (2 * k + 2) + 2 * 8; }
+
+int64_t RoundUp(int64_t v, int64_t q) { return (v + q - 1) / q * q; }
+
+std::string MiB(int64_t bytes) {
+  return absl::StrFormat("%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+}
+
+}  // namespace
+
+ModelPager::ModelPager(ModelPagerOptions options) : options_(std::move(options)) {}
+
+ModelPager::~ModelPager() = default;
+
+memory::ChunkLayout ModelPager::Layout(const std::vector<memory::ChunkGroup>& groups) {
+  TORCH_CHECK(!groups.empty(), "model pager: no tensors to page");
+  int64_t largest_group = 0, largest_tensor = 0, total = 0;
+  for (const memory::ChunkGroup& g : groups) {
+    const int64_t span = memory::GroupSpan(g);
+    total += span;
+    largest_group = std::max(largest_group, span);
+    for (const memory::ChunkTensor& t : g) largest_tensor = std::max(largest_tensor, t.numel);
+  }
+  const int64_t budget = options_.budget_bytes;
+  // Candidates: from chunks that hold the largest tensor (a piece then spans several chunks:
+  // PatrickStar's rule bent as ProTrain does for large blocks) up to what the budget allows (at
+  // most half the model, beyond which chunking buys nothing), about 48 of them, plus the span of
+  // the largest piece (one chunk per piece).
+  const int64_t smallest = RoundUp(largest_tensor, kCapacityQuantum);
+  const int64_t largest = std::max(
+      smallest, std::min(budget / WorkingSetBytesPerElement(1) / kCapacityQuantum *
+                             kCapacityQuantum,
+                         RoundUp(std::max(total / 2, largest_group), kCapacityQuantum)));
+  std::vector<int64_t> candidates = {RoundUp(largest_group, kCapacityQuantum)};
+  const int64_t step =
+      std::max<int64_t>(kCapacityQuantum, RoundUp((largest - smallest) / 48, kCapacityQuantum));
+  for (int64_t c = smallest; c <= largest; c += step) candidates.push_back(c);
+  memory::ChunkLayoutOptions lo;
+  lo.split_oversize_groups = true;
+  std::optional<memory::ChunkLayout> best;
+  int best_span = 0;
+  int64_t need_smallest = 0;  // the least working set of any candidate, for the error
+  for (int64_t capacity : candidates) {
+    absl::StatusOr<memory::ChunkLayout> layout = memory::ChunkLayout::Build(groups, capacity, lo);
+    if (!layout.ok()) continue;
+    // Chunks the widest piece spans.
+    std::vector<std::pair<int, int>> range(groups.size(), {INT32_MAX, -1});
+    for (const memory::ChunkLayout::Placement& t : layout->tensors()) {
+      range[t.group].first = std::min(range[t.group].first, t.chunk);
+      range[t.group].second = std::max(range[t.group].second, t.chunk);
+    }
+    int span = 1;
+    for (const auto& [lo_chunk, hi_chunk] : range) span = std::max(span, hi_chunk - lo_chunk + 1);
+    const int64_t need = WorkingSetBytesPerElement(span) * capacity;
+    if (need_smallest == 0 || need < need_smallest) need_smallest = need;
+    if (need > budget) continue;
+    // The least waste; ties to the larger capacity (fewer, larger transfers).
+    if (!best || layout->FillRatio() > best->FillRatio() ||
+        (layout->FillRatio() == best->FillRatio() && capacity > best->capacity())) {
+      best = *std::move(layout);
+      best_span = span;
+    }
+  }
+  TORCH_CHECK(best.has_value(), "memory.host_budget leaves ", budget,
+              " bytes for the paged states, but the smallest working set of any chunk size is ",
+              need_smallest, " bytes (the chunks of the widest piece pinned, the next one "
+              "prefetched, two chunks of AdamW moments; chunks hold at least the largest tensor, ",
+              largest_tensor, " elements); raise memory.host_budget by ",
+              need_smallest - budget, " bytes");
+  capacity_ = best->capacity();
+  num_chunks_ = best->num_chunks();
+  fill_ratio_ = best->FillRatio();
+  piece_span_ = best_span;
+  // The split: a quarter to the moments (at least their 2 chunks), in whole moment chunks; the
+  // parameters and gradients the rest (at least their pinned and prefetched chunks).
+  const int64_t moment_chunk = 8 * capacity_;
+  moment_budget_ = std::max(2 * moment_chunk, budget / 4 / moment_chunk * moment_chunk);
+  moment_budget_ = std::min(moment_budget_, num_chunks_ * moment_chunk);
+  paged_budget_ = std::min(budget - moment_budget_, 2 * num_chunks_ * 4 * capacity_);
+  return *std::move(best);
+}
+
+void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
+                        std::vector<std::vector<int>> piece_entries) {
+  TORCH_CHECK(capacity_ > 0, "model pager: Attach before Layout");
+  TORCH_CHECK(params->mapped() && grads->mapped() &&
+                  params->numel() == num_chunks_ * capacity_ && grads->numel() == params->numel(),
+              "model pager: the buffers are not the mapped chunk layout");
+  params_ = params;
+  grads_ = grads;
+  params_storage_ = params->flat();
+  grads_storage_ = grads->flat();
+  piece_chunks_.assign(piece_entries.size(), {});
+  users_.assign(num_chunks_, 0);
+  for (size_t p = 0; p < piece_entries.size(); ++p) {
+    std::vector<int>& chunks = piece_chunks_[p];
+    for (int e : piece_entries[p]) {
+      chunks.push_back(static_cast<int>(params->entries().at(e).offset / capacity_));
+    }
+    std::sort(chunks.begin(), chunks.end());
+    chunks.erase(std::unique(chunks.begin(), chunks.end()), chunks.end());
+    for (int c : chunks) ++users_[c];
+  }
+  remaining_ = users_;
+  block_sums_.assign(num_chunks_ * capacity_ / parallel::kNormBlockElements, 0.0);
+
+  const std::string dir = options_.disk_directory + "/paged";
+  const absl::Status made = MakeDirs(dir);
+  TORCH_CHECK(made.ok(), "memory.disk_path: ", made.ToString());
+  memory::TieredChunkStoreOptions o;
+  o.num_chunks = 2 * num_chunks_;
+  o.chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
+  o.host_budget_bytes = paged_budget_;
+  o.disk_directory = dir;
+  o.disk_budget_bytes = options_.disk_budget_bytes;
+  o.disk_worker = options_.worker;
+  o.disk_backend = options_.disk_backend;
+  o.allocation_observer = options_.allocation_observer;
+  for (int c = 0; c < num_chunks_; ++c) {
+    o.homes.push_back(params->flat().data_ptr<float>() + c * capacity_);
+  }
+  for (int c = 0; c < num_chunks_; ++c) {
+    o.homes.push_back(grads->flat().data_ptr<float>() + c * capacity_);
+  }
+  absl::StatusOr<std::unique_ptr<memory::TieredChunkStore>> store =
+      memory::TieredChunkStore::Create(o);
+  TORCH_CHECK(store.ok(), "model pager: ", store.status().ToString());
+  store_ = std::move(*store);
+}
+
+void ModelPager::AcquireChunk(int id) {
+  if (steps_begun_ == 1) recording_.push_back(id);
+  absl::StatusOr<float*> got = store_->Acquire(id);
+  TORCH_CHECK(got.ok(), "model pager: ", got.status().ToString());
+  if (trace_.empty()) return;
+  // Where this access is in the trace: the next position of `id` from where the last one left
+  // off (an access outside the step's pattern, such as an evaluation, resynchronises).
+  const std::vector<int64_t>& at = positions_[id];
+  if (at.empty()) return;
+  auto it = std::lower_bound(at.begin(), at.end(), next_);
+  const int64_t pos = it != at.end() ? *it : at.front();
+  next_ = (pos + 1) % static_cast<int64_t>(trace_.size());
+  PrefetchAhead();
+}
+
+void ModelPager::PrefetchAhead() {
+  const int64_t n = static_cast<int64_t>(trace_.size());
+  for (int k = 0; k < options_.prefetch_depth && k < n; ++k) {
+    const int id = trace_[(next_ + k) % n];
+    const absl::Status hinted = store_->Prefetch(id);
+    TORCH_CHECK(hinted.ok(), "model pager: ", hinted.ToString());
+  }
+}
+
+void ModelPager::ReleaseChunk(int id, bool dirty) {
+  const absl::Status released = store_->Release(id, dirty);
+  TORCH_CHECK(released.ok(), "model pager: ", released.ToString());
+}
+
+void ModelPager::Begin(int piece, Pass pass) {
+  for (int c : piece_chunks_.at(piece)) {
+    AcquireChunk(c);
+    if (pass == Pass::kBackward) AcquireChunk(num_chunks_ + c);
+  }
+}
+
+void ModelPager::End(int piece, Pass pass) {
+  for (int c : piece_chunks_.at(piece)) {
+    ReleaseChunk(c, pass == Pass::kWrite);
+    if (pass != Pass::kBackward) continue;
+    if (last_micro_batch_ && --remaining_[c] == 0) SumSquaresOf(c);
+    ReleaseChunk(num_chunks_ + c, /*dirty=*/true);
+  }
+}
+
+void ModelPager::SumSquaresOf(int chunk) {
+  // Resident: the caller still holds the chunk's gradients.
+  const float* g = grads_storage_.data_ptr<float>() + chunk * capacity_;
+  const int64_t blocks = capacity_ / parallel::kNormBlockElements;
+  double* out = block_sums_.data() + chunk * blocks;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      out[b] = parallel::BlockSumSquares(g + b * parallel::kNormBlockElements,
+                                         parallel::kNormBlockElements);
+    }
+  });
+}
+
+double ModelPager::DecayGradSumSquares() const {
+  double total = 0;
+  for (double s : block_sums_) total += s;  // in buffer order, as GlobalSumSquares adds them
+  return total;
+}
+
+void ModelPager::ZeroGrads() {
+  for (int c = 0; c < num_chunks_; ++c) {
+    const absl::Status dropped = store_->Discard(num_chunks_ + c);
+    TORCH_CHECK(dropped.ok(), "model pager: ", dropped.ToString());
+  }
+}
+
+void ModelPager::BeginStep() {
+  ++steps_begun_;
+  if (steps_begun_ != 2 || recording_.empty()) return;
+  // The warm-up step is over: its accesses are every later step's.
+  const absl::Status traced = store_->SetTrace(recording_);
+  TORCH_CHECK(traced.ok(), "model pager: ", traced.ToString());
+  trace_ = std::move(recording_);
+  positions_.assign(2 * num_chunks_, {});
+  for (size_t t = 0; t < trace_.size(); ++t) {
+    positions_[trace_[t]].push_back(static_cast<int64_t>(t));
+  }
+  next_ = 0;
+}
+
+void ModelPager::BeginMicroBatch(bool last) {
+  last_micro_batch_ = last;
+  if (last) remaining_ = users_;
+}
+
+int ModelPager::ParamChunk(int64_t begin) const {
+  TORCH_CHECK(begin % capacity_ == 0 && begin / capacity_ < num_chunks_,
+              "model pager: range at ", begin, " is not a chunk of ", capacity_, " elements");
+  return static_cast<int>(begin / capacity_);
+}
+
+void ModelPager::Prefetch(int group, int64_t begin, int64_t count) {
+  (void)count;
+  if (!Paged(group)) return;
+  const int c = ParamChunk(begin);
+  for (int id : {c, num_chunks_ + c}) {
+    const absl::Status hinted = store_->Prefetch(id);
+    TORCH_CHECK(hinted.ok(), "model pager: ", hinted.ToString());
+  }
+}
+
+void ModelPager::Acquire(int group, int64_t begin, int64_t count) {
+  (void)count;
+  TORCH_CHECK(Paged(group), "model pager: group ", group, " is not paged");
+  const int c = ParamChunk(begin);
+  AcquireChunk(c);
+  AcquireChunk(num_chunks_ + c);
+}
+
+void ModelPager::Release(int group, int64_t begin, int64_t count) {
+  (void)count;
+  TORCH_CHECK(Paged(group), "model pager: group ", group, " is not paged");
+  const int c = ParamChunk(begin);
+  ReleaseChunk(c, /*dirty=*/true);
+  // Consumed: the next ZeroGrad would zero them anyway, so they are never written back.
+  ReleaseChunk(num_chunks_ + c, /*dirty=*/false);
+  const absl::Status dropped = store_->Discard(num_chunks_ + c);
+  TORCH_CHECK(dropped.ok(), "model pager: ", dropped.ToString());
+}
+
+std::string ModelPager::Describe() const {
+  const int64_t chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
+  return absl::StrFormat(
+      "paged states: the 2-D weights' parameters and gradients in 2 x %d chunks of %s (fill "
+      "%.1f%%, a piece spans up to %d), up to %d of them in RAM (%s), AdamW moments up to %d of "
+      "%d chunks in RAM (%s); the rest on disk under %s/paged; %s",
+      num_chunks_, MiB(chunk_bytes), 100 * fill_ratio_, piece_span_,
+      static_cast<int>(paged_budget_ / chunk_bytes), MiB(paged_budget_),
+      static_cast<int>(moment_budget_ / (2 * chunk_bytes)), num_chunks_, MiB(moment_budget_),
+      options_.disk_directory,
+      trace_.empty() ? "eviction by lowest id until the warm-up step's trace is recorded"
+                     : "farthest-next-use eviction and prefetch from the warm-up trace");
+}
+
+}  // namespace shoal::runtime

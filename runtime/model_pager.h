@@ -1,0 +1,144 @@
+// ModelPager: the chunk manager for a model whose states do not fit the host budget (issue 7;
+// ALGORITHMS.md §3, §4). The decay group (every 2-D weight and the embeddings: nearly all of the
+// parameters) is laid out in equal chunks, one group of tensors per piece, in first-use order
+// (SearchChunkSize picks the capacity with the best fill ratio). Its parameters and gradients live
+// in one memory::TieredChunkStore in fixed-home mode: a chunk is resident at its own address in
+// the model's mapped flat buffers, so every parameter stays a view at a fixed offset, or it is on
+// the disk tier and its pages are released and protected. Chunk ids: parameters 0..n-1, their
+// gradients n..2n-1. The AdamW moments of the same ranges go through the optimizer's own store
+// (MomentOffload with `residency` = this pager), chunk for chunk.
+//
+// The model calls Begin/End around every piece's pass: Begin acquires the piece's parameter
+// chunk (and, for backward, its gradient chunk), End releases them (parameters dirty when
+// written, gradients dirty after backward). The first step is the warm-up: its sequence of
+// acquisitions (forward, backward and the optimizer's sweep) is recorded and becomes the store's
+// trace from the second step on, which drives farthest-next-use eviction and the prefetch of the
+// next `prefetch_depth` chunks of the trace on the store's I/O threads while the current piece
+// computes. Gradients consumed by the optimizer are discarded (no write-back of data about to be
+// zeroed), and ZeroGrad discards them all.
+//
+// The global gradient norm needs every gradient, but they are never all in RAM: during the last
+// micro-batch's backward, once a chunk's gradients are final (the last piece using it has run),
+// its kNormBlockElements-element block sums are taken while it is resident; the sum over the
+// blocks in order is then exactly what parallel::GlobalL2Norm computes over the buffer.
+//
+// Chunk size and budget split (within `budget_bytes` for the decay group's states): a chunk
+// holds at least the largest tensor; a piece larger than a chunk spans several (ProTrain's large
+// blocks), all resident while it runs. A capacity is valid when the budget holds the working set:
+// the widest piece's k parameter and k gradient chunks pinned, the next piece's prefetched, and 2
+// moment chunks (m and v: 8 bytes per element), i.e. (8k + 24) bytes per element of capacity;
+// among valid ones the best fill ratio wins. The moments then get a quarter of the budget (at
+// least their 2 chunks), the parameters and gradients the rest, since they are used three and
+// two times per step against the moments' once.
+//
+// Not thread-safe: one caller thread (the trainer's); I/O runs on the store's threads.
+#ifndef SHOAL_RUNTIME_MODEL_PAGER_H_
+#define SHOAL_RUNTIME_MODEL_PAGER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "memory/chunk_layout.h"
+#include "memory/disk_tier.h"
+#include "memory/tiered_store.h"
+#include "parallel/adamw.h"
+#include "runtime/gpt.h"
+
+namespace shoal::runtime {
+
+struct ModelPagerOptions {
+  // For the decay group's parameters, gradients and AdamW moments together.
+  int64_t budget_bytes = 0;
+  std::string disk_directory;     // memory.disk_path; the store's file goes in <it>/paged
+  int64_t disk_budget_bytes = 0;  // 0: what the slots need
+  int worker = 0;                 // names the disk file
+  int prefetch_depth = 4;         // chunks of the trace made resident ahead of use
+  memory::DiskIoBackend disk_backend = memory::DiskIoBackend::kAuto;
+  // Called on the caller's thread for every chunk made resident (+bytes) or released (-bytes),
+  // parameters and gradients alike: what a test or a memory profiler counts independently.
+  std::function<void(int64_t delta_bytes)> allocation_observer;
+};
+
+class ModelPager final : public StatePager, public parallel::RangeResidency {
+ public:
+  // Nothing happens until the model calls Layout and Attach. Those throw c10::Error naming the
+  // cause: a budget that cannot hold the chunks the largest piece needs (naming both), a disk
+  // tier that cannot be made.
+  explicit ModelPager(ModelPagerOptions options);
+  ~ModelPager() override;
+
+  // StatePager.
+  memory::ChunkLayout Layout(const std::vector<memory::ChunkGroup>& groups) override;
+  void Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
+              std::vector<std::vector<int>> piece_entries) override;
+  void Begin(int piece, Pass pass) override;
+  void End(int piece, Pass pass) override;
+  void ZeroGrads() override;
+
+  // RangeResidency (group 0: the decay group, the only one paged).
+  bool Paged(int group) const override { return group == 0; }
+  void Prefetch(int group, int64_t begin, int64_t count) override;
+  void Acquire(int group, int64_t begin, int64_t count) override;
+  void Release(int group, int64_t begin, int64_t count) override;
+
+  // The trainer's step structure. BeginStep: a step starts (the second one installs the trace
+  // recorded during the first). BeginMicroBatch: `last` is the step's last micro-batch, whose
+  // backward finalises the gradients and takes their block sums.
+  void BeginStep();
+  void BeginMicroBatch(bool last);
+  // Sum of squares of the decay gradients over kNormBlockElements-element blocks in buffer
+  // order, as GlobalSumSquares would take it. Valid after the last micro-batch's backward.
+  double DecayGradSumSquares() const;
+
+  // After Layout.
+  int64_t chunk_elements() const { return capacity_; }
+  int num_chunks() const { return num_chunks_; }
+  double fill_ratio() const { return fill_ratio_; }
+  int64_t paged_budget_bytes() const { return paged_budget_; }   // parameters and gradients
+  int64_t moment_budget_bytes() const { return moment_budget_; } // for the optimizer's store
+  // After Attach.
+  const memory::TieredChunkStore& store() const { return *store_; }
+  bool traced() const { return !trace_.empty(); }
+  // One line: the plan (chunks, fill, what stays resident, where the rest goes).
+  std::string Describe() const;
+
+ private:
+  int ParamChunk(int64_t begin) const;
+  void AcquireChunk(int id);
+  void ReleaseChunk(int id, bool dirty);
+  void PrefetchAhead();
+  void SumSquaresOf(int chunk);
+
+  ModelPagerOptions options_;
+  int64_t capacity_ = 0;
+  int num_chunks_ = 0;
+  double fill_ratio_ = 0;
+  int piece_span_ = 1;  // chunks the widest piece spans
+  int64_t paged_budget_ = 0;
+  int64_t moment_budget_ = 0;
+  memory::FlatBuffer* params_ = nullptr;
+  memory::FlatBuffer* grads_ = nullptr;
+  // The buffers' storage, held so that the mappings outlive the store (which touches its homes
+  // until it is destroyed) whichever of the model and the pager goes first.
+  at::Tensor params_storage_, grads_storage_;
+  std::unique_ptr<memory::TieredChunkStore> store_;
+  std::vector<std::vector<int>> piece_chunks_;  // per piece: its parameter chunks, ascending
+  std::vector<int> users_;                      // per chunk: the pieces using it
+  std::vector<int> remaining_;                  // last micro-batch: users whose backward is to run
+  bool last_micro_batch_ = true;
+  std::vector<double> block_sums_;              // per kNormBlockElements block of the gradients
+
+  // Warm-up and trace.
+  int steps_begun_ = 0;
+  std::vector<int> recording_;
+  std::vector<int> trace_;
+  std::vector<std::vector<int64_t>> positions_;  // chunk -> its positions in trace_
+  int64_t next_ = 0;                             // trace position after the latest acquisition
+};
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_MODEL_PAGER_H_
