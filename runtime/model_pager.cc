@@ -11,6 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/file_util.h"
+#include "common/logging.h"
+#include "memory/eviction.h"
 
 namespace shoal::runtime {
 namespace {
@@ -239,6 +241,26 @@ void ModelPager::BeginStep() {
     positions_[trace_[t]].push_back(static_cast<int64_t>(t));
   }
   next_ = 0;
+  // The plan's cost: farthest-next-use over this trace, in steady state (the second of two
+  // simulated steps), with the store's capacity.
+  absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(trace_);
+  if (!table.ok()) return;
+  memory::FarthestNextUsePolicy policy(&*table);
+  memory::SimulationOptions so;
+  so.capacity_chunks = store_->capacity_chunks();
+  so.iterations = 2;
+  absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(trace_, so, policy);
+  if (!sim.ok()) return;
+  predicted_loads_per_step_ = 0;
+  for (const memory::SimulationEvent& e : sim->events) {
+    predicted_loads_per_step_ += e.moment >= static_cast<int64_t>(trace_.size());
+  }
+  SHOAL_LOG(Info) << absl::StrFormat(
+      "model pager: warm-up step traced (%d chunk accesses); with %d of %d chunks in RAM, "
+      "farthest-next-use over the trace predicts %d loads or zero fills per step (up to %s "
+      "read); eviction and prefetch follow the trace from now on",
+      trace_.size(), store_->capacity_chunks(), 2 * num_chunks_, predicted_loads_per_step_,
+      MiB(predicted_loads_per_step_ * capacity_ * static_cast<int64_t>(sizeof(float))));
 }
 
 void ModelPager::BeginMicroBatch(bool last) {

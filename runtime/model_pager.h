@@ -102,6 +102,9 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   // After Attach.
   const memory::TieredChunkStore& store() const { return *store_; }
   bool traced() const { return !trace_.empty(); }
+  // From the warm-up trace (-1 before it): chunk loads (or zero fills) per steady-state step that
+  // farthest-next-use needs with the store's capacity, by simulation.
+  int64_t predicted_loads_per_step() const { return predicted_loads_per_step_; }
   // One line: the plan (chunks, fill, what stays resident, where the rest goes).
   std::string Describe() const;
 
@@ -137,6 +140,7 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   std::vector<int> trace_;
   std::vector<std::vector<int64_t>> positions_;  // chunk -> its positions in trace_
   int64_t next_ = 0;                             // trace position after the latest acquisition
+  int64_t predicted_loads_per_step_ = -1;
 };
 
 }  // namespace shoal::runtime

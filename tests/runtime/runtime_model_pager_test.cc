@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -124,9 +125,13 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
       ao, parallel::Shard{}, mo);
 
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  int64_t loads_before = 0;
   for (int step = 0; step < 4; ++step) {
     SCOPED_TRACE(step);
     pager.BeginStep();
+    if (step == 2) {
+      loads_before = pager.store().stats().loads + pager.store().stats().zero_fills;
+    }
     ref.ZeroGrad();
     paged.ZeroGrad();
     for (int m = 0; m < 2; ++m) {
@@ -148,6 +153,16 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
     paged_opt.Step(1e-3, 1.0);
   }
   EXPECT_TRUE(pager.traced());
+  // The plan's prediction of loads per step (a simulation with one chunk in use at a time)
+  // against what the steps after the warm-up did (several pinned, prefetches besides).
+  const int64_t measured =
+      (pager.store().stats().loads + pager.store().stats().zero_fills - loads_before) / 2;
+  EXPECT_GT(pager.predicted_loads_per_step(), 0);
+  EXPECT_GE(measured, pager.predicted_loads_per_step() / 2);
+  EXPECT_LE(measured, 3 * pager.predicted_loads_per_step());
+  std::printf("loads per step: predicted %lld, measured %lld\n",
+              static_cast<long long>(pager.predicted_loads_per_step()),
+              static_cast<long long>(measured));
   const auto want = ref.NamedParameters();
   const auto got = paged.NamedParameters();
   ASSERT_EQ(want.size(), got.size());
