@@ -89,6 +89,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(memory, host_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_path, Kind::kString),
+      SHOAL_FIELD(memory, activation_budget, Kind::kString),
   };
   return *kSchema;
 }
@@ -663,7 +664,9 @@ absl::Status ValidateConfig(const Config& c) {
 
   for (const auto& [key, value] : {std::make_pair("memory.device_budget", &c.memory.device_budget),
                                    std::make_pair("memory.host_budget", &c.memory.host_budget),
-                                   std::make_pair("memory.disk_budget", &c.memory.disk_budget)}) {
+                                   std::make_pair("memory.disk_budget", &c.memory.disk_budget),
+                                   std::make_pair("memory.activation_budget",
+                                                  &c.memory.activation_budget)}) {
     if (value->empty()) continue;
     absl::StatusOr<int64_t> bytes = ParseByteSize(*value, key);
     p.Check(bytes.ok(), std::string(bytes.status().message()));

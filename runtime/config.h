@@ -95,6 +95,9 @@ struct MemoryConfig {
   // Where the disk tier's file goes. With host_budget too small for the model states, the AdamW
   // moments that do not fit go there (data parallelism and one process; not in mesh mode yet).
   std::string disk_path;
+  // Activations kept between forward and backward, per micro-batch: the blocks that do not fit
+  // recompute their forward in backward instead (empty: every block keeps its activations).
+  std::string activation_budget;
 };
 
 struct Config {

@@ -150,6 +150,9 @@ class EmbeddingPiece final : public Piece {
 };
 
 class BlockPiece final : public Piece {
+ private:
+  struct Acts;
+
  public:
   struct Params {
     Param ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, mproj_w, mproj_b;
@@ -163,11 +166,34 @@ class BlockPiece final : public Piece {
       : p_(std::move(p)), n_head_(n_head), head_dim_(head_dim), tp_(tp) {}
 
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
+    Acts& a = ForwardSlot(slots_, mb.slot);
+    Compute(x, mb.batch, mb.seq, a);
+    // Recompute: only the input (kept by reference anyway) and the output (the next piece's
+    // input) stay; backward runs this forward again first. The kernels are deterministic, so the
+    // recomputed activations, and the gradients, are bit-identical.
+    if (recompute_) a.DropInner();
+    return a.out;
+  }
+
+  void SetRecompute(bool on) override { recompute_ = on; }
+
+  int64_t ActivationBytes() const override {
+    int64_t n = 0;
+    for (const Acts& a : slots_) {
+      for (const at::Tensor* t : {&a.ln1, &a.mean1, &a.rstd1, &a.qkvh, &a.att, &a.y, &a.x1,
+                                  &a.ln2, &a.mean2, &a.rstd2, &a.h, &a.g, &a.out}) {
+        if (t->defined()) n += t->nbytes();
+      }
+    }
+    return n;
+  }
+
+  // The forward pass into `a` (its tensors grown to fit).
+  void Compute(const at::Tensor& x, int64_t B, int64_t T, Acts& a) {
     // C: model width; CL = H * D: this rank's attention width (C without tensor parallelism);
     // the MLP's hidden width is fc's row count.
-    const int64_t B = mb.batch, T = mb.seq, N = B * T, C = x.size(1), H = n_head_, D = head_dim_,
-                  CL = H * D, HID = p_.fc_w.value.size(0);
-    Acts& a = ForwardSlot(slots_, mb.slot);
+    const int64_t N = B * T, C = x.size(1), H = n_head_, D = head_dim_, CL = H * D,
+                  HID = p_.fc_w.value.size(0);
     a.x = x;
     Ensure(a.ln1, {N, C});
     Ensure(a.mean1, {N});
@@ -208,11 +234,23 @@ class BlockPiece final : public Piece {
     a.out.add_(a.x1);
     a.batch = B;
     a.seq = T;
-    return a.out;
   }
 
   at::Tensor Backward(const at::Tensor& dout, int slot) override {
-    const Acts& a = BackwardSlot(slots_, slot);
+    Acts& a = BackwardSlot(slots_, slot);
+    if (!a.ln1.defined()) {
+      // Dropped after forward: recompute from the kept input. a.out gets the same values, which
+      // the next piece (whose backward has run) no longer needs anyway.
+      const at::Tensor x = a.x;
+      Compute(x, a.batch, a.seq, a);
+    }
+    struct DropAfter {
+      Acts& a;
+      bool on;
+      ~DropAfter() {
+        if (on) a.DropInner();
+      }
+    } drop_after{a, recompute_};
     const int64_t B = a.batch, T = a.seq, N = B * T, C = a.x.size(1), H = n_head_, D = head_dim_,
                   CL = H * D, HID = p_.fc_w.value.size(0);
     TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == N && dout.size(1) == C,
@@ -263,7 +301,14 @@ class BlockPiece final : public Piece {
   struct Acts {
     at::Tensor x, ln1, mean1, rstd1, qkvh, att, y, x1, ln2, mean2, rstd2, h, g, out;
     int64_t batch = 0, seq = 0;
+    // Frees what backward can recompute (all but the input and the output).
+    void DropInner() {
+      for (at::Tensor* t : {&ln1, &mean1, &rstd1, &qkvh, &att, &y, &x1, &ln2, &mean2, &rstd2, &h, &g}) {
+        t->reset();
+      }
+    }
   };
+  bool recompute_ = false;
   Params p_;
   int n_head_;
   int64_t head_dim_;
@@ -762,6 +807,21 @@ at::Tensor Gpt::Logits(const at::Tensor& tokens) {
   at::Tensor x = tokens;
   for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   return x.view({mb.batch, mb.seq, config_.vocab_size}).clone();
+}
+
+void Gpt::SetBlockRecompute(const std::vector<bool>& recompute) {
+  TORCH_CHECK(static_cast<int>(recompute.size()) == config_.n_layer, "SetBlockRecompute: ",
+              recompute.size(), " entries for ", config_.n_layer, " blocks");
+  for (size_t p = 0; p < pieces_.size(); ++p) {
+    const int block = first_piece_ + static_cast<int>(p) - 1;  // piece 1 + l is block l
+    if (block >= 0 && block < config_.n_layer) pieces_[p]->SetRecompute(recompute[block]);
+  }
+}
+
+int64_t Gpt::ActivationBytes() const {
+  int64_t n = 0;
+  for (const auto& piece : pieces_) n += piece->ActivationBytes();
+  return n;
 }
 
 void Gpt::ZeroGrad() {

@@ -83,6 +83,12 @@ class Piece {
   // (undefined for the embedding), valid until the next Backward of this piece. Adds the
   // parameter gradients into their gradient views.
   virtual at::Tensor Backward(const at::Tensor& grad_output, int slot = 0) = 0;
+  // Activation plan: with recompute on, a piece keeps only its input and output between its
+  // forward and its backward, which runs the forward again first (same kernels, bit-identical
+  // gradients). Only transformer blocks do; other pieces ignore it.
+  virtual void SetRecompute(bool on) { (void)on; }
+  // Bytes of activations the piece holds now (all slots; its input not counted).
+  virtual int64_t ActivationBytes() const { return 0; }
 };
 
 // Parameter declaration used while laying out the flat buffers.
@@ -208,6 +214,11 @@ class Gpt {
   at::Tensor Logits(const at::Tensor& tokens);
 
   void ZeroGrad();
+
+  // The activation plan: `recompute[l]` for block l (n_layer entries on the full model; a stage
+  // takes its own blocks' entries). Bytes of activations its pieces hold now.
+  void SetBlockRecompute(const std::vector<bool>& recompute);
+  int64_t ActivationBytes() const;
 
   memory::FlatBuffer& params(int group) { return params_[group]; }
   memory::FlatBuffer& grads(int group) { return grads_[group]; }

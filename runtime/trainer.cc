@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -149,6 +150,42 @@ double ModelFlopsPerToken(const ModelConfig& m) {
   return 6 * ModelParametersNoPos(m) + 12.0 * m.n_layer * m.n_embd * m.block_size;
 }
 
+// The activation plan memory.activation_budget asks for (issue 7): per micro-batch of
+// train.batch_size x block_size tokens, a block keeping its activations holds (16 C + H T + 4)
+// floats per token (the BlockPiece's tensors, its output included), one recomputing them holds
+// its output (C per token) and runs its forward again in backward. The first blocks recompute
+// (their activations would wait longest) until the rest fit. Returns per block whether it
+// recomputes (all false without a budget) and a line describing the plan.
+std::pair<std::vector<bool>, std::string> ActivationPlan(const Config& config) {
+  const ModelConfig& m = config.model;
+  std::vector<bool> recompute(m.n_layer, false);
+  if (config.memory.activation_budget.empty()) return {recompute, ""};
+  const absl::StatusOr<int64_t> budget =
+      ParseByteSize(config.memory.activation_budget, "memory.activation_budget");
+  TORCH_CHECK(budget.ok(), budget.status().ToString());
+  const double tokens = static_cast<double>(config.train.batch_size) * m.block_size;
+  const double keep = 4 * tokens * (16.0 * m.n_embd + static_cast<double>(m.n_head) * m.block_size + 4);
+  const double out = 4 * tokens * m.n_embd;
+  const int64_t kept = std::clamp<int64_t>(
+      static_cast<int64_t>(std::floor((*budget - m.n_layer * out) / (keep - out))), 0, m.n_layer);
+  for (int l = 0; l < m.n_layer - kept; ++l) recompute[l] = true;
+  const int redo = m.n_layer - static_cast<int>(kept);
+  const double peak = kept * keep + redo * out;
+  // A block's forward is a third of its forward and backward FLOPs.
+  const double block_flops = 72.0 * m.n_embd * m.n_embd + 12.0 * m.block_size * m.n_embd;
+  const double extra = redo * block_flops / 3 / ModelFlopsPerToken(m);
+  std::string line = absl::StrFormat(
+      "activation plan (memory.activation_budget %s): %d of %d blocks keep their activations, "
+      "%d recompute them in backward; %s per micro-batch (%s if all kept), +%.1f%% FLOPs per step",
+      config.memory.activation_budget, static_cast<int>(kept), m.n_layer, redo, FormatBytes(peak),
+      FormatBytes(m.n_layer * keep), 100 * extra);
+  if (peak > static_cast<double>(*budget)) {
+    line += absl::StrFormat(" (over the budget even so: every block keeps its output, %s)",
+                            FormatBytes(m.n_layer * out));
+  }
+  return {recompute, line};
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -231,6 +268,9 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
   pager_ = PagerFor(config, world, rank);
   model_ = std::make_unique<Gpt>(config.model, config.train.seed, 16 * static_cast<int64_t>(world),
                                  pager_.get());
+  std::vector<bool> recompute;
+  std::tie(recompute, activation_plan_) = ActivationPlan(config);
+  model_->SetBlockRecompute(recompute);
   parallel::AdamWOptions opt;
   opt.beta1 = config.optim.beta1;
   opt.beta2 = config.optim.beta2;
@@ -847,6 +887,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
                             "mode yet; the moments stay in RAM";
     }
     const parallel::AdamW* adamw = t->engine_->optimizer();
+    if (!t->engine_->activation_plan().empty()) {
+      SHOAL_LOG(Info) << t->engine_->activation_plan();
+    } else if (t->mesh_ && !c.memory.activation_budget.empty()) {
+      SHOAL_LOG(Warning) << "memory.activation_budget: no activation plan in mesh mode yet; every "
+                            "block keeps its activations";
+    }
     if (!c.memory.device_budget.empty()) {
       SHOAL_LOG(Warning) << "memory.device_budget = " << c.memory.device_budget
                          << ": this trainer runs on the CPU, which has no device tier; the "

@@ -118,6 +118,8 @@ class StepEngine {
   parallel::DataParallel* data_parallel() { return dp_.get(); }
   // The chunk manager of paged states, or null.
   const ModelPager* pager() const { return pager_.get(); }
+  // The activation plan's line for the log (empty without memory.activation_budget).
+  const std::string& activation_plan() const { return activation_plan_; }
 
  private:
   StepEngine(const Config& config, parallel::Mesh* mesh);
@@ -144,6 +146,7 @@ class StepEngine {
   // States paged to disk (memory.host_budget below the parameters and gradients): constructed
   // before the model, destroyed before it (its store's homes are the model's buffers).
   std::unique_ptr<ModelPager> pager_;
+  std::string activation_plan_;
   // Mesh mode.
   parallel::Mesh* mesh_ = nullptr;
   std::pair<int, int> stage_blocks_{0, 0};

@@ -180,6 +180,35 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
   EXPECT_GT(pager.store().stats().prefetch_hits, 0);
 }
 
+TEST(ActivationPlanTest, RecomputedBlocksGiveBitIdenticalGradientsAndHoldLess) {
+  ModelConfig config = SmallModel();
+  config.n_layer = 4;
+  Gpt keep(config, 3), redo(config, 3);
+  redo.SetBlockRecompute({true, true, false, true});
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  const int64_t B = 2, T = config.block_size, C = config.n_embd;
+  for (int m = 0; m < 2; ++m) {
+    const at::Tensor x = at::randint(0, config.vocab_size, {B, T}, gen);
+    const at::Tensor y = at::randint(0, config.vocab_size, {B, T}, gen);
+    EXPECT_EQ(keep.ForwardBackward(x, y, 0.5f), redo.ForwardBackward(x, y, 0.5f));
+  }
+  const auto a = keep.NamedGradients(), b = redo.NamedGradients();
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(a[i].second.equal(b[i].second)) << a[i].first;
+  }
+  // Held between forward and backward (after a forward pass): a recomputing block keeps only its
+  // output, B T C floats; a keeping one also its 12 inner tensors.
+  const at::Tensor x = at::randint(0, config.vocab_size, {B, T}, gen);
+  keep.Loss(x, x);
+  redo.Loss(x, x);
+  const int64_t H = config.n_head;
+  const int64_t inner = 4 * B * T * (15 * C + H * T + 4);  // ln1 .. g
+  const int64_t out = 4 * B * T * C;
+  const int64_t blocks_keep = 4 * (inner + out), blocks_redo = 1 * (inner + out) + 3 * out;
+  EXPECT_EQ(keep.ActivationBytes() - redo.ActivationBytes(), blocks_keep - blocks_redo);
+}
+
 TEST(ModelPagerTest, BudgetBelowTheWorkingSetIsRefusedWithTheNumbers) {
   shoal::testing::TempDir dir;
   ModelPagerOptions po;
