@@ -355,8 +355,22 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   im.thread = std::thread([&im] { im.HeartbeatLoop(); });
 
   // 5. The first layout, and whether this trainer can run its part.
-  const absl::Duration left = std::max(absl::Seconds(1), deadline - absl::Now());
-  absl::StatusOr<v1::Assignment> a = im.client->WaitForAssignment(im.worker_id, 1, left);
+  // In slices, so that a solve that failed (a model no arrangement of these workers holds) is
+  // reported at once with the coordinator's reason instead of as a timeout.
+  absl::StatusOr<v1::Assignment> a = absl::DeadlineExceededError("no layout yet");
+  while (true) {
+    const absl::Duration left = deadline - absl::Now();
+    a = im.client->WaitForAssignment(im.worker_id, 1,
+                                     std::clamp(left, absl::Seconds(1), absl::Seconds(2)));
+    if (a.ok() || a.status().code() != absl::StatusCode::kDeadlineExceeded) break;
+    absl::StatusOr<v1::ClusterStatus> cluster = im.client->GetStatus();
+    if (cluster.ok() && !cluster->layout_error().empty() && cluster->layout().version() == 0) {
+      return Named(where, absl::FailedPreconditionError(absl::StrCat(
+                              "the coordinator cannot lay this job out on its ",
+                              cluster->workers_size(), " workers: ", cluster->layout_error())));
+    }
+    if (left <= absl::Seconds(2)) break;
+  }
   if (!a.ok()) {
     return Named(where, a.status(),
                  absl::StrCat("waiting for the first layout, which needs all ", env.world_size,
@@ -382,6 +396,7 @@ void WorkerLink::OnStep(const runtime::StepReport& report) {
   s.set_lr(report.lr);
   s.set_tokens_per_s(report.tokens_per_s);
   s.set_step_time_s(report.step_seconds);
+  s.mutable_memory_used()->set_disk_bytes(report.disk_bytes);
   impl_->have_stats = true;
 }
 

@@ -677,6 +677,16 @@ uint64_t StepEngine::ParameterHash() {
       {model_->params(Gpt::kDecay).flat(), model_->params(Gpt::kNoDecay).flat()});
 }
 
+int64_t StepEngine::StateBytesOnDisk() const {
+  int64_t bytes = 0;
+  auto add = [&](const memory::TieredChunkStore& s) {
+    bytes += static_cast<int64_t>(s.num_chunks()) * s.chunk_bytes() - s.stats().resident_bytes;
+  };
+  if (pager_) add(pager_->store());
+  if (optimizer_ && optimizer_->moment_store() != nullptr) add(*optimizer_->moment_store());
+  return bytes;
+}
+
 int64_t StepEngine::optimizer_steps() const {
   return demo_ ? demo_->steps() : optimizer_->steps();
 }
@@ -1223,7 +1233,8 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     const int64_t done = step + 1;
     if (options_.on_step) {
       options_.on_step({done, stats.loss, stats.lr,
-                        dt > 0 ? static_cast<double>(rank_tokens_per_step) / dt : 0.0, dt});
+                        dt > 0 ? static_cast<double>(rank_tokens_per_step) / dt : 0.0, dt,
+                        engine_->StateBytesOnDisk()});
     }
     if (done % c.train.log_every == 0 || done == end_step) {
       TrainLogRecord r;
@@ -1250,6 +1261,9 @@ absl::StatusOr<TrainResult> Trainer::Run() {
                                  {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s},
                                  {"mfu", r.mfu},        {"elapsed_s", r.elapsed_s},
                                  {"eta_s", r.eta_s},    {"step_loss", stats.loss}};
+        if (const int64_t on_disk = engine_->StateBytesOnDisk(); on_disk > 0) {
+          record["state_bytes_on_disk"] = on_disk;
+        }
         if (counted) {
           record["bytes_sent"] = stats.bytes_sent;
           record["bytes_received"] = stats.bytes_received;

@@ -118,6 +118,9 @@ class StepEngine {
   parallel::DataParallel* data_parallel() { return dp_.get(); }
   // The chunk manager of paged states, or null.
   const ModelPager* pager() const { return pager_.get(); }
+  // Bytes of model state (paged parameters and gradients, offloaded moments) on the disk tier
+  // and not in RAM now: what the coordinator is told this worker's disk holds.
+  int64_t StateBytesOnDisk() const;
   // The activation plan's line for the log (empty without memory.activation_budget).
   const std::string& activation_plan() const { return activation_plan_; }
 
@@ -170,6 +173,7 @@ struct StepReport {
   double lr = 0;
   double tokens_per_s = 0;     // this rank's replica: its own tokens / step_seconds
   double step_seconds = 0;     // wall time of the step, throttle sleep included
+  int64_t disk_bytes = 0;      // model state now on the disk tier (memory.disk_path), not in RAM
 };
 
 struct TrainOptions {

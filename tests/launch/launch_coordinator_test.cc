@@ -296,6 +296,26 @@ TEST_F(CoordinatorTest, UnevenReplicasTakeUnevenSharesOfTheSameBatch) {
   }
 }
 
+TEST_F(CoordinatorTest, AJobNoLayoutHoldsFailsAtOnceWithTheSolversReason) {
+  // 8 MB of host RAM per rank cannot hold tiny's activations for 4 sequences (about 28 MB),
+  // which do not spill to disk: the solve fails, and both ranks say why well before the
+  // 60-second wait for a first layout would run out.
+  auto server = StartServer("s3cret-token");
+  ASSERT_NE(server, nullptr);
+  const std::string where = "127.0.0.1:" + std::to_string(server->port());
+  const auto start = std::chrono::steady_clock::now();
+  const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" +
+                              TrainArgs(4, " memory.host_budget=8MB") + " --coordinator " + where +
+                              " --coordinator-token-file " + (tmp_ / "token"),
+                          tmp_ / "train.log");
+  const int code = WaitExit(pid, std::chrono::seconds(110));
+  const std::string log = ReadTextFile(tmp_ / "train.log");
+  EXPECT_NE(code, 0) << log;
+  EXPECT_TRUE(Contains(log, "the coordinator cannot lay this job out on its 2 workers")) << log;
+  EXPECT_TRUE(Contains(log, "no arrangement")) << log;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(50)) << log;
+}
+
 TEST_F(CoordinatorTest, RanksJoinAgainWhenTheCoordinatorRestarts) {
   auto server = StartServer("s3cret-token");
   ASSERT_NE(server, nullptr);

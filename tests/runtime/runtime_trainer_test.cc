@@ -232,6 +232,10 @@ TEST_F(TrainerTest, PagedStatesTrainBitIdentically) {
   // What stays in RAM besides (biases and norm gains with their gradients: far below 1% of the
   // states here) and the two stores' peaks together stay within the host budget.
   EXPECT_LE(paged_peak + std::stoll(mm[1]), budget);
+  // What the worker tells the coordinator its disk holds: the states not in RAM.
+  const std::vector<double> on_disk = Metric("disk", "train", "state_bytes_on_disk");
+  ASSERT_EQ(on_disk.size(), 6u);
+  EXPECT_GE(on_disk.back(), static_cast<double>(states - budget));
   // Same losses (training and validation), weights and optimizer state, bit for bit.
   const std::vector<double> a = StepLosses("ram"), b = StepLosses("disk");
   ASSERT_EQ(a.size(), 6u);
