@@ -147,6 +147,16 @@ absl::StatusOr<RunFigures> RunOne(const BenchContext& ctx, const runtime::Config
 
 std::string Yes(bool b) { return b ? "met" : "NOT met"; }
 
+// The figures both parts report, under their keys with `prefix` ("" for a, "b_" for b).
+void PutRunPair(const std::string& prefix, const RunFigures& off, const RunFigures& ram,
+                nlohmann::json& j) {
+  j[prefix + "tokens_per_s_offload"] = off.tokens_per_s;
+  j[prefix + "tokens_per_s_ram"] = ram.tokens_per_s;
+  j[prefix + "peak_rss_mb_offload"] = off.peak_rss_mb;
+  j[prefix + "peak_rss_mb_ram"] = ram.peak_rss_mb;
+  j[prefix + "plan_offload"] = off.plan;
+}
+
 void PrintRow(const char* label, const RunFigures& f, int64_t budget_bytes) {
   const double states = static_cast<double>(kStateBytesPerParam * f.params);
   std::fprintf(stderr, "  %-22s %8lld %14lld %12s %14s %12.0f %12.0f\n", label,
@@ -347,13 +357,9 @@ absl::Status RunBenchMemory(const MemoryBenchOptions& o) {
     j["states_over_budget"] = over;
     j["throughput_ratio"] = ratio;
     j["work_ratio"] = work_ratio;
-    j["tokens_per_s_offload"] = a_off.tokens_per_s;
-    j["tokens_per_s_ram"] = a_ram.tokens_per_s;
-    j["peak_rss_mb_offload"] = a_off.peak_rss_mb;
-    j["peak_rss_mb_ram"] = a_ram.peak_rss_mb;
+    PutRunPair("", a_off, a_ram, j);
     j["n_layer_offload"] = a_off.n_layer;
     j["n_layer_ram"] = a_ram.n_layer;
-    j["plan_offload"] = a_off.plan;
     j["states_exceed_machine_ram"] =
         static_cast<double>(kStateBytesPerParam * a_off.params) > ram_bytes;
     j["target_met"] = over >= 4 && ratio >= 0.7;
@@ -372,11 +378,7 @@ absl::Status RunBenchMemory(const MemoryBenchOptions& o) {
     j["b_budget"] = b_budget;
     j["b_states_over_budget"] = over;
     j["b_throughput_ratio"] = ratio;
-    j["b_tokens_per_s_offload"] = b_off.tokens_per_s;
-    j["b_tokens_per_s_ram"] = b_ram.tokens_per_s;
-    j["b_peak_rss_mb_offload"] = b_off.peak_rss_mb;
-    j["b_peak_rss_mb_ram"] = b_ram.peak_rss_mb;
-    j["b_plan_offload"] = b_off.plan;
+    PutRunPair("b_", b_off, b_ram, j);
     j["b_target_met"] = over >= 4 && ratio >= 0.7;
   }
   std::cout << j.dump() << std::endl;
