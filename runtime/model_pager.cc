@@ -236,6 +236,7 @@ void ModelPager::BeginStep() {
   const absl::Status traced = store_->SetTrace(recording_);
   TORCH_CHECK(traced.ok(), "model pager: ", traced.ToString());
   trace_ = std::move(recording_);
+  loads_at_trace_ = store_->stats().loads + store_->stats().zero_fills;
   positions_.assign(2 * num_chunks_, {});
   for (size_t t = 0; t < trace_.size(); ++t) {
     positions_[trace_[t]].push_back(static_cast<int64_t>(t));
@@ -261,6 +262,14 @@ void ModelPager::BeginStep() {
       "read); eviction and prefetch follow the trace from now on",
       trace_.size(), store_->capacity_chunks(), 2 * num_chunks_, predicted_loads_per_step_,
       MiB(predicted_loads_per_step_ * capacity_ * static_cast<int64_t>(sizeof(float))));
+}
+
+double ModelPager::measured_loads_per_step() const {
+  // Steps since the trace was installed: those begun after it, the last one ended or ending.
+  const int steps = steps_begun_ - 1;
+  if (trace_.empty() || steps < 1) return -1;
+  const memory::TieredChunkStoreStats st = store_->stats();
+  return static_cast<double>(st.loads + st.zero_fills - loads_at_trace_) / steps;
 }
 
 void ModelPager::BeginMicroBatch(bool last) {

@@ -105,6 +105,9 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   // From the warm-up trace (-1 before it): chunk loads (or zero fills) per steady-state step that
   // farthest-next-use needs with the store's capacity, by simulation.
   int64_t predicted_loads_per_step() const { return predicted_loads_per_step_; }
+  // What the steps since the warm-up did (evaluations in between included), for comparison; -1
+  // before the second step has ended.
+  double measured_loads_per_step() const;
   // One line: the plan (chunks, fill, what stays resident, where the rest goes).
   std::string Describe() const;
 
@@ -141,6 +144,7 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   std::vector<std::vector<int64_t>> positions_;  // chunk -> its positions in trace_
   int64_t next_ = 0;                             // trace position after the latest acquisition
   int64_t predicted_loads_per_step_ = -1;
+  int64_t loads_at_trace_ = 0;  // the store's loads and zero fills when the trace was installed
 };
 
 }  // namespace shoal::runtime

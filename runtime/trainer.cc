@@ -1312,10 +1312,11 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     SHOAL_LOG(Info) << absl::StrFormat(
         "paged parameters and gradients: %d chunks of %d bytes, peak %d of %d bytes in RAM; %d "
         "loads (%d prefetched, %d hits), %d write-backs, %d bytes read and %d written, %.2f s "
-        "waited",
+        "waited; loads and zero fills per step after the warm-up %.1f (the trace predicted %d)",
         pager.store().num_chunks(), pager.store().chunk_bytes(), st.peak_resident_bytes,
         pager.store().host_budget_bytes(), st.loads, st.prefetches, st.prefetch_hits,
-        st.write_backs, st.bytes_read, st.bytes_written, st.acquire_wait_seconds);
+        st.write_backs, st.bytes_read, st.bytes_written, st.acquire_wait_seconds,
+        pager.measured_loads_per_step(), pager.predicted_loads_per_step());
   }
   if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
     // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the
