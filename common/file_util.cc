@@ -33,20 +33,26 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
 }
 
 absl::Status WriteFileSynced(const std::string& path, absl::string_view contents) {
+  return WriteFileSynced(path, std::vector<absl::string_view>{contents});
+}
+
+absl::Status WriteFileSynced(const std::string& path, const std::vector<absl::string_view>& parts) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoError("cannot create", path);
-  const char* p = contents.data();
-  size_t left = contents.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd, p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      absl::Status s = ErrnoError("write failed on", path);
-      ::close(fd);
-      return s;
+  for (absl::string_view part : parts) {
+    const char* p = part.data();
+    size_t left = part.size();
+    while (left > 0) {
+      ssize_t n = ::write(fd, p, left);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        absl::Status s = ErrnoError("write failed on", path);
+        ::close(fd);
+        return s;
+      }
+      p += n;
+      left -= static_cast<size_t>(n);
     }
-    p += n;
-    left -= static_cast<size_t>(n);
   }
   if (::fsync(fd) != 0) {
     absl::Status s = ErrnoError("fsync failed on", path);

@@ -17,6 +17,9 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 // Writes `contents` to `path` and fsyncs it (no rename). kInternal names the path on failure.
 absl::Status WriteFileSynced(const std::string& path, absl::string_view contents);
+// The same with the contents given as consecutive parts, written one after the other (a large
+// file never has to be assembled in memory first).
+absl::Status WriteFileSynced(const std::string& path, const std::vector<absl::string_view>& parts);
 
 // Writes `path` atomically: a temporary sibling, fsync, rename, fsync of the directory.
 // A crash at any point leaves either the old file or the new one.

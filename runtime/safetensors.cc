@@ -178,15 +178,17 @@ absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tenso
   // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
   header_json.append((8 - header_json.size() % 8) % 8, ' ');
 
-  std::string file;
-  file.reserve(8 + header_json.size() + offset);
+  // The header, then every tensor's bytes straight from its storage: a checkpoint never needs a
+  // second copy of the state in memory.
+  std::string head;
   const uint64_t header_len = header_json.size();
-  for (int i = 0; i < 8; ++i) file.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
-  file += header_json;
+  for (int i = 0; i < 8; ++i) head.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
+  head += header_json;
+  std::vector<absl::string_view> parts = {head};
   for (const at::Tensor& c : contiguous) {
-    file.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+    parts.emplace_back(static_cast<const char*>(c.data_ptr()), c.nbytes());
   }
-  return WriteFileSynced(path, file);
+  return WriteFileSynced(path, parts);
 }
 
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
