@@ -424,6 +424,12 @@ int RunRank() {
   } catch (const c10::Error& e) {
     s = absl::InternalError(e.what_without_backtrace());
   }
+  if (s.ok() && name != "peer_dies") {
+    // Nobody leaves before everyone is done: a rank that exits right after a case with no
+    // collective (bad_size) could otherwise close its sockets while a slower peer is still
+    // finishing the rendezvous, which that peer reports as a failure.
+    s = (*backend)->Barrier({absl::Seconds(60)})->Wait();
+  }
   std::printf("rank %d: %s: %s\n", rank, name.c_str(), s.ToString().c_str());
   std::fflush(stdout);
   backend->reset();
