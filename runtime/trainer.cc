@@ -1231,10 +1231,11 @@ absl::StatusOr<TrainResult> Trainer::Run() {
       ++timed_steps;
     }
     const int64_t done = step + 1;
+    const int64_t on_disk = engine_->StateBytesOnDisk();  // for the coordinator and the metrics
     if (options_.on_step) {
       options_.on_step({done, stats.loss, stats.lr,
                         dt > 0 ? static_cast<double>(rank_tokens_per_step) / dt : 0.0, dt,
-                        engine_->StateBytesOnDisk()});
+                        on_disk});
     }
     if (done % c.train.log_every == 0 || done == end_step) {
       TrainLogRecord r;
@@ -1261,7 +1262,7 @@ absl::StatusOr<TrainResult> Trainer::Run() {
                                  {"grad_norm", r.grad_norm}, {"tokens_per_s", r.tokens_per_s},
                                  {"mfu", r.mfu},        {"elapsed_s", r.elapsed_s},
                                  {"eta_s", r.eta_s},    {"step_loss", stats.loss}};
-        if (const int64_t on_disk = engine_->StateBytesOnDisk(); on_disk > 0) {
+        if (on_disk > 0) {
           record["state_bytes_on_disk"] = on_disk;
         }
         if (counted) {
