@@ -28,6 +28,7 @@
 #include "comm/store.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/process_memory.h"
 #include "common/sha256.h"
 #include "common/status.h"
 #include "launch/env.h"
@@ -75,18 +76,6 @@ int Fail(const absl::Status& status) {
                           status.code() == absl::StatusCode::kUnauthenticated ||
                           status.code() == absl::StatusCode::kPermissionDenied;
   return user_error ? 2 : 1;
-}
-
-long PeakRssMb() {
-  FILE* f = std::fopen("/proc/self/status", "r");
-  if (f == nullptr) return 0;
-  char line[256];
-  long kb = 0;
-  while (std::fgets(line, sizeof(line), f)) {
-    if (std::sscanf(line, "VmHWM: %ld kB", &kb) == 1) break;
-  }
-  std::fclose(f);
-  return kb / 1024;
 }
 
 int RunPrepareData(const runtime::PrepareDataOptions& options) {
@@ -243,7 +232,7 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
       {"mfu", result->mfu},
       {"peak_gflops", result->peak_gflops},
       {"step_time_ms", result->step_time_ms},
-      {"peak_rss_mb", PeakRssMb()},
+      {"peak_rss_mb", PeakResidentBytes() / (1 << 20)},
       {"omp_threads", result->omp_threads},
       {"blas_threads", result->blas_threads},
       {"batch_size", c.train.batch_size},

@@ -12,6 +12,7 @@
 #include "absl/synchronization/mutex.h"
 #include "comm/coordinator_client.h"
 #include "common/logging.h"
+#include "common/process_memory.h"
 #include "common/status.h"
 #include "runtime/profiler.h"
 #include "scheduler/coordinator_service.h"
@@ -37,15 +38,6 @@ std::string HintFor(absl::StatusCode code) {
     return "check --coordinator-token-file: it must hold the coordinator's token";
   }
   return "";
-}
-
-int64_t ResidentBytes() {
-  FILE* f = std::fopen("/proc/self/statm", "r");
-  if (f == nullptr) return 0;
-  long long size = 0, resident = 0;
-  const int n = std::fscanf(f, "%lld %lld", &size, &resident);
-  std::fclose(f);
-  return n == 2 ? resident * ::sysconf(_SC_PAGESIZE) : 0;
 }
 
 std::string JobName(const std::string& source) {

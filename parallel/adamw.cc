@@ -11,31 +11,21 @@
 #include "absl/strings/str_cat.h"
 #include "common/simd.h"
 #include "common/status.h"
+#include "memory/adamw_math.h"
 
 namespace shoal::parallel {
 namespace {
 constexpr int64_t kNormBlock = 4096;
 constexpr int64_t kStepGrain = 16384;
 
-struct AdamWConstants {
-  float decay, b1, one_minus_b1, b2, one_minus_b2, step_size, bc2_sqrt, eps, scale;
-};
+using memory::AdamWConstants;
 
-// The fused update of elements [0, n): one read of p, g, m, v and one write of p, m, v each.
+// The fused update of elements [0, n) (memory/adamw_math.h, the device optimizer's formula too).
 SHOAL_SIMD_CLONES
 void AdamWRange(const AdamWConstants& k, const float* gr, float* p, float* m, float* v,
                 int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gr[i] * k.scale;
-    const float pi = p[i] * k.decay;
-    const float mi = m[i] * k.b1 + g * k.one_minus_b1;
-    const float vi = v[i] * k.b2 + k.one_minus_b2 * (g * g);
-    const float denom = std::sqrt(vi) / k.bc2_sqrt + k.eps;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = pi - k.step_size * (mi / denom);
-  }
+  for (int64_t i = 0; i < n; ++i) memory::AdamWElement(k, gr, p, m, v, i);
 }
 
 SHOAL_SIMD_CLONES
@@ -128,18 +118,9 @@ int64_t AdamW::ShardBegin(int g) const { return ShardSize(g) * shard_.index; }
 
 void AdamW::Step(double lr, double grad_scale) {
   ++steps_;
-  const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(steps_));
-  const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(steps_));
-  // Constants rounded to float once, as torch.optim.AdamW's tensor ops do.
-  AdamWConstants k;
-  k.b1 = static_cast<float>(options_.beta1);
-  k.one_minus_b1 = static_cast<float>(1.0 - options_.beta1);
-  k.b2 = static_cast<float>(options_.beta2);
-  k.one_minus_b2 = static_cast<float>(1.0 - options_.beta2);
-  k.step_size = static_cast<float>(lr / bc1);
-  k.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-  k.eps = static_cast<float>(options_.eps);
-  k.scale = static_cast<float>(grad_scale);
+  // Decay is per group: set below.
+  const AdamWConstants k = memory::MakeAdamWConstants(
+      options_.beta1, options_.beta2, options_.eps, /*weight_decay=*/0.0, steps_, lr, grad_scale);
   // Elements [first, first + count) of group gi's shard, whose moments are at m and v.
   auto update = [&](size_t gi, int64_t first, int64_t count, float* m, float* v) {
     const ParamGroup& group = groups_[gi];

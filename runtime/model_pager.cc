@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/process_memory.h"
 #include "memory/eviction.h"
 
 namespace shoal::runtime {
@@ -38,7 +39,9 @@ std::string MiB(int64_t bytes) {
 
 }  // namespace
 
-ModelPager::ModelPager(ModelPagerOptions options) : options_(std::move(options)) {}
+ModelPager::ModelPager(ModelPagerOptions options)
+    : options_(std::move(options)),
+      depth_(options_.prefetch_depth > 0 ? options_.prefetch_depth : 4) {}
 
 ModelPager::~ModelPager() = default;
 
@@ -159,9 +162,22 @@ void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
 }
 
 void ModelPager::AcquireChunk(int id) {
-  if (steps_begun_ == 1) recording_.push_back(id);
+  if (steps_begun_ == 1) {
+    if (!warmup_started_) {
+      warmup_started_ = true;
+      warmup_start_ = std::chrono::steady_clock::now();
+      warmup_stats_ = store_->stats();
+      if (moment_store_ != nullptr) warmup_moments_ = moment_store_->stats();
+      last_recorded_.assign(2 * num_chunks_, -1);
+    }
+    last_recorded_[id] = static_cast<int64_t>(recording_.size());
+    recording_.push_back(id);
+    recording_dirty_.push_back(0);
+    recording_discard_.push_back(0);
+  }
   absl::StatusOr<float*> got = store_->Acquire(id);
   TORCH_CHECK(got.ok(), "model pager: ", got.status().ToString());
+  if (steps_begun_ == 1) SampleWarmup();
   if (trace_.empty()) return;
   // Where this access is in the trace: the next position of `id` from where the last one left
   // off (an access outside the step's pattern, such as an evaluation, resynchronises).
@@ -175,7 +191,7 @@ void ModelPager::AcquireChunk(int id) {
 
 void ModelPager::PrefetchAhead() {
   const int64_t n = static_cast<int64_t>(trace_.size());
-  for (int k = 0; k < options_.prefetch_depth && k < n; ++k) {
+  for (int k = 0; k < depth_ && k < n; ++k) {
     const int id = trace_[(next_ + k) % n];
     const absl::Status hinted = store_->Prefetch(id);
     TORCH_CHECK(hinted.ok(), "model pager: ", hinted.ToString());
@@ -185,6 +201,142 @@ void ModelPager::PrefetchAhead() {
 void ModelPager::ReleaseChunk(int id, bool dirty) {
   const absl::Status released = store_->Release(id, dirty);
   TORCH_CHECK(released.ok(), "model pager: ", released.ToString());
+  if (steps_begun_ == 1 && warmup_started_ && last_recorded_[id] >= 0) {
+    recording_dirty_[last_recorded_[id]] |= dirty;
+    SampleWarmup();
+  }
+}
+
+void ModelPager::SampleWarmup() {
+  int64_t chunks = store_->stats().resident_bytes;
+  if (moment_store_ != nullptr) chunks += moment_store_->stats().resident_bytes;
+  non_chunk_peak_ = std::max(non_chunk_peak_, ResidentBytes() - chunks);
+}
+
+ModelPager::Transfers ModelPager::SimulatedTransfers() const {
+  // Replays two steps of the trace with farthest-next-use at the store's capacity, tracking
+  // which chunks are dirty and which have a disk copy: in the second step, a dirty chunk evicted
+  // is a write-back and a chunk loaded from its disk copy a read (the rest are zero fills).
+  // Parameters are on disk from the start; gradients start every step discarded (ZeroGrads).
+  Transfers out;
+  absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(trace_);
+  if (!table.ok()) return out;
+  memory::FarthestNextUsePolicy policy(&*table);
+  memory::SimulationOptions so;
+  so.capacity_chunks = store_->capacity_chunks();
+  so.iterations = 2;
+  absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(trace_, so, policy);
+  if (!sim.ok()) return out;
+  const int64_t n = static_cast<int64_t>(trace_.size());
+  std::vector<char> dirty(2 * num_chunks_, 0), on_disk(2 * num_chunks_, 0);
+  std::fill(on_disk.begin(), on_disk.begin() + num_chunks_, 1);
+  size_t e = 0;
+  for (int64_t t = 0; t < 2 * n; ++t) {
+    if (t % n == 0) {
+      std::fill(dirty.begin() + num_chunks_, dirty.end(), 0);
+      std::fill(on_disk.begin() + num_chunks_, on_disk.end(), 0);
+    }
+    for (; e < sim->events.size() && sim->events[e].moment == t; ++e) {
+      const memory::SimulationEvent& ev = sim->events[e];
+      if (ev.evicted >= 0 && dirty[ev.evicted]) {
+        out.write_backs += t >= n;
+        dirty[ev.evicted] = 0;
+        on_disk[ev.evicted] = 1;
+      }
+      out.reads += t >= n && on_disk[ev.loaded];
+    }
+    const int64_t pos = t % n;
+    if (recording_dirty_[pos]) dirty[trace_[pos]] = 1;
+    if (recording_discard_[pos]) {
+      dirty[trace_[pos]] = 0;
+      on_disk[trace_[pos]] = 0;
+    }
+  }
+  return out;
+}
+
+void ModelPager::PlanFromWarmup() {
+  const bool refine = plan_.has_value();
+  const double elapsed =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - warmup_start_).count();
+  const memory::TieredChunkStoreStats st = store_->stats();
+  double waited = st.acquire_wait_seconds - warmup_stats_.acquire_wait_seconds;
+  int64_t moved = st.bytes_read - warmup_stats_.bytes_read + st.bytes_written -
+                  warmup_stats_.bytes_written;
+  const int64_t chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
+  int64_t moment_loads = 0;
+  if (moment_store_ != nullptr) {
+    const memory::TieredChunkStoreStats ms = moment_store_->stats();
+    waited += ms.acquire_wait_seconds - warmup_moments_.acquire_wait_seconds;
+    moved += ms.bytes_read - warmup_moments_.bytes_read + ms.bytes_written -
+             warmup_moments_.bytes_written;
+    // The optimizer sweeps its chunks in order once per step; every one it loads is dirty when
+    // evicted. In parameter-chunk units (a moment chunk holds m and v: twice the bytes).
+    std::vector<int> sweep(moment_store_->num_chunks());
+    for (size_t c = 0; c < sweep.size(); ++c) sweep[c] = static_cast<int>(c);
+    absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(sweep);
+    if (table.ok()) {
+      memory::FarthestNextUsePolicy policy(&*table);
+      memory::SimulationOptions so;
+      so.capacity_chunks = moment_store_->capacity_chunks();
+      so.iterations = 2;
+      absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(sweep, so, policy);
+      if (sim.ok()) {
+        for (const memory::SimulationEvent& ev : sim->events) {
+          moment_loads += ev.moment >= static_cast<int64_t>(sweep.size());
+        }
+      }
+    }
+  }
+  profile_.compute_seconds = std::max(0.0, elapsed - waited);
+  if (refine) {
+    // The first traced step: its compute, without the warm-up's first touches and allocations,
+    // is the steady state's. The bandwidth and memory stay the warm-up's (this step's waits are
+    // what prefetch did not hide, no measure of the disk).
+    absl::StatusOr<memory::MemoryPlanEstimate> plan = memory::PlanFromProfile(profile_);
+    if (!plan.ok()) return;
+    plan_ = *plan;
+    if (options_.prefetch_depth <= 0) depth_ = plan_->prefetch_depth;
+    SHOAL_LOG(Info) << absl::StrFormat(
+        "memory plan refined from the first traced step: compute %.3f s -> %s",
+        profile_.compute_seconds, plan_->Describe());
+    return;
+  }
+  profile_.accesses = static_cast<int64_t>(trace_.size());
+  profile_.chunk_bytes = chunk_bytes;
+  const Transfers transfers = SimulatedTransfers();
+  // (the warm-up's figures below)
+  profile_.loads_per_step = transfers.reads + 2 * moment_loads;
+  profile_.write_backs_per_step = transfers.write_backs + 2 * moment_loads;
+  profile_.capacity_chunks = store_->capacity_chunks();
+  profile_.pinned_chunks = std::min(2 * piece_span_, profile_.capacity_chunks);
+  profile_.chunk_budget_bytes = paged_budget_ + moment_budget_;
+  profile_.non_chunk_peak_bytes = non_chunk_peak_;
+  if (moved <= 0 || waited <= 1e-4) {
+    SHOAL_LOG(Info) << "memory plan: the warm-up step moved too little chunk data to time the "
+                       "disk; prefetch depth stays "
+                    << depth_;
+    return;
+  }
+  // What the warm-up waited for: demand loads and the write-backs they queued behind, so an
+  // effective bandwidth of the disk tier as training uses it, for reads and writes alike.
+  profile_.read_bytes_per_s = moved / waited;
+  profile_.write_bytes_per_s = profile_.read_bytes_per_s;
+  absl::StatusOr<memory::MemoryPlanEstimate> plan = memory::PlanFromProfile(profile_);
+  if (!plan.ok()) {
+    SHOAL_LOG(Warning) << "memory plan: " << plan.status().message();
+    return;
+  }
+  plan_ = *plan;
+  if (options_.prefetch_depth <= 0) depth_ = plan_->prefetch_depth;
+  SHOAL_LOG(Info) << absl::StrFormat(
+      "memory plan from the warm-up step: compute %.3f s over %d chunk accesses, disk %.0f MB/s "
+      "as waited for, memory outside chunks up to %s; per step %d loads and %d write-backs "
+      "(chunk-sized) -> %s%s",
+      profile_.compute_seconds, profile_.accesses, profile_.read_bytes_per_s / 1e6,
+      MiB(non_chunk_peak_), profile_.loads_per_step, profile_.write_backs_per_step,
+      plan_->Describe(),
+      options_.prefetch_depth > 0 ? absl::StrCat(" (prefetch depth fixed at ", depth_, ")") : "");
 }
 
 void ModelPager::Begin(int piece, Pass pass) {
@@ -230,7 +382,14 @@ void ModelPager::ZeroGrads() {
 }
 
 void ModelPager::BeginStep() {
+  const auto now = std::chrono::steady_clock::now();
+  if (steps_begun_ >= 2) {
+    steady_seconds_ += std::chrono::duration<double>(now - last_step_begin_).count();
+    ++steady_steps_;
+  }
+  last_step_begin_ = now;
   ++steps_begun_;
+  if (steps_begun_ == 3 && plan_.has_value()) PlanFromWarmup();  // refined by step 2
   if (steps_begun_ != 2 || recording_.empty()) return;
   // The warm-up step is over: its accesses are every later step's.
   const absl::Status traced = store_->SetTrace(recording_);
@@ -262,6 +421,11 @@ void ModelPager::BeginStep() {
       "read); eviction and prefetch follow the trace from now on",
       trace_.size(), store_->capacity_chunks(), 2 * num_chunks_, predicted_loads_per_step_,
       MiB(predicted_loads_per_step_ * capacity_ * static_cast<int64_t>(sizeof(float))));
+  PlanFromWarmup();
+  // Step 2's own measurements start here, for the refinement when step 3 begins.
+  warmup_start_ = std::chrono::steady_clock::now();
+  warmup_stats_ = store_->stats();
+  if (moment_store_ != nullptr) warmup_moments_ = moment_store_->stats();
 }
 
 double ModelPager::measured_loads_per_step() const {
@@ -310,6 +474,9 @@ void ModelPager::Release(int group, int64_t begin, int64_t count) {
   ReleaseChunk(num_chunks_ + c, /*dirty=*/false);
   const absl::Status dropped = store_->Discard(num_chunks_ + c);
   TORCH_CHECK(dropped.ok(), "model pager: ", dropped.ToString());
+  if (steps_begun_ == 1 && warmup_started_ && last_recorded_[num_chunks_ + c] >= 0) {
+    recording_discard_[last_recorded_[num_chunks_ + c]] = 1;
+  }
 }
 
 std::string ModelPager::Describe() const {

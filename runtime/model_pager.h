@@ -35,13 +35,16 @@
 #ifndef SHOAL_RUNTIME_MODEL_PAGER_H_
 #define SHOAL_RUNTIME_MODEL_PAGER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "memory/chunk_layout.h"
+#include "memory/cost_model.h"
 #include "memory/disk_tier.h"
 #include "memory/tiered_store.h"
 #include "parallel/adamw.h"
@@ -55,7 +58,9 @@ struct ModelPagerOptions {
   std::string disk_directory;     // memory.disk_path; the store's file goes in <it>/paged
   int64_t disk_budget_bytes = 0;  // 0: what the slots need
   int worker = 0;                 // names the disk file
-  int prefetch_depth = 4;         // chunks of the trace made resident ahead of use
+  // Chunks of the trace made resident ahead of use; 0: chosen by the memory plan from what the
+  // warm-up step measured (memory/cost_model.h), 4 until then.
+  int prefetch_depth = 0;
   memory::DiskIoBackend disk_backend = memory::DiskIoBackend::kAuto;
   // Called on the caller's thread for every chunk made resident (+bytes) or released (-bytes),
   // parameters and gradients alike: what a test or a memory profiler counts independently.
@@ -111,12 +116,34 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   // One line: the plan (chunks, fill, what stays resident, where the rest goes).
   std::string Describe() const;
 
+  // The optimizer's moment store (not owned; null: none), whose resident chunks the warm-up's
+  // "non-chunk memory" excludes and whose transfers the plan counts. Set once it exists.
+  void SetMomentStore(const memory::TieredChunkStore* store) { moment_store_ = store; }
+  // The memory plan from the warm-up step's measurements (memory::PlanFromProfile): set when the
+  // second step begins; nullopt before, or if the warm-up measured no disk traffic to time.
+  const std::optional<memory::MemoryPlanEstimate>& plan() const { return plan_; }
+  const memory::WarmupProfile& warmup_profile() const { return profile_; }
+  int prefetch_depth() const { return depth_; }
+  // Mean wall time from one step's start to the next's, over the steps after the warm-up (what
+  // the plan's step time predicts; evaluations in between included); -1 before there is one.
+  double measured_step_seconds() const {
+    return steady_steps_ > 0 ? steady_seconds_ / steady_steps_ : -1;
+  }
+
  private:
   int ParamChunk(int64_t begin) const;
   void AcquireChunk(int id);
   void ReleaseChunk(int id, bool dirty);
   void PrefetchAhead();
   void SumSquaresOf(int chunk);
+  // Warm-up profiling: the memory outside chunks at this moment, and the plan at its end.
+  void SampleWarmup();
+  void PlanFromWarmup();
+  struct Transfers {
+    int64_t reads = 0;        // chunk loads from disk per steady-state step
+    int64_t write_backs = 0;  // dirty chunks written to disk per steady-state step
+  };
+  Transfers SimulatedTransfers() const;
 
   ModelPagerOptions options_;
   int64_t capacity_ = 0;
@@ -145,6 +172,23 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   int64_t next_ = 0;                             // trace position after the latest acquisition
   int64_t predicted_loads_per_step_ = -1;
   int64_t loads_at_trace_ = 0;  // the store's loads and zero fills when the trace was installed
+  int depth_ = 4;               // prefetch depth in use
+
+  // The warm-up's measurements: per recorded access, whether its release dirtied the chunk or
+  // discarded it (for the write-backs the plan predicts), time and waits at its start.
+  std::vector<char> recording_dirty_, recording_discard_;
+  std::vector<int64_t> last_recorded_;  // chunk -> its latest position in recording_
+  bool warmup_started_ = false;
+  std::chrono::steady_clock::time_point warmup_start_;
+  memory::TieredChunkStoreStats warmup_stats_;   // the store's stats when the warm-up began
+  memory::TieredChunkStoreStats warmup_moments_; // the moment store's
+  int64_t non_chunk_peak_ = 0;
+  const memory::TieredChunkStore* moment_store_ = nullptr;
+  memory::WarmupProfile profile_;
+  std::optional<memory::MemoryPlanEstimate> plan_;
+  std::chrono::steady_clock::time_point last_step_begin_;
+  double steady_seconds_ = 0;
+  int steady_steps_ = 0;
 };
 
 }  // namespace shoal::runtime

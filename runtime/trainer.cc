@@ -13,6 +13,7 @@
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/process_memory.h"
 #include "common/progress.h"
 #include "common/status.h"
 #include "runtime/device_probe.h"
@@ -306,6 +307,7 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
           {&model_->params(Gpt::kNoDecay), &model_->grads(Gpt::kNoDecay), false}},
       opt, zero1 ? parallel::Shard{rank, world} : parallel::Shard{},
       MomentOffloadFor(config, *model_, rank, pager_.get()));
+  if (pager_) pager_->SetMomentStore(optimizer_->moment_store());
   if (world > 1) {
     parallel::DataParallelOptions dpo;
     dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
@@ -1318,6 +1320,14 @@ absl::StatusOr<TrainResult> Trainer::Run() {
         pager.store().host_budget_bytes(), st.loads, st.prefetches, st.prefetch_hits,
         st.write_backs, st.bytes_read, st.bytes_written, st.acquire_wait_seconds,
         pager.measured_loads_per_step(), pager.predicted_loads_per_step());
+    if (pager.plan().has_value()) {
+      // The plan's predictions against what the run did.
+      SHOAL_LOG(Info) << absl::StrFormat(
+          "memory plan: predicted %.3f s per step, measured %.3f s (mean after the warm-up); "
+          "predicted peak %.1f MiB, measured peak RSS %.1f MiB",
+          pager.plan()->step_seconds, pager.measured_step_seconds(),
+          pager.plan()->peak_bytes / double(1 << 20), PeakResidentBytes() / double(1 << 20));
+    }
   }
   if (engine_->demo() != nullptr && world_ > 1 && options_.log_all_ranks_summary) {
     // Every rank: a fingerprint of its parameters, so a reader (or a test) can see that the
