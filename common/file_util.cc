@@ -10,9 +10,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace shoal {
 namespace {
@@ -36,31 +38,42 @@ absl::Status WriteFileSynced(const std::string& path, absl::string_view contents
   return WriteFileSynced(path, std::vector<absl::string_view>{contents});
 }
 
-absl::Status WriteFileSynced(const std::string& path, const std::vector<absl::string_view>& parts) {
+absl::Status WriteFileSyncedStreaming(
+    const std::string& path,
+    const std::function<absl::Status(const std::function<absl::Status(absl::string_view)>&)>&
+        produce) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoError("cannot create", path);
-  for (absl::string_view part : parts) {
+  auto write = [&](absl::string_view part) -> absl::Status {
     const char* p = part.data();
     size_t left = part.size();
     while (left > 0) {
       ssize_t n = ::write(fd, p, left);
       if (n < 0) {
         if (errno == EINTR) continue;
-        absl::Status s = ErrnoError("write failed on", path);
-        ::close(fd);
-        return s;
+        return ErrnoError("write failed on", path);
       }
       p += n;
       left -= static_cast<size_t>(n);
     }
-  }
-  if (::fsync(fd) != 0) {
-    absl::Status s = ErrnoError("fsync failed on", path);
+    return absl::OkStatus();
+  };
+  absl::Status s = produce(write);
+  if (s.ok() && ::fsync(fd) != 0) s = ErrnoError("fsync failed on", path);
+  if (!s.ok()) {
     ::close(fd);
     return s;
   }
   if (::close(fd) != 0) return ErrnoError("close failed on", path);
   return absl::OkStatus();
+}
+
+absl::Status WriteFileSynced(const std::string& path, const std::vector<absl::string_view>& parts) {
+  return WriteFileSyncedStreaming(
+      path, [&](const std::function<absl::Status(absl::string_view)>& write) -> absl::Status {
+        for (absl::string_view part : parts) SHOAL_RETURN_IF_ERROR(write(part));
+        return absl::OkStatus();
+      });
 }
 
 absl::Status FsyncDirectory(const std::string& dir) {

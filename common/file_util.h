@@ -3,6 +3,7 @@
 #ifndef SHOAL_COMMON_FILE_UTIL_H_
 #define SHOAL_COMMON_FILE_UTIL_H_
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,13 @@ absl::Status WriteFileSynced(const std::string& path, absl::string_view contents
 // The same with the contents given as consecutive parts, written one after the other (a large
 // file never has to be assembled in memory first).
 absl::Status WriteFileSynced(const std::string& path, const std::vector<absl::string_view>& parts);
+// The same for contents produced piece by piece: `produce` calls the writer it is given for
+// each piece, in order (the file is created first, fsynced after). A piece's write error or
+// `produce`'s own error is returned; the partial file is then left for the caller to remove.
+absl::Status WriteFileSyncedStreaming(
+    const std::string& path,
+    const std::function<absl::Status(const std::function<absl::Status(absl::string_view)>&)>&
+        produce);
 
 // Writes `path` atomically: a temporary sibling, fsync, rename, fsync of the directory.
 // A crash at any point leaves either the old file or the new one.

@@ -286,8 +286,19 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
     return std::min(measured, bytes);
   };
   v1::MemoryTiers* tiers = impl->profile.mutable_memory();
-  SHOAL_ASSIGN_OR_RETURN(const int64_t host,
+  SHOAL_ASSIGN_OR_RETURN(int64_t host,
                          cap(config.memory.host_budget, "memory.host_budget", tiers->host_bytes()));
+  if (!config.memory.disk_path.empty() && !config.memory.host_budget.empty()) {
+    // With a disk tier, memory.host_budget is the trainer's budget for model states (the rest is
+    // paged to disk), not for the activations beside them, which the solver also places in RAM:
+    // add memory.activation_budget when set, else leave the RAM measured.
+    int64_t activations = tiers->host_bytes();
+    if (!config.memory.activation_budget.empty()) {
+      SHOAL_ASSIGN_OR_RETURN(activations, runtime::ParseByteSize(config.memory.activation_budget,
+                                                                 "memory.activation_budget"));
+    }
+    host = std::min(tiers->host_bytes(), host + activations);
+  }
   SHOAL_ASSIGN_OR_RETURN(const int64_t disk,
                          cap(config.memory.disk_budget, "memory.disk_budget", tiers->disk_bytes()));
   SHOAL_ASSIGN_OR_RETURN(const int64_t gpu,
@@ -389,6 +400,20 @@ void WorkerLink::OnStep(const runtime::StepReport& report) {
   s.set_tokens_per_s(report.tokens_per_s);
   s.set_step_time_s(report.step_seconds);
   s.mutable_memory_used()->set_disk_bytes(report.disk_bytes);
+  if (report.predicted_step_seconds > 0) {
+    // The chunk manager's own plan: the paged states (the rest of the budget's worth in RAM, the
+    // rest on disk), its predicted peak and its budget.
+    s.set_predicted_step_s(report.predicted_step_seconds);
+    v1::MemoryPlan* plan = s.mutable_memory_plan();
+    plan->clear_states();
+    v1::StatePlacement* states = plan->add_states();
+    states->set_state("paged_states");
+    states->mutable_bytes()->set_disk_bytes(report.disk_bytes);
+    states->mutable_bytes()->set_host_bytes(std::max<int64_t>(0, report.state_bytes - report.disk_bytes));
+    plan->mutable_peak()->set_host_bytes(report.predicted_peak_host_bytes);
+    plan->mutable_peak()->set_disk_bytes(report.state_bytes);
+    plan->mutable_budget()->set_host_bytes(report.host_budget_bytes);
+  }
   impl_->have_stats = true;
 }
 

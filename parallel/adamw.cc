@@ -117,48 +117,135 @@ int64_t AdamW::ShardSize(int g) const { return groups_[g].params->numel() / shar
 int64_t AdamW::ShardBegin(int g) const { return ShardSize(g) * shard_.index; }
 
 void AdamW::Step(double lr, double grad_scale) {
+  BeginStep(lr, grad_scale);
+  FinishStep();
+}
+
+void AdamW::BeginStep(double lr, double grad_scale) {
+  TORCH_CHECK(!in_step_, "AdamW: BeginStep while a step is in progress");
+  in_step_ = true;
   ++steps_;
-  // Decay is per group: set below.
-  const AdamWConstants k = memory::MakeAdamWConstants(
-      options_.beta1, options_.beta2, options_.eps, /*weight_decay=*/0.0, steps_, lr, grad_scale);
-  // Elements [first, first + count) of group gi's shard, whose moments are at m and v.
-  auto update = [&](size_t gi, int64_t first, int64_t count, float* m, float* v) {
-    const ParamGroup& group = groups_[gi];
-    const int64_t begin = ShardBegin(static_cast<int>(gi)) + first;
-    AdamWConstants kg = k;
-    kg.decay = static_cast<float>(1.0 - lr * (group.decay ? options_.weight_decay : 0.0));
-    float* p = group.params->flat().data_ptr<float>() + begin;
-    const float* gr = group.grads->flat().data_ptr<float>() + begin;
-    at::parallel_for(0, count, kStepGrain, [&](int64_t i0, int64_t i1) {
-      AdamWRange(kg, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
-    });
-  };
+  lr_ = lr;
+  // Decay is per group: set in UpdateRange.
+  k_ = memory::MakeAdamWConstants(options_.beta1, options_.beta2, options_.eps,
+                                  /*weight_decay=*/0.0, steps_, lr, grad_scale);
+  stepped_.assign(chunks_.size(), 0);
+  read_chunk_ = -1;  // the moments change from now on
+  if (recording_order_) {
+    // The previous step was the first split one: its order is every later step's.
+    const absl::Status traced = store_->SetTrace(order_);
+    TORCH_CHECK(traced.ok(), "AdamW moment offload: ", traced.ToString());
+    recording_order_ = false;
+    traced_ = true;
+  }
+  order_pos_ = 0;
+  split_this_step_ = false;
+}
+
+void AdamW::UpdateRange(size_t gi, int64_t first, int64_t count, float* m, float* v) {
+  const ParamGroup& group = groups_[gi];
+  const int64_t begin = ShardBegin(static_cast<int>(gi)) + first;
+  AdamWConstants kg = k_;
+  kg.decay = static_cast<float>(1.0 - lr_ * (group.decay ? options_.weight_decay : 0.0));
+  float* p = group.params->flat().data_ptr<float>() + begin;
+  const float* gr = group.grads->flat().data_ptr<float>() + begin;
+  at::parallel_for(0, count, kStepGrain, [&](int64_t i0, int64_t i1) {
+    AdamWRange(kg, gr + i0, p + i0, m + i0, v + i0, i1 - i0);
+  });
+}
+
+void AdamW::StepOffloadedChunk(int id, int next) {
+  RangeResidency* paged = offload_.residency;
+  auto is_paged = [&](const MomentChunk& ch) { return paged != nullptr && paged->Paged(ch.group); };
+  if (next >= 0) {
+    const absl::Status hinted = store_->Prefetch(next);
+    TORCH_CHECK(hinted.ok(), "AdamW moment offload: ", hinted.ToString());
+    const MomentChunk& n = chunks_[next];
+    if (is_paged(n)) paged->Prefetch(n.group, n.begin, n.count);
+  }
+  const MomentChunk& ch = chunks_[id];
+  absl::StatusOr<float*> moments = store_->Acquire(id);
+  TORCH_CHECK(moments.ok(), "AdamW moment offload: ", moments.status().ToString());
+  if (is_paged(ch)) paged->Acquire(ch.group, ch.begin, ch.count);
+  UpdateRange(ch.group, ch.begin, ch.count, *moments, *moments + offload_.chunk_elements);
+  if (is_paged(ch)) paged->Release(ch.group, ch.begin, ch.count);
+  const absl::Status released = store_->Release(id, /*dirty=*/true);
+  TORCH_CHECK(released.ok(), "AdamW moment offload: ", released.ToString());
+  stepped_[id] = 1;
+}
+
+void AdamW::StepChunk(int chunk) {
+  TORCH_CHECK(in_step_, "AdamW: StepChunk outside BeginStep / FinishStep");
+  TORCH_CHECK(store_ != nullptr, "AdamW: StepChunk needs offloaded moments");
+  TORCH_CHECK(chunk >= 0 && chunk < num_moment_chunks() && !stepped_[chunk], "AdamW: chunk ",
+              chunk, " is out of range or already stepped this step");
+  if (!traced_ && !split_this_step_) {
+    // The first split step: its order (these chunks, then FinishStep's) becomes the store's
+    // trace at the next BeginStep.
+    order_.clear();
+    recording_order_ = true;
+  }
+  split_this_step_ = true;
+  int next = -1;
+  if (recording_order_) {
+    order_.push_back(chunk);
+  } else if (order_pos_ + 1 < order_.size() && order_[order_pos_] == chunk) {
+    next = order_[order_pos_ + 1];  // the recorded order says which comes next
+  }
+  ++order_pos_;
+  StepOffloadedChunk(chunk, next);
+}
+
+void AdamW::FinishStep() {
+  TORCH_CHECK(in_step_, "AdamW: FinishStep without BeginStep");
+  in_step_ = false;
   if (store_ == nullptr) {
     for (size_t gi = 0; gi < groups_.size(); ++gi) {
-      update(gi, 0, ShardSize(static_cast<int>(gi)), exp_avg_[gi].data_ptr<float>(),
-             exp_avg_sq_[gi].data_ptr<float>());
+      UpdateRange(gi, 0, ShardSize(static_cast<int>(gi)), exp_avg_[gi].data_ptr<float>(),
+                  exp_avg_sq_[gi].data_ptr<float>());
     }
     return;
   }
-  RangeResidency* paged = offload_.residency;
-  auto is_paged = [&](const MomentChunk& ch) { return paged != nullptr && paged->Paged(ch.group); };
+  std::vector<int> rest;
   for (size_t c = 0; c < chunks_.size(); ++c) {
-    const int id = static_cast<int>(c);
-    const MomentChunk& ch = chunks_[c];
-    if (c + 1 < chunks_.size()) {
-      const absl::Status hinted = store_->Prefetch(id + 1);
-      TORCH_CHECK(hinted.ok(), "AdamW moment offload: ", hinted.ToString());
-      const MomentChunk& next = chunks_[c + 1];
-      if (is_paged(next)) paged->Prefetch(next.group, next.begin, next.count);
-    }
-    absl::StatusOr<float*> moments = store_->Acquire(id);
-    TORCH_CHECK(moments.ok(), "AdamW moment offload: ", moments.status().ToString());
-    if (is_paged(ch)) paged->Acquire(ch.group, ch.begin, ch.count);
-    update(ch.group, ch.begin, ch.count, *moments, *moments + offload_.chunk_elements);
-    if (is_paged(ch)) paged->Release(ch.group, ch.begin, ch.count);
-    const absl::Status released = store_->Release(id, /*dirty=*/true);
-    TORCH_CHECK(released.ok(), "AdamW moment offload: ", released.ToString());
+    if (!stepped_[c]) rest.push_back(static_cast<int>(c));
   }
+  for (size_t i = 0; i < rest.size(); ++i) {
+    if (recording_order_) order_.push_back(rest[i]);
+    StepOffloadedChunk(rest[i], i + 1 < rest.size() ? rest[i + 1] : -1);
+  }
+}
+
+absl::Status AdamW::ReadMoments(int g, bool second, int64_t first, int64_t count, float* out) {
+  TORCH_CHECK(store_ != nullptr, "AdamW::ReadMoments needs offloaded moments");
+  if (g < 0 || g >= static_cast<int>(groups_.size()) || first < 0 || count < 0 ||
+      first + count > ShardSize(g)) {
+    return absl::OutOfRangeError(absl::StrCat("AdamW moments: elements [", first, ", ",
+                                              first + count, ") of group ", g,
+                                              " are out of range"));
+  }
+  // The chunks of group g start after those of the groups before it (see the constructor).
+  int base = 0;
+  for (int h = 0; h < g; ++h) {
+    base += static_cast<int>((ShardSize(h) + offload_.chunk_elements - 1) / offload_.chunk_elements);
+  }
+  while (count > 0) {
+    const int c = base + static_cast<int>(first / offload_.chunk_elements);
+    if (c != read_chunk_) {
+      read_buffer_.resize(2 * offload_.chunk_elements);
+      SHOAL_RETURN_IF_ERROR(store_->Read(c, absl::MakeSpan(read_buffer_)));
+      read_chunk_ = c;
+    }
+    const MomentChunk& ch = chunks_[c];
+    const int64_t at = first - ch.begin;
+    const int64_t n = std::min(count, ch.count - at);
+    std::memcpy(out, read_buffer_.data() + (second ? offload_.chunk_elements : 0) + at,
+                n * sizeof(float));
+    out += n;
+    first += n;
+    count -= n;
+  }
+  return absl::OkStatus();
 }
 
 void AdamW::ReadOffloaded(std::vector<at::Tensor>* full_m, std::vector<at::Tensor>* full_v) const {
@@ -214,6 +301,7 @@ absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> AdamW::GatherSta
 }
 
 absl::Status AdamW::LoadStateDict(const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  read_chunk_ = -1;  // the moments may change
   std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
   auto step_it = by_name.find("step");
   if (step_it == by_name.end() || step_it->second.numel() != 1 ||

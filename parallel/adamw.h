@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "comm/backend.h"
+#include "memory/adamw_math.h"
 #include "memory/flat_buffer.h"
 #include "memory/tiered_store.h"
 
@@ -107,6 +108,18 @@ class AdamW {
   // `grad_scale` first.
   void Step(double lr, double grad_scale);
 
+  // The same update in pieces, for an optimizer that runs inside backward (issue 7: "overlapped
+  // with backward where the order allows"): BeginStep fixes the step's constants; StepChunk(c)
+  // updates offloaded moment chunk c's range at once (its gradients must be final: no clipping
+  // that needs the global norm); FinishStep updates every range not updated yet. Element-wise,
+  // so the result is bit-identical to Step whatever the order. StepChunk needs the offload;
+  // the moment store plans by the order the first split step used, from the second one on.
+  void BeginStep(double lr, double grad_scale);
+  void StepChunk(int chunk);
+  void FinishStep();
+  // Moment chunk c covers elements [begin, begin + count) of group `group`'s shard.
+  int num_moment_chunks() const { return static_cast<int>(chunks_.size()); }
+
   // The range of group `g` this rank owns: [ShardBegin(g), ShardBegin(g) + ShardSize(g)).
   int64_t ShardBegin(int g) const;
   int64_t ShardSize(int g) const;
@@ -116,6 +129,12 @@ class AdamW {
   int64_t steps() const { return steps_; }
   // The store of offloaded moments (its counters), or null.
   const memory::TieredChunkStore* moment_store() const { return store_.get(); }
+
+  // The offloaded moments read piece by piece, for a checkpoint that streams them: copies
+  // elements [first, first + count) of group g's exp_avg (`second` false) or exp_avg_sq (true)
+  // into `out`, chunk by chunk through the store (one chunk buffered; any step drops it).
+  // REQUIRES: offloaded moments. kOutOfRange for a range outside the group.
+  absl::Status ReadMoments(int g, bool second, int64_t first, int64_t count, float* out);
 
   // Full (unsharded) state as named tensors: "exp_avg.<param>", "exp_avg_sq.<param>" per
   // parameter, and "step" (int64 scalar). REQUIRES: not sharded (count == 1); the tensors are
@@ -144,6 +163,11 @@ class AdamW {
   };
   // Full-size moments of every group read back from the store.
   void ReadOffloaded(std::vector<at::Tensor>* full_m, std::vector<at::Tensor>* full_v) const;
+  // Elements [first, first + count) of group gi's shard, whose moments are at m and v, with the
+  // current step's constants.
+  void UpdateRange(size_t gi, int64_t first, int64_t count, float* m, float* v);
+  // One offloaded chunk: residency, moments, update, release. `next`: a chunk to prefetch, or -1.
+  void StepOffloadedChunk(int chunk, int next);
 
   std::vector<ParamGroup> groups_;
   MomentOffload offload_;
@@ -154,6 +178,18 @@ class AdamW {
   AdamWOptions options_;
   Shard shard_;
   int64_t steps_ = 0;
+  // The step in progress (between BeginStep and FinishStep).
+  bool in_step_ = false;
+  double lr_ = 0;
+  memory::AdamWConstants k_{};
+  std::vector<char> stepped_;      // per moment chunk, this step
+  std::vector<int> order_;         // the first split step's chunk order, then the store's trace
+  bool recording_order_ = false;   // this step records order_
+  bool traced_ = false;            // the store plans by order_
+  bool split_this_step_ = false;   // StepChunk was called this step
+  size_t order_pos_ = 0;
+  int read_chunk_ = -1;             // the moment chunk in read_buffer_, -1: none
+  std::vector<float> read_buffer_;
 };
 
 }  // namespace shoal::parallel

@@ -116,8 +116,13 @@ absl::StatusOr<uint64_t> FileSize(const std::string& path) {
 absl::Status WriteCheckpointFiles(const std::string& dir, const CheckpointState& state) {
   const std::map<std::string, std::string> metadata = {{"format", kFormat},
                                                        {"step", absl::StrCat(state.step)}};
-  SHOAL_RETURN_IF_ERROR(WriteSafetensors(Join(dir, kModelFile), state.model, metadata));
-  SHOAL_RETURN_IF_ERROR(WriteSafetensors(Join(dir, kOptimizerFile), state.optimizer, metadata));
+  SHOAL_RETURN_IF_ERROR(state.model_stream.empty()
+                            ? WriteSafetensors(Join(dir, kModelFile), state.model, metadata)
+                            : WriteSafetensors(Join(dir, kModelFile), state.model_stream, metadata));
+  SHOAL_RETURN_IF_ERROR(
+      state.optimizer_stream.empty()
+          ? WriteSafetensors(Join(dir, kOptimizerFile), state.optimizer, metadata)
+          : WriteSafetensors(Join(dir, kOptimizerFile), state.optimizer_stream, metadata));
 
   nlohmann::ordered_json manifest;
   manifest["format"] = kFormat;

@@ -31,6 +31,10 @@ struct CheckpointState {
   nlohmann::json extra;             // anything else the trainer wants back (e.g. metrics)
   NamedTensors model;               // weights
   NamedTensors optimizer;           // optimizer state
+  // Save only: when not empty, written instead of `model` / `optimizer`, piece by piece, for
+  // states that are never all in RAM (paged). Load always fills the tensors.
+  std::vector<TensorSource> model_stream;
+  std::vector<TensorSource> optimizer_stream;
 };
 
 class CheckpointStore {

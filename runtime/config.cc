@@ -90,6 +90,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(memory, disk_budget, Kind::kString),
       SHOAL_FIELD(memory, disk_path, Kind::kString),
       SHOAL_FIELD(memory, activation_budget, Kind::kString),
+      SHOAL_FIELD(memory, activation_offload, Kind::kString),
   };
   return *kSchema;
 }
@@ -671,6 +672,13 @@ absl::Status ValidateConfig(const Config& c) {
     absl::StatusOr<int64_t> bytes = ParseByteSize(*value, key);
     p.Check(bytes.ok(), std::string(bytes.status().message()));
   }
+  const std::string& offload = c.memory.activation_offload;
+  p.Check(offload == "auto" || offload == "never" || offload == "always",
+          absl::StrCat("memory.activation_offload must be \"auto\", \"never\" or \"always\" (got \"",
+                       offload, "\")"));
+  p.Check(offload != "always" || !c.memory.disk_path.empty(),
+          "memory.activation_offload = \"always\" writes activations under memory.disk_path, "
+          "which is not set");
 
   if (p.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("invalid config ", c.source, ": ", p.Join()));

@@ -96,8 +96,13 @@ struct MemoryConfig {
   // moments that do not fit go there (data parallelism and one process; not in mesh mode yet).
   std::string disk_path;
   // Activations kept between forward and backward, per micro-batch: the blocks that do not fit
-  // recompute their forward in backward instead (empty: every block keeps its activations).
+  // recompute their forward in backward, or offload their activations to the disk tier under
+  // disk_path (empty: every block keeps its activations).
   std::string activation_budget;
+  // Whether the blocks that do not fit offload: "auto" (when disk_path is set and its measured
+  // bandwidth makes that cheaper than recomputing), "never" (recompute) or "always" (offload;
+  // needs disk_path).
+  std::string activation_offload = "auto";
 };
 
 struct Config {

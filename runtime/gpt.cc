@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "runtime/activation_offload.h"
 #include "runtime/kernels.h"
 
 namespace shoal::runtime {
@@ -81,6 +82,29 @@ Acts& BackwardSlot(std::vector<Acts>& slots, int slot) {
               "backward of micro-batch slot ", slot, ", which has no forward");
   return slots[slot];
 }
+
+}  // namespace
+
+const char* ActivationModeName(ActivationMode mode) {
+  switch (mode) {
+    case ActivationMode::kKeep: return "keep";
+    case ActivationMode::kRecompute: return "recompute";
+    case ActivationMode::kOffload: return "offload";
+  }
+  return "?";
+}
+
+std::vector<std::vector<int64_t>> BlockInnerActivationShapes(const ModelConfig& config,
+                                                              int64_t batch, int64_t seq,
+                                                              int tp_size) {
+  // As BlockPiece::Compute makes them: CL = this rank's attention width, HID its MLP width.
+  const int64_t N = batch * seq, C = config.n_embd, H = config.n_head / tp_size,
+                D = config.n_embd / config.n_head, CL = H * D, HID = 4 * C / tp_size;
+  return {{N, C}, {N}, {N}, {3, batch * H, seq, D}, {batch * H, seq, seq}, {N, CL},
+          {N, C}, {N, C}, {N}, {N}, {N, HID}, {N, HID}};
+}
+
+namespace {
 
 class EmbeddingPiece final : public Piece {
  public:
@@ -162,20 +186,33 @@ class BlockPiece final : public Piece {
   // (this rank's heads, this rank's slice of the 4C hidden units) and the two projections
   // row-parallel: the block all-reduces twice forward (after each projection) and twice
   // backward (the input gradients of qkv and fc, before the LayerNorms' backward).
-  BlockPiece(Params p, int n_head, int64_t head_dim, TpGroup tp)
-      : p_(std::move(p)), n_head_(n_head), head_dim_(head_dim), tp_(tp) {}
+  // `block`: its index in the whole model (names its activations on the offloader).
+  BlockPiece(Params p, int block, int n_head, int64_t head_dim, TpGroup tp)
+      : p_(std::move(p)), block_(block), n_head_(n_head), head_dim_(head_dim), tp_(tp) {}
 
   at::Tensor Forward(const at::Tensor& x, const MicroBatch& mb) override {
     Acts& a = ForwardSlot(slots_, mb.slot);
     Compute(x, mb.batch, mb.seq, a);
-    // Recompute: only the input (kept by reference anyway) and the output (the next piece's
-    // input) stay; backward runs this forward again first. The kernels are deterministic, so the
-    // recomputed activations, and the gradients, are bit-identical.
-    if (recompute_) a.DropInner();
+    // Recompute and offload: only the input (kept by reference anyway) and the output (the next
+    // piece's input) stay. Recompute runs this forward again at the start of backward (the
+    // kernels are deterministic, so the activations, and the gradients, are bit-identical);
+    // offload writes the rest to disk now and reads the same bytes back then. A forward-only pass
+    // needs neither: its activations are dropped (and an older offloaded set with them).
+    if (mode_ == ActivationMode::kOffload && mb.backward) {
+      offloader_->Offload(block_, mb.slot, a.Inner());
+    } else if (mode_ != ActivationMode::kKeep) {
+      if (mode_ == ActivationMode::kOffload) offloader_->Forget(block_, mb.slot);
+      a.DropInner();
+    }
     return a.out;
   }
 
-  void SetRecompute(bool on) override { recompute_ = on; }
+  void SetActivationMode(ActivationMode mode, ActivationOffloader* offloader) override {
+    TORCH_CHECK(mode != ActivationMode::kOffload || offloader != nullptr,
+                "block ", block_, " cannot offload its activations without an offloader");
+    mode_ = mode;
+    offloader_ = mode == ActivationMode::kOffload ? offloader : nullptr;
+  }
 
   int64_t ActivationBytes() const override {
     int64_t n = 0;
@@ -239,10 +276,16 @@ class BlockPiece final : public Piece {
   at::Tensor Backward(const at::Tensor& dout, int slot) override {
     Acts& a = BackwardSlot(slots_, slot);
     if (!a.ln1.defined()) {
-      // Dropped after forward: recompute from the kept input. a.out gets the same values, which
-      // the next piece (whose backward has run) no longer needs anyway.
-      const at::Tensor x = a.x;
-      Compute(x, a.batch, a.seq, a);
+      if (offloader_ != nullptr && offloader_->Holds(block_, slot)) {
+        // Offloaded after forward: read back into fresh tensors of the recorded shapes (and
+        // start the read of the block whose backward comes next).
+        offloader_->Restore(block_, slot, a.Inner());
+      } else {
+        // Dropped after forward: recompute from the kept input. a.out gets the same values,
+        // which the next piece (whose backward has run) no longer needs anyway.
+        const at::Tensor x = a.x;
+        Compute(x, a.batch, a.seq, a);
+      }
     }
     struct DropAfter {
       Acts& a;
@@ -250,7 +293,7 @@ class BlockPiece final : public Piece {
       ~DropAfter() {
         if (on) a.DropInner();
       }
-    } drop_after{a, recompute_};
+    } drop_after{a, mode_ != ActivationMode::kKeep};
     const int64_t B = a.batch, T = a.seq, N = B * T, C = a.x.size(1), H = n_head_, D = head_dim_,
                   CL = H * D, HID = p_.fc_w.value.size(0);
     TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == N && dout.size(1) == C,
@@ -301,15 +344,19 @@ class BlockPiece final : public Piece {
   struct Acts {
     at::Tensor x, ln1, mean1, rstd1, qkvh, att, y, x1, ln2, mean2, rstd2, h, g, out;
     int64_t batch = 0, seq = 0;
-    // Frees what backward can recompute (all but the input and the output).
+    // What backward can recompute (all but the input and the output), in the order of
+    // BlockInnerActivationShapes.
+    std::vector<at::Tensor*> Inner() {
+      return {&ln1, &mean1, &rstd1, &qkvh, &att, &y, &x1, &ln2, &mean2, &rstd2, &h, &g};
+    }
     void DropInner() {
-      for (at::Tensor* t : {&ln1, &mean1, &rstd1, &qkvh, &att, &y, &x1, &ln2, &mean2, &rstd2, &h, &g}) {
-        t->reset();
-      }
+      for (at::Tensor* t : Inner()) t->reset();
     }
   };
-  bool recompute_ = false;
+  ActivationMode mode_ = ActivationMode::kKeep;
+  ActivationOffloader* offloader_ = nullptr;  // kOffload only; owned by the model
   Params p_;
+  int block_;
   int n_head_;
   int64_t head_dim_;
   TpGroup tp_;
@@ -672,7 +719,7 @@ Gpt::Gpt(const ModelConfig& config, uint64_t seed, int first_piece, int end_piec
                           Lookup(p + "mlp.fc.weight"),    Lookup(p + "mlp.fc.bias"),
                           Lookup(p + "mlp.proj.weight"),  Lookup(p + "mlp.proj.bias")};
     pieces_.push_back(std::make_unique<BlockPiece>(
-        std::move(bp), config.n_head / tp_size_, config.n_embd / config.n_head, group));
+        std::move(bp), l, config.n_head / tp_size_, config.n_embd / config.n_head, group));
   }
   if (end_piece == head + 1) {
     pieces_.push_back(std::make_unique<HeadPiece>(Lookup("ln_f.weight"), Lookup("ln_f.bias"),
@@ -703,6 +750,8 @@ double Gpt::ForwardBackward(const at::Tensor& tokens, const at::Tensor& targets,
   const double loss = x.item<double>();
   loss_grad_.fill_(static_cast<double>(loss_scale));
   at::Tensor g = loss_grad_;
+  // The last offloaded block's read overlaps the backward of the head and of the blocks after it.
+  if (offloader_ != nullptr) offloader_->PrefetchNewest(0);
   for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) {
     g = RunBackward(p, g, 0);
     if (on_piece_done) on_piece_done(p);
@@ -773,6 +822,7 @@ at::Tensor Gpt::StageBackward(const at::Tensor& grad_output, float loss_scale, i
                 T, ", ", C, ") output gradient for slot ", slot);
     g = grad_output.view({B * T, C});
   }
+  if (offloader_ != nullptr) offloader_->PrefetchNewest(slot);
   for (int p = static_cast<int>(pieces_.size()) - 1; p >= 0; --p) g = RunBackward(p, g, slot);
   if (has_embedding()) return at::Tensor();
   return g.view({B, T, C});
@@ -794,6 +844,7 @@ std::vector<std::pair<int, int>> Gpt::BackwardReadyOrder() const {
 double Gpt::Loss(const at::Tensor& tokens, const at::Tensor& targets) {
   TORCH_CHECK(is_full_model(), "Loss needs the full model");
   MicroBatch mb{&targets, tokens.size(0), tokens.size(1)};
+  mb.backward = false;
   at::Tensor x = tokens;
   for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   return x.item<double>();
@@ -804,18 +855,37 @@ at::Tensor Gpt::Logits(const at::Tensor& tokens) {
   TORCH_CHECK(tp_size_ == 1, "Logits is not implemented with tensor parallelism (size ", tp_size_,
               "): each rank holds a slice of the vocabulary");
   MicroBatch mb{nullptr, tokens.size(0), tokens.size(1)};
+  mb.backward = false;
   at::Tensor x = tokens;
   for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
   return x.view({mb.batch, mb.seq, config_.vocab_size}).clone();
 }
 
+void Gpt::SetBlockActivationModes(const std::vector<ActivationMode>& modes,
+                                  std::unique_ptr<ActivationOffloader> offloader) {
+  TORCH_CHECK(static_cast<int>(modes.size()) == config_.n_layer, "SetBlockActivationModes: ",
+              modes.size(), " entries for ", config_.n_layer, " blocks");
+  for (size_t p = 0; p < pieces_.size(); ++p) {
+    const int block = first_piece_ + static_cast<int>(p) - 1;  // piece 1 + l is block l
+    TORCH_CHECK(block < 0 || block >= config_.n_layer || modes[block] != ActivationMode::kOffload ||
+                    offloader != nullptr,
+                "block ", block, " is to offload its activations, but no offloader was given");
+  }
+  offloader_ = std::move(offloader);
+  for (size_t p = 0; p < pieces_.size(); ++p) {
+    const int block = first_piece_ + static_cast<int>(p) - 1;
+    if (block >= 0 && block < config_.n_layer) {
+      pieces_[p]->SetActivationMode(modes[block], offloader_.get());
+    }
+  }
+}
+
 void Gpt::SetBlockRecompute(const std::vector<bool>& recompute) {
   TORCH_CHECK(static_cast<int>(recompute.size()) == config_.n_layer, "SetBlockRecompute: ",
               recompute.size(), " entries for ", config_.n_layer, " blocks");
-  for (size_t p = 0; p < pieces_.size(); ++p) {
-    const int block = first_piece_ + static_cast<int>(p) - 1;  // piece 1 + l is block l
-    if (block >= 0 && block < config_.n_layer) pieces_[p]->SetRecompute(recompute[block]);
-  }
+  std::vector<ActivationMode> modes;
+  for (bool on : recompute) modes.push_back(on ? ActivationMode::kRecompute : ActivationMode::kKeep);
+  SetBlockActivationModes(modes);
 }
 
 int64_t Gpt::ActivationBytes() const {

@@ -57,6 +57,8 @@
 
 namespace shoal::runtime {
 
+class ActivationOffloader;  // runtime/activation_offload.h
+
 // A parameter as a piece sees it: its value and gradient views.
 struct Param {
   at::Tensor value;
@@ -71,7 +73,25 @@ struct MicroBatch {
   // Activation slot: a piece keeps one set of activations per slot, so a pipeline can run the
   // forwards of several micro-batches before their backwards. Slot 0 is the single-process path.
   int slot = 0;
+  // False for a forward-only pass (Loss, Logits): no backward will read this forward's
+  // activations, so a block that offloads them does not write them out.
+  bool backward = true;
 };
+
+// The activation plan's choice for one transformer block, between its forward and its backward.
+enum class ActivationMode {
+  kKeep,       // hold every activation its backward reads
+  kRecompute,  // hold only its output; run the forward again at the start of the backward
+  kOffload,    // hold only its output; write the rest to the disk tier and read it back
+};
+const char* ActivationModeName(ActivationMode mode);
+
+// Shapes of the activations a block frees between forward and backward unless it keeps them
+// (ln1, mean1, rstd1, qkvh, att, y, x1, ln2, mean2, rstd2, h, g), for a micro-batch of
+// (batch, seq) tokens; `tp_size`: this rank's share of the heads and hidden units.
+std::vector<std::vector<int64_t>> BlockInnerActivationShapes(const ModelConfig& config,
+                                                              int64_t batch, int64_t seq,
+                                                              int tp_size = 1);
 
 class Piece {
  public:
@@ -83,11 +103,19 @@ class Piece {
   // (undefined for the embedding), valid until the next Backward of this piece. Adds the
   // parameter gradients into their gradient views.
   virtual at::Tensor Backward(const at::Tensor& grad_output, int slot = 0) = 0;
-  // Activation plan: with recompute on, a piece keeps only its input and output between its
-  // forward and its backward, which runs the forward again first (same kernels, bit-identical
-  // gradients). Only transformer blocks do; other pieces ignore it.
-  virtual void SetRecompute(bool on) { (void)on; }
-  // Bytes of activations the piece holds now (all slots; its input not counted).
+  // Activation plan: a piece that recomputes or offloads keeps only its input and output between
+  // its forward and its backward, which either runs the forward again first or reads the rest
+  // back from `offloader` (not owned; needed for kOffload). Either way the backward sees the same
+  // bits, so gradients are identical. Only transformer blocks do; other pieces ignore it.
+  virtual void SetActivationMode(ActivationMode mode, ActivationOffloader* offloader) {
+    (void)mode;
+    (void)offloader;
+  }
+  void SetRecompute(bool on) {
+    SetActivationMode(on ? ActivationMode::kRecompute : ActivationMode::kKeep, nullptr);
+  }
+  // Bytes of activations the piece holds now in tensors (all slots; its input not counted; an
+  // offloader's staging buffers not counted).
   virtual int64_t ActivationBytes() const { return 0; }
 };
 
@@ -215,10 +243,19 @@ class Gpt {
 
   void ZeroGrad();
 
-  // The activation plan: `recompute[l]` for block l (n_layer entries on the full model; a stage
-  // takes its own blocks' entries). Bytes of activations its pieces hold now.
+  // The activation plan: `modes[l]` for block l (n_layer entries on the full model; a stage
+  // takes its own blocks' entries). kOffload needs `offloader`, opened for those blocks, which
+  // the model keeps (replacing any earlier one); call between steps, not between a forward and
+  // its backward. SetBlockRecompute is the keep-or-recompute form. Throws c10::Error for a wrong
+  // number of entries or kOffload without an offloader.
+  void SetBlockActivationModes(const std::vector<ActivationMode>& modes,
+                               std::unique_ptr<ActivationOffloader> offloader = nullptr);
   void SetBlockRecompute(const std::vector<bool>& recompute);
+  // Bytes of activations its pieces hold now in tensors (the offloader's staging buffers, at most
+  // its staging_buffers x slot_bytes, apart).
   int64_t ActivationBytes() const;
+  // The offloader SetBlockActivationModes was given, or null.
+  ActivationOffloader* activation_offloader() const { return offloader_.get(); }
 
   memory::FlatBuffer& params(int group) { return params_[group]; }
   memory::FlatBuffer& grads(int group) { return grads_[group]; }
@@ -291,6 +328,7 @@ class Gpt {
   std::vector<std::unique_ptr<Piece>> pieces_;
   std::vector<std::vector<std::pair<int, int>>> piece_params_;
   at::Tensor loss_grad_;
+  std::unique_ptr<ActivationOffloader> offloader_;  // blocks that offload use it; may be null
   // Per micro-batch slot, (B, T) of the StageForward awaiting its StageBackward; (0, 0) if none.
   std::vector<std::pair<int64_t, int64_t>> slot_shapes_;
 };

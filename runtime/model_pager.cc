@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 #include <optional>
 #include <utility>
 
@@ -12,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/status.h"
 #include "common/process_memory.h"
 #include "memory/eviction.h"
 
@@ -162,6 +164,7 @@ void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
 }
 
 void ModelPager::AcquireChunk(int id) {
+  read_chunk_ = -1;  // the chunk may change from now on
   if (steps_begun_ == 1) {
     if (!warmup_started_) {
       warmup_started_ = true;
@@ -312,7 +315,7 @@ void ModelPager::PlanFromWarmup() {
   profile_.pinned_chunks = std::min(2 * piece_span_, profile_.capacity_chunks);
   profile_.chunk_budget_bytes = paged_budget_ + moment_budget_;
   profile_.non_chunk_peak_bytes = non_chunk_peak_;
-  if (moved <= 0 || waited <= 1e-4) {
+  if (moved <= 0 || waited <= 0) {
     SHOAL_LOG(Info) << "memory plan: the warm-up step moved too little chunk data to time the "
                        "disk; prefetch depth stays "
                     << depth_;
@@ -347,11 +350,18 @@ void ModelPager::Begin(int piece, Pass pass) {
 }
 
 void ModelPager::End(int piece, Pass pass) {
+  std::vector<int> final_chunks;
   for (int c : piece_chunks_.at(piece)) {
     ReleaseChunk(c, pass == Pass::kWrite);
     if (pass != Pass::kBackward) continue;
-    if (last_micro_batch_ && --remaining_[c] == 0) SumSquaresOf(c);
+    if (last_micro_batch_ && --remaining_[c] == 0) {
+      SumSquaresOf(c);
+      final_chunks.push_back(c);
+    }
     ReleaseChunk(num_chunks_ + c, /*dirty=*/true);
+  }
+  if (on_final_) {
+    for (int c : final_chunks) on_final_(c);
   }
 }
 
@@ -434,6 +444,31 @@ double ModelPager::measured_loads_per_step() const {
   if (trace_.empty() || steps < 1) return -1;
   const memory::TieredChunkStoreStats st = store_->stats();
   return static_cast<double>(st.loads + st.zero_fills - loads_at_trace_) / steps;
+}
+
+absl::Status ModelPager::ReadParams(int64_t first, int64_t count, float* out) {
+  if (first < 0 || count < 0 || first + count > num_chunks_ * capacity_) {
+    return absl::OutOfRangeError(absl::StrCat("model pager: parameters [", first, ", ",
+                                              first + count, ") are outside the ",
+                                              num_chunks_ * capacity_, " paged elements"));
+  }
+  // A checkpoint reads between steps, when the contents are final; any acquisition (a step, a
+  // load of parameters) drops the buffered chunk, so it is never stale.
+  while (count > 0) {
+    const int c = static_cast<int>(first / capacity_);
+    if (c != read_chunk_) {
+      read_buffer_.resize(capacity_);
+      SHOAL_RETURN_IF_ERROR(store_->Read(c, absl::MakeSpan(read_buffer_)));
+      read_chunk_ = c;
+    }
+    const int64_t at = first - c * capacity_;
+    const int64_t n = std::min(count, capacity_ - at);
+    std::memcpy(out, read_buffer_.data() + at, n * sizeof(float));
+    out += n;
+    first += n;
+    count -= n;
+  }
+  return absl::OkStatus();
 }
 
 void ModelPager::BeginMicroBatch(bool last) {

@@ -116,6 +116,21 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   // One line: the plan (chunks, fill, what stays resident, where the rest goes).
   std::string Describe() const;
 
+  // Called once per step for each parameter chunk whose gradients the last micro-batch's
+  // backward has just finalised (its block sums taken, the piece's pins released), while the
+  // chunk is most likely still resident: an optimizer that steps the chunk there runs inside
+  // backward and spares the reload of its parameters and gradients (the order allows it only
+  // without clipping by the global norm, which needs every gradient first). Null: none.
+  void SetOnGradientsFinal(std::function<void(int chunk)> on_final) {
+    on_final_ = std::move(on_final);
+  }
+
+  // Copies elements [first, first + count) of the paged parameters into `out`, chunk by chunk
+  // through the store (from RAM where resident, else from disk), without making anything
+  // resident or touching the trace: what a checkpoint streams from. One chunk is buffered.
+  // Not const: it keeps the buffered chunk, which any acquisition drops.
+  absl::Status ReadParams(int64_t first, int64_t count, float* out);
+
   // The optimizer's moment store (not owned; null: none), whose resident chunks the warm-up's
   // "non-chunk memory" excludes and whose transfers the plan counts. Set once it exists.
   void SetMomentStore(const memory::TieredChunkStore* store) { moment_store_ = store; }
@@ -184,6 +199,9 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   memory::TieredChunkStoreStats warmup_moments_; // the moment store's
   int64_t non_chunk_peak_ = 0;
   const memory::TieredChunkStore* moment_store_ = nullptr;
+  std::function<void(int)> on_final_;
+  int read_chunk_ = -1;             // the chunk in read_buffer_ (ReadParams), -1: none
+  std::vector<float> read_buffer_;
   memory::WarmupProfile profile_;
   std::optional<memory::MemoryPlanEstimate> plan_;
   std::chrono::steady_clock::time_point last_step_begin_;

@@ -130,23 +130,71 @@ absl::Status ParseEntry(const std::string& path, const std::string& name,
 
 }  // namespace
 
-absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tensors,
-                              const std::map<std::string, std::string>& metadata) {
-  // Header first (it fixes every offset), then the bytes in the same order.
+namespace {
+
+struct HeaderEntry {
+  std::string name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+};
+
+int64_t NumBytes(const HeaderEntry& e) {
+  int64_t n = c10::elementSize(e.dtype);
+  for (int64_t d : e.shape) n *= d;
+  return n;
+}
+
+// The 8-byte length and the JSON header for `entries` (data in their order), padded so the data
+// starts 8-byte aligned, as the reference writer does. Checks names and dtypes.
+absl::StatusOr<std::string> EncodeHeader(const std::string& path,
+                                         const std::vector<HeaderEntry>& entries,
+                                         const std::map<std::string, std::string>& metadata) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::set<std::string> names;
-  std::vector<at::Tensor> contiguous;
-  contiguous.reserve(tensors.size());
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : tensors) {
-    if (name == "__metadata__") {
+  for (const HeaderEntry& e : entries) {
+    if (e.name == "__metadata__") {
       return absl::InvalidArgumentError(
           absl::StrCat(path, ": \"__metadata__\" is reserved and cannot name a tensor"));
     }
-    if (!names.insert(name).second) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": duplicate tensor name '", name, "'"));
+    if (!names.insert(e.name).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": duplicate tensor name '", e.name, "'"));
     }
+    const char* dtype = DtypeToName(e.dtype);
+    if (dtype == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", e.name,
+                                                     "' has unsupported dtype ",
+                                                     c10::toString(e.dtype)));
+    }
+    const uint64_t nbytes = static_cast<uint64_t>(NumBytes(e));
+    header[e.name] = {{"dtype", dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+  }
+  std::string header_json;
+  try {
+    header_json = header.dump();  // throws on names or metadata that are not valid UTF-8
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot encode header: ", e.what()));
+  }
+  header_json.append((8 - header_json.size() % 8) % 8, ' ');
+  std::string head;
+  const uint64_t header_len = header_json.size();
+  for (int i = 0; i < 8; ++i) head.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
+  head += header_json;
+  return head;
+}
+
+}  // namespace
+
+absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  // Header first (it fixes every offset), then the bytes in the same order.
+  std::vector<HeaderEntry> entries;
+  std::vector<at::Tensor> contiguous;
+  contiguous.reserve(tensors.size());
+  for (const auto& [name, tensor] : tensors) {
     if (!tensor.defined()) {
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' is undefined"));
     }
@@ -154,41 +202,57 @@ absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tenso
       return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name, "' is on ",
                                                      tensor.device().str(), ", not the CPU"));
     }
-    const char* dtype = DtypeToName(tensor.scalar_type());
-    if (dtype == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", name,
-                                                     "' has unsupported dtype ",
-                                                     c10::toString(tensor.scalar_type())));
-    }
     at::Tensor c = tensor.contiguous();
-    const uint64_t nbytes = c.nbytes();
-    header[name] = {{"dtype", dtype},
-                    {"shape", c.sizes().vec()},
-                    {"data_offsets", {offset, offset + nbytes}}};
-    offset += nbytes;
+    entries.push_back({name, c.scalar_type(), c.sizes().vec()});
     contiguous.push_back(std::move(c));
   }
-
-  std::string header_json;
-  try {
-    header_json = header.dump();  // throws on names or metadata that are not valid UTF-8
-  } catch (const nlohmann::json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot encode header: ", e.what()));
-  }
-  // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
-  header_json.append((8 - header_json.size() % 8) % 8, ' ');
-
+  SHOAL_ASSIGN_OR_RETURN(const std::string head, EncodeHeader(path, entries, metadata));
   // The header, then every tensor's bytes straight from its storage: a checkpoint never needs a
   // second copy of the state in memory.
-  std::string head;
-  const uint64_t header_len = header_json.size();
-  for (int i = 0; i < 8; ++i) head.push_back(static_cast<char>((header_len >> (8 * i)) & 0xff));
-  head += header_json;
   std::vector<absl::string_view> parts = {head};
   for (const at::Tensor& c : contiguous) {
     parts.emplace_back(static_cast<const char*>(c.data_ptr()), c.nbytes());
   }
   return WriteFileSynced(path, parts);
+}
+
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorSource>& sources,
+                              const std::map<std::string, std::string>& metadata,
+                              int64_t buffer_bytes) {
+  std::vector<HeaderEntry> entries;
+  for (const TensorSource& s : sources) {
+    if (!s.read) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": tensor '", s.name, "' has no reader"));
+    }
+    for (int64_t d : s.shape) {
+      if (d < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor '", s.name, "' has a negative dimension"));
+      }
+    }
+    entries.push_back({s.name, s.dtype, s.shape});
+  }
+  SHOAL_ASSIGN_OR_RETURN(const std::string head, EncodeHeader(path, entries, metadata));
+  std::vector<char> buffer(static_cast<size_t>(std::max<int64_t>(buffer_bytes, 1 << 12)));
+  // Each piece read fills the buffer, which is then appended: the writer holds one buffer.
+  auto pieces = [&](const std::function<absl::Status(absl::string_view)>& write) -> absl::Status {
+    SHOAL_RETURN_IF_ERROR(write(head));
+    for (size_t i = 0; i < sources.size(); ++i) {
+      const int64_t total = NumBytes(entries[i]);
+      for (int64_t at = 0; at < total;) {
+        const int64_t n = std::min<int64_t>(total - at, static_cast<int64_t>(buffer.size()));
+        absl::Status read = sources[i].read(at, n, buffer.data());
+        if (!read.ok()) {
+          return absl::Status(read.code(), absl::StrCat(path, ": reading tensor '",
+                                                        sources[i].name, "': ", read.message()));
+        }
+        SHOAL_RETURN_IF_ERROR(write(absl::string_view(buffer.data(), n)));
+        at += n;
+      }
+    }
+    return absl::OkStatus();
+  };
+  return WriteFileSyncedStreaming(path, pieces);
 }
 
 absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {

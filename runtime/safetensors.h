@@ -8,6 +8,8 @@
 #ifndef SHOAL_RUNTIME_SAFETENSORS_H_
 #define SHOAL_RUNTIME_SAFETENSORS_H_
 
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
@@ -27,6 +29,23 @@ using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
 // kInvalidArgument for an unsupported dtype or duplicate name; kInternal for I/O errors.
 absl::Status WriteSafetensors(const std::string& path, const NamedTensors& tensors,
                               const std::map<std::string, std::string>& metadata = {});
+
+// A tensor written piece by piece, for states that are never all in RAM (paged model states):
+// `read(offset, bytes, out)` fills `out` with bytes [offset, offset + bytes) of the tensor's
+// contiguous little-endian data. `dtype` is one the writer supports (see above).
+struct TensorSource {
+  std::string name;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> shape;
+  std::function<absl::Status(int64_t offset, int64_t bytes, char* out)> read;
+};
+
+// The same file as WriteSafetensors would write for the tensors the sources describe, in their
+// order, streamed through a buffer of `buffer_bytes`: the memory it takes is that buffer, whatever
+// the size of the state. Errors: as WriteSafetensors, and a source's own (named).
+absl::Status WriteSafetensors(const std::string& path, const std::vector<TensorSource>& sources,
+                              const std::map<std::string, std::string>& metadata = {},
+                              int64_t buffer_bytes = int64_t{16} << 20);
 
 struct SafetensorsFile {
   std::map<std::string, at::Tensor> tensors;   // owned CPU tensors

@@ -16,6 +16,7 @@
 #include "common/process_memory.h"
 #include "common/progress.h"
 #include "common/status.h"
+#include "runtime/activation_offload.h"
 #include "runtime/device_probe.h"
 #include "runtime/lr_schedule.h"
 #include "runtime/model_pager.h"
@@ -153,38 +154,107 @@ double ModelFlopsPerToken(const ModelConfig& m) {
 
 // The activation plan memory.activation_budget asks for (issue 7): per micro-batch of
 // train.batch_size x block_size tokens, a block keeping its activations holds (16 C + H T + 4)
-// floats per token (the BlockPiece's tensors, its output included), one recomputing them holds
-// its output (C per token) and runs its forward again in backward. The first blocks recompute
-// (their activations would wait longest) until the rest fit. Returns per block whether it
-// recomputes (all false without a budget) and a line describing the plan.
-std::pair<std::vector<bool>, std::string> ActivationPlan(const Config& config) {
+// floats per token (the BlockPiece's tensors, its output included); one recomputing or
+// offloading them holds its output (C per token). The first blocks give theirs up (their
+// activations would wait longest, and offloading them leaves the most compute to hide the
+// writes behind) until the rest fit. Those blocks offload to <memory.disk_path>/activations
+// when memory.activation_offload is "always", or "auto" and a write and a read of one block
+// (timed on the disk tier itself, here) take less than its forward at the GEMM peak; else they
+// recompute. Offloading also holds its staging buffers, which the budget counts. Blocks are
+// alike, so they all make the same choice.
+struct ActivationPlanChoice {
+  std::vector<ActivationMode> modes;
+  std::unique_ptr<ActivationOffloader> offloader;  // when blocks offload
+  std::string line;                                // for the log (empty without a budget)
+};
+
+ActivationPlanChoice ActivationPlan(const Config& config, int rank) {
   const ModelConfig& m = config.model;
-  std::vector<bool> recompute(m.n_layer, false);
-  if (config.memory.activation_budget.empty()) return {recompute, ""};
+  ActivationPlanChoice plan;
+  plan.modes.assign(m.n_layer, ActivationMode::kKeep);
+  if (config.memory.activation_budget.empty()) return plan;
   const absl::StatusOr<int64_t> budget =
       ParseByteSize(config.memory.activation_budget, "memory.activation_budget");
   TORCH_CHECK(budget.ok(), budget.status().ToString());
   const double tokens = static_cast<double>(config.train.batch_size) * m.block_size;
   const double keep = 4 * tokens * (16.0 * m.n_embd + static_cast<double>(m.n_head) * m.block_size + 4);
   const double out = 4 * tokens * m.n_embd;
-  const int64_t kept = std::clamp<int64_t>(
-      static_cast<int64_t>(std::floor((*budget - m.n_layer * out) / (keep - out))), 0, m.n_layer);
-  for (int l = 0; l < m.n_layer - kept; ++l) recompute[l] = true;
-  const int redo = m.n_layer - static_cast<int>(kept);
-  const double peak = kept * keep + redo * out;
-  // A block's forward is a third of its forward and backward FLOPs.
+  const auto kept_within = [&](double room) {
+    return static_cast<int>(std::clamp<int64_t>(
+        static_cast<int64_t>(std::floor((room - m.n_layer * out) / (keep - out))), 0, m.n_layer));
+  };
+  int kept = kept_within(static_cast<double>(*budget));
+  // Block FLOPs per token, forward and backward; the forward is a third.
   const double block_flops = 72.0 * m.n_embd * m.n_embd + 12.0 * m.block_size * m.n_embd;
-  const double extra = redo * block_flops / 3 / ModelFlopsPerToken(m);
-  std::string line = absl::StrFormat(
-      "activation plan (memory.activation_budget %s): %d of %d blocks keep their activations, "
-      "%d recompute them in backward; %s per micro-batch (%s if all kept), +%.1f%% FLOPs per step",
-      config.memory.activation_budget, static_cast<int>(kept), m.n_layer, redo, FormatBytes(peak),
-      FormatBytes(m.n_layer * keep), 100 * extra);
-  if (peak > static_cast<double>(*budget)) {
-    line += absl::StrFormat(" (over the budget even so: every block keeps its output, %s)",
-                            FormatBytes(m.n_layer * out));
+
+  const std::string& choice = config.memory.activation_offload;
+  const std::string dir = config.memory.disk_path + "/activations";
+  ActivationOffloadOptions o;
+  double bandwidth = 0, offload_s = 0, recompute_s = 0, peak_gflops = 0;
+  bool offload = false;
+  std::string disk_problem;  // why "auto" could not consider offloading
+  if (kept < m.n_layer && choice != "never" && !config.memory.disk_path.empty()) {
+    o.directory = dir;
+    o.worker = rank;
+    o.slot_bytes = ActivationOffloader::PackedBytes(
+        BlockInnerActivationShapes(m, config.train.batch_size, m.block_size));
+    const int kept_offloading =
+        kept_within(static_cast<double>(*budget) - o.staging_buffers * o.slot_bytes);
+    for (int l = 0; l < m.n_layer - kept_offloading; ++l) o.blocks.push_back(l);
+    absl::StatusOr<std::unique_ptr<ActivationOffloader>> opened = ActivationOffloader::Open(o);
+    absl::StatusOr<double> measured =
+        opened.ok() ? (*opened)->MeasureBandwidth() : absl::StatusOr<double>(opened.status());
+    // "auto" falls back to recomputing on a disk that cannot take the slots; "always" is told.
+    TORCH_CHECK(measured.ok() || choice != "always", measured.status().ToString());
+    if (measured.ok()) {
+      bandwidth = *measured;
+      offload_s = 2.0 * o.slot_bytes / bandwidth;
+      const absl::StatusOr<double> gflops = PeakGflops();
+      TORCH_CHECK(gflops.ok(), gflops.status().ToString());
+      peak_gflops = *gflops;
+      recompute_s = tokens * block_flops / 3 / (peak_gflops * 1e9);
+      offload = choice == "always" || offload_s < recompute_s;
+    } else {
+      disk_problem = std::string(measured.status().message());
+    }
+    if (offload) {
+      kept = kept_offloading;
+      plan.offloader = std::move(*opened);
+    }
   }
-  return {recompute, line};
+  const int spilled = m.n_layer - kept;
+  for (int l = 0; l < spilled; ++l) {
+    plan.modes[l] = offload ? ActivationMode::kOffload : ActivationMode::kRecompute;
+  }
+  const double staging = offload ? static_cast<double>(o.staging_buffers) * o.slot_bytes : 0;
+  const double peak = kept * keep + spilled * out + staging;
+  const std::string disk =
+      absl::StrFormat("disk %s/s: %.1f ms per block against %.1f ms to recompute at %.0f GFLOP/s",
+                      FormatBytes(bandwidth), 1e3 * offload_s, 1e3 * recompute_s, peak_gflops);
+  if (offload) {
+    plan.line = absl::StrFormat(
+        "activation plan (memory.activation_budget %s): %d of %d blocks keep their activations, "
+        "%d offload them to %s (%s; memory.activation_offload %s); %s per micro-batch with %d "
+        "staging buffers of %s (%s if all kept)",
+        config.memory.activation_budget, kept, m.n_layer, spilled, dir, disk, choice,
+        FormatBytes(peak), o.staging_buffers, FormatBytes(o.slot_bytes),
+        FormatBytes(m.n_layer * keep));
+  } else {
+    const double extra = spilled * block_flops / 3 / ModelFlopsPerToken(m);
+    plan.line = absl::StrFormat(
+        "activation plan (memory.activation_budget %s): %d of %d blocks keep their activations, "
+        "%d recompute them in backward; %s per micro-batch (%s if all kept), +%.1f%% FLOPs per "
+        "step",
+        config.memory.activation_budget, kept, m.n_layer, spilled, FormatBytes(peak),
+        FormatBytes(m.n_layer * keep), 100 * extra);
+    if (bandwidth > 0) plan.line += absl::StrFormat(" (not offloaded to %s: %s)", dir, disk);
+    if (!disk_problem.empty()) plan.line += absl::StrCat(" (not offloaded: ", disk_problem, ")");
+  }
+  if (peak > static_cast<double>(*budget)) {
+    plan.line += absl::StrFormat(" (over the budget even so: every block keeps its output, %s)",
+                                 FormatBytes(m.n_layer * out + staging));
+  }
+  return plan;
 }
 
 }  // namespace
@@ -269,9 +339,9 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
   pager_ = PagerFor(config, world, rank);
   model_ = std::make_unique<Gpt>(config.model, config.train.seed, 16 * static_cast<int64_t>(world),
                                  pager_.get());
-  std::vector<bool> recompute;
-  std::tie(recompute, activation_plan_) = ActivationPlan(config);
-  model_->SetBlockRecompute(recompute);
+  ActivationPlanChoice activations = ActivationPlan(config, rank);
+  activation_plan_ = std::move(activations.line);
+  model_->SetBlockActivationModes(activations.modes, std::move(activations.offloader));
   parallel::AdamWOptions opt;
   opt.beta1 = config.optim.beta1;
   opt.beta2 = config.optim.beta2;
@@ -307,7 +377,17 @@ StepEngine::StepEngine(const Config& config, comm::Backend* backend)
           {&model_->params(Gpt::kNoDecay), &model_->grads(Gpt::kNoDecay), false}},
       opt, zero1 ? parallel::Shard{rank, world} : parallel::Shard{},
       MomentOffloadFor(config, *model_, rank, pager_.get()));
-  if (pager_) pager_->SetMomentStore(optimizer_->moment_store());
+  if (pager_) {
+    pager_->SetMomentStore(optimizer_->moment_store());
+    if (config.optim.grad_clip <= 0) {
+      // No clipping, so a chunk's update needs only its own gradients: step each decay chunk as
+      // the last micro-batch's backward finalises it (moment chunk c is parameter chunk c: the
+      // decay group comes first and the moments use the pager's chunks).
+      parallel::AdamW* opt = optimizer_.get();
+      pager_->SetOnGradientsFinal([opt](int chunk) { opt->StepChunk(chunk); });
+      optimizer_in_backward_ = true;
+    }
+  }
   if (world > 1) {
     parallel::DataParallelOptions dpo;
     dpo.bucket_bytes = static_cast<int64_t>(config.parallel.bucket_mb * (1 << 20));
@@ -612,6 +692,9 @@ absl::StatusOr<StepStats> StepEngine::Step(
       for (const auto& [g, e] : model_->PieceParams(piece)) dp_->OnParamReady(g, e);
     };
   }
+  // The optimizer inside backward (paged, no clipping): its step begins before the last
+  // micro-batch's backward steps the chunks it finishes; FinishStep below does the rest.
+  if (optimizer_in_backward_) optimizer_->BeginStep(stats.lr, /*grad_scale=*/1.0);
   for (size_t m = 0; m < micro.size(); ++m) {
     if (dp_) dp_->BeginMicroBatch(m + 1 == micro.size());
     if (pager_) pager_->BeginMicroBatch(m + 1 == micro.size());
@@ -629,7 +712,11 @@ absl::StatusOr<StepStats> StepEngine::Step(
     stats.grad_norm = parallel::GlobalL2Norm(
         {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()});
   }
-  optimizer_->Step(stats.lr, parallel::ClipScale(stats.grad_norm, config_.optim.grad_clip));
+  if (optimizer_in_backward_) {
+    optimizer_->FinishStep();
+  } else {
+    optimizer_->Step(stats.lr, parallel::ClipScale(stats.grad_norm, config_.optim.grad_clip));
+  }
   if (dp_) {
     SHOAL_RETURN_IF_ERROR(dp_->FinishStep());
     SHOAL_ASSIGN_OR_RETURN(stats.loss, dp_->Mean(stats.loss));
@@ -687,6 +774,62 @@ int64_t StepEngine::StateBytesOnDisk() const {
   if (pager_) add(pager_->store());
   if (optimizer_ && optimizer_->moment_store() != nullptr) add(*optimizer_->moment_store());
   return bytes;
+}
+
+absl::Status StepEngine::StreamedState(std::vector<TensorSource>* model,
+                                       std::vector<TensorSource>* optimizer) {
+  TORCH_CHECK(pager_ != nullptr && optimizer_ != nullptr && optimizer_->moment_store() != nullptr,
+              "StreamedState needs paged states");
+  for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+    const memory::FlatBuffer& params = model_->params(g);
+    for (const memory::FlatBuffer::Entry& e : params.entries()) {
+      // Offsets in bytes within the tensor; whole floats, as the writer asks for.
+      const int64_t base = e.offset;
+      std::function<absl::Status(int64_t, int64_t, char*)> read;
+      if (g == Gpt::kDecay) {
+        ModelPager* pager = pager_.get();
+        read = [pager, base](int64_t offset, int64_t bytes, char* out) {
+          return pager->ReadParams(base + offset / 4, bytes / 4, reinterpret_cast<float*>(out));
+        };
+      } else {
+        const float* flat = params.flat().data_ptr<float>();
+        read = [flat, base](int64_t offset, int64_t bytes, char* out) {
+          std::memcpy(out, flat + base + offset / 4, bytes);
+          return absl::OkStatus();
+        };
+      }
+      model->push_back({e.name, at::kFloat, e.shape, std::move(read)});
+      parallel::AdamW* opt = optimizer_.get();
+      for (bool second : {false, true}) {
+        optimizer->push_back(
+            {(second ? "exp_avg_sq." : "exp_avg.") + e.name, at::kFloat, e.shape,
+             [opt, g, second, base](int64_t offset, int64_t bytes, char* out) {
+               return opt->ReadMoments(g, second, base + offset / 4, bytes / 4,
+                                       reinterpret_cast<float*>(out));
+             }});
+      }
+    }
+  }
+  const int64_t steps = optimizer_->steps();
+  optimizer->push_back({"step", at::kLong, {}, [steps](int64_t, int64_t bytes, char* out) {
+                          std::memcpy(out, &steps, bytes);
+                          return absl::OkStatus();
+                        }});
+  return absl::OkStatus();
+}
+
+void StepEngine::AddMemoryPlan(StepReport* report) const {
+  if (!pager_ || !pager_->plan().has_value()) return;
+  const memory::MemoryPlanEstimate& plan = *pager_->plan();
+  report->predicted_step_seconds = plan.step_seconds;
+  report->predicted_peak_host_bytes = plan.peak_bytes;
+  report->host_budget_bytes = pager_->warmup_profile().chunk_budget_bytes;
+  int64_t total = static_cast<int64_t>(pager_->store().num_chunks()) * pager_->store().chunk_bytes();
+  if (optimizer_ && optimizer_->moment_store() != nullptr) {
+    const memory::TieredChunkStore& m = *optimizer_->moment_store();
+    total += static_cast<int64_t>(m.num_chunks()) * m.chunk_bytes();
+  }
+  report->state_bytes = total;
 }
 
 int64_t StepEngine::optimizer_steps() const {
@@ -912,7 +1055,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
     }
     if (t->engine_->pager() != nullptr) {
       SHOAL_LOG(Info) << "memory plan (memory.host_budget " << c.memory.host_budget
-                      << "): " << t->engine_->pager()->Describe();
+                      << "): " << t->engine_->pager()->Describe()
+                      << (c.optim.grad_clip <= 0
+                              ? "; AdamW steps each chunk inside backward as its gradients are "
+                                "final (no clipping)"
+                              : "; AdamW steps after backward (clipping needs every gradient)");
     } else if (adamw != nullptr && adamw->moment_store() != nullptr) {
       const memory::TieredChunkStore& store = *adamw->moment_store();
       SHOAL_LOG(Info) << absl::StrFormat(
@@ -1094,7 +1241,13 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step) {
   // Under ZeRO-1 every rank takes part in gathering the optimizer state; in mesh mode every
   // rank takes part in assembling the model-wide tensors on rank 0.
   NamedTensors model_state, optimizer_state;
-  SHOAL_RETURN_IF_ERROR(engine_->ModelWideState(&model_state, &optimizer_state));
+  std::vector<TensorSource> model_stream, optimizer_stream;
+  if (engine_->pager() != nullptr) {
+    // Paged states are never all in RAM: stream them from the chunk stores into the files.
+    SHOAL_RETURN_IF_ERROR(engine_->StreamedState(&model_stream, &optimizer_stream));
+  } else {
+    SHOAL_RETURN_IF_ERROR(engine_->ModelWideState(&model_state, &optimizer_state));
+  }
   std::string path;
   if (rank_ == 0) {
     CheckpointState state;
@@ -1110,6 +1263,8 @@ absl::StatusOr<std::string> Trainer::SaveCheckpoint(int64_t step) {
                   {"dp_size", engine_->dp_size()}};
     state.model = std::move(model_state);
     state.optimizer = std::move(optimizer_state);
+    state.model_stream = std::move(model_stream);
+    state.optimizer_stream = std::move(optimizer_stream);
     SHOAL_ASSIGN_OR_RETURN(path, checkpoints_->Save(state));
   }
   if (world_ > 1) {
@@ -1235,9 +1390,11 @@ absl::StatusOr<TrainResult> Trainer::Run() {
     const int64_t done = step + 1;
     const int64_t on_disk = engine_->StateBytesOnDisk();  // for the coordinator and the metrics
     if (options_.on_step) {
-      options_.on_step({done, stats.loss, stats.lr,
+      StepReport report{done, stats.loss, stats.lr,
                         dt > 0 ? static_cast<double>(rank_tokens_per_step) / dt : 0.0, dt,
-                        on_disk});
+                        on_disk};
+      engine_->AddMemoryPlan(&report);
+      options_.on_step(report);
     }
     if (done % c.train.log_every == 0 || done == end_step) {
       TrainLogRecord r;

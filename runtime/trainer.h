@@ -54,6 +54,8 @@ struct StepStats {
 class MeshStage;
 class ModelPager;
 
+struct StepReport;
+
 class StepEngine {
  public:
   // `backend`: the data-parallel group (not owned; null or size 1 for a single process).
@@ -121,6 +123,11 @@ class StepEngine {
   // Bytes of model state (paged parameters and gradients, offloaded moments) on the disk tier
   // and not in RAM now: what the coordinator is told this worker's disk holds.
   int64_t StateBytesOnDisk() const;
+  // The model-wide state as streams (paged states, one process): the parameters read through the
+  // pager, the moments through the optimizer's store, so a checkpoint never holds them in RAM.
+  absl::Status StreamedState(std::vector<TensorSource>* model, std::vector<TensorSource>* optimizer);
+  // Fills the plan fields of `report` from the pager's plan (no-op without one).
+  void AddMemoryPlan(StepReport* report) const;
   // The activation plan's line for the log (empty without memory.activation_budget).
   const std::string& activation_plan() const { return activation_plan_; }
 
@@ -149,6 +156,7 @@ class StepEngine {
   // States paged to disk (memory.host_budget below the parameters and gradients): constructed
   // before the model, destroyed before it (its store's homes are the model's buffers).
   std::unique_ptr<ModelPager> pager_;
+  bool optimizer_in_backward_ = false;  // the pager steps AdamW chunk by chunk inside backward
   std::string activation_plan_;
   // Mesh mode.
   parallel::Mesh* mesh_ = nullptr;
@@ -174,6 +182,11 @@ struct StepReport {
   double tokens_per_s = 0;     // this rank's replica: its own tokens / step_seconds
   double step_seconds = 0;     // wall time of the step, throttle sleep included
   int64_t disk_bytes = 0;      // model state now on the disk tier (memory.disk_path), not in RAM
+  // The chunk manager's plan (memory/cost_model.h), once it has one: 0s before or without one.
+  double predicted_step_seconds = 0;
+  int64_t predicted_peak_host_bytes = 0;
+  int64_t host_budget_bytes = 0;       // the chunk stores' budgets together
+  int64_t state_bytes = 0;             // the paged model states, RAM and disk together
 };
 
 struct TrainOptions {

@@ -205,6 +205,10 @@ std::string RenderPrometheus(const v1::ClusterStatus& status) {
                            "Bytes per memory tier in use at the worker's last reported step.");
   auto& flops = GaugeFamily(registry, "shoal_worker_device_flops",
                             "The worker's measured dense fp32 rate, FLOP/s.");
+  auto& plan_peak = GaugeFamily(registry, "shoal_worker_memory_plan_peak_bytes",
+                                "Peak bytes per memory tier the worker's own memory plan predicts.");
+  auto& plan_step = GaugeFamily(registry, "shoal_worker_predicted_step_seconds",
+                                "Step time the worker's own memory plan predicts.");
   for (const auto& w : status.workers()) {
     const Labels labels = {{"worker", Utf8Label(w.worker_id())},
                            {"host", Utf8Label(w.device().host())},
@@ -223,6 +227,11 @@ std::string RenderPrometheus(const v1::ClusterStatus& status) {
     AddTierGauges(budget, labels, w.device().memory());
     AddTierGauges(used, labels, w.last_stats().memory_used());
     flops.Add(labels).Set(w.device().fp32_gflops() * 1e9);
+    // Only workers whose chunk manager has made a plan: no series rather than a misleading 0.
+    if (w.last_stats().predicted_step_s() > 0) {
+      AddTierGauges(plan_peak, labels, w.last_stats().memory_plan().peak());
+      plan_step.Add(labels).Set(w.last_stats().predicted_step_s());
+    }
   }
 
   const auto& job = status.job_status();

@@ -154,6 +154,26 @@ absl::Status CheckJob(const v1::JobSpec& j, const ValidationLimits& limits, absl
   return absl::OkStatus();
 }
 
+// A worker's own memory plan: a few named states, each with its bytes per tier.
+absl::Status CheckPlan(const v1::MemoryPlan& plan, const ValidationLimits& limits,
+                       absl::string_view p) {
+  auto f = [&](const std::string& name) { return absl::StrCat(p, ".", name); };
+  absl::Status s;
+  constexpr int kMaxStates = 16;
+  if (plan.states_size() > kMaxStates) {
+    return Bad(f("states"), absl::StrCat("has ", plan.states_size(), " entries; at most ",
+                                         kMaxStates, " allowed"));
+  }
+  for (int i = 0; i < plan.states_size(); ++i) {
+    const v1::StatePlacement& st = plan.states(i);
+    const std::string at = absl::StrCat("states[", i, "]");
+    if (!(s = CheckText(st.state(), /*required=*/true, limits, f(at + ".state"))).ok()) return s;
+    if (!(s = CheckTiers(st.bytes(), limits, f(at + ".bytes"))).ok()) return s;
+  }
+  if (!(s = CheckTiers(plan.peak(), limits, f("peak"))).ok()) return s;
+  return CheckTiers(plan.budget(), limits, f("budget"));
+}
+
 absl::Status CheckStats(const v1::StepStats& st, const ValidationLimits& limits,
                         absl::string_view p) {
   auto f = [&](const char* name) { return absl::StrCat(p, ".", name); };
@@ -166,6 +186,8 @@ absl::Status CheckStats(const v1::StepStats& st, const ValidationLimits& limits,
   // A step longer than a day is no measurement the rebalancer should act on.
   if (!(s = CheckDouble(st.step_time_s(), 0, 86400, f("step_time_s"))).ok()) return s;
   if (!(s = CheckDouble(st.lr(), 0, 1e6, f("lr"))).ok()) return s;
+  if (!(s = CheckDouble(st.predicted_step_s(), 0, 86400, f("predicted_step_s"))).ok()) return s;
+  if (!(s = CheckPlan(st.memory_plan(), limits, f("memory_plan"))).ok()) return s;
   return CheckTiers(st.memory_used(), limits, f("memory_used"));
 }
 

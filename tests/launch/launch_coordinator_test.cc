@@ -234,6 +234,49 @@ TEST_F(CoordinatorTest, DrainedWorkerCheckpointsAndExitsCleanly) {
   EXPECT_EQ(status.workers(0).state(), v1::WORKER_STATE_LEFT);
 }
 
+// A worker whose states are paged (4 MB of RAM for tiny's 12.8 MB of states) tells the
+// coordinator its chunk manager's plan once the warm-up step has made one: where the states are,
+// the predicted peak and step time, the budget.
+TEST_F(CoordinatorTest, PagedWorkerReportsItsMemoryPlan) {
+  auto server = StartServer("s3cret-token");
+  ASSERT_NE(server, nullptr);
+  const std::string where = "127.0.0.1:" + std::to_string(server->port());
+  const pid_t pid = Spawn(TrainArgs(100000, " train.log_every=1 memory.host_budget=4MB "
+                                            "memory.disk_path=" + (tmp_ / "tier")) +
+                              " --coordinator " + where + " --coordinator-token-file " +
+                              (tmp_ / "token"),
+                          tmp_ / "train.log");
+  v1::StepStats stats;
+  const bool planned = WaitUntil(
+      [&] {
+        const v1::ClusterStatus now = server->core().Status();  // outlives the loop
+        for (const v1::WorkerStatus& w : now.workers()) {
+          if (w.last_stats().predicted_step_s() > 0) {
+            stats = w.last_stats();
+            return true;
+          }
+        }
+        return false;
+      },
+      std::chrono::seconds(120));
+  ASSERT_TRUE(planned) << ReadTextFile(tmp_ / "train.log");
+  const v1::MemoryPlan& plan = stats.memory_plan();
+  ASSERT_EQ(plan.states_size(), 1);
+  EXPECT_EQ(plan.states(0).state(), "paged_states");
+  const int64_t state_bytes = plan.peak().disk_bytes();
+  // Most of the states are on disk, and RAM and disk together hold them all.
+  EXPECT_GT(plan.states(0).bytes().disk_bytes(), state_bytes / 2);
+  EXPECT_EQ(plan.states(0).bytes().host_bytes() + plan.states(0).bytes().disk_bytes(), state_bytes);
+  EXPECT_EQ(plan.states(0).bytes().disk_bytes(), stats.memory_used().disk_bytes());
+  // The chunk budgets fit the 4 MB host budget; the predicted peak adds the memory outside them.
+  EXPECT_GT(plan.budget().host_bytes(), 0);
+  EXPECT_LE(plan.budget().host_bytes(), 4'000'000);
+  EXPECT_GT(plan.peak().host_bytes(), plan.budget().host_bytes());
+  EXPECT_LT(stats.predicted_step_s(), 60);
+  ASSERT_TRUE(server->core().Drain("rank0").ok());
+  EXPECT_EQ(WaitExit(pid, std::chrono::seconds(60)), 0) << ReadTextFile(tmp_ / "train.log");
+}
+
 TEST_F(CoordinatorTest, TheSolversPipelineLayoutRuns) {
   // Two ranks whose memory budget cannot hold the model alone (states and activations of tiny at
   // these sizes are about 40 MiB on one device): the solver splits it into a 2-stage pipeline,

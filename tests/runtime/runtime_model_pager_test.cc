@@ -1,7 +1,9 @@
 // The model pager against an unpaged model: the same losses and parameters bit for bit over
 // several AdamW steps with two micro-batches each, while the pages of the paged buffers that are
 // actually resident (counted with mincore, independently of the pager's own counters) never
-// exceed its budget; and the refusal of a budget too small to page at all.
+// exceed its budget; and the refusal of a budget too small to page at all. Also the activation
+// plan's blocks that recompute or offload: the same gradients bit for bit as keeping everything,
+// less held, the packed bytes written, and a damaged offload slot refused by name.
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -18,6 +20,7 @@
 #include <ATen/ATen.h>
 
 #include "parallel/adamw.h"
+#include "runtime/activation_offload.h"
 #include "runtime/gpt.h"
 #include "runtime/model_pager.h"
 #include "tests/test_util.h"
@@ -88,7 +91,9 @@ class MeasuringPager final : public StatePager {
   memory::FlatBuffer* grads_ = nullptr;
 };
 
-TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
+// `optimizer_in_backward`: the paged AdamW steps each decay chunk as the last micro-batch's
+// backward finalises it (the trainer's mode without clipping) instead of after backward.
+void PagedTrainingRun(bool optimizer_in_backward) {
   const ModelConfig config = SmallModel();
   shoal::testing::TempDir dir;
   Gpt ref(config, 7);
@@ -123,6 +128,13 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
       {{&paged.params(Gpt::kDecay), &paged.grads(Gpt::kDecay), true},
        {&paged.params(Gpt::kNoDecay), &paged.grads(Gpt::kNoDecay), false}},
       ao, parallel::Shard{}, mo);
+  int chunks_stepped_in_backward = 0;
+  if (optimizer_in_backward) {
+    pager.SetOnGradientsFinal([&](int chunk) {
+      paged_opt.StepChunk(chunk);
+      ++chunks_stepped_in_backward;
+    });
+  }
 
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
   int64_t loads_before = 0;
@@ -134,6 +146,7 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
     }
     ref.ZeroGrad();
     paged.ZeroGrad();
+    if (optimizer_in_backward) paged_opt.BeginStep(1e-3, 1.0);
     for (int m = 0; m < 2; ++m) {
       const at::Tensor x = at::randint(0, config.vocab_size, {3, config.block_size}, gen);
       const at::Tensor y = at::randint(0, config.vocab_size, {3, config.block_size}, gen);
@@ -150,8 +163,14 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
         {paged.grads(Gpt::kNoDecay).flat()}, pager.DecayGradSumSquares()));
     EXPECT_NEAR(paged_norm, ref_norm, 1e-12 * ref_norm);
     ref_opt.Step(1e-3, 1.0);
-    paged_opt.Step(1e-3, 1.0);
+    if (optimizer_in_backward) {
+      paged_opt.FinishStep();
+    } else {
+      paged_opt.Step(1e-3, 1.0);
+    }
   }
+  // Every decay chunk was stepped inside backward, once per step.
+  EXPECT_EQ(chunks_stepped_in_backward, optimizer_in_backward ? 4 * pager.num_chunks() : 0);
   EXPECT_TRUE(pager.traced());
   // The plan's prediction of loads per step (a simulation with one chunk in use at a time)
   // against what the steps after the warm-up did (several pinned, prefetches besides).
@@ -180,33 +199,145 @@ TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
   EXPECT_GT(pager.store().stats().prefetch_hits, 0);
 }
 
-TEST(ActivationPlanTest, RecomputedBlocksGiveBitIdenticalGradientsAndHoldLess) {
+TEST(ModelPagerTest, PagedTrainingIsBitIdenticalAndStaysWithinItsBudget) {
+  PagedTrainingRun(/*optimizer_in_backward=*/false);
+}
+
+TEST(ModelPagerTest, OptimizerInsideBackwardIsBitIdenticalToo) {
+  PagedTrainingRun(/*optimizer_in_backward=*/true);
+}
+
+// The activation plan's tests: two models from the same seed, one keeping every activation
+// (the reference) and one under a plan, train on the same micro-batches.
+constexpr int64_t kPlanBatch = 2;
+
+ModelConfig PlanModel() {
   ModelConfig config = SmallModel();
   config.n_layer = 4;
-  Gpt keep(config, 3), redo(config, 3);
-  redo.SetBlockRecompute({true, true, false, true});
+  return config;
+}
+
+// Two micro-batches of ForwardBackward on both models: equal losses, then bit-identical
+// gradients.
+void ExpectSameGradients(Gpt& keep, Gpt& planned) {
+  const ModelConfig& config = keep.config();
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
-  const int64_t B = 2, T = config.block_size, C = config.n_embd;
   for (int m = 0; m < 2; ++m) {
-    const at::Tensor x = at::randint(0, config.vocab_size, {B, T}, gen);
-    const at::Tensor y = at::randint(0, config.vocab_size, {B, T}, gen);
-    EXPECT_EQ(keep.ForwardBackward(x, y, 0.5f), redo.ForwardBackward(x, y, 0.5f));
+    const at::Tensor x = at::randint(0, config.vocab_size, {kPlanBatch, config.block_size}, gen);
+    const at::Tensor y = at::randint(0, config.vocab_size, {kPlanBatch, config.block_size}, gen);
+    EXPECT_EQ(keep.ForwardBackward(x, y, 0.5f), planned.ForwardBackward(x, y, 0.5f));
   }
-  const auto a = keep.NamedGradients(), b = redo.NamedGradients();
+  const auto a = keep.NamedGradients(), b = planned.NamedGradients();
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     EXPECT_TRUE(a[i].second.equal(b[i].second)) << a[i].first;
   }
+}
+
+// What a model keeping all activations holds after a forward minus what one holds where the
+// blocks `given_up` keep only their output: each such block's 12 inner tensors, (15 C + H T + 4)
+// floats per token.
+int64_t InnerBytes(const ModelConfig& config, int given_up) {
+  const int64_t T = config.block_size, C = config.n_embd, H = config.n_head;
+  return given_up * 4 * kPlanBatch * T * (15 * C + H * T + 4);
+}
+
+// The model `PlanModel()` with blocks 0, 1 and 3 offloading under `dir`.
+std::unique_ptr<Gpt> OffloadingModel(const std::string& dir) {
+  const ModelConfig config = PlanModel();
+  ActivationOffloadOptions o;
+  o.directory = dir;
+  o.blocks = {0, 1, 3};
+  o.slot_bytes = ActivationOffloader::PackedBytes(
+      BlockInnerActivationShapes(config, kPlanBatch, config.block_size));
+  absl::StatusOr<std::unique_ptr<ActivationOffloader>> offloader = ActivationOffloader::Open(o);
+  EXPECT_TRUE(offloader.ok()) << offloader.status();
+  auto model = std::make_unique<Gpt>(config, 3);
+  using M = ActivationMode;
+  model->SetBlockActivationModes({M::kOffload, M::kOffload, M::kKeep, M::kOffload},
+                                 std::move(*offloader));
+  return model;
+}
+
+TEST(ActivationPlanTest, RecomputedBlocksGiveBitIdenticalGradientsAndHoldLess) {
+  const ModelConfig config = PlanModel();
+  Gpt keep(config, 3), redo(config, 3);
+  redo.SetBlockRecompute({true, true, false, true});
+  ExpectSameGradients(keep, redo);
   // Held between forward and backward (after a forward pass): a recomputing block keeps only its
   // output, B T C floats; a keeping one also its 12 inner tensors.
-  const at::Tensor x = at::randint(0, config.vocab_size, {B, T}, gen);
+  const at::Tensor x = at::randint(0, config.vocab_size, {kPlanBatch, config.block_size});
   keep.Loss(x, x);
   redo.Loss(x, x);
-  const int64_t H = config.n_head;
-  const int64_t inner = 4 * B * T * (15 * C + H * T + 4);  // ln1 .. g
-  const int64_t out = 4 * B * T * C;
-  const int64_t blocks_keep = 4 * (inner + out), blocks_redo = 1 * (inner + out) + 3 * out;
-  EXPECT_EQ(keep.ActivationBytes() - redo.ActivationBytes(), blocks_keep - blocks_redo);
+  EXPECT_EQ(keep.ActivationBytes() - redo.ActivationBytes(), InnerBytes(config, 3));
+}
+
+TEST(ActivationPlanTest, OffloadedBlocksGiveBitIdenticalGradientsHoldLessAndWriteWhatTheyPack) {
+  const ModelConfig config = PlanModel();
+  shoal::testing::TempDir dir;
+  Gpt keep(config, 3);
+  std::unique_ptr<Gpt> off = OffloadingModel(dir / "activations");
+  ActivationOffloader& offloader = *off->activation_offloader();
+  ExpectSameGradients(keep, *off);
+  // Every offloaded block of both micro-batches went to disk and came back: its 12 tensors,
+  // packed at 64-byte offsets.
+  int64_t packed = 0;
+  for (const auto& shape : BlockInnerActivationShapes(config, kPlanBatch, config.block_size)) {
+    int64_t bytes = 4;
+    for (int64_t d : shape) bytes *= d;
+    packed += (bytes + 63) / 64 * 64;
+  }
+  EXPECT_EQ(offloader.disk_stats().bytes_written, 2 * 3 * packed);
+  EXPECT_EQ(offloader.disk_stats().bytes_read, 2 * 3 * packed);
+  EXPECT_EQ(offloader.disk_stats().failures, 0);
+  EXPECT_LE(offloader.staging_bytes(), 2 * offloader.slot_bytes());
+
+  // Between a forward and its backward an offloading block holds its output only, as a
+  // recomputing one does.
+  const at::Tensor x = at::randint(0, config.vocab_size, {kPlanBatch, config.block_size});
+  const MicroBatch mb{&x, kPlanBatch, config.block_size};
+  keep.StageForward(x, mb);
+  off->StageForward(x, mb);
+  EXPECT_EQ(keep.ActivationBytes() - off->ActivationBytes(), InnerBytes(config, 3));
+  EXPECT_EQ(offloader.disk_stats().bytes_written, 3 * 3 * packed);
+  keep.StageBackward(at::Tensor(), 1.0f);
+  off->StageBackward(at::Tensor(), 1.0f);
+  // A forward-only pass writes nothing: no backward will read it.
+  off->Loss(x, x);
+  EXPECT_EQ(offloader.disk_stats().bytes_written, 3 * 3 * packed);
+  EXPECT_EQ(offloader.disk_stats().bytes_read, 3 * 3 * packed);
+  const auto a = keep.NamedGradients(), b = off->NamedGradients();
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(a[i].second.equal(b[i].second)) << a[i].first;
+  }
+}
+
+TEST(ActivationPlanTest, DamagedOffloadedActivationsFailNamingTheBlock) {
+  const ModelConfig config = PlanModel();
+  shoal::testing::TempDir dir;
+  std::unique_ptr<Gpt> off = OffloadingModel(dir / "activations");
+  ActivationOffloader& offloader = *off->activation_offloader();
+  const at::Tensor x = at::randint(0, config.vocab_size, {kPlanBatch, config.block_size});
+  const MicroBatch mb{&x, kPlanBatch, config.block_size};
+  off->StageForward(x, mb);
+  offloader.Drain();  // the writes are on the file: nothing overwrites the damage below
+  // Flip bytes inside block 1's payload, behind the tier's back.
+  const std::string path = offloader.path();
+  std::FILE* f = std::fopen(path.c_str(), "r+b");
+  ASSERT_NE(f, nullptr) << path;
+  ASSERT_EQ(std::fseek(f, offloader.PayloadOffset(1, 0) + 1000, SEEK_SET), 0);
+  const char garbage[16] = {'d', 'a', 'm', 'a', 'g', 'e', 'd', '!'};
+  ASSERT_EQ(std::fwrite(garbage, 1, sizeof(garbage), f), sizeof(garbage));
+  std::fclose(f);
+  try {
+    off->StageBackward(at::Tensor(), 1.0f);
+    FAIL() << "block 1's activations were damaged on disk";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_NE(msg.find("block 1 (micro-batch slot 0)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find(path), std::string::npos) << msg;
+    EXPECT_NE(msg.find("memory.disk_path"), std::string::npos) << msg;
+  }
 }
 
 TEST(ModelPagerTest, BudgetBelowTheWorkingSetIsRefusedWithTheNumbers) {

@@ -5,8 +5,10 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -168,6 +170,43 @@ TEST_F(SafetensorsTest, RoundTripsEveryDtype) {
     EXPECT_EQ(back.scalar_type(), t.scalar_type()) << name;
     EXPECT_TRUE(at::equal(back, t)) << name;
   }
+}
+
+// The streaming writer (paged checkpoints) writes the same bytes as the tensor writer, reading
+// each tensor in pieces of at most its buffer; a source's error names the file and the tensor.
+TEST_F(SafetensorsTest, StreamedWriteIsByteIdenticalToTheTensorWriter) {
+  NamedTensors tensors;
+  tensors.emplace_back("big", at::arange(5000, at::kFloat).reshape({50, 100}) * 0.5);
+  tensors.emplace_back("half", (at::arange(7, at::kFloat) - 3).to(at::kHalf));
+  tensors.emplace_back("step", at::scalar_tensor(int64_t{42}, at::kLong));
+  tensors.emplace_back("empty", at::empty({0, 3}, at::kFloat));
+  std::vector<TensorSource> sources;
+  int64_t reads = 0, largest = 0;
+  for (const auto& [name, t] : tensors) {
+    const at::Tensor c = t.contiguous();
+    sources.push_back({name, c.scalar_type(), c.sizes().vec(),
+                       [c, &reads, &largest](int64_t offset, int64_t bytes, char* out) {
+                         ++reads;
+                         largest = std::max(largest, bytes);
+                         std::memcpy(out, static_cast<const char*>(c.data_ptr()) + offset, bytes);
+                         return absl::OkStatus();
+                       }});
+  }
+  const std::map<std::string, std::string> meta = {{"format", "test"}};
+  ASSERT_TRUE(WriteSafetensors(dir_ + "/a.safetensors", tensors, meta).ok());
+  ASSERT_TRUE(WriteSafetensors(dir_ + "/b.safetensors", sources, meta, /*buffer_bytes=*/4096).ok());
+  const absl::StatusOr<std::string> a = ReadFileToString(dir_ + "/a.safetensors");
+  const absl::StatusOr<std::string> b = ReadFileToString(dir_ + "/b.safetensors");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(*a, *b);
+  EXPECT_LE(largest, 4096);
+  EXPECT_GE(reads, 5) << "the 20000-byte tensor came in pieces";
+
+  sources[1].read = [](int64_t, int64_t, char*) { return absl::DataLossError("chunk 3 is torn"); };
+  const absl::Status bad = WriteSafetensors(dir_ + "/c.safetensors", sources, meta, 4096);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(bad.message().find("'half'"), std::string::npos) << bad;
+  EXPECT_NE(bad.message().find("chunk 3 is torn"), std::string::npos) << bad;
 }
 
 TEST_F(SafetensorsTest, WriterRejectsBadInput) {

@@ -106,6 +106,18 @@ inline v1::ClusterStatus SampleClusterStatus() {
     st->set_step_time_s(w.tokens_per_s > 0 ? 32 * 1024 / w.tokens_per_s : 0);
     st->mutable_memory_used()->set_gpu_bytes(w.gpu_bytes / 2);
     st->mutable_memory_used()->set_host_bytes(3 * GiB);
+    if (w.kind == v1::DEVICE_KIND_CPU && w.state == v1::WORKER_STATE_ALIVE) {
+      // A CPU worker paging its states: its chunk manager's own plan.
+      st->set_predicted_step_s(3.25);
+      auto* plan = st->mutable_memory_plan();
+      auto* paged = plan->add_states();
+      paged->set_state("paged_states");
+      paged->mutable_bytes()->set_host_bytes(6 * GiB);
+      paged->mutable_bytes()->set_disk_bytes(18 * GiB);
+      plan->mutable_peak()->set_host_bytes(9 * GiB);
+      plan->mutable_peak()->set_disk_bytes(24 * GiB);
+      plan->mutable_budget()->set_host_bytes(6 * GiB);
+    }
     auto* a = ws->mutable_assignment();
     a->set_version(3);
     a->set_worker_id(w.id);

@@ -246,6 +246,8 @@ TEST(HttpStatusTest, MetricsFollowTheExpositionFormatAndCarryTheSnapshot) {
       {"shoal_worker_memory_budget_bytes", "gauge"},
       {"shoal_worker_memory_used_bytes", "gauge"},
       {"shoal_worker_device_flops", "gauge"},
+      {"shoal_worker_memory_plan_peak_bytes", "gauge"},
+      {"shoal_worker_predicted_step_seconds", "gauge"},
       {"shoal_job_step", "gauge"},
       {"shoal_job_loss", "gauge"},
       {"shoal_job_tokens_per_second", "gauge"},
@@ -296,6 +298,15 @@ TEST(HttpStatusTest, MetricsFollowTheExpositionFormatAndCarryTheSnapshot) {
   EXPECT_EQ(e.Value("shoal_worker_memory_used_bytes", {{"worker", "rank3"}, {"tier", "gpu"}}),
             static_cast<double>(40 * GiB));
   EXPECT_EQ(e.Value("shoal_worker_device_flops", {{"worker", "rank0"}}), 51000e9);
+  // The worker's own memory plan: only rank2 (a live CPU worker paging its states) has one.
+  EXPECT_EQ(e.Value("shoal_worker_memory_plan_peak_bytes", {{"worker", "rank2"}, {"tier", "host"}}),
+            static_cast<double>(9 * GiB));
+  EXPECT_EQ(e.Value("shoal_worker_predicted_step_seconds", {{"worker", "rank2"}}), 3.25);
+  {
+    int plans = 0;
+    e.Value("shoal_worker_predicted_step_seconds", {}, &plans);
+    EXPECT_EQ(plans, 1);
+  }
   // One series per worker and metric: 5 workers, 3 tiers each.
   int n = 0;
   e.Value("shoal_worker_up", {}, &n);

@@ -206,6 +206,28 @@ TEST(ValidateTest, EachBadHeartbeatFieldIsNamed) {
       {"stats.lr", [](v1::HeartbeatRequest* r) { r->mutable_stats()->set_lr(kNaN); }},
       {"stats.memory_used.host_bytes",
        [](v1::HeartbeatRequest* r) { r->mutable_stats()->mutable_memory_used()->set_host_bytes(-1); }},
+      {"stats.predicted_step_s",
+       [](v1::HeartbeatRequest* r) { r->mutable_stats()->set_predicted_step_s(kNaN); }},
+      {"stats.memory_plan.peak.host_bytes",
+       [](v1::HeartbeatRequest* r) {
+         r->mutable_stats()->mutable_memory_plan()->mutable_peak()->set_host_bytes(-5);
+       }},
+      {"stats.memory_plan.states[0].state",
+       [](v1::HeartbeatRequest* r) {
+         r->mutable_stats()->mutable_memory_plan()->add_states()->set_state(std::string("a\x01", 2));
+       }},
+      {"stats.memory_plan.states[0].bytes.disk_bytes",
+       [](v1::HeartbeatRequest* r) {
+         auto* st = r->mutable_stats()->mutable_memory_plan()->add_states();
+         st->set_state("paged_states");
+         st->mutable_bytes()->set_disk_bytes(-1);
+       }},
+      {"stats.memory_plan.states",
+       [](v1::HeartbeatRequest* r) {
+         for (int i = 0; i < 17; ++i) {
+           r->mutable_stats()->mutable_memory_plan()->add_states()->set_state("s");
+         }
+       }},
   };
   for (const auto& [field, mutate] : cases) {
     v1::HeartbeatRequest r = GoodBeat();
