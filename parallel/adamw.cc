@@ -90,6 +90,7 @@ AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options, Shard shard,
   TORCH_CHECK(offload_.chunk_elements > 0, "AdamW: offload chunk_elements must be > 0");
   for (size_t g = 0; g < groups_.size(); ++g) {
     const int64_t n = ShardSize(static_cast<int>(g));
+    first_chunk_.push_back(static_cast<int>(chunks_.size()));
     for (int64_t b = 0; b < n; b += offload_.chunk_elements) {
       chunks_.push_back({static_cast<int>(g), b, std::min(offload_.chunk_elements, n - b)});
     }
@@ -224,13 +225,8 @@ absl::Status AdamW::ReadMoments(int g, bool second, int64_t first, int64_t count
                                               first + count, ") of group ", g,
                                               " are out of range"));
   }
-  // The chunks of group g start after those of the groups before it (see the constructor).
-  int base = 0;
-  for (int h = 0; h < g; ++h) {
-    base += static_cast<int>((ShardSize(h) + offload_.chunk_elements - 1) / offload_.chunk_elements);
-  }
   while (count > 0) {
-    const int c = base + static_cast<int>(first / offload_.chunk_elements);
+    const int c = first_chunk_[g] + static_cast<int>(first / offload_.chunk_elements);
     if (c != read_chunk_) {
       read_buffer_.resize(2 * offload_.chunk_elements);
       SHOAL_RETURN_IF_ERROR(store_->Read(c, absl::MakeSpan(read_buffer_)));
@@ -268,8 +264,8 @@ void AdamW::ReadOffloaded(std::vector<at::Tensor>* full_m, std::vector<at::Tenso
 void AdamW::AppendNamedViews(int g, const at::Tensor& full_m, const at::Tensor& full_v,
                              std::vector<std::pair<std::string, at::Tensor>>* out) const {
   for (const memory::FlatBuffer::Entry& e : groups_[g].params->entries()) {
-    out->emplace_back("exp_avg." + e.name, full_m.narrow(0, e.offset, e.numel).view(e.shape));
-    out->emplace_back("exp_avg_sq." + e.name, full_v.narrow(0, e.offset, e.numel).view(e.shape));
+    out->emplace_back(MomentName(false, e.name), full_m.narrow(0, e.offset, e.numel).view(e.shape));
+    out->emplace_back(MomentName(true, e.name), full_v.narrow(0, e.offset, e.numel).view(e.shape));
   }
 }
 
@@ -317,9 +313,9 @@ absl::Status AdamW::LoadStateDict(const std::vector<std::pair<std::string, at::T
     full_m.push_back(at::zeros({n}, at::kFloat));
     full_v.push_back(at::zeros({n}, at::kFloat));
     for (const memory::FlatBuffer::Entry& e : groups_[g].params->entries()) {
-      for (const auto& [prefix, full] : {std::make_pair("exp_avg.", &full_m.back()),
-                                         std::make_pair("exp_avg_sq.", &full_v.back())}) {
-        const std::string name = prefix + e.name;
+      for (const auto& [second, full] : {std::make_pair(false, &full_m.back()),
+                                         std::make_pair(true, &full_v.back())}) {
+        const std::string name = MomentName(second, e.name);
         auto it = by_name.find(name);
         if (it == by_name.end()) {
           return absl::DataLossError(absl::StrCat("optimizer state: missing tensor ", name));

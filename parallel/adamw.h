@@ -61,6 +61,12 @@ inline constexpr int64_t kNormBlockElements = 4096;
 double BlockSumSquares(const float* g, int64_t n);
 double GlobalSumSquares(const std::vector<at::Tensor>& flats, double start);
 
+// The name of a parameter's first (`second` false: "exp_avg.<param>") or second moment
+// ("exp_avg_sq.<param>") in a state dict or a checkpoint.
+inline std::string MomentName(bool second, const std::string& param) {
+  return (second ? "exp_avg_sq." : "exp_avg.") + param;
+}
+
 // Parameters and gradients that are themselves paged (runtime/model_pager): Step() brackets the
 // update of each moment chunk's range of a paged group with Acquire and Release, so that the
 // range's parameters and gradients are resident, and hints the next range with Prefetch. The
@@ -173,6 +179,7 @@ class AdamW {
   MomentOffload offload_;
   std::unique_ptr<memory::TieredChunkStore> store_;  // null: moments in exp_avg_ / exp_avg_sq_
   std::vector<MomentChunk> chunks_;
+  std::vector<int> first_chunk_;  // per group: its first moment chunk (offloaded)
   std::vector<at::Tensor> exp_avg_;     // per group, ShardSize(g) elements (empty when offloaded)
   std::vector<at::Tensor> exp_avg_sq_;
   AdamWOptions options_;

@@ -35,6 +35,27 @@ int64_t WorkingSetBytesPerElement(int k) { return 4 * (2 * k + 2) + 2 * 8; }
 
 int64_t RoundUp(int64_t v, int64_t q) { return (v + q - 1) / q * q; }
 
+// Farthest-next-use over `trace` repeated twice from empty at `capacity` chunks: the second
+// repetition is the steady state every plan figure is about.
+absl::StatusOr<memory::SimulationResult> SimulateTwoSteps(const std::vector<int>& trace,
+                                                          int capacity) {
+  SHOAL_ASSIGN_OR_RETURN(memory::NextUseTable table, memory::NextUseTable::Build(trace));
+  memory::FarthestNextUsePolicy policy(&table);
+  memory::SimulationOptions so;
+  so.capacity_chunks = capacity;
+  so.iterations = 2;
+  return memory::SimulateTrace(trace, so, policy);
+}
+
+// Loads (zero fills included) in the simulation's second step.
+int64_t SecondStepLoads(const memory::SimulationResult& sim, size_t trace_length) {
+  int64_t loads = 0;
+  for (const memory::SimulationEvent& e : sim.events) {
+    loads += e.moment >= static_cast<int64_t>(trace_length);
+  }
+  return loads;
+}
+
 std::string MiB(int64_t bytes) {
   return absl::StrFormat("%.1f MiB", static_cast<double>(bytes) / (1 << 20));
 }
@@ -216,20 +237,12 @@ void ModelPager::SampleWarmup() {
   non_chunk_peak_ = std::max(non_chunk_peak_, ResidentBytes() - chunks);
 }
 
-ModelPager::Transfers ModelPager::SimulatedTransfers() const {
-  // Replays two steps of the trace with farthest-next-use at the store's capacity, tracking
-  // which chunks are dirty and which have a disk copy: in the second step, a dirty chunk evicted
-  // is a write-back and a chunk loaded from its disk copy a read (the rest are zero fills).
-  // Parameters are on disk from the start; gradients start every step discarded (ZeroGrads).
+ModelPager::Transfers ModelPager::SimulatedTransfers(const memory::SimulationResult& sim) const {
+  // Replays the simulated two steps of the trace, tracking which chunks are dirty and which have
+  // a disk copy: in the second step, a dirty chunk evicted is a write-back and a chunk loaded from
+  // its disk copy a read (the rest are zero fills). Parameters are on disk from the start;
+  // gradients start every step discarded (ZeroGrads).
   Transfers out;
-  absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(trace_);
-  if (!table.ok()) return out;
-  memory::FarthestNextUsePolicy policy(&*table);
-  memory::SimulationOptions so;
-  so.capacity_chunks = store_->capacity_chunks();
-  so.iterations = 2;
-  absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(trace_, so, policy);
-  if (!sim.ok()) return out;
   const int64_t n = static_cast<int64_t>(trace_.size());
   std::vector<char> dirty(2 * num_chunks_, 0), on_disk(2 * num_chunks_, 0);
   std::fill(on_disk.begin(), on_disk.begin() + num_chunks_, 1);
@@ -239,8 +252,8 @@ ModelPager::Transfers ModelPager::SimulatedTransfers() const {
       std::fill(dirty.begin() + num_chunks_, dirty.end(), 0);
       std::fill(on_disk.begin() + num_chunks_, on_disk.end(), 0);
     }
-    for (; e < sim->events.size() && sim->events[e].moment == t; ++e) {
-      const memory::SimulationEvent& ev = sim->events[e];
+    for (; e < sim.events.size() && sim.events[e].moment == t; ++e) {
+      const memory::SimulationEvent& ev = sim.events[e];
       if (ev.evicted >= 0 && dirty[ev.evicted]) {
         out.write_backs += t >= n;
         dirty[ev.evicted] = 0;
@@ -258,7 +271,7 @@ ModelPager::Transfers ModelPager::SimulatedTransfers() const {
   return out;
 }
 
-void ModelPager::PlanFromWarmup() {
+void ModelPager::PlanFromWarmup(const Transfers& transfers) {
   const bool refine = plan_.has_value();
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - warmup_start_).count();
@@ -267,29 +280,11 @@ void ModelPager::PlanFromWarmup() {
   int64_t moved = st.bytes_read - warmup_stats_.bytes_read + st.bytes_written -
                   warmup_stats_.bytes_written;
   const int64_t chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
-  int64_t moment_loads = 0;
   if (moment_store_ != nullptr) {
     const memory::TieredChunkStoreStats ms = moment_store_->stats();
     waited += ms.acquire_wait_seconds - warmup_moments_.acquire_wait_seconds;
     moved += ms.bytes_read - warmup_moments_.bytes_read + ms.bytes_written -
              warmup_moments_.bytes_written;
-    // The optimizer sweeps its chunks in order once per step; every one it loads is dirty when
-    // evicted. In parameter-chunk units (a moment chunk holds m and v: twice the bytes).
-    std::vector<int> sweep(moment_store_->num_chunks());
-    for (size_t c = 0; c < sweep.size(); ++c) sweep[c] = static_cast<int>(c);
-    absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(sweep);
-    if (table.ok()) {
-      memory::FarthestNextUsePolicy policy(&*table);
-      memory::SimulationOptions so;
-      so.capacity_chunks = moment_store_->capacity_chunks();
-      so.iterations = 2;
-      absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(sweep, so, policy);
-      if (sim.ok()) {
-        for (const memory::SimulationEvent& ev : sim->events) {
-          moment_loads += ev.moment >= static_cast<int64_t>(sweep.size());
-        }
-      }
-    }
   }
   profile_.compute_seconds = std::max(0.0, elapsed - waited);
   if (refine) {
@@ -305,10 +300,18 @@ void ModelPager::PlanFromWarmup() {
         profile_.compute_seconds, plan_->Describe());
     return;
   }
+  int64_t moment_loads = 0;
+  if (moment_store_ != nullptr) {
+    // The optimizer sweeps its chunks once per step; every one it loads is dirty when evicted.
+    // In parameter-chunk units (a moment chunk holds m and v: twice the bytes).
+    std::vector<int> sweep(moment_store_->num_chunks());
+    for (size_t c = 0; c < sweep.size(); ++c) sweep[c] = static_cast<int>(c);
+    absl::StatusOr<memory::SimulationResult> sim =
+        SimulateTwoSteps(sweep, moment_store_->capacity_chunks());
+    if (sim.ok()) moment_loads = SecondStepLoads(*sim, sweep.size());
+  }
   profile_.accesses = static_cast<int64_t>(trace_.size());
   profile_.chunk_bytes = chunk_bytes;
-  const Transfers transfers = SimulatedTransfers();
-  // (the warm-up's figures below)
   profile_.loads_per_step = transfers.reads + 2 * moment_loads;
   profile_.write_backs_per_step = transfers.write_backs + 2 * moment_loads;
   profile_.capacity_chunks = store_->capacity_chunks();
@@ -399,7 +402,7 @@ void ModelPager::BeginStep() {
   }
   last_step_begin_ = now;
   ++steps_begun_;
-  if (steps_begun_ == 3 && plan_.has_value()) PlanFromWarmup();  // refined by step 2
+  if (steps_begun_ == 3 && plan_.has_value()) PlanFromWarmup({});  // refined by step 2
   if (steps_begun_ != 2 || recording_.empty()) return;
   // The warm-up step is over: its accesses are every later step's.
   const absl::Status traced = store_->SetTrace(recording_);
@@ -413,25 +416,17 @@ void ModelPager::BeginStep() {
   next_ = 0;
   // The plan's cost: farthest-next-use over this trace, in steady state (the second of two
   // simulated steps), with the store's capacity.
-  absl::StatusOr<memory::NextUseTable> table = memory::NextUseTable::Build(trace_);
-  if (!table.ok()) return;
-  memory::FarthestNextUsePolicy policy(&*table);
-  memory::SimulationOptions so;
-  so.capacity_chunks = store_->capacity_chunks();
-  so.iterations = 2;
-  absl::StatusOr<memory::SimulationResult> sim = memory::SimulateTrace(trace_, so, policy);
+  absl::StatusOr<memory::SimulationResult> sim =
+      SimulateTwoSteps(trace_, store_->capacity_chunks());
   if (!sim.ok()) return;
-  predicted_loads_per_step_ = 0;
-  for (const memory::SimulationEvent& e : sim->events) {
-    predicted_loads_per_step_ += e.moment >= static_cast<int64_t>(trace_.size());
-  }
+  predicted_loads_per_step_ = SecondStepLoads(*sim, trace_.size());
   SHOAL_LOG(Info) << absl::StrFormat(
       "model pager: warm-up step traced (%d chunk accesses); with %d of %d chunks in RAM, "
       "farthest-next-use over the trace predicts %d loads or zero fills per step (up to %s "
       "read); eviction and prefetch follow the trace from now on",
       trace_.size(), store_->capacity_chunks(), 2 * num_chunks_, predicted_loads_per_step_,
       MiB(predicted_loads_per_step_ * capacity_ * static_cast<int64_t>(sizeof(float))));
-  PlanFromWarmup();
+  PlanFromWarmup(SimulatedTransfers(*sim));
   // Step 2's own measurements start here, for the refinement when step 3 begins.
   warmup_start_ = std::chrono::steady_clock::now();
   warmup_stats_ = store_->stats();

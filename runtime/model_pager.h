@@ -153,12 +153,13 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   void SumSquaresOf(int chunk);
   // Warm-up profiling: the memory outside chunks at this moment, and the plan at its end.
   void SampleWarmup();
-  void PlanFromWarmup();
   struct Transfers {
     int64_t reads = 0;        // chunk loads from disk per steady-state step
     int64_t write_backs = 0;  // dirty chunks written to disk per steady-state step
   };
-  Transfers SimulatedTransfers() const;
+  Transfers SimulatedTransfers(const memory::SimulationResult& sim) const;
+  // `transfers`: the simulated steady state's (the first plan only; a refinement keeps them).
+  void PlanFromWarmup(const Transfers& transfers);
 
   ModelPagerOptions options_;
   int64_t capacity_ = 0;

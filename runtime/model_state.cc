@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/status.h"
+#include "parallel/adamw.h"
 
 namespace shoal::runtime {
 namespace {
@@ -225,8 +226,8 @@ absl::StatusOr<NamedTensors> SliceOptimizerState(const std::vector<const Gpt*>& 
   out.emplace_back("step", step->second);
   for (auto& [param, p] : ChunkParameters(chunks)) {
     const ShardSpec& spec = p.second;
-    for (const char* prefix : {"exp_avg.", "exp_avg_sq."}) {
-      const std::string name = prefix + param;
+    for (bool second : {false, true}) {
+      const std::string name = parallel::MomentName(second, param);
       auto it = by_name.find(name);
       if (it == by_name.end()) {
         return absl::DataLossError(absl::StrCat("optimizer state: missing tensor ", name));

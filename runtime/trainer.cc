@@ -802,7 +802,7 @@ absl::Status StepEngine::StreamedState(std::vector<TensorSource>* model,
       parallel::AdamW* opt = optimizer_.get();
       for (bool second : {false, true}) {
         optimizer->push_back(
-            {(second ? "exp_avg_sq." : "exp_avg.") + e.name, at::kFloat, e.shape,
+            {parallel::MomentName(second, e.name), at::kFloat, e.shape,
              [opt, g, second, base](int64_t offset, int64_t bytes, char* out) {
                return opt->ReadMoments(g, second, base + offset / 4, bytes / 4,
                                        reinterpret_cast<float*>(out));

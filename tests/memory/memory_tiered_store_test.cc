@@ -113,6 +113,15 @@ std::vector<float> Pattern(int64_t elements, int id, int version) {
   return v;
 }
 
+// Writes Pattern(id, version) into chunk `id` (acquired, written, released dirty).
+void Fill(TieredChunkStore& store, int id, int version) {
+  absl::StatusOr<float*> p = store.Acquire(id);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const int64_t elements = store.chunk_bytes() / 4;
+  std::memcpy(*p, Pattern(elements, id, version).data(), store.chunk_bytes());
+  ASSERT_TRUE(store.Release(id, true).ok());
+}
+
 // The optimizer sweep: chunks in order, prefetching the next while updating the current.
 void Sweep(TieredChunkStore& store, int step, bool prefetch) {
   const int n = store.num_chunks();
@@ -502,12 +511,7 @@ TEST(TieredChunkStoreTest, CorruptedSlotIsDataLossNamingTheChunk) {
   BudgetWatcher watcher;
   auto store = MustCreate(MakeOptions(dir, kChunks, kChunkBytes, kChunkBytes, &watcher));
   ASSERT_NE(store, nullptr);
-  auto fill = [&](int id, int version) {
-    absl::StatusOr<float*> p = store->Acquire(id);
-    ASSERT_TRUE(p.ok()) << p.status();
-    std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
-    ASSERT_TRUE(store->Release(id, true).ok());
-  };
+  auto fill = [&](int id, int version) { Fill(*store, id, version); };
 
   // Demand load: chunk 0 is written back when 1 takes the only buffer; 1 stays clean and never
   // written, so loading 0 again is a direct read.
@@ -644,12 +648,7 @@ TEST(TieredChunkStoreTest, ReacquireWhileWriteBackInFlightSeesNewData) {
   BudgetWatcher watcher;
   auto store = MustCreate(MakeOptions(dir, kChunks, kChunkBytes, 2 * kChunkBytes, &watcher));
   ASSERT_NE(store, nullptr);
-  auto fill = [&](int id, int version) {
-    absl::StatusOr<float*> p = store->Acquire(id);
-    ASSERT_TRUE(p.ok()) << p.status();
-    std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
-    ASSERT_TRUE(store->Release(id, true).ok());
-  };
+  auto fill = [&](int id, int version) { Fill(*store, id, version); };
   fill(1, 0);  // the other slot, so that the prefetches below must evict
   for (int version = 1; version <= 4; ++version) {
     fill(0, version);
@@ -925,12 +924,7 @@ TEST(TieredChunkStoreTest, DiscardForgetsContentsWithoutIo) {
     if (with_homes) options.homes = ShuffledHomes(region, kChunks, kChunkBytes, 3);
     auto store = MustCreate(options);
     ASSERT_NE(store, nullptr);
-    auto fill = [&](int id, int version) {
-      absl::StatusOr<float*> p = store->Acquire(id);
-      ASSERT_TRUE(p.ok()) << p.status();
-      std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
-      ASSERT_TRUE(store->Release(id, true).ok());
-    };
+    auto fill = [&](int id, int version) { Fill(*store, id, version); };
     auto expect_zeros = [&](int id) {
       std::vector<float> out(elements, 1.0f);
       ASSERT_TRUE(store->Read(id, absl::MakeSpan(out)).ok());
@@ -1016,12 +1010,7 @@ TEST(TieredChunkStoreTest, HomeWantedBackWhileItsReleaseIsQueued) {
   options.homes = ShuffledHomes(region, kChunks, kChunkBytes, 11);
   auto store = MustCreate(options);
   ASSERT_NE(store, nullptr);
-  auto fill = [&](int id, int version) {
-    absl::StatusOr<float*> p = store->Acquire(id);
-    ASSERT_TRUE(p.ok()) << p.status();
-    std::memcpy(*p, Pattern(elements, id, version).data(), kChunkBytes);
-    ASSERT_TRUE(store->Release(id, true).ok());
-  };
+  auto fill = [&](int id, int version) { Fill(*store, id, version); };
   fill(1, 0);  // the other slot, so that the prefetches below must evict
   for (int round = 1; round <= 12; ++round) {
     const bool discard = round % 3 == 0;

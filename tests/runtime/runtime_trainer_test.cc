@@ -57,11 +57,34 @@ class TrainerTest : public ::testing::Test {
   }
 
   // Runs `shoal train` with the run's files under tmp_/<run>.
+  std::string TrainCommand(const std::string& run, const std::string& extra) {
+    return std::string(SHOAL_BINARY) + " train --config " + (tmp_ / "cfg.toml") +
+           " --set data.dir=" + (tmp_ / "data") + " train.out_dir=" + (tmp_ / run) + " " + extra;
+  }
+
   CommandResult Train(const std::string& run, const std::string& extra = "") {
-    const std::string cmd = std::string(SHOAL_BINARY) + " train --config " + (tmp_ / "cfg.toml") +
-                            " --set data.dir=" + (tmp_ / "data") + " train.out_dir=" +
-                            (tmp_ / run) + " " + extra;
-    return RunCommand(cmd);
+    return RunCommand(TrainCommand(run, extra));
+  }
+
+  // The same training in the background, for a test that signals it mid-run.
+  pid_t StartTrain(const std::string& run, const std::string& extra) {
+    const std::string cmd = "exec " + TrainCommand(run, extra) + " >/dev/null 2>&1";
+    const pid_t pid = fork();
+    if (pid == 0) {
+      execl("/bin/sh", "sh", "-c", cmd.c_str(), nullptr);
+      _exit(127);
+    }
+    return pid;
+  }
+
+  // Polls the run's log until it holds `steps` step losses or `seconds` pass (generous: a loaded
+  // machine runs steps many times slower); returns how many it holds.
+  size_t WaitForSteps(const std::string& run, size_t steps, int seconds) {
+    for (int i = 0; i < seconds * 100; ++i) {
+      if (StepLosses(run).size() >= steps) break;
+      usleep(10 * 1000);
+    }
+    return StepLosses(run).size();
   }
 
   // Field `field` of every record of kind `kind` in a run's metrics.jsonl, in file order.
@@ -328,20 +351,9 @@ TEST_F(TrainerTest, PagedRunKilledDuringDiskWritesResumesToTheSameWeights) {
   CommandResult straight = Train("straight", paged);
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
 
-  const std::string cmd = std::string(SHOAL_BINARY) + " train --config " + (tmp_ / "cfg.toml") +
-                          " --set data.dir=" + (tmp_ / "data") + " train.out_dir=" +
-                          (tmp_ / "killed") + " " + paged.substr(6);  // without "--set "
-  pid_t pid = fork();
+  const pid_t pid = StartTrain("killed", paged);
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + cmd + " >/dev/null 2>&1").c_str(), nullptr);
-    _exit(127);
-  }
-  // Up to 3 minutes: a loaded machine (CI) runs these steps many times slower than an idle one.
-  for (int i = 0; i < 18000; ++i) {
-    if (StepLosses("killed").size() >= 9) break;
-    usleep(10 * 1000);
-  }
+  WaitForSteps("killed", 9, 180);
   kill(pid, SIGKILL);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
@@ -373,21 +385,10 @@ TEST_F(TrainerTest, ResumeSkipsCorruptNewestCheckpoint) {
 
 TEST_F(TrainerTest, SigtermCheckpointsAndExits) {
   // Long enough that the signal lands mid-run.
-  const std::string cmd = std::string(SHOAL_BINARY) + " train --config " + (tmp_ / "cfg.toml") +
-                          " --set data.dir=" + (tmp_ / "data") + " train.out_dir=" +
-                          (tmp_ / "run") + " train.steps=100000 train.eval_every=0";
-  pid_t pid = fork();
+  const pid_t pid = StartTrain("run", "train.steps=100000 train.eval_every=0");
   ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + cmd + " >/dev/null 2>&1").c_str(), nullptr);
-    _exit(127);
-  }
   // Wait until training has logged a few steps, then ask it to stop.
-  for (int i = 0; i < 600; ++i) {
-    if (StepLosses("run").size() >= 3) break;
-    usleep(50 * 1000);
-  }
-  ASSERT_GE(StepLosses("run").size(), 3u);
+  ASSERT_GE(WaitForSteps("run", 3, 30), 3u);
   kill(pid, SIGTERM);
   int status = 0;
   ASSERT_EQ(waitpid(pid, &status, 0), pid);
