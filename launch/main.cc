@@ -186,7 +186,7 @@ int RunTrain(const std::string& config_path, const std::vector<std::string>& ove
     link = std::move(*started);
     launch::WorkerLink* l = link.get();
     options.on_step = [l](const runtime::StepReport& r) { l->OnStep(r); };
-    options.placement = link->placement();
+    options.layout = link->layout();
   }
   options.stop_requested = &g_stop;
   std::signal(SIGINT, OnSignal);

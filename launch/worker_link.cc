@@ -85,24 +85,29 @@ v1::JobSpec JobSpecFor(const runtime::Config& config, int world_size) {
   return job;
 }
 
-absl::Status CheckAssignment(const v1::Assignment& a, int world_size) {
+parallel::Layout LayoutOf(const v1::Assignment& a) {
+  parallel::Layout l;
+  l.shape = {a.tp(), a.pp(), a.dp()};
+  l.coord = {a.tp_rank(), a.stage(), a.replica()};
+  l.first_block = a.first_layer();
+  l.end_block = a.end_layer();
+  l.micro_batch_size = a.micro_batch_size();
+  l.micro_batches = a.micro_batches();
+  return l;
+}
+
+absl::Status CheckAssignment(const v1::Assignment& a, int world_size, int n_layer) {
   if (!a.placed()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the coordinator's layout v", a.version(), " leaves this worker out: ",
         a.reason().empty() ? "no reason given" : a.reason()));
   }
-  const int64_t ranks = static_cast<int64_t>(a.tp()) * a.pp() * a.dp();
-  if (a.tp() < 1 || a.pp() < 1 || a.dp() < 1 || ranks != world_size) {
+  // The layout's own check (parallel/layout.h); the trainer checks it across the job too.
+  const absl::Status s = LayoutOf(a).Validate(world_size, n_layer);
+  if (!s.ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "the coordinator's layout v", a.version(), " is tp ", a.tp(), " x pp ", a.pp(), " x dp ",
-        a.dp(), ", but this job has ", world_size, " ranks, all of which must be placed"));
-  }
-  if (a.tp_rank() < 0 || a.tp_rank() >= a.tp() || a.stage() < 0 || a.stage() >= a.pp() ||
-      a.replica() < 0 || a.replica() >= a.dp() || a.micro_batch_size() < 1 ||
-      a.micro_batches() < 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the coordinator's layout v", a.version(), " places this worker outside its mesh: ",
-        Describe(a)));
+        "the coordinator's layout v", a.version(), " (", Describe(a), ") cannot run on this job's ",
+        world_size, " ranks: ", s.message()));
   }
   return absl::OkStatus();
 }
@@ -279,30 +284,22 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   if (!profile.ok()) return profile.status();
   impl->profile = std::move(*profile);
   // The configured budgets bound what the solver may plan on this worker.
-  auto cap = [](const std::string& budget, const char* key,
-                int64_t measured) -> absl::StatusOr<int64_t> {
-    if (budget.empty()) return measured;
-    SHOAL_ASSIGN_OR_RETURN(const int64_t bytes, runtime::ParseByteSize(budget, key));
-    return std::min(measured, bytes);
+  auto cap = [](const runtime::ByteSize& budget, int64_t measured) {
+    return budget.set() ? std::min(measured, budget.bytes) : measured;
   };
   v1::MemoryTiers* tiers = impl->profile.mutable_memory();
-  SHOAL_ASSIGN_OR_RETURN(int64_t host,
-                         cap(config.memory.host_budget, "memory.host_budget", tiers->host_bytes()));
-  if (!config.memory.disk_path.empty() && !config.memory.host_budget.empty()) {
+  int64_t host = cap(config.memory.host_budget, tiers->host_bytes());
+  if (!config.memory.disk_path.empty() && config.memory.host_budget.set()) {
     // With a disk tier, memory.host_budget is the trainer's budget for model states (the rest is
     // paged to disk), not for the activations beside them, which the solver also places in RAM:
     // add memory.activation_budget when set, else leave the RAM measured.
-    int64_t activations = tiers->host_bytes();
-    if (!config.memory.activation_budget.empty()) {
-      SHOAL_ASSIGN_OR_RETURN(activations, runtime::ParseByteSize(config.memory.activation_budget,
-                                                                 "memory.activation_budget"));
-    }
+    const int64_t activations = config.memory.activation_budget.set()
+                                    ? config.memory.activation_budget.bytes
+                                    : tiers->host_bytes();
     host = std::min(tiers->host_bytes(), host + activations);
   }
-  SHOAL_ASSIGN_OR_RETURN(const int64_t disk,
-                         cap(config.memory.disk_budget, "memory.disk_budget", tiers->disk_bytes()));
-  SHOAL_ASSIGN_OR_RETURN(const int64_t gpu,
-                         cap(config.memory.device_budget, "memory.device_budget", tiers->gpu_bytes()));
+  const int64_t disk = cap(config.memory.disk_budget, tiers->disk_bytes());
+  const int64_t gpu = cap(config.memory.device_budget, tiers->gpu_bytes());
   tiers->set_gpu_bytes(gpu);
   tiers->set_host_bytes(host);
   tiers->set_disk_bytes(disk);
@@ -379,7 +376,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
                  absl::StrCat("waiting for the first layout, which needs all ", env.world_size,
                               " ranks joined"));
   }
-  SHOAL_RETURN_IF_ERROR(CheckAssignment(*a, env.world_size));
+  SHOAL_RETURN_IF_ERROR(CheckAssignment(*a, env.world_size, config.model.n_layer));
   im.assignment = *a;
   im.running_version.store(a->version());
   SHOAL_LOG(Info) << "coordinator " << where << ": " << im.worker_id << " " << Describe(*a);
@@ -454,17 +451,7 @@ void WorkerLink::Close(const std::string& reason) {
 const std::string& WorkerLink::worker_id() const { return impl_->worker_id; }
 const v1::Assignment& WorkerLink::assignment() const { return impl_->assignment; }
 
-parallel::MeshPlacement WorkerLink::placement() const {
-  const v1::Assignment& a = impl_->assignment;
-  parallel::MeshPlacement p;
-  p.shape = {a.tp(), a.pp(), a.dp()};
-  p.coord = {a.tp_rank(), a.stage(), a.replica()};
-  p.first_block = a.first_layer();
-  p.end_block = a.end_layer();
-  p.micro_batch_size = a.micro_batch_size();
-  p.micro_batches = a.micro_batches();
-  return p;
-}
+parallel::Layout WorkerLink::layout() const { return LayoutOf(impl_->assignment); }
 const v1::DeviceProfile& WorkerLink::profile() const { return impl_->profile; }
 bool WorkerLink::drained() const { return impl_->drained.load(); }
 

@@ -27,10 +27,10 @@
 #include "absl/time/time.h"
 #include "comm/backend.h"
 #include "launch/env.h"
-#include "parallel/mesh.h"
+#include "parallel/layout.h"
 #include "proto/coordinator.pb.h"
 #include "runtime/config.h"
-#include "runtime/trainer.h"
+#include "runtime/run_report.h"
 
 namespace shoal::launch {
 
@@ -69,8 +69,8 @@ class WorkerLink {
 
   const std::string& worker_id() const;
   const v1::Assignment& assignment() const;
-  // The assignment as the trainer's mesh placement (shape, this rank's coordinate, its blocks).
-  parallel::MeshPlacement placement() const;
+  // The assignment as the trainer's layout (LayoutOf).
+  parallel::Layout layout() const;
   const v1::DeviceProfile& profile() const;
   // True once the coordinator asked this worker to drain.
   bool drained() const;
@@ -88,8 +88,11 @@ class WorkerLink {
 // pipeline or tensor parallelism in the trainer yet), largest micro-batch = batch_size.
 v1::JobSpec JobSpecFor(const runtime::Config& config, int world_size);
 
-// kFailedPrecondition unless `a` is something this trainer can run on `world_size` ranks.
-absl::Status CheckAssignment(const v1::Assignment& a, int world_size);
+// The assignment as a layout: launch/ only converts; parallel::Layout checks.
+parallel::Layout LayoutOf(const v1::Assignment& a);
+// kFailedPrecondition unless `a` places this worker in a layout a trainer of a model of
+// `n_layer` blocks can run on `world_size` ranks (Layout::Validate says why not).
+absl::Status CheckAssignment(const v1::Assignment& a, int world_size, int n_layer);
 
 }  // namespace shoal::launch
 

@@ -15,7 +15,7 @@
 
 namespace shoal::parallel {
 namespace {
-constexpr int64_t kNormBlock = 4096;
+constexpr int64_t kNormBlock = memory::kNormBlockElements;
 constexpr int64_t kStepGrain = 16384;
 
 using memory::AdamWConstants;
@@ -28,17 +28,8 @@ void AdamWRange(const AdamWConstants& k, const float* gr, float* p, float* m, fl
   for (int64_t i = 0; i < n; ++i) memory::AdamWElement(k, gr, p, m, v, i);
 }
 
-SHOAL_SIMD_CLONES
-double SumSquares(const float* g, int64_t n) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<double>(g[i]) * g[i];
-  return s;
-}
 
 }  // namespace
-
-double BlockSumSquares(const float* g, int64_t n) { return SumSquares(g, n); }
 
 double GlobalL2Norm(const std::vector<at::Tensor>& flats) {
   return std::sqrt(GlobalSumSquares(flats, 0.0));
@@ -54,7 +45,7 @@ double GlobalSumSquares(const std::vector<at::Tensor>& flats, double start) {
     at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t begin = b * kNormBlock;
-        partial[b] = SumSquares(g + begin, std::min(n, begin + kNormBlock) - begin);
+        partial[b] = memory::BlockSumSquares(g + begin, std::min(n, begin + kNormBlock) - begin);
       }
     });
     for (double s : partial) total += s;  // fixed order: independent of the thread count

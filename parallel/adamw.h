@@ -23,6 +23,7 @@
 #include "comm/backend.h"
 #include "memory/adamw_math.h"
 #include "memory/flat_buffer.h"
+#include "memory/state_paging.h"
 #include "memory/tiered_store.h"
 
 namespace shoal::parallel {
@@ -53,12 +54,12 @@ struct Shard {
 // sqrt(sum of squares) over the given flat gradient buffers, accumulated in double over fixed
 // kNormBlockElements-element blocks so the result does not depend on the thread count.
 double GlobalL2Norm(const std::vector<at::Tensor>& flats);
-inline constexpr int64_t kNormBlockElements = 4096;
 // The parts of it, for gradients that are never all in RAM at once: the sum of squares of one
-// block (elements [0, n), n <= kNormBlockElements), and the sum over the blocks of `flats`, in
-// order, added one by one to `start` (the running sum over earlier buffers' blocks, in order):
-// GlobalL2Norm(f) == sqrt(GlobalSumSquares(f, 0)) exactly.
-double BlockSumSquares(const float* g, int64_t n);
+// block (memory::BlockSumSquares, elements [0, n), n <= kNormBlockElements), and the sum over the
+// blocks of `flats`, in order, added one by one to `start` (the running sum over earlier buffers'
+// blocks, in order): GlobalL2Norm(f) == sqrt(GlobalSumSquares(f, 0)) exactly.
+using memory::BlockSumSquares;
+using memory::kNormBlockElements;
 double GlobalSumSquares(const std::vector<at::Tensor>& flats, double start);
 
 // The name of a parameter's first (`second` false: "exp_avg.<param>") or second moment
@@ -67,19 +68,8 @@ inline std::string MomentName(bool second, const std::string& param) {
   return (second ? "exp_avg_sq." : "exp_avg.") + param;
 }
 
-// Parameters and gradients that are themselves paged (runtime/model_pager): Step() brackets the
-// update of each moment chunk's range of a paged group with Acquire and Release, so that the
-// range's parameters and gradients are resident, and hints the next range with Prefetch. The
-// calls may throw c10::Error. Release means the range's parameters changed and its gradients are
-// consumed.
-class RangeResidency {
- public:
-  virtual ~RangeResidency() = default;
-  virtual bool Paged(int group) const = 0;
-  virtual void Prefetch(int group, int64_t begin, int64_t count) = 0;
-  virtual void Acquire(int group, int64_t begin, int64_t count) = 0;
-  virtual void Release(int group, int64_t begin, int64_t count) = 0;
-};
+// Paged parameters and gradients (memory/state_paging.h, implemented by memory/model_pager.h).
+using memory::RangeResidency;
 
 // The factor torch.nn.utils.clip_grad_norm_ applies: min(1, max_norm / (norm + 1e-6));
 // 1 when max_norm <= 0 (clipping off).

@@ -1,9 +1,7 @@
 // Mesh: the ranks of a job arranged as tensor x pipeline x data parallel, and the process groups
 // each rank needs.
 //
-// Rank numbering, unless a layout places the ranks (tensor-parallel ranks adjacent, so they share a host when a launcher places
-// consecutive ranks together, as torchrun and mpirun do):
-//   rank = tp + tp_size * (dp + dp_size * pp)
+// Ranks are numbered as parallel/layout.h says, unless a layout places them.
 // A rank's groups are the ranks that differ from it in one coordinate only: its tensor-parallel
 // group (same pp, dp), its pipeline group (same tp, dp; group rank = pipeline stage) and its
 // data-parallel group (same tp, pp; group rank = replica). Groups of size 1 are not built (the
@@ -23,55 +21,18 @@
 #include "absl/time/time.h"
 #include "comm/backend.h"
 #include "comm/store.h"
+#include "parallel/layout.h"
 
 namespace shoal::parallel {
-
-struct MeshShape {
-  int tp = 1;
-  int pp = 1;
-  int dp = 1;
-  int size() const { return tp * pp * dp; }
-};
-
-struct MeshCoord {
-  int tp = 0;
-  int pp = 0;
-  int dp = 0;
-};
-
-// The shape for `world` ranks with the given tp and pp: dp = world / (tp * pp).
-// kInvalidArgument naming the numbers when tp or pp < 1 or tp * pp does not divide world.
-absl::StatusOr<MeshShape> ShapeForWorld(int world, int tp, int pp);
-
-MeshCoord CoordOf(const MeshShape& shape, int rank);
-int RankOf(const MeshShape& shape, const MeshCoord& coord);
-
-// "(tp 2, pp 2, dp 1)".
-std::string ToString(const MeshShape& shape);
-
-// Where a rank sits when a layout (the coordinator's) places it rather than the rank numbering:
-// its coordinate, the blocks [first_block, end_block) of its pipeline stage, and its replica's
-// share of the batch (micro-batches of micro_batch_size sequences; replicas of uneven speed get
-// uneven shares).
-struct MeshPlacement {
-  MeshShape shape;
-  MeshCoord coord;
-  int first_block = 0;
-  int end_block = 0;
-  int micro_batch_size = 0;
-  int micro_batches = 0;
-};
 
 class Mesh {
  public:
   // `world`: the job's group (not owned; outlives the mesh; may be null for a one-rank job).
   // `store`: the job's rendezvous store (its namespace for this generation of the group);
   // needed when any group has more than one rank. `coord`: this rank's place when a layout
-  // gives it (null: CoordOf(shape, rank)); the ranks then check over `world` that their places
-  // cover the mesh exactly once. `gloo_hostname` as in comm::BackendOptions.
-  // kInvalidArgument when shape.size() differs from the world's size or a coordinate is out of
-  // range; kFailedPrecondition naming the ranks when two claim one place; errors of
-  // CreateBackend.
+  // gives it (null: CoordOf(shape, rank)); REQUIRES: the job's layouts agreed (AgreeOnLayout:
+  // every place taken once). `gloo_hostname` as in comm::BackendOptions.
+  // kInvalidArgument from CheckPlace; errors of CreateBackend.
   static absl::StatusOr<std::unique_ptr<Mesh>> Create(comm::Backend* world, const MeshShape& shape,
                                                       std::shared_ptr<comm::Store> store,
                                                       absl::Duration timeout,

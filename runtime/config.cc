@@ -27,7 +27,7 @@ namespace {
 
 // The schema: one row per key, in struct order. ParseConfig, the override path and ToToml all
 // walk this table, so adding a field to config.h means adding exactly one row here.
-enum class Kind { kInt, kInt64, kUint64, kDouble, kBool, kString, kIntList };
+enum class Kind { kInt, kInt64, kUint64, kDouble, kBool, kString, kIntList, kByteSize };
 
 struct Field {
   const char* section;
@@ -85,11 +85,11 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(parallel, stages, Kind::kIntList),
       SHOAL_FIELD(parallel, schedule, Kind::kString),
       SHOAL_FIELD(parallel, virtual_stages, Kind::kInt),
-      SHOAL_FIELD(memory, device_budget, Kind::kString),
-      SHOAL_FIELD(memory, host_budget, Kind::kString),
-      SHOAL_FIELD(memory, disk_budget, Kind::kString),
+      SHOAL_FIELD(memory, device_budget, Kind::kByteSize),
+      SHOAL_FIELD(memory, host_budget, Kind::kByteSize),
+      SHOAL_FIELD(memory, disk_budget, Kind::kByteSize),
       SHOAL_FIELD(memory, disk_path, Kind::kString),
-      SHOAL_FIELD(memory, activation_budget, Kind::kString),
+      SHOAL_FIELD(memory, activation_budget, Kind::kByteSize),
       SHOAL_FIELD(memory, activation_offload, Kind::kString),
   };
   return *kSchema;
@@ -214,6 +214,7 @@ const char* KindName(Kind kind) {
     case Kind::kBool: return "a boolean";
     case Kind::kString: return "a string";
     case Kind::kIntList: return "an array of integers";
+    case Kind::kByteSize: return "a size (a string such as \"512MiB\", or bytes)";
   }
   return "?";
 }
@@ -278,6 +279,22 @@ absl::Status SetField(const Field& field, const toml::node& node, absl::string_v
       if (!node.is_string()) return wrong_type();
       *static_cast<std::string*>(member) = node.as_string()->get();
       return absl::OkStatus();
+    case Kind::kByteSize: {
+      std::string text;
+      if (node.is_string()) {
+        text = node.as_string()->get();
+      } else if (node.is_integer()) {
+        text = absl::StrCat(node.as_integer()->get());
+      } else {
+        return wrong_type();
+      }
+      absl::StatusOr<ByteSize> size = ByteSize::Parse(text, name);
+      if (!size.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(size.status().message(), location));
+      }
+      *static_cast<ByteSize*>(member) = *std::move(size);
+      return absl::OkStatus();
+    }
     case Kind::kIntList: {
       if (!node.is_array()) return wrong_type();
       std::vector<int> values;
@@ -384,6 +401,15 @@ absl::Status ApplyOverride(const std::string& override_text, Config& config) {
   } catch (const toml::parse_error&) {
     is_toml_value = false;
   }
+  if (field->kind == Kind::kByteSize && !(is_toml_value && parsed["v"].is_string())) {
+    // A size reads its raw text: `memory.host_budget=64MiB`, `=4000000`, or `=` (unset).
+    absl::StatusOr<ByteSize> size = ByteSize::Parse(std::string(raw_value), std::string(name));
+    if (!size.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(size.status().message(), " in ", where));
+    }
+    *static_cast<ByteSize*>(field->get(config)) = *std::move(size);
+    return absl::OkStatus();
+  }
   if (!is_toml_value || (field->kind == Kind::kString && !parsed["v"].is_string())) {
     // A string key takes the raw text even when it happens to parse as a number or a boolean
     // (`data.dir=2024`): for a string there is no other reading of it.
@@ -475,6 +501,7 @@ std::string Config::ToToml() const {
       case Kind::kDouble: value = TomlDouble(*static_cast<const double*>(member)); break;
       case Kind::kBool: value = *static_cast<const bool*>(member) ? "true" : "false"; break;
       case Kind::kString: value = TomlQuote(*static_cast<const std::string*>(member)); break;
+      case Kind::kByteSize: value = TomlQuote(static_cast<const ByteSize*>(member)->text); break;
       case Kind::kIntList:
         value = absl::StrCat("[", absl::StrJoin(*static_cast<const std::vector<int>*>(member), ", "),
                              "]");
@@ -663,14 +690,17 @@ absl::Status ValidateConfig(const Config& c) {
                          c.parallel.tp, " and parallel.pp = ", c.parallel.pp, ")"));
   }
 
+  // Sizes are parsed as they are read; a Config built in code must still agree with its text.
   for (const auto& [key, value] : {std::make_pair("memory.device_budget", &c.memory.device_budget),
                                    std::make_pair("memory.host_budget", &c.memory.host_budget),
                                    std::make_pair("memory.disk_budget", &c.memory.disk_budget),
                                    std::make_pair("memory.activation_budget",
                                                   &c.memory.activation_budget)}) {
-    if (value->empty()) continue;
-    absl::StatusOr<int64_t> bytes = ParseByteSize(*value, key);
-    p.Check(bytes.ok(), std::string(bytes.status().message()));
+    const absl::StatusOr<ByteSize> parsed = ByteSize::Parse(value->text, key);
+    p.Check(parsed.ok(), std::string(parsed.status().message()));
+    p.Check(!parsed.ok() || *parsed == *value,
+            absl::StrCat(key, " holds ", value->bytes, " bytes for \"", value->text,
+                         "\"; set it with ByteSize::Parse"));
   }
   const std::string& offload = c.memory.activation_offload;
   p.Check(offload == "auto" || offload == "never" || offload == "always",
@@ -713,6 +743,14 @@ absl::StatusOr<int64_t> ParseByteSize(const std::string& text, const std::string
     return absl::InvalidArgumentError(absl::StrCat(what, " = \"", text, "\" is too large"));
   }
   return static_cast<int64_t>(bytes);
+}
+
+absl::StatusOr<ByteSize> ByteSize::Parse(const std::string& text, const std::string& what) {
+  ByteSize size;
+  if (text.empty()) return size;
+  SHOAL_ASSIGN_OR_RETURN(size.bytes, ParseByteSize(text, what));
+  size.text = text;
+  return size;
 }
 
 std::string ResolvedCheckpointDir(const Config& config) {

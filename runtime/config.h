@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/gpt_arithmetic.h"
 
 namespace shoal::runtime {
 
@@ -22,6 +23,11 @@ struct ModelConfig {
   int block_size = 128;    // context length (tokens)
   int vocab_size = 256;    // token ids are < vocab_size; <= 65536 (uint16 token files)
 };
+
+// The shape the model arithmetic takes (common/gpt_arithmetic.h).
+inline GptShape ShapeOf(const ModelConfig& m) {
+  return GptShape{m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size};
+}
 
 struct DataConfig {
   std::string dir;                 // folder with train.bin, val.bin (and meta.json)
@@ -84,21 +90,35 @@ struct ParallelConfig {
   int virtual_stages = 1;          // model chunks per pipeline rank; >= 2 with "interleaved"
 };
 
-// Memory budgets per tier, as sizes with a unit ("512MiB", "8GiB", "2.5GB", "1000000" bytes);
-// empty: what the machine has. Today they bound what this worker reports to the coordinator,
-// whose layout solver plans within them (a small budget makes it split the model over more
-// pipeline stages); the chunk manager will hold the process to them.
+// A size with an optional unit as the config gives it ("512MiB", "8GiB", "2.5GB", "1000000"
+// bytes): the text as written, kept for messages and ToToml, and its value, parsed once when the
+// config is read (ParseByteSize below). Unset: empty text and 0 bytes.
+struct ByteSize {
+  std::string text;
+  int64_t bytes = 0;
+  bool set() const { return !text.empty(); }
+  // Parses `text` (empty: unset). kInvalidArgument naming `what` for anything ParseByteSize
+  // refuses.
+  static absl::StatusOr<ByteSize> Parse(const std::string& text, const std::string& what);
+  bool operator==(const ByteSize& other) const {
+    return text == other.text && bytes == other.bytes;
+  }
+};
+
+// Memory budgets per tier (unset: what the machine has). They bound what this worker reports to
+// the coordinator, whose layout solver plans within them, and the chunk manager holds the process
+// to them (memory/state_plan.h).
 struct MemoryConfig {
-  std::string device_budget;       // CUDA device memory (a worker without one has no such tier)
-  std::string host_budget;         // host RAM
-  std::string disk_budget;         // the disk tier (under train.out_dir)
+  ByteSize device_budget;          // CUDA device memory (a worker without one has no such tier)
+  ByteSize host_budget;            // host RAM
+  ByteSize disk_budget;            // the disk tier (under disk_path)
   // Where the disk tier's file goes. With host_budget too small for the model states, the AdamW
   // moments that do not fit go there (data parallelism and one process; not in mesh mode yet).
   std::string disk_path;
   // Activations kept between forward and backward, per micro-batch: the blocks that do not fit
   // recompute their forward in backward, or offload their activations to the disk tier under
   // disk_path (empty: every block keeps its activations).
-  std::string activation_budget;
+  ByteSize activation_budget;
   // Whether the blocks that do not fit offload: "auto" (when disk_path is set and its measured
   // bandwidth makes that cheaper than recomputing), "never" (recompute) or "always" (offload;
   // needs disk_path).

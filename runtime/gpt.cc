@@ -9,7 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "runtime/activation_offload.h"
+#include "memory/activation_offload.h"
 #include "runtime/kernels.h"
 
 namespace shoal::runtime {

@@ -53,11 +53,17 @@
 #include "absl/time/time.h"
 #include "comm/backend.h"
 #include "memory/flat_buffer.h"
+#include "memory/state_paging.h"
 #include "runtime/config.h"
 
 namespace shoal::runtime {
 
-class ActivationOffloader;  // runtime/activation_offload.h
+}  // namespace shoal::runtime
+namespace shoal::memory {
+class ActivationOffloader;  // memory/activation_offload.h
+}  // namespace shoal::memory
+namespace shoal::runtime {
+using memory::ActivationOffloader;
 
 // A parameter as a piece sees it: its value and gradient views.
 struct Param {
@@ -153,34 +159,8 @@ struct TensorParallel {
   absl::Duration timeout = absl::Seconds(60);  // of each collective
 };
 
-// Paged parameters and gradients (issue 7; implemented by runtime/model_pager). With a pager, the
-// decay group's parameters and gradients are laid out in equal chunks, in mapped flat buffers, and
-// a chunk may be absent from RAM (on disk) whenever no pass needs it: the model brackets every
-// piece's pass, and every other touch of a decay tensor, with Begin/End so that the pager makes
-// what the piece uses resident. The pager's calls may throw c10::Error (a disk failure), which
-// propagates out of the model's methods like a failed collective does.
-class StatePager {
- public:
-  enum class Pass {
-    kWrite,     // parameters written outside training (initialisation, LoadParameters)
-    kRead,      // parameters read outside training (NamedParameters)
-    kForward,   // parameters read
-    kBackward,  // parameters read, gradients added to
-  };
-  virtual ~StatePager() = default;
-  // From the constructor, once the parameters are declared: the layout of the decay group's
-  // tensors in chunks, for these groups (per piece, the decay tensors it is the first to use; in
-  // piece order).
-  virtual memory::ChunkLayout Layout(const std::vector<memory::ChunkGroup>& groups) = 0;
-  // Then, with the buffers allocated (mapped) in that layout and before anything is written:
-  // `piece_entries[p]` lists the entries of `params` (and `grads`) that piece p uses.
-  virtual void Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
-                      std::vector<std::vector<int>> piece_entries) = 0;
-  virtual void Begin(int piece, Pass pass) = 0;
-  virtual void End(int piece, Pass pass) = 0;
-  // ZeroGrad: every decay gradient is zero again.
-  virtual void ZeroGrads() = 0;
-};
+// Paged parameters and gradients (memory/state_paging.h; implemented by memory/model_pager.h).
+using memory::StatePager;
 
 class Gpt {
  public:

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/gpt_arithmetic.h"
 
 namespace shoal::scheduler {
 namespace {
@@ -69,16 +70,16 @@ struct Group {
 struct Model {
   double C = 0, H = 0, T = 0, V = 0;
   int L = 0;
+  GptShape shape;
   ModelCosts costs;
   double bytes[3] = {0, 0, 0};  // per parameter: params, grads, optimizer
   double total_params = 0;
 };
 
-// Activation bytes per token of one block kept for backward with tensor parallelism t:
-// Korthikanti et al. (2022), eq. 2: s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes for 16-bit values,
-// doubled for fp32.
+// Activation bytes per token of one block kept for backward with tensor parallelism t: what
+// shoal's model holds (common/gpt_arithmetic.h).
 double ActivationBytesPerTokenBlock(const Model& m, int tp) {
-  return 2.0 * (10.0 * m.C + 24.0 * m.C / tp + 5.0 * m.H * m.T / tp);
+  return GptBlockActivationBytesPerToken(m.shape, tp);
 }
 
 // Parameters held by stage `s` of `pp` besides its blocks: embeddings on the first stage; the
@@ -103,7 +104,7 @@ StageBytes BytesFor(const Model& m, int n, int s, int pp, int tp, int mbs) {
   const double in_flight = pp - s;
   double act = in_flight * mbs * m.T * n * ActivationBytesPerTokenBlock(m, tp);
   // The last stage also holds one micro-batch's logits and their gradient (fp32, vocab-parallel).
-  if (s == pp - 1) act += mbs * m.T * 2.0 * kActivationBytes * m.V / tp;
+  if (s == pp - 1) act += mbs * m.T * GptHeadActivationBytesPerToken(m.shape, tp);
   out.bytes[kActivations] = static_cast<int64_t>(std::ceil(act));
   return out;
 }
@@ -709,20 +710,26 @@ void FillTiers(const int64_t v[kTiers], v1::MemoryTiers* out) {
 
 }  // namespace
 
+GptShape ShapeOf(const v1::ModelSpec& model) {
+  GptShape s;
+  s.n_layer = model.n_layer();
+  s.n_head = model.n_head();
+  s.n_embd = model.n_embd();
+  s.block_size = model.block_size();
+  s.vocab_size = model.vocab_size();
+  return s;
+}
+
 ModelCosts ComputeModelCosts(const v1::ModelSpec& model) {
-  const double C = model.n_embd(), T = model.block_size(), V = model.vocab_size(),
-               H = model.n_head();
+  // Every figure from the one place that states the model's arithmetic.
+  const GptShape s = ShapeOf(model);
   ModelCosts c;
-  // Per block: qkv (3C² + 3C), attention projection (C² + C), MLP (4C² + 4C and 4C² + C), two
-  // LayerNorms (4C).
-  c.block_params = 12 * C * C + 13 * C;
-  c.embedding_params = V * C + T * C;
-  c.final_params = 2 * C;
-  // 6 FLOPs per parameter per token (forward 2, backward 4) for the 12C² matmul weights, plus
-  // attention scores and their weighted sum: 2·2·T·C forward, twice that backward.
-  c.block_flops_per_token = 72 * C * C + 12 * T * C;
-  c.head_flops_per_token = 6 * V * C;
-  c.block_activation_bytes_per_token = 2.0 * (34 * C + 5 * H * T);
+  c.block_params = static_cast<double>(GptBlockParameters(s));
+  c.embedding_params = static_cast<double>(GptEmbeddingParameters(s));
+  c.final_params = static_cast<double>(GptFinalParameters(s));
+  c.block_flops_per_token = GptBlockFlopsPerToken(s);
+  c.head_flops_per_token = GptHeadFlopsPerToken(s);
+  c.block_activation_bytes_per_token = GptBlockActivationBytesPerToken(s);
   c.state_bytes_per_param = model.param_bytes() + model.grad_bytes() + model.optimizer_bytes();
   return c;
 }
@@ -764,13 +771,6 @@ absl::StatusOr<std::vector<int>> SplitLayers(int n_layer,
   return out;
 }
 
-std::vector<int> UniformSplit(int n_layer, int stages) {
-  if (stages <= 0) return {};
-  std::vector<int> out(stages, n_layer / stages);
-  for (int i = 0; i < n_layer % stages; ++i) ++out[i];
-  return out;
-}
-
 double PipelineStepSeconds(const std::vector<double>& stage_seconds_per_micro, int micro_batches) {
   if (stage_seconds_per_micro.empty() || micro_batches <= 0) return 0;
   double sum = 0, slowest = 0;
@@ -794,11 +794,12 @@ absl::StatusOr<v1::Layout> SolveLayout(const std::vector<SolverDevice>& devices,
   m.T = job.model().block_size();
   m.V = job.model().vocab_size();
   m.L = job.model().n_layer();
+  m.shape = ShapeOf(job.model());
   m.costs = ComputeModelCosts(job.model());
   m.bytes[0] = job.model().param_bytes();
   m.bytes[1] = job.model().grad_bytes();
   m.bytes[2] = job.model().optimizer_bytes();
-  m.total_params = m.L * m.costs.block_params + m.costs.embedding_params + m.costs.final_params;
+  m.total_params = static_cast<double>(GptParameters(m.shape));
 
   // Sorted by speed, then id: every later step walks this order, so the input order of
   // `devices` cannot change the result.

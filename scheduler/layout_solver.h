@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/gpt_arithmetic.h"
 #include "proto/coordinator.pb.h"
 
 namespace shoal::scheduler {
@@ -37,7 +38,11 @@ struct SolverOptions {
   bool allow_disk = true;
 };
 
-// Bytes and FLOPs of the model's parts, from its shape (see docs/cost-model.md).
+// The model's shape from its spec.
+GptShape ShapeOf(const v1::ModelSpec& model);
+
+// Bytes and FLOPs of the model's parts, from its shape (common/gpt_arithmetic.h; see
+// docs/cost-model.md).
 struct ModelCosts {
   double block_params = 0;             // parameters of one transformer block
   double embedding_params = 0;         // token + position embeddings (the head is tied)
@@ -58,8 +63,8 @@ absl::StatusOr<std::vector<int>> SplitLayers(int n_layer,
                                              const std::vector<double>& extra_seconds,
                                              const std::vector<int>& max_layers);
 
-// Even split (the first stages take the remainder), for comparison.
-std::vector<int> UniformSplit(int n_layer, int stages);
+// Even split (the first stages take the remainder), for comparison: shoal::UniformSplit.
+using ::shoal::UniformSplit;
 
 // Step time of a synchronous 1F1B pipeline with `micro_batches` micro-batches whose stage i takes
 // `stage_seconds_per_micro[i]` per micro-batch: (m - 1) * slowest + sum over stages.

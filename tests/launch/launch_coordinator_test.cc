@@ -501,20 +501,27 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
   a.set_dp(4);
   a.set_micro_batch_size(4);
   a.set_micro_batches(2);
-  EXPECT_TRUE(launch::CheckAssignment(a, 4).ok());
+  a.set_first_layer(0);
+  a.set_end_layer(12);
+  EXPECT_TRUE(launch::CheckAssignment(a, 4, 12).ok());
   a.set_micro_batches(0);  // a replica with no share of the batch
-  EXPECT_EQ(launch::CheckAssignment(a, 4).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(launch::CheckAssignment(a, 4, 12).code(), absl::StatusCode::kFailedPrecondition);
   a.set_micro_batches(2);
   a.set_pp(2);  // a pipeline of 2 stages, 2 replicas: 4 ranks
   a.set_dp(2);
   a.set_stage(1);
   a.set_replica(1);
-  EXPECT_TRUE(launch::CheckAssignment(a, 4).ok());
+  a.set_first_layer(6);
+  EXPECT_TRUE(launch::CheckAssignment(a, 4, 12).ok());
+  a.set_end_layer(11);  // the last stage must end at the model's last block
+  EXPECT_EQ(launch::CheckAssignment(a, 4, 12).code(), absl::StatusCode::kFailedPrecondition);
+  a.set_end_layer(12);
   a.set_stage(2);  // no such stage
-  absl::Status s = launch::CheckAssignment(a, 4);
+  absl::Status s = launch::CheckAssignment(a, 4, 12);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(Contains(std::string(s.message()), "outside its mesh")) << s;
+  EXPECT_TRUE(Contains(std::string(s.message()), "outside the mesh")) << s;
   a.set_stage(0);
+  a.set_first_layer(0);
   // parallel.tp / pp are the solver's bounds.
   c.parallel.tp = 2;
   c.parallel.pp = 3;
@@ -522,12 +529,12 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
   EXPECT_EQ(launch::JobSpecFor(c, 4).max_pp(), 3);
   a.set_pp(1);
   a.set_dp(3);  // 3 of 4 ranks placed
-  s = launch::CheckAssignment(a, 4);
+  s = launch::CheckAssignment(a, 4, 12);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(Contains(std::string(s.message()), "this job has 4 ranks")) << s;
+  EXPECT_TRUE(Contains(std::string(s.message()), "needs 3 ranks; the job has 4")) << s;
   a.set_placed(false);
   a.set_reason("not enough memory");
-  s = launch::CheckAssignment(a, 4);
+  s = launch::CheckAssignment(a, 4, 12);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(std::string(s.message()), "not enough memory")) << s;
 }

@@ -332,7 +332,7 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   original.parallel.pp = 3;
   original.parallel.stages = {1, 1, 1};
   original.parallel.schedule = "gpipe";
-  original.memory.host_budget = "1.5GiB";
+  original.memory.host_budget = *ByteSize::Parse("1.5GiB", "memory.host_budget");
 
   const std::string text = original.ToToml();
   absl::StatusOr<Config> parsed = ParseConfig(text, "roundtrip.toml");
@@ -643,14 +643,31 @@ TEST(ConfigTest, ByteSizes) {
   }
   absl::StatusOr<Config> c = Parse(kMinimal, {"memory.host_budget=64MiB"});
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->memory.host_budget, "64MiB");
+  EXPECT_EQ(c->memory.host_budget.text, "64MiB");
+  EXPECT_EQ(c->memory.host_budget.bytes, 64LL << 20);  // parsed once, as the config is read
   c = Parse(kMinimal, {"memory.disk_budget=lots"});
   EXPECT_THAT(Msg(c.status()), HasSubstr("memory.disk_budget = \"lots\" is not a size"));
   c = Parse(kMinimal, {"memory.device_budget=20GiB"});
   ASSERT_TRUE(c.ok()) << c.status();
-  EXPECT_EQ(c->memory.device_budget, "20GiB");
+  EXPECT_EQ(c->memory.device_budget.text, "20GiB");
+  EXPECT_EQ(c->memory.device_budget.bytes, 20LL << 30);
   c = Parse(kMinimal, {"memory.device_budget=most"});
   EXPECT_THAT(Msg(c.status()), HasSubstr("memory.device_budget = \"most\" is not a size"));
+  // In a file: a string with a unit or plain bytes; a bad one names the key and the line.
+  c = Parse(std::string(kMinimal) + "\n[memory]\nhost_budget = 4096\nactivation_budget = \"1KB\"\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->memory.host_budget.bytes, 4096);
+  EXPECT_EQ(c->memory.activation_budget.bytes, 1000);
+  c = Parse(std::string(kMinimal) + "\n[memory]\ndisk_budget = \"much\"\n");
+  EXPECT_THAT(Msg(c.status()), HasSubstr("memory.disk_budget = \"much\" is not a size"));
+  EXPECT_THAT(Msg(c.status()), HasSubstr("line"));
+  // Unset by an empty override; a Config built in code must agree with its text.
+  c = Parse(kMinimal, {"memory.host_budget=64MiB", "memory.host_budget="});
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->memory.host_budget.set());
+  Config coded = *c;
+  coded.memory.host_budget.text = "1MiB";  // bytes left at 0
+  EXPECT_THAT(Msg(ValidateConfig(coded)), HasSubstr("memory.host_budget holds 0 bytes"));
 }
 
 TEST(ConfigTest, ResolvedCheckpointDirDefaultsUnderOutDir) {

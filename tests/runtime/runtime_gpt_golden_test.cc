@@ -14,7 +14,7 @@
 #include "runtime/config.h"
 #include "runtime/gpt.h"
 #include "runtime/safetensors.h"
-#include "runtime/trainer.h"
+#include "runtime/step_engine.h"
 
 namespace shoal::runtime {
 namespace {
@@ -44,7 +44,10 @@ TEST(GptGoldenTest, MatchesPyTorchReference) {
   cfg.optim.grad_clip = 0.5;  // low enough that clipping engages
   const int64_t steps = 5, micro = 2, B = 3, T = 16;
 
-  StepEngine engine(cfg);
+  absl::StatusOr<std::unique_ptr<StepEngine>> built =
+      BuildStepEngine(cfg, SingleProcessContext(cfg));
+  ASSERT_TRUE(built.ok()) << built.status();
+  StepEngine& engine = **built;
   Gpt& model = engine.model();
   ASSERT_TRUE(WriteSafetensors(dir + "/model.safetensors", model.NamedParameters()).ok());
 

@@ -267,10 +267,13 @@ TEST(ModelCostsTest, Gpt2SmallClosedForms) {
   EXPECT_DOUBLE_EQ(c.block_params, 7087872);  // 12·768² + 13·768
   // GPT-2 small's published parameter count (tied head, learned positions).
   EXPECT_DOUBLE_EQ(12 * c.block_params + c.embedding_params + c.final_params, 124439808);
-  EXPECT_DOUBLE_EQ(c.block_flops_per_token, 72.0 * 768 * 768 + 12.0 * 1024 * 768);
-  EXPECT_DOUBLE_EQ(c.head_flops_per_token, 6.0 * 50257 * 768);
-  // Korthikanti et al.: 34·h + 5·a·s bytes per token at 2 bytes per value, doubled for fp32.
-  EXPECT_DOUBLE_EQ(c.block_activation_bytes_per_token, 2 * (34.0 * 768 + 5.0 * 12 * 1024));
+  // 6 per parameter (weights and biases) plus attention's 12·T·C.
+  EXPECT_DOUBLE_EQ(c.block_flops_per_token, 6.0 * 7087872 + 12.0 * 1024 * 768);
+  // The tied head's logits and the final LayerNorm.
+  EXPECT_DOUBLE_EQ(c.head_flops_per_token, 6.0 * (50257 * 768 + 2 * 768));
+  // What shoal's block keeps, in fp32 floats per token: ln1, x1, ln2, out (4C), q|k|v (3C),
+  // attention output (C), MLP hidden and GELU (8C), probabilities (H·T), two means and rstds (4).
+  EXPECT_DOUBLE_EQ(c.block_activation_bytes_per_token, 4 * (16.0 * 768 + 12 * 1024 + 4));
   EXPECT_DOUBLE_EQ(c.state_bytes_per_param, 16);
 }
 

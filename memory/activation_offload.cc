@@ -1,4 +1,4 @@
-#include "runtime/activation_offload.h"
+#include "memory/activation_offload.h"
 
 #include <ATen/ATen.h>
 
@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace shoal::runtime {
+namespace shoal::memory {
 namespace {
 
 int64_t Aligned(int64_t bytes) {
@@ -333,4 +333,4 @@ absl::StatusOr<double> ActivationOffloader::MeasureBandwidth(int rounds) {
   return 2.0 * static_cast<double>(n * bytes) / std::max(seconds, 1e-9);
 }
 
-}  // namespace shoal::runtime
+}  // namespace shoal::memory

@@ -28,8 +28,8 @@
 // Blocking: Offload blocks only when every staging buffer is busy (it waits for the oldest
 // write); Restore blocks until the block's read is done; Drain blocks until all I/O is done.
 // Thread safety: one caller thread (the model's); the I/O runs on the DiskTier's threads.
-#ifndef SHOAL_RUNTIME_ACTIVATION_OFFLOAD_H_
-#define SHOAL_RUNTIME_ACTIVATION_OFFLOAD_H_
+#ifndef SHOAL_MEMORY_ACTIVATION_OFFLOAD_H_
+#define SHOAL_MEMORY_ACTIVATION_OFFLOAD_H_
 
 #include <cstdint>
 #include <deque>
@@ -44,7 +44,7 @@
 #include "absl/status/statusor.h"
 #include "memory/disk_tier.h"
 
-namespace shoal::runtime {
+namespace shoal::memory {
 
 struct ActivationOffloadOptions {
   std::string directory;        // where the disk tier's file goes (created if missing)
@@ -147,6 +147,6 @@ class ActivationOffloader {
   uint64_t next_seq_ = 0;
 };
 
-}  // namespace shoal::runtime
+}  // namespace shoal::memory
 
-#endif  // SHOAL_RUNTIME_ACTIVATION_OFFLOAD_H_
+#endif  // SHOAL_MEMORY_ACTIVATION_OFFLOAD_H_

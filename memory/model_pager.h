@@ -2,7 +2,7 @@
 // ALGORITHMS.md §3, §4). The decay group (every 2-D weight and the embeddings: nearly all of the
 // parameters) is laid out in equal chunks, one group of tensors per piece, in first-use order
 // (SearchChunkSize picks the capacity with the best fill ratio). Its parameters and gradients live
-// in one memory::TieredChunkStore in fixed-home mode: a chunk is resident at its own address in
+// in one TieredChunkStore in fixed-home mode: a chunk is resident at its own address in
 // the model's mapped flat buffers, so every parameter stays a view at a fixed offset, or it is on
 // the disk tier and its pages are released and protected. Chunk ids: parameters 0..n-1, their
 // gradients n..2n-1. The AdamW moments of the same ranges go through the optimizer's own store
@@ -32,8 +32,8 @@
 // two times per step against the moments' once.
 //
 // Not thread-safe: one caller thread (the trainer's); I/O runs on the store's threads.
-#ifndef SHOAL_RUNTIME_MODEL_PAGER_H_
-#define SHOAL_RUNTIME_MODEL_PAGER_H_
+#ifndef SHOAL_MEMORY_MODEL_PAGER_H_
+#define SHOAL_MEMORY_MODEL_PAGER_H_
 
 #include <chrono>
 #include <cstdint>
@@ -47,10 +47,10 @@
 #include "memory/cost_model.h"
 #include "memory/disk_tier.h"
 #include "memory/tiered_store.h"
-#include "parallel/adamw.h"
-#include "runtime/gpt.h"
+#include "memory/flat_buffer.h"
+#include "memory/state_paging.h"
 
-namespace shoal::runtime {
+namespace shoal::memory {
 
 struct ModelPagerOptions {
   // For the decay group's parameters, gradients and AdamW moments together.
@@ -61,13 +61,13 @@ struct ModelPagerOptions {
   // Chunks of the trace made resident ahead of use; 0: chosen by the memory plan from what the
   // warm-up step measured (memory/cost_model.h), 4 until then.
   int prefetch_depth = 0;
-  memory::DiskIoBackend disk_backend = memory::DiskIoBackend::kAuto;
+  DiskIoBackend disk_backend = DiskIoBackend::kAuto;
   // Called on the caller's thread for every chunk made resident (+bytes) or released (-bytes),
   // parameters and gradients alike: what a test or a memory profiler counts independently.
   std::function<void(int64_t delta_bytes)> allocation_observer;
 };
 
-class ModelPager final : public StatePager, public parallel::RangeResidency {
+class ModelPager final : public StatePager, public RangeResidency {
  public:
   // Nothing happens until the model calls Layout and Attach. Those throw c10::Error naming the
   // cause: a budget that cannot hold the chunks the largest piece needs (naming both), a disk
@@ -76,8 +76,8 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   ~ModelPager() override;
 
   // StatePager.
-  memory::ChunkLayout Layout(const std::vector<memory::ChunkGroup>& groups) override;
-  void Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
+  ChunkLayout Layout(const std::vector<ChunkGroup>& groups) override;
+  void Attach(FlatBuffer* params, FlatBuffer* grads,
               std::vector<std::vector<int>> piece_entries) override;
   void Begin(int piece, Pass pass) override;
   void End(int piece, Pass pass) override;
@@ -105,7 +105,7 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   int64_t paged_budget_bytes() const { return paged_budget_; }   // parameters and gradients
   int64_t moment_budget_bytes() const { return moment_budget_; } // for the optimizer's store
   // After Attach.
-  const memory::TieredChunkStore& store() const { return *store_; }
+  const TieredChunkStore& store() const { return *store_; }
   bool traced() const { return !trace_.empty(); }
   // From the warm-up trace (-1 before it): chunk loads (or zero fills) per steady-state step that
   // farthest-next-use needs with the store's capacity, by simulation.
@@ -133,11 +133,11 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
 
   // The optimizer's moment store (not owned; null: none), whose resident chunks the warm-up's
   // "non-chunk memory" excludes and whose transfers the plan counts. Set once it exists.
-  void SetMomentStore(const memory::TieredChunkStore* store) { moment_store_ = store; }
-  // The memory plan from the warm-up step's measurements (memory::PlanFromProfile): set when the
+  void SetMomentStore(const TieredChunkStore* store) { moment_store_ = store; }
+  // The memory plan from the warm-up step's measurements (PlanFromProfile): set when the
   // second step begins; nullopt before, or if the warm-up measured no disk traffic to time.
-  const std::optional<memory::MemoryPlanEstimate>& plan() const { return plan_; }
-  const memory::WarmupProfile& warmup_profile() const { return profile_; }
+  const std::optional<MemoryPlanEstimate>& plan() const { return plan_; }
+  const WarmupProfile& warmup_profile() const { return profile_; }
   int prefetch_depth() const { return depth_; }
   // Mean wall time from one step's start to the next's, over the steps after the warm-up (what
   // the plan's step time predicts; evaluations in between included); -1 before there is one.
@@ -157,7 +157,7 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
     int64_t reads = 0;        // chunk loads from disk per steady-state step
     int64_t write_backs = 0;  // dirty chunks written to disk per steady-state step
   };
-  Transfers SimulatedTransfers(const memory::SimulationResult& sim) const;
+  Transfers SimulatedTransfers(const SimulationResult& sim) const;
   // `transfers`: the simulated steady state's (the first plan only; a refinement keeps them).
   void PlanFromWarmup(const Transfers& transfers);
 
@@ -168,12 +168,12 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   int piece_span_ = 1;  // chunks the widest piece spans
   int64_t paged_budget_ = 0;
   int64_t moment_budget_ = 0;
-  memory::FlatBuffer* params_ = nullptr;
-  memory::FlatBuffer* grads_ = nullptr;
+  FlatBuffer* params_ = nullptr;
+  FlatBuffer* grads_ = nullptr;
   // The buffers' storage, held so that the mappings outlive the store (which touches its homes
   // until it is destroyed) whichever of the model and the pager goes first.
   at::Tensor params_storage_, grads_storage_;
-  std::unique_ptr<memory::TieredChunkStore> store_;
+  std::unique_ptr<TieredChunkStore> store_;
   std::vector<std::vector<int>> piece_chunks_;  // per piece: its parameter chunks, ascending
   std::vector<int> users_;                      // per chunk: the pieces using it
   std::vector<int> remaining_;                  // last micro-batch: users whose backward is to run
@@ -196,20 +196,20 @@ class ModelPager final : public StatePager, public parallel::RangeResidency {
   std::vector<int64_t> last_recorded_;  // chunk -> its latest position in recording_
   bool warmup_started_ = false;
   std::chrono::steady_clock::time_point warmup_start_;
-  memory::TieredChunkStoreStats warmup_stats_;   // the store's stats when the warm-up began
-  memory::TieredChunkStoreStats warmup_moments_; // the moment store's
+  TieredChunkStoreStats warmup_stats_;   // the store's stats when the warm-up began
+  TieredChunkStoreStats warmup_moments_; // the moment store's
   int64_t non_chunk_peak_ = 0;
-  const memory::TieredChunkStore* moment_store_ = nullptr;
+  const TieredChunkStore* moment_store_ = nullptr;
   std::function<void(int)> on_final_;
   int read_chunk_ = -1;             // the chunk in read_buffer_ (ReadParams), -1: none
   std::vector<float> read_buffer_;
-  memory::WarmupProfile profile_;
-  std::optional<memory::MemoryPlanEstimate> plan_;
+  WarmupProfile profile_;
+  std::optional<MemoryPlanEstimate> plan_;
   std::chrono::steady_clock::time_point last_step_begin_;
   double steady_seconds_ = 0;
   int steady_steps_ = 0;
 };
 
-}  // namespace shoal::runtime
+}  // namespace shoal::memory
 
-#endif  // SHOAL_RUNTIME_MODEL_PAGER_H_
+#endif  // SHOAL_MEMORY_MODEL_PAGER_H_

@@ -1,4 +1,4 @@
-#include "runtime/model_pager.h"
+#include "memory/model_pager.h"
 
 #include <algorithm>
 #include <climits>
@@ -17,14 +17,14 @@
 #include "common/process_memory.h"
 #include "memory/eviction.h"
 
-namespace shoal::runtime {
+namespace shoal::memory {
 namespace {
 
 // Chunk capacities are multiples of this many elements: whole pages (so a chunk's home can be
 // released and protected on its own) and whole gradient-norm blocks (so a chunk's block sums are
 // the buffer's).
-constexpr int64_t kCapacityQuantum = parallel::kNormBlockElements;
-static_assert(parallel::kNormBlockElements * 4 % 4096 == 0, "a block must be whole pages");
+constexpr int64_t kCapacityQuantum = kNormBlockElements;
+static_assert(kNormBlockElements * 4 % 4096 == 0, "a block must be whole pages");
 
 
 // Bytes of budget per element of chunk capacity that the smallest working set needs when a piece
@@ -37,20 +37,20 @@ int64_t RoundUp(int64_t v, int64_t q) { return (v + q - 1) / q * q; }
 
 // Farthest-next-use over `trace` repeated twice from empty at `capacity` chunks: the second
 // repetition is the steady state every plan figure is about.
-absl::StatusOr<memory::SimulationResult> SimulateTwoSteps(const std::vector<int>& trace,
+absl::StatusOr<SimulationResult> SimulateTwoSteps(const std::vector<int>& trace,
                                                           int capacity) {
-  SHOAL_ASSIGN_OR_RETURN(memory::NextUseTable table, memory::NextUseTable::Build(trace));
-  memory::FarthestNextUsePolicy policy(&table);
-  memory::SimulationOptions so;
+  SHOAL_ASSIGN_OR_RETURN(NextUseTable table, NextUseTable::Build(trace));
+  FarthestNextUsePolicy policy(&table);
+  SimulationOptions so;
   so.capacity_chunks = capacity;
   so.iterations = 2;
-  return memory::SimulateTrace(trace, so, policy);
+  return SimulateTrace(trace, so, policy);
 }
 
 // Loads (zero fills included) in the simulation's second step.
-int64_t SecondStepLoads(const memory::SimulationResult& sim, size_t trace_length) {
+int64_t SecondStepLoads(const SimulationResult& sim, size_t trace_length) {
   int64_t loads = 0;
-  for (const memory::SimulationEvent& e : sim.events) {
+  for (const SimulationEvent& e : sim.events) {
     loads += e.moment >= static_cast<int64_t>(trace_length);
   }
   return loads;
@@ -68,14 +68,14 @@ ModelPager::ModelPager(ModelPagerOptions options)
 
 ModelPager::~ModelPager() = default;
 
-memory::ChunkLayout ModelPager::Layout(const std::vector<memory::ChunkGroup>& groups) {
+ChunkLayout ModelPager::Layout(const std::vector<ChunkGroup>& groups) {
   TORCH_CHECK(!groups.empty(), "model pager: no tensors to page");
   int64_t largest_group = 0, largest_tensor = 0, total = 0;
-  for (const memory::ChunkGroup& g : groups) {
-    const int64_t span = memory::GroupSpan(g);
+  for (const ChunkGroup& g : groups) {
+    const int64_t span = GroupSpan(g);
     total += span;
     largest_group = std::max(largest_group, span);
-    for (const memory::ChunkTensor& t : g) largest_tensor = std::max(largest_tensor, t.numel);
+    for (const ChunkTensor& t : g) largest_tensor = std::max(largest_tensor, t.numel);
   }
   const int64_t budget = options_.budget_bytes;
   // Candidates: from chunks that hold the largest tensor (a piece then spans several chunks:
@@ -91,17 +91,17 @@ memory::ChunkLayout ModelPager::Layout(const std::vector<memory::ChunkGroup>& gr
   const int64_t step =
       std::max<int64_t>(kCapacityQuantum, RoundUp((largest - smallest) / 48, kCapacityQuantum));
   for (int64_t c = smallest; c <= largest; c += step) candidates.push_back(c);
-  memory::ChunkLayoutOptions lo;
+  ChunkLayoutOptions lo;
   lo.split_oversize_groups = true;
-  std::optional<memory::ChunkLayout> best;
+  std::optional<ChunkLayout> best;
   int best_span = 0;
   int64_t need_smallest = 0;  // the least working set of any candidate, for the error
   for (int64_t capacity : candidates) {
-    absl::StatusOr<memory::ChunkLayout> layout = memory::ChunkLayout::Build(groups, capacity, lo);
+    absl::StatusOr<ChunkLayout> layout = ChunkLayout::Build(groups, capacity, lo);
     if (!layout.ok()) continue;
     // Chunks the widest piece spans.
     std::vector<std::pair<int, int>> range(groups.size(), {INT32_MAX, -1});
-    for (const memory::ChunkLayout::Placement& t : layout->tensors()) {
+    for (const ChunkLayout::Placement& t : layout->tensors()) {
       range[t.group].first = std::min(range[t.group].first, t.chunk);
       range[t.group].second = std::max(range[t.group].second, t.chunk);
     }
@@ -136,7 +136,7 @@ memory::ChunkLayout ModelPager::Layout(const std::vector<memory::ChunkGroup>& gr
   return *std::move(best);
 }
 
-void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
+void ModelPager::Attach(FlatBuffer* params, FlatBuffer* grads,
                         std::vector<std::vector<int>> piece_entries) {
   TORCH_CHECK(capacity_ > 0, "model pager: Attach before Layout");
   TORCH_CHECK(params->mapped() && grads->mapped() &&
@@ -158,12 +158,12 @@ void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
     for (int c : chunks) ++users_[c];
   }
   remaining_ = users_;
-  block_sums_.assign(num_chunks_ * capacity_ / parallel::kNormBlockElements, 0.0);
+  block_sums_.assign(num_chunks_ * capacity_ / kNormBlockElements, 0.0);
 
   const std::string dir = options_.disk_directory + "/paged";
   const absl::Status made = MakeDirs(dir);
   TORCH_CHECK(made.ok(), "memory.disk_path: ", made.ToString());
-  memory::TieredChunkStoreOptions o;
+  TieredChunkStoreOptions o;
   o.num_chunks = 2 * num_chunks_;
   o.chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
   o.host_budget_bytes = paged_budget_;
@@ -178,8 +178,8 @@ void ModelPager::Attach(memory::FlatBuffer* params, memory::FlatBuffer* grads,
   for (int c = 0; c < num_chunks_; ++c) {
     o.homes.push_back(grads->flat().data_ptr<float>() + c * capacity_);
   }
-  absl::StatusOr<std::unique_ptr<memory::TieredChunkStore>> store =
-      memory::TieredChunkStore::Create(o);
+  absl::StatusOr<std::unique_ptr<TieredChunkStore>> store =
+      TieredChunkStore::Create(o);
   TORCH_CHECK(store.ok(), "model pager: ", store.status().ToString());
   store_ = std::move(*store);
 }
@@ -237,7 +237,7 @@ void ModelPager::SampleWarmup() {
   non_chunk_peak_ = std::max(non_chunk_peak_, ResidentBytes() - chunks);
 }
 
-ModelPager::Transfers ModelPager::SimulatedTransfers(const memory::SimulationResult& sim) const {
+ModelPager::Transfers ModelPager::SimulatedTransfers(const SimulationResult& sim) const {
   // Replays the simulated two steps of the trace, tracking which chunks are dirty and which have
   // a disk copy: in the second step, a dirty chunk evicted is a write-back and a chunk loaded from
   // its disk copy a read (the rest are zero fills). Parameters are on disk from the start;
@@ -253,7 +253,7 @@ ModelPager::Transfers ModelPager::SimulatedTransfers(const memory::SimulationRes
       std::fill(on_disk.begin() + num_chunks_, on_disk.end(), 0);
     }
     for (; e < sim.events.size() && sim.events[e].moment == t; ++e) {
-      const memory::SimulationEvent& ev = sim.events[e];
+      const SimulationEvent& ev = sim.events[e];
       if (ev.evicted >= 0 && dirty[ev.evicted]) {
         out.write_backs += t >= n;
         dirty[ev.evicted] = 0;
@@ -275,13 +275,13 @@ void ModelPager::PlanFromWarmup(const Transfers& transfers) {
   const bool refine = plan_.has_value();
   const double elapsed =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - warmup_start_).count();
-  const memory::TieredChunkStoreStats st = store_->stats();
+  const TieredChunkStoreStats st = store_->stats();
   double waited = st.acquire_wait_seconds - warmup_stats_.acquire_wait_seconds;
   int64_t moved = st.bytes_read - warmup_stats_.bytes_read + st.bytes_written -
                   warmup_stats_.bytes_written;
   const int64_t chunk_bytes = capacity_ * static_cast<int64_t>(sizeof(float));
   if (moment_store_ != nullptr) {
-    const memory::TieredChunkStoreStats ms = moment_store_->stats();
+    const TieredChunkStoreStats ms = moment_store_->stats();
     waited += ms.acquire_wait_seconds - warmup_moments_.acquire_wait_seconds;
     moved += ms.bytes_read - warmup_moments_.bytes_read + ms.bytes_written -
              warmup_moments_.bytes_written;
@@ -291,7 +291,7 @@ void ModelPager::PlanFromWarmup(const Transfers& transfers) {
     // The first traced step: its compute, without the warm-up's first touches and allocations,
     // is the steady state's. The bandwidth and memory stay the warm-up's (this step's waits are
     // what prefetch did not hide, no measure of the disk).
-    absl::StatusOr<memory::MemoryPlanEstimate> plan = memory::PlanFromProfile(profile_);
+    absl::StatusOr<MemoryPlanEstimate> plan = PlanFromProfile(profile_);
     if (!plan.ok()) return;
     plan_ = *plan;
     if (options_.prefetch_depth <= 0) depth_ = plan_->prefetch_depth;
@@ -306,7 +306,7 @@ void ModelPager::PlanFromWarmup(const Transfers& transfers) {
     // In parameter-chunk units (a moment chunk holds m and v: twice the bytes).
     std::vector<int> sweep(moment_store_->num_chunks());
     for (size_t c = 0; c < sweep.size(); ++c) sweep[c] = static_cast<int>(c);
-    absl::StatusOr<memory::SimulationResult> sim =
+    absl::StatusOr<SimulationResult> sim =
         SimulateTwoSteps(sweep, moment_store_->capacity_chunks());
     if (sim.ok()) moment_loads = SecondStepLoads(*sim, sweep.size());
   }
@@ -328,7 +328,7 @@ void ModelPager::PlanFromWarmup(const Transfers& transfers) {
   // effective bandwidth of the disk tier as training uses it, for reads and writes alike.
   profile_.read_bytes_per_s = moved / waited;
   profile_.write_bytes_per_s = profile_.read_bytes_per_s;
-  absl::StatusOr<memory::MemoryPlanEstimate> plan = memory::PlanFromProfile(profile_);
+  absl::StatusOr<MemoryPlanEstimate> plan = PlanFromProfile(profile_);
   if (!plan.ok()) {
     SHOAL_LOG(Warning) << "memory plan: " << plan.status().message();
     return;
@@ -371,12 +371,12 @@ void ModelPager::End(int piece, Pass pass) {
 void ModelPager::SumSquaresOf(int chunk) {
   // Resident: the caller still holds the chunk's gradients.
   const float* g = grads_storage_.data_ptr<float>() + chunk * capacity_;
-  const int64_t blocks = capacity_ / parallel::kNormBlockElements;
+  const int64_t blocks = capacity_ / kNormBlockElements;
   double* out = block_sums_.data() + chunk * blocks;
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      out[b] = parallel::BlockSumSquares(g + b * parallel::kNormBlockElements,
-                                         parallel::kNormBlockElements);
+      out[b] = BlockSumSquares(g + b * kNormBlockElements,
+                                         kNormBlockElements);
     }
   });
 }
@@ -416,7 +416,7 @@ void ModelPager::BeginStep() {
   next_ = 0;
   // The plan's cost: farthest-next-use over this trace, in steady state (the second of two
   // simulated steps), with the store's capacity.
-  absl::StatusOr<memory::SimulationResult> sim =
+  absl::StatusOr<SimulationResult> sim =
       SimulateTwoSteps(trace_, store_->capacity_chunks());
   if (!sim.ok()) return;
   predicted_loads_per_step_ = SecondStepLoads(*sim, trace_.size());
@@ -437,7 +437,7 @@ double ModelPager::measured_loads_per_step() const {
   // Steps since the trace was installed: those begun after it, the last one ended or ending.
   const int steps = steps_begun_ - 1;
   if (trace_.empty() || steps < 1) return -1;
-  const memory::TieredChunkStoreStats st = store_->stats();
+  const TieredChunkStoreStats st = store_->stats();
   return static_cast<double>(st.loads + st.zero_fills - loads_at_trace_) / steps;
 }
 
@@ -523,4 +523,4 @@ std::string ModelPager::Describe() const {
                      : "farthest-next-use eviction and prefetch from the warm-up trace");
 }
 
-}  // namespace shoal::runtime
+}  // namespace shoal::memory

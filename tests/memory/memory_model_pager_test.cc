@@ -20,13 +20,17 @@
 #include <ATen/ATen.h>
 
 #include "parallel/adamw.h"
-#include "runtime/activation_offload.h"
+#include "memory/activation_offload.h"
+#include "memory/model_pager.h"
 #include "runtime/gpt.h"
-#include "runtime/model_pager.h"
 #include "tests/test_util.h"
 
 namespace shoal::runtime {
 namespace {
+
+using memory::ActivationOffloadOptions;
+using memory::ModelPager;
+using memory::ModelPagerOptions;
 
 ModelConfig SmallModel() {
   ModelConfig m;
