@@ -16,6 +16,7 @@
 
 #include <google/protobuf/util/json_util.h>
 #include <httplib.h>
+#include <nlohmann/json.hpp>
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
@@ -159,14 +160,12 @@ absl::StatusOr<std::string> StatusJson(const v1::ClusterStatus& status) {
   return json;
 }
 
-// Still valid JSON, so the dashboard can show what went wrong.
+// {"error":"<message>"}: still valid JSON, so the dashboard can show what went wrong. Bytes of
+// the message that are not UTF-8 become U+FFFD (nlohmann's strict default would throw).
 std::string ErrorJson(const absl::Status& error) {
-  std::string escaped;
-  for (char ch : std::string(error.message())) {
-    if (ch == '"' || ch == '\\') escaped += '\\';
-    if (static_cast<unsigned char>(ch) >= 0x20) escaped += ch;
-  }
-  return absl::StrCat("{\"error\":\"", escaped, "\"}");
+  const nlohmann::json body = {{"error", std::string(error.message())}};
+  return body.dump(/*indent=*/-1, /*indent_char=*/' ', /*ensure_ascii=*/false,
+                   nlohmann::json::error_handler_t::replace);
 }
 
 }  // namespace
