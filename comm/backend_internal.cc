@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace shoal::comm::internal {
 namespace {
@@ -40,51 +41,6 @@ absl::Duration EffectiveTimeout(const CollectiveOptions& options, absl::Duration
   return options.timeout > absl::ZeroDuration() ? options.timeout : backend_default;
 }
 
-absl::Status CheckCpuTensor(const at::Tensor& tensor, absl::string_view name,
-                            absl::string_view context) {
-  if (!tensor.defined()) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is undefined"));
-  }
-  if (!tensor.device().is_cpu()) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is on ",
-                                                   tensor.device().str(), ", not the CPU"));
-  }
-  if (!tensor.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is not contiguous"));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckShardedPair(const at::Tensor& big, absl::string_view big_name,
-                              const at::Tensor& small, absl::string_view small_name, int size,
-                              absl::string_view context) {
-  if (big.numel() != size * small.numel()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        context, ": ", big_name, " has ", big.numel(), " elements, expected ", size, " x ",
-        small.numel(), " (", small_name, ")"));
-  }
-  if (big.scalar_type() != small.scalar_type()) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": ", big_name, " is ",
-                                                   c10::toString(big.scalar_type()), " but ",
-                                                   small_name, " is ",
-                                                   c10::toString(small.scalar_type())));
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckPeer(int peer, int size, int self, bool allow_self, absl::string_view what,
-                       absl::string_view context) {
-  if (peer < 0 || peer >= size) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(context, ": ", what, " ", peer, " is not in [0, ", size, ")"));
-  }
-  if (!allow_self && peer == self) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(context, ": ", what, " ", peer, " is this rank"));
-  }
-  return absl::OkStatus();
-}
-
 void DivideInPlace(at::Tensor& tensor, int64_t n) {
   if (n == 1) return;
   if (at::isFloatingType(tensor.scalar_type())) {
@@ -108,6 +64,114 @@ void GroupHealth::RecordFailure(const absl::Status& status) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (first_failure_.ok()) first_failure_ = status;
+}
+
+OpPrecheck::OpPrecheck(std::string backend, int size, int rank, Rules rules,
+                       const GroupHealth* health)
+    : backend_(std::move(backend)), size_(size), rank_(rank), rules_(rules), health_(health) {}
+
+absl::Status OpPrecheck::AllReduce(const at::Tensor& tensor, absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(health_->CheckUsable());
+  return CheckTensor(tensor, "tensor", context);
+}
+
+absl::Status OpPrecheck::ReduceScatter(const at::Tensor& output, const at::Tensor& input,
+                                       absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(health_->CheckUsable());
+  return CheckSharded(output, input, /*input_is_big=*/true, context);
+}
+
+absl::Status OpPrecheck::AllGather(const at::Tensor& output, const at::Tensor& input,
+                                   absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(health_->CheckUsable());
+  return CheckSharded(output, input, /*input_is_big=*/false, context);
+}
+
+absl::Status OpPrecheck::Broadcast(const at::Tensor& tensor, int root,
+                                   absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(health_->CheckUsable());
+  SHOAL_RETURN_IF_ERROR(CheckTensor(tensor, "tensor", context));
+  return CheckPeer(root, /*allow_self=*/true, "root", context);
+}
+
+absl::Status OpPrecheck::Send(const at::Tensor& tensor, int dst, int tag,
+                              absl::string_view context) const {
+  return CheckPointToPoint(tensor, dst, "dst", tag, context);
+}
+
+absl::Status OpPrecheck::Recv(const at::Tensor& tensor, int src, int tag,
+                              absl::string_view context) const {
+  return CheckPointToPoint(tensor, src, "src", tag, context);
+}
+
+absl::Status OpPrecheck::Barrier() const { return health_->CheckUsable(); }
+
+absl::Status OpPrecheck::CheckTensor(const at::Tensor& tensor, absl::string_view name,
+                                     absl::string_view context) const {
+  if (!tensor.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is undefined"));
+  }
+  if (rules_.device == TensorDevice::kCpu && !tensor.device().is_cpu()) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is on ",
+                                                   tensor.device().str(), ", not the CPU"));
+  }
+  if (rules_.device == TensorDevice::kCuda && !tensor.is_cuda()) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is a CPU tensor; the ",
+                                                   backend_, " backend needs CUDA tensors"));
+  }
+  if (!tensor.is_contiguous()) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is not contiguous"));
+  }
+  if (rules_.check_dtype != nullptr) return rules_.check_dtype(tensor, name, context);
+  return absl::OkStatus();
+}
+
+absl::Status OpPrecheck::CheckSharded(const at::Tensor& output, const at::Tensor& input,
+                                      bool input_is_big, absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(CheckTensor(output, "output", context));
+  SHOAL_RETURN_IF_ERROR(CheckTensor(input, "input", context));
+  const at::Tensor& big = input_is_big ? input : output;
+  const at::Tensor& small = input_is_big ? output : input;
+  const absl::string_view big_name = input_is_big ? "input" : "output";
+  const absl::string_view small_name = input_is_big ? "output" : "input";
+  if (big.numel() != size_ * small.numel()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        context, ": ", big_name, " has ", big.numel(), " elements, expected ", size_, " x ",
+        small.numel(), " (", small_name, ")"));
+  }
+  if (big.scalar_type() != small.scalar_type()) {
+    return absl::InvalidArgumentError(absl::StrCat(context, ": ", big_name, " is ",
+                                                   c10::toString(big.scalar_type()), " but ",
+                                                   small_name, " is ",
+                                                   c10::toString(small.scalar_type())));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status OpPrecheck::CheckPeer(int peer, bool allow_self, absl::string_view what,
+                                   absl::string_view context) const {
+  if (peer < 0 || peer >= size_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(context, ": ", what, " ", peer, " is not in [0, ", size_, ")"));
+  }
+  if (!allow_self && peer == rank_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(context, ": ", what, " ", peer, " is this rank"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status OpPrecheck::CheckPointToPoint(const at::Tensor& tensor, int peer,
+                                           absl::string_view what, int tag,
+                                           absl::string_view context) const {
+  SHOAL_RETURN_IF_ERROR(health_->CheckUsable());
+  SHOAL_RETURN_IF_ERROR(CheckTensor(tensor, "tensor", context));
+  SHOAL_RETURN_IF_ERROR(CheckPeer(peer, /*allow_self=*/false, what, context));
+  if (rules_.max_tag.has_value() && (tag < 0 || tag > *rules_.max_tag)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(context, ": tag not in [0, ", *rules_.max_tag, "]"));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace shoal::comm::internal

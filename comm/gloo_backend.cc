@@ -6,6 +6,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -39,6 +40,35 @@ c10d::ReduceOp ToC10d(ReduceOp op) {
     case ReduceOp::kAvg: return c10d::ReduceOp::SUM;  // kAvg: Wait() divides
   }
   return c10d::ReduceOp::SUM;
+}
+
+// The dtypes Gloo handles. c10d checks the dtype only on its worker thread, where a failure
+// would look like a broken group, so the precheck refuses the others up front.
+absl::Status CheckGlooDtype(const at::Tensor& tensor, absl::string_view name,
+                            absl::string_view context) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kHalf:
+    case at::kChar:
+    case at::kByte:
+    case at::kInt:
+    case at::kLong:
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(context, ": ", name, " has dtype ", c10::toString(tensor.scalar_type()),
+                       "; gloo takes float32/64, float16, int8/32/64 and uint8"));
+  }
+}
+
+// CPU tensors of Gloo's dtypes; tags are ints, so any non-negative one.
+OpPrecheck::Rules GlooRules() {
+  OpPrecheck::Rules rules;
+  rules.device = TensorDevice::kCpu;
+  rules.max_tag = std::numeric_limits<int>::max();
+  rules.check_dtype = &CheckGlooDtype;
+  return rules;
 }
 
 // One c10d operation in flight; `finish` runs after it succeeded (kAvg's division, the
@@ -109,7 +139,8 @@ class GlooBackend final : public Backend {
         size_(options.world_size),
         timeout_(options.timeout),
         store_(options.store),
-        state_(std::move(state)) {}
+        state_(std::move(state)),
+        precheck_("gloo", size_, rank_, GlooRules(), &state_->health) {}
 
   ~GlooBackend() override {
     pg_.reset();  // joins Gloo's worker threads; abandoned works finish or fail by the timeout
@@ -185,7 +216,7 @@ class GlooBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("allreduce"), " [", ReduceOpName(op), ", ", tensor.numel(), " x ",
                      c10::toString(tensor.scalar_type()), "]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
+    if (absl::Status s = precheck_.AllReduce(tensor, context); !s.ok()) return DoneWork(s);
     const absl::Duration timeout = EffectiveTimeout(options, timeout_);
     std::function<void()> finish;
     if (op == ReduceOp::kAvg) {
@@ -205,10 +236,7 @@ class GlooBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("reduce_scatter"), " [", ReduceOpName(op), ", ", input.numel(),
                      " x ", c10::toString(input.scalar_type()), "]");
-    if (absl::Status s = Precheck(output, "output", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckCpuTensor(input, "input", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckShardedPair(input, "input", output, "output", size_, context);
-        !s.ok()) {
+    if (absl::Status s = precheck_.ReduceScatter(output, input, context); !s.ok()) {
       return DoneWork(s);
     }
     const absl::Duration timeout = EffectiveTimeout(options, timeout_);
@@ -245,12 +273,7 @@ class GlooBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("allgather"), " [", input.numel(), " x ",
                      c10::toString(input.scalar_type()), " per rank]");
-    if (absl::Status s = Precheck(output, "output", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckCpuTensor(input, "input", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckShardedPair(output, "output", input, "input", size_, context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.AllGather(output, input, context); !s.ok()) return DoneWork(s);
     const absl::Duration timeout = EffectiveTimeout(options, timeout_);
     return Issue(context, timeout, nullptr, [&] {
       // Gloo wants one output tensor per rank shaped like the input: flat views of `output`.
@@ -268,11 +291,7 @@ class GlooBackend final : public Backend {
     const std::string context = absl::StrCat(Context("broadcast"), " [root ", root, ", ",
                                              tensor.numel(), " x ",
                                              c10::toString(tensor.scalar_type()), "]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(root, size_, rank_, /*allow_self=*/true, "root", context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.Broadcast(tensor, root, context); !s.ok()) return DoneWork(s);
     const absl::Duration timeout = EffectiveTimeout(options, timeout_);
     return Issue(context, timeout, nullptr, [&] {
       std::vector<at::Tensor> tensors{tensor};
@@ -287,12 +306,7 @@ class GlooBackend final : public Backend {
                              const CollectiveOptions& options) override {
     const std::string context = absl::StrCat(Context("send"), " [to rank ", dst, ", tag ", tag,
                                              ", ", tensor.nbytes(), " bytes]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(dst, size_, rank_, /*allow_self=*/false, "dst", context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
-    if (tag < 0) return DoneWork(absl::InvalidArgumentError(absl::StrCat(context, ": tag < 0")));
+    if (absl::Status s = precheck_.Send(tensor, dst, tag, context); !s.ok()) return DoneWork(s);
     return Issue(context, EffectiveTimeout(options, timeout_), nullptr, [&] {
       std::vector<at::Tensor> tensors{tensor};
       return pg_->send(tensors, dst, tag);
@@ -303,12 +317,7 @@ class GlooBackend final : public Backend {
                              const CollectiveOptions& options) override {
     const std::string context = absl::StrCat(Context("recv"), " [from rank ", src, ", tag ",
                                              tag, ", ", tensor.nbytes(), " bytes]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(src, size_, rank_, /*allow_self=*/false, "src", context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
-    if (tag < 0) return DoneWork(absl::InvalidArgumentError(absl::StrCat(context, ": tag < 0")));
+    if (absl::Status s = precheck_.Recv(tensor, src, tag, context); !s.ok()) return DoneWork(s);
     return Issue(context, EffectiveTimeout(options, timeout_), nullptr, [&] {
       std::vector<at::Tensor> tensors{tensor};
       return pg_->recv(tensors, src, tag);
@@ -317,7 +326,7 @@ class GlooBackend final : public Backend {
 
   std::unique_ptr<Work> Barrier(const CollectiveOptions& options) override {
     const std::string context = Context("barrier");
-    if (absl::Status s = state_->health.CheckUsable(); !s.ok()) return DoneWork(s);
+    if (absl::Status s = precheck_.Barrier(); !s.ok()) return DoneWork(s);
     const absl::Duration timeout = EffectiveTimeout(options, timeout_);
     return Issue(context, timeout, nullptr, [&] {
       c10d::BarrierOptions o;
@@ -328,29 +337,6 @@ class GlooBackend final : public Backend {
 
  private:
   std::string Context(absl::string_view op) const { return OpContext(op, "gloo", size_, rank_); }
-
-  // The group is usable and `tensor` is a contiguous CPU tensor of a dtype Gloo handles. c10d
-  // checks the dtype only on its worker thread, where a failure would look like a broken group.
-  absl::Status Precheck(const at::Tensor& tensor, absl::string_view name,
-                        absl::string_view context) const {
-    if (absl::Status s = state_->health.CheckUsable(); !s.ok()) return s;
-    if (absl::Status s = CheckCpuTensor(tensor, name, context); !s.ok()) return s;
-    switch (tensor.scalar_type()) {
-      case at::kFloat:
-      case at::kDouble:
-      case at::kHalf:
-      case at::kChar:
-      case at::kByte:
-      case at::kInt:
-      case at::kLong:
-        return absl::OkStatus();
-      default:
-        return absl::InvalidArgumentError(
-            absl::StrCat(context, ": ", name, " has dtype ",
-                         c10::toString(tensor.scalar_type()),
-                         "; gloo takes float32/64, float16, int8/32/64 and uint8"));
-    }
-  }
 
   // Starts a c10d operation; c10d throws for arguments it rejects (an unsupported dtype).
   std::unique_ptr<Work> Issue(
@@ -371,6 +357,7 @@ class GlooBackend final : public Backend {
   const absl::Duration timeout_;
   std::shared_ptr<Store> store_;  // the process group uses it; keep the TCP server alive
   std::shared_ptr<GlooGroupState> state_;
+  const OpPrecheck precheck_;  // reads state_->health
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
 };
 

@@ -133,7 +133,14 @@ class MpiRuntime {
 
 // ---- Types, ops, errors. ----
 
-absl::StatusOr<MPI_Datatype> ToMpiType(at::ScalarType type, absl::string_view context) {
+// The MPI datatype of `tensor`'s elements; kInvalidArgument for a dtype MPI cannot move or more
+// elements than MPI's int counts can say.
+absl::StatusOr<MPI_Datatype> ToMpiType(const at::Tensor& tensor, absl::string_view context) {
+  if (tensor.numel() > INT_MAX) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(context, ": ", tensor.numel(), " elements exceed MPI's int count"));
+  }
+  const at::ScalarType type = tensor.scalar_type();
   switch (type) {
     case at::kFloat: return MPI_FLOAT;
     case at::kDouble: return MPI_DOUBLE;
@@ -196,6 +203,14 @@ absl::Status MpiErrorStatus(int rc, absl::string_view context) {
   }
   return absl::Status(code, absl::StrCat(context, ": MPI error ", rc, ": ",
                                          absl::string_view(text, static_cast<size_t>(len))));
+}
+
+// CPU tensors; tags up to the MPI_TAG_UB of this MPI. Dtypes and counts: ToMpiType.
+OpPrecheck::Rules MpiRules(const MpiRuntime& runtime) {
+  OpPrecheck::Rules rules;
+  rules.device = TensorDevice::kCpu;
+  rules.max_tag = runtime.tag_ub();
+  return rules;
 }
 
 // ---- The group and its operations. ----
@@ -323,7 +338,12 @@ class MpiBackend final : public Backend {
  public:
   MpiBackend(MpiRuntime* runtime, std::shared_ptr<MpiGroupState> state, int rank, int size,
              absl::Duration timeout)
-      : runtime_(runtime), state_(std::move(state)), rank_(rank), size_(size), timeout_(timeout) {}
+      : runtime_(runtime),
+        state_(std::move(state)),
+        rank_(rank),
+        size_(size),
+        timeout_(timeout),
+        precheck_("mpi", size_, rank_, MpiRules(*runtime_), &state_->health) {}
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -334,8 +354,8 @@ class MpiBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("allreduce"), " [", ReduceOpName(op), ", ", tensor.numel(), " x ",
                      c10::toString(tensor.scalar_type()), "]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    auto type = ToMpiType(tensor.scalar_type(), context);
+    if (absl::Status s = precheck_.AllReduce(tensor, context); !s.ok()) return DoneWork(s);
+    auto type = ToMpiType(tensor, context);
     if (!type.ok()) return DoneWork(type.status());
     auto mpi_op = ToMpiOp(op, tensor.scalar_type(), *runtime_, context);
     if (!mpi_op.ok()) return DoneWork(mpi_op.status());
@@ -357,13 +377,10 @@ class MpiBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("reduce_scatter"), " [", ReduceOpName(op), ", ", input.numel(),
                      " x ", c10::toString(input.scalar_type()), "]");
-    if (absl::Status s = Precheck(output, "output", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckCpuTensor(input, "input", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckShardedPair(input, "input", output, "output", size_, context);
-        !s.ok()) {
+    if (absl::Status s = precheck_.ReduceScatter(output, input, context); !s.ok()) {
       return DoneWork(s);
     }
-    auto type = ToMpiType(input.scalar_type(), context);
+    auto type = ToMpiType(output, context);  // MPI's count; input has the same dtype
     if (!type.ok()) return DoneWork(type.status());
     auto mpi_op = ToMpiOp(op, input.scalar_type(), *runtime_, context);
     if (!mpi_op.ok()) return DoneWork(mpi_op.status());
@@ -386,13 +403,8 @@ class MpiBackend final : public Backend {
     const std::string context =
         absl::StrCat(Context("allgather"), " [", input.numel(), " x ",
                      c10::toString(input.scalar_type()), " per rank]");
-    if (absl::Status s = Precheck(output, "output", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckCpuTensor(input, "input", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckShardedPair(output, "output", input, "input", size_, context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
-    auto type = ToMpiType(input.scalar_type(), context);
+    if (absl::Status s = precheck_.AllGather(output, input, context); !s.ok()) return DoneWork(s);
+    auto type = ToMpiType(output, context);  // the larger buffer; input has the same dtype
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, {output, input}, nullptr, [&](MPI_Request* r) {
       const int n = static_cast<int>(input.numel());
@@ -406,12 +418,8 @@ class MpiBackend final : public Backend {
     const std::string context = absl::StrCat(Context("broadcast"), " [root ", root, ", ",
                                              tensor.numel(), " x ",
                                              c10::toString(tensor.scalar_type()), "]");
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(root, size_, rank_, /*allow_self=*/true, "root", context);
-        !s.ok()) {
-      return DoneWork(s);
-    }
-    auto type = ToMpiType(tensor.scalar_type(), context);
+    if (absl::Status s = precheck_.Broadcast(tensor, root, context); !s.ok()) return DoneWork(s);
+    auto type = ToMpiType(tensor, context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, {tensor}, nullptr, [&](MPI_Request* r) {
       return MPI_Ibcast(tensor.data_ptr(), static_cast<int>(tensor.numel()), *type, root,
@@ -423,10 +431,8 @@ class MpiBackend final : public Backend {
                              const CollectiveOptions& options) override {
     const std::string context = absl::StrCat(Context("send"), " [to rank ", dst, ", tag ", tag,
                                              ", ", tensor.nbytes(), " bytes]");
-    if (absl::Status s = CheckPointToPoint(tensor, dst, tag, "dst", context); !s.ok()) {
-      return DoneWork(s);
-    }
-    auto type = ToMpiType(tensor.scalar_type(), context);
+    if (absl::Status s = precheck_.Send(tensor, dst, tag, context); !s.ok()) return DoneWork(s);
+    auto type = ToMpiType(tensor, context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, {tensor}, nullptr, [&](MPI_Request* r) {
       return MPI_Isend(tensor.data_ptr(), static_cast<int>(tensor.numel()), *type, dst, tag,
@@ -438,10 +444,8 @@ class MpiBackend final : public Backend {
                              const CollectiveOptions& options) override {
     const std::string context = absl::StrCat(Context("recv"), " [from rank ", src, ", tag ",
                                              tag, ", ", tensor.nbytes(), " bytes]");
-    if (absl::Status s = CheckPointToPoint(tensor, src, tag, "src", context); !s.ok()) {
-      return DoneWork(s);
-    }
-    auto type = ToMpiType(tensor.scalar_type(), context);
+    if (absl::Status s = precheck_.Recv(tensor, src, tag, context); !s.ok()) return DoneWork(s);
+    auto type = ToMpiType(tensor, context);
     if (!type.ok()) return DoneWork(type.status());
     const int count = static_cast<int>(tensor.numel());
     // A shorter message than expected is not an MPI error; the contract says same size.
@@ -461,38 +465,13 @@ class MpiBackend final : public Backend {
 
   std::unique_ptr<Work> Barrier(const CollectiveOptions& options) override {
     const std::string context = Context("barrier");
-    if (absl::Status s = state_->health.CheckUsable(); !s.ok()) return DoneWork(s);
+    if (absl::Status s = precheck_.Barrier(); !s.ok()) return DoneWork(s);
     return Issue(context, options, {}, nullptr,
                  [&](MPI_Request* r) { return MPI_Ibarrier(state_->comm, r); });
   }
 
  private:
   std::string Context(absl::string_view op) const { return OpContext(op, "mpi", size_, rank_); }
-
-  absl::Status Precheck(const at::Tensor& tensor, absl::string_view name,
-                        absl::string_view context) const {
-    if (absl::Status s = state_->health.CheckUsable(); !s.ok()) return s;
-    if (absl::Status s = CheckCpuTensor(tensor, name, context); !s.ok()) return s;
-    if (tensor.numel() > INT_MAX) {
-      return absl::InvalidArgumentError(absl::StrCat(context, ": ", tensor.numel(),
-                                                     " elements exceed MPI's int count"));
-    }
-    return absl::OkStatus();
-  }
-
-  absl::Status CheckPointToPoint(const at::Tensor& tensor, int peer, int tag,
-                                 absl::string_view what, absl::string_view context) const {
-    if (absl::Status s = Precheck(tensor, "tensor", context); !s.ok()) return s;
-    if (absl::Status s = CheckPeer(peer, size_, rank_, /*allow_self=*/false, what, context);
-        !s.ok()) {
-      return s;
-    }
-    if (tag < 0 || tag > runtime_->tag_ub()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(context, ": tag not in [0, ", runtime_->tag_ub(), "]"));
-    }
-    return absl::OkStatus();
-  }
 
   // Starts one nonblocking MPI call under the process's MPI mutex.
   std::unique_ptr<Work> Issue(const std::string& context, const CollectiveOptions& options,
@@ -519,6 +498,7 @@ class MpiBackend final : public Backend {
   const int rank_;
   const int size_;
   const absl::Duration timeout_;
+  const OpPrecheck precheck_;  // reads state_->health
 };
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -44,17 +45,12 @@ ncclRedOp_t ToNccl(ReduceOp op) {
   return ncclSum;
 }
 
-absl::Status CheckCudaTensor(const at::Tensor& t, absl::string_view name,
-                             absl::string_view context) {
-  if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is undefined"));
-  if (!t.is_cuda()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        context, ": ", name, " is a CPU tensor; the nccl backend needs CUDA tensors"));
-  }
-  if (!t.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(context, ": ", name, " is not contiguous"));
-  }
-  return absl::OkStatus();
+// CUDA tensors; no tags (transfers between two ranks match in issue order). Dtypes: ToNccl.
+OpPrecheck::Rules NcclRules() {
+  OpPrecheck::Rules rules;
+  rules.device = TensorDevice::kCuda;
+  rules.max_tag = std::nullopt;
+  return rules;
 }
 
 // Waits (polling) for a non-blocking communicator to leave ncclInProgress.
@@ -128,7 +124,8 @@ class NcclBackend final : public Backend {
   NcclBackend(int rank, int size, int device, ncclComm_t comm, cudaStream_t stream,
               absl::Duration timeout)
       : rank_(rank), size_(size), device_(device), comm_(comm), stream_(stream),
-        timeout_(timeout), health_(absl::StrCat("nccl group of ", size)) {}
+        timeout_(timeout), health_(absl::StrCat("nccl group of ", size)),
+        precheck_("nccl", size, rank, NcclRules(), &health_) {}
   ~NcclBackend() override {
     cudaStreamSynchronize(stream_);
     ncclCommDestroy(comm_);
@@ -142,7 +139,7 @@ class NcclBackend final : public Backend {
   std::unique_ptr<Work> AllReduce(at::Tensor& tensor, ReduceOp op,
                                   const CollectiveOptions& options) override {
     const std::string context = Context("allreduce");
-    if (absl::Status s = CheckCudaTensor(tensor, "tensor", context); !s.ok()) return DoneWork(s);
+    if (absl::Status s = precheck_.AllReduce(tensor, context); !s.ok()) return DoneWork(s);
     auto type = ToNccl(tensor.scalar_type(), context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, [&] {
@@ -154,7 +151,7 @@ class NcclBackend final : public Backend {
   std::unique_ptr<Work> ReduceScatter(at::Tensor& output, const at::Tensor& input, ReduceOp op,
                                       const CollectiveOptions& options) override {
     const std::string context = Context("reduce_scatter");
-    if (absl::Status s = CheckPair(input, "input", output, "output", context); !s.ok()) {
+    if (absl::Status s = precheck_.ReduceScatter(output, input, context); !s.ok()) {
       return DoneWork(s);
     }
     auto type = ToNccl(input.scalar_type(), context);
@@ -168,9 +165,7 @@ class NcclBackend final : public Backend {
   std::unique_ptr<Work> AllGather(at::Tensor& output, const at::Tensor& input,
                                   const CollectiveOptions& options) override {
     const std::string context = Context("allgather");
-    if (absl::Status s = CheckPair(output, "output", input, "input", context); !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.AllGather(output, input, context); !s.ok()) return DoneWork(s);
     auto type = ToNccl(input.scalar_type(), context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, [&] {
@@ -182,10 +177,7 @@ class NcclBackend final : public Backend {
   std::unique_ptr<Work> Broadcast(at::Tensor& tensor, int root,
                                   const CollectiveOptions& options) override {
     const std::string context = Context("broadcast");
-    if (absl::Status s = CheckCudaTensor(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(root, size_, rank_, true, "root", context); !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.Broadcast(tensor, root, context); !s.ok()) return DoneWork(s);
     auto type = ToNccl(tensor.scalar_type(), context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, [&] {
@@ -195,13 +187,10 @@ class NcclBackend final : public Backend {
   }
 
   // NCCL has no tags: transfers between a pair of ranks match in issue order.
-  std::unique_ptr<Work> Send(const at::Tensor& tensor, int dst, int /*tag*/,
+  std::unique_ptr<Work> Send(const at::Tensor& tensor, int dst, int tag,
                              const CollectiveOptions& options) override {
     const std::string context = Context("send");
-    if (absl::Status s = CheckCudaTensor(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(dst, size_, rank_, false, "dst", context); !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.Send(tensor, dst, tag, context); !s.ok()) return DoneWork(s);
     auto type = ToNccl(tensor.scalar_type(), context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, [&] {
@@ -209,13 +198,10 @@ class NcclBackend final : public Backend {
     });
   }
 
-  std::unique_ptr<Work> Recv(at::Tensor& tensor, int src, int /*tag*/,
+  std::unique_ptr<Work> Recv(at::Tensor& tensor, int src, int tag,
                              const CollectiveOptions& options) override {
     const std::string context = Context("recv");
-    if (absl::Status s = CheckCudaTensor(tensor, "tensor", context); !s.ok()) return DoneWork(s);
-    if (absl::Status s = CheckPeer(src, size_, rank_, false, "src", context); !s.ok()) {
-      return DoneWork(s);
-    }
+    if (absl::Status s = precheck_.Recv(tensor, src, tag, context); !s.ok()) return DoneWork(s);
     auto type = ToNccl(tensor.scalar_type(), context);
     if (!type.ok()) return DoneWork(type.status());
     return Issue(context, options, [&] {
@@ -233,22 +219,10 @@ class NcclBackend final : public Backend {
  private:
   std::string Context(absl::string_view op) const { return OpContext(op, "nccl", size_, rank_); }
 
-  absl::Status CheckPair(const at::Tensor& big, absl::string_view big_name,
-                         const at::Tensor& small, absl::string_view small_name,
-                         absl::string_view context) {
-    SHOAL_RETURN_IF_ERROR(CheckCudaTensor(big, big_name, context));
-    SHOAL_RETURN_IF_ERROR(CheckCudaTensor(small, small_name, context));
-    if (big.numel() != size_ * small.numel() || big.scalar_type() != small.scalar_type()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          context, ": ", big_name, " must hold ", size_, " x ", small_name, " of the same dtype"));
-    }
-    return absl::OkStatus();
-  }
-
-  // Enqueues `op` on the stream and returns a Work that waits for it.
+  // Enqueues `op` on the stream and returns a Work that waits for it. The caller has run the
+  // precheck (which checks the group's health).
   std::unique_ptr<Work> Issue(const std::string& context, const CollectiveOptions& options,
                               const std::function<ncclResult_t()>& op) {
-    if (absl::Status s = health_.CheckUsable(); !s.ok()) return DoneWork(s);
     const absl::Time deadline = absl::Now() + EffectiveTimeout(options, timeout_);
     cudaSetDevice(device_);
     const ncclResult_t r = op();
@@ -272,6 +246,7 @@ class NcclBackend final : public Backend {
   cudaStream_t stream_;
   absl::Duration timeout_;
   GroupHealth health_;
+  const OpPrecheck precheck_;  // reads health_
   at::Tensor barrier_;
 };
 

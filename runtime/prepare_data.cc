@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -25,6 +26,7 @@
 #include "common/progress.h"
 #include "common/sha256.h"
 #include "common/status.h"
+#include "common/utf8.h"
 #include "runtime/tokenizer.h"
 
 // The token files are little-endian uint16; writing the in-memory ids verbatim is only right on a
@@ -104,51 +106,6 @@ absl::StatusOr<std::vector<InputFile>> CollectInputs(const std::vector<std::stri
     }
   }
   return files;
-}
-
-// Offset of the first byte that does not start a well-formed UTF-8 sequence (RFC 3629: no
-// overlong forms, no surrogates, nothing above U+10FFFF), or npos when all of `s` is valid.
-size_t FirstInvalidUtf8(absl::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  const size_t n = s.size();
-  size_t i = 0;
-  while (i < n) {
-    // Text is mostly ASCII: skip 8 bytes at a time while no high bit is set.
-    while (i + 8 <= n) {
-      uint64_t word;
-      std::memcpy(&word, p + i, 8);
-      if (word & 0x8080808080808080ULL) break;
-      i += 8;
-    }
-    if (i >= n) break;
-    const unsigned char c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    int len;
-    unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      len = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      len = 3;
-      if (c == 0xE0) lo = 0xA0;  // overlong
-      if (c == 0xED) hi = 0x9F;  // UTF-16 surrogates
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      len = 4;
-      if (c == 0xF0) lo = 0x90;  // overlong
-      if (c == 0xF4) hi = 0x8F;  // above U+10FFFF
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    if (p[i + 1] < lo || p[i + 1] > hi) return i;
-    for (int k = 2; k < len; ++k) {
-      if ((p[i + k] & 0xC0) != 0x80) return i;
-    }
-    i += len;
-  }
-  return absl::string_view::npos;
 }
 
 // Reads `file` whole, advancing `progress` (bytes over all inputs) as chunks arrive.
@@ -250,7 +207,7 @@ absl::Status PrepareData(const PrepareDataOptions& options) {
     SHOAL_ASSIGN_OR_RETURN(std::string text,
                            ReadInput(file, done, progress ? &*progress : nullptr));
     done += text.size();
-    if (const size_t bad = FirstInvalidUtf8(text); bad != absl::string_view::npos) {
+    if (const size_t bad = FirstInvalidUtf8(text); bad != std::string_view::npos) {
       return absl::InvalidArgumentError(
           absl::StrCat("input ", file.path, " is not UTF-8 text: invalid byte 0x",
                        absl::Hex(static_cast<unsigned char>(text[bad]), absl::kZeroPad2),

@@ -16,6 +16,7 @@
 
 #include <google/protobuf/util/json_util.h>
 #include <httplib.h>
+#include <nlohmann/json.hpp>
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
@@ -27,6 +28,7 @@
 #include "common/logging.h"
 #include "common/net_util.h"
 #include "common/status.h"
+#include "common/utf8.h"
 
 namespace shoal::scheduler {
 namespace {
@@ -61,37 +63,7 @@ const char* WorkerStateLabel(v1::WorkerState state) {
 // Label values as valid UTF-8, each malformed byte replaced by U+FFFD. Prometheus drops a whole
 // scrape over one invalid label value; protobuf's parser already refuses such strings from the
 // wire, so this only guards statuses built in-process.
-std::string Utf8Label(const std::string& s) {
-  std::string out;
-  out.reserve(s.size());
-  size_t i = 0;
-  while (i < s.size()) {
-    const auto c = static_cast<unsigned char>(s[i]);
-    const size_t len = c < 0x80           ? 1
-                       : (c >> 5) == 0x6  ? 2
-                       : (c >> 4) == 0xe  ? 3
-                       : (c >> 3) == 0x1e ? 4
-                                          : 0;
-    bool ok = len > 0 && i + len <= s.size();
-    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1f) : len == 3 ? (c & 0x0f) : (c & 0x07);
-    for (size_t k = 1; ok && k < len; ++k) {
-      const auto cc = static_cast<unsigned char>(s[i + k]);
-      ok = (cc & 0xc0) == 0x80;
-      cp = (cp << 6) | (cc & 0x3f);
-    }
-    // No overlong forms, surrogates or code points past U+10FFFF.
-    static constexpr uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
-    ok = ok && cp >= kMin[len] && cp <= 0x10ffff && (cp < 0xd800 || cp > 0xdfff);
-    if (ok) {
-      out.append(s, i, len);
-      i += len;
-    } else {
-      out += "\xef\xbf\xbd";
-      ++i;
-    }
-  }
-  return out;
-}
+std::string Utf8Label(const std::string& s) { return ReplaceInvalidUtf8(s); }
 
 // One gauge family per call site; the registry owns it. A fresh registry per scrape means a
 // worker that disappears from the snapshot disappears from the exposition too.
@@ -159,14 +131,12 @@ absl::StatusOr<std::string> StatusJson(const v1::ClusterStatus& status) {
   return json;
 }
 
-// Still valid JSON, so the dashboard can show what went wrong.
+// {"error":"<message>"}: still valid JSON, so the dashboard can show what went wrong. Bytes of
+// the message that are not UTF-8 become U+FFFD (nlohmann's strict default would throw).
 std::string ErrorJson(const absl::Status& error) {
-  std::string escaped;
-  for (char ch : std::string(error.message())) {
-    if (ch == '"' || ch == '\\') escaped += '\\';
-    if (static_cast<unsigned char>(ch) >= 0x20) escaped += ch;
-  }
-  return absl::StrCat("{\"error\":\"", escaped, "\"}");
+  const nlohmann::json body = {{"error", std::string(error.message())}};
+  return body.dump(/*indent=*/-1, /*indent_char=*/' ', /*ensure_ascii=*/false,
+                   nlohmann::json::error_handler_t::replace);
 }
 
 }  // namespace

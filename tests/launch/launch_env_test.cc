@@ -5,8 +5,12 @@
 
 #include <gtest/gtest.h>
 
+#include <initializer_list>
 #include <map>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace shoal::launch {
 namespace {
@@ -43,238 +47,160 @@ Env SlurmStep(int procid) {
           {"SLURM_STEP_TASKS_PER_NODE", "2"}};
 }
 
-TEST(DetectDistributedEnv, NothingSetIsOneProcess) {
-  absl::StatusOr<DistributedEnv> e = Detect({});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "single");
-  EXPECT_EQ(e->rank, 0);
-  EXPECT_EQ(e->world_size, 1);
-  EXPECT_EQ(e->local_rank, 0);
-  EXPECT_EQ(e->local_world_size, 1);
-  EXPECT_EQ(e->node_rank, 0);
-  EXPECT_EQ(e->master_addr, "127.0.0.1");
-  EXPECT_EQ(e->master_port, 29500);
-  EXPECT_EQ(e->restart_count, 0);
+// Env `base` with `set` assigned over it and the variables in `erase` removed.
+Env With(Env base, const Env& set, std::initializer_list<const char*> erase = {}) {
+  for (const auto& [name, value] : set) base[name] = value;
+  for (const char* name : erase) base.erase(name);
+  return base;
 }
 
-TEST(DetectDistributedEnv, Torchrun) {
-  absl::StatusOr<DistributedEnv> e =
-      Detect({{"RANK", "5"},
-              {"WORLD_SIZE", "8"},
-              {"LOCAL_RANK", "1"},
-              {"LOCAL_WORLD_SIZE", "4"},
-              {"GROUP_RANK", "1"},
-              {"MASTER_ADDR", "node0"},
-              {"MASTER_PORT", "29512"},
-              {"TORCHELASTIC_RESTART_COUNT", "2"}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "torchrun");
-  EXPECT_EQ(e->rank, 5);
-  EXPECT_EQ(e->world_size, 8);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->local_world_size, 4);
-  EXPECT_EQ(e->node_rank, 1);
-  EXPECT_EQ(e->master_addr, "node0");
-  EXPECT_EQ(e->master_port, 29512);
-  EXPECT_EQ(e->restart_count, 2);
+// What a successful detection must give: only the fields a case names are compared.
+struct Want {
+  std::optional<std::string> source;
+  std::optional<int> rank, world_size, local_rank, local_world_size, node_rank;
+  std::optional<std::string> master_addr;
+  std::optional<int> master_port, restart_count;
+
+  Want& Source(std::string v) { source = std::move(v); return *this; }
+  Want& Rank(int v) { rank = v; return *this; }
+  Want& WorldSize(int v) { world_size = v; return *this; }
+  Want& LocalRank(int v) { local_rank = v; return *this; }
+  Want& LocalWorldSize(int v) { local_world_size = v; return *this; }
+  Want& NodeRank(int v) { node_rank = v; return *this; }
+  Want& MasterAddr(std::string v) { master_addr = std::move(v); return *this; }
+  Want& MasterPort(int v) { master_port = v; return *this; }
+  Want& RestartCount(int v) { restart_count = v; return *this; }
+};
+
+struct DetectCase {
+  std::string name;  // the test's name: letters and digits only
+  Env env;
+  Want want;
+};
+
+std::vector<DetectCase> DetectCases() {
+  // A 7-task step on four nodes (2, 2, 2 and 1 tasks), seen from rank 5 on the third node.
+  const Env several_nodes = {
+      {"SLURM_PROCID", "5"},          {"SLURM_LOCALID", "1"},
+      {"SLURM_NODEID", "2"},          {"SLURM_NTASKS", "7"},
+      {"SLURM_STEP_ID", "3"},         {"SLURM_JOB_ID", "123456"},
+      {"SLURM_JOB_NODELIST", "node[01-03,07]"},
+      {"SLURM_TASKS_PER_NODE", "3(x2),1"},  // the job's: superseded by the step's
+      {"SLURM_STEP_TASKS_PER_NODE", "2(x3),1"}};
+  const Env last_node = With(several_nodes, {{"SLURM_NODEID", "3"},  // the last node has one task
+                                             {"SLURM_LOCALID", "0"},
+                                             {"SLURM_PROCID", "6"}});
+  return {
+      {"NothingSetIsOneProcess", {},
+       Want().Source("single").Rank(0).WorldSize(1).LocalRank(0).LocalWorldSize(1).NodeRank(0)
+           .MasterAddr("127.0.0.1").MasterPort(29500).RestartCount(0)},
+      {"Torchrun",
+       {{"RANK", "5"},
+        {"WORLD_SIZE", "8"},
+        {"LOCAL_RANK", "1"},
+        {"LOCAL_WORLD_SIZE", "4"},
+        {"GROUP_RANK", "1"},
+        {"MASTER_ADDR", "node0"},
+        {"MASTER_PORT", "29512"},
+        {"TORCHELASTIC_RESTART_COUNT", "2"}},
+       Want().Source("torchrun").Rank(5).WorldSize(8).LocalRank(1).LocalWorldSize(4).NodeRank(1)
+           .MasterAddr("node0").MasterPort(29512).RestartCount(2)},
+      {"TorchrunMinimalExportsMeanOneNode", {{"RANK", "3"}, {"WORLD_SIZE", "4"}},
+       Want().Source("torchrun").LocalRank(3).LocalWorldSize(4).NodeRank(0)},
+      // Two nodes of two, GROUP_RANK left out: derived.
+      {"TorchrunNodeRankDerivedFromLocalWorldSize",
+       {{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_WORLD_SIZE", "2"}},
+       Want().LocalRank(1).NodeRank(1)},
+      {"RestartCountShoalWins", {{"SHOAL_RESTART_COUNT", "3"}, {"TORCHELASTIC_RESTART_COUNT", "2"}},
+       Want().RestartCount(3)},
+      {"RestartCountFromTorchelastic", {{"TORCHELASTIC_RESTART_COUNT", "2"}},
+       Want().RestartCount(2)},
+      {"OpenMpi",
+       {{"OMPI_COMM_WORLD_RANK", "3"},
+        {"OMPI_COMM_WORLD_SIZE", "4"},
+        {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+        {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+        {"OMPI_COMM_WORLD_NODE_RANK", "1"},
+        {"PMIX_RANK", "3"}},
+       Want().Source("openmpi").Rank(3).WorldSize(4).LocalRank(1).LocalWorldSize(2).NodeRank(1)
+           .MasterAddr("127.0.0.1").MasterPort(29500)},
+      // mpirun's daemons run as a one-task-per-node Slurm step: SLURM_PROCID is the daemon's.
+      // The master is the allocation's first host, its port derived from the job id.
+      {"MpirunInsideSbatchOpenMpiWins",
+       With(SlurmStep(0), {{"SLURM_JOB_NODELIST", "gpu[07-08]"},
+                           {"OMPI_COMM_WORLD_RANK", "1"},
+                           {"OMPI_COMM_WORLD_SIZE", "2"},
+                           {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
+                           {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
+                           {"PMIX_RANK", "1"}}),
+       Want().Source("openmpi").Rank(1).LocalRank(1).MasterAddr("gpu07").MasterPort(20000 + 41)},
+      {"TorchrunBeatsEverythingElse",
+       With(SlurmStep(1), {{"OMPI_COMM_WORLD_RANK", "1"},
+                           {"OMPI_COMM_WORLD_SIZE", "2"},
+                           {"PMIX_RANK", "1"},
+                           {"RANK", "6"},
+                           {"WORLD_SIZE", "8"},
+                           {"LOCAL_RANK", "2"},
+                           {"LOCAL_WORLD_SIZE", "4"},
+                           {"MASTER_ADDR", "10.0.0.1"},
+                           {"MASTER_PORT", "1234"}}),
+       Want().Source("torchrun").Rank(6).WorldSize(8).LocalRank(2).NodeRank(1)
+           .MasterAddr("10.0.0.1").MasterPort(1234)},
+      // `shoal run` under sbatch sets MASTER_PORT itself; a bare RANK/WORLD_SIZE export inside a
+      // Slurm job does not get the job-derived port (that is for Slurm's own ranks).
+      {"TorchrunWithoutMasterPortKeepsDefault",
+       With(SlurmStep(0), {{"RANK", "0"}, {"WORLD_SIZE", "1"}}),
+       Want().MasterPort(29500).MasterAddr("vm")},
+      // PMIX_RANK wins even without SLURM_PROCID; check it is not needed.
+      {"PmixUnderSrun", With(SlurmStep(1), {{"PMIX_RANK", "1"}}, {"SLURM_PROCID"}),
+       Want().Source("pmix").Rank(1).WorldSize(2).LocalRank(1).LocalWorldSize(2).MasterAddr("vm")},
+      {"PmixBeatsSlurm", With(SlurmStep(0), {{"SLURM_LOCALID", "1"}, {"PMIX_RANK", "1"}}),
+       Want().Source("pmix").Rank(1)},
+      {"SlurmStepOnOneNode", SlurmStep(1),
+       Want().Source("slurm").Rank(1).WorldSize(2).LocalRank(1).LocalWorldSize(2).NodeRank(0)
+           .MasterAddr("vm").MasterPort(20041)},
+      {"SlurmStepOnSeveralNodes", several_nodes,
+       Want().Rank(5).WorldSize(7).LocalRank(1).LocalWorldSize(2).NodeRank(2)
+           .MasterAddr("node01").MasterPort(20000 + 123456 % 10000)},
+      {"SlurmStepOnSeveralNodesLastNode", last_node, Want().LocalWorldSize(1)},
+      // --ntasks-per-node, when given, is taken as is.
+      {"SlurmStepOnSeveralNodesNtasksPerNode", With(last_node, {{"SLURM_NTASKS_PER_NODE", "2"}}),
+       Want().LocalWorldSize(2)},
+      // Outside srun the batch shell has SLURM_PROCID=0 and the job's task count, but no step.
+      {"SlurmBatchScriptIsOneProcess",
+       With(SlurmStep(0), {}, {"SLURM_STEP_ID", "SLURM_STEP_TASKS_PER_NODE"}),
+       Want().Source("single").WorldSize(1).MasterAddr("vm")},
+      {"ExplicitMasterOverridesSlurm",
+       With(SlurmStep(0), {{"MASTER_ADDR", "head"}, {"MASTER_PORT", "31000"}}),
+       Want().Source("slurm").MasterAddr("head").MasterPort(31000)},
+      {"EmptyVariablesAreUnset",
+       {{"RANK", ""}, {"WORLD_SIZE", ""}, {"MASTER_ADDR", ""}, {"MASTER_PORT", ""}},
+       Want().Source("single").MasterAddr("127.0.0.1")},
+  };
 }
 
-TEST(DetectDistributedEnv, TorchrunMinimalExportsMeanOneNode) {
-  absl::StatusOr<DistributedEnv> e = Detect({{"RANK", "3"}, {"WORLD_SIZE", "4"}});
+class DetectDistributedEnvCase : public ::testing::TestWithParam<DetectCase> {};
+
+TEST_P(DetectDistributedEnvCase, Detects) {
+  const DetectCase& c = GetParam();
+  absl::StatusOr<DistributedEnv> e = Detect(c.env);
   ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "torchrun");
-  EXPECT_EQ(e->local_rank, 3);
-  EXPECT_EQ(e->local_world_size, 4);
-  EXPECT_EQ(e->node_rank, 0);
-  // Two nodes of two, GROUP_RANK left out: derived.
-  e = Detect({{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_WORLD_SIZE", "2"}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->node_rank, 1);
+  const Want& want = c.want;
+  if (want.source) EXPECT_EQ(e->source, *want.source);
+  if (want.rank) EXPECT_EQ(e->rank, *want.rank);
+  if (want.world_size) EXPECT_EQ(e->world_size, *want.world_size);
+  if (want.local_rank) EXPECT_EQ(e->local_rank, *want.local_rank);
+  if (want.local_world_size) EXPECT_EQ(e->local_world_size, *want.local_world_size);
+  if (want.node_rank) EXPECT_EQ(e->node_rank, *want.node_rank);
+  if (want.master_addr) EXPECT_EQ(e->master_addr, *want.master_addr);
+  if (want.master_port) EXPECT_EQ(e->master_port, *want.master_port);
+  if (want.restart_count) EXPECT_EQ(e->restart_count, *want.restart_count);
 }
 
-TEST(DetectDistributedEnv, RestartCountShoalWins) {
-  absl::StatusOr<DistributedEnv> e =
-      Detect({{"SHOAL_RESTART_COUNT", "3"}, {"TORCHELASTIC_RESTART_COUNT", "2"}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->restart_count, 3);
-  e = Detect({{"TORCHELASTIC_RESTART_COUNT", "2"}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->restart_count, 2);
-}
-
-TEST(DetectDistributedEnv, OpenMpi) {
-  absl::StatusOr<DistributedEnv> e = Detect({{"OMPI_COMM_WORLD_RANK", "3"},
-                                             {"OMPI_COMM_WORLD_SIZE", "4"},
-                                             {"OMPI_COMM_WORLD_LOCAL_RANK", "1"},
-                                             {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"},
-                                             {"OMPI_COMM_WORLD_NODE_RANK", "1"},
-                                             {"PMIX_RANK", "3"}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "openmpi");
-  EXPECT_EQ(e->rank, 3);
-  EXPECT_EQ(e->world_size, 4);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->local_world_size, 2);
-  EXPECT_EQ(e->node_rank, 1);
-  EXPECT_EQ(e->master_addr, "127.0.0.1");
-  EXPECT_EQ(e->master_port, 29500);
-}
-
-TEST(DetectDistributedEnv, MpirunInsideSbatchOpenMpiWins) {
-  // mpirun's daemons run as a one-task-per-node Slurm step: SLURM_PROCID is the daemon's.
-  Env env = SlurmStep(0);
-  env["SLURM_JOB_NODELIST"] = "gpu[07-08]";
-  env["OMPI_COMM_WORLD_RANK"] = "1";
-  env["OMPI_COMM_WORLD_SIZE"] = "2";
-  env["OMPI_COMM_WORLD_LOCAL_RANK"] = "1";
-  env["OMPI_COMM_WORLD_LOCAL_SIZE"] = "2";
-  env["PMIX_RANK"] = "1";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "openmpi");
-  EXPECT_EQ(e->rank, 1);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->master_addr, "gpu07");      // first host of the allocation
-  EXPECT_EQ(e->master_port, 20000 + 41);  // from the job id
-}
-
-TEST(DetectDistributedEnv, TorchrunBeatsEverythingElse) {
-  Env env = SlurmStep(1);
-  env["OMPI_COMM_WORLD_RANK"] = "1";
-  env["OMPI_COMM_WORLD_SIZE"] = "2";
-  env["PMIX_RANK"] = "1";
-  env["RANK"] = "6";
-  env["WORLD_SIZE"] = "8";
-  env["LOCAL_RANK"] = "2";
-  env["LOCAL_WORLD_SIZE"] = "4";
-  env["MASTER_ADDR"] = "10.0.0.1";
-  env["MASTER_PORT"] = "1234";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "torchrun");
-  EXPECT_EQ(e->rank, 6);
-  EXPECT_EQ(e->world_size, 8);
-  EXPECT_EQ(e->local_rank, 2);
-  EXPECT_EQ(e->node_rank, 1);
-  EXPECT_EQ(e->master_addr, "10.0.0.1");
-  EXPECT_EQ(e->master_port, 1234);
-}
-
-TEST(DetectDistributedEnv, TorchrunWithoutMasterPortKeepsDefault) {
-  // `shoal run` under sbatch sets MASTER_PORT itself; a bare RANK/WORLD_SIZE export inside a
-  // Slurm job does not get the job-derived port (that is for Slurm's own ranks).
-  Env env = SlurmStep(0);
-  env["RANK"] = "0";
-  env["WORLD_SIZE"] = "1";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->master_port, 29500);
-  EXPECT_EQ(e->master_addr, "vm");
-}
-
-TEST(DetectDistributedEnv, PmixUnderSrun) {
-  Env env = SlurmStep(1);
-  env.erase("SLURM_PROCID");  // PMIX_RANK wins even without; check it is not needed
-  env["PMIX_RANK"] = "1";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "pmix");
-  EXPECT_EQ(e->rank, 1);
-  EXPECT_EQ(e->world_size, 2);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->local_world_size, 2);
-  EXPECT_EQ(e->master_addr, "vm");
-}
-
-TEST(DetectDistributedEnv, PmixBeatsSlurm) {
-  Env env = SlurmStep(0);
-  env["SLURM_LOCALID"] = "1";
-  env["PMIX_RANK"] = "1";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "pmix");
-  EXPECT_EQ(e->rank, 1);
-}
-
-TEST(DetectDistributedEnv, PmixNeedsTaskCount) {
-  const std::string m = ErrorOf({{"PMIX_RANK", "0"}});
-  EXPECT_NE(m.find("SLURM_NTASKS"), std::string::npos) << m;
-}
-
-TEST(DetectDistributedEnv, SlurmStepOnOneNode) {
-  absl::StatusOr<DistributedEnv> e = Detect(SlurmStep(1));
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "slurm");
-  EXPECT_EQ(e->rank, 1);
-  EXPECT_EQ(e->world_size, 2);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->local_world_size, 2);
-  EXPECT_EQ(e->node_rank, 0);
-  EXPECT_EQ(e->master_addr, "vm");
-  EXPECT_EQ(e->master_port, 20041);
-}
-
-TEST(DetectDistributedEnv, SlurmStepOnSeveralNodes) {
-  Env env = {{"SLURM_PROCID", "5"},          {"SLURM_LOCALID", "1"},
-             {"SLURM_NODEID", "2"},          {"SLURM_NTASKS", "7"},
-             {"SLURM_STEP_ID", "3"},         {"SLURM_JOB_ID", "123456"},
-             {"SLURM_JOB_NODELIST", "node[01-03,07]"},
-             {"SLURM_TASKS_PER_NODE", "3(x2),1"},  // the job's: superseded by the step's
-             {"SLURM_STEP_TASKS_PER_NODE", "2(x3),1"}};
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->rank, 5);
-  EXPECT_EQ(e->world_size, 7);
-  EXPECT_EQ(e->local_rank, 1);
-  EXPECT_EQ(e->local_world_size, 2);
-  EXPECT_EQ(e->node_rank, 2);
-  EXPECT_EQ(e->master_addr, "node01");
-  EXPECT_EQ(e->master_port, 20000 + 123456 % 10000);
-
-  env["SLURM_NODEID"] = "3";  // the last node has one task
-  env["SLURM_LOCALID"] = "0";
-  env["SLURM_PROCID"] = "6";
-  e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->local_world_size, 1);
-
-  env["SLURM_NTASKS_PER_NODE"] = "2";  // --ntasks-per-node, when given, is taken as is
-  e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->local_world_size, 2);
-}
-
-TEST(DetectDistributedEnv, SlurmBatchScriptIsOneProcess) {
-  // Outside srun the batch shell has SLURM_PROCID=0 and the job's task count, but no step.
-  Env env = SlurmStep(0);
-  env.erase("SLURM_STEP_ID");
-  env.erase("SLURM_STEP_TASKS_PER_NODE");
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "single");
-  EXPECT_EQ(e->world_size, 1);
-  EXPECT_EQ(e->master_addr, "vm");
-}
-
-TEST(DetectDistributedEnv, ExplicitMasterOverridesSlurm) {
-  Env env = SlurmStep(0);
-  env["MASTER_ADDR"] = "head";
-  env["MASTER_PORT"] = "31000";
-  absl::StatusOr<DistributedEnv> e = Detect(env);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "slurm");
-  EXPECT_EQ(e->master_addr, "head");
-  EXPECT_EQ(e->master_port, 31000);
-}
-
-TEST(DetectDistributedEnv, EmptyVariablesAreUnset) {
-  absl::StatusOr<DistributedEnv> e =
-      Detect({{"RANK", ""}, {"WORLD_SIZE", ""}, {"MASTER_ADDR", ""}, {"MASTER_PORT", ""}});
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_EQ(e->source, "single");
-  EXPECT_EQ(e->master_addr, "127.0.0.1");
-}
+INSTANTIATE_TEST_SUITE_P(Launchers, DetectDistributedEnvCase, ::testing::ValuesIn(DetectCases()),
+                         [](const ::testing::TestParamInfo<DetectCase>& info) {
+                           return info.param.name;
+                         });
 
 TEST(DetectDistributedEnv, BadValuesNameTheVariable) {
   struct Case {
@@ -303,6 +229,7 @@ TEST(DetectDistributedEnv, BadValuesNameTheVariable) {
       {{{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "two"}},
        "OMPI_COMM_WORLD_SIZE='two'"},
       {{{"PMIX_RANK", "r"}, {"SLURM_NTASKS", "2"}}, "PMIX_RANK='r'"},
+      {{{"PMIX_RANK", "0"}}, "SLURM_NTASKS"},  // PMIx needs the task count
       {{{"SLURM_PROCID", "x"}, {"SLURM_STEP_ID", "0"}, {"SLURM_NTASKS", "2"}}, "SLURM_PROCID"},
       {{{"SLURM_PROCID", "2"}, {"SLURM_STEP_ID", "0"}, {"SLURM_NTASKS", "2"}},
        "SLURM_PROCID=2 is not below SLURM_NTASKS=2"},
