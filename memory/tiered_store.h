@@ -79,8 +79,12 @@ struct TieredChunkStoreOptions {
   // and the newcomer's pages are made accessible and filled only after the victim's pages are
   // released (on the loader thread, as the buffer hand-over is), so the committed homes never
   // exceed the capacity either (allocation_observer and stats count homes made accessible as
-  // buffers). The destructor leaves resident chunks' contents in place and makes every other
-  // home readable zeros again.
+  // buffers). Where the kernel allows (mremap with MREMAP_DONTUNMAP, Linux 5.7+), "released and
+  // made accessible" is one step: the victim's physical pages move to the newcomer's home, so a
+  // load neither faults nor zeroes pages, and the victim's home is left mapped, empty and
+  // protected as after a release; a home made accessible in a free slot is populated at once
+  // (MADV_POPULATE_WRITE, 5.14+) instead of page by page. The destructor leaves resident
+  // chunks' contents in place and makes every other home readable zeros again.
   std::vector<float*> homes;
   // Called on the caller's thread whenever the store allocates (+chunk_bytes) or frees
   // (-chunk_bytes) a chunk buffer, before the buffer is used / after it is no longer used; for
