@@ -5,6 +5,8 @@
 // against the schedule's bound, the solver giving the fast stage more blocks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 #include <filesystem>
 #include <string>
@@ -157,7 +159,7 @@ TEST(BenchMemoryTest, TrainsBeyondTheBudgetWithTheDiskTierAndReportsBothParts) {
                              " model.n_embd=64 model.n_head=2 model.block_size=32 "
                              "train.batch_size=2 model.n_layer=10 ";
   CommandResult r = RunCommand("timeout -k 5 200 " + common +
-                               "--budget 3MiB --max-params 1.5e6 --steps 2 --disk-path " +
+                               "--budget 3MiB --max-params 1.5e6 --steps 2 --repeat 2 --disk-path " +
                                (tmp / "disk"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const nlohmann::json j = LastJsonLine(r.output);
@@ -192,6 +194,15 @@ TEST(BenchMemoryTest, TrainsBeyondTheBudgetWithTheDiskTierAndReportsBothParts) {
   }
   EXPECT_NEAR(j["throughput_ratio"].get<double>(),
               j["tokens_per_s_offload"].get<double>() / j["tokens_per_s_ram"].get<double>(), 1e-9);
+  // Part (b) ran twice: the ratio is the median of the two (the lower middle one), with the
+  // spread beside it.
+  ASSERT_EQ(j["b_throughput_ratios"].size(), 2u) << j.dump();
+  const double r0 = j["b_throughput_ratios"][0].get<double>(),
+               r1 = j["b_throughput_ratios"][1].get<double>();
+  EXPECT_DOUBLE_EQ(j["b_throughput_ratio_min"].get<double>(), std::min(r0, r1));
+  EXPECT_DOUBLE_EQ(j["b_throughput_ratio_max"].get<double>(), std::max(r0, r1));
+  EXPECT_DOUBLE_EQ(j["b_throughput_ratio"].get<double>(), std::min(r0, r1));
+  EXPECT_EQ(j["b_repeat"].get<int64_t>(), 2);
   // Part (b): the config's 10 layers, states 4x the budget, both runs.
   EXPECT_EQ(j["b_params"].get<int64_t>(), TinyGptParams(10));
   EXPECT_NEAR(j["b_states_over_budget"].get<double>(), 4.0, 0.04);
