@@ -26,14 +26,14 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_runs.h"
+#include "bench/benches.h"
 #include "common/file_util.h"
 #include "common/progress.h"
 #include "common/status.h"
-#include "launch/bench_runs.h"
-#include "launch/subcommands.h"
 #include "runtime/config.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 namespace {
 
 // fp32 parameter, gradient and the two AdamW moments.
@@ -387,7 +387,7 @@ absl::Status RunBenchMemory(const MemoryBenchOptions& o) {
 
 }  // namespace
 
-int BenchMemoryMain(int argc, char** argv) {
+int MemoryBenchMain(int argc, char** argv, const BenchHost& host) {
   CLI::App app{
       "Training with the model states beyond a host RAM budget, paged to a disk tier, against "
       "all in RAM: (a) the largest model each way, (b) the config's model with states --over "
@@ -410,7 +410,7 @@ int BenchMemoryMain(int argc, char** argv) {
   app.add_option("--part", o.part, "a, b or both")->capture_default_str();
   app.add_option("--keep", o.keep,
                  "Keep the runs' folders here, and the disk tier's folder after the runs");
-  return ParseAndRun(app, argc, argv, [&] { return RunBenchMemory(o); });
+  return ParseAndRun(app, argc, argv, host, [&] { return RunBenchMemory(o); });
 }
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench
