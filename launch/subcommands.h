@@ -1,6 +1,6 @@
-// Subcommands with their own argument parsing, dispatched from main() before the training CLI.
-// Each takes argv starting at its own name and returns the process exit code (0 ok, 2 bad input
-// or usage, 1 anything else).
+// The subcommands of `shoal` that launch/ owns, as main.cc's table dispatches them (the benchmarks
+// are bench/'s, bench/benches.h). Each takes argv starting at its own name, parses its own flags
+// and returns the process exit code (0 ok, 2 bad input or usage, 1 anything else; exit_code.h).
 #ifndef SHOAL_LAUNCH_SUBCOMMANDS_H_
 #define SHOAL_LAUNCH_SUBCOMMANDS_H_
 
@@ -11,34 +11,19 @@ namespace shoal::launch {
 int CoordinatorMain(int argc, char** argv);
 // shoal status --coordinator HOST:PORT [--json] [--token-file F] [--tls-ca F]
 int StatusMain(int argc, char** argv);
-// shoal bench coordinator [--max-devices N] [--heartbeat-seconds S]   (argv starts at "coordinator")
-int BenchCoordinatorMain(int argc, char** argv);
 // shoal simulate --devices FILE [--churn RATE] [--steps N] [--seed S] [--json]
 int SimulateMain(int argc, char** argv);
 // shoal profile [--throttle F] [--refresh] [--disk-path P] [--json]: this machine's device profile
 int ProfileMain(int argc, char** argv);
-// shoal bench split --config FILE --throttle F [--stages K] [--micro-batches M] [--set ...]
-// (argv starts at "split"): the solver's uneven split vs the uniform one on measured block times
-int BenchSplitMain(int argc, char** argv);
-// shoal bench hetero --config FILE [--throttle F] [--micro-batches M] [--steps N] [--set ...]
-// (argv starts at "hetero"): a real 2-stage pipeline on two ranks, rank 1 slowed down, with the
-// solver's split vs the uniform one; final JSON line with `ratio`
-int BenchHeteroMain(int argc, char** argv);
-// shoal bench pipeline [--stages 2,4] [--micro-batches 8] [--schedule 1f1b|gpipe|both]
-//                      [--forward-ms 20] [--backward-ms 40] [--work sleep|gemm] [--steps 5]
-// (argv starts at "pipeline"): the pipeline executor's measured bubble against theory, per
-// schedule and stage count, on stages of fixed time; a table and a final JSON line
-int BenchPipelineMain(int argc, char** argv);
-// shoal bench demo --config FILE [--ranks 2] [--steps N] [--demo-lr X] [--adamw-lr X] [--set ...]
-// (argv starts at "demo"): AdamW + all-reduce against DeMo on real ranks, same steps: bytes on
-// the wire per step and final validation loss; a table and a JSON line with `bytes_ratio`
-int BenchDemoMain(int argc, char** argv);
-// shoal bench memory --config FILE [--budget 1GiB] [--disk-path DIR] [--steps 3] [--max-params N]
-//                    [--over 4] [--part a|b|both] [--keep DIR] [--set ...]
-// (argv starts at "memory"): training with the model states paged to a disk tier under a host
-// budget against all in RAM; a table on stderr and a JSON line with `states_over_budget`,
-// `throughput_ratio`
-int BenchMemoryMain(int argc, char** argv);
+
+// shoal train --config FILE [--set section.key=value ...] [--resume] [--stop-after N]
+//             [--throttle F [--throttle-rank R]] [--coordinator HOST:PORT
+//             [--coordinator-token-file F] [--coordinator-ca F] [--coordinator-timeout S]]
+int TrainMain(int argc, char** argv);
+// shoal bench train --config FILE [--steps N] [--threads T] [--throttle F] [--throttle-rank R]
+//                   [--set ...] (argv starts at "train"): the trainer in bench mode, 3 warm-up
+// steps then N timed ones; rank 0 prints one JSON line (tokens_per_s, mfu, step_time_ms, ...).
+int BenchTrainMain(int argc, char** argv);
 
 }  // namespace shoal::launch
 

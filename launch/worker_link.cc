@@ -11,12 +11,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "comm/coordinator_client.h"
+#include "common/auth_token.h"
 #include "common/logging.h"
 #include "common/process_memory.h"
 #include "common/status.h"
 #include "runtime/profiler.h"
-#include "scheduler/coordinator_service.h"
-#include "scheduler/validate.h"
 
 namespace shoal::launch {
 namespace {
@@ -231,7 +230,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   co.tls_ca_file = options.tls_ca_file;
   co.timeout = std::min(absl::Seconds(10), options.timeout);
   if (!options.token_file.empty()) {
-    SHOAL_ASSIGN_OR_RETURN(co.token, scheduler::ReadTokenFile(options.token_file));
+    SHOAL_ASSIGN_OR_RETURN(co.token, ReadTokenFile(options.token_file));
   }
   {
     auto client = comm::CoordinatorClient::Connect(co);
@@ -316,7 +315,7 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   // 4. Join. The stable name "rank<N>" reads well in `shoal status`; if a previous incarnation
   // of this rank still holds it (crashed, lease not yet expired), a unique name instead.
   v1::JoinRequest join;
-  join.set_protocol_version(scheduler::kProtocolVersion);
+  join.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
   *join.mutable_device() = impl->profile;
   *join.mutable_job() = JobSpecFor(config, env.world_size);
   join.set_mesh_rank(env.rank);

@@ -24,10 +24,6 @@ struct CoordinatorServerOptions {
   const Clock* clock = nullptr;        // null: the system clock
 };
 
-// Reads a token file: the first line, whitespace trimmed. kInvalidArgument naming the file if it
-// is empty, longer than 4 KB or holds non-printable bytes; kNotFound if it cannot be read.
-absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
-
 class CoordinatorServer {
  public:
   // kInvalidArgument for a bad address or half a TLS pair (named), kNotFound/kInvalidArgument

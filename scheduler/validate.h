@@ -13,7 +13,7 @@
 namespace shoal::scheduler {
 
 // Version of the protocol in proto/coordinator.proto that this build speaks.
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = v1::PROTOCOL_VERSION_CURRENT;
 
 // Limits on what a peer may claim. Beyond them a value is an error, not a device.
 struct ValidationLimits {

@@ -6,8 +6,7 @@
 //   - against a coordinator server started in this process (a real gRPC server on 127.0.0.1): a
 //     wrong token fails fast with exit 2, a drained worker checkpoints and exits 0, an
 //     unreachable coordinator fails within --coordinator-timeout, TLS works with the
-//     coordinator's CA (and plaintext against it does not);
-//   - `shoal bench split`: the solver's uneven split beats the uniform one on measured times.
+//     coordinator's CA (and plaintext against it does not).
 // Every command runs under `timeout`, so nothing here can hang the suite.
 #include <signal.h>
 #include <sys/wait.h>
@@ -537,37 +536,6 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
   s = launch::CheckAssignment(a, 4, 12);
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(std::string(s.message()), "not enough memory")) << s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// `shoal bench split`
-
-TEST(BenchSplitTest, UnevenSplitBeatsUniformOnMeasuredTimes) {
-  ::setenv("OMP_WAIT_POLICY", "passive", 1);
-  // 8 blocks, a fast device (throttle 1) and a slow one (throttle 3: a 3:1 split is about twice
-  // as fast as 4:4, a margin no load noise closes). One BLAS thread keeps the
-  // block times steady on a shared 2-core machine.
-  CommandResult r = RunCommand(
-      "timeout -k 5 180 " + std::string(SHOAL_BINARY) + " bench split --config " +
-      SHOAL_SOURCE_DIR + "/configs/tiny.toml --throttle 3 --set model.n_layer=8 " +
-      "train.batch_size=8 train.blas_threads=1 --reps 3 --refresh --profile-seconds 1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
-  const nlohmann::json j = LastJsonLine(r.output);
-  ASSERT_TRUE(j.is_object()) << r.output;
-  const auto uneven = j["uneven_split"].get<std::vector<int>>();
-  const auto uniform = j["uniform_split"].get<std::vector<int>>();
-  ASSERT_EQ(uneven.size(), 2u);
-  EXPECT_EQ(uniform, (std::vector<int>{4, 4}));
-  EXPECT_EQ(uneven[0] + uneven[1], 8);
-  // Stage 0 runs on the fast device: it gets more blocks.
-  EXPECT_GT(uneven[0], uneven[1]) << r.output;
-  // The throttle shows in what was measured: the slow device's profile and its blocks.
-  EXPECT_GT(j["fast_gflops"].get<double>(), j["slow_gflops"].get<double>()) << r.output;
-  EXPECT_GT(j["measured_block_s_slow"].get<double>(), j["measured_block_s_fast"].get<double>());
-  // And the uneven split is faster on the measured times.
-  EXPECT_GT(j["ratio"].get<double>(), 1.0) << r.output;
-  EXPECT_LT(j["measured_step_s_uneven"].get<double>(), j["measured_step_s_uniform"].get<double>());
-  EXPECT_GT(j["predicted_step_s_uneven"].get<double>(), 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -372,19 +372,6 @@ TEST(ServiceTest, BusyPortIsUnavailable) {
   EXPECT_EQ(CoordinatorServer::Start(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-TEST(ServiceTest, TokenFileIsCheckedAndTrimmed) {
-  TempDir dir;
-  shoal::testing::WriteTextFile(dir / "t", "  abc123  \nsecond line\n");
-  auto t = ReadTokenFile(dir / "t");
-  ASSERT_TRUE(t.ok()) << t.status();
-  EXPECT_EQ(*t, "abc123");
-  shoal::testing::WriteTextFile(dir / "empty", "\n");
-  EXPECT_EQ(ReadTokenFile(dir / "empty").status().code(), absl::StatusCode::kInvalidArgument);
-  shoal::testing::WriteTextFile(dir / "bin", std::string("ab\x01", 3));
-  EXPECT_EQ(ReadTokenFile(dir / "bin").status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ReadTokenFile(dir / "none").status().code(), absl::StatusCode::kNotFound);
-}
-
 // `shoal coordinator` as a child process, stopped with SIGTERM.
 class CoordinatorProcess {
  public:

@@ -4,7 +4,7 @@
 //
 // SHOAL_COMM_BENCH_MAX_BYTES / _ITERATIONS / _LOOPBACK_BYTES make it a real measurement:
 //   SHOAL_COMM_BENCH_MAX_BYTES=268435456 ./comm_bench_test --gtest_filter=*Gloo* (prints rank 0)
-#include "comm/comm_bench.h"
+#include "bench/comm_bench.h"
 
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
@@ -22,7 +22,7 @@
 #include "tests/comm/rank_launcher.h"
 #include "tests/test_util.h"
 
-namespace shoal::comm {
+namespace shoal::bench {
 namespace {
 
 using ::shoal::testing::EnvInt;
@@ -100,18 +100,18 @@ TEST(CommBenchTest, BadSizesAreInvalidArgument) {
 }
 
 }  // namespace
-}  // namespace shoal::comm
+}  // namespace shoal::bench
 
 int main(int argc, char** argv) {
   if (::shoal::testing::IsRankProcess()) {
-    return shoal::comm::RunRank("gloo", shoal::testing::EnvInt(shoal::testing::kRankEnv, 0), 2);
+    return shoal::bench::RunRank("gloo", shoal::testing::EnvInt(shoal::testing::kRankEnv, 0), 2);
   }
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--mpi") == 0) {
       const int rank = shoal::testing::EnvInt("OMPI_COMM_WORLD_RANK", -1);
       const int world = shoal::testing::EnvInt("OMPI_COMM_WORLD_SIZE", -1);
       if (rank < 0) return 2;
-      return shoal::comm::RunRank("mpi", rank, world);
+      return shoal::bench::RunRank("mpi", rank, world);
     }
   }
   ::testing::InitGoogleTest(&argc, argv);

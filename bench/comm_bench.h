@@ -14,8 +14,8 @@
 //   - a final line of JSON with all of it ({"bench":"comm", ...}).
 // Blocks until done. Errors: CreateBackend's, a failed collective's, kUnavailable for a socket
 // failure of the loopback measurement, kInvalidArgument for bad sizes.
-#ifndef SHOAL_COMM_COMM_BENCH_H_
-#define SHOAL_COMM_COMM_BENCH_H_
+#ifndef SHOAL_BENCH_COMM_BENCH_H_
+#define SHOAL_BENCH_COMM_BENCH_H_
 
 #include <cstdint>
 #include <memory>
@@ -26,7 +26,7 @@
 #include "absl/time/time.h"
 #include "comm/store.h"
 
-namespace shoal::comm {
+namespace shoal::bench {
 
 struct CommBenchOptions {
   std::string backend = "gloo";         // "gloo", "mpi" or "nccl"
@@ -36,8 +36,8 @@ struct CommBenchOptions {
   // connect. Ignored by mpi, and when `store` is given.
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
-  std::shared_ptr<Store> store;         // optional: rendezvous through this store instead
-  std::string gloo_hostname;            // BackendOptions::gloo_hostname
+  std::shared_ptr<comm::Store> store;   // optional: rendezvous through this store instead
+  std::string gloo_hostname;            // comm::BackendOptions::gloo_hostname
   absl::Duration timeout = absl::Seconds(120);  // rendezvous and per-operation timeout
   int64_t min_bytes = int64_t{4} << 10;   // first message size (bytes, a multiple of 4)
   int64_t max_bytes = int64_t{256} << 20; // last message size
@@ -49,6 +49,6 @@ struct CommBenchOptions {
 
 absl::Status RunCommBench(const CommBenchOptions& options);
 
-}  // namespace shoal::comm
+}  // namespace shoal::bench
 
-#endif  // SHOAL_COMM_COMM_BENCH_H_
+#endif  // SHOAL_BENCH_COMM_BENCH_H_

@@ -1,6 +1,7 @@
-// Running benchmark child processes and reading their result line.
-#ifndef SHOAL_LAUNCH_BENCH_RUNS_H_
-#define SHOAL_LAUNCH_BENCH_RUNS_H_
+// Helpers the benchmarks share: running child processes (`shoal bench train`, `shoal run ...`)
+// and reading their result line, and parsing a benchmark's flags into an exit code.
+#ifndef SHOAL_BENCH_BENCH_RUNS_H_
+#define SHOAL_BENCH_BENCH_RUNS_H_
 
 #include <functional>
 #include <string>
@@ -10,8 +11,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "bench/bench_main.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 
 // Runs `command` (through /bin/sh, stderr merged into stdout), echoing every line to stderr and
 // handing it to `on_line` when given; an error naming the command when it exits non-zero.
@@ -23,14 +25,14 @@ absl::Status RunEchoing(const std::string& command,
 // or an error naming the command when it fails or prints none.
 absl::StatusOr<nlohmann::json> RunForJson(const std::string& command);
 
-// Prints "shoal: error: <message>" and returns the exit code for `status`: 2 for the user's
-// mistakes (invalid argument, not found, failed precondition), 1 otherwise.
-int ExitCode(const absl::Status& status);
+// Prints "shoal: error: <message>" and returns host.exit_code(status).
+int ReportFailure(const BenchHost& host, const absl::Status& status);
 
 // Parses `argv` into `app` (exit 2 on a usage error, 0 for --help), then runs `run` and turns
-// its status into the exit code.
-int ParseAndRun(CLI::App& app, int argc, char** argv, const std::function<absl::Status()>& run);
+// its status into the exit code (ReportFailure).
+int ParseAndRun(CLI::App& app, int argc, char** argv, const BenchHost& host,
+                const std::function<absl::Status()>& run);
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench
 
-#endif  // SHOAL_LAUNCH_BENCH_RUNS_H_
+#endif  // SHOAL_BENCH_BENCH_RUNS_H_

@@ -6,7 +6,7 @@
 // (`shoal run --standalone --nproc-per-node p -- bench pipeline --inside ...`), reads back the
 // cases rank 0 prints (one marked JSON line each), and prints one table and a final JSON line for
 // all of them. Inside (--inside), a rank joins a Gloo group over the launcher's environment and
-// runs parallel::RunPipelineBench. A single stage needs no group and runs in this process.
+// runs RunPipelineBench. A single stage needs no group and runs in this process.
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -26,15 +26,15 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_main.h"
 #include "comm/backend.h"
 #include "comm/store.h"
 #include "common/file_util.h"
 #include "common/status.h"
-#include "launch/env.h"
-#include "launch/subcommands.h"
-#include "parallel/pipeline_bench.h"
+#include "bench/benches.h"
+#include "bench/pipeline_bench.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 namespace {
 
 // Rank 0 prints each case after this marker; the outer process picks those lines out of the
@@ -59,9 +59,9 @@ int UsageError(const std::string& message) {
   return 2;
 }
 
-int Failure(const absl::Status& status) {
+int Failure(const BenchHost& host, const absl::Status& status) {
   std::fprintf(stderr, "shoal bench pipeline: error: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  return host.exit_code(status);
 }
 
 // "2,4" -> {2, 4}; kInvalidArgument naming --stages for anything else.
@@ -98,8 +98,8 @@ absl::StatusOr<parallel::ScheduleKind> ScheduleFromFlagName(const std::string& n
 }
 
 // The flags as benchmark options, each checked: kInvalidArgument names the flag.
-absl::StatusOr<parallel::PipelineBenchOptions> ToOptions(const Flags& f) {
-  parallel::PipelineBenchOptions o;
+absl::StatusOr<PipelineBenchOptions> ToOptions(const Flags& f) {
+  PipelineBenchOptions o;
   if (f.schedule == "1f1b") {
     o.schedules = {parallel::ScheduleKind::k1F1B};
   } else if (f.schedule == "gpipe") {
@@ -123,9 +123,9 @@ absl::StatusOr<parallel::PipelineBenchOptions> ToOptions(const Flags& f) {
   }
   o.virtual_stages = f.virtual_stages;
   if (f.work == "sleep") {
-    o.work = parallel::PipelineBenchWork::kSleep;
+    o.work = PipelineBenchWork::kSleep;
   } else if (f.work == "gemm") {
-    o.work = parallel::PipelineBenchWork::kGemm;
+    o.work = PipelineBenchWork::kGemm;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("--work must be sleep or gemm, got \"", f.work, "\""));
@@ -148,18 +148,18 @@ absl::StatusOr<parallel::PipelineBenchOptions> ToOptions(const Flags& f) {
   o.steps = f.steps;
   o.forward_ms = f.forward_ms;
   o.backward_ms = f.backward_ms;
-  SHOAL_RETURN_IF_ERROR(parallel::ValidatePipelineBenchOptions(o));
+  SHOAL_RETURN_IF_ERROR(ValidatePipelineBenchOptions(o));
   return o;
 }
 
 // Every transfer and collective may wait about one step (a rank idles through the bubble); give
 // that plenty of room on a loaded machine.
-absl::Duration TransferTimeout(const parallel::PipelineBenchOptions& o, int stages) {
+absl::Duration TransferTimeout(const PipelineBenchOptions& o, int stages) {
   const double step_ms = (o.micro_batches + stages - 1) * (o.forward_ms + o.backward_ms);
   return absl::Seconds(60) + absl::Milliseconds(4 * step_ms);
 }
 
-nlohmann::json CaseToJson(const parallel::PipelineBenchCase& c) {
+nlohmann::json CaseToJson(const PipelineBenchCase& c) {
   return {{"schedule", ScheduleFlagName(c.schedule)},
           {"stages", c.stages},
           {"virtual_stages", c.virtual_stages},
@@ -172,9 +172,9 @@ nlohmann::json CaseToJson(const parallel::PipelineBenchCase& c) {
           {"peak_bound", c.peak_bound}};
 }
 
-absl::StatusOr<parallel::PipelineBenchCase> CaseFromJson(const nlohmann::json& j) {
+absl::StatusOr<PipelineBenchCase> CaseFromJson(const nlohmann::json& j) {
   try {
-    parallel::PipelineBenchCase c;
+    PipelineBenchCase c;
     SHOAL_ASSIGN_OR_RETURN(c.schedule, ScheduleFromFlagName(j.at("schedule").get<std::string>()));
     c.stages = j.at("stages").get<int>();
     c.virtual_stages = j.at("virtual_stages").get<int>();
@@ -192,14 +192,14 @@ absl::StatusOr<parallel::PipelineBenchCase> CaseFromJson(const nlohmann::json& j
 }
 
 // Inside one rank of a `shoal run` group: join the group, run, rank 0 prints the cases.
-absl::Status RunInside(const parallel::PipelineBenchOptions& options, int stages) {
-  SHOAL_ASSIGN_OR_RETURN(DistributedEnv env, DetectDistributedEnv());
+absl::Status RunInside(const BenchHost& host, const PipelineBenchOptions& options, int stages) {
+  SHOAL_ASSIGN_OR_RETURN(RankEnv env, host.detect_rank());
   if (env.world_size != stages) {
     return absl::InvalidArgumentError(absl::StrCat("--stages ", stages, " with --inside needs ",
                                                    stages, " ranks, but this job has ",
                                                    env.world_size));
   }
-  parallel::PipelineBenchOptions o = options;
+  PipelineBenchOptions o = options;
   o.transfer.timeout = TransferTimeout(o, stages);
   comm::TcpStoreOptions so;
   so.host = env.master_addr;
@@ -219,10 +219,10 @@ absl::Status RunInside(const parallel::PipelineBenchOptions& options, int stages
     bo.gloo_hostname = "127.0.0.1";
   }
   SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::Backend> group, comm::CreateBackend(bo));
-  SHOAL_ASSIGN_OR_RETURN(std::vector<parallel::PipelineBenchCase> cases,
-                         parallel::RunPipelineBench(group.get(), o));
+  SHOAL_ASSIGN_OR_RETURN(std::vector<PipelineBenchCase> cases,
+                         RunPipelineBench(group.get(), o));
   if (env.rank == 0) {
-    for (const parallel::PipelineBenchCase& c : cases) {
+    for (const PipelineBenchCase& c : cases) {
       std::printf("%s%s\n", kCaseMarker, CaseToJson(c).dump().c_str());
     }
     std::fflush(stdout);
@@ -232,7 +232,7 @@ absl::Status RunInside(const parallel::PipelineBenchOptions& options, int stages
 
 // Starts `stages` ranks of this binary and collects rank 0's cases; the ranks' other output
 // goes to stderr.
-absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f, int stages) {
+absl::StatusOr<std::vector<PipelineBenchCase>> RunRanks(const Flags& f, int stages) {
   const std::string command = absl::StrCat(
       "'", SelfExecutablePath(), "' run --standalone --nproc-per-node ", stages,
       " -- bench pipeline --inside --stages ", stages, " --micro-batches ", f.micro_batches,
@@ -241,7 +241,7 @@ absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f
       " --steps ", f.steps, " 2>&1");
   FILE* p = ::popen(command.c_str(), "r");
   if (p == nullptr) return absl::InternalError("cannot run: " + command);
-  std::vector<parallel::PipelineBenchCase> cases;
+  std::vector<PipelineBenchCase> cases;
   absl::Status parse_status;
   char buf[8192];
   while (std::fgets(buf, sizeof(buf), p) != nullptr) {
@@ -253,7 +253,7 @@ absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f
     }
     const auto j = nlohmann::json::parse(line.substr(at + sizeof(kCaseMarker) - 1), nullptr,
                                          /*allow_exceptions=*/false);
-    absl::StatusOr<parallel::PipelineBenchCase> c =
+    absl::StatusOr<PipelineBenchCase> c =
         j.is_object() ? CaseFromJson(j)
                       : absl::InternalError(absl::StrCat("unparsable case line: ", line));
     if (c.ok()) {
@@ -274,7 +274,7 @@ absl::StatusOr<std::vector<parallel::PipelineBenchCase>> RunRanks(const Flags& f
 
 }  // namespace
 
-int BenchPipelineMain(int argc, char** argv) {
+int PipelineBenchMain(int argc, char** argv, const BenchHost& host) {
   CLI::App app{
       "The pipeline executor on stages of fixed forward / backward time: measured bubble vs "
       "theory (p - 1) / (m + p - 1), or (p - 1) / (v m + p - 1) interleaved, per schedule and "
@@ -310,31 +310,31 @@ int BenchPipelineMain(int argc, char** argv) {
   }
   absl::StatusOr<std::vector<int>> stages = ParseStages(f.stages);
   if (!stages.ok()) return UsageError(std::string(stages.status().message()));
-  absl::StatusOr<parallel::PipelineBenchOptions> options = ToOptions(f);
+  absl::StatusOr<PipelineBenchOptions> options = ToOptions(f);
   if (!options.ok()) return UsageError(std::string(options.status().message()));
   // Refuse a stage count the interleaved schedule cannot use before starting any ranks.
   for (int p : *stages) {
-    const absl::Status s = parallel::CheckPipelineBenchStages(*options, p);
+    const absl::Status s = CheckPipelineBenchStages(*options, p);
     if (!s.ok()) return UsageError(absl::StrCat("--stages ", p, ": ", s.message()));
   }
 
   if (f.inside) {
     if (stages->size() != 1) return UsageError("--inside takes a single --stages value");
-    const absl::Status s = RunInside(*options, stages->front());
-    return s.ok() ? 0 : Failure(s);
+    const absl::Status s = RunInside(host, *options, stages->front());
+    return s.ok() ? 0 : Failure(host, s);
   }
 
-  std::vector<parallel::PipelineBenchCase> all;
+  std::vector<PipelineBenchCase> all;
   for (int p : *stages) {
-    absl::StatusOr<std::vector<parallel::PipelineBenchCase>> cases;
+    absl::StatusOr<std::vector<PipelineBenchCase>> cases;
     if (p == 1) {
-      parallel::PipelineBenchOptions o = *options;
+      PipelineBenchOptions o = *options;
       o.transfer.timeout = TransferTimeout(o, 1);
-      cases = parallel::RunPipelineBench(nullptr, o);
+      cases = RunPipelineBench(nullptr, o);
     } else {
       cases = RunRanks(f, p);
     }
-    if (!cases.ok()) return Failure(cases.status());
+    if (!cases.ok()) return Failure(host, cases.status());
     all.insert(all.end(), cases->begin(), cases->end());
   }
   std::printf("bench pipeline: %s work, forward %g ms + backward %g ms per micro-batch and rank "
@@ -342,16 +342,16 @@ int BenchPipelineMain(int argc, char** argv) {
               "%d timed steps (after 1 warm-up), activations of %s floats\n",
               f.work.c_str(), f.forward_ms, f.backward_ms, f.steps,
               absl::StrJoin(options->activation_shape, "x").c_str());
-  std::printf("%s", parallel::FormatPipelineBenchTable(all).c_str());
+  std::printf("%s", FormatPipelineBenchTable(all).c_str());
   nlohmann::json j = {{"bench", "pipeline"},
                       {"work", f.work},
                       {"forward_ms", f.forward_ms},
                       {"backward_ms", f.backward_ms},
                       {"steps", f.steps},
                       {"cases", nlohmann::json::array()}};
-  for (const parallel::PipelineBenchCase& c : all) j["cases"].push_back(CaseToJson(c));
+  for (const PipelineBenchCase& c : all) j["cases"].push_back(CaseToJson(c));
   std::cout << j.dump() << std::endl;
   return 0;
 }
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench

@@ -1,11 +1,11 @@
-#include "launch/bench_runs.h"
+#include "bench/bench_runs.h"
 
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 
 absl::Status RunEchoing(const std::string& command,
                         const std::function<void(const std::string& line)>& on_line) {
@@ -37,22 +37,20 @@ absl::StatusOr<nlohmann::json> RunForJson(const std::string& command) {
   return last;
 }
 
-int ExitCode(const absl::Status& status) {
+int ReportFailure(const BenchHost& host, const absl::Status& status) {
   std::fprintf(stderr, "shoal: error: %s\n", std::string(status.message()).c_str());
-  const bool user_error = status.code() == absl::StatusCode::kInvalidArgument ||
-                          status.code() == absl::StatusCode::kNotFound ||
-                          status.code() == absl::StatusCode::kFailedPrecondition;
-  return user_error ? 2 : 1;
+  return host.exit_code(status);
 }
 
-int ParseAndRun(CLI::App& app, int argc, char** argv, const std::function<absl::Status()>& run) {
+int ParseAndRun(CLI::App& app, int argc, char** argv, const BenchHost& host,
+                const std::function<absl::Status()>& run) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;  // CLI11's parse errors are usage errors; --help is 0
   }
   const absl::Status s = run();
-  return s.ok() ? 0 : ExitCode(s);
+  return s.ok() ? 0 : ReportFailure(host, s);
 }
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench

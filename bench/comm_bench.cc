@@ -1,4 +1,4 @@
-#include "comm/comm_bench.h"
+#include "bench/comm_bench.h"
 
 #include <ATen/ATen.h>
 #include <arpa/inet.h>
@@ -6,10 +6,12 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <iostream>
@@ -18,14 +20,29 @@
 #include <thread>
 #include <vector>
 
+#include <CLI/CLI.hpp>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/bench_runs.h"
 #include "comm/backend.h"
+#include "comm/store.h"
+#include "common/file_util.h"
 #include "common/status.h"
 
-namespace shoal::comm {
+namespace shoal::bench {
 namespace {
+
+using ::shoal::comm::Backend;
+using ::shoal::comm::BackendOptions;
+using ::shoal::comm::CreateBackend;
+using ::shoal::comm::MakePrefixStore;
+using ::shoal::comm::MakeTcpStore;
+using ::shoal::comm::ReduceOp;
+using ::shoal::comm::Store;
+using ::shoal::comm::TcpStoreOptions;
+using ::shoal::comm::Work;
 
 // ---- Raw TCP over 127.0.0.1: the yardstick for what a backend gets out of the loopback. ----
 
@@ -321,4 +338,60 @@ absl::Status RunCommBench(const CommBenchOptions& options) {
   return Sweep(*backend, options, options.out != nullptr ? *options.out : std::cout);
 }
 
-}  // namespace shoal::comm
+}  // namespace shoal::bench
+
+namespace shoal::bench {
+
+// `shoal bench comm`: inside a rank, run the benchmark; outside, start the ranks first.
+int CommBenchMain(int argc, char** argv, const BenchHost& host) {
+  CLI::App app{"All-reduce time and bus bandwidth, 4 KB .. 256 MB, beside raw loopback TCP"};
+  app.name("shoal bench comm");
+  std::string backend = "gloo";
+  int ranks = 2;
+  int64_t max_mb = 256;
+  int iterations = 10;
+  app.add_option("--backend", backend, "gloo or mpi")
+      ->check(CLI::IsMember({"gloo", "mpi", "nccl"}))
+      ->capture_default_str();
+  app.add_option("--ranks", ranks, "Ranks to start (when not already in a job)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-mb", max_mb, "Largest message (MB)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--iterations", iterations, "Timed all-reduces per size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  absl::StatusOr<RankEnv> env = host.detect_rank();
+  if (!env.ok()) return ReportFailure(host, env.status());
+  if (env->world_size == 1 && ranks > 1) {
+    // Every rank runs this same command line and finds itself inside the job.
+    std::string args = " 'bench'";
+    for (int i = 0; i < argc; ++i) args += std::string(" '") + argv[i] + "'";
+    const std::string self = SelfExecutablePath();
+    const std::string cmd =
+        backend == "mpi"
+            ? absl::StrCat("mpirun --allow-run-as-root --oversubscribe -np ", ranks, " ", self,
+                           args)
+            : absl::StrCat(self, " run --standalone --nproc-per-node ", ranks, " --", args);
+    const int status = std::system(cmd.c_str());
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+  }
+  CommBenchOptions o;
+  o.backend = backend;
+  o.rank = env->rank;
+  o.world_size = env->world_size;
+  o.master_addr = env->master_addr;
+  o.master_port = env->master_port;
+  o.max_bytes = max_mb << 20;
+  o.iterations = iterations;
+  const absl::Status s = RunCommBench(o);
+  return s.ok() ? 0 : ReportFailure(host, s);
+}
+
+}  // namespace shoal::bench

@@ -1,4 +1,4 @@
-#include "parallel/pipeline_bench.h"
+#include "bench/pipeline_bench.h"
 
 #include <ATen/ATen.h>
 
@@ -15,8 +15,18 @@
 #include "common/status.h"
 #include "parallel/pipeline_executor.h"
 
-namespace shoal::parallel {
+namespace shoal::bench {
 namespace {
+
+using ::shoal::parallel::BubbleFraction1F1B;
+using ::shoal::parallel::MakeSchedule;
+using ::shoal::parallel::PeakInFlightBound;
+using ::shoal::parallel::PipelineExecutor;
+using ::shoal::parallel::PipelineExecutorOptions;
+using ::shoal::parallel::PipelineSchedule;
+using ::shoal::parallel::PipelineStepTiming;
+using ::shoal::parallel::ScheduleKind;
+using ::shoal::parallel::StageCompute;
 
 using Clock = std::chrono::steady_clock;
 
@@ -274,4 +284,4 @@ std::string FormatPipelineBenchTable(const std::vector<PipelineBenchCase>& cases
   return s;
 }
 
-}  // namespace shoal::parallel
+}  // namespace shoal::bench

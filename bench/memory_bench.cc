@@ -28,14 +28,15 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_runs.h"
+#include "bench/benches.h"
 #include "common/file_util.h"
+#include "common/gpt_arithmetic.h"
 #include "common/progress.h"
 #include "common/status.h"
-#include "launch/bench_runs.h"
-#include "launch/subcommands.h"
 #include "runtime/config.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 namespace {
 
 // fp32 parameter, gradient and the two AdamW moments.
@@ -61,13 +62,11 @@ struct MemoryBenchOptions {
   std::string keep;  // keeps the runs' folders and the disk tier; empty: removed after
 };
 
-// The GPT's parameter count from its shape: token and position embeddings, L blocks of
-// 12 C^2 + 13 C (qkv, attention projection, MLP, biases, two layer norms) and the final norm;
-// the output head shares the token embedding.
+// The GPT's parameter count with `n_layer` blocks (common/gpt_arithmetic.h).
 int64_t GptParams(const runtime::ModelConfig& m, int64_t n_layer) {
-  const int64_t c = m.n_embd;
-  return static_cast<int64_t>(m.vocab_size) * c + static_cast<int64_t>(m.block_size) * c +
-         n_layer * (12 * c * c + 13 * c) + 2 * c;
+  GptShape shape = runtime::ShapeOf(m);
+  shape.n_layer = n_layer;
+  return GptParameters(shape);
 }
 
 // The largest n_layer >= 1 with GptParams(n_layer) <= max_params, or 0 when none.
@@ -434,7 +433,7 @@ absl::Status RunBenchMemory(const MemoryBenchOptions& o) {
 
 }  // namespace
 
-int BenchMemoryMain(int argc, char** argv) {
+int MemoryBenchMain(int argc, char** argv, const BenchHost& host) {
   CLI::App app{
       "Training with the model states beyond a host RAM budget, paged to a disk tier, against "
       "all in RAM: (a) the largest model each way, (b) the config's model with states --over "
@@ -461,7 +460,7 @@ int BenchMemoryMain(int argc, char** argv) {
   app.add_option("--part", o.part, "a, b or both")->capture_default_str();
   app.add_option("--keep", o.keep,
                  "Keep the runs' folders here, and the disk tier's folder after the runs");
-  return ParseAndRun(app, argc, argv, [&] { return RunBenchMemory(o); });
+  return ParseAndRun(app, argc, argv, host, [&] { return RunBenchMemory(o); });
 }
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench

@@ -12,14 +12,14 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_runs.h"
+#include "bench/benches.h"
 #include "common/file_util.h"
 #include "common/progress.h"
 #include "common/status.h"
-#include "launch/bench_runs.h"
-#include "launch/subcommands.h"
 #include "runtime/config.h"
 
-namespace shoal::launch {
+namespace shoal::bench {
 namespace {
 
 struct DemoBenchOptions {
@@ -163,7 +163,7 @@ absl::Status RunBenchDemo(const DemoBenchOptions& o) {
 
 }  // namespace
 
-int BenchDemoMain(int argc, char** argv) {
+int DemoBenchMain(int argc, char** argv, const BenchHost& host) {
   CLI::App app{
       "The same training with AdamW over an fp32 gradient all-reduce and with DeMo, on real "
       "ranks: bytes on the wire per step and validation loss at the end; a table and a JSON line"};
@@ -177,7 +177,7 @@ int BenchDemoMain(int argc, char** argv) {
   app.add_option("--adamw-lr", o.adamw_lr, "AdamW's peak learning rate (default: optim.lr)");
   app.add_option("--demo-lr", o.demo_lr, "DeMo's peak learning rate (default: 2 x optim.lr)");
   app.add_option("--keep", o.keep, "Keep both runs (logs, metrics, checkpoints) in this folder");
-  return ParseAndRun(app, argc, argv, [&] { return RunBenchDemo(o); });
+  return ParseAndRun(app, argc, argv, host, [&] { return RunBenchDemo(o); });
 }
 
-}  // namespace shoal::launch
+}  // namespace shoal::bench

@@ -18,8 +18,8 @@
 // includes the ranks' contention for cores.
 //
 // Blocks for the whole benchmark; not thread-safe.
-#ifndef SHOAL_PARALLEL_PIPELINE_BENCH_H_
-#define SHOAL_PARALLEL_PIPELINE_BENCH_H_
+#ifndef SHOAL_BENCH_PIPELINE_BENCH_H_
+#define SHOAL_BENCH_PIPELINE_BENCH_H_
 
 #include <cstdint>
 #include <string>
@@ -30,12 +30,12 @@
 #include "comm/backend.h"
 #include "parallel/pipeline_schedule.h"
 
-namespace shoal::parallel {
+namespace shoal::bench {
 
 enum class PipelineBenchWork { kSleep, kGemm };
 
 struct PipelineBenchOptions {
-  std::vector<ScheduleKind> schedules = {ScheduleKind::k1F1B};  // run in this order
+  std::vector<parallel::ScheduleKind> schedules = {parallel::ScheduleKind::k1F1B};  // in this order
   int micro_batches = 8;                                        // m, per step
   double forward_ms = 20;   // one micro-batch's forward on one rank (all its chunks together)
   double backward_ms = 40;  // one micro-batch's backward on one rank (all its chunks together)
@@ -59,7 +59,7 @@ absl::Status CheckPipelineBenchStages(const PipelineBenchOptions& options, int s
 
 // One (schedule, stages, m) measurement.
 struct PipelineBenchCase {
-  ScheduleKind schedule = ScheduleKind::k1F1B;
+  parallel::ScheduleKind schedule = parallel::ScheduleKind::k1F1B;
   int stages = 0;
   int micro_batches = 0;
   int virtual_stages = 1;  // chunks per rank: options.virtual_stages if interleaved, else 1
@@ -83,6 +83,6 @@ absl::StatusOr<std::vector<PipelineBenchCase>> RunPipelineBench(
 // The table `shoal bench pipeline` prints: one row per case.
 std::string FormatPipelineBenchTable(const std::vector<PipelineBenchCase>& cases);
 
-}  // namespace shoal::parallel
+}  // namespace shoal::bench
 
-#endif  // SHOAL_PARALLEL_PIPELINE_BENCH_H_
+#endif  // SHOAL_BENCH_PIPELINE_BENCH_H_

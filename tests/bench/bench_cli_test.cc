@@ -2,7 +2,8 @@
 // cost, several real rank processes) and `shoal bench hetero` (two real ranks training a 2-stage
 // pipeline, one throttled). Their figures are machine-dependent and not asserted; what is checked
 // is what does not depend on timing: the JSON line, the schedule theory, the activation slots
-// against the schedule's bound, the solver giving the fast stage more blocks.
+// against the schedule's bound, the solver giving the fast stage more blocks (`bench split` on
+// measured block times, `bench hetero` end to end).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -23,6 +24,27 @@ using testing::RunCommand;
 using testing::TempDir;
 
 using testing::LastJsonLine;
+
+// `shoal bench` itself: one table lists every benchmark and dispatches to it.
+TEST(BenchTableTest, HelpListsEveryBenchAndUnknownNamesAreUsageErrors) {
+  CommandResult r = RunCommand(std::string(SHOAL_BINARY) + " bench --help");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("Usage"), std::string::npos) << r.output;
+  for (const char* name : {"train", "dp", "comm", "split", "pipeline", "hetero", "demo", "memory",
+                           "coordinator"}) {
+    EXPECT_NE(r.output.find(std::string("  ") + name + " "), std::string::npos)
+        << name << "\n" << r.output;
+  }
+  r = RunCommand(std::string(SHOAL_BINARY) + " bench no-such-bench");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no-such-bench"), std::string::npos) << r.output;
+  EXPECT_EQ(RunCommand(std::string(SHOAL_BINARY) + " bench").exit_code, 2);
+  for (const char* name : {"dp", "comm", "split", "hetero", "demo", "memory", "coordinator"}) {
+    r = RunCommand(std::string(SHOAL_BINARY) + " bench " + name + " --help");
+    EXPECT_EQ(r.exit_code, 0) << name << "\n" << r.output;
+    EXPECT_NE(r.output.find(std::string("shoal bench ") + name), std::string::npos) << r.output;
+  }
+}
 
 TEST(BenchPipelineTest, ReportsEveryCaseWithItsTheoryAndSlots) {
   CommandResult r = RunCommand("timeout -k 5 120 " + std::string(SHOAL_BINARY) +
@@ -222,6 +244,34 @@ TEST(BenchMemoryTest, TrainsBeyondTheBudgetWithTheDiskTierAndReportsBothParts) {
   r = RunCommand(common + "--budget 100KiB --part a");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("--budget 100KiB is too small"), std::string::npos) << r.output;
+}
+
+TEST(BenchSplitTest, UnevenSplitBeatsUniformOnMeasuredTimes) {
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  // 8 blocks, a fast device (throttle 1) and a slow one (throttle 3: a 3:1 split is about twice
+  // as fast as 4:4, a margin no load noise closes). One BLAS thread keeps the
+  // block times steady on a shared 2-core machine.
+  CommandResult r = RunCommand(
+      "timeout -k 5 180 " + std::string(SHOAL_BINARY) + " bench split --config " +
+      SHOAL_SOURCE_DIR + "/configs/tiny.toml --throttle 3 --set model.n_layer=8 " +
+      "train.batch_size=8 train.blas_threads=1 --reps 3 --refresh --profile-seconds 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json j = LastJsonLine(r.output);
+  ASSERT_TRUE(j.is_object()) << r.output;
+  const auto uneven = j["uneven_split"].get<std::vector<int>>();
+  const auto uniform = j["uniform_split"].get<std::vector<int>>();
+  ASSERT_EQ(uneven.size(), 2u);
+  EXPECT_EQ(uniform, (std::vector<int>{4, 4}));
+  EXPECT_EQ(uneven[0] + uneven[1], 8);
+  // Stage 0 runs on the fast device: it gets more blocks.
+  EXPECT_GT(uneven[0], uneven[1]) << r.output;
+  // The throttle shows in what was measured: the slow device's profile and its blocks.
+  EXPECT_GT(j["fast_gflops"].get<double>(), j["slow_gflops"].get<double>()) << r.output;
+  EXPECT_GT(j["measured_block_s_slow"].get<double>(), j["measured_block_s_fast"].get<double>());
+  // And the uneven split is faster on the measured times.
+  EXPECT_GT(j["ratio"].get<double>(), 1.0) << r.output;
+  EXPECT_LT(j["measured_step_s_uneven"].get<double>(), j["measured_step_s_uniform"].get<double>());
+  EXPECT_GT(j["predicted_step_s_uneven"].get<double>(), 0);
 }
 
 }  // namespace

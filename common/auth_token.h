@@ -1,0 +1,22 @@
+// The shared secret a coordinator and its workers authenticate with: a token file holds it, the
+// coordinator (scheduler/coordinator_service.h) compares it, workers and `shoal status`
+// (comm/coordinator_client.h) send it as `authorization: Bearer <token>`. Here, below both sides,
+// so that a worker reads its token without depending on the server. (Not the training data's
+// token files: those are runtime/token_file.h.)
+#ifndef SHOAL_COMMON_AUTH_TOKEN_H_
+#define SHOAL_COMMON_AUTH_TOKEN_H_
+
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace shoal {
+
+// Reads a token file: the first line, whitespace trimmed. kInvalidArgument naming the file if it
+// is empty, longer than 4 KB or holds non-printable bytes (gRPC metadata must be printable
+// ASCII); kNotFound if it cannot be read. Thread-safe.
+absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
+}  // namespace shoal
+
+#endif  // SHOAL_COMMON_AUTH_TOKEN_H_
