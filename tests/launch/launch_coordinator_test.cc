@@ -339,7 +339,8 @@ TEST_F(CoordinatorTest, UnevenReplicasTakeUnevenSharesOfTheSameBatch) {
 }
 
 TEST_F(CoordinatorTest, AJobNoLayoutHoldsFailsAtOnceWithTheSolversReason) {
-  // 8 MB of host RAM per rank cannot hold tiny's activations for 4 sequences (about 28 MB),
+  // 4 MB of host RAM per rank (3.6 MB usable) cannot hold tiny's activations even for one
+  // sequence (4 blocks x 128 tokens x (64 C + 4 H T + 16) bytes = 5.3 MB, plus its logits),
   // which do not spill to disk: the solve fails, and both ranks say why well before the
   // 60-second wait for a first layout would run out.
   auto server = StartServer("s3cret-token");
@@ -347,7 +348,7 @@ TEST_F(CoordinatorTest, AJobNoLayoutHoldsFailsAtOnceWithTheSolversReason) {
   const std::string where = "127.0.0.1:" + std::to_string(server->port());
   const auto start = std::chrono::steady_clock::now();
   const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" +
-                              TrainArgs(4, " memory.host_budget=8MB") + " --coordinator " + where +
+                              TrainArgs(4, " memory.host_budget=4MB") + " --coordinator " + where +
                               " --coordinator-token-file " + (tmp_ / "token"),
                           tmp_ / "train.log");
   const int code = WaitExit(pid, std::chrono::seconds(110));
