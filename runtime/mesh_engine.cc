@@ -178,12 +178,7 @@ class MeshEngine final : public StepEngine {
         counted_grads_.push_back(named[i].second);
       }
     }
-    parallel::AdamWOptions opt;
-    opt.beta1 = config_.optim.beta1;
-    opt.beta2 = config_.optim.beta2;
-    opt.eps = config_.optim.eps;
-    opt.weight_decay = config_.optim.weight_decay;
-    optimizer_ = std::make_unique<parallel::AdamW>(std::move(groups), opt);
+    optimizer_ = std::make_unique<parallel::AdamW>(std::move(groups), AdamWOptionsOf(config_.optim));
     if (mesh_->dp() != nullptr) {
       parallel::DataParallelOptions dpo;
       dpo.bucket_bytes = static_cast<int64_t>(config_.parallel.bucket_mb * (1 << 20));

@@ -22,35 +22,15 @@
 #include "parallel/demo.h"
 #include "parallel/mesh.h"
 #include "runtime/device_probe.h"
+#include "runtime/torch_status.h"
 #include "runtime/lr_schedule.h"
 
 namespace shoal::runtime {
 namespace {
 
-// Runs `fn`, turning a LibTorch exception into a status (the builders construct what throws).
-template <typename Fn>
-absl::Status CatchTorch(const char* what, Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
-  }
-  return absl::OkStatus();
-}
 
 memory::StateBudget BudgetOf(const Config& config) {
   return {config.memory.host_budget.bytes, !config.memory.disk_path.empty()};
-}
-
-parallel::AdamWOptions AdamWOptionsOf(const OptimConfig& o) {
-  parallel::AdamWOptions opt;
-  opt.beta1 = o.beta1;
-  opt.beta2 = o.beta2;
-  opt.eps = o.eps;
-  opt.weight_decay = o.weight_decay;
-  return opt;
 }
 
 std::vector<parallel::ParamGroup> ParamGroupsOf(Gpt& m) {
@@ -577,6 +557,15 @@ absl::StatusOr<std::unique_ptr<StepEngine>> Make(Args&&... args) {
 
 // ---------------------------------------------------------------------------------------------
 // StepEngine
+
+parallel::AdamWOptions AdamWOptionsOf(const OptimConfig& o) {
+  parallel::AdamWOptions opt;
+  opt.beta1 = o.beta1;
+  opt.beta2 = o.beta2;
+  opt.eps = o.eps;
+  opt.weight_decay = o.weight_decay;
+  return opt;
+}
 
 StepEngine::~StepEngine() = default;
 

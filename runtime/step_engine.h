@@ -43,6 +43,7 @@ class TieredChunkStore;
 }  // namespace shoal::memory
 namespace shoal::parallel {
 class AdamW;
+struct AdamWOptions;
 class Demo;
 class Mesh;
 }  // namespace shoal::parallel
@@ -164,6 +165,9 @@ absl::StatusOr<std::unique_ptr<StepEngine>> BuildDemoEngine(const Config& config
 absl::StatusOr<std::unique_ptr<StepEngine>> BuildMeshEngine(
     const Config& config, const parallel::BatchPlan& batch, const parallel::Layout& layout,
     bool layout_from_coordinator, std::unique_ptr<parallel::Mesh> mesh, double throttle);
+
+// For the builders: AdamW's options from [optim].
+parallel::AdamWOptions AdamWOptionsOf(const OptimConfig& optim);
 
 // Where a step engine runs: the job's group and the layout it follows.
 struct EngineContext {

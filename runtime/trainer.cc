@@ -11,6 +11,7 @@
 #include "common/logging.h"
 #include "common/status.h"
 #include "runtime/device_probe.h"
+#include "runtime/torch_status.h"
 #include "runtime/profiler.h"
 
 namespace shoal::runtime {
@@ -22,18 +23,6 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-// Runs `fn`, turning a LibTorch exception into a status at the edge of runtime/.
-template <typename Fn>
-absl::Status CatchTorch(const char* what, Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
-  }
-  return absl::OkStatus();
-}
 
 // `count` micro-batches of (batch, seq) int64 tokens and targets, filled in place each step.
 Batches MakeBatches(int count, int batch, int seq) {

@@ -1,6 +1,7 @@
 // The body of `shoal bench pipeline` (bench/pipeline_bench.h): one stage in this process, and two
 // stages as two threads over a real Gloo group; the multi-rank runs through the CLI are
 // bench_cli_test's.
+#include "tests/gloo_pair.h"
 #include "bench/pipeline_bench.h"
 
 #include <gtest/gtest.h>
@@ -23,27 +24,6 @@ namespace {
 using ::shoal::parallel::PeakInFlightBound;
 using ::shoal::parallel::ScheduleKind;
 
-// A real Gloo group of two in this process: rendezvous needs both ranks at once, so each is
-// built on its own thread.
-void MakePairInThreads(std::shared_ptr<comm::Store> store, std::unique_ptr<comm::Backend> out[2]) {
-  absl::Status statuses[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      comm::BackendOptions o;
-      o.rank = r;
-      o.world_size = 2;
-      o.store = store;
-      o.timeout = absl::Seconds(10);
-      o.gloo_hostname = "127.0.0.1";
-      auto b = comm::CreateBackend(o);
-      statuses[r] = b.status();
-      if (b.ok()) out[r] = std::move(*b);
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  ASSERT_TRUE(statuses[0].ok() && statuses[1].ok()) << statuses[0] << " / " << statuses[1];
-}
 
 TEST(PipelineBenchTest, OneStageRunsBothSchedulesAndBothWorks) {
   for (PipelineBenchWork work : {PipelineBenchWork::kSleep, PipelineBenchWork::kGemm}) {

@@ -80,9 +80,15 @@ class MeasuringPager final : public StatePager {
     Measure();
   }
   void Measure() {
+    // The store's loader thread may hand a victim's pages from one buffer's home to the other's
+    // (mremap) while the two ranges are counted one after the other, which would count those
+    // pages twice. Counting the parameters before and after the gradients and keeping the smaller
+    // count counts a page that moved at most once.
     const int64_t bytes = params_->flat().numel() * 4;
-    const int64_t resident = ResidentBytes(params_->flat().data_ptr<float>(), bytes) +
-                             ResidentBytes(grads_->flat().data_ptr<float>(), bytes);
+    const float* params = params_->flat().data_ptr<float>();
+    const int64_t params_before = ResidentBytes(params, bytes);
+    const int64_t grads = ResidentBytes(grads_->flat().data_ptr<float>(), bytes);
+    const int64_t resident = std::min(params_before, ResidentBytes(params, bytes)) + grads;
     peak = std::max(peak, resident);
     ++measurements;
   }

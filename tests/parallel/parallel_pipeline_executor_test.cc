@@ -12,6 +12,7 @@
 // double from the formulas (not from the executor) and checks every received tensor and the
 // gradients of every chunk after every step; a tag mix-up, a lost or duplicated transfer, a
 // chunk mix-up or a wrong slot shows up there.
+#include "tests/gloo_pair.h"
 #include "parallel/pipeline_executor.h"
 
 #include <ATen/ATen.h>
@@ -622,27 +623,6 @@ class WrongShapeStage final : public StageCompute {
   std::vector<int64_t> ActivationShape() const override { return {2, 4}; }
 };
 
-// A real Gloo group of two in this process: rendezvous needs both ranks at once, so each is
-// built on its own thread.
-void MakePairInThreads(std::shared_ptr<comm::Store> store, std::unique_ptr<comm::Backend> out[2]) {
-  absl::Status statuses[2];
-  std::vector<std::thread> threads;
-  for (int r = 0; r < 2; ++r) {
-    threads.emplace_back([&, r] {
-      comm::BackendOptions o;
-      o.rank = r;
-      o.world_size = 2;
-      o.store = store;
-      o.timeout = absl::Seconds(10);
-      o.gloo_hostname = "127.0.0.1";
-      auto b = comm::CreateBackend(o);
-      statuses[r] = b.status();
-      if (b.ok()) out[r] = std::move(*b);
-    });
-  }
-  for (std::thread& t : threads) t.join();
-  ASSERT_TRUE(statuses[0].ok() && statuses[1].ok()) << statuses[0] << " / " << statuses[1];
-}
 
 TEST_F(PipelineExecutorCreate, WrongOutputShapeIsAnErrorNamingTheAction) {
   // A real group of two in this process (rendezvous needs both ranks at once: one thread each);
