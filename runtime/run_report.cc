@@ -23,7 +23,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 }
 
 // How the step runs, in one line (none for a plain single process).
-std::string DescribeEngine(const Config& c, const StepEngine& engine, bool layout_from_coordinator,
+std::string DescribeEngine(const Config& c, StepEngine& engine, bool layout_from_coordinator,
                            const std::string& backend, int world) {
   const parallel::BatchPlan& batch = engine.batch();
   const int64_t global_batch =
@@ -47,7 +47,7 @@ std::string DescribeEngine(const Config& c, const StepEngine& engine, bool layou
     if (world == 1) {
       return "optimizer: DeMo on one process (sign of the top-k DCT of the residual, no exchange)";
     }
-    Gpt& m = const_cast<StepEngine&>(engine).model();
+    Gpt& m = engine.model();
     const double grad_bytes = static_cast<double>(m.grads(Gpt::kDecay).flat().nbytes() +
                                                   m.grads(Gpt::kNoDecay).flat().nbytes());
     return absl::StrFormat(
@@ -69,7 +69,7 @@ std::string DescribeEngine(const Config& c, const StepEngine& engine, bool layou
 
 }  // namespace
 
-RunReport::RunReport(const Config& config, const StepEngine& engine, MetricsFile* metrics,
+RunReport::RunReport(const Config& config, StepEngine& engine, MetricsFile* metrics,
                      RunReportOptions options)
     : config_(config), engine_(engine), metrics_(metrics), options_(std::move(options)) {
   const parallel::BatchPlan& b = engine.batch();
@@ -279,7 +279,7 @@ RunTiming RunReport::Finish(int64_t step) {
     // replicas ended identical without trusting the in-run check.
     SHOAL_LOG(Info) << absl::StrFormat(
         "rank %d: DeMo replica parameters hash %016x after step %d", options_.rank,
-        const_cast<StepEngine&>(engine_).ParameterHash(), step);
+        engine_.ParameterHash(), step);
   }
   RunTiming t;
   if (timed_steps_ > 0) {

@@ -60,7 +60,7 @@ struct RunTiming {
 class RunReport {
  public:
   // `engine` and `metrics` (may be null) outlive the report.
-  RunReport(const Config& config, const StepEngine& engine, MetricsFile* metrics,
+  RunReport(const Config& config, StepEngine& engine, MetricsFile* metrics,
             RunReportOptions options);
 
   // The start-up lines, once the engine is built. `layout_from_coordinator`: the batch plan came
@@ -82,7 +82,7 @@ class RunReport {
 
  private:
   const Config& config_;
-  const StepEngine& engine_;
+  StepEngine& engine_;  // not const: the end-of-run hash reads paged parameters through it
   MetricsFile* metrics_;
   const RunReportOptions options_;
   double flops_per_token_ = 0;
