@@ -9,6 +9,7 @@
 #include <exception>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 
 namespace shoal::runtime {
@@ -24,6 +25,18 @@ absl::Status CatchTorch(const char* what, Fn&& fn) {
     return absl::InternalError(absl::StrCat(what, ": ", e.what()));
   }
   return absl::OkStatus();
+}
+
+// The same for code that returns a value: the value, or kInternal as above.
+template <typename Fn>
+auto CatchTorchOr(const char* what, Fn&& fn) -> absl::StatusOr<decltype(fn())> {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
+  }
 }
 
 }  // namespace shoal::runtime

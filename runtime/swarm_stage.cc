@@ -1,0 +1,276 @@
+#include "runtime/swarm_stage.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status.h"
+#include "memory/checksum.h"
+#include "runtime/gpt.h"
+#include "runtime/torch_status.h"
+
+namespace shoal::runtime {
+namespace {
+
+std::string ShapeText(const at::Tensor& t) {
+  return absl::StrCat("(", absl::StrJoin(t.sizes(), ", "), ")");
+}
+
+}  // namespace
+
+SwarmStage::SwarmStage(const ModelConfig& model, int stage, int num_stages,
+                       const SwarmStageOptions& options)
+    : config_(model), stage_(stage), num_stages_(num_stages), options_(options) {}
+
+SwarmStage::~SwarmStage() = default;
+
+absl::StatusOr<std::unique_ptr<SwarmStage>> SwarmStage::Create(
+    const ModelConfig& model, uint64_t seed, int stage, int num_stages, int first_block,
+    int end_block, const parallel::AdamWOptions& adamw, const SwarmStageOptions& options) {
+  if (num_stages < 1 || stage < 0 || stage >= num_stages) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("swarm stage: stage ", stage, " of ", num_stages, " stages"));
+  }
+  if (first_block < 0 || end_block > model.n_layer || first_block > end_block ||
+      (first_block == end_block && stage != 0 && stage != num_stages - 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage ", stage, ": blocks [",
+                                                   first_block, ", ", end_block, ") of ",
+                                                   model.n_layer));
+  }
+  if (options.cache_slots < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("swarm stage: cache_slots must be >= 1, got ", options.cache_slots));
+  }
+  std::unique_ptr<SwarmStage> s(new SwarmStage(model, stage, num_stages, options));
+  const int first_piece = stage == 0 ? 0 : first_block + 1;
+  const int end_piece = stage == num_stages - 1 ? model.n_layer + 2 : end_block + 1;
+  SHOAL_ASSIGN_OR_RETURN(s->model_, Gpt::CreateStage(model, seed, first_piece, end_piece));
+  Gpt& m = *s->model_;
+  s->optimizer_ = std::make_unique<parallel::AdamW>(
+      std::vector<parallel::ParamGroup>{{&m.params(Gpt::kDecay), &m.grads(Gpt::kDecay), true},
+                                        {&m.params(Gpt::kNoDecay), &m.grads(Gpt::kNoDecay), false}},
+      adamw);
+  s->slots_.resize(options.cache_slots);
+  const bool one_copy = m.has_embedding() != m.has_head();
+  for (const auto& [name, grad] : m.NamedGradients()) {
+    const bool wte = name == "wte.weight";
+    if (wte && one_copy) s->tied_wte_grad_ = grad;
+    // The head's copy of wte: its gradient equals the embedding's after the tied sum.
+    if (wte && m.has_head() && !m.has_embedding()) continue;
+    s->counted_grads_.push_back(grad);
+  }
+  return s;
+}
+
+absl::Status SwarmStage::CheckInput(const at::Tensor& input, const char* what) const {
+  if (!input.defined()) return absl::InvalidArgumentError(absl::StrCat(what, ": no tensor"));
+  if (first()) {
+    if (input.scalar_type() != at::kLong || input.dim() != 2 || input.size(0) < 1 ||
+        input.size(1) < 1 || input.size(1) > config_.block_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": stage 0 takes (B, T) int64 token ids with 1 <= T <= ", config_.block_size,
+          ", got ", at::toString(input.scalar_type()), " ", ShapeText(input)));
+    }
+    const int64_t lo = input.min().item<int64_t>(), hi = input.max().item<int64_t>();
+    if (lo < 0 || hi >= config_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": token ids in [", lo, ", ", hi,
+                                                     "], outside the vocabulary [0, ",
+                                                     config_.vocab_size, ")"));
+    }
+    return absl::OkStatus();
+  }
+  if (input.scalar_type() != at::kFloat || input.dim() != 3 || input.size(0) < 1 ||
+      input.size(1) < 1 || input.size(1) > config_.block_size ||
+      input.size(2) != config_.n_embd) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": stage ", stage_, " takes (B, T, ", config_.n_embd,
+        ") float32 activations with 1 <= T <= ", config_.block_size, ", got ",
+        at::toString(input.scalar_type()), " ", ShapeText(input)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SwarmStage::CheckActivation(const at::Tensor& t, int64_t batch, int64_t seq,
+                                         const char* what) const {
+  if (!t.defined() || t.scalar_type() != at::kFloat || t.dim() != 3 || t.size(0) != batch ||
+      t.size(1) != seq || t.size(2) != config_.n_embd) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": expected (", batch, ", ", seq, ", ", config_.n_embd, ") float32, got ",
+        t.defined() ? absl::StrCat(at::toString(t.scalar_type()), " ", ShapeText(t))
+                    : std::string("no tensor")));
+  }
+  return absl::OkStatus();
+}
+
+int SwarmStage::CachedSlot(const MicroBatchKey& key, const at::Tensor& input) const {
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const Slot& s = slots_[i];
+    if (s.used && s.key == key && s.input.sizes() == input.sizes() &&
+        s.input.scalar_type() == input.scalar_type() && at::equal(s.input, input)) {
+      return static_cast<int>(i);
+    }
+  }
+  return -1;
+}
+
+int SwarmStage::TakeSlot(const MicroBatchKey& key) {
+  int pick = -1;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].used && slots_[i].key == key) return static_cast<int>(i);
+  }
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (!slots_[i].used) return static_cast<int>(i);
+    if (pick < 0 || slots_[i].last_use < slots_[pick].last_use) pick = static_cast<int>(i);
+  }
+  return pick;
+}
+
+template <typename Pass>
+auto SwarmStage::WithAccumulation(bool accumulate, Pass pass) {
+  if (accumulate) return pass();
+  // Passing through: the pieces add into the gradient buffers, so keep them and put them back.
+  std::vector<at::Tensor> kept;
+  for (const at::Tensor& g : Gradients()) kept.push_back(g.clone());
+  auto out = pass();
+  const std::vector<at::Tensor> grads = Gradients();
+  for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
+  return out;
+}
+
+absl::StatusOr<at::Tensor> SwarmStage::Forward(const MicroBatchKey& key, const at::Tensor& input) {
+  if (last()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm stage ", stage_, " is the last: it runs ForwardBackward, not Forward"));
+  }
+  SHOAL_RETURN_IF_ERROR(CheckInput(input, "forward input"));
+  const int slot = TakeSlot(key);
+  Slot& s = slots_[slot];
+  s = Slot{true, key, input.contiguous().clone(), ++clock_};
+  return CatchTorchOr("swarm stage forward", [&]() -> at::Tensor {
+    MicroBatch mb{nullptr, s.input.size(0), s.input.size(1), slot};
+    return model_->StageForward(s.input, mb).clone();
+  });
+}
+
+absl::StatusOr<at::Tensor> SwarmStage::Backward(const MicroBatchKey& key, const at::Tensor& input,
+                                                const at::Tensor& grad_output, float loss_scale,
+                                                bool accumulate) {
+  if (last()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm stage ", stage_, " is the last: it runs ForwardBackward, not Backward"));
+  }
+  SHOAL_RETURN_IF_ERROR(CheckInput(input, "backward input"));
+  SHOAL_RETURN_IF_ERROR(
+      CheckActivation(grad_output, input.size(0), input.size(1), "backward grad_output"));
+  int slot = CachedSlot(key, input);
+  if (slot < 0) {
+    ++recomputes_;
+    SHOAL_RETURN_IF_ERROR(Forward(key, input).status());
+    slot = CachedSlot(key, input);
+  }
+  const at::Tensor g = grad_output.contiguous();
+  absl::StatusOr<at::Tensor> out = WithAccumulation(accumulate, [&] {
+    return CatchTorchOr("swarm stage backward", [&]() -> at::Tensor {
+      at::Tensor gi = model_->StageBackward(g, loss_scale, slot);
+      return gi.defined() ? gi.clone() : gi;
+    });
+  });
+  slots_[slot] = Slot{};  // the backward consumed its activations
+  return out;
+}
+
+absl::StatusOr<SwarmStage::LossAndGrad> SwarmStage::ForwardBackward(const MicroBatchKey& key,
+                                                                    const at::Tensor& input,
+                                                                    const at::Tensor& targets,
+                                                                    float loss_scale,
+                                                                    bool accumulate) {
+  if (!last()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm stage ", stage_, " is not the last: ForwardBackward is the last stage's"));
+  }
+  SHOAL_RETURN_IF_ERROR(CheckInput(input, "forward-backward input"));
+  if (!targets.defined() || targets.scalar_type() != at::kLong || targets.dim() != 2 ||
+      targets.size(0) != input.size(0) || targets.size(1) != input.size(1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "forward-backward targets: expected (", input.size(0), ", ", input.size(1),
+        ") int64, got ",
+        targets.defined() ? absl::StrCat(at::toString(targets.scalar_type()), " ", ShapeText(targets))
+                          : std::string("no tensor")));
+  }
+  const int64_t lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+  if (lo < 0 || hi >= config_.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("forward-backward targets: ids in [", lo,
+                                                   ", ", hi, "], outside the vocabulary [0, ",
+                                                   config_.vocab_size, ")"));
+  }
+  const int slot = TakeSlot(key);
+  slots_[slot] = Slot{true, key, input.contiguous().clone(), ++clock_};
+  const at::Tensor y = targets.contiguous();
+  absl::StatusOr<LossAndGrad> out = WithAccumulation(accumulate, [&] {
+    return CatchTorchOr("swarm stage forward-backward", [&]() -> LossAndGrad {
+      const at::Tensor& x = slots_[slot].input;
+      MicroBatch mb{&y, x.size(0), x.size(1), slot};
+      LossAndGrad r;
+      r.loss = model_->StageForward(x, mb).item<double>();
+      at::Tensor gi = model_->StageBackward(at::Tensor(), loss_scale, slot);
+      r.grad_input = gi.defined() ? gi.clone() : gi;
+      return r;
+    });
+  });
+  slots_[slot] = Slot{};
+  return out;
+}
+
+std::vector<at::Tensor> SwarmStage::Gradients() const {
+  return {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()};
+}
+
+at::Tensor SwarmStage::TiedWteGradient() const { return tied_wte_grad_; }
+
+double SwarmStage::SumSquares() const {
+  return parallel::GlobalSumSquares(counted_grads_, 0.0);
+}
+
+void SwarmStage::Apply(double lr, double clip_scale) {
+  optimizer_->Step(lr, clip_scale);
+  model_->ZeroGrad();
+  for (Slot& s : slots_) s = Slot{};
+}
+
+uint32_t SwarmStage::ParamHash() const {
+  uint32_t crc = 0;
+  for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+    const at::Tensor& p = model_->params(g).flat();
+    crc = memory::Crc32c(p.data_ptr(), p.nbytes(), crc);
+  }
+  return crc;
+}
+
+int64_t SwarmStage::optimizer_steps() const { return optimizer_->steps(); }
+
+std::vector<std::pair<std::string, at::Tensor>> SwarmStage::NamedParameters() const {
+  return model_->NamedParameters();
+}
+
+std::vector<std::pair<std::string, at::Tensor>> SwarmStage::OptimizerState() const {
+  return optimizer_->StateDict();
+}
+
+absl::Status SwarmStage::LoadState(
+    const std::vector<std::pair<std::string, at::Tensor>>& params,
+    const std::vector<std::pair<std::string, at::Tensor>>& optimizer) {
+  // The optimizer's check changes nothing on failure; parameters are loaded only after it.
+  std::vector<std::pair<std::string, at::Tensor>> before = optimizer_->StateDict();
+  for (auto& [name, t] : before) t = t.clone();
+  SHOAL_RETURN_IF_ERROR(optimizer_->LoadStateDict(optimizer));
+  if (absl::Status loaded = model_->LoadParameters(params); !loaded.ok()) {
+    (void)optimizer_->LoadStateDict(before);
+    return loaded;
+  }
+  for (Slot& s : slots_) s = Slot{};
+  return absl::OkStatus();
+}
+
+}  // namespace shoal::runtime

@@ -1,0 +1,161 @@
+// SwarmStage: what one swarm peer computes for the stage it serves. A stage is a contiguous range
+// of the GPT's pieces (Gpt::CreateStage) with its own AdamW; trainers send it micro-batches hop by
+// hop, in any order and from any number of trainers, each named by a key (step, id), id being the
+// micro-batch's global number within the step.
+//
+// Trainers are the hub: a trainer keeps each stage's input for the backward, so a backward may go
+// to any peer of the stage. The forward's activations are cached here in a few slots (least
+// recently used goes first); a backward whose forward is not cached (another peer ran it, or the
+// slot was reused) runs the forward again first. The kernels are deterministic, so a recomputed
+// backward is bit-identical to a cached one.
+//
+// Exactly-once accounting (the coordinator's ledger) decides whether a backward accumulates: a
+// replayed micro-batch passes through stages that already hold its gradient without adding to it
+// (`accumulate` false), and accumulates only at the stages that lost it. Accumulation adds
+// gradient * loss_scale into the stage's flat gradient buffers (1 / M for a step of M
+// micro-batches, so a step equals one process with grad_accum = M).
+//
+// At the step boundary the peers of a stage sum their gradient buffers (Gradients(), in a fixed
+// peer order), the tied wte is summed over the first and the last stage, and every peer applies
+// the same update (Apply) with the clip scale the coordinator computed from every stage's sum of
+// squares (SumSquares counts each element of the model once). Peers of a stage then hold
+// bit-identical parameters; ParamHash checks it.
+//
+// Every tensor a trainer sends is checked (dtype, shape against the model, token ids against the
+// vocabulary) before any computation: kInvalidArgument names it. Not thread-safe: a peer serves
+// its stage from one compute thread.
+#ifndef SHOAL_RUNTIME_SWARM_STAGE_H_
+#define SHOAL_RUNTIME_SWARM_STAGE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "parallel/adamw.h"
+#include "runtime/config.h"
+
+namespace shoal::runtime {
+
+class Gpt;
+
+struct SwarmStageOptions {
+  int cache_slots = 4;  // forwards whose activations are kept for their backward, >= 1
+};
+
+// A micro-batch of a step: `id` in [0, M).
+struct MicroBatchKey {
+  int64_t step = 0;
+  int64_t id = 0;
+  bool operator==(const MicroBatchKey& o) const { return step == o.step && id == o.id; }
+};
+
+class SwarmStage {
+ public:
+  // Stage `stage` of `num_stages`, serving blocks [first_block, end_block) (the first stage also
+  // holds the embedding, the last the final LayerNorm and the head, with its copy of the tied
+  // wte). Parameters start as the full model's for `seed`. kInvalidArgument names a bad range.
+  static absl::StatusOr<std::unique_ptr<SwarmStage>> Create(
+      const ModelConfig& model, uint64_t seed, int stage, int num_stages, int first_block,
+      int end_block, const parallel::AdamWOptions& adamw, const SwarmStageOptions& options = {});
+  ~SwarmStage();
+
+  int stage() const { return stage_; }
+  int num_stages() const { return num_stages_; }
+  bool first() const { return stage_ == 0; }
+  bool last() const { return stage_ == num_stages_ - 1; }
+
+  // Forward of a stage that is not the last: `input` is (B, T) int64 token ids on the first
+  // stage, else the previous stage's (B, T, C) float32 output. Returns this stage's output
+  // (B, T, C), a new tensor. The activations stay cached for the key's backward.
+  absl::StatusOr<at::Tensor> Forward(const MicroBatchKey& key, const at::Tensor& input);
+
+  // Backward of a stage that is not the last: `input` is the input the trainer kept (the one it
+  // sent to Forward), `grad_output` the gradient of this stage's output. Uses the cached forward
+  // of `key` when its input is bitwise the same, else runs the forward again. With `accumulate`,
+  // adds the parameter gradients * loss_scale into the stage's buffers; without, leaves them
+  // as they were. Returns the gradient of the input (B, T, C), or an undefined tensor on the
+  // first stage.
+  absl::StatusOr<at::Tensor> Backward(const MicroBatchKey& key, const at::Tensor& input,
+                                      const at::Tensor& grad_output, float loss_scale,
+                                      bool accumulate);
+
+  // The last stage's forward and backward in one call: `targets` (B, T) int64. Returns the mean
+  // loss over the micro-batch's tokens (unscaled) and the gradient of the input (undefined when
+  // this stage is also the first).
+  struct LossAndGrad {
+    double loss = 0;
+    at::Tensor grad_input;
+  };
+  absl::StatusOr<LossAndGrad> ForwardBackward(const MicroBatchKey& key, const at::Tensor& input,
+                                              const at::Tensor& targets, float loss_scale,
+                                              bool accumulate);
+
+  // The flat gradient buffers (decay, no-decay), to be summed over the stage's peers in place.
+  std::vector<at::Tensor> Gradients() const;
+  // The gradient of the tied wte when this stage holds exactly one of its two copies (first
+  // stage: the embedding's; last stage: the head's), to be summed over the two; else undefined.
+  at::Tensor TiedWteGradient() const;
+  // Sum of squares of this stage's gradients, each element of the model counted once over the
+  // stages (the head's copy of wte is not counted), in the fixed-block order that makes
+  // sqrt(sum over stages) equal the single process's norm up to the order of stage sums.
+  double SumSquares() const;
+
+  // The step's update: AdamW with learning rate `lr` on gradients multiplied by `clip_scale`,
+  // then gradients zeroed and the activation cache dropped.
+  void Apply(double lr, double clip_scale);
+
+  // CRC32C of the parameters' bytes (both flat buffers).
+  uint32_t ParamHash() const;
+  int64_t optimizer_steps() const;
+  // Parameters and AdamW state (NamedParameters, StateDict), for a joiner's snapshot and for
+  // checkpoints; LoadState checks everything before changing anything (kDataLoss names it).
+  std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
+  std::vector<std::pair<std::string, at::Tensor>> OptimizerState() const;
+  absl::Status LoadState(const std::vector<std::pair<std::string, at::Tensor>>& params,
+                         const std::vector<std::pair<std::string, at::Tensor>>& optimizer);
+
+  // Counters: forwards recomputed for a backward whose forward was not cached.
+  int64_t recomputes() const { return recomputes_; }
+  const Gpt& model() const { return *model_; }
+
+ private:
+  SwarmStage(const ModelConfig& model, int stage, int num_stages, const SwarmStageOptions& options);
+
+  struct Slot {
+    bool used = false;
+    MicroBatchKey key;
+    at::Tensor input;  // owned copy: the pieces read it again in the backward
+    uint64_t last_use = 0;
+  };
+  absl::Status CheckInput(const at::Tensor& input, const char* what) const;
+  absl::Status CheckActivation(const at::Tensor& t, int64_t batch, int64_t seq,
+                               const char* what) const;
+  // The slot caching `key`'s forward on exactly `input`, or -1.
+  int CachedSlot(const MicroBatchKey& key, const at::Tensor& input) const;
+  // A slot for a new forward of `key`: its old slot, a free one, or the least recently used.
+  int TakeSlot(const MicroBatchKey& key);
+  // Runs `pass` with the gradient buffers restored afterwards unless `accumulate`.
+  template <typename Pass>
+  auto WithAccumulation(bool accumulate, Pass pass);
+
+  ModelConfig config_;
+  int stage_, num_stages_;
+  SwarmStageOptions options_;
+  std::unique_ptr<Gpt> model_;
+  std::unique_ptr<parallel::AdamW> optimizer_;
+  std::vector<Slot> slots_;
+  uint64_t clock_ = 0;
+  int64_t recomputes_ = 0;
+  std::vector<at::Tensor> counted_grads_;  // what SumSquares counts
+  at::Tensor tied_wte_grad_;
+};
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_SWARM_STAGE_H_

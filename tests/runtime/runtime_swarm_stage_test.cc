@@ -1,0 +1,376 @@
+// Swarm stages: a step driven hop by hop through pools of peers — micro-batches routed to random
+// peers, backwards sent to peers that never saw the forward, gradients summed over each stage's
+// peers and over the tied wte, one clip scale from every stage's sum of squares — must equal the
+// step of one process with grad_accum = M. The reference is the full model (Gpt's
+// ForwardBackward, pinned to PyTorch by the golden test) with its own AdamW, written here
+// independently of the swarm path. Also: a recomputed backward is bit-identical to a cached one,
+// a pass-through backward leaves the gradients alone, a replay that accumulates only at the stage
+// that lost a micro-batch restores the exact step, and bad inputs are refused by name.
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "parallel/adamw.h"
+#include "parallel/layout.h"
+#include "runtime/config.h"
+#include "runtime/gpt.h"
+#include "runtime/swarm_stage.h"
+
+namespace shoal::runtime {
+namespace {
+
+constexpr uint64_t kSeed = 4321;
+constexpr int kStages = 3;
+constexpr int kMicro = 8;  // M
+constexpr int64_t kB = 2, kT = 8;
+constexpr double kLr = 3e-3;
+constexpr double kClip = 0.5;
+
+ModelConfig Model() {
+  return ModelConfig{/*n_layer=*/4, /*n_head=*/2, /*n_embd=*/16, /*block_size=*/8,
+                     /*vocab_size=*/32};
+}
+
+parallel::AdamWOptions Adam() { return parallel::AdamWOptions{}; }
+
+struct Batch {
+  at::Tensor tokens, targets;
+};
+
+Batch MicroBatchOf(int64_t step, int id) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1000 * step + id + 7);
+  return {at::randint(Model().vocab_size, {kB, kT}, gen, at::kLong),
+          at::randint(Model().vocab_size, {kB, kT}, gen, at::kLong)};
+}
+
+double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
+  const double denom = std::max(b.abs().max().item<double>(), 1e-12);
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() / denom;
+}
+
+// The single process: the full model, grad_accum = M, clipping by the global norm, AdamW.
+struct Reference {
+  std::unique_ptr<Gpt> model;
+  std::unique_ptr<parallel::AdamW> adamw;
+
+  Reference() {
+    auto m = Gpt::CreateStage(Model(), kSeed, 0, Model().n_layer + 2);
+    EXPECT_TRUE(m.ok()) << m.status();
+    model = std::move(*m);
+    adamw = std::make_unique<parallel::AdamW>(
+        std::vector<parallel::ParamGroup>{
+            {&model->params(Gpt::kDecay), &model->grads(Gpt::kDecay), true},
+            {&model->params(Gpt::kNoDecay), &model->grads(Gpt::kNoDecay), false}},
+        Adam());
+  }
+
+  // The step's micro-batches, accumulated; returns the mean loss.
+  double Accumulate(int64_t step) {
+    model->ZeroGrad();
+    double loss = 0;
+    for (int id = 0; id < kMicro; ++id) {
+      const Batch b = MicroBatchOf(step, id);
+      loss += model->ForwardBackward(b.tokens, b.targets, 1.0f / kMicro);
+    }
+    return loss / kMicro;
+  }
+  void Update() {
+    const double norm = parallel::GlobalL2Norm(
+        {model->grads(Gpt::kDecay).flat(), model->grads(Gpt::kNoDecay).flat()});
+    adamw->Step(kLr, parallel::ClipScale(norm, kClip));
+  }
+};
+
+// A swarm: `peers` instances of each of the stages.
+struct Swarm {
+  std::vector<std::vector<std::unique_ptr<SwarmStage>>> pools;  // [stage][peer]
+
+  explicit Swarm(int peers, int cache_slots = 2) {
+    auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+    EXPECT_TRUE(blocks.ok());
+    pools.resize(kStages);
+    for (int s = 0; s < kStages; ++s) {
+      const auto [first, end] = parallel::StageRange(*blocks, s);
+      for (int p = 0; p < peers; ++p) {
+        auto st = SwarmStage::Create(Model(), kSeed, s, kStages, first, end, Adam(),
+                                     SwarmStageOptions{cache_slots});
+        EXPECT_TRUE(st.ok()) << st.status();
+        pools[s].push_back(std::move(*st));
+      }
+    }
+  }
+
+  SwarmStage& Peer(int s, int p) { return *pools[s][p]; }
+
+  // One micro-batch driven as a trainer drives it: forward hops to `fwd[s]`, backward hops to
+  // `bwd[s]`, accumulating at the stages in `accumulate_at`, backward down to the lowest of them.
+  // Returns the loss.
+  double Drive(int64_t step, int id, const std::vector<int>& fwd, const std::vector<int>& bwd,
+               const std::vector<bool>& accumulate_at) {
+    const Batch b = MicroBatchOf(step, id);
+    const MicroBatchKey key{step, id};
+    std::vector<at::Tensor> inputs(kStages);
+    inputs[0] = b.tokens;
+    for (int s = 0; s + 1 < kStages; ++s) {
+      auto out = Peer(s, fwd[s]).Forward(key, inputs[s]);
+      EXPECT_TRUE(out.ok()) << out.status();
+      inputs[s + 1] = *out;
+    }
+    int lowest = kStages;
+    for (int s = 0; s < kStages; ++s) {
+      if (accumulate_at[s]) {
+        lowest = s;
+        break;
+      }
+    }
+    const float scale = 1.0f / kMicro;
+    auto last = Peer(kStages - 1, bwd[kStages - 1])
+                    .ForwardBackward(key, inputs[kStages - 1], b.targets, scale,
+                                     accumulate_at[kStages - 1]);
+    EXPECT_TRUE(last.ok()) << last.status();
+    at::Tensor g = last->grad_input;
+    for (int s = kStages - 2; s >= lowest; --s) {
+      auto gi = Peer(s, bwd[s]).Backward(key, inputs[s], g, scale, accumulate_at[s]);
+      EXPECT_TRUE(gi.ok()) << gi.status();
+      g = *gi;
+    }
+    return last->loss;
+  }
+
+  // The step boundary: each stage's peers sum their gradients in peer order, the tied wte is
+  // summed over the first and the last stage, one clip scale from the stages' sums of squares,
+  // the same update everywhere.
+  void Apply() {
+    Reduce();
+    Update();
+  }
+  void Reduce() {
+    for (auto& pool : pools) {
+      std::vector<at::Tensor> sum;
+      for (const at::Tensor& g : pool[0]->Gradients()) sum.push_back(g.clone());
+      for (size_t p = 1; p < pool.size(); ++p) {
+        const auto grads = pool[p]->Gradients();
+        for (size_t i = 0; i < sum.size(); ++i) sum[i].add_(grads[i]);
+      }
+      for (auto& peer : pool) {
+        const auto grads = peer->Gradients();
+        for (size_t i = 0; i < sum.size(); ++i) grads[i].copy_(sum[i]);
+      }
+    }
+    const at::Tensor wte = pools[0][0]->TiedWteGradient().clone();
+    const at::Tensor head = pools[kStages - 1][0]->TiedWteGradient().clone();
+    ASSERT_TRUE(wte.defined() && head.defined());
+    for (auto* pool : {&pools[0], &pools[kStages - 1]}) {
+      for (auto& peer : *pool) peer->TiedWteGradient().copy_(wte + head);
+    }
+  }
+  void Update() {
+    double sq = 0;
+    for (auto& pool : pools) sq += pool[0]->SumSquares();
+    const double clip = parallel::ClipScale(std::sqrt(sq), kClip);
+    for (auto& pool : pools) {
+      for (auto& peer : pool) peer->Apply(kLr, clip);
+    }
+  }
+};
+
+double MaxAbsDiff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+// After the reduction, before the update: every stage's gradients are the single process's, up
+// to the order of the fp32 sums (each peer adds its own micro-batches, then the peers add up).
+void ExpectGradientsMatch(Swarm& swarm, Reference& ref, double tolerance) {
+  std::map<std::string, at::Tensor> want;
+  for (const auto& [name, t] : ref.model->NamedGradients()) want[name] = t;
+  for (int s = 0; s < kStages; ++s) {
+    for (const auto& [name, t] : swarm.Peer(s, 0).model().NamedGradients()) {
+      ASSERT_TRUE(want.count(name)) << name;
+      EXPECT_LT(RelMaxError(t, want[name]), tolerance) << "gradient, stage " << s << " " << name;
+    }
+  }
+}
+
+// Parameters after `steps` updates. AdamW divides each gradient element by its own running RMS,
+// so an element whose gradient is a near-cancelling sum turns a last-bit difference in that sum
+// into a visible fraction of one update (lr): the bound is in units of lr per step, 1 % of it.
+void ExpectMatchesReference(Swarm& swarm, Reference& ref, int steps) {
+  std::map<std::string, at::Tensor> want;
+  for (const auto& [name, t] : ref.model->NamedParameters()) want[name] = t;
+  for (int s = 0; s < kStages; ++s) {
+    for (const auto& [name, t] : swarm.Peer(s, 0).NamedParameters()) {
+      ASSERT_TRUE(want.count(name)) << name;
+      EXPECT_LT(MaxAbsDiff(t, want[name]), 0.01 * kLr * steps) << "stage " << s << " " << name;
+    }
+  }
+}
+
+TEST(SwarmStageTest, RandomRoutesEqualOneProcessWithGradAccum) {
+  Swarm swarm(/*peers=*/2);
+  Reference ref;
+  std::mt19937 rng(99);
+  for (int64_t step = 0; step < 4; ++step) {
+    double loss = 0;
+    for (int id = 0; id < kMicro; ++id) {
+      std::vector<int> fwd(kStages), bwd(kStages);
+      for (int s = 0; s < kStages; ++s) {
+        fwd[s] = static_cast<int>(rng() % 2);
+        bwd[s] = static_cast<int>(rng() % 2);  // often not the forward's peer: a recompute
+      }
+      loss += swarm.Drive(step, id, fwd, bwd, std::vector<bool>(kStages, true));
+    }
+    swarm.Reduce();
+    const double want = ref.Accumulate(step);
+    ExpectGradientsMatch(swarm, ref, step == 0 ? 1e-5 : 1e-4);
+    swarm.Update();
+    ref.Update();
+    EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want))) << "step " << step;
+    for (int s = 0; s < kStages; ++s) {
+      EXPECT_EQ(swarm.Peer(s, 0).ParamHash(), swarm.Peer(s, 1).ParamHash()) << "stage " << s;
+      EXPECT_EQ(swarm.Peer(s, 0).optimizer_steps(), step + 1);
+    }
+  }
+  int64_t recomputes = 0;
+  for (int s = 0; s < kStages; ++s) {
+    for (int p = 0; p < 2; ++p) recomputes += swarm.Peer(s, p).recomputes();
+  }
+  EXPECT_GT(recomputes, 0);  // the routes did send backwards to peers without the forward
+  ExpectMatchesReference(swarm, ref, 4);
+}
+
+TEST(SwarmStageTest, ReplayAccumulatingOnlyWhereLostRestoresTheStep) {
+  // Stage 1 has two peers; peer 1 "dies" after accumulating micro-batches 1, 3, 5: its gradients
+  // go with it, and those micro-batches are replayed through the survivors, accumulating at
+  // stage 1 only (the other stages already hold them).
+  Swarm swarm(/*peers=*/2);
+  Reference ref;
+  const int64_t step = 0;
+  std::vector<int> lost;
+  double loss = 0;
+  for (int id = 0; id < kMicro; ++id) {
+    const int p1 = id % 2;
+    if (p1 == 1) lost.push_back(id);
+    loss += swarm.Drive(step, id, {0, p1, 0}, {0, p1, 0}, {true, true, true});
+  }
+  for (const at::Tensor& g : swarm.Peer(1, 1).Gradients()) g.zero_();  // dropped with the peer
+  for (int id : lost) swarm.Drive(step, id, {0, 0, 0}, {0, 0, 0}, {false, true, false});
+  swarm.Reduce();
+  const double want = ref.Accumulate(step);
+  ExpectGradientsMatch(swarm, ref, 1e-5);
+  swarm.Update();
+  ref.Update();
+  EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want)));
+  ExpectMatchesReference(swarm, ref, 1);
+}
+
+TEST(SwarmStageTest, RecomputedBackwardIsBitIdenticalToCached) {
+  Swarm swarm(/*peers=*/2);
+  const Batch b = MicroBatchOf(0, 0);
+  const MicroBatchKey key{0, 0};
+  auto h = swarm.Peer(0, 0).Forward(key, b.tokens);
+  ASSERT_TRUE(h.ok()) << h.status();
+  auto x = swarm.Peer(1, 0).Forward(key, *h);  // peer 0 of stage 1 caches the forward
+  ASSERT_TRUE(x.ok()) << x.status();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  const at::Tensor g = at::randn(x->sizes(), gen);
+  auto cached = swarm.Peer(1, 0).Backward(key, *h, g, 0.25f, true);
+  auto recomputed = swarm.Peer(1, 1).Backward(key, *h, g, 0.25f, true);
+  ASSERT_TRUE(cached.ok() && recomputed.ok());
+  EXPECT_EQ(swarm.Peer(1, 0).recomputes(), 0);
+  EXPECT_EQ(swarm.Peer(1, 1).recomputes(), 1);
+  EXPECT_TRUE(at::equal(*cached, *recomputed));
+  const auto ga = swarm.Peer(1, 0).Gradients(), gb = swarm.Peer(1, 1).Gradients();
+  for (size_t i = 0; i < ga.size(); ++i) EXPECT_TRUE(at::equal(ga[i], gb[i])) << i;
+  EXPECT_GT(ga[0].abs().sum().item<double>(), 0);
+}
+
+TEST(SwarmStageTest, PassThroughBackwardLeavesGradientsAlone) {
+  Swarm swarm(/*peers=*/1);
+  const Batch b = MicroBatchOf(0, 1);
+  const MicroBatchKey key{0, 1};
+  auto h = swarm.Peer(0, 0).Forward(key, b.tokens);
+  ASSERT_TRUE(h.ok());
+  auto x = swarm.Peer(1, 0).Forward(key, *h);
+  ASSERT_TRUE(x.ok());
+  auto last = swarm.Peer(2, 0).ForwardBackward(key, *x, b.targets, 0.5f, /*accumulate=*/false);
+  ASSERT_TRUE(last.ok()) << last.status();
+  for (const at::Tensor& g : swarm.Peer(2, 0).Gradients()) {
+    EXPECT_EQ(g.abs().sum().item<double>(), 0.0);
+  }
+  auto through = swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 0.5f, false);
+  auto summed = swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 0.5f, true);
+  ASSERT_TRUE(through.ok() && summed.ok());
+  EXPECT_TRUE(at::equal(*through, *summed));  // same gradient of the input either way
+  EXPECT_GT(swarm.Peer(1, 0).Gradients()[0].abs().sum().item<double>(), 0);
+}
+
+TEST(SwarmStageTest, RefusesBadInputsByName) {
+  Swarm swarm(/*peers=*/1);
+  const MicroBatchKey key{0, 0};
+  const at::Tensor bad_ids = at::full({kB, kT}, Model().vocab_size, at::kLong);
+  auto s = swarm.Peer(0, 0).Forward(key, bad_ids);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("vocabulary"), std::string::npos) << s.status();
+  auto wrong_width = swarm.Peer(1, 0).Forward(key, at::zeros({kB, kT, 7}));
+  ASSERT_FALSE(wrong_width.ok());
+  EXPECT_NE(wrong_width.status().message().find("(B, T, 16)"), std::string::npos)
+      << wrong_width.status();
+  auto too_long = swarm.Peer(1, 0).Forward(key, at::zeros({kB, kT + 1, 16}));
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  auto as_double = swarm.Peer(1, 0).Forward(key, at::zeros({kB, kT, 16}, at::kDouble));
+  EXPECT_EQ(as_double.status().code(), absl::StatusCode::kInvalidArgument);
+  auto wrong_grad = swarm.Peer(1, 0).Backward(key, at::zeros({kB, kT, 16}),
+                                               at::zeros({kB, kT - 1, 16}), 1.0f, true);
+  ASSERT_FALSE(wrong_grad.ok());
+  EXPECT_NE(wrong_grad.status().message().find("grad_output"), std::string::npos);
+  auto last_forward = swarm.Peer(2, 0).Forward(key, at::zeros({kB, kT, 16}));
+  EXPECT_EQ(last_forward.status().code(), absl::StatusCode::kFailedPrecondition);
+  auto bad_targets = swarm.Peer(2, 0).ForwardBackward(key, at::zeros({kB, kT, 16}),
+                                                      at::full({kB, kT}, -1, at::kLong), 1, true);
+  ASSERT_FALSE(bad_targets.ok());
+  EXPECT_NE(bad_targets.status().message().find("targets"), std::string::npos);
+  for (const at::Tensor& g : swarm.Peer(2, 0).Gradients()) {
+    EXPECT_EQ(g.abs().sum().item<double>(), 0.0);  // nothing ran
+  }
+  EXPECT_FALSE(SwarmStage::Create(Model(), kSeed, 3, 3, 0, 1, Adam()).ok());
+  EXPECT_FALSE(SwarmStage::Create(Model(), kSeed, 1, 3, 2, 1, Adam()).ok());
+}
+
+TEST(SwarmStageTest, StateRoundTripGivesTheSameStage) {
+  // A joiner loads a donor's parameters and moments and then computes bit-identically.
+  Swarm donor(/*peers=*/1), joiner(/*peers=*/1);
+  for (int id = 0; id < kMicro; ++id) donor.Drive(0, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+  donor.Apply();
+  for (int s = 0; s < kStages; ++s) {
+    std::vector<std::pair<std::string, at::Tensor>> params, moments;
+    for (const auto& [n, t] : donor.Peer(s, 0).NamedParameters()) params.emplace_back(n, t.clone());
+    for (const auto& [n, t] : donor.Peer(s, 0).OptimizerState()) moments.emplace_back(n, t.clone());
+    ASSERT_TRUE(joiner.Peer(s, 0).LoadState(params, moments).ok());
+    EXPECT_EQ(joiner.Peer(s, 0).ParamHash(), donor.Peer(s, 0).ParamHash());
+    EXPECT_EQ(joiner.Peer(s, 0).optimizer_steps(), 1);
+  }
+  for (Swarm* sw : {&donor, &joiner}) {
+    for (int id = 0; id < kMicro; ++id) sw->Drive(1, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+    sw->Apply();
+  }
+  for (int s = 0; s < kStages; ++s) {
+    EXPECT_EQ(joiner.Peer(s, 0).ParamHash(), donor.Peer(s, 0).ParamHash()) << "stage " << s;
+  }
+  // A truncated snapshot is refused and changes nothing.
+  const uint32_t before = joiner.Peer(1, 0).ParamHash();
+  auto params = donor.Peer(1, 0).NamedParameters();
+  params.pop_back();
+  EXPECT_FALSE(joiner.Peer(1, 0).LoadState(params, donor.Peer(1, 0).OptimizerState()).ok());
+  EXPECT_EQ(joiner.Peer(1, 0).ParamHash(), before);
+}
+
+}  // namespace
+}  // namespace shoal::runtime
