@@ -1,0 +1,297 @@
+#include "parallel/swarm_router.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace shoal::parallel {
+
+namespace {
+
+// PerformanceEMA's floor on seconds per sample: a task measured at zero seconds (one that lay
+// entirely inside time already counted) gives a huge but finite throughput.
+constexpr double kMinSecondsPerSample = 1e-20;
+
+bool FinitePositive(double x) { return std::isfinite(x) && x > 0; }
+
+}  // namespace
+
+// --- ThroughputEma -------------------------------------------------------------------------------
+
+ThroughputEma::ThroughputEma(double alpha) : alpha_(alpha) { assert(alpha > 0 && alpha <= 1); }
+
+absl::Status ThroughputEma::Update(double samples, double start_s, double end_s) {
+  if (!FinitePositive(samples)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("throughput update: samples must be finite and > 0, got ", samples));
+  }
+  if (!std::isfinite(start_s) || !std::isfinite(end_s) || end_s < start_s) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("throughput update: need finite times with start <= end, got start ", start_s,
+                     " s, end ", end_s, " s"));
+  }
+  // Time before the latest end seen was already attributed to another task on this peer.
+  const double from = updates_ > 0 ? std::max(start_s, last_end_s_) : start_s;
+  const double seconds = std::max(0.0, end_s - from);
+  last_end_s_ = updates_ > 0 ? std::max(last_end_s_, end_s) : end_s;
+  const double b = 1.0 - alpha_;
+  weighted_sum_ = seconds / samples + b * weighted_sum_;
+  weight_ = 1.0 + b * weight_;
+  ++updates_;
+  return absl::OkStatus();
+}
+
+double ThroughputEma::SecondsPerSample() const {
+  return updates_ > 0 ? weighted_sum_ / weight_ : 0.0;
+}
+
+double ThroughputEma::Throughput() const {
+  if (updates_ == 0) return 0.0;
+  return 1.0 / std::max(SecondsPerSample(), kMinSecondsPerSample);
+}
+
+// --- StageRouter ---------------------------------------------------------------------------------
+
+bool StageRouter::Later::operator()(const Entry& a, const Entry& b) const {
+  // std::push_heap keeps the largest on top under this "less than": make that the earliest.
+  if (a.virtual_time != b.virtual_time) return a.virtual_time > b.virtual_time;
+  if (a.tie != b.tie) return a.tie > b.tie;
+  return a.id > b.id;
+}
+
+absl::StatusOr<std::unique_ptr<StageRouter>> StageRouter::Create(
+    const StageRouterOptions& options) {
+  if (!(options.alpha > 0 && options.alpha <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options.stage, " router: alpha must be in (0, 1], got ", options.alpha));
+  }
+  if (!FinitePositive(options.initial_seconds_per_sample)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.stage, " router: initial_seconds_per_sample must be finite and > 0, got ",
+        options.initial_seconds_per_sample));
+  }
+  return std::unique_ptr<StageRouter>(new StageRouter(options));
+}
+
+StageRouter::StageRouter(const StageRouterOptions& options)
+    : options_(options), rng_(options.seed) {}
+
+bool StageRouter::Live(const Entry& e) const {
+  auto it = peers_.find(e.peer);
+  return it != peers_.end() && !it->second.banned && it->second.entry == e.id;
+}
+
+void StageRouter::DropStaleTop() {
+  // Every choice pops one entry and pushes one, so stale entries only come from roster changes
+  // and bans; rebuilding once they outnumber the live ones keeps the heap O(|roster|).
+  if (heap_.size() > 2 * peers_.size() + 16) {
+    std::vector<Entry> live;
+    live.reserve(peers_.size());
+    for (Entry& e : heap_) {
+      if (Live(e)) live.push_back(std::move(e));
+    }
+    counters_.stale_entries_skipped += heap_.size() - live.size();
+    heap_ = std::move(live);
+    std::make_heap(heap_.begin(), heap_.end(), Later());
+  }
+  while (!heap_.empty() && !Live(heap_.front())) {
+    std::pop_heap(heap_.begin(), heap_.end(), Later());
+    heap_.pop_back();
+    ++counters_.stale_entries_skipped;
+  }
+}
+
+void StageRouter::Push(const std::string& peer, double virtual_time) {
+  Peer& p = peers_.at(peer);
+  p.virtual_time = virtual_time;
+  p.entry = next_entry_++;
+  heap_.push_back(Entry{virtual_time, rng_(), p.entry, peer});
+  std::push_heap(heap_.begin(), heap_.end(), Later());
+}
+
+double StageRouter::HeapMinimum() {
+  DropStaleTop();
+  return heap_.empty() ? last_virtual_time_ : heap_.front().virtual_time;
+}
+
+double StageRouter::ExpectedSeconds(const Peer& p, double task_size) const {
+  if (!p.ema.measured()) return task_size * options_.initial_seconds_per_sample;
+  return task_size / p.ema.Throughput();
+}
+
+absl::Status StageRouter::SetRoster(uint64_t roster_version,
+                                    const std::vector<std::string>& peer_ids) {
+  std::set<std::string> wanted;
+  for (const std::string& id : peer_ids) {
+    if (id.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(options_.stage, " roster version ", roster_version, ": empty peer id"));
+    }
+    if (!wanted.insert(id).second) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          options_.stage, " roster version ", roster_version, ": peer '", id, "' listed twice"));
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  if (version_.has_value()) {
+    if (roster_version < *version_) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(options_.stage, ": roster version ", roster_version,
+                       " is older than the installed version ", *version_));
+    }
+    if (roster_version == *version_) {
+      bool same = wanted.size() == peers_.size();
+      for (auto it = peers_.begin(); same && it != peers_.end(); ++it) {
+        same = wanted.count(it->first) > 0;
+      }
+      if (same) return absl::OkStatus();
+      return absl::FailedPreconditionError(absl::StrCat(options_.stage, ": roster version ",
+                                                        roster_version,
+                                                        " is installed already with other peers"));
+    }
+  }
+  version_ = roster_version;
+  ++counters_.roster_changes;
+
+  for (auto it = peers_.begin(); it != peers_.end();) {
+    if (wanted.count(it->first) == 0) {
+      it = peers_.erase(it);  // its heap entry goes stale
+      ++counters_.peers_dropped;
+    } else {
+      ++it;
+    }
+  }
+  // Newcomers and the peers whose ban this version lifts enter at the current minimum, so each
+  // is tried within the next |stage| choices. The minimum is read once: they all enter together,
+  // in the order of their random tie-breaks.
+  const double enter_at = HeapMinimum();
+  for (const std::string& id : wanted) {
+    auto it = peers_.find(id);
+    if (it == peers_.end()) {
+      peers_.emplace(std::piecewise_construct, std::forward_as_tuple(id),
+                     std::forward_as_tuple(options_.alpha));
+      ++counters_.peers_added;
+      Push(id, enter_at);
+    } else if (it->second.banned) {
+      it->second.banned = false;
+      Push(id, enter_at);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
+  if (!FinitePositive(task_size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
+  }
+  absl::MutexLock lock(&mu_);
+  if (peers_.empty()) {
+    return absl::UnavailableError(absl::StrCat(
+        options_.stage, ": no peer to choose from",
+        version_.has_value() ? absl::StrCat(" (roster version ", *version_, " is empty)")
+                             : std::string(" (no roster yet)")));
+  }
+  DropStaleTop();
+  std::string chosen;
+  if (!heap_.empty()) {
+    Entry top = heap_.front();
+    std::pop_heap(heap_.begin(), heap_.end(), Later());
+    heap_.pop_back();
+    chosen = top.peer;
+  } else {
+    // Every peer is banned (a peer that is not banned always has a live entry). Choose among
+    // them by their virtual times, as if there were no bans, without re-entering them into the
+    // heap: the bans still hold once the roster changes.
+    auto best = peers_.begin();
+    for (auto it = peers_.begin(); it != peers_.end(); ++it) {
+      if (it->second.virtual_time < best->second.virtual_time) best = it;
+    }
+    chosen = best->first;
+    ++counters_.all_banned_choices;
+  }
+  Peer& p = peers_.at(chosen);
+  const double now = p.virtual_time;
+  last_virtual_time_ = now;
+  // The next finish time must move past `now` even when the expected duration is below its
+  // rounding (a peer measured at an enormous throughput), or a tie could keep the peer on top.
+  const double next = std::max(now + ExpectedSeconds(p, task_size),
+                               std::nextafter(now, std::numeric_limits<double>::infinity()));
+  if (p.banned) {
+    p.virtual_time = next;
+  } else {
+    Push(chosen, next);
+  }
+  ++counters_.choices;
+  return chosen;
+}
+
+absl::Status StageRouter::Report(const std::string& peer, double task_size, double start_s,
+                                 double end_s) {
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat(options_.stage, ": report for peer '", peer, "', which is not in the roster"));
+  }
+  absl::Status s = it->second.ema.Update(task_size, start_s, end_s);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options_.stage, " peer '", peer, "': ", s.message()));
+  }
+  ++counters_.reports;
+  return absl::OkStatus();
+}
+
+absl::Status StageRouter::Ban(const std::string& peer) {
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat(options_.stage, ": cannot ban peer '", peer, "', which is not in the roster"));
+  }
+  if (!it->second.banned) {
+    it->second.banned = true;
+    it->second.entry = 0;  // its heap entry goes stale
+    ++counters_.bans;
+  }
+  return absl::OkStatus();
+}
+
+std::optional<double> StageRouter::Throughput(const std::string& peer) const {
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  if (it == peers_.end() || !it->second.ema.measured()) return std::nullopt;
+  return it->second.ema.Throughput();
+}
+
+bool StageRouter::banned(const std::string& peer) const {
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  return it != peers_.end() && it->second.banned;
+}
+
+std::vector<std::string> StageRouter::peers() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> out;
+  out.reserve(peers_.size());
+  for (const auto& [id, p] : peers_) out.push_back(id);
+  return out;
+}
+
+std::optional<uint64_t> StageRouter::roster_version() const {
+  absl::MutexLock lock(&mu_);
+  return version_;
+}
+
+StageRouterCounters StageRouter::counters() const {
+  absl::MutexLock lock(&mu_);
+  return counters_;
+}
+
+}  // namespace shoal::parallel

@@ -1,0 +1,182 @@
+// How a swarm trainer picks, for each hop of a micro-batch, which peer of a stage runs it.
+//
+// Every stage of a swarm is served by several peers of unequal speed. A trainer keeps one
+// StageRouter per stage and asks it for a peer at every hop. The router spreads the work so that
+// each peer receives work in proportion to its measured throughput (ALGORITHMS.md §2.4): an
+// interleaved weighted round-robin, run as a min-heap of virtual finish times. Choosing a peer pops
+// the smallest virtual time and pushes the peer back at that time plus the task's expected
+// duration (task size / the peer's measured throughput). A fast peer's virtual time moves slowly,
+// so it comes back to the top more often; ties are broken by a seeded random draw, so one seed
+// gives one sequence of choices.
+//
+// A peer's throughput is a ThroughputEma over the tasks the trainer timed on it. Both pieces are
+// pure: times are passed in as seconds (any clock, a fake one in tests), nothing here sleeps,
+// reads a clock or talks to the network.
+//
+// Membership comes from the coordinator's roster (SetRoster): a newcomer enters the heap at the
+// current minimum, so it is tried within the next |stage| choices; a departed peer's heap entry
+// goes stale and is skipped when it surfaces. A peer that failed a call is banned (Ban) until the
+// roster version changes. If every peer of the roster is banned, the fault is more likely the
+// trainer's own (its network, say) than every peer's, so Choose then ignores the bans rather than
+// stall, and counts it.
+//
+// Thread safety: ThroughputEma is a plain value (not thread-safe); StageRouter is thread-safe (a
+// trainer may have several micro-batches in flight). No call blocks.
+#ifndef SHOAL_PARALLEL_SWARM_ROUTER_H_
+#define SHOAL_PARALLEL_SWARM_ROUTER_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace shoal::parallel {
+
+// A peer's throughput as SWARM's PerformanceEMA measures it: an exponential moving average of
+// seconds per sample with smoothing `alpha`, bias-corrected for the few first measurements
+// (ema / (1 - (1 - alpha)^n) after n updates), throughput = 1 / max(seconds per sample, 1e-20).
+// So the first measurement is taken as it is, and a constant rate is reported as that rate.
+//
+// Tasks may overlap (several micro-batches in flight on one peer): each task is measured from
+// max(its start, the latest end seen so far), so time already attributed to an earlier task is
+// not counted twice. A task that lies entirely inside time already counted adds its samples with
+// zero seconds. Tasks are best reported in the order they end; an early-ending task reported late
+// is measured as if it had ended at the latest end seen.
+class ThroughputEma {
+ public:
+  // REQUIRES: 0 < alpha <= 1.
+  explicit ThroughputEma(double alpha = 0.1);
+
+  // Folds in a task of `samples` (> 0) that ran from `start_s` to `end_s` (>= start_s), both
+  // finite. kInvalidArgument naming the bad value; the average is then unchanged.
+  absl::Status Update(double samples, double start_s, double end_s);
+
+  // Samples per second; 0 before the first update.
+  double Throughput() const;
+  // Bias-corrected seconds per sample; 0 before the first update.
+  double SecondsPerSample() const;
+  int64_t updates() const { return updates_; }
+  bool measured() const { return updates_ > 0; }
+
+ private:
+  double alpha_;
+  // The bias-corrected average kept as a weighted mean: weighted_sum_ = sum_k b^(n-k) x_k and
+  // weight_ = sum_k b^(n-k) with b = 1 - alpha, x_k the k-th seconds per sample. Their ratio is
+  // exactly SWARM's ema / (1 - b^n) (both are multiplied by alpha there), and after one update it
+  // is x_1 itself, with no rounding.
+  double weighted_sum_ = 0;
+  double weight_ = 0;
+  int64_t updates_ = 0;
+  double last_end_s_ = 0;  // the latest end seen; meaningful once updates_ > 0
+};
+
+struct StageRouterOptions {
+  std::string stage = "stage";  // how messages name the stage ("stage 2")
+  uint64_t seed = 0;            // the tie-break draws
+  double alpha = 0.1;           // the throughput EMA's smoothing
+  // Seconds per unit of task size assumed for a peer not yet measured (SWARM's initial
+  // throughput, which multiplies: 1 s per sample).
+  double initial_seconds_per_sample = 1.0;
+};
+
+struct StageRouterCounters {
+  uint64_t choices = 0;                // successful Choose calls
+  uint64_t all_banned_choices = 0;     // of them, made ignoring bans (every peer was banned)
+  uint64_t stale_entries_skipped = 0;  // heap entries of departed, banned or re-pushed peers
+  uint64_t bans = 0;                   // Ban calls that banned a peer
+  uint64_t reports = 0;                // Report calls folded into a peer's EMA
+  uint64_t roster_changes = 0;         // SetRoster calls that installed a new roster version
+  uint64_t peers_added = 0;
+  uint64_t peers_dropped = 0;
+};
+
+// One trainer's router for one stage. See the top of the file.
+class StageRouter {
+ public:
+  // kInvalidArgument when alpha is not in (0, 1] or initial_seconds_per_sample is not finite and
+  // > 0.
+  static absl::StatusOr<std::unique_ptr<StageRouter>> Create(const StageRouterOptions& options);
+
+  // Installs the stage's roster: peers not known yet are added (entering the heap at its current
+  // minimum, unmeasured), peers absent from `peer_ids` are dropped with their measurements. A
+  // version above the current one clears every ban; the same version with the same peers changes
+  // nothing. kInvalidArgument for an empty or repeated peer id; kFailedPrecondition for a version
+  // below the current one, or the current version with other peers (a roster is named by its
+  // version). On error nothing changes.
+  absl::Status SetRoster(uint64_t roster_version, const std::vector<std::string>& peer_ids);
+
+  // The peer to run a task of `task_size` (samples; SWARM weighs a backward as 2.5 forwards) on,
+  // advancing its virtual time by the expected duration. kInvalidArgument when task_size is not
+  // finite and > 0; kUnavailable naming the stage when the roster is empty (or was never set).
+  absl::StatusOr<std::string> Choose(double task_size);
+
+  // A task of `task_size` ran on `peer` from `start_s` to `end_s` (seconds on the caller's clock):
+  // folds it into the peer's throughput (ThroughputEma). kInvalidArgument for bad numbers;
+  // kNotFound when the peer is not in the roster (it left meanwhile: nothing to do).
+  absl::Status Report(const std::string& peer, double task_size, double start_s, double end_s);
+
+  // Stops choosing `peer` until the roster version changes (a call to it failed with something
+  // other than a deadline: a slow peer is not banned, it just accrues virtual time). Banning a
+  // banned peer again is not an error. Its measurements are kept (reports still reach them), so
+  // it comes back with them. kNotFound when the peer is not in the roster.
+  absl::Status Ban(const std::string& peer);
+
+  // The peer's measured throughput (task size per second); nullopt when it is not in the roster
+  // or has no measurement yet.
+  std::optional<double> Throughput(const std::string& peer) const;
+  bool banned(const std::string& peer) const;
+  // The roster's peers, in id order; the installed version (nullopt before the first SetRoster).
+  std::vector<std::string> peers() const;
+  std::optional<uint64_t> roster_version() const;
+  StageRouterCounters counters() const;
+
+ private:
+  explicit StageRouter(const StageRouterOptions& options);
+
+  struct Peer {
+    explicit Peer(double alpha) : ema(alpha) {}
+    ThroughputEma ema;
+    bool banned = false;
+    double virtual_time = 0;  // where its next entry is (or would be) in the heap
+    uint64_t entry = 0;       // id of its live heap entry; 0 when it has none
+  };
+  struct Entry {
+    double virtual_time;
+    uint64_t tie;  // random tie-break
+    uint64_t id;   // unique, so an entry of a dropped peer never comes back to life
+    std::string peer;
+  };
+  struct Later {
+    bool operator()(const Entry& a, const Entry& b) const;
+  };
+
+  bool Live(const Entry& e) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pops stale entries off the top; rebuilds the heap when stale entries dominate it.
+  void DropStaleTop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Push(const std::string& peer, double virtual_time) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The smallest virtual time of a live entry, or of the last choice when there is none.
+  double HeapMinimum() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  double ExpectedSeconds(const Peer& p, double task_size) const;
+
+  const StageRouterOptions options_;
+  mutable absl::Mutex mu_;
+  std::mt19937_64 rng_ ABSL_GUARDED_BY(mu_);
+  std::optional<uint64_t> version_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Peer> peers_ ABSL_GUARDED_BY(mu_);
+  std::vector<Entry> heap_ ABSL_GUARDED_BY(mu_);  // a std::push_heap/pop_heap heap, Later
+  uint64_t next_entry_ ABSL_GUARDED_BY(mu_) = 1;
+  double last_virtual_time_ ABSL_GUARDED_BY(mu_) = 0;
+  StageRouterCounters counters_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace shoal::parallel
+
+#endif  // SHOAL_PARALLEL_SWARM_ROUTER_H_

@@ -1,0 +1,166 @@
+#include "scheduler/swarm_policy.h"
+
+#include <cmath>
+#include <limits>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+
+namespace shoal::scheduler {
+
+namespace {
+
+// The largest byte count SwarmStageBytes reports: far above any machine, far enough below
+// INT64_MAX that the estimate in double below cannot be off by enough to overflow.
+constexpr double kMaxBytes = 4.0e18;
+
+absl::Status CheckShape(const GptShape& s) {
+  if (s.n_layer < 1 || s.n_head < 1 || s.n_embd < 1 || s.block_size < 1 || s.vocab_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("swarm stage bytes: every model size must be >= 1, got n_layer ", s.n_layer,
+                     ", n_head ", s.n_head, ", n_embd ", s.n_embd, ", block_size ", s.block_size,
+                     ", vocab_size ", s.vocab_size));
+  }
+  // Counted in double first, so that gpt_arithmetic's int64 products are known not to overflow.
+  const double c = static_cast<double>(s.n_embd);
+  const double all = static_cast<double>(s.n_layer) * (12 * c * c + 13 * c) +
+                     2 * static_cast<double>(s.vocab_size + s.block_size) * c + 2 * c;
+  if (all * kSwarmStateBytesPerParameter > kMaxBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage bytes: the model (n_layer ",
+                                                   s.n_layer, ", n_embd ", s.n_embd, ", vocab ",
+                                                   s.vocab_size, ") is too large to count"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<SwarmStageChoice> ChooseStage(const std::vector<SwarmStageLoad>& stages,
+                                             int64_t joiner_free_bytes) {
+  if (stages.empty()) return absl::InvalidArgumentError("choose stage: no stages");
+  if (joiner_free_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "choose stage: the joiner's free bytes must be >= 0, got ", joiner_free_bytes));
+  }
+  std::set<int> seen;
+  double swarm_sum = 0;
+  int64_t swarm_serving = 0;
+  for (const SwarmStageLoad& st : stages) {
+    if (st.index < 0 || !seen.insert(st.index).second) {
+      return absl::InvalidArgumentError(absl::StrCat("choose stage: stage index ", st.index,
+                                                     st.index < 0 ? " is negative" : " repeats"));
+    }
+    if (st.bytes < 0 || st.syncing_peers < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("choose stage: stage ", st.index, ": bytes ",
+                                                     st.bytes, " and syncing peers ",
+                                                     st.syncing_peers, " must be >= 0"));
+    }
+    for (double t : st.serving_throughputs) {
+      if (!std::isfinite(t) || t < 0) {
+        return absl::InvalidArgumentError(absl::StrCat("choose stage: stage ", st.index,
+                                                       ": a serving peer's throughput is ", t,
+                                                       " (must be finite and >= 0)"));
+      }
+      swarm_sum += t;
+    }
+    swarm_serving += static_cast<int64_t>(st.serving_throughputs.size());
+  }
+  // What a syncing peer of a stage nobody serves yet is expected to bring.
+  const double swarm_mean = swarm_serving > 0 ? swarm_sum / swarm_serving : 1.0;
+
+  const SwarmStageLoad* smallest = nullptr;
+  bool have = false;
+  SwarmStageChoice best;
+  for (const SwarmStageLoad& st : stages) {
+    if (smallest == nullptr || st.bytes < smallest->bytes ||
+        (st.bytes == smallest->bytes && st.index < smallest->index)) {
+      smallest = &st;
+    }
+    if (st.bytes > joiner_free_bytes) continue;
+    SwarmStageChoice c;
+    c.index = st.index;
+    c.empty = st.serving_throughputs.empty() && st.syncing_peers == 0;
+    double sum = 0;
+    for (double t : st.serving_throughputs) sum += t;
+    const double expected_syncing =
+        st.serving_throughputs.empty() ? swarm_mean : sum / st.serving_throughputs.size();
+    c.capacity = sum + st.syncing_peers * expected_syncing;
+    // Empty stages first, then the lowest capacity, then the lowest index.
+    const bool better = !have || (c.empty != best.empty         ? c.empty
+                                  : c.capacity != best.capacity ? c.capacity < best.capacity
+                                                                : c.index < best.index);
+    if (better) {
+      best = c;
+      have = true;
+    }
+  }
+  if (!have) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "choose stage: the joiner has ", joiner_free_bytes, " bytes free, and the smallest stage (",
+        smallest->index, ") needs ", smallest->bytes, " bytes"));
+  }
+  return best;
+}
+
+absl::StatusOr<int64_t> SwarmStageParameters(const GptShape& shape, int first_block,
+                                             int end_block) {
+  if (absl::Status s = CheckShape(shape); !s.ok()) return s;
+  if (first_block < 0 || end_block <= first_block || end_block > shape.n_layer) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("swarm stage bytes: blocks [", first_block, ", ", end_block,
+                     ") are not a non-empty range of the model's ", shape.n_layer, " blocks"));
+  }
+  const bool first = first_block == 0, last = end_block == shape.n_layer;
+  int64_t params = (end_block - first_block) * GptBlockParameters(shape);
+  if (first) params += GptEmbeddingParameters(shape);
+  if (last) {
+    params += GptFinalParameters(shape);
+    // The head's weight is wte: a stage holding the embeddings has it already.
+    if (!first) params += shape.vocab_size * shape.n_embd;
+  }
+  return params;
+}
+
+absl::StatusOr<int64_t> SwarmStageBytes(const GptShape& shape, int first_block, int end_block,
+                                        int64_t activation_bytes) {
+  absl::StatusOr<int64_t> params = SwarmStageParameters(shape, first_block, end_block);
+  if (!params.ok()) return params.status();
+  if (activation_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm stage bytes: the activation budget must be >= 0 bytes, got ", activation_bytes));
+  }
+  const int64_t state = *params * kSwarmStateBytesPerParameter;  // <= kMaxBytes (CheckShape)
+  if (activation_bytes > std::numeric_limits<int64_t>::max() - state) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage bytes: ", state,
+                                                   " state bytes plus an activation budget of ",
+                                                   activation_bytes, " overflow int64"));
+  }
+  return state + activation_bytes;
+}
+
+absl::StatusOr<int64_t> SwarmStageBytesInSplit(const GptShape& shape,
+                                               const std::vector<int>& blocks_per_stage, int stage,
+                                               int64_t activation_bytes) {
+  if (stage < 0 || stage >= static_cast<int>(blocks_per_stage.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage bytes: stage ", stage,
+                                                   " is not one of the split's ",
+                                                   blocks_per_stage.size(), " stages"));
+  }
+  int64_t total = 0, first = 0;
+  for (size_t s = 0; s < blocks_per_stage.size(); ++s) {
+    if (blocks_per_stage[s] < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "swarm stage bytes: stage ", s, " of the split has ", blocks_per_stage[s], " blocks"));
+    }
+    if (static_cast<int>(s) < stage) first += blocks_per_stage[s];
+    total += blocks_per_stage[s];
+  }
+  if (total != shape.n_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage bytes: the split covers ", total,
+                                                   " blocks, the model has ", shape.n_layer));
+  }
+  return SwarmStageBytes(shape, static_cast<int>(first),
+                         static_cast<int>(first + blocks_per_stage[stage]), activation_bytes);
+}
+
+}  // namespace shoal::scheduler
