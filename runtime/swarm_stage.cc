@@ -48,20 +48,70 @@ absl::StatusOr<std::unique_ptr<SwarmStage>> SwarmStage::Create(
   const int end_piece = stage == num_stages - 1 ? model.n_layer + 2 : end_block + 1;
   SHOAL_ASSIGN_OR_RETURN(s->model_, Gpt::CreateStage(model, seed, first_piece, end_piece));
   Gpt& m = *s->model_;
+  for (int g : {Gpt::kDecay, Gpt::kNoDecay}) s->accumulation_[g] = m.grads(g).MakeLike();
   s->optimizer_ = std::make_unique<parallel::AdamW>(
-      std::vector<parallel::ParamGroup>{{&m.params(Gpt::kDecay), &m.grads(Gpt::kDecay), true},
-                                        {&m.params(Gpt::kNoDecay), &m.grads(Gpt::kNoDecay), false}},
+      std::vector<parallel::ParamGroup>{
+          {&m.params(Gpt::kDecay), &s->accumulation_[Gpt::kDecay], true},
+          {&m.params(Gpt::kNoDecay), &s->accumulation_[Gpt::kNoDecay], false}},
       adamw);
   s->slots_.resize(options.cache_slots);
   const bool one_copy = m.has_embedding() != m.has_head();
-  for (const auto& [name, grad] : m.NamedGradients()) {
+  for (const auto& [name, view] : s->NamedGradients()) {
     const bool wte = name == "wte.weight";
-    if (wte && one_copy) s->tied_wte_grad_ = grad;
+    if (wte && one_copy) s->tied_wte_grad_ = view;
     // The head's copy of wte: its gradient equals the embedding's after the tied sum.
     if (wte && m.has_head() && !m.has_embedding()) continue;
-    s->counted_grads_.push_back(grad);
+    s->counted_grads_.push_back(view);
   }
   return s;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> SwarmStage::NamedGradients() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const at::Tensor& decay = model_->grads(Gpt::kDecay).flat();
+  for (const auto& [name, grad] : model_->NamedGradients()) {
+    const bool in_decay = grad.storage().is_alias_of(decay.storage());
+    out.emplace_back(name, AccumulationView(in_decay ? Gpt::kDecay : Gpt::kNoDecay, grad));
+  }
+  return out;
+}
+
+at::Tensor SwarmStage::AccumulationView(int group, const at::Tensor& view) const {
+  const at::Tensor& flat = model_->grads(group).flat();
+  return accumulation_[group].flat().as_strided(view.sizes(), view.strides(),
+                                         view.storage_offset() - flat.storage_offset());
+}
+
+absl::Status SwarmStage::CheckNothingPending(const char* call) const {
+  if (!pending_) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "swarm stage ", stage_, ": ", call, " while micro-batch ", pending_key_.id, " of step ",
+      pending_key_.step, " waits for the ledger (Settle first)"));
+}
+
+void SwarmStage::AfterBackward(const MicroBatchKey& key, bool accumulate) {
+  if (accumulate) {
+    pending_ = true;
+    pending_key_ = key;
+  } else {
+    model_->ZeroGrad();
+  }
+}
+
+absl::Status SwarmStage::Settle(const MicroBatchKey& key, bool keep) {
+  if (!pending_ || !(pending_key_ == key)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm stage ", stage_, ": settle of micro-batch ", key.id, " of step ", key.step,
+        ", which is not pending"));
+  }
+  if (keep) {
+    for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+      accumulation_[g].flat().add_(model_->grads(g).flat());
+    }
+  }
+  model_->ZeroGrad();
+  pending_ = false;
+  return absl::OkStatus();
 }
 
 absl::Status SwarmStage::CheckInput(const at::Tensor& input, const char* what) const {
@@ -127,18 +177,6 @@ int SwarmStage::TakeSlot(const MicroBatchKey& key) {
   return pick;
 }
 
-template <typename Pass>
-auto SwarmStage::WithAccumulation(bool accumulate, Pass pass) {
-  if (accumulate) return pass();
-  // Passing through: the pieces add into the gradient buffers, so keep them and put them back.
-  std::vector<at::Tensor> kept;
-  for (const at::Tensor& g : Gradients()) kept.push_back(g.clone());
-  auto out = pass();
-  const std::vector<at::Tensor> grads = Gradients();
-  for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
-  return out;
-}
-
 absl::StatusOr<at::Tensor> SwarmStage::Forward(const MicroBatchKey& key, const at::Tensor& input) {
   if (last()) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -161,6 +199,7 @@ absl::StatusOr<at::Tensor> SwarmStage::Backward(const MicroBatchKey& key, const 
     return absl::FailedPreconditionError(absl::StrCat(
         "swarm stage ", stage_, " is the last: it runs ForwardBackward, not Backward"));
   }
+  SHOAL_RETURN_IF_ERROR(CheckNothingPending("backward"));
   SHOAL_RETURN_IF_ERROR(CheckInput(input, "backward input"));
   SHOAL_RETURN_IF_ERROR(
       CheckActivation(grad_output, input.size(0), input.size(1), "backward grad_output"));
@@ -171,13 +210,13 @@ absl::StatusOr<at::Tensor> SwarmStage::Backward(const MicroBatchKey& key, const 
     slot = CachedSlot(key, input);
   }
   const at::Tensor g = grad_output.contiguous();
-  absl::StatusOr<at::Tensor> out = WithAccumulation(accumulate, [&] {
-    return CatchTorchOr("swarm stage backward", [&]() -> at::Tensor {
-      at::Tensor gi = model_->StageBackward(g, loss_scale, slot);
-      return gi.defined() ? gi.clone() : gi;
-    });
+  absl::StatusOr<at::Tensor> out = CatchTorchOr("swarm stage backward", [&]() -> at::Tensor {
+    at::Tensor gi = model_->StageBackward(g, loss_scale, slot);
+    return gi.defined() ? gi.clone() : gi;
   });
   slots_[slot] = Slot{};  // the backward consumed its activations
+  AfterBackward(key, accumulate && out.ok());
+  if (!out.ok()) model_->ZeroGrad();
   return out;
 }
 
@@ -190,6 +229,7 @@ absl::StatusOr<SwarmStage::LossAndGrad> SwarmStage::ForwardBackward(const MicroB
     return absl::FailedPreconditionError(absl::StrCat(
         "swarm stage ", stage_, " is not the last: ForwardBackward is the last stage's"));
   }
+  SHOAL_RETURN_IF_ERROR(CheckNothingPending("forward-backward"));
   SHOAL_RETURN_IF_ERROR(CheckInput(input, "forward-backward input"));
   if (!targets.defined() || targets.scalar_type() != at::kLong || targets.dim() != 2 ||
       targets.size(0) != input.size(0) || targets.size(1) != input.size(1)) {
@@ -208,23 +248,24 @@ absl::StatusOr<SwarmStage::LossAndGrad> SwarmStage::ForwardBackward(const MicroB
   const int slot = TakeSlot(key);
   slots_[slot] = Slot{true, key, input.contiguous().clone(), ++clock_};
   const at::Tensor y = targets.contiguous();
-  absl::StatusOr<LossAndGrad> out = WithAccumulation(accumulate, [&] {
-    return CatchTorchOr("swarm stage forward-backward", [&]() -> LossAndGrad {
-      const at::Tensor& x = slots_[slot].input;
-      MicroBatch mb{&y, x.size(0), x.size(1), slot};
-      LossAndGrad r;
-      r.loss = model_->StageForward(x, mb).item<double>();
-      at::Tensor gi = model_->StageBackward(at::Tensor(), loss_scale, slot);
-      r.grad_input = gi.defined() ? gi.clone() : gi;
-      return r;
-    });
-  });
+  absl::StatusOr<LossAndGrad> out =
+      CatchTorchOr("swarm stage forward-backward", [&]() -> LossAndGrad {
+        const at::Tensor& x = slots_[slot].input;
+        MicroBatch mb{&y, x.size(0), x.size(1), slot};
+        LossAndGrad r;
+        r.loss = model_->StageForward(x, mb).item<double>();
+        at::Tensor gi = model_->StageBackward(at::Tensor(), loss_scale, slot);
+        r.grad_input = gi.defined() ? gi.clone() : gi;
+        return r;
+      });
   slots_[slot] = Slot{};
+  AfterBackward(key, accumulate && out.ok());
+  if (!out.ok()) model_->ZeroGrad();
   return out;
 }
 
 std::vector<at::Tensor> SwarmStage::Gradients() const {
-  return {model_->grads(Gpt::kDecay).flat(), model_->grads(Gpt::kNoDecay).flat()};
+  return {accumulation_[Gpt::kDecay].flat(), accumulation_[Gpt::kNoDecay].flat()};
 }
 
 at::Tensor SwarmStage::TiedWteGradient() const { return tied_wte_grad_; }
@@ -236,6 +277,8 @@ double SwarmStage::SumSquares() const {
 void SwarmStage::Apply(double lr, double clip_scale) {
   optimizer_->Step(lr, clip_scale);
   model_->ZeroGrad();
+  for (memory::FlatBuffer& a : accumulation_) a.flat().zero_();
+  pending_ = false;
   for (Slot& s : slots_) s = Slot{};
 }
 

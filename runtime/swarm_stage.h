@@ -11,9 +11,13 @@
 //
 // Exactly-once accounting (the coordinator's ledger) decides whether a backward accumulates: a
 // replayed micro-batch passes through stages that already hold its gradient without adding to it
-// (`accumulate` false), and accumulates only at the stages that lost it. Accumulation adds
-// gradient * loss_scale into the stage's flat gradient buffers (1 / M for a step of M
-// micro-batches, so a step equals one process with grad_accum = M).
+// (`accumulate` false), and accumulates only at the stages that lost it. An accumulating backward
+// leaves the micro-batch's gradient (times loss_scale: 1 / M for a step of M micro-batches, so a
+// step equals one process with grad_accum = M) *pending*: it joins the stage's accumulation only
+// when Settle(key, true) says the ledger recorded it, and Settle(key, false) drops it. The peer is
+// the party that commits, so a trainer that dies between a peer's backward and its own next move
+// can never leave an accumulation the ledger does not know of (which a replay would then add a
+// second time). One micro-batch may be pending at a time.
 //
 // At the step boundary the peers of a stage sum their gradient buffers (Gradients(), in a fixed
 // peer order), the tied wte is summed over the first and the last stage, and every peer applies
@@ -37,6 +41,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "memory/flat_buffer.h"
 #include "parallel/adamw.h"
 #include "runtime/config.h"
 
@@ -96,8 +101,17 @@ class SwarmStage {
                                               const at::Tensor& targets, float loss_scale,
                                               bool accumulate);
 
-  // The flat gradient buffers (decay, no-decay), to be summed over the stage's peers in place.
+  // Ends the pending accumulation of `key`: `keep` adds it to the stage's accumulation, otherwise
+  // it is dropped. kFailedPrecondition when `key` is not the pending micro-batch.
+  absl::Status Settle(const MicroBatchKey& key, bool keep);
+  // The micro-batch whose gradient is pending, if any.
+  bool pending() const { return pending_; }
+
+  // The accumulation (decay, no-decay flat buffers, laid out as the parameters), to be summed
+  // over the stage's peers in place.
   std::vector<at::Tensor> Gradients() const;
+  // The accumulation per parameter, by name (views), in NamedParameters() order.
+  std::vector<std::pair<std::string, at::Tensor>> NamedGradients() const;
   // The gradient of the tied wte when this stage holds exactly one of its two copies (first
   // stage: the embedding's; last stage: the head's), to be summed over the two; else undefined.
   at::Tensor TiedWteGradient() const;
@@ -140,9 +154,12 @@ class SwarmStage {
   int CachedSlot(const MicroBatchKey& key, const at::Tensor& input) const;
   // A slot for a new forward of `key`: its old slot, a free one, or the least recently used.
   int TakeSlot(const MicroBatchKey& key);
-  // Runs `pass` with the gradient buffers restored afterwards unless `accumulate`.
-  template <typename Pass>
-  auto WithAccumulation(bool accumulate, Pass pass);
+  absl::Status CheckNothingPending(const char* call) const;
+  // After a backward: the model's gradient buffers hold this micro-batch's gradient alone; it
+  // becomes pending (`accumulate`) or is cleared.
+  void AfterBackward(const MicroBatchKey& key, bool accumulate);
+  // `view` (into the model's gradient buffer `group`) at the same place in the accumulation.
+  at::Tensor AccumulationView(int group, const at::Tensor& view) const;
 
   ModelConfig config_;
   int stage_, num_stages_;
@@ -152,8 +169,13 @@ class SwarmStage {
   std::vector<Slot> slots_;
   uint64_t clock_ = 0;
   int64_t recomputes_ = 0;
-  std::vector<at::Tensor> counted_grads_;  // what SumSquares counts
-  at::Tensor tied_wte_grad_;
+  // The step's accumulation, laid out as the model's gradient buffers, which hold one micro-batch's
+  // gradient at a time (zero between backwards).
+  memory::FlatBuffer accumulation_[2];  // what AdamW steps on
+  bool pending_ = false;
+  MicroBatchKey pending_key_;
+  std::vector<at::Tensor> counted_grads_;  // views into accumulation_: what SumSquares counts
+  at::Tensor tied_wte_grad_;               // a view into accumulation_, or undefined
 };
 
 }  // namespace shoal::runtime

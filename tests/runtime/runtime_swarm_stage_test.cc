@@ -131,14 +131,17 @@ struct Swarm {
       }
     }
     const float scale = 1.0f / kMicro;
-    auto last = Peer(kStages - 1, bwd[kStages - 1])
-                    .ForwardBackward(key, inputs[kStages - 1], b.targets, scale,
+    SwarmStage& tail = Peer(kStages - 1, bwd[kStages - 1]);
+    auto last = tail.ForwardBackward(key, inputs[kStages - 1], b.targets, scale,
                                      accumulate_at[kStages - 1]);
     EXPECT_TRUE(last.ok()) << last.status();
+    // The ledger records every accumulation here; the peer then keeps it.
+    if (accumulate_at[kStages - 1]) EXPECT_TRUE(tail.Settle(key, true).ok());
     at::Tensor g = last->grad_input;
     for (int s = kStages - 2; s >= lowest; --s) {
       auto gi = Peer(s, bwd[s]).Backward(key, inputs[s], g, scale, accumulate_at[s]);
       EXPECT_TRUE(gi.ok()) << gi.status();
+      if (accumulate_at[s]) EXPECT_TRUE(Peer(s, bwd[s]).Settle(key, true).ok());
       g = *gi;
     }
     return last->loss;
@@ -191,7 +194,7 @@ void ExpectGradientsMatch(Swarm& swarm, Reference& ref, double tolerance) {
   std::map<std::string, at::Tensor> want;
   for (const auto& [name, t] : ref.model->NamedGradients()) want[name] = t;
   for (int s = 0; s < kStages; ++s) {
-    for (const auto& [name, t] : swarm.Peer(s, 0).model().NamedGradients()) {
+    for (const auto& [name, t] : swarm.Peer(s, 0).NamedGradients()) {
       ASSERT_TRUE(want.count(name)) << name;
       EXPECT_LT(RelMaxError(t, want[name]), tolerance) << "gradient, stage " << s << " " << name;
     }
@@ -283,6 +286,8 @@ TEST(SwarmStageTest, RecomputedBackwardIsBitIdenticalToCached) {
   auto cached = swarm.Peer(1, 0).Backward(key, *h, g, 0.25f, true);
   auto recomputed = swarm.Peer(1, 1).Backward(key, *h, g, 0.25f, true);
   ASSERT_TRUE(cached.ok() && recomputed.ok());
+  ASSERT_TRUE(swarm.Peer(1, 0).Settle(key, true).ok());
+  ASSERT_TRUE(swarm.Peer(1, 1).Settle(key, true).ok());
   EXPECT_EQ(swarm.Peer(1, 0).recomputes(), 0);
   EXPECT_EQ(swarm.Peer(1, 1).recomputes(), 1);
   EXPECT_TRUE(at::equal(*cached, *recomputed));
@@ -305,10 +310,54 @@ TEST(SwarmStageTest, PassThroughBackwardLeavesGradientsAlone) {
     EXPECT_EQ(g.abs().sum().item<double>(), 0.0);
   }
   auto through = swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 0.5f, false);
+  ASSERT_TRUE(through.ok());
+  EXPECT_FALSE(swarm.Peer(1, 0).pending());
   auto summed = swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 0.5f, true);
-  ASSERT_TRUE(through.ok() && summed.ok());
+  ASSERT_TRUE(summed.ok());
   EXPECT_TRUE(at::equal(*through, *summed));  // same gradient of the input either way
+  // Pending: not in the accumulation until settled, and no other backward meanwhile.
+  EXPECT_TRUE(swarm.Peer(1, 0).pending());
+  EXPECT_EQ(swarm.Peer(1, 0).Gradients()[0].abs().sum().item<double>(), 0.0);
+  EXPECT_EQ(swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 0.5f, true).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(swarm.Peer(1, 0).Settle(MicroBatchKey{0, 2}, true).code(),
+            absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(swarm.Peer(1, 0).Settle(key, true).ok());
   EXPECT_GT(swarm.Peer(1, 0).Gradients()[0].abs().sum().item<double>(), 0);
+}
+
+TEST(SwarmStageTest, DroppedAccumulationLeavesNoTraceAndItsReplayRestoresTheStep) {
+  // The ledger refused micro-batch 3's record at stage 1 (its trainer was declared dead and the
+  // id re-leased): the peer drops it, and the replay that follows is the only one counted.
+  Swarm swarm(/*peers=*/1);
+  Reference ref;
+  const int64_t step = 0;
+  double loss = 0;
+  for (int id = 0; id < kMicro; ++id) {
+    if (id != 3) {
+      loss += swarm.Drive(step, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+      continue;
+    }
+    const Batch b = MicroBatchOf(step, id);
+    const MicroBatchKey key{step, id};
+    auto h = swarm.Peer(0, 0).Forward(key, b.tokens);
+    auto x = swarm.Peer(1, 0).Forward(key, *h);
+    ASSERT_TRUE(h.ok() && x.ok());
+    auto last = swarm.Peer(2, 0).ForwardBackward(key, *x, b.targets, 1.0f / kMicro, true);
+    ASSERT_TRUE(last.ok());
+    ASSERT_TRUE(swarm.Peer(2, 0).Settle(key, true).ok());
+    loss += last->loss;
+    ASSERT_TRUE(swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 1.0f / kMicro, true).ok());
+    ASSERT_TRUE(swarm.Peer(1, 0).Settle(key, false).ok());  // refused: dropped
+  }
+  swarm.Drive(step, 3, {0, 0, 0}, {0, 0, 0}, {true, true, false});  // replay: stages 0 and 1
+  swarm.Reduce();
+  const double want = ref.Accumulate(step);
+  ExpectGradientsMatch(swarm, ref, 1e-5);
+  swarm.Update();
+  ref.Update();
+  EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want)));
+  ExpectMatchesReference(swarm, ref, 1);
 }
 
 TEST(SwarmStageTest, RefusesBadInputsByName) {
