@@ -171,7 +171,11 @@ void WorkerLink::Impl::HeartbeatLoop() {
       // stall): join again under the same name, so the job shows up again without a restart.
       const absl::StatusCode code = r.status().code();
       if (code == absl::StatusCode::kNotFound || code == absl::StatusCode::kFailedPrecondition) {
-        absl::StatusOr<v1::JoinResponse> again = beat_client->Join(join);
+        // It says which layout it trains with, so that a coordinator now running another job
+        // refuses it rather than mixing it in.
+        v1::JoinRequest rejoin = join;
+        rejoin.set_running_layout_version(running_version.load());
+        absl::StatusOr<v1::JoinResponse> again = beat_client->Join(rejoin);
         if (again.ok()) {
           SHOAL_LOG(Warning) << "coordinator " << options.coordinator << " no longer knew "
                              << worker_id << " (" << r.status().message() << "); joined again";
@@ -319,11 +323,29 @@ absl::StatusOr<std::unique_ptr<WorkerLink>> WorkerLink::Start(const WorkerLinkOp
   *join.mutable_device() = impl->profile;
   *join.mutable_job() = JobSpecFor(config, env.world_size);
   join.set_mesh_rank(env.rank);
-  join.set_name(absl::StrCat("rank", env.rank));
-  absl::StatusOr<v1::JoinResponse> joined = impl->client->Join(join);
-  if (!joined.ok() && joined.status().code() == absl::StatusCode::kAlreadyExists) {
-    join.set_name(absl::StrCat("rank", env.rank, "-", impl->profile.host(), "-", ::getpid()));
-    joined = impl->client->Join(join);
+  auto join_once = [&]() {
+    join.set_name(absl::StrCat("rank", env.rank));
+    absl::StatusOr<v1::JoinResponse> r = impl->client->Join(join);
+    if (!r.ok() && r.status().code() == absl::StatusCode::kAlreadyExists) {
+      join.set_name(absl::StrCat("rank", env.rank, "-", impl->profile.host(), "-", ::getpid()));
+      r = impl->client->Join(join);
+    }
+    return r;
+  };
+  absl::StatusOr<v1::JoinResponse> joined = join_once();
+  // kUnavailable: the coordinator is unreachable for a moment, or an earlier run of this job
+  // still holds it (a rank that crashed keeps its lease for a while): it says which, and the
+  // join is retried until the deadline.
+  bool busy_logged = false;
+  while (!joined.ok() && joined.status().code() == absl::StatusCode::kUnavailable &&
+         absl::Now() + absl::Seconds(1) < deadline) {
+    if (!busy_logged) {
+      SHOAL_LOG(Info) << "coordinator " << where << ": " << joined.status().message()
+                      << "; joining again until --coordinator-timeout";
+      busy_logged = true;
+    }
+    absl::SleepFor(absl::Seconds(1));
+    joined = join_once();
   }
   if (!joined.ok()) return Named(where, joined.status(), HintFor(joined.status().code()));
   impl->worker_id = joined->worker_id();

@@ -2,13 +2,17 @@
 //
 // Start() profiles the device (runtime/profiler.h; ranks sharing a host take turns, so the first
 // one measures and the others read its cache), measures the round trip and upload bandwidth to
-// the coordinator, joins with the profile and the job (from the config), waits for its
+// the coordinator, joins with the profile and the job (from the config; while an earlier run of
+// the job still holds the coordinator, the join is retried until the timeout), waits for its
 // assignment in the first layout and checks that it places every rank of the job (tp x pp x dp =
 // the world size, this rank inside the mesh); the trainer then builds that mesh and follows the
 // layout's batch plan (micro-batch size, and each replica's share of the job's global batch). The job spec
 // lets the solver use tensor and pipeline parallelism up to parallel.tp and parallel.pp. Then a background thread sends a heartbeat
 // with the latest step statistics every heartbeat interval:
 //   - coordinator unreachable: a warning (at most once a minute) and training goes on;
+//   - the coordinator no longer knows the worker (it restarted, or a stall outlasted the lease):
+//     it joins again, naming the layout it trains with, so a coordinator that has moved on to
+//     another job refuses it (a warning; training goes on) instead of mixing it in;
 //   - the coordinator says drain: the stop flag is set, so the trainer checkpoints and exits at
 //     the next step as on SIGTERM (every rank agrees on the stop collectively).
 // Close() (and the destructor) stops the heartbeats and says goodbye (Leave, short deadline,

@@ -95,8 +95,14 @@ struct CoordinatorCore::State {
   mutable absl::Mutex mu;
   absl::CondVar changed;  // a layout was installed or a worker's state or drain flag changed
 
+  // The job, fixed by the Join that began it. Jobs come and go under one coordinator: a job is
+  // over once none of its workers is live, and the next fresh Join begins the next one (Join).
+  // Layout versions run on across jobs; the current job's layouts are those numbered above
+  // job_start_version.
   bool have_job = false;
   v1::JobSpec job;
+  uint64_t job_number = 0;         // 1 for the first job
+  uint64_t job_start_version = 0;  // last_version when the current job began
   std::map<std::string, std::unique_ptr<Worker>> workers;  // by id: the status lists them sorted
   std::deque<std::pair<uint64_t, std::string>> retired;   // (retired_seq, id), oldest first
   uint64_t retire_seq = 0;
@@ -165,6 +171,33 @@ int CountUsable(const State& st) {
 std::string WaitingReason(const State& st) {
   const int need = std::max(1, st.job.expected_workers());
   return absl::StrCat("waiting for workers: ", CountUsable(st), " of ", need, " usable");
+}
+
+// The current job's layout version, 0 while it has none. st.layout may then still hold the last
+// version of the job before (retired, no placements): a version never goes back.
+uint64_t JobLayoutVersion(const State& st) {
+  return st.layout.version() > st.job_start_version ? st.layout.version() : 0;
+}
+
+// Live workers whose lease has not run out at `now` (the periodic sweep may lag behind), in id
+// order.
+std::vector<const Worker*> LeasedWorkers(const State& st, int64_t now, int64_t lease_ms) {
+  std::vector<const Worker*> out;
+  for (const auto& [id, w] : st.workers) {
+    if (IsLive(w->state) && now - w->last_heartbeat_ms <= lease_ms) out.push_back(w.get());
+  }
+  return out;
+}
+
+// "rank0, rank1", or "w0, w1, w2, w3 and 6 more": enough to find them in `shoal status`.
+std::string NameSome(const std::vector<const Worker*>& workers) {
+  constexpr size_t kNamed = 4;
+  std::string out;
+  for (size_t i = 0; i < workers.size() && i < kNamed; ++i) {
+    absl::StrAppend(&out, i == 0 ? "" : ", ", workers[i]->id);
+  }
+  if (workers.size() > kNamed) absl::StrAppend(&out, " and ", workers.size() - kNamed, " more");
+  return out;
 }
 
 // Every worker's assignment and role from st->layout; the aggregated tokens/s recomputed.
@@ -291,7 +324,7 @@ namespace {
 // True while every worker the current layout places is alive (not draining, dead or gone): the
 // layout can go on running as it is.
 bool LayoutStillRuns(const State& st) {
-  if (st.layout.version() == 0) return false;
+  if (JobLayoutVersion(st) == 0) return false;
   for (const v1::Placement& p : st.layout.placements()) {
     auto it = st.workers.find(p.worker_id());
     if (it == st.workers.end() || it->second->state != v1::WORKER_STATE_ALIVE) return false;
@@ -367,11 +400,23 @@ void RunSolves(State* st, const CoordinatorOptions& options, bool wait) {
       continue;
     }
     const v1::JobSpec job = st->job;
+    const uint64_t job_number = st->job_number;
     st->solving = true;
     st->mu.Unlock();
     absl::StatusOr<v1::Layout> result = SolveLayout(devices, job, options.solver);
     st->mu.Lock();
     st->solving = false;
+    if (st->job_number != job_number) {
+      // Every worker of that job left during the solve and the next job began: its layout
+      // would place workers that are gone under a spec that no longer holds. The new job's
+      // Join has set `dirty`, so the loop solves for it instead.
+      if (force) {
+        ++st->solves_done;
+        st->last_solve = absl::FailedPreconditionError(absl::StrCat(
+            "job ", job_number, " ended during the solve; job ", st->job_number, " began"));
+      }
+      continue;
+    }
     InstallSolve(st, result, force, options);
   }
   if (wait) {
@@ -383,6 +428,71 @@ void RunSolves(State* st, const CoordinatorOptions& options, bool wait) {
 
 void AddRejected(State* st) {
   st->counters.set_rejected_requests_total(st->counters.rejected_requests_total() + 1);
+}
+
+// Marks live workers whose lease ran out by `now` as dead; returns how many. Requires st->mu.
+int ExpireLapsed(State* st, int64_t now, const CoordinatorOptions& options) {
+  std::vector<Worker*> lapsed;
+  for (auto& [id, w] : st->workers) {
+    if (IsLive(w->state) && now - w->last_heartbeat_ms > options.lease_ms) {
+      lapsed.push_back(w.get());
+    }
+  }
+  // Retired after the scan: retiring may prune records from the map being walked.
+  for (Worker* w : lapsed) {
+    if (w->state == v1::WORKER_STATE_ALIVE) st->dirty = true;
+    w->assignment.set_reason("lease expired");
+    if (options.log_events) {
+      SHOAL_LOG(Info) << "expired: " << w->id << " (no heartbeat for "
+                      << now - w->last_heartbeat_ms << " ms)";
+    }
+    Retire(st, w, v1::WORKER_STATE_DEAD);
+  }
+  const int n = static_cast<int>(lapsed.size());
+  st->counters.set_expirations_total(st->counters.expirations_total() + n);
+  return n;
+}
+
+// Begins the next job with `job` as its spec. Requires st->mu and no live worker: the workers
+// of the job before stay in the status as they ended (left or dead). Its layout is retired:
+// st->layout keeps its version (so the versions a client saw never repeat or go back) but places
+// nobody, and this job's first layout gets the next version once job.expected_workers have
+// joined. The job statistics start over; the counters go on.
+void BeginJob(State* st, const v1::JobSpec& job, const CoordinatorOptions& options) {
+  const bool had_job = st->have_job;
+  const std::string previous = st->job.name();
+  ++st->job_number;
+  st->job = job;
+  st->have_job = true;
+  st->job_start_version = st->last_version;
+  if (st->layout.version() > 0) {
+    v1::Layout retired;
+    retired.set_version(st->layout.version());
+    retired.set_summary(absl::StrCat("layout v", st->layout.version(), " retired with job ",
+                                     st->job_number - 1, " ('", previous, "'); job ",
+                                     st->job_number, " ('", job.name(),
+                                     "') waits for its first layout"));
+    st->layout = std::move(retired);
+  }
+  // A worker that died still holds its place until the next solve; that layout is gone now.
+  for (auto& [id, w] : st->workers) w->assignment.set_placed(false);
+  st->layout_error.clear();
+  st->last_solve = absl::OkStatus();
+  st->job_step = 0;
+  st->have_step = false;
+  st->loss = 0;
+  st->loss_sum = 0;
+  st->loss_count = 0;
+  st->tokens_sum = 0;
+  st->history.clear();
+  st->dirty = true;
+  if (options.log_events) {
+    SHOAL_LOG(Info) << "job " << st->job_number << " ('" << job.name() << "') begins"
+                    << (had_job ? absl::StrCat(" after job ", st->job_number - 1, " ('",
+                                               previous, "') ended")
+                                : "")
+                    << "; expects " << job.expected_workers() << " workers";
+  }
 }
 
 }  // namespace
@@ -397,16 +507,50 @@ absl::StatusOr<v1::JoinResponse> CoordinatorCore::Join(const v1::JoinRequest& re
       AddRejected(st);
       return valid;
     }
-    if (!st->have_job) {
-      st->job = request.job();
-      st->have_job = true;
-    } else {
-      const std::string diff = FirstDifference(st->job, request.job(), "job");
-      if (!diff.empty()) {
-        AddRejected(st);
-        return absl::FailedPreconditionError(
-            absl::StrCat("the job spec differs from the coordinator's job: ", diff));
-      }
+    const int64_t now = clock_->NowUnixMs();
+    const uint64_t running = request.running_layout_version();
+    if (running > 0 && running <= st->job_start_version) {
+      // It trains with a layout of a job that has ended: mixing it into this one would give the
+      // solver a worker whose trainer follows another layout (or another model).
+      AddRejected(st);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "this worker still trains with layout v", running, ", of a job that has ended; job ",
+          st->job_number, " ('", st->job.name(), "') began after layout v",
+          st->job_start_version, ": stop this worker, or restart it to join the new job"));
+    }
+    std::vector<const Worker*> leased = LeasedWorkers(*st, now, options_.lease_ms);
+    // No worker of the job is live: it is over, and a fresh start begins the next job (a
+    // worker of this job coming back, running > 0, resumes it instead). Leases that ran out
+    // are retired first, so the old job's workers show as dead, not alive.
+    if (!st->have_job || (leased.empty() && running == 0)) {
+      ExpireLapsed(st, now, options_);
+      BeginJob(st, request.job(), options_);
+    }
+    const std::string diff = FirstDifference(st->job, request.job(), "job");
+    if (!diff.empty()) {
+      AddRejected(st);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the job spec differs from the coordinator's job ", st->job_number, " ('",
+          st->job.name(), "'): ", diff,
+          leased.empty()
+              ? ""
+              : absl::StrCat("; that job is still running on ", leased.size(), " live worker",
+                             leased.size() == 1 ? "" : "s", " (", NameSome(leased),
+                             "), and a new job begins only once every one of them has left or "
+                             "its lease (",
+                             options_.lease_ms, " ms) has run out")));
+    }
+    if (running == 0 && st->job.place_all() && JobLayoutVersion(*st) > 0 && !leased.empty()) {
+      // A fixed world already laid out: its trainers keep their mesh until they restart, so a
+      // fresh rank is a new run of the job (a restart after a crash, or the same job started
+      // twice) while some of the old run still hold leases. It may join once they are gone;
+      // solving it in beside them would hand both runs a layout neither can run.
+      AddRejected(st);
+      return absl::UnavailableError(absl::StrCat(
+          "job ", st->job_number, " ('", st->job.name(), "') already runs layout v",
+          st->layout.version(), " and ", leased.size(), " of its workers are live (",
+          NameSome(leased), "); a new run of it can join once they have left or their leases (",
+          options_.lease_ms, " ms) have run out"));
     }
     std::string id;
     if (!request.name().empty()) {
@@ -437,7 +581,6 @@ absl::StatusOr<v1::JoinResponse> CoordinatorCore::Join(const v1::JoinRequest& re
             absl::StrCat("the coordinator already has ", live, " live workers, its limit"));
       }
     }
-    const int64_t now = clock_->NowUnixMs();
     std::unique_ptr<Worker>& slot = st->workers[id];
     if (replaced) {
       if (!IsLive(slot->state)) --st->retired_count;
@@ -450,9 +593,9 @@ absl::StatusOr<v1::JoinResponse> CoordinatorCore::Join(const v1::JoinRequest& re
     w.device = request.device();
     w.joined_ms = now;
     w.last_heartbeat_ms = now;
-    w.assignment.set_version(st->layout.version());
+    w.assignment.set_version(JobLayoutVersion(*st));
     w.assignment.set_worker_id(id);
-    w.assignment.set_reason(st->layout.version() == 0
+    w.assignment.set_reason(JobLayoutVersion(*st) == 0
                                 ? WaitingReason(*st)
                                 : absl::StrCat("joined after layout v", st->layout.version(),
                                                " was solved; waiting for the next"));
@@ -657,9 +800,11 @@ v1::ClusterStatus CoordinatorCore::Status() const {
     auto it = st->workers.find(p.worker_id());
     if (it == st->workers.end() || !IsLive(it->second->state)) placed_down = true;
   }
+  // Between jobs the layout is the retired one: its version stays (versions never go back), so
+  // the health is not "waiting", which means no layout ever, but "degraded" until this job's own.
   if (st->layout.version() == 0) {
     status.set_health("waiting");
-  } else if (placed_down || usable < st->job.expected_workers()) {
+  } else if (JobLayoutVersion(*st) == 0 || placed_down || usable < st->job.expected_workers()) {
     status.set_health("degraded");
   } else {
     status.set_health("healthy");
@@ -710,28 +855,7 @@ int CoordinatorCore::ExpireLeases() {
   int expired = 0;
   {
     absl::MutexLock lock(&st->mu);
-    const int64_t now = clock_->NowUnixMs();
-    for (auto& [id, w] : st->workers) {
-      if (!IsLive(w->state) || now - w->last_heartbeat_ms <= options_.lease_ms) continue;
-      if (w->state == v1::WORKER_STATE_ALIVE) st->dirty = true;
-      w->assignment.set_reason("lease expired");
-      if (options_.log_events) {
-        SHOAL_LOG(Info) << "expired: " << id << " (no heartbeat for "
-                        << now - w->last_heartbeat_ms << " ms)";
-      }
-      ++expired;
-    }
-    // Retire after the scan: retiring may prune records from the map being walked.
-    if (expired > 0) {
-      std::vector<Worker*> dead;
-      for (auto& [id, w] : st->workers) {
-        if (IsLive(w->state) && now - w->last_heartbeat_ms > options_.lease_ms) {
-          dead.push_back(w.get());
-        }
-      }
-      for (Worker* w : dead) Retire(st, w, v1::WORKER_STATE_DEAD);
-      st->counters.set_expirations_total(st->counters.expirations_total() + expired);
-    }
+    expired = ExpireLapsed(st, clock_->NowUnixMs(), options_);
   }
   if (expired > 0) RunSolves(st, options_, /*wait=*/false);
   return expired;

@@ -3,15 +3,33 @@
 // The gRPC service (coordinator_service.h), the simulator and the fuzz target drive the same
 // object; time comes from a Clock, so the simulator runs it on a virtual one. Thread-safe.
 //
-// Membership: Join validates the request (validate.h) and admits the worker; the first Join fixes
-// the job spec and later ones must match it. A worker is alive while heartbeats keep its lease
-// (lease_ms after the last); ExpireLeases() marks the rest dead. Draining workers are left out of
-// the next layout. The layout is re-solved whenever the set of usable workers changes (once at
-// least job.expected_workers have joined), and by Rebalance().
+// Membership: Join validates the request (validate.h) and admits the worker; the Join that
+// begins a job fixes its spec and later ones must match it. A worker is alive while heartbeats
+// keep its lease (lease_ms after the last); ExpireLeases() marks the rest dead. Draining workers
+// are left out of the next layout. The layout is re-solved whenever the set of usable workers
+// changes (once at least job.expected_workers have joined), and by Rebalance().
+//
+// Jobs: the coordinator outlives them. A job is over once none of its workers is live (each has
+// left, or its lease has run out); the next fresh Join (running_layout_version 0) begins the next
+// job, with that Join's spec. The old job's workers stay in the status as left or dead, its
+// layout is retired (the status keeps its version with no placements, health "degraded", until
+// the new job's first layout), the job statistics start over, and the new job's first layout is
+// solved once its job.expected_workers have joined, with the next version: versions increase
+// across jobs and are never reused. A job is never mixed with workers of another:
+//   - while a worker of the current job is live, a Join with another spec is refused
+//     (kFailedPrecondition naming the live workers);
+//   - in a fixed world (job.place_all) that has its layout, a fresh Join is a new run of the job
+//     (the trainers keep their mesh until they restart): kUnavailable naming the live workers
+//     until they have left or expired (the worker link retries until its timeout);
+//   - a worker that comes back (running_layout_version > 0) with a layout of a job that has
+//     ended is refused (kFailedPrecondition); one with a layout of the current job resumes it,
+//     even after all its workers were gone (the coordinator restarted, or a stall outlasted
+//     every lease).
 //
 // Worker ids: the request's `name` if given; else "rank<N>" for mesh rank N (a new Join with that
-// rank replaces the old worker: the launcher restarted it); else "w<N>". Dead and departed
-// workers stay in the status (at most 1024 of them, oldest dropped first).
+// rank replaces the old worker: the launcher restarted it; but see Jobs for a fixed world that
+// has its layout); else "w<N>". Dead and departed workers stay in the status (at most 1024 of
+// them, oldest dropped first).
 //
 // Solving runs outside the lock, so heartbeats go on during a long solve. When one caller is
 // solving, others that change membership return at once and the solving caller solves again
@@ -62,7 +80,9 @@ class CoordinatorCore {
   CoordinatorCore& operator=(const CoordinatorCore&) = delete;
 
   // kInvalidArgument (named field), kFailedPrecondition (protocol version, job spec differs from
-  // the job's), kAlreadyExists (a live worker has this name).
+  // the running job's, a worker of a job that has ended), kUnavailable (a fresh rank of a fixed
+  // world while the laid-out run of it is still live: try again later), kAlreadyExists (a live
+  // worker has this name), kResourceExhausted (max_workers live workers).
   absl::StatusOr<v1::JoinResponse> Join(const v1::JoinRequest& request);
   // kNotFound (unknown id), kFailedPrecondition (lease expired or left: join again).
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);

@@ -6,7 +6,8 @@
 //   - against a coordinator server started in this process (a real gRPC server on 127.0.0.1): a
 //     wrong token fails fast with exit 2, a drained worker checkpoints and exits 0, an
 //     unreachable coordinator fails within --coordinator-timeout, TLS works with the
-//     coordinator's CA (and plaintext against it does not).
+//     coordinator's CA (and plaintext against it does not);
+//   - one `shoal coordinator` serving jobs one after another, each with a layout of its own.
 // Every command runs under `timeout`, so nothing here can hang the suite.
 #include <signal.h>
 #include <sys/wait.h>
@@ -541,6 +542,77 @@ TEST(WorkerLinkTest, JobSpecAndAssignmentChecks) {
 
 // ---------------------------------------------------------------------------------------------
 // The whole thing through the CLIs
+
+// One `shoal coordinator` outlives its jobs: a job, then another with a different model, then
+// that one again, each `shoal run` of two ranks to the end, each with a layout of its own.
+TEST_F(CoordinatorTest, JobsOneAfterAnotherUnderOneCoordinator) {
+  const std::string port_file = tmp_ / "ports";
+  const pid_t coordinator = testing::SpawnLogged(
+      {"/usr/bin/timeout", "-k", "5", "240", SHOAL_BINARY, "coordinator", "--listen",
+       "127.0.0.1:0", "--port-file", port_file, "--token-file", tmp_ / "token"},
+      tmp_ / "coordinator.log");
+  ASSERT_GT(coordinator, 0);
+  struct Stop {
+    pid_t pid;
+    ~Stop() { testing::TerminateProcess(pid, std::chrono::seconds(10)); }
+  } stop_coordinator{coordinator};
+  int port = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json ports =
+            nlohmann::json::parse(ReadTextFile(port_file), nullptr, /*allow_exceptions=*/false);
+        port = ports.is_object() ? static_cast<int>(Number(Field(ports, "grpc"))) : 0;
+        return port > 0;
+      },
+      std::chrono::seconds(30)))
+      << ReadTextFile(tmp_ / "coordinator.log");
+  const std::string where = "127.0.0.1:" + std::to_string(port);
+  const std::string status_cmd = "timeout -k 5 30 " + std::string(SHOAL_BINARY) +
+                                 " status --coordinator " + where + " --token-file " +
+                                 (tmp_ / "token") + " --json";
+
+  // Runs two ranks of tiny with `sets` for 3 steps; returns the coordinator's status after.
+  auto run_job = [&](const std::string& name, const std::string& sets) {
+    const std::string log = tmp_ / (name + ".log");
+    const pid_t pid = Spawn("run --standalone --nproc-per-node 2 --" +
+                                TrainArgs(3, " train.log_every=1 train.out_dir=" +
+                                                 (tmp_ / name) + sets) +
+                                " --coordinator " + where + " --coordinator-token-file " +
+                                (tmp_ / "token"),
+                            log, 100);
+    const int code = WaitExit(pid, std::chrono::seconds(110));
+    EXPECT_EQ(code, 0) << name << ":\n"
+                       << ReadTextFile(log) << "\ncoordinator:\n"
+                       << ReadTextFile(tmp_ / "coordinator.log");
+    EXPECT_TRUE(Contains(ReadTextFile(log), "step 3/3")) << ReadTextFile(log);
+    CommandResult r = RunCommand(status_cmd);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return LastJsonLine(r.output);
+  };
+  // The layout's version, the blocks the job's model has, and whether both ranks of this job
+  // (the only workers listed: each run's rank<N> replaces the last one's) were placed in that
+  // layout, ran the 3 steps and left.
+  auto check = [&](const nlohmann::json& status, int version, int n_layer) {
+    EXPECT_EQ(Number(Field(Field(status, "layout"), "version")), version) << status.dump();
+    EXPECT_EQ(Number(Field(Field(Field(status, "job"), "model"), "n_layer")), n_layer)
+        << status.dump();
+    std::set<std::string> ids;
+    for (const auto& w : Field(status, "workers")) {
+      ids.insert(Field(w, "worker_id").get<std::string>());
+      const auto& a = Field(w, "assignment");
+      EXPECT_EQ(Number(Field(a, "version")), version) << w.dump();
+      EXPECT_EQ(Number(Field(a, "dp")), 2) << w.dump();
+      EXPECT_EQ(Number(Field(Field(w, "last_stats"), "step")), 3) << w.dump();
+      const auto& state = Field(w, "state");
+      EXPECT_TRUE(state == "WORKER_STATE_LEFT" || Number(state) == v1::WORKER_STATE_LEFT)
+          << w.dump();
+    }
+    EXPECT_EQ(ids, (std::set<std::string>{"rank0", "rank1"})) << status.dump();
+  };
+  check(run_job("first", ""), 1, 4);
+  check(run_job("second", " model.n_layer=2"), 2, 2);  // another job: another model
+  check(run_job("again", " model.n_layer=2"), 3, 2);   // the same job restarted
+}
 
 TEST_F(CoordinatorTest, EndToEndTwoRanksStatusPrometheusDashboard) {
   // 1. The coordinator, ports picked by the kernel and written to a file.

@@ -1,7 +1,8 @@
 // CoordinatorCore on a manual clock: membership (ids, name collisions, rejoin), leases and their
 // expiry, leave and drain, layout versions, WaitAssignment wake-ups, health, the job statistics
 // aggregated from heartbeats (checked against values computed here from the assignments), the
-// bounded history, the job-spec check and the rebalancer's effect on a straggler.
+// bounded history, the job-spec check, the rebalancer's effect on a straggler, and jobs that
+// follow one another under one coordinator (a new spec, a new layout, no stragglers mixed in).
 #include "scheduler/coordinator_core.h"
 
 #include <gtest/gtest.h>
@@ -505,6 +506,182 @@ TEST_F(CoreTest, StatusTableHasAHeaderAndOneAlignedRowPerWorker) {
   EXPECT_NE(alpha.find("1,234,567"), std::string::npos) << table;
   EXPECT_NE(alpha.find("3.0G"), std::string::npos) << table;
   EXPECT_NE(b.find("draining"), std::string::npos) << table;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs come and go under one coordinator.
+
+// A fixed world of `ranks` mesh ranks, as `shoal train --coordinator` sends it.
+v1::JobSpec MeshJob(const std::string& name, int ranks, int n_layer) {
+  v1::JobSpec job = ::shoal::testing::SmallJob(name, ranks, n_layer);
+  job.set_place_all(true);
+  return job;
+}
+
+v1::LeaveRequest LeaveReq(const std::string& id) {
+  v1::LeaveRequest r;
+  r.set_worker_id(id);
+  r.set_reason("finished");
+  return r;
+}
+
+TEST_F(CoreTest, ANewJobAfterTheLastOneEndedGetsItsOwnLayout) {
+  // Job 1: two ranks, laid out, a step reported, then both leave.
+  const v1::JobSpec one = MeshJob("job-one", 2, 4);
+  MustJoin(JoinReq(one, "rank0", 0, Cpu("old0")));
+  MustJoin(JoinReq(one, "rank1", 1, Cpu("old1")));
+  ASSERT_EQ(core().Status().layout().version(), 1u) << core().Status().layout_error();
+  ASSERT_TRUE(core().Heartbeat(Beat("rank0", 5, 3.0, 100)).ok());
+  ASSERT_TRUE(core().Heartbeat(Beat("rank1", 5, 3.0, 100)).ok());
+  ASSERT_EQ(core().Status().job_status().step(), 5);
+  ASSERT_TRUE(core().Leave(LeaveReq("rank0")).ok());
+  ASSERT_TRUE(core().Leave(LeaveReq("rank1")).ok());
+  v1::ClusterStatus s = core().Status();
+  EXPECT_EQ(s.layout().version(), 1u) << "nobody left to solve for: the layout stays";
+
+  // Job 2: another spec (three ranks, six blocks). Its first Join is admitted and begins it.
+  const v1::JobSpec two = MeshJob("job-two", 3, 6);
+  MustJoin(JoinReq(two, "rank0", 0, Cpu("new0")));
+  s = core().Status();
+  EXPECT_EQ(s.job().name(), "job-two");
+  EXPECT_EQ(s.job().model().n_layer(), 6);
+  // Layout v1 is retired: its version stays (versions never go back) but it places nobody, and
+  // the health is not "healthy" until the new job has its own.
+  EXPECT_EQ(s.layout().version(), 1u);
+  EXPECT_EQ(s.layout().placements_size(), 0);
+  EXPECT_NE(s.health(), "healthy");
+  EXPECT_EQ(s.job_status().step(), 0) << "job 1's statistics are not job 2's";
+  EXPECT_EQ(s.job_status().history_size(), 0);
+  // The new rank waits for a first layout (version 0), not for "the next after v1".
+  const v1::Assignment& waiting = Find(s, "rank0")->assignment();
+  EXPECT_EQ(waiting.version(), 0u);
+  EXPECT_FALSE(waiting.placed());
+  EXPECT_NE(waiting.reason().find("1 of 3"), std::string::npos) << waiting.reason();
+  // Job 1's rank1 is still listed, as it ended.
+  ASSERT_NE(Find(s, "rank1"), nullptr);
+  EXPECT_EQ(Find(s, "rank1")->state(), v1::WORKER_STATE_LEFT);
+  EXPECT_EQ(Find(s, "rank1")->device().host(), "old1");
+
+  MustJoin(JoinReq(two, "rank1", 1, Cpu("new1")));
+  EXPECT_EQ(core().Status().layout().version(), 1u) << "2 of 3 ranks: no layout yet";
+  MustJoin(JoinReq(two, "rank2", 2, Cpu("new2")));
+  s = core().Status();
+  ASSERT_EQ(s.layout().version(), 2u) << s.layout_error();
+  EXPECT_EQ(s.health(), "healthy");
+  // Exactly job 2's workers, all of them (a fixed world), on the hosts they joined from.
+  std::set<std::string> placed;
+  for (const auto& p : s.layout().placements()) placed.insert(p.worker_id());
+  EXPECT_EQ(placed, (std::set<std::string>{"rank0", "rank1", "rank2"}));
+  int blocks = 0;
+  for (const auto& w : s.workers()) {
+    EXPECT_EQ(w.device().host(), absl::StrCat("new", w.mesh_rank())) << w.worker_id();
+    const v1::Assignment& a = w.assignment();
+    EXPECT_TRUE(a.placed()) << w.worker_id() << ": " << a.reason();
+    EXPECT_EQ(a.version(), 2u);
+    EXPECT_EQ(a.tp() * a.pp() * a.dp(), 3);
+    if (a.tp_rank() == 0 && a.replica() == 0) blocks += a.end_layer() - a.first_layer();
+  }
+  EXPECT_EQ(blocks, 6) << "replica 0's stages cover job 2's blocks once";
+  EXPECT_EQ(s.counters().layouts_total(), 2);
+  EXPECT_EQ(s.counters().joins_total(), 5);
+
+  // The same job run again, after this one ended: a third layout, with the next version.
+  for (const char* id : {"rank0", "rank1", "rank2"}) ASSERT_TRUE(core().Leave(LeaveReq(id)).ok());
+  for (int r = 0; r < 3; ++r) {
+    MustJoin(JoinReq(two, absl::StrCat("rank", r), r, Cpu(absl::StrCat("new", r))));
+  }
+  s = core().Status();
+  EXPECT_EQ(s.layout().version(), 3u) << s.layout_error();
+  for (const auto& w : s.workers()) {
+    EXPECT_TRUE(w.assignment().placed()) << w.worker_id();
+    EXPECT_EQ(w.assignment().version(), 3u);
+  }
+}
+
+TEST_F(CoreTest, ANewJobWaitsUntilEveryWorkerOfTheLastOneIsGone) {
+  const v1::JobSpec one = MeshJob("job-one", 2, 4);
+  MustJoin(JoinReq(one, "rank0", 0, Cpu("h0")));
+  MustJoin(JoinReq(one, "rank1", 1, Cpu("h1")));
+  ASSERT_EQ(core().Status().layout().version(), 1u);
+  ASSERT_TRUE(core().Leave(LeaveReq("rank0")).ok());
+  // rank1 is still alive (a straggler): another job is refused, naming it and why.
+  const v1::JobSpec two = MeshJob("job-two", 2, 6);
+  auto refused = core().Join(JoinReq(two, "x0", 0, Cpu("h2")));
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  const std::string why(refused.status().message());
+  EXPECT_NE(why.find("job.name is \"job-two\" in this request, \"job-one\" in the job"),
+            std::string::npos)
+      << why;
+  EXPECT_NE(why.find("still running on 1 live worker (rank1)"), std::string::npos) << why;
+  EXPECT_NE(why.find("lease"), std::string::npos) << why;
+  // A fresh run of the same job is not solved in beside it either: try again later.
+  auto again = core().Join(JoinReq(one, "y0", 0, Cpu("h3")));
+  ASSERT_EQ(again.status().code(), absl::StatusCode::kUnavailable) << again.status();
+  EXPECT_NE(again.status().message().find("(rank1)"), std::string::npos) << again.status();
+  v1::ClusterStatus s = core().Status();
+  EXPECT_EQ(s.job().name(), "job-one");
+  EXPECT_EQ(s.workers_size(), 2) << "neither refused join was admitted";
+  EXPECT_EQ(s.counters().rejected_requests_total(), 2);
+
+  // rank1's lease runs out; the sweep has not run yet, but the next Join sees it and begins
+  // job 2.
+  clock_.AdvanceMs(options_.lease_ms + 1);
+  MustJoin(JoinReq(two, "x0", 0, Cpu("h2")));
+  s = core().Status();
+  EXPECT_EQ(s.job().name(), "job-two");
+  EXPECT_EQ(Find(s, "rank1")->state(), v1::WORKER_STATE_DEAD);
+  EXPECT_FALSE(Find(s, "rank1")->assignment().placed()) << "its layout was retired";
+  EXPECT_EQ(s.counters().expirations_total(), 1);
+  MustJoin(JoinReq(two, "x1", 1, Cpu("h3")));
+  s = core().Status();
+  ASSERT_EQ(s.layout().version(), 2u) << s.layout_error();
+  std::set<std::string> placed;
+  for (const auto& p : s.layout().placements()) placed.insert(p.worker_id());
+  EXPECT_EQ(placed, (std::set<std::string>{"x0", "x1"}));
+}
+
+TEST_F(CoreTest, AWorkerComingBackResumesItsJobUnlessThatJobHasEnded) {
+  const v1::JobSpec one = MeshJob("job-one", 2, 4);
+  MustJoin(JoinReq(one, "rank0", 0, Cpu("h0")));
+  MustJoin(JoinReq(one, "rank1", 1, Cpu("h1")));
+  ASSERT_EQ(core().Status().layout().version(), 1u);
+  // A stall outlasts both leases; the trainers go on with layout v1 and join again.
+  clock_.AdvanceMs(options_.lease_ms + 1);
+  ASSERT_EQ(core().ExpireLeases(), 2);
+  v1::JoinRequest back = JoinReq(one, "rank0", 0, Cpu("h0"));
+  back.set_running_layout_version(1);
+  MustJoin(back);
+  EXPECT_EQ(core().Status().job().name(), "job-one") << "a returning worker resumes job 1";
+  back = JoinReq(one, "rank1", 1, Cpu("h1"));
+  back.set_running_layout_version(1);
+  MustJoin(back);
+  v1::ClusterStatus s = core().Status();
+  EXPECT_EQ(s.layout().version(), 2u) << s.layout_error();
+  EXPECT_EQ(s.health(), "healthy");
+
+  // Job 1 ends; job 2 begins with one of its ranks.
+  ASSERT_TRUE(core().Leave(LeaveReq("rank0")).ok());
+  ASSERT_TRUE(core().Leave(LeaveReq("rank1")).ok());
+  const v1::JobSpec two = MeshJob("job-two", 2, 4);
+  MustJoin(JoinReq(two, "n0", 0, Cpu("h2")));
+  // A trainer of job 1 that never stopped comes back: same spec or not, it is not mixed in.
+  for (const v1::JobSpec& spec : {one, two}) {
+    back = JoinReq(spec, "rank1", 1, Cpu("h1"));
+    back.set_running_layout_version(2);
+    auto refused = core().Join(back);
+    ASSERT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+    EXPECT_NE(refused.status().message().find("layout v2, of a job that has ended"),
+              std::string::npos)
+        << refused.status();
+  }
+  s = core().Status();
+  EXPECT_EQ(Find(s, "rank1")->state(), v1::WORKER_STATE_LEFT);
+  MustJoin(JoinReq(two, "n1", 1, Cpu("h3")));
+  s = core().Status();
+  EXPECT_EQ(s.layout().version(), 3u) << s.layout_error();
+  std::set<std::string> placed;
+  for (const auto& p : s.layout().placements()) placed.insert(p.worker_id());
+  EXPECT_EQ(placed, (std::set<std::string>{"n0", "n1"}));
 }
 
 // The gain a third device brings, from the solver itself: the threshold is then set on either side
