@@ -9,6 +9,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "comm/grpc_util.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -16,14 +17,6 @@
 
 namespace shoal::comm {
 namespace {
-
-// gRPC's codes are absl's, number for number; the call's name goes in front of the message so a
-// log line says which request failed.
-absl::Status FromGrpc(const char* call, const grpc::Status& s) {
-  if (s.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                      absl::StrCat(call, ": ", s.error_message()));
-}
 
 double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -39,7 +32,7 @@ struct CoordinatorClient::Impl {
   // A context for one call: its deadline and the token.
   void Prepare(grpc::ClientContext* ctx, absl::Duration timeout) const {
     ctx->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
-    if (!options.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options.token);
+    AddBearer(ctx, options.token);
   }
 
   absl::StatusOr<v1::PingResponse> Ping(int64_t bytes) {
@@ -70,21 +63,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(
   if (options.timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("the coordinator call timeout must be > 0");
   }
-  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
-  if (!options.tls_ca_file.empty()) {
-    absl::StatusOr<std::string> ca = ReadFileToString(options.tls_ca_file);
-    if (!ca.ok()) {
-      return absl::NotFoundError(absl::StrCat("cannot read the CA file ", options.tls_ca_file,
-                                              ": ", ca.status().message()));
-    }
-    if (ca->find("-----BEGIN CERTIFICATE-----") == std::string::npos) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("the CA file ", options.tls_ca_file, " holds no PEM certificate"));
-    }
-    grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = *ca;
-    credentials = grpc::SslCredentials(ssl);
-  }
+  SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                         ClientCredentials(options.tls_ca_file, "the CA file"));
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);

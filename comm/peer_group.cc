@@ -1,5 +1,7 @@
 #include "comm/peer_group.h"
 
+#include "comm/grpc_util.h"
+
 #include <ATen/ATen.h>
 #include <grpcpp/grpcpp.h>
 
@@ -23,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "comm/backend_internal.h"
+#include "comm/grpc_util.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -176,30 +179,7 @@ absl::Status CheckFrame(const v1::ExchangeFrame& f) {
   return absl::OkStatus();
 }
 
-// Equal strings in time that depends only on their lengths.
-bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? a[i] : 0;
-    const unsigned char y = i < b.size() ? b[i] : 0;
-    diff |= x ^ y;
-  }
-  return diff == 0;
-}
 
-absl::StatusOr<std::string> ReadPem(const std::string& path, const std::string& what,
-                                    const char* marker) {
-  absl::StatusOr<std::string> text = ReadFileToString(path);
-  if (!text.ok()) {
-    return absl::NotFoundError(
-        absl::StrCat("cannot read ", what, " ", path, ": ", text.status().message()));
-  }
-  if (text->find(marker) == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " ", path, " holds no PEM block"));
-  }
-  return text;
-}
 
 }  // namespace
 
@@ -919,7 +899,7 @@ class FrameSender {
     }
     call->ctx.set_deadline(absl::ToChronoTime(deadline_));
     if (!group_.options.token.empty()) {
-      call->ctx.AddMetadata("authorization", "Bearer " + group_.options.token);
+      AddBearer(&call->ctx, group_.options.token);
     }
     // The callback holds the call; gRPC is done with its context once the callback runs.
     group_.stubs[call->job.dest]->async()->Exchange(
@@ -1325,14 +1305,8 @@ absl::StatusOr<std::unique_ptr<PeerGroup>> PeerGroup::Create(
   if (options.probe_interval <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("peer group: probe_interval must be > 0");
   }
-  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
-  if (!options.tls_ca_file.empty()) {
-    SHOAL_ASSIGN_OR_RETURN(std::string ca, ReadPem(options.tls_ca_file, "the peer group's CA file",
-                                                   "-----BEGIN CERTIFICATE-----"));
-    grpc::SslCredentialsOptions ssl;
-    ssl.pem_root_certs = ca;
-    credentials = grpc::SslCredentials(ssl);
-  }
+  SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
+                         ClientCredentials(options.tls_ca_file, "the peer group's CA file"));
 
   ExchangeMailbox::Impl* box = mailbox->impl_.get();
   auto impl = std::make_unique<Impl>(options, std::move(mailbox), box);
@@ -1470,35 +1444,20 @@ std::unique_ptr<Work> PeerGroup::Barrier(const CollectiveOptions& options) {
 
 namespace {
 
-grpc::Status ToGrpc(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-
 class ExchangeOnlyService final : public v1::SwarmPeer::Service {
  public:
   ExchangeOnlyService(std::shared_ptr<ExchangeMailbox> mailbox, const std::string& token)
-      : mailbox_(std::move(mailbox)), expected_(token.empty() ? "" : "Bearer " + token) {}
+      : mailbox_(std::move(mailbox)), token_(token) {}
 
   grpc::Status Exchange(grpc::ServerContext* ctx, const v1::ExchangeFrame* frame,
                         v1::ExchangeAck*) override {
-    if (!expected_.empty()) {
-      const auto& md = ctx->client_metadata();
-      auto it = md.find("authorization");
-      if (it == md.end()) {
-        return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
-                            "missing authorization metadata (Bearer token)");
-      }
-      if (!ConstantTimeEquals(std::string(it->second.data(), it->second.size()), expected_)) {
-        return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "wrong token");
-      }
-    }
+    if (grpc::Status auth = CheckBearer(*ctx, token_); !auth.ok()) return auth;
     return ToGrpc(mailbox_->Deliver(*frame));
   }
 
  private:
   std::shared_ptr<ExchangeMailbox> mailbox_;
-  const std::string expected_;  // "Bearer <token>"; empty: no authentication
+  const std::string token_;  // empty: no authentication
 };
 
 }  // namespace
@@ -1527,16 +1486,9 @@ absl::StatusOr<std::unique_ptr<ExchangeServer>> ExchangeServer::Start(
   if (!IsPrintableAscii(options.token)) {
     return absl::InvalidArgumentError("exchange server: the token must be printable ASCII");
   }
-  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
-  if (!options.tls_cert_file.empty()) {
-    SHOAL_ASSIGN_OR_RETURN(std::string cert, ReadPem(options.tls_cert_file, "the TLS certificate",
-                                                     "-----BEGIN CERTIFICATE-----"));
-    SHOAL_ASSIGN_OR_RETURN(std::string key,
-                           ReadPem(options.tls_key_file, "the TLS key", "PRIVATE KEY-----"));
-    grpc::SslServerCredentialsOptions ssl;
-    ssl.pem_key_cert_pairs.push_back({key, cert});
-    credentials = grpc::SslServerCredentials(ssl);
-  }
+  SHOAL_ASSIGN_OR_RETURN(
+      std::shared_ptr<grpc::ServerCredentials> credentials,
+      ServerCredentials(options.tls_cert_file, options.tls_key_file, "exchange server"));
   auto impl = std::make_unique<Impl>();
   impl->service = std::make_unique<ExchangeOnlyService>(std::move(mailbox), options.token);
   grpc::ServerBuilder builder;

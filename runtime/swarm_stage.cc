@@ -105,6 +105,7 @@ absl::Status SwarmStage::Settle(const MicroBatchKey& key, bool keep) {
         ", which is not pending"));
   }
   if (keep) {
+    ++kept_;
     for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
       accumulation_[g].flat().add_(model_->grads(g).flat());
     }
@@ -279,6 +280,7 @@ void SwarmStage::Apply(double lr, double clip_scale) {
   model_->ZeroGrad();
   for (memory::FlatBuffer& a : accumulation_) a.flat().zero_();
   pending_ = false;
+  kept_ = 0;
   for (Slot& s : slots_) s = Slot{};
 }
 

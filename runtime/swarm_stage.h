@@ -104,8 +104,10 @@ class SwarmStage {
   // Ends the pending accumulation of `key`: `keep` adds it to the stage's accumulation, otherwise
   // it is dropped. kFailedPrecondition when `key` is not the pending micro-batch.
   absl::Status Settle(const MicroBatchKey& key, bool keep);
-  // The micro-batch whose gradient is pending, if any.
+  // Whether a micro-batch's gradient is pending.
   bool pending() const { return pending_; }
+  // Micro-batches kept in the accumulation since the last Apply.
+  int64_t kept_micro_batches() const { return kept_; }
 
   // The accumulation (decay, no-decay flat buffers, laid out as the parameters), to be summed
   // over the stage's peers in place.
@@ -174,6 +176,7 @@ class SwarmStage {
   memory::FlatBuffer accumulation_[2];  // what AdamW steps on
   bool pending_ = false;
   MicroBatchKey pending_key_;
+  int64_t kept_ = 0;
   std::vector<at::Tensor> counted_grads_;  // views into accumulation_: what SumSquares counts
   at::Tensor tied_wte_grad_;               // a view into accumulation_, or undefined
 };

@@ -1,0 +1,339 @@
+#include "runtime/swarm_peer.h"
+
+#include <ATen/ATen.h>
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/grpc_util.h"
+#include "comm/tensor_stream.h"
+#include "common/net_util.h"
+#include "common/status.h"
+#include "proto/coordinator.pb.h"
+#include "proto/swarm.grpc.pb.h"
+
+namespace shoal::runtime {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The header's call, checked against this peer.
+absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
+  if (call.protocol_version() != v1::PROTOCOL_VERSION_CURRENT) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "protocol version ", call.protocol_version(), ", this peer speaks ",
+        static_cast<int>(v1::PROTOCOL_VERSION_CURRENT)));
+  }
+  if (call.stage() != stage.stage()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("a call for stage ", call.stage(), " to a peer of stage ", stage.stage()));
+  }
+  if (call.step() < 0 || call.micro_batch() < 0 || call.trainer_id().empty() ||
+      call.trainer_id().size() > 200) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "call: step ", call.step(), ", micro-batch ", call.micro_batch(), ", trainer id of ",
+        call.trainer_id().size(), " bytes (want step, micro-batch >= 0 and 1..200 bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+// Reads the rest of a request stream (pieces only) into `in`.
+template <typename Request, typename Stream>
+absl::Status ReadRest(Stream* stream, comm::TensorAssembler* in) {
+  Request r;
+  while (stream->Read(&r)) {
+    if (!r.has_piece()) return absl::InvalidArgumentError("a second header in the call");
+    SHOAL_RETURN_IF_ERROR(in->Add(r.piece()));
+  }
+  return in->CheckComplete();
+}
+
+// Writes the reply: its header, then `tensor`'s pieces (none when undefined).
+template <typename Stream, typename Reply>
+void WriteReply(Stream* stream, Reply header, const comm::WireTensor* tensor) {
+  stream->Write(header);
+  if (tensor == nullptr) return;
+  std::vector<v1::TensorPiece> pieces;
+  comm::AppendPieces(0, tensor->bytes, &pieces);
+  for (v1::TensorPiece& p : pieces) {
+    Reply r;
+    *r.mutable_piece() = std::move(p);
+    if (!stream->Write(r)) return;
+  }
+}
+
+v1::TensorCodec OutputCodec(v1::TensorCodec asked) {
+  return asked == v1::TENSOR_CODEC_UNSPECIFIED ? v1::TENSOR_CODEC_FP32 : asked;
+}
+
+}  // namespace
+
+class SwarmPeerService final : public v1::SwarmPeer::Service {
+ public:
+  SwarmPeerService(SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
+                   SwarmPeerOptions options)
+      : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {}
+
+  std::mutex& compute_mu() { return mu_; }
+
+  grpc::Status Forward(grpc::ServerContext* ctx,
+                       grpc::ServerReaderWriter<v1::ForwardReply, v1::ForwardRequest>* stream)
+      override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    v1::ForwardRequest first;
+    if (!stream->Read(&first) || !first.has_header()) {
+      return Refuse("Forward: the call does not start with its header");
+    }
+    const v1::ForwardHeader& h = first.header();
+    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    absl::StatusOr<comm::TensorAssembler> in =
+        comm::TensorAssembler::Create({h.input()}, {"input"}, options_.max_call_bytes);
+    if (!in.ok()) return comm::ToGrpc(in.status());
+    if (absl::Status s = ReadRest<v1::ForwardRequest>(stream, &*in); !s.ok()) {
+      return comm::ToGrpc(s);
+    }
+    absl::StatusOr<at::Tensor> input = in->Take(0);
+    if (!input.ok()) return comm::ToGrpc(input.status());
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::StatusOr<at::Tensor> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out = stage_->Forward({h.call().step(), h.call().micro_batch()}, *input);
+    }
+    if (!out.ok()) return comm::ToGrpc(out.status());
+    absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
+    if (!wire.ok()) return comm::ToGrpc(wire.status());
+    v1::ForwardReply reply;
+    *reply.mutable_header()->mutable_output() = wire->meta;
+    reply.mutable_header()->set_compute_s(SecondsSince(t0));
+    WriteReply(stream, reply, &*wire);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Backward(grpc::ServerContext* ctx,
+                        grpc::ServerReaderWriter<v1::BackwardReply, v1::BackwardRequest>* stream)
+      override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    v1::BackwardRequest first;
+    if (!stream->Read(&first) || !first.has_header()) {
+      return Refuse("Backward: the call does not start with its header");
+    }
+    const v1::BackwardHeader& h = first.header();
+    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    absl::StatusOr<comm::TensorAssembler> in = comm::TensorAssembler::Create(
+        {h.input(), h.grad_output()}, {"input", "grad_output"}, options_.max_call_bytes);
+    if (!in.ok()) return comm::ToGrpc(in.status());
+    if (absl::Status s = ReadRest<v1::BackwardRequest>(stream, &*in); !s.ok()) {
+      return comm::ToGrpc(s);
+    }
+    absl::StatusOr<at::Tensor> input = in->Take(0);
+    if (!input.ok()) return comm::ToGrpc(input.status());
+    absl::StatusOr<at::Tensor> grad_output = in->Take(1);
+    if (!grad_output.ok()) return comm::ToGrpc(grad_output.status());
+    const auto t0 = std::chrono::steady_clock::now();
+    const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
+    absl::StatusOr<at::Tensor> grad_input;
+    int64_t accumulated = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
+      grad_input = stage_->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
+      if (grad_input.ok() && h.accumulate()) {
+        if (absl::Status c = Commit(h.call(), key); !c.ok()) return comm::ToGrpc(c);
+      }
+      accumulated = stage_->kept_micro_batches();
+    }
+    if (!grad_input.ok()) return comm::ToGrpc(grad_input.status());
+    v1::BackwardReply reply;
+    v1::BackwardReplyHeader* rh = reply.mutable_header();
+    rh->set_accumulated_micro_batches(accumulated);
+    rh->set_compute_s(SecondsSince(t0));
+    if (!grad_input->defined()) {
+      WriteReply(stream, reply, nullptr);
+      return grpc::Status::OK;
+    }
+    absl::StatusOr<comm::WireTensor> wire =
+        comm::EncodeForWire(*grad_input, OutputCodec(h.grad_input_codec()));
+    if (!wire.ok()) return comm::ToGrpc(wire.status());
+    *rh->mutable_grad_input() = wire->meta;
+    WriteReply(stream, reply, &*wire);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ForwardBackward(
+      grpc::ServerContext* ctx,
+      grpc::ServerReaderWriter<v1::ForwardBackwardReply, v1::ForwardBackwardRequest>* stream)
+      override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    v1::ForwardBackwardRequest first;
+    if (!stream->Read(&first) || !first.has_header()) {
+      return Refuse("ForwardBackward: the call does not start with its header");
+    }
+    const v1::ForwardBackwardHeader& h = first.header();
+    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    if (!(h.loss_scale() > 0) || !(h.loss_scale() <= 1)) {
+      return Refuse(absl::StrCat("ForwardBackward: loss_scale ", h.loss_scale(),
+                                 " is not in (0, 1]"));
+    }
+    absl::StatusOr<comm::TensorAssembler> in = comm::TensorAssembler::Create(
+        {h.input(), h.targets()}, {"input", "targets"}, options_.max_call_bytes);
+    if (!in.ok()) return comm::ToGrpc(in.status());
+    if (absl::Status s = ReadRest<v1::ForwardBackwardRequest>(stream, &*in);
+        !s.ok()) {
+      return comm::ToGrpc(s);
+    }
+    absl::StatusOr<at::Tensor> input = in->Take(0);
+    if (!input.ok()) return comm::ToGrpc(input.status());
+    absl::StatusOr<at::Tensor> targets = in->Take(1);
+    if (!targets.ok()) return comm::ToGrpc(targets.status());
+    const auto t0 = std::chrono::steady_clock::now();
+    const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
+    absl::StatusOr<SwarmStage::LossAndGrad> out;
+    int64_t accumulated = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      out = stage_->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
+                                    h.accumulate());
+      if (out.ok() && h.accumulate()) {
+        if (absl::Status c = Commit(h.call(), key); !c.ok()) return comm::ToGrpc(c);
+      }
+      accumulated = stage_->kept_micro_batches();
+    }
+    if (!out.ok()) return comm::ToGrpc(out.status());
+    v1::ForwardBackwardReply reply;
+    v1::ForwardBackwardReplyHeader* rh = reply.mutable_header();
+    rh->set_loss(out->loss);
+    rh->set_tokens(input->size(0) * input->size(1));
+    rh->set_accumulated_micro_batches(accumulated);
+    rh->set_compute_s(SecondsSince(t0));
+    if (!out->grad_input.defined()) {
+      WriteReply(stream, reply, nullptr);
+      return grpc::Status::OK;
+    }
+    absl::StatusOr<comm::WireTensor> wire =
+        comm::EncodeForWire(out->grad_input, OutputCodec(h.grad_input_codec()));
+    if (!wire.ok()) return comm::ToGrpc(wire.status());
+    *rh->mutable_grad_input() = wire->meta;
+    WriteReply(stream, reply, &*wire);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Exchange(grpc::ServerContext* ctx, const v1::ExchangeFrame* frame,
+                        v1::ExchangeAck*) override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    return comm::ToGrpc(mailbox_->Deliver(*frame));
+  }
+
+ private:
+  static grpc::Status Refuse(const std::string& why) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, why);
+  }
+
+  // The ledger's decision on the pending micro-batch; the stage keeps or drops it.
+  absl::Status Commit(const v1::CallInfo& call, const MicroBatchKey& key) {
+    absl::Status recorded = options_.commit ? options_.commit(call) : absl::OkStatus();
+    const bool keep = recorded.ok();
+    SHOAL_RETURN_IF_ERROR(stage_->Settle(key, keep));
+    if (absl::IsAlreadyExists(recorded)) return absl::OkStatus();
+    return recorded;
+  }
+
+  SwarmStage* stage_;
+  std::shared_ptr<comm::ExchangeMailbox> mailbox_;
+  SwarmPeerOptions options_;
+  std::mutex mu_;
+};
+
+struct SwarmPeerServer::Impl {
+  SwarmStage* stage = nullptr;
+  std::unique_ptr<SwarmPeerService> service;
+  std::unique_ptr<grpc::Server> server;
+  std::string host;
+  int port = 0;
+  std::mutex mu;
+  bool down = false;
+};
+
+absl::StatusOr<std::unique_ptr<SwarmPeerServer>> SwarmPeerServer::Start(
+    SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
+    const SwarmPeerOptions& options) {
+  if (stage == nullptr || mailbox == nullptr) {
+    return absl::InvalidArgumentError("swarm peer: no stage or no mailbox");
+  }
+  std::string host;
+  int port = 0;
+  SHOAL_RETURN_IF_ERROR(SplitHostPort(options.listen, "the swarm peer's listen address", 0,
+                                      &host, &port));
+  SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                         comm::ServerCredentials(options.tls_cert_file, options.tls_key_file,
+                                                 "swarm peer"));
+  auto impl = std::make_unique<Impl>();
+  impl->service = std::make_unique<SwarmPeerService>(stage, std::move(mailbox), options);
+  impl->host = host;
+  impl->stage = stage;
+  grpc::ServerBuilder builder;
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  builder.SetMaxReceiveMessageSize(comm::kMaxExchangeMessageBytes);
+  builder.SetMaxSendMessageSize(comm::kMaxExchangeMessageBytes);
+  builder.AddListeningPort(options.listen, credentials, &impl->port);
+  builder.RegisterService(impl->service.get());
+  impl->server = builder.BuildAndStart();
+  if (impl->server == nullptr || impl->port == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("swarm peer: cannot listen on ", options.listen));
+  }
+  return std::unique_ptr<SwarmPeerServer>(new SwarmPeerServer(std::move(impl)));
+}
+
+SwarmPeerServer::SwarmPeerServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+SwarmPeerServer::~SwarmPeerServer() { Shutdown(); }
+
+int SwarmPeerServer::port() const { return impl_->port; }
+std::string SwarmPeerServer::address() const { return absl::StrCat(impl_->host, ":", impl_->port); }
+
+void SwarmPeerServer::Shutdown() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  if (impl_->down) return;
+  impl_->down = true;
+  impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
+absl::Status SwarmPeerServer::WithStage(const std::function<absl::Status(SwarmStage&)>& fn) {
+  std::lock_guard<std::mutex> lock(impl_->service->compute_mu());
+  return fn(*impl_->stage);
+}
+
+absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group) {
+  // Reduced copies first; the accumulation changes only once every reduction succeeded.
+  std::vector<at::Tensor> sums;
+  for (const at::Tensor& g : stage.Gradients()) sums.push_back(g.clone());
+  at::Tensor tied;
+  if (tied_group != nullptr) {
+    if (!stage.TiedWteGradient().defined()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "swarm round: a tied-embedding group for stage ", stage.stage(),
+          ", which holds one copy of wte only on the first or the last stage"));
+    }
+    tied = stage.TiedWteGradient().clone();
+  }
+  if (stage_group != nullptr) {
+    for (at::Tensor& s : sums) {
+      SHOAL_RETURN_IF_ERROR(stage_group->AllReduce(s, comm::ReduceOp::kSum)->Wait());
+    }
+  }
+  if (tied_group != nullptr) {
+    SHOAL_RETURN_IF_ERROR(tied_group->AllReduce(tied, comm::ReduceOp::kSum)->Wait());
+  }
+  const std::vector<at::Tensor> grads = stage.Gradients();
+  for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(sums[i]);
+  if (tied_group != nullptr) stage.TiedWteGradient().copy_(tied);
+  return absl::OkStatus();
+}
+
+}  // namespace shoal::runtime

@@ -1,0 +1,79 @@
+// SwarmPeerServer: a swarm peer's gRPC endpoint (proto/swarm.proto's SwarmPeer service) over the
+// stage it serves (runtime/swarm_stage.h). Trainers call Forward, Backward and ForwardBackward;
+// the stage's PeerGroup frames arrive by Exchange and go to the process's ExchangeMailbox.
+//
+// Every call is checked before any computation: the bearer token, the protocol version, the
+// stage it means, the call's numbers, and every tensor's declaration and pieces
+// (comm/tensor_stream.h). A stage computes one call at a time (calls queue on a lock); the step
+// boundary (the round's reduction and the update) runs under the same lock through WithStage, so
+// no call sees half an update.
+//
+// Exactly once: an accumulating backward leaves its gradient pending in the stage, and the peer
+// commits the micro-batch to the ledger (options.commit: the coordinator's ledger, or for a
+// peer without one, null: every accumulation counts). Committed, it joins the stage's
+// accumulation; refused, it is dropped and the call fails with the ledger's status, except for a
+// duplicate (kAlreadyExists: a retried call whose first reply was lost), which is answered as
+// the first one was.
+#ifndef SHOAL_RUNTIME_SWARM_PEER_H_
+#define SHOAL_RUNTIME_SWARM_PEER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "comm/backend.h"
+#include "comm/peer_group.h"
+#include "proto/swarm.pb.h"
+#include "runtime/swarm_stage.h"
+
+namespace shoal::runtime {
+
+struct SwarmPeerOptions {
+  std::string listen = "127.0.0.1:0";  // HOST:PORT; port 0 picks a free one
+  std::string token;                   // the job's token; empty: no authentication
+  std::string tls_cert_file;           // PEM pair: TLS only
+  std::string tls_key_file;
+  int64_t max_call_bytes = int64_t{1} << 30;  // the most tensor bytes one call may declare
+  // Records an accumulated micro-batch (call.step, call.micro_batch, call.trainer_id) at this
+  // peer's stage in the ledger; null: keep every accumulation.
+  std::function<absl::Status(const v1::CallInfo& call)> commit;
+};
+
+class SwarmPeerServer {
+ public:
+  // `stage` (not owned) outlives the server. kInvalidArgument / kNotFound for bad TLS files,
+  // kUnavailable when the address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<SwarmPeerServer>> Start(
+      SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
+      const SwarmPeerOptions& options);
+  ~SwarmPeerServer();  // Shutdown()
+
+  int port() const;
+  std::string address() const;  // the listen host with the bound port
+  // Stops serving: calls in progress get at most a second. Idempotent.
+  void Shutdown();
+
+  // Runs `fn` on the stage while no call computes.
+  absl::Status WithStage(const std::function<absl::Status(SwarmStage&)>& fn);
+
+  struct Impl;
+
+ private:
+  explicit SwarmPeerServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The round at the step boundary: the stage's accumulation summed over `stage_group` (the
+// stage's round roster, in its fixed order), and the tied wte's gradient over `tied_group` (the
+// peers of the first and the last stage; null for the other stages, or when one stage holds
+// the whole model) from each peer's own accumulation, so the two copies end equal to the
+// embedding's plus the head's. Out of place: on failure the accumulation is as it was, and the
+// round can run again on new groups.
+absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group);
+
+}  // namespace shoal::runtime
+
+#endif  // SHOAL_RUNTIME_SWARM_PEER_H_

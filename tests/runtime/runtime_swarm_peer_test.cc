@@ -1,0 +1,404 @@
+// Swarm peers over real gRPC on 127.0.0.1: three stages of two peer servers each, a trainer that
+// picks peers with the stage router (parallel/swarm_router.h) and calls them with the stage
+// client (comm/swarm_client.h), the step's exactly-once ledger (scheduler/swarm_ledger.h) that
+// every peer commits its accumulations to, and the round at the step boundary over PeerGroups
+// (comm/peer_group.h): a stage's two peers sum their gradients, the first and last stages sum the
+// tied wte. The swarm's steps must be the single process's with grad_accum = M (the reference in
+// swarm_reference.h), also when a peer is shut down mid-step: the trainer bans it, the ledger
+// fences it, its micro-batches come back as replays needing only its stage, and the step still
+// counts every micro-batch exactly once.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/peer_group.h"
+#include "comm/swarm_client.h"
+#include "parallel/layout.h"
+#include "parallel/swarm_router.h"
+#include "runtime/swarm_peer.h"
+#include "runtime/swarm_stage.h"
+#include "scheduler/swarm_ledger.h"
+#include "tests/runtime/swarm_reference.h"
+
+namespace shoal::runtime {
+namespace {
+
+using namespace swarm_test;  // NOLINT: the shared model, data and reference
+
+constexpr char kToken[] = "swarm-test-token";
+constexpr char kTrainer[] = "trainer-0";
+
+struct Peer {
+  int stage = 0;
+  std::unique_ptr<SwarmStage> model;
+  std::shared_ptr<comm::ExchangeMailbox> mailbox;
+  std::unique_ptr<SwarmPeerServer> server;
+  std::string address;
+  bool alive = true;    // serving: its server is up
+  bool fenced = false;  // the ledger knows it is gone
+};
+
+class SwarmOverGrpc {
+ public:
+  explicit SwarmOverGrpc(int peers_per_stage) {
+    auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+    EXPECT_TRUE(blocks.ok());
+    for (int s = 0; s < kStages; ++s) {
+      const auto [first, end] = parallel::StageRange(*blocks, s);
+      for (int p = 0; p < peers_per_stage; ++p) {
+        auto peer = std::make_unique<Peer>();
+        peer->stage = s;
+        auto st = SwarmStage::Create(Model(), kSeed, s, kStages, first, end, Adam());
+        EXPECT_TRUE(st.ok()) << st.status();
+        peer->model = std::move(*st);
+        peer->mailbox = std::make_shared<comm::ExchangeMailbox>();
+        SwarmPeerOptions o;
+        o.token = kToken;
+        Peer* raw = peer.get();
+        o.commit = [this, raw](const v1::CallInfo& call) {
+          return ledger_.Commit(call.trainer_id(), call.step() * kMicro + call.micro_batch(),
+                                {{raw->stage, raw->address}});
+        };
+        auto server = SwarmPeerServer::Start(peer->model.get(), peer->mailbox, o);
+        EXPECT_TRUE(server.ok()) << server.status();
+        peer->server = std::move(*server);
+        peer->address = peer->server->address();
+        peers_.push_back(std::move(peer));
+      }
+    }
+    comm::StageClientOptions co;
+    co.token = kToken;
+    co.forward_timeout = co.backward_timeout = absl::Seconds(60);
+    auto client = comm::StageClient::Create(co);
+    EXPECT_TRUE(client.ok()) << client.status();
+    client_ = std::move(*client);
+    for (int s = 0; s < kStages; ++s) {
+      parallel::StageRouterOptions ro;
+      ro.stage = s;
+      ro.seed = 17 + s;
+      auto router = parallel::StageRouter::Create(ro);
+      EXPECT_TRUE(router.ok()) << router.status();
+      routers_.push_back(std::move(*router));
+    }
+    ++roster_version_;
+    UpdateRouters();
+  }
+
+  Peer& PeerAt(int stage, int index) {
+    int seen = 0;
+    for (auto& p : peers_) {
+      if (p->stage == stage && seen++ == index) return *p;
+    }
+    ADD_FAILURE() << "no peer " << index << " of stage " << stage;
+    return *peers_.front();
+  }
+
+  // Shuts a peer down as a crash would, without a goodbye: the trainer finds out by its calls.
+  void Kill(Peer& p) {
+    p.server->Shutdown();
+    p.alive = false;
+  }
+
+  std::vector<std::string> Roster(int stage) const {
+    std::vector<std::string> out;
+    for (const auto& p : peers_) {
+      if (p->stage == stage && p->alive) out.push_back(p->address);
+    }
+    return out;
+  }
+
+  // One step: open the ledger, drive every leased micro-batch, re-lease until the ledger closes,
+  // the round, the update. `on_call(n)` runs before the trainer's n-th stage call (to kill a
+  // peer mid-step). Returns the step's mean loss over the micro-batches counted at the last
+  // stage.
+  double Step(int64_t step, const std::function<void(int)>& on_call = nullptr) {
+    std::vector<std::vector<std::string>> rosters;
+    for (int s = 0; s < kStages; ++s) rosters.push_back(Roster(s));
+    EXPECT_TRUE(ledger_.OpenStep(step, kMicro, rosters).ok());
+    std::map<int64_t, double> loss;  // per micro-batch, from the accumulation the ledger kept
+    int calls = 0;
+    for (int round = 0; round < 20; ++round) {
+      FenceTheDead();
+      if (ledger_.Missing() == 0) break;
+      auto leases = ledger_.Lease(kTrainer, kMicro);
+      EXPECT_TRUE(leases.ok()) << leases.status();
+      if (!leases.ok()) break;
+      for (const scheduler::SwarmLease& lease : *leases) {
+        const int i = static_cast<int>(lease.id - step * kMicro);
+        absl::Status driven = Drive(step, i, lease.stages, on_call, &calls, &loss);
+        if (!driven.ok()) EXPECT_TRUE(ledger_.Release(kTrainer, lease.id).ok());
+      }
+    }
+    FenceTheDead();
+    auto holdings = ledger_.Close();
+    EXPECT_TRUE(holdings.ok()) << holdings.status();
+    RunRound(step);
+    double sum = 0;
+    for (const auto& [i, l] : loss) sum += l;
+    EXPECT_EQ(loss.size(), static_cast<size_t>(kMicro));
+    return sum / kMicro;
+  }
+
+  scheduler::SwarmLedger& ledger() { return ledger_; }
+  int64_t fenced() const { return fenced_; }
+
+ private:
+  // Picks a live peer of `stage` and runs `call` on it; a peer that cannot be reached is banned
+  // and fenced, and the call goes to another one. Forward and the last stage's call are
+  // stateless retries; a backward is retried elsewhere only after its first peer was fenced,
+  // which is what happens here.
+  template <typename Call>
+  absl::StatusOr<comm::StageReply> OnSomePeer(int stage, Call call, int* calls,
+                                              const std::function<void(int)>& on_call) {
+    for (int attempt = 0; attempt < 4; ++attempt) {
+      auto chosen = routers_[stage]->Choose(1.0);
+      if (!chosen.ok()) return chosen.status();
+      if (on_call) on_call((*calls)++);
+      absl::StatusOr<comm::StageReply> reply = call(*chosen);
+      if (reply.ok()) {
+        // Every call reported as taking the same time: the peers are equal, so the router
+        // alternates between them and each one holds part of every step. (Measured times on a
+        // loaded machine would let one peer take all the work; the router's own tests cover
+        // weighting by measured throughput.)
+        const double t0 = clock_;
+        clock_ += 0.01;
+        EXPECT_TRUE(routers_[stage]->Report(*chosen, 1.0, t0, clock_).ok());
+        return reply;
+      }
+      if (!absl::IsUnavailable(reply.status())) return reply.status();
+      EXPECT_TRUE(routers_[stage]->Ban(*chosen).ok());
+      for (auto& p : peers_) {
+        if (p->address == *chosen) p->alive = false;
+      }
+      FenceTheDead();
+    }
+    return absl::UnavailableError("no peer of the stage answered");
+  }
+
+  absl::Status Drive(int64_t step, int i, const std::vector<int>& stages,
+                     const std::function<void(int)>& on_call, int* calls,
+                     std::map<int64_t, double>* loss) {
+    const Batch b = MicroBatchOf(step, i);
+    auto needed = [&](int s) { return std::find(stages.begin(), stages.end(), s) != stages.end(); };
+    std::vector<at::Tensor> inputs(kStages);
+    inputs[0] = b.tokens;
+    for (int s = 0; s + 1 < kStages; ++s) {
+      auto out = OnSomePeer(s, [&](const std::string& a) {
+        return client_->Forward(a, {s, step, i, kTrainer}, inputs[s]);
+      }, calls, on_call);
+      if (!out.ok()) return out.status();
+      inputs[s + 1] = out->tensor;
+    }
+    const int last = kStages - 1;
+    auto tail = OnSomePeer(last, [&](const std::string& a) {
+      return client_->ForwardBackward(a, {last, step, i, kTrainer}, inputs[last], b.targets,
+                                      1.0 / kMicro, needed(last));
+    }, calls, on_call);
+    if (!tail.ok()) return tail.status();
+    if (needed(last)) (*loss)[i] = tail->loss;
+    else if (!loss->count(i)) (*loss)[i] = tail->loss;
+    at::Tensor g = tail->tensor;
+    for (int s = last - 1; s >= stages.front(); --s) {
+      auto back = OnSomePeer(s, [&](const std::string& a) {
+        return client_->Backward(a, {s, step, i, kTrainer}, inputs[s], g, needed(s));
+      }, calls, on_call);
+      if (!back.ok()) return back.status();
+      g = back->tensor;
+    }
+    return absl::OkStatus();
+  }
+
+  // The round: every live peer reduces over its stage's group and, on the first and the last
+  // stage, over the tied group; all at once, as the peers' own threads would. Then one clip scale
+  // from the stages' sums of squares, and the update everywhere.
+  void RunRound(int64_t step) {
+    std::vector<Peer*> live;
+    for (auto& p : peers_) {
+      if (p->alive) live.push_back(p.get());
+    }
+    std::vector<std::string> tied_roster = Roster(0);
+    for (const std::string& a : Roster(kStages - 1)) tied_roster.push_back(a);
+    std::vector<std::thread> threads;
+    std::vector<absl::Status> results(live.size());
+    for (size_t k = 0; k < live.size(); ++k) {
+      threads.emplace_back([&, k] {
+        Peer& p = *live[k];
+        const std::vector<std::string> roster = Roster(p.stage);
+        comm::PeerGroupOptions so;
+        so.roster = roster;
+        so.rank = static_cast<int>(std::find(roster.begin(), roster.end(), p.address) - roster.begin());
+        so.group = absl::StrCat("stage", p.stage, ".step", step);
+        so.token = kToken;
+        auto stage_group = comm::PeerGroup::Create(so, p.mailbox);
+        if (!stage_group.ok()) {
+          results[k] = stage_group.status();
+          return;
+        }
+        std::unique_ptr<comm::PeerGroup> tied;
+        if (p.stage == 0 || p.stage == kStages - 1) {
+          comm::PeerGroupOptions to = so;
+          to.roster = tied_roster;
+          to.rank = static_cast<int>(std::find(tied_roster.begin(), tied_roster.end(), p.address) -
+                                     tied_roster.begin());
+          to.group = absl::StrCat("tied.step", step);
+          auto g = comm::PeerGroup::Create(to, p.mailbox);
+          if (!g.ok()) {
+            results[k] = g.status();
+            return;
+          }
+          tied = std::move(*g);
+        }
+        results[k] = p.server->WithStage([&](SwarmStage& st) {
+          return ReduceRound(st, stage_group->get(), tied.get());
+        });
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (size_t k = 0; k < live.size(); ++k) {
+      ASSERT_TRUE(results[k].ok()) << live[k]->address << ": " << results[k];
+    }
+    double sq = 0;
+    for (int s = 0; s < kStages; ++s) {
+      bool first = true;
+      for (Peer* p : live) {
+        if (p->stage != s) continue;
+        if (first) sq += p->model->SumSquares();
+        first = false;
+      }
+    }
+    const double clip = parallel::ClipScale(std::sqrt(sq), kClip);
+    for (Peer* p : live) {
+      ASSERT_TRUE(p->server->WithStage([&](SwarmStage& st) {
+        st.Apply(kLr, clip);
+        return absl::OkStatus();
+      }).ok());
+    }
+  }
+
+  // What the coordinator does when a peer's lease runs out or a trainer reports it unreachable:
+  // fence it in the ledger (its accumulations become replays) and take it off the roster.
+  void FenceTheDead() {
+    bool changed = false;
+    for (auto& p : peers_) {
+      if (p->alive || p->fenced) continue;
+      auto dropped = ledger_.FencePeer(p->address);
+      EXPECT_TRUE(dropped.ok()) << dropped.status();
+      p->fenced = true;
+      ++fenced_;
+      changed = true;
+    }
+    if (changed) {
+      ++roster_version_;
+      UpdateRouters();
+    }
+  }
+
+  void UpdateRouters() {
+    for (int s = 0; s < kStages; ++s) {
+      EXPECT_TRUE(routers_[s]->SetRoster(roster_version_, Roster(s)).ok());
+    }
+  }
+
+  std::vector<std::unique_ptr<Peer>> peers_;
+  std::unique_ptr<comm::StageClient> client_;
+  std::vector<std::unique_ptr<parallel::StageRouter>> routers_;
+  uint64_t roster_version_ = 0;
+  scheduler::SwarmLedger ledger_;
+  int64_t fenced_ = 0;
+  double clock_ = 0;  // the trainer's task clock (see OnSomePeer)
+};
+
+void ExpectSameParameters(SwarmOverGrpc& swarm, Reference& ref, int steps) {
+  std::map<std::string, at::Tensor> want;
+  for (const auto& [name, t] : ref.model->NamedParameters()) want[name] = t;
+  for (int s = 0; s < kStages; ++s) {
+    for (const auto& [name, t] : swarm.PeerAt(s, 0).model->NamedParameters()) {
+      ASSERT_TRUE(want.count(name)) << name;
+      // In units of lr per step (see the stage test): AdamW magnifies summation-order bits.
+      EXPECT_LT(MaxAbsDiff(t, want[name]), 0.01 * kLr * steps) << "stage " << s << " " << name;
+    }
+  }
+}
+
+TEST(SwarmPeerTest, StepsOverGrpcEqualOneProcessWithGradAccum) {
+  SwarmOverGrpc swarm(/*peers_per_stage=*/2);
+  Reference ref;
+  for (int64_t step = 0; step < 3; ++step) {
+    const double loss = swarm.Step(step);
+    const double want = ref.Accumulate(step);
+    ref.Update();
+    EXPECT_NEAR(loss, want, 1e-5 * std::max(1.0, std::abs(want))) << "step " << step;
+    for (int s = 0; s < kStages; ++s) {
+      EXPECT_EQ(swarm.PeerAt(s, 0).model->ParamHash(), swarm.PeerAt(s, 1).model->ParamHash())
+          << "stage " << s << " after step " << step;
+    }
+  }
+  ExpectSameParameters(swarm, ref, 3);
+  const scheduler::SwarmLedgerCounters c = swarm.ledger().counters();
+  EXPECT_EQ(c.duplicates_refused, 0);
+  EXPECT_EQ(c.lost, 0);
+  EXPECT_EQ(c.replays, 0);
+}
+
+TEST(SwarmPeerTest, APeerKilledMidStepIsFencedAndItsMicroBatchesReplayed) {
+  SwarmOverGrpc swarm(/*peers_per_stage=*/2);
+  Reference ref;
+  // Step 0 runs on every peer; in step 1, stage 1's second peer dies at the first of the
+  // trainer's calls from the 10th on at which it holds an accumulation (the trainer waits for
+  // each reply, so nothing computes while this looks).
+  double loss = swarm.Step(0);
+  double want = ref.Accumulate(0);
+  ref.Update();
+  EXPECT_NEAR(loss, want, 1e-5 * std::max(1.0, std::abs(want)));
+  Peer& victim = swarm.PeerAt(1, 1);
+  loss = swarm.Step(1, [&](int n) {
+    if (n >= 10 && victim.alive && victim.model->kept_micro_batches() >= 1) swarm.Kill(victim);
+  });
+  want = ref.Accumulate(1);
+  ref.Update();
+  EXPECT_NEAR(loss, want, 1e-5 * std::max(1.0, std::abs(want)));
+  EXPECT_FALSE(victim.alive);
+  EXPECT_EQ(swarm.fenced(), 1);
+  const scheduler::SwarmLedgerCounters c = swarm.ledger().counters();
+  EXPECT_EQ(c.fences, 1);
+  EXPECT_EQ(c.duplicates_refused, 0);
+  EXPECT_EQ(c.lost, 0);
+  // Whatever the dead peer held at stage 1 was replayed.
+  EXPECT_GE(c.accumulations_fenced, 1);
+  EXPECT_EQ(c.replays, c.accumulations_fenced);
+  ExpectSameParameters(swarm, ref, 2);
+}
+
+TEST(SwarmPeerTest, RefusesCallsWithoutTheTokenOrForAnotherStage) {
+  SwarmOverGrpc swarm(/*peers_per_stage=*/1);
+  const Batch b = MicroBatchOf(0, 0);
+  comm::StageClientOptions co;
+  co.token = "wrong";
+  auto stranger = comm::StageClient::Create(co);
+  ASSERT_TRUE(stranger.ok());
+  auto refused = (*stranger)->Forward(swarm.PeerAt(0, 0).address, {0, 0, 0, kTrainer}, b.tokens);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated) << refused.status();
+  co.token = kToken;
+  auto client = comm::StageClient::Create(co);
+  ASSERT_TRUE(client.ok());
+  auto wrong_stage = (*client)->Forward(swarm.PeerAt(0, 0).address, {1, 0, 0, kTrainer}, b.tokens);
+  EXPECT_EQ(wrong_stage.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(wrong_stage.status().message().find("stage 1"), std::string::npos)
+      << wrong_stage.status();
+  auto bad_ids = (*client)->Forward(swarm.PeerAt(0, 0).address, {0, 0, 0, kTrainer},
+                                    at::full({kB, kT}, 999, at::kLong));
+  EXPECT_EQ(bad_ids.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_ids.status().message().find("vocabulary"), std::string::npos) << bad_ids.status();
+  auto no_trainer = (*client)->Forward(swarm.PeerAt(0, 0).address, {0, 0, 0, ""}, b.tokens);
+  EXPECT_EQ(no_trainer.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace shoal::runtime
