@@ -33,8 +33,6 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
 absl::Status FromGrpc(absl::string_view call, const grpc::Status& status);
 grpc::Status ToGrpc(const absl::Status& status);
 
-// Equal strings in time that depends only on their lengths.
-bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
 // UNAUTHENTICATED unless the call carries `authorization: Bearer <token>`; OK for any call when
 // `token` is empty (no authentication).
 grpc::Status CheckBearer(const grpc::ServerContext& ctx, const std::string& token);

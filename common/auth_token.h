@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace shoal {
 
@@ -16,6 +17,10 @@ namespace shoal {
 // is empty, longer than 4 KB or holds non-printable bytes (gRPC metadata must be printable
 // ASCII); kNotFound if it cannot be read. Thread-safe.
 absl::StatusOr<std::string> ReadTokenFile(const std::string& path);
+
+// Whether a and b are equal, in time that depends only on their lengths (so comparing a
+// presented token with the job's does not tell an attacker how many leading bytes were right).
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b);
 
 }  // namespace shoal
 

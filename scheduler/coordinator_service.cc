@@ -23,6 +23,7 @@
 #include "common/file_util.h"
 #include "common/logging.h"
 #include "common/net_util.h"
+#include "common/auth_token.h"
 #include "common/status.h"
 #include "proto/coordinator.grpc.pb.h"
 
@@ -36,18 +37,6 @@ grpc::Status ToGrpc(const absl::Status& s) {
 }
 
 // Equal strings in time that depends only on their lengths, so a token cannot be guessed byte by
-// byte from response times.
-bool ConstantTimeEquals(const std::string& a, const std::string& b) {
-  const size_t n = std::max(a.size(), b.size());
-  unsigned char diff = a.size() == b.size() ? 0 : 1;
-  for (size_t i = 0; i < n; ++i) {
-    const unsigned char x = i < a.size() ? a[i] : 0;
-    const unsigned char y = i < b.size() ? b[i] : 0;
-    diff |= x ^ y;
-  }
-  return diff == 0;
-}
-
 std::string OpenSslError() {
   const unsigned long e = ERR_get_error();
   ERR_clear_error();
