@@ -233,16 +233,23 @@ struct ExchangeMailbox::Impl {
   mutable absl::Mutex mu;
   absl::CondVar cv;  // a transfer completed, a posted operation failed, a copy finished
   std::map<std::string, Group> groups;
-  std::map<std::string, std::string> closed;  // name -> why
+  // Closed groups: why, and the code of the failure that closed it (kOk: destroyed).
+  struct Closed {
+    std::string why;
+    absl::StatusCode code = absl::StatusCode::kOk;
+  };
+  std::map<std::string, Closed> closed;
   std::deque<std::string> closed_order;       // oldest first, for the bound
   std::map<std::string, std::deque<Buffered>> unclaimed;
   int64_t unclaimed_bytes = 0;
   int64_t accepted = 0;
   int64_t refused = 0;
 
-  absl::Status Deliver(const v1::ExchangeFrame& f);
+  absl::Status Deliver(const v1::ExchangeFrame& f, v1::ExchangeAck* ack);
   absl::Status Register(const std::string& name, int size, int rank);
-  void Close(const std::string& name, const std::string& why);
+  // Forgets the group and refuses its frames from now on; `failure` (non-OK) when it closes
+  // because an operation failed, which later frames are answered with.
+  void Close(const std::string& name, const absl::Status& failure);
   // Starts operation `op_seq` of a registered group: frames for it go into `expected`'s
   // buffers from now on (those buffered before are claimed at once).
   void Post(const std::string& name, uint64_t op_seq, v1::ExchangeOp op, v1::ExchangeDType dtype,
@@ -395,15 +402,24 @@ absl::Status ExchangeMailbox::Impl::Buffer(const v1::ExchangeFrame& f, absl::Tim
   return absl::OkStatus();
 }
 
-absl::Status ExchangeMailbox::Impl::Deliver(const v1::ExchangeFrame& f) {
+absl::Status ExchangeMailbox::Impl::Deliver(const v1::ExchangeFrame& f, v1::ExchangeAck* ack) {
   absl::Status s = CheckFrame(f);
   absl::MutexLock lock(&mu);
   if (s.ok()) {
     const absl::Time now = absl::Now();
     PurgeExpired(now);
     if (auto c = closed.find(f.group()); c != closed.end()) {
-      s = absl::FailedPreconditionError(
-          absl::StrCat("group '", f.group(), "' is closed on this peer (", c->second, ")"));
+      if (c->second.code == absl::StatusCode::kOk) {
+        s = absl::FailedPreconditionError(absl::StrCat("group '", f.group(),
+                                                       "' is closed on this peer (",
+                                                       c->second.why, ")"));
+      } else {
+        // Not an error of the frame: the answer is that this peer gave up, and why.
+        ack->mutable_abort()->set_code(static_cast<int>(c->second.code));
+        ack->mutable_abort()->set_message(
+            absl::StrCat("gave up on group '", f.group(), "': ",
+                         c->second.why.substr(0, kMaxAbortMessageBytes)));
+      }
     } else if (auto g = groups.find(f.group()); g != groups.end()) {
       Group& group = g->second;
       if (f.group_size() != group.size || f.dest_rank() != group.rank) {
@@ -439,7 +455,7 @@ absl::Status ExchangeMailbox::Impl::Register(const std::string& name, int size, 
   return absl::OkStatus();
 }
 
-void ExchangeMailbox::Impl::Close(const std::string& name, const std::string& why) {
+void ExchangeMailbox::Impl::Close(const std::string& name, const absl::Status& failure) {
   absl::MutexLock lock(&mu);
   auto it = groups.find(name);
   if (it == groups.end()) return;
@@ -447,7 +463,9 @@ void ExchangeMailbox::Impl::Close(const std::string& name, const std::string& wh
   while (p != nullptr && p->copying > 0) cv.Wait(&mu);
   groups.erase(it);
   DropUnclaimed(name);
-  closed[name] = why;
+  closed[name] = Closed{failure.ok() ? std::string("it was destroyed")
+                                     : std::string(failure.message()),
+                        failure.code()};
   closed_order.push_back(name);
   while (static_cast<int>(closed_order.size()) > std::max(1, options.max_closed_groups)) {
     closed.erase(closed_order.front());
@@ -557,8 +575,8 @@ ExchangeMailbox::ExchangeMailbox(ExchangeMailboxOptions options)
     : impl_(std::make_unique<Impl>(options)) {}
 ExchangeMailbox::~ExchangeMailbox() = default;
 
-absl::Status ExchangeMailbox::Deliver(const v1::ExchangeFrame& frame) {
-  return impl_->Deliver(frame);
+absl::Status ExchangeMailbox::Deliver(const v1::ExchangeFrame& frame, v1::ExchangeAck* ack) {
+  return impl_->Deliver(frame, ack);
 }
 
 ExchangeMailbox::Stats ExchangeMailbox::stats() const {
@@ -778,10 +796,16 @@ namespace {
 // Sends the pieces of a set of transfers with at most `max_in_flight` Exchange calls at once,
 // each with the operation's deadline. A peer's "mailbox full" answer is retried with backoff
 // until the deadline. A call that failed in transport (the peer is unavailable, the connection
-// broke) puts its peer into `unreached` and drops the peer's other frames; any other error (a
-// refusal, the deadline) ends the sending, cancels the calls in flight and is returned, naming
-// the peer. `interrupt` is polled while waiting: a non-OK status from it (a peer's abort, the
-// group being destroyed) ends the sending with that status.
+// broke), or that a peer answered with its own abort, puts the peer into `unreached` and drops
+// its other frames; any other error (a refusal, the deadline) ends the sending, cancels the
+// calls in flight and is returned, naming the peer. `interrupt` is polled while waiting: a
+// non-OK status from it (a peer's abort, the group being destroyed) ends the sending with that
+// status.
+//
+// Everything runs on the calling thread: the calls complete on a completion queue of this
+// sender's own, which Run polls. (gRPC's callback API would need no loop here, but on this
+// build it completes calls on threads of a process-wide queue that it tears down when the last
+// channel goes, and that teardown showed a double free under AddressSanitizer.)
 class FrameSender {
  public:
   FrameSender(const PeerGroup::Impl& group, absl::Time deadline, int max_in_flight,
@@ -821,58 +845,61 @@ class FrameSender {
   }
 
   absl::Status Run() {
-    std::unique_lock<std::mutex> lock(mu_);
+    absl::Time last_interrupt_check = absl::InfinitePast();
     while (failure_.ok()) {
-      const absl::Time now = absl::Now();
-      if (pending_.empty() && in_flight_ == 0) break;
+      absl::Time now = absl::Now();
+      if (pending_.empty() && active_.empty()) break;
       if (now >= deadline_) {
-        const int dest = !active_.empty() ? active_.front()->job.dest : pending_.front().dest;
+        const int dest = !active_.empty() ? active_.begin()->second->job.dest
+                                          : pending_.front().dest;
         failure_ = absl::DeadlineExceededError(
             absl::StrCat("not done by its deadline: ", group_.Who(dest),
                          " has not taken all of this rank's frames"));
         break;
       }
-      // Start what may start (outside the lock: a call may complete at once).
-      std::vector<std::shared_ptr<Call>> start;
       absl::Time next_retry = absl::InfiniteFuture();
-      for (auto it = pending_.begin(); it != pending_.end() && in_flight_ < max_in_flight_;) {
+      for (auto it = pending_.begin();
+           it != pending_.end() && static_cast<int>(active_.size()) < max_in_flight_;) {
         if (it->not_before > now) {
           next_retry = std::min(next_retry, it->not_before);
           ++it;
           continue;
         }
-        auto call = std::make_shared<Call>();
-        call->job = std::move(*it);
+        Start(std::move(*it));
         it = pending_.erase(it);
-        active_.push_back(call);
-        ++in_flight_;
-        start.push_back(std::move(call));
       }
-      if (!start.empty()) {
-        lock.unlock();
-        for (auto& call : start) Start(call);
-        lock.lock();
-        continue;
-      }
-      lock.unlock();
-      absl::Status interrupted = interrupt_ ? interrupt_() : absl::OkStatus();
-      lock.lock();
-      if (!interrupted.ok()) {
-        if (failure_.ok()) failure_ = interrupted;
-        break;
+      if (interrupt_ && now - last_interrupt_check >= absl::Milliseconds(20)) {
+        last_interrupt_check = now;
+        if (absl::Status s = interrupt_(); !s.ok()) {
+          failure_ = s;
+          break;
+        }
       }
       const absl::Time wake =
-          std::min({deadline_, next_retry, absl::Now() + absl::Milliseconds(50)});
-      cv_.wait_until(lock, absl::ToChronoTime(wake));
+          std::min({deadline_, next_retry, now + absl::Milliseconds(50)});
+      void* tag = nullptr;
+      bool ok = false;
+      if (cq_.AsyncNext(&tag, &ok, absl::ToChronoTime(wake)) ==
+          grpc::CompletionQueue::GOT_EVENT) {
+        Complete(static_cast<Call*>(tag));
+      }
     }
     if (!failure_.ok()) {
       cancelled_ = true;
-      std::vector<std::shared_ptr<Call>> active(active_.begin(), active_.end());
-      lock.unlock();
-      for (auto& call : active) call->ctx.TryCancel();
-      lock.lock();
+      for (auto& [raw, call] : active_) call->ctx.TryCancel();
     }
-    cv_.wait(lock, [&] { return in_flight_ == 0; });
+    // Every call ends by its deadline (or at once when cancelled); then the queue is empty.
+    while (!active_.empty()) {
+      void* tag = nullptr;
+      bool ok = false;
+      if (!cq_.Next(&tag, &ok)) break;
+      Complete(static_cast<Call*>(tag));
+    }
+    cq_.Shutdown();
+    void* tag = nullptr;
+    bool ok = false;
+    while (cq_.Next(&tag, &ok)) {
+    }
     return failure_;
   }
 
@@ -886,13 +913,17 @@ class FrameSender {
     absl::Duration backoff = absl::Milliseconds(5);
   };
   struct Call {
-    grpc::ClientContext ctx;
-    v1::ExchangeFrame frame;
-    v1::ExchangeAck ack;
     Job job;
+    grpc::ClientContext ctx;
+    v1::ExchangeFrame frame;  // the job's frame with its data
+    v1::ExchangeAck ack;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::ExchangeAck>> rpc;
   };
 
-  void Start(const std::shared_ptr<Call>& call) {
+  void Start(Job job) {
+    auto call = std::make_unique<Call>();
+    call->job = std::move(job);
     call->frame = call->job.frame;
     if (call->job.size > 0) {
       call->frame.set_data(call->job.data, static_cast<size_t>(call->job.size));
@@ -901,19 +932,29 @@ class FrameSender {
     if (!group_.options.token.empty()) {
       AddBearer(&call->ctx, group_.options.token);
     }
-    // The callback holds the call; gRPC is done with its context once the callback runs.
-    group_.stubs[call->job.dest]->async()->Exchange(
-        &call->ctx, &call->frame, &call->ack,
-        [this, call](grpc::Status s) { OnDone(call, std::move(s)); });
+    Call* raw = call.get();
+    active_[raw] = std::move(call);
+    raw->rpc = group_.stubs[raw->job.dest]->PrepareAsyncExchange(&raw->ctx, raw->frame, &cq_);
+    raw->rpc->StartCall();
+    raw->rpc->Finish(&raw->ack, &raw->status, raw);
   }
 
-  void OnDone(const std::shared_ptr<Call>& call, grpc::Status s) {
-    std::lock_guard<std::mutex> lock(mu_);
-    active_.remove(call);
-    --in_flight_;
+  void Complete(Call* raw) {
+    auto it = active_.find(raw);
+    if (it == active_.end()) return;
+    std::unique_ptr<Call> call = std::move(it->second);
+    active_.erase(it);
+    const grpc::Status& s = call->status;
     const int dest = call->job.dest;
     const grpc::StatusCode code = s.error_code();
-    if (s.ok() || (cancelled_ && code == grpc::StatusCode::CANCELLED)) {
+    if (s.ok() && call->ack.has_abort()) {
+      // The peer gave up on the group: as good as gone, with its own reason.
+      const int c = call->ack.abort().code();
+      MarkUnreached(dest, absl::Status(c >= 1 && c <= 16 ? static_cast<absl::StatusCode>(c)
+                                                         : absl::StatusCode::kInternal,
+                                       absl::StrCat(group_.Who(dest), " ",
+                                                    call->ack.abort().message())));
+    } else if (s.ok() || (cancelled_ && code == grpc::StatusCode::CANCELLED)) {
       // Delivered, or cancelled by Run after a failure.
     } else if (code == grpc::StatusCode::RESOURCE_EXHAUSTED &&
                absl::StartsWith(s.error_message(), kMailboxFull) && absl::Now() < deadline_) {
@@ -924,14 +965,17 @@ class FrameSender {
     } else if (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED ||
                code == grpc::StatusCode::UNKNOWN) {
       // The transport failed; the peer is gone or cut off. Its other frames would fail too.
-      unreached_->emplace(dest, absl::UnavailableError(absl::StrCat(
-                                    group_.Who(dest), " is unavailable: ", s.error_message())));
-      pending_.remove_if([dest](const Job& j) { return j.dest == dest; });
+      MarkUnreached(dest, absl::UnavailableError(absl::StrCat(group_.Who(dest),
+                                                              " is unavailable: ",
+                                                              s.error_message())));
     } else if (failure_.ok()) {
       failure_ = Classify(dest, s);
     }
-    call->frame.clear_data();  // the copy of the payload is not needed any more
-    cv_.notify_all();
+  }
+
+  void MarkUnreached(int dest, absl::Status why) {
+    unreached_->emplace(dest, std::move(why));
+    pending_.remove_if([dest](const Job& j) { return j.dest == dest; });
   }
 
   // A refused Exchange call as the operation's status. A peer's refusal of a frame becomes an
@@ -949,7 +993,7 @@ class FrameSender {
       case grpc::StatusCode::PERMISSION_DENIED:
         return absl::UnauthenticatedError(absl::StrCat(who, " refused this peer's token: ", m));
       case grpc::StatusCode::FAILED_PRECONDITION:
-        return absl::AbortedError(absl::StrCat(who, " has given up on the group: ", m));
+        return absl::AbortedError(absl::StrCat(who, " is done with the group: ", m));
       case grpc::StatusCode::UNIMPLEMENTED:
         return absl::UnimplementedError(absl::StrCat(who, " serves no Exchange: ", m));
       default:
@@ -962,16 +1006,14 @@ class FrameSender {
   const PeerGroup::Impl& group_;
   const absl::Time deadline_;
   const int max_in_flight_;
-  std::map<int, absl::Status>* const unreached_;  // written under mu_ while Run runs
+  std::map<int, absl::Status>* const unreached_;
   const std::function<absl::Status()> interrupt_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::list<Job> pending_;                    // guarded by mu_
-  std::list<std::shared_ptr<Call>> active_;   // guarded by mu_
-  int in_flight_ = 0;                         // guarded by mu_
-  bool cancelled_ = false;                    // guarded by mu_
-  absl::Status failure_;                      // guarded by mu_
+  grpc::CompletionQueue cq_;
+  std::list<Job> pending_;
+  std::map<Call*, std::unique_ptr<Call>> active_;
+  bool cancelled_ = false;
+  absl::Status failure_;
 };
 
 // The receiving rank's transfers of one operation, and the sending rank's, in one place.
@@ -1134,7 +1176,7 @@ absl::Status PeerGroup::Impl::RunOp(OpState& op) {
   health.RecordFailure(s);
   // Refuse this group's frames from now on, and tell the others, so that they fail now rather
   // than at their deadline. Best effort, a second at most: a dead peer refuses at once.
-  mailbox->Close(options.group, absl::StrCat("it failed: ", s.message()));
+  mailbox->Close(options.group, s);
   SendAborts(run, s, absl::Now() + absl::Seconds(1));
   return s;
 }
@@ -1316,10 +1358,11 @@ absl::StatusOr<std::unique_ptr<PeerGroup>> PeerGroup::Create(
   // Connections of this group only: a new group after a failure starts from fresh connections
   // instead of inheriting another channel's backoff towards a peer.
   args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-  // Notice a dead peer (and a restarted one) within a fraction of a second, not gRPC's default
-  // of one second growing to two minutes.
+  // Try a failed connection again within a fraction of a second, not gRPC's default of one
+  // second growing to two minutes. (GRPC_ARG_MIN_RECONNECT_BACKOFF_MS stays at its default: it
+  // is also the time a connection attempt may take, 20 s, and a loaded peer can need more than
+  // a fraction of a second to answer one.)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   impl->channels.resize(n);
   impl->stubs.resize(n);
@@ -1344,7 +1387,7 @@ PeerGroup::~PeerGroup() {
   }
   impl_->queue_cv.notify_all();
   impl_->worker.join();
-  impl_->mailbox->Close(impl_->options.group, "the group was destroyed");
+  impl_->mailbox->Close(impl_->options.group, absl::OkStatus());
 }
 
 int PeerGroup::rank() const { return impl_->rank; }
@@ -1450,9 +1493,9 @@ class ExchangeOnlyService final : public v1::SwarmPeer::Service {
       : mailbox_(std::move(mailbox)), token_(token) {}
 
   grpc::Status Exchange(grpc::ServerContext* ctx, const v1::ExchangeFrame* frame,
-                        v1::ExchangeAck*) override {
+                        v1::ExchangeAck* ack) override {
     if (grpc::Status auth = CheckBearer(*ctx, token_); !auth.ok()) return auth;
-    return ToGrpc(mailbox_->Deliver(*frame));
+    return ToGrpc(mailbox_->Deliver(*frame, ack));
   }
 
  private:

@@ -6,7 +6,8 @@
 // are decided elsewhere (by the coordinator), and every peer of the roster builds a PeerGroup
 // from them. Frames travel as `SwarmPeer.Exchange` calls (proto/swarm.proto) from one peer's
 // PeerGroup to another peer's gRPC server, which hands them to that process's ExchangeMailbox;
-// the PeerGroup reads its incoming frames from the mailbox.
+// the PeerGroup reads its incoming frames from the mailbox. A server that takes Exchange calls
+// must accept messages of kMaxExchangeMessageBytes (a full frame and its fields).
 //
 //   process A                                    process B
 //   PeerGroup --Exchange(frame)--> [B's gRPC server: SwarmPeer] --Deliver--> B's ExchangeMailbox
@@ -37,12 +38,12 @@
 // (found by a send whose connection failed, or, while waiting for its frames, by the channel to
 // it failing to connect); a peer that refuses this peer's token gives kUnauthenticated; frames
 // that show the ranks disagree (another op, dtype or size at the same position) give kInternal.
-// A peer that fails tells the others (an abort frame), so that they fail at once with its code
-// and reason instead of waiting for their deadline; one whose frames reach a peer that has
-// already given up get kAborted with that peer's reason. After any of these the group is
-// unusable: later calls fail with kFailedPrecondition naming the first failure, and frames
-// still arriving for it are refused. Point-to-point Send/Recv are not implemented
-// (kUnimplemented); kMax and kMin are, like kSum and kAvg.
+// A peer that fails tells the others (an abort frame, and its answer to any frame sent to it
+// later), so that they fail at once with its code and reason instead of waiting for their
+// deadline; as with a dead peer, only if they still need its frames. After any of these the
+// group is unusable: later calls fail with kFailedPrecondition naming the first failure, and
+// frames still arriving for it are dropped, answered with that failure. Point-to-point
+// Send/Recv are not implemented (kUnimplemented); kMax and kMin are, like kSum and kAvg.
 //
 // Tensors: CPU, contiguous, float32/64, float16, bfloat16, int8/32/64 or uint8.
 //
@@ -95,19 +96,20 @@ class ExchangeMailbox {
   ExchangeMailbox(const ExchangeMailbox&) = delete;
   ExchangeMailbox& operator=(const ExchangeMailbox&) = delete;
 
-  // Checks and takes one frame; the status is what the Exchange call answers (absl and gRPC
-  // codes are the same numbers). OK: the frame is stored (in its operation's buffer, or until
-  // that operation starts here). kInvalidArgument, naming the field: the frame contradicts
+  // Checks and takes one frame; the status and `ack` are what the Exchange call answers (absl
+  // and gRPC codes are the same numbers). OK: the frame is stored (in its operation's buffer, or
+  // until that operation starts here), or, with ack->abort set, dropped because its group failed
+  // here (the abort says how). kInvalidArgument, naming the field: the frame contradicts
   // itself (a group name that is empty, too long or not printable; a group size < 1; a source or
   // destination rank out of range or equal; an unknown op, phase or dtype; a transfer size that
   // is negative or not a multiple of the dtype; a piece size outside [1, 4 MiB]; a piece index
   // beyond the transfer, an offset that is not piece x piece size, data of the wrong length), or
   // it contradicts its group here (group size, destination rank) or the operation running here
   // (op, dtype, sizes: that operation then fails with kInternal). kFailedPrecondition: the group
-  // was closed here (destroyed or failed), or the operation already finished. kAlreadyExists:
+  // was destroyed here, or the operation already finished. kAlreadyExists:
   // the piece was delivered before. kResourceExhausted: too many bytes buffered for operations
   // not started yet; try again later.
-  absl::Status Deliver(const v1::ExchangeFrame& frame);
+  absl::Status Deliver(const v1::ExchangeFrame& frame, v1::ExchangeAck* ack);
 
   struct Stats {
     int64_t frames_accepted = 0;   // Deliver returned OK

@@ -225,9 +225,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   }
 
   grpc::Status Exchange(grpc::ServerContext* ctx, const v1::ExchangeFrame* frame,
-                        v1::ExchangeAck*) override {
+                        v1::ExchangeAck* ack) override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
-    return comm::ToGrpc(mailbox_->Deliver(*frame));
+    return comm::ToGrpc(mailbox_->Deliver(*frame, ack));
   }
 
  private:
