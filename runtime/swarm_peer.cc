@@ -1,8 +1,12 @@
 #include "runtime/swarm_peer.h"
 
+#include "memory/checksum.h"
+#include "runtime/swarm_sync.h"
+
 #include <ATen/ATen.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <mutex>
 #include <utility>
@@ -221,6 +225,50 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!wire.ok()) return comm::ToGrpc(wire.status());
     *rh->mutable_grad_input() = wire->meta;
     WriteReply(stream, reply, &*wire);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetStageState(grpc::ServerContext* ctx, const v1::GetStageStateRequest* request,
+                             grpc::ServerWriter<v1::StageStatePart>* writer) override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    if (request->stage() != stage_->stage()) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat("state of stage ", request->stage(), " asked of a peer of stage ",
+                                       stage_->stage()));
+    }
+    StageSnapshot snap;
+    {
+      // Between two calls: the state is a step boundary unless a step is under way, which a
+      // donor does not do while it serves a joiner at the newest step (the coordinator asks it
+      // between rounds).
+      std::lock_guard<std::mutex> lock(mu_);
+      if (request->step() != -1 && request->step() != stage_->optimizer_steps()) {
+        return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                            absl::StrCat("this peer holds the state after step ",
+                                         stage_->optimizer_steps(), ", not ", request->step()));
+      }
+      snap = SnapshotOf(*stage_, options_.first_layer, options_.end_layer);
+    }
+    const int64_t chunk = std::clamp<int64_t>(options_.state_chunk_bytes, 1, comm::kMaxFrameBytes);
+    snap.manifest.set_chunk_bytes(static_cast<int32_t>(chunk));
+    const int64_t total = snap.manifest.total_bytes();
+    const int64_t from = request->offset();
+    if (from < 0 || from % chunk != 0 || (from > 0 && from >= total)) {
+      return grpc::Status(grpc::StatusCode::OUT_OF_RANGE,
+                          absl::StrCat("offset ", from, ": not a multiple of ", chunk,
+                                       " below the snapshot's ", total, " bytes"));
+    }
+    v1::StageStatePart part;
+    *part.mutable_manifest() = snap.manifest;
+    if (!writer->Write(part)) return grpc::Status::OK;
+    for (int64_t at = from; at < total; at += chunk) {
+      v1::StageStatePart c;
+      const size_t n = static_cast<size_t>(std::min(chunk, total - at));
+      c.mutable_chunk()->set_offset(at);
+      c.mutable_chunk()->set_data(snap.bytes.substr(static_cast<size_t>(at), n));
+      c.mutable_chunk()->set_crc32c(memory::Crc32c(snap.bytes.data() + at, n));
+      if (!writer->Write(c)) break;
+    }
     return grpc::Status::OK;
   }
 

@@ -2,6 +2,9 @@
 // stage it serves (runtime/swarm_stage.h). Trainers call Forward, Backward and ForwardBackward;
 // the stage's PeerGroup frames arrive by Exchange and go to the process's ExchangeMailbox.
 //
+// GetStageState streams the stage's state between steps (runtime/swarm_sync.h) to a joiner;
+// GetUpdates is not served yet (UNIMPLEMENTED).
+//
 // Every call is checked before any computation: the bearer token, the protocol version, the
 // stage it means, the call's numbers, and every tensor's declaration and pieces
 // (comm/tensor_stream.h). A stage computes one call at a time (calls queue on a lock); the step
@@ -37,6 +40,11 @@ struct SwarmPeerOptions {
   std::string tls_cert_file;           // PEM pair: TLS only
   std::string tls_key_file;
   int64_t max_call_bytes = int64_t{1} << 30;  // the most tensor bytes one call may declare
+  // GetStageState: the blocks the stage serves (for the manifest) and the chunk size, in
+  // [1, 4 MiB].
+  int first_layer = 0;
+  int end_layer = 0;
+  int state_chunk_bytes = 4 << 20;
   // Records an accumulated micro-batch (call.step, call.micro_batch, call.trainer_id) at this
   // peer's stage in the ledger; null: keep every accumulation.
   std::function<absl::Status(const v1::CallInfo& call)> commit;

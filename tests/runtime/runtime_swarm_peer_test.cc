@@ -25,6 +25,7 @@
 #include "parallel/swarm_router.h"
 #include "runtime/swarm_peer.h"
 #include "runtime/swarm_stage.h"
+#include "runtime/swarm_sync.h"
 #include "scheduler/swarm_ledger.h"
 #include "tests/runtime/swarm_reference.h"
 
@@ -62,6 +63,9 @@ class SwarmOverGrpc {
         peer->mailbox = std::make_shared<comm::ExchangeMailbox>();
         SwarmPeerOptions o;
         o.token = kToken;
+        o.first_layer = first;
+        o.end_layer = end;
+        o.state_chunk_bytes = 4096;  // many chunks even for the tiny model
         Peer* raw = peer.get();
         o.commit = [this, raw](const v1::CallInfo& call) {
           return ledger_.Commit(call.trainer_id(), call.step() * kMicro + call.micro_batch(),
@@ -404,6 +408,54 @@ TEST(SwarmPeerTest, RefusesCallsWithoutTheTokenOrForAnotherStage) {
   EXPECT_NE(bad_ids.status().message().find("vocabulary"), std::string::npos) << bad_ids.status();
   auto no_trainer = (*client)->Forward(swarm.PeerAt(0, 0).address, {0, 0, 0, ""}, b.tokens);
   EXPECT_EQ(no_trainer.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SwarmPeerTest, AJoinerCopiesADonorsStageStateOverGrpc) {
+  SwarmOverGrpc swarm(/*peers_per_stage=*/1);
+  swarm.Step(0);
+  Peer& donor = swarm.PeerAt(1, 0);
+  auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+  ASSERT_TRUE(blocks.ok());
+  const auto [first, end] = parallel::StageRange(*blocks, 1);
+  auto joiner = SwarmStage::Create(Model(), /*seed=*/999, 1, kStages, first, end, Adam());
+  ASSERT_TRUE(joiner.ok());
+  FetchOptions fo;
+  fo.token = kToken;
+  auto snap = FetchStageState(donor.address, 1, -1, fo);
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  EXPECT_EQ(snap->manifest.step(), 1);
+  EXPECT_EQ(snap->manifest.first_layer(), first);
+  EXPECT_EQ(snap->manifest.end_layer(), end);
+  EXPECT_GT(snap->manifest.total_bytes(), 3 * 4096);  // it came in several chunks
+
+  // A manifest that does not match its bytes is refused and changes nothing.
+  StageSnapshot bad = *snap;
+  bad.manifest.mutable_entries(1)->set_bytes(bad.manifest.entries(1).bytes() - 4);
+  const uint32_t before = (*joiner)->ParamHash();
+  auto refused = LoadSnapshot(**joiner, bad);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kDataLoss) << refused;
+  EXPECT_EQ((*joiner)->ParamHash(), before);
+
+  ASSERT_TRUE(LoadSnapshot(**joiner, *snap).ok());
+  EXPECT_EQ((*joiner)->ParamHash(), donor.model->ParamHash());
+  EXPECT_EQ((*joiner)->optimizer_steps(), 1);
+  const auto want = donor.model->OptimizerState();
+  const auto got = (*joiner)->OptimizerState();
+  ASSERT_EQ(want.size(), got.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(want[i].first, got[i].first);
+    EXPECT_TRUE(at::equal(want[i].second, got[i].second)) << want[i].first;
+  }
+
+  // Refusals, each named.
+  auto other_stage = FetchStageState(donor.address, 2, -1, fo);
+  EXPECT_EQ(other_stage.status().code(), absl::StatusCode::kFailedPrecondition);
+  auto old_step = FetchStageState(donor.address, 1, 0, fo);
+  EXPECT_EQ(old_step.status().code(), absl::StatusCode::kNotFound) << old_step.status();
+  FetchOptions stranger = fo;
+  stranger.token = "wrong";
+  auto unauthenticated = FetchStageState(donor.address, 1, -1, stranger);
+  EXPECT_EQ(unauthenticated.status().code(), absl::StatusCode::kUnauthenticated);
 }
 
 }  // namespace
