@@ -1165,8 +1165,10 @@ absl::Status PeerGroup::Impl::RunOp(OpState& op) {
   run.deadline = op.deadline;
   run.timeout = op.timeout;
   absl::Status s = op.body(run);
-  mailbox->Finish(options.group);  // no frame is copied into run.receive_buffers after this
-  if (s.ok()) return s;
+  if (s.ok()) {
+    mailbox->Finish(options.group);  // no frame is copied into run.receive_buffers after this
+    return s;
+  }
   // From here on the group is broken. kInvalidArgument and kFailedPrecondition only ever
   // describe a caller's mistake, so nothing that happened on the wire may carry them.
   if (absl::IsInvalidArgument(s) || absl::IsFailedPrecondition(s)) {
@@ -1175,7 +1177,10 @@ absl::Status PeerGroup::Impl::RunOp(OpState& op) {
   s = WithContext(op.context, s);
   health.RecordFailure(s);
   // Refuse this group's frames from now on, and tell the others, so that they fail now rather
-  // than at their deadline. Best effort, a second at most: a dead peer refuses at once.
+  // than at their deadline. Best effort, a second at most: a dead peer refuses at once. Closing
+  // (not finishing the operation first) leaves no moment in which a frame of the failed operation
+  // is told it "already finished": a peer still sending gets this failure as the reason. No frame
+  // is copied into run.receive_buffers after this either.
   mailbox->Close(options.group, s);
   SendAborts(run, s, absl::Now() + absl::Seconds(1));
   return s;
