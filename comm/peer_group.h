@@ -68,7 +68,7 @@
 namespace shoal::comm {
 
 // The most payload bytes in one frame: MAX_PIECE_BYTES of swarm.proto (4 MiB).
-inline constexpr int64_t kMaxFrameBytes = int64_t{4} << 20;
+inline constexpr int64_t kMaxFrameBytes = v1::MAX_PIECE_BYTES;
 // What a server must accept in one message to take a full frame: the payload and its fields.
 inline constexpr int kMaxExchangeMessageBytes = static_cast<int>(kMaxFrameBytes) + (64 << 10);
 

@@ -27,8 +27,8 @@
 
 namespace shoal::comm {
 
-// The most payload bytes in one piece (swarm.proto's MAX_PIECE_BYTES).
-inline constexpr int64_t kMaxPieceBytes = int64_t{4} << 20;
+// The most payload bytes in one piece: swarm.proto's MAX_PIECE_BYTES (4 MiB), defined there once.
+inline constexpr int64_t kMaxPieceBytes = v1::MAX_PIECE_BYTES;
 
 struct WireTensor {
   v1::TensorMeta meta;

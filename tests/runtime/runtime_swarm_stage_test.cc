@@ -153,6 +153,17 @@ void ExpectMatchesReference(Swarm& swarm, Reference& ref, int steps) {
   }
 }
 
+// Closes step 0 of both sides and compares: the reduced gradients, the mean loss, the parameters.
+void ExpectFirstStepMatches(Swarm& swarm, Reference& ref, double loss_sum) {
+  swarm.Reduce();
+  const double want = ref.Accumulate(0);
+  ExpectGradientsMatch(swarm, ref, 1e-5);
+  swarm.Update();
+  ref.Update();
+  EXPECT_NEAR(loss_sum / kMicro, want, 1e-5 * std::max(1.0, std::abs(want)));
+  ExpectMatchesReference(swarm, ref, 1);
+}
+
 TEST(SwarmStageTest, RandomRoutesEqualOneProcessWithGradAccum) {
   Swarm swarm(/*peers=*/2);
   Reference ref;
@@ -202,13 +213,7 @@ TEST(SwarmStageTest, ReplayAccumulatingOnlyWhereLostRestoresTheStep) {
   }
   for (const at::Tensor& g : swarm.Peer(1, 1).Gradients()) g.zero_();  // dropped with the peer
   for (int id : lost) swarm.Drive(step, id, {0, 0, 0}, {0, 0, 0}, {false, true, false});
-  swarm.Reduce();
-  const double want = ref.Accumulate(step);
-  ExpectGradientsMatch(swarm, ref, 1e-5);
-  swarm.Update();
-  ref.Update();
-  EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want)));
-  ExpectMatchesReference(swarm, ref, 1);
+  ExpectFirstStepMatches(swarm, ref, loss);
 }
 
 TEST(SwarmStageTest, RecomputedBackwardIsBitIdenticalToCached) {
@@ -289,13 +294,7 @@ TEST(SwarmStageTest, DroppedAccumulationLeavesNoTraceAndItsReplayRestoresTheStep
     ASSERT_TRUE(swarm.Peer(1, 0).Settle(key, false).ok());  // refused: dropped
   }
   swarm.Drive(step, 3, {0, 0, 0}, {0, 0, 0}, {true, true, false});  // replay: stages 0 and 1
-  swarm.Reduce();
-  const double want = ref.Accumulate(step);
-  ExpectGradientsMatch(swarm, ref, 1e-5);
-  swarm.Update();
-  ref.Update();
-  EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want)));
-  ExpectMatchesReference(swarm, ref, 1);
+  ExpectFirstStepMatches(swarm, ref, loss);
 }
 
 TEST(SwarmStageTest, RefusesBadInputsByName) {
