@@ -227,4 +227,61 @@ absl::StatusOr<v1::Assignment> CoordinatorClient::WaitForAssignment(const std::s
   return found;
 }
 
+#define SHOAL_SWARM_UNARY(Name, Request, Response)                                   \
+  absl::StatusOr<v1::Response> CoordinatorClient::Name(const v1::Request& request) { \
+    v1::Response response;                                                          \
+    grpc::ClientContext ctx;                                                        \
+    impl_->Prepare(&ctx, impl_->options.timeout);                                   \
+    absl::Status s = FromGrpc(#Name, impl_->stub->Name(&ctx, request, &response));  \
+    if (!s.ok()) return s;                                                          \
+    return response;                                                                \
+  }
+
+absl::StatusOr<v1::LeaseResponse> CoordinatorClient::Lease(const v1::LeaseRequest& request) {
+  v1::LeaseResponse response;
+  grpc::ClientContext ctx;
+  impl_->Prepare(&ctx, impl_->options.timeout);
+  absl::Status s =
+      FromGrpc("LeaseMicroBatches", impl_->stub->LeaseMicroBatches(&ctx, request, &response));
+  if (!s.ok()) return s;
+  return response;
+}
+
+absl::Status CoordinatorClient::Commit(const v1::CommitRequest& request) {
+  v1::CommitResponse response;
+  grpc::ClientContext ctx;
+  impl_->Prepare(&ctx, impl_->options.timeout);
+  return FromGrpc("Commit", impl_->stub->Commit(&ctx, request, &response));
+}
+
+SHOAL_SWARM_UNARY(ReportPeer, ReportPeerRequest, ReportPeerResponse)
+SHOAL_SWARM_UNARY(PeerSynced, PeerSyncedRequest, PeerSyncedResponse)
+SHOAL_SWARM_UNARY(StageReport, StageReportRequest, StageReportResponse)
+#undef SHOAL_SWARM_UNARY
+
+absl::Status CoordinatorClient::WatchRoster(
+    const std::string& worker_id, uint64_t known_version,
+    const std::function<bool(const v1::SwarmRoster&)>& on_roster, absl::Duration timeout) {
+  v1::WatchRosterRequest request;
+  request.set_worker_id(worker_id);
+  request.set_known_version(known_version);
+  grpc::ClientContext ctx;
+  impl_->Prepare(&ctx, timeout);
+  std::unique_ptr<grpc::ClientReader<v1::SwarmRoster>> reader =
+      impl_->stub->WatchRoster(&ctx, request);
+  v1::SwarmRoster roster;
+  bool stopped = false;
+  while (reader->Read(&roster)) {
+    if (!on_roster(roster)) {
+      stopped = true;
+      ctx.TryCancel();
+      break;
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  if (stopped) return absl::OkStatus();
+  if (status.ok()) return absl::UnavailableError("WatchRoster: the coordinator ended the stream");
+  return FromGrpc("WatchRoster", status);
+}
+
 }  // namespace shoal::comm

@@ -54,6 +54,19 @@ class CoordinatorClient {
   absl::StatusOr<v1::Assignment> WaitForAssignment(const std::string& worker_id,
                                                    uint64_t min_version, absl::Duration timeout);
 
+  // Swarm mode (proto/coordinator.proto's swarm calls), each with the options' timeout.
+  absl::StatusOr<v1::LeaseResponse> Lease(const v1::LeaseRequest& request);
+  absl::Status Commit(const v1::CommitRequest& request);
+  absl::StatusOr<v1::ReportPeerResponse> ReportPeer(const v1::ReportPeerRequest& request);
+  absl::StatusOr<v1::PeerSyncedResponse> PeerSynced(const v1::PeerSyncedRequest& request);
+  absl::StatusOr<v1::StageReportResponse> StageReport(const v1::StageReportRequest& request);
+  // Opens WatchRoster and calls `on_roster` for each roster until it returns false, the stream
+  // ends (the worker left or died: kFailedPrecondition) or `timeout` passes
+  // (kDeadlineExceeded).
+  absl::Status WatchRoster(const std::string& worker_id, uint64_t known_version,
+                           const std::function<bool(const v1::SwarmRoster&)>& on_roster,
+                           absl::Duration timeout);
+
   struct Impl;
  private:
   explicit CoordinatorClient(std::unique_ptr<Impl> impl);

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 
 namespace shoal {
 
@@ -13,6 +14,10 @@ namespace shoal {
 // host lacks brackets, or the port is missing, not a number or out of range.
 absl::Status SplitHostPort(const std::string& text, const std::string& what, int min_port,
                            std::string* host, int* port);
+
+// Whether a TCP connection to HOST:PORT opens within `timeout` (closed at once; nothing is sent).
+// False for an address that does not parse or resolve.
+bool CanConnect(const std::string& host_port, absl::Duration timeout);
 
 }  // namespace shoal
 

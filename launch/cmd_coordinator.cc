@@ -1,6 +1,7 @@
-// `shoal coordinator` (the gRPC service and its HTTP status port) and `shoal status` (the
-// cluster as a table or JSON). They link the scheduler and the gRPC client only; the binary they
-// live in carries LibTorch, but nothing here calls it. (`shoal bench coordinator` is in bench/.)
+// `shoal coordinator` (the gRPC service and its HTTP status port; with --swarm, a swarm's
+// coordinator over the job's config) and `shoal status` (the cluster as a table or JSON). They
+// link the scheduler, the gRPC client and the config reader; the binary they live in carries
+// LibTorch, but nothing here calls it. (`shoal bench coordinator` is in bench/.)
 #include <pthread.h>
 #include <signal.h>
 
@@ -11,6 +12,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <google/protobuf/util/json_util.h>
@@ -23,7 +25,13 @@
 #include "common/auth_token.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/net_util.h"
+#include "common/sha256.h"
 #include "launch/subcommands.h"
+#include "parallel/layout.h"
+#include "runtime/config.h"
+#include "runtime/lr_schedule.h"
+#include "scheduler/swarm_policy.h"
 #include "scheduler/coordinator_service.h"
 #include "scheduler/http_status.h"
 #include "scheduler/status_table.h"
@@ -55,6 +63,91 @@ absl::Status CheckSeconds(double v, double max, const char* flag) {
   return absl::OkStatus();
 }
 
+// The swarm's coordinator for `config` in `stages` stages. kInvalidArgument naming what swarm
+// mode cannot run.
+absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
+    const runtime::Config& config, int stages, const std::string& codec, int64_t lease_ms,
+    int64_t heartbeat_ms) {
+  const runtime::ModelConfig& m = config.model;
+  auto refuse = [](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("--swarm: ", what));
+  };
+  if (stages < 1 || stages > m.n_layer) {
+    return refuse(absl::StrCat("--stages ", stages, " is outside [1, model.n_layer = ", m.n_layer,
+                               "]"));
+  }
+  if (config.parallel.tp > 1) {
+    return refuse(absl::StrCat("parallel.tp = ", config.parallel.tp,
+                               ": a swarm's stages are not tensor-parallel (use 1)"));
+  }
+  if (config.parallel.zero != 0) {
+    return refuse("parallel.zero = 1: a swarm peer holds its stage's whole optimizer state");
+  }
+  if (config.parallel.schedule == "interleaved" || config.parallel.virtual_stages > 1) {
+    return refuse("parallel.schedule = interleaved: a swarm peer serves one contiguous stage");
+  }
+  if (config.memory.activation_budget.set()) {
+    return refuse(absl::StrCat("memory.activation_budget = ", config.memory.activation_budget.text,
+                               ": swarm peers keep their activations"));
+  }
+  if (config.memory.host_budget.set() || config.memory.disk_budget.set() ||
+      !config.memory.disk_path.empty()) {
+    return refuse("memory.host_budget / disk_budget / disk_path (paged states): a swarm peer "
+                  "keeps its stage in RAM");
+  }
+  if (config.optim.name != "adamw") {
+    return refuse(absl::StrCat("optim.name = ", config.optim.name,
+                               ": swarm mode runs AdamW (DeMo in a swarm is not built yet)"));
+  }
+  if (codec != "fp32" && codec != "bf16" && codec != "int8") {
+    return refuse(absl::StrCat("--codec ", codec, " is not fp32, bf16 or int8"));
+  }
+  absl::StatusOr<std::vector<int>> blocks = parallel::BlocksPerStage(
+      static_cast<int>(config.parallel.stages.size()) == stages ? config.parallel.stages
+                                                                : std::vector<int>{},
+      m.n_layer, stages);
+  if (!blocks.ok()) return blocks.status();
+  scheduler::SwarmCoordinatorOptions o;
+  o.job.stages = stages;
+  o.job.micro_batches = config.train.grad_accum;
+  o.job.grad_clip = config.optim.grad_clip;
+  o.info.set_config_toml(config.ToToml());
+  o.info.set_stages(stages);
+  o.info.set_micro_batches(config.train.grad_accum);
+  o.info.set_total_steps(config.train.steps);
+  o.info.set_codec(codec);
+  for (int s = 0; s < stages; ++s) {
+    const auto [first, end] = parallel::StageRange(*blocks, s);
+    o.info.add_first_layer(first);
+    o.info.add_end_layer(end);
+    absl::StatusOr<int64_t> bytes =
+        scheduler::SwarmStageBytesInSplit(ShapeOf(m), *blocks, s, /*activation_bytes=*/0);
+    if (!bytes.ok()) return bytes.status();
+    o.job.stage_bytes.push_back(*bytes);
+  }
+  // The job's tokens, when the coordinator can see them: every trainer must read the same.
+  if (!config.data.dir.empty() && PathExists(config.data.dir + "/train.bin")) {
+    absl::StatusOr<std::string> sha = Sha256File(config.data.dir + "/train.bin");
+    if (!sha.ok()) return sha.status();
+    o.info.set_train_sha256(*sha);
+  }
+  const runtime::OptimConfig optim = config.optim;
+  const int64_t total = config.train.steps;
+  o.state.learning_rate = [optim, total](int64_t step) {
+    return step < total ? runtime::LearningRateAt(step, optim, total) : std::nan("");
+  };
+  o.lease_ms = lease_ms;
+  o.heartbeat_interval_ms = heartbeat_ms;
+  o.log_events = true;
+  o.reachable = [](const std::string& address) {
+    return CanConnect(address, absl::Seconds(2));
+  };
+  absl::StatusOr<std::unique_ptr<scheduler::SwarmCoordinator>> swarm =
+      scheduler::SwarmCoordinator::Create(std::move(o), nullptr);
+  if (!swarm.ok()) return swarm.status();
+  return std::shared_ptr<scheduler::SwarmCoordinator>(std::move(*swarm));
+}
+
 }  // namespace
 
 int CoordinatorMain(int argc, char** argv) {
@@ -82,6 +175,18 @@ int CoordinatorMain(int argc, char** argv) {
   app.add_option("--relayout-gain", relayout_gain,
                  "While the current layout still runs, a new one replaces it only if it predicts "
                  "at least this fraction more tokens/s (a change costs a restart)")
+      ->capture_default_str();
+  bool swarm = false;
+  std::string config_path, codec = "fp32";
+  std::vector<std::string> overrides;
+  int stages = 0;
+  app.add_flag("--swarm", swarm,
+               "Run a swarm: peers serve stages and trainers drive micro-batches "
+               "(`shoal worker --join`), for the job of --config");
+  app.add_option("--config", config_path, "--swarm: the job's TOML config");
+  app.add_option("--set", overrides, "--swarm: override a config key, section.key=value");
+  app.add_option("--stages", stages, "--swarm: pipeline stages, in [1, model.n_layer]");
+  app.add_option("--codec", codec, "--swarm: activations on the wire: fp32, bf16 or int8")
       ->capture_default_str();
   app.add_option("--port-file", port_file,
                  "Write {\"grpc\": P, \"http\": Q} here once listening (atomically; http 0: none)");
@@ -114,6 +219,23 @@ int CoordinatorMain(int argc, char** argv) {
   }
 
   scheduler::CoordinatorServerOptions options;
+  if (swarm) {
+    if (config_path.empty() || stages == 0) {
+      return Fail(who, absl::InvalidArgumentError("--swarm needs --config and --stages"));
+    }
+    absl::StatusOr<runtime::Config> config = runtime::LoadConfig(config_path, overrides);
+    if (!config.ok()) return Fail(who, config.status());
+    absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> made =
+        MakeSwarm(*config, stages, codec,
+                  static_cast<int64_t>(std::llround(lease_s * 1000)),
+                  std::max<int64_t>(1, static_cast<int64_t>(std::llround(heartbeat_s * 1000))));
+    if (!made.ok()) return Fail(who, made.status());
+    options.swarm = *std::move(made);
+  } else if (!config_path.empty() || stages != 0 || !overrides.empty()) {
+    return Fail(who, absl::InvalidArgumentError(
+                         "--config, --set and --stages go with --swarm (a mesh job's workers "
+                         "bring their own config)"));
+  }
   options.listen = listen;
   options.tls_cert_file = tls_cert;
   options.tls_key_file = tls_key;
@@ -141,9 +263,12 @@ int CoordinatorMain(int argc, char** argv) {
   auto server = scheduler::CoordinatorServer::Start(options);
   if (!server.ok()) return Fail(who, server.status());
   scheduler::CoordinatorCore* core = &(*server)->core();
+  scheduler::SwarmCoordinator* swarm_core = (*server)->swarm();
   std::unique_ptr<scheduler::HttpStatusServer> http_server;
   if (!http.empty()) {
-    auto started = scheduler::HttpStatusServer::Start(http, [core] { return core->Status(); });
+    auto started = scheduler::HttpStatusServer::Start(http, [core, swarm_core] {
+      return swarm_core != nullptr ? swarm_core->Status() : core->Status();
+    });
     if (!started.ok()) {
       (*server)->Shutdown();
       return Fail(who, started.status());
@@ -154,6 +279,7 @@ int CoordinatorMain(int argc, char** argv) {
   const int http_port = http_server ? http_server->port() : 0;
   std::string line = absl::StrCat("coordinator: listening on ", HostOf(listen), ":", grpc_port,
                                   " (grpc", tls_cert.empty() ? "" : ", tls", ")");
+  if (swarm) absl::StrAppend(&line, " swarm of ", stages, " stages");
   if (http_server) absl::StrAppend(&line, " http://", HostOf(http), ":", http_port);
   std::printf("%s\n", line.c_str());
   std::fflush(stdout);

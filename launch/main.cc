@@ -108,6 +108,8 @@ const std::vector<Subcommand>& Subcommands() {
       {"bench", "Benchmarks that print figures", BenchMain},
       {"coordinator", "Run the coordinator service (gRPC, HTTP status and dashboard)",
        CoordinatorMain},
+      {"worker", "Join a swarm as a stage peer or (--trainer) a trainer: shoal worker --join ...",
+       WorkerMain},
       {"status", "Show the cluster as the coordinator sees it", StatusMain},
       {"simulate", "Run the coordinator's membership and solver on virtual devices", SimulateMain},
       {"profile", "Measure this machine's device profile (as workers send it)", ProfileMain},
@@ -125,7 +127,8 @@ int main(int argc, char** argv) {
   // The thread pools read their idle policy from the environment when the libraries load, which
   // is before main: set it and start again once (see device_probe.h).
   // Only the subcommands that train need it; the others skip a second load of LibTorch.
-  if ((sub == "train" || sub == "bench") && shoal::runtime::NeedsEnvironmentReexec()) {
+  if ((sub == "train" || sub == "bench" || sub == "worker") &&
+      shoal::runtime::NeedsEnvironmentReexec()) {
     ::execv("/proc/self/exe", argv);
     // execv failed: carry on with the pools as they are.
   }

@@ -9,6 +9,9 @@ namespace shoal::launch {
 // shoal coordinator --listen HOST:PORT [--token-file F] [--tls-cert C --tls-key K]
 //                   [--http HOST:PORT] [--lease-s S] ...
 int CoordinatorMain(int argc, char** argv);
+// shoal worker --join HOST:PORT [--trainer] [--token-file F] [--advertise A] ...: a swarm's
+// peer or trainer (swarm_worker.h)
+int WorkerMain(int argc, char** argv);
 // shoal status --coordinator HOST:PORT [--json] [--token-file F] [--tls-ca F]
 int StatusMain(int argc, char** argv);
 // shoal simulate --devices FILE [--churn RATE] [--steps N] [--seed S] [--json]

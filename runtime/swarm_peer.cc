@@ -7,6 +7,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <atomic>
 #include <chrono>
 #include <mutex>
 #include <utility>
@@ -85,17 +87,27 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {}
 
   std::mutex& compute_mu() { return mu_; }
+  SwarmStage* stage() const { return stage_.load(); }
+
+  void Attach(SwarmStage* stage, int first_layer, int end_layer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    options_.first_layer = first_layer;
+    options_.end_layer = end_layer;
+    stage_.store(stage);
+  }
 
   grpc::Status Forward(grpc::ServerContext* ctx,
                        grpc::ServerReaderWriter<v1::ForwardReply, v1::ForwardRequest>* stream)
       override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    SwarmStage* const stage = stage_.load();
+    if (stage == nullptr) return NoStage();
     v1::ForwardRequest first;
     if (!stream->Read(&first) || !first.has_header()) {
       return Refuse("Forward: the call does not start with its header");
     }
     const v1::ForwardHeader& h = first.header();
-    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     absl::StatusOr<comm::TensorAssembler> in =
         comm::TensorAssembler::Create({h.input()}, {"input"}, options_.max_call_bytes);
     if (!in.ok()) return comm::ToGrpc(in.status());
@@ -108,7 +120,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> out;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      out = stage_->Forward({h.call().step(), h.call().micro_batch()}, *input);
+      out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
     }
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
@@ -124,12 +136,14 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
                         grpc::ServerReaderWriter<v1::BackwardReply, v1::BackwardRequest>* stream)
       override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    SwarmStage* const stage = stage_.load();
+    if (stage == nullptr) return NoStage();
     v1::BackwardRequest first;
     if (!stream->Read(&first) || !first.has_header()) {
       return Refuse("Backward: the call does not start with its header");
     }
     const v1::BackwardHeader& h = first.header();
-    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     absl::StatusOr<comm::TensorAssembler> in = comm::TensorAssembler::Create(
         {h.input(), h.grad_output()}, {"input", "grad_output"}, options_.max_call_bytes);
     if (!in.ok()) return comm::ToGrpc(in.status());
@@ -147,11 +161,14 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     {
       std::lock_guard<std::mutex> lock(mu_);
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
-      grad_input = stage_->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
+      grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
       if (grad_input.ok() && h.accumulate()) {
-        if (absl::Status c = Commit(h.call(), key); !c.ok()) return comm::ToGrpc(c);
+        if (absl::Status c = Commit(stage, h.call(), key, std::nan(""));
+            !c.ok()) {
+          return comm::ToGrpc(c);
+        }
       }
-      accumulated = stage_->kept_micro_batches();
+      accumulated = stage->kept_micro_batches();
     }
     if (!grad_input.ok()) return comm::ToGrpc(grad_input.status());
     v1::BackwardReply reply;
@@ -175,12 +192,14 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       grpc::ServerReaderWriter<v1::ForwardBackwardReply, v1::ForwardBackwardRequest>* stream)
       override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    SwarmStage* const stage = stage_.load();
+    if (stage == nullptr) return NoStage();
     v1::ForwardBackwardRequest first;
     if (!stream->Read(&first) || !first.has_header()) {
       return Refuse("ForwardBackward: the call does not start with its header");
     }
     const v1::ForwardBackwardHeader& h = first.header();
-    if (absl::Status s = CheckCall(h.call(), *stage_); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     if (!(h.loss_scale() > 0) || !(h.loss_scale() <= 1)) {
       return Refuse(absl::StrCat("ForwardBackward: loss_scale ", h.loss_scale(),
                                  " is not in (0, 1]"));
@@ -202,12 +221,14 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     int64_t accumulated = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      out = stage_->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
+      out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
       if (out.ok() && h.accumulate()) {
-        if (absl::Status c = Commit(h.call(), key); !c.ok()) return comm::ToGrpc(c);
+        if (absl::Status c = Commit(stage, h.call(), key, out->loss); !c.ok()) {
+          return comm::ToGrpc(c);
+        }
       }
-      accumulated = stage_->kept_micro_batches();
+      accumulated = stage->kept_micro_batches();
     }
     if (!out.ok()) return comm::ToGrpc(out.status());
     v1::ForwardBackwardReply reply;
@@ -231,10 +252,12 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   grpc::Status GetStageState(grpc::ServerContext* ctx, const v1::GetStageStateRequest* request,
                              grpc::ServerWriter<v1::StageStatePart>* writer) override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
-    if (request->stage() != stage_->stage()) {
+    SwarmStage* const stage = stage_.load();
+    if (stage == nullptr) return NoStage();
+    if (request->stage() != stage->stage()) {
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                           absl::StrCat("state of stage ", request->stage(), " asked of a peer of stage ",
-                                       stage_->stage()));
+                                       stage->stage()));
     }
     StageSnapshot snap;
     {
@@ -242,12 +265,12 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       // donor does not do while it serves a joiner at the newest step (the coordinator asks it
       // between rounds).
       std::lock_guard<std::mutex> lock(mu_);
-      if (request->step() != -1 && request->step() != stage_->optimizer_steps()) {
+      if (request->step() != -1 && request->step() != stage->optimizer_steps()) {
         return grpc::Status(grpc::StatusCode::NOT_FOUND,
                             absl::StrCat("this peer holds the state after step ",
-                                         stage_->optimizer_steps(), ", not ", request->step()));
+                                         stage->optimizer_steps(), ", not ", request->step()));
       }
-      snap = SnapshotOf(*stage_, options_.first_layer, options_.end_layer);
+      snap = SnapshotOf(*stage, options_.first_layer, options_.end_layer);
     }
     const int64_t chunk = std::clamp<int64_t>(options_.state_chunk_bytes, 1, comm::kMaxFrameBytes);
     snap.manifest.set_chunk_bytes(static_cast<int32_t>(chunk));
@@ -279,27 +302,32 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   }
 
  private:
+  static grpc::Status NoStage() {
+    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                        "this peer is still joining: it serves no stage yet");
+  }
+
   static grpc::Status Refuse(const std::string& why) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, why);
   }
 
   // The ledger's decision on the pending micro-batch; the stage keeps or drops it.
-  absl::Status Commit(const v1::CallInfo& call, const MicroBatchKey& key) {
-    absl::Status recorded = options_.commit ? options_.commit(call) : absl::OkStatus();
+  absl::Status Commit(SwarmStage* stage, const v1::CallInfo& call, const MicroBatchKey& key,
+                      double loss) {
+    absl::Status recorded = options_.commit ? options_.commit(call, loss) : absl::OkStatus();
     const bool keep = recorded.ok();
-    SHOAL_RETURN_IF_ERROR(stage_->Settle(key, keep));
+    SHOAL_RETURN_IF_ERROR(stage->Settle(key, keep));
     if (absl::IsAlreadyExists(recorded)) return absl::OkStatus();
     return recorded;
   }
 
-  SwarmStage* stage_;
+  std::atomic<SwarmStage*> stage_;
   std::shared_ptr<comm::ExchangeMailbox> mailbox_;
   SwarmPeerOptions options_;
   std::mutex mu_;
 };
 
 struct SwarmPeerServer::Impl {
-  SwarmStage* stage = nullptr;
   std::unique_ptr<SwarmPeerService> service;
   std::unique_ptr<grpc::Server> server;
   std::string host;
@@ -311,9 +339,7 @@ struct SwarmPeerServer::Impl {
 absl::StatusOr<std::unique_ptr<SwarmPeerServer>> SwarmPeerServer::Start(
     SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
     const SwarmPeerOptions& options) {
-  if (stage == nullptr || mailbox == nullptr) {
-    return absl::InvalidArgumentError("swarm peer: no stage or no mailbox");
-  }
+  if (mailbox == nullptr) return absl::InvalidArgumentError("swarm peer: no mailbox");
   std::string host;
   int port = 0;
   SHOAL_RETURN_IF_ERROR(SplitHostPort(options.listen, "the swarm peer's listen address", 0,
@@ -324,7 +350,6 @@ absl::StatusOr<std::unique_ptr<SwarmPeerServer>> SwarmPeerServer::Start(
   auto impl = std::make_unique<Impl>();
   impl->service = std::make_unique<SwarmPeerService>(stage, std::move(mailbox), options);
   impl->host = host;
-  impl->stage = stage;
   grpc::ServerBuilder builder;
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(comm::kMaxExchangeMessageBytes);
@@ -352,9 +377,15 @@ void SwarmPeerServer::Shutdown() {
   impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
+void SwarmPeerServer::Attach(SwarmStage* stage, int first_layer, int end_layer) {
+  impl_->service->Attach(stage, first_layer, end_layer);
+}
+
 absl::Status SwarmPeerServer::WithStage(const std::function<absl::Status(SwarmStage&)>& fn) {
   std::lock_guard<std::mutex> lock(impl_->service->compute_mu());
-  return fn(*impl_->stage);
+  SwarmStage* stage = impl_->service->stage();
+  if (stage == nullptr) return absl::FailedPreconditionError("swarm peer: no stage attached");
+  return fn(*stage);
 }
 
 absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group) {

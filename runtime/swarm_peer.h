@@ -46,13 +46,16 @@ struct SwarmPeerOptions {
   int end_layer = 0;
   int state_chunk_bytes = 4 << 20;
   // Records an accumulated micro-batch (call.step, call.micro_batch, call.trainer_id) at this
-  // peer's stage in the ledger; null: keep every accumulation.
-  std::function<absl::Status(const v1::CallInfo& call)> commit;
+  // peer's stage in the ledger, with its mean loss on the last stage (NaN elsewhere); null: keep
+  // every accumulation.
+  std::function<absl::Status(const v1::CallInfo& call, double loss)> commit;
 };
 
 class SwarmPeerServer {
  public:
-  // `stage` (not owned) outlives the server. kInvalidArgument / kNotFound for bad TLS files,
+  // `stage` (not owned) outlives the server; null: none yet (a joiner serves its port before it
+  // knows its stage, so the coordinator can dial it): every call but Exchange is refused
+  // (FAILED_PRECONDITION) until Attach. kInvalidArgument / kNotFound for bad TLS files,
   // kUnavailable when the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<SwarmPeerServer>> Start(
       SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
@@ -64,7 +67,11 @@ class SwarmPeerServer {
   // Stops serving: calls in progress get at most a second. Idempotent.
   void Shutdown();
 
-  // Runs `fn` on the stage while no call computes.
+  // Serves `stage` (not owned; outlives the server) from now on, blocks [first_layer, end_layer)
+  // in its snapshots' manifest.
+  void Attach(SwarmStage* stage, int first_layer, int end_layer);
+
+  // Runs `fn` on the stage while no call computes (kFailedPrecondition without one).
   absl::Status WithStage(const std::function<absl::Status(SwarmStage&)>& fn);
 
   struct Impl;

@@ -84,16 +84,24 @@ absl::Status CheckTlsPair(const std::string& cert_file, const std::string& cert_
 class CoordinatorServiceImpl final
     : public v1::Coordinator::WithCallbackMethod_Heartbeat<v1::Coordinator::Service> {
  public:
-  CoordinatorServiceImpl(CoordinatorCore* core, std::string token,
+  CoordinatorServiceImpl(CoordinatorCore* core, SwarmCoordinator* swarm, std::string token,
                          const std::atomic<bool>* stopping)
       : core_(core),
+        swarm_(swarm),
         expected_(token.empty() ? "" : "Bearer " + token),
         stopping_(stopping) {}
 
   grpc::Status Join(grpc::ServerContext* ctx, const v1::JoinRequest* request,
                     v1::JoinResponse* response) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
-    absl::StatusOr<v1::JoinResponse> r = core_->Join(*request);
+    if (swarm_ == nullptr && request->role() != v1::WORKER_ROLE_MESH) {
+      core_->CountRejected();
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "this coordinator runs a mesh job (`shoal train --coordinator`); a "
+                          "swarm's peers and trainers join a coordinator started with --swarm");
+    }
+    absl::StatusOr<v1::JoinResponse> r =
+        swarm_ != nullptr ? swarm_->Join(*request) : core_->Join(*request);
     if (!r.ok()) return ToGrpc(r.status());
     *response = *std::move(r);
     return grpc::Status::OK;
@@ -105,7 +113,8 @@ class CoordinatorServiceImpl final
     grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
     grpc::Status status = Authenticate(ctx);
     if (status.ok()) {
-      absl::StatusOr<v1::HeartbeatResponse> r = core_->Heartbeat(*request);
+      absl::StatusOr<v1::HeartbeatResponse> r =
+          swarm_ != nullptr ? swarm_->Heartbeat(*request) : core_->Heartbeat(*request);
       if (r.ok()) {
         *response = *std::move(r);
       } else {
@@ -123,6 +132,10 @@ class CoordinatorServiceImpl final
                                const v1::WatchAssignmentRequest* request,
                                grpc::ServerWriter<v1::Assignment>* writer) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
+    if (swarm_ != nullptr) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "this coordinator runs a swarm: watch the roster (WatchRoster)");
+    }
     if (absl::Status v = ValidateWorkerId(request->worker_id(), "worker_id",
                                           core_->options().limits);
         !v.ok()) {
@@ -153,19 +166,20 @@ class CoordinatorServiceImpl final
   grpc::Status Leave(grpc::ServerContext* ctx, const v1::LeaveRequest* request,
                      v1::LeaveResponse*) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
-    return ToGrpc(core_->Leave(*request));
+    return ToGrpc(swarm_ != nullptr ? swarm_->Leave(*request) : core_->Leave(*request));
   }
 
   grpc::Status GetStatus(grpc::ServerContext* ctx, const v1::GetStatusRequest*,
                          v1::ClusterStatus* response) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
-    *response = core_->Status();
+    *response = swarm_ != nullptr ? swarm_->Status() : core_->Status();
     return grpc::Status::OK;
   }
 
   grpc::Status Drain(grpc::ServerContext* ctx, const v1::DrainRequest* request,
                      v1::DrainResponse* response) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
+    if (swarm_ != nullptr) return ToGrpc(swarm_->Drain(request->worker_id()));
     absl::StatusOr<v1::Layout> r = core_->Drain(request->worker_id());
     if (!r.ok()) return ToGrpc(r.status());
     *response->mutable_layout() = *std::move(r);
@@ -175,6 +189,10 @@ class CoordinatorServiceImpl final
   grpc::Status Rebalance(grpc::ServerContext* ctx, const v1::RebalanceRequest*,
                          v1::RebalanceResponse* response) override {
     if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
+    if (swarm_ != nullptr) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "a swarm has no layout to rebalance: its stages fill as peers join");
+    }
     absl::StatusOr<v1::Layout> r = core_->Rebalance();
     if (!r.ok()) return ToGrpc(r.status());
     *response->mutable_layout() = *std::move(r);
@@ -193,7 +211,76 @@ class CoordinatorServiceImpl final
     return grpc::Status::OK;
   }
 
+  // --- Swarm mode ---------------------------------------------------------------------------
+
+  // As WatchAssignment: the roster now, then every new version, until the worker leaves or dies,
+  // the client goes away or the server stops.
+  grpc::Status WatchRoster(grpc::ServerContext* ctx, const v1::WatchRosterRequest* request,
+                           grpc::ServerWriter<v1::SwarmRoster>* writer) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    uint64_t known = request->known_version();
+    while (!ctx->IsCancelled() && !stopping_->load()) {
+      absl::StatusOr<v1::SwarmRoster> next =
+          swarm_->WaitRoster(request->worker_id(), known, absl::Milliseconds(500));
+      if (!next.ok()) return ToGrpc(next.status());
+      if (next->version() == known) continue;
+      known = next->version();
+      if (!writer->Write(*next)) return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+    }
+    if (stopping_->load()) {
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
+    }
+    return grpc::Status(grpc::StatusCode::CANCELLED, "watch cancelled");
+  }
+
+  grpc::Status LeaseMicroBatches(grpc::ServerContext* ctx, const v1::LeaseRequest* request,
+                                 v1::LeaseResponse* response) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return Answer(swarm_->Lease(*request), response);
+  }
+
+  grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
+                      v1::CommitResponse*) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return ToGrpc(swarm_->Commit(*request));
+  }
+
+  grpc::Status ReportPeer(grpc::ServerContext* ctx, const v1::ReportPeerRequest* request,
+                          v1::ReportPeerResponse* response) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return Answer(swarm_->ReportPeer(*request), response);
+  }
+
+  grpc::Status PeerSynced(grpc::ServerContext* ctx, const v1::PeerSyncedRequest* request,
+                          v1::PeerSyncedResponse* response) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return Answer(swarm_->PeerSynced(*request), response);
+  }
+
+  grpc::Status StageReport(grpc::ServerContext* ctx, const v1::StageReportRequest* request,
+                           v1::StageReportResponse* response) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return Answer(swarm_->StageReport(*request), response);
+  }
+
  private:
+  template <typename T>
+  static grpc::Status Answer(absl::StatusOr<T> r, T* response) {
+    if (!r.ok()) return ToGrpc(r.status());
+    *response = *std::move(r);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status CheckSwarm(grpc::ServerContextBase* ctx) {
+    if (grpc::Status a = Authenticate(ctx); !a.ok()) return a;
+    if (swarm_ == nullptr) {
+      core_->CountRejected();
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "this coordinator runs a mesh job, not a swarm (start it with --swarm)");
+    }
+    return grpc::Status::OK;
+  }
+
   grpc::Status Authenticate(grpc::ServerContextBase* ctx) {
     if (expected_.empty()) return grpc::Status::OK;
     const auto& md = ctx->client_metadata();
@@ -202,13 +289,18 @@ class CoordinatorServiceImpl final
         ConstantTimeEquals(std::string(it->second.data(), it->second.size()), expected_)) {
       return grpc::Status::OK;
     }
-    core_->CountRejected();
+    if (swarm_ != nullptr) {
+      swarm_->CountRejected();
+    } else {
+      core_->CountRejected();
+    }
     return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
                         it == md.end() ? "missing authorization metadata (Bearer token)"
                                        : "wrong token");
   }
 
   CoordinatorCore* core_;
+  SwarmCoordinator* swarm_;  // null: mesh mode
   const std::string expected_;  // "Bearer <token>", empty: no authentication
   const std::atomic<bool>* stopping_;
 };
@@ -217,6 +309,7 @@ class CoordinatorServiceImpl final
 
 struct CoordinatorServer::Impl {
   std::unique_ptr<CoordinatorCore> core;
+  std::shared_ptr<SwarmCoordinator> swarm;
   std::unique_ptr<CoordinatorServiceImpl> service;
   std::unique_ptr<grpc::Server> server;
   int port = 0;
@@ -235,6 +328,7 @@ struct CoordinatorServer::Impl {
       if (stop_sweeper) break;
       mu.Unlock();
       core->ExpireLeases();
+      if (swarm != nullptr) swarm->ExpireLeases();
       mu.Lock();
     }
   }
@@ -290,8 +384,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   auto impl = std::make_unique<Impl>();
   impl->core = std::make_unique<CoordinatorCore>(
       options.core, options.clock != nullptr ? options.clock : SystemClock::Get());
-  impl->service = std::make_unique<CoordinatorServiceImpl>(impl->core.get(), options.token,
-                                                           &impl->stopping);
+  impl->swarm = options.swarm;
+  impl->service = std::make_unique<CoordinatorServiceImpl>(impl->core.get(), impl->swarm.get(),
+                                                           options.token, &impl->stopping);
   grpc::ServerBuilder builder;
   // gRPC sets SO_REUSEPORT by default, which would let a second coordinator bind the same port
   // and take half the connections; a busy port must be an error.
@@ -305,7 +400,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     return absl::UnavailableError(absl::StrCat(
         "cannot listen on ", options.listen, " (address in use or not local?)"));
   }
-  const int64_t period = std::max<int64_t>(1, options.core.lease_ms / 4);
+  int64_t period = std::max<int64_t>(1, options.core.lease_ms / 4);
+  if (options.swarm != nullptr) {
+    period = std::max<int64_t>(1, std::min(period, options.swarm->options().lease_ms / 4));
+  }
   Impl* raw = impl.get();
   impl->sweeper = std::thread([raw, period] { raw->Sweep(period); });
   SHOAL_LOG(Debug) << "coordinator: gRPC on port " << impl->port << (tls ? " (tls)" : "");
@@ -319,6 +417,8 @@ CoordinatorServer::~CoordinatorServer() { Shutdown(); }
 int CoordinatorServer::port() const { return impl_->port; }
 
 CoordinatorCore& CoordinatorServer::core() { return *impl_->core; }
+
+SwarmCoordinator* CoordinatorServer::swarm() { return impl_->swarm.get(); }
 
 void CoordinatorServer::Shutdown() {
   {

@@ -2,7 +2,9 @@
 // job's token as `authorization: Bearer <token>` metadata, compared in constant time;
 // UNAUTHENTICATED otherwise), serves TLS when given a certificate and key (plaintext clients are
 // then refused by the handshake), caps message sizes, maps absl codes one-to-one onto gRPC's, and
-// expires leases on a background thread.
+// expires leases on a background thread. In swarm mode (options.swarm) the same service serves
+// the swarm's calls (WatchRoster, LeaseMicroBatches, Commit, ReportPeer, PeerSynced, StageReport)
+// and Join, Heartbeat, Leave, Drain and GetStatus for its peers and trainers.
 #ifndef SHOAL_SCHEDULER_COORDINATOR_SERVICE_H_
 #define SHOAL_SCHEDULER_COORDINATOR_SERVICE_H_
 
@@ -11,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "scheduler/coordinator_core.h"
+#include "scheduler/swarm_coordinator.h"
 
 namespace shoal::scheduler {
 
@@ -22,6 +25,9 @@ struct CoordinatorServerOptions {
   int max_message_bytes = 4 << 20;     // requests and responses
   CoordinatorOptions core;
   const Clock* clock = nullptr;        // null: the system clock
+  // Swarm mode: every call goes to this swarm's coordinator (the core then serves nothing, and
+  // `shoal train --coordinator` is refused); null: mesh mode, where the swarm calls are refused.
+  std::shared_ptr<SwarmCoordinator> swarm;
 };
 
 class CoordinatorServer {
@@ -34,6 +40,7 @@ class CoordinatorServer {
 
   int port() const;
   CoordinatorCore& core();
+  SwarmCoordinator* swarm();  // null in mesh mode
   void Shutdown();   // idempotent; ends open watch streams
   void Wait();       // until Shutdown
 

@@ -67,7 +67,7 @@ class SwarmOverGrpc {
         o.end_layer = end;
         o.state_chunk_bytes = 4096;  // many chunks even for the tiny model
         Peer* raw = peer.get();
-        o.commit = [this, raw](const v1::CallInfo& call) {
+        o.commit = [this, raw](const v1::CallInfo& call, double) {
           return ledger_.Commit(call.trainer_id(), call.step() * kMicro + call.micro_batch(),
                                 {{raw->stage, raw->address}});
         };

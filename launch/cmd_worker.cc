@@ -1,0 +1,92 @@
+// `shoal worker --join HOST:PORT [--trainer]`: join a swarm as a peer or a trainer
+// (swarm_worker.h). Flags are checked here; the roles are in swarm_peer_role.cc and
+// swarm_trainer_role.cc.
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "absl/strings/str_cat.h"
+#include "common/auth_token.h"
+#include "common/net_util.h"
+#include "launch/exit_code.h"
+#include "launch/subcommands.h"
+#include "launch/swarm_worker.h"
+
+namespace shoal::launch {
+
+int WorkerMain(int argc, char** argv) {
+  CLI::App app{"Join a swarm (a coordinator started with --swarm): serve a pipeline stage as a "
+               "peer, or with --trainer drive micro-batches from the data"};
+  app.name("shoal worker");
+  SwarmWorkerOptions o;
+  std::string token_file;
+  double join_timeout_s = 60;
+  app.add_option("--join", o.coordinator, "The swarm coordinator's gRPC address HOST:PORT")
+      ->required();
+  app.add_option("--token-file", token_file, "File whose first line is the job's token");
+  app.add_option("--tls-ca", o.tls_ca_file, "PEM roots to verify the coordinator and the peers");
+  app.add_option("--tls-cert", o.tls_cert_file, "A peer's PEM certificate (serves TLS only)");
+  app.add_option("--tls-key", o.tls_key_file, "The private key of --tls-cert");
+  app.add_option("--name", o.name, "A stable id for this worker (default: the coordinator's)");
+  app.add_flag("--trainer", o.trainer, "Join as a trainer: needs the data, no inbound port");
+  app.add_option("--listen", o.listen, "A peer's SwarmPeer address HOST:PORT (port 0: a free one)")
+      ->capture_default_str();
+  app.add_option("--advertise", o.advertise,
+                 "The address others dial for this peer, when not --listen's (NAT, 0.0.0.0)");
+  app.add_option("--grace-s", o.grace_s, "On SIGTERM, how long a peer stays for its round")
+      ->capture_default_str();
+  app.add_option("--data", o.data_dir, "A trainer's data folder (default: the job's data.dir)");
+  app.add_option("--out", o.out_dir, "A trainer's output folder (default: the job's out_dir)");
+  app.add_option("--in-flight", o.in_flight, "Micro-batches a trainer leases at a time")
+      ->capture_default_str();
+  app.add_option("--join-timeout-s", join_timeout_s, "Give up joining after this long")
+      ->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  auto bad = [](const std::string& what) {
+    return WorkerFail(absl::InvalidArgumentError(what));
+  };
+  std::string host;
+  int port = 0;
+  if (absl::Status s = SplitHostPort(o.coordinator, "--join", 1, &host, &port); !s.ok()) {
+    return WorkerFail(s);
+  }
+  if (absl::Status s = SplitHostPort(o.listen, "--listen", 0, &host, &port); !s.ok()) {
+    return WorkerFail(s);
+  }
+  if (!o.advertise.empty()) {
+    if (absl::Status s = SplitHostPort(o.advertise, "--advertise", 1, &host, &port); !s.ok()) {
+      return WorkerFail(s);
+    }
+  }
+  if (!std::isfinite(o.grace_s) || o.grace_s < 0 || o.grace_s > 3600) {
+    return bad(absl::StrCat("--grace-s must be in [0, 3600], got ", o.grace_s));
+  }
+  if (o.in_flight < 1 || o.in_flight > 256) {
+    return bad(absl::StrCat("--in-flight must be in [1, 256], got ", o.in_flight));
+  }
+  if (!std::isfinite(join_timeout_s) || join_timeout_s <= 0 || join_timeout_s > 86400) {
+    return bad(absl::StrCat("--join-timeout-s must be in (0, 86400], got ", join_timeout_s));
+  }
+  if (o.trainer && (!o.advertise.empty() || !o.tls_cert_file.empty())) {
+    return bad("--advertise and --tls-cert are a peer's: a trainer serves nothing");
+  }
+  if (!o.trainer && (!o.data_dir.empty() || !o.out_dir.empty())) {
+    return bad("--data and --out are a trainer's (add --trainer)");
+  }
+  o.join_timeout = absl::Seconds(join_timeout_s);
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadTokenFile(token_file);
+    if (!token.ok()) return WorkerFail(token.status());
+    o.token = *token;
+  }
+  InstallStopHandler();
+  return o.trainer ? RunSwarmTrainer(o, StopRequested()) : RunSwarmPeer(o, StopRequested());
+}
+
+}  // namespace shoal::launch

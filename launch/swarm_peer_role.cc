@@ -1,0 +1,453 @@
+// `shoal worker --join`: a swarm peer (swarm_worker.h).
+#include <unistd.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/peer_group.h"
+#include "common/logging.h"
+#include "common/status.h"
+#include "launch/swarm_worker.h"
+#include "parallel/adamw.h"
+#include "runtime/config.h"
+#include "runtime/profiler.h"
+#include "runtime/step_engine.h"
+#include "runtime/swarm_peer.h"
+#include "runtime/swarm_stage.h"
+#include "runtime/swarm_sync.h"
+
+namespace shoal::launch {
+namespace {
+
+const v1::SwarmStageEntry* StageOf(const v1::SwarmRoster& r, int stage) {
+  for (const v1::SwarmStageEntry& s : r.stages()) {
+    if (s.index() == stage) return &s;
+  }
+  return nullptr;
+}
+
+const v1::SwarmPeerEntry* PeerOf(const v1::SwarmRoster& r, const std::string& id) {
+  for (const v1::SwarmStageEntry& s : r.stages()) {
+    for (const v1::SwarmPeerEntry& p : s.peers()) {
+      if (p.id() == id) return &p;
+    }
+  }
+  return nullptr;
+}
+
+const v1::SwarmDecision* DecisionOf(const v1::SwarmRoster& r, int64_t step) {
+  for (const v1::SwarmDecision& d : r.decisions()) {
+    if (d.step() == step) return &d;
+  }
+  return nullptr;
+}
+
+// This peer's index in a plan, or -1.
+int RankIn(const v1::SwarmReductionPlan& plan, const std::string& id) {
+  for (int i = 0; i < plan.peers_size(); ++i) {
+    if (plan.peers(i) == id) return i;
+  }
+  return -1;
+}
+
+class Peer {
+ public:
+  Peer(const SwarmWorkerOptions& options, std::atomic<bool>* stop)
+      : options_(options), stop_(stop) {}
+
+  int Run() {
+    absl::Status s = RunOrError();
+    if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
+    if (server_ != nullptr) server_->Shutdown();
+    if (s.ok()) return 0;
+    return WorkerFail(s);
+  }
+
+ private:
+  absl::Status RunOrError() {
+    mailbox_ = std::make_shared<comm::ExchangeMailbox>();
+    runtime::SwarmPeerOptions so;
+    so.listen = options_.listen;
+    so.token = options_.token;
+    so.tls_cert_file = options_.tls_cert_file;
+    so.tls_key_file = options_.tls_key_file;
+    so.commit = [this](const v1::CallInfo& call, double loss) { return Commit(call, loss); };
+    SHOAL_ASSIGN_OR_RETURN(server_, runtime::SwarmPeerServer::Start(nullptr, mailbox_, so));
+    const std::string advertise =
+        options_.advertise.empty() ? server_->address() : options_.advertise;
+
+    v1::JoinRequest join;
+    join.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    join.set_role(v1::WORKER_ROLE_PEER);
+    join.set_advertise(advertise);
+    join.set_name(options_.name);
+    // The profile is cached per machine (runtime/profiler.h): measured once, then read.
+    runtime::ProfileOptions po;
+    SHOAL_ASSIGN_OR_RETURN(*join.mutable_device(), runtime::ProfileDevice(po));
+    SHOAL_ASSIGN_OR_RETURN(link_, SwarmLink::Join(options_, join));
+    const v1::SwarmJobInfo& job = link_->job();
+    SHOAL_ASSIGN_OR_RETURN(config_, runtime::ParseConfig(job.config_toml(), "the swarm's config"));
+    stage_index_ = job.stage();
+    stages_ = job.stages();
+    micro_batches_ = job.micro_batches();
+    if (stage_index_ < 0 || stage_index_ >= stages_ || job.first_layer_size() != stages_ ||
+        job.end_layer_size() != stages_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "the coordinator assigned stage ", stage_index_, " of ", stages_, " stages"));
+    }
+    first_ = job.first_layer(stage_index_);
+    end_ = job.end_layer(stage_index_);
+    SHOAL_ASSIGN_OR_RETURN(stage_, runtime::SwarmStage::Create(
+                                       config_.model, config_.train.seed, stage_index_, stages_,
+                                       first_, end_, runtime::AdamWOptionsOf(config_.optim)));
+    SHOAL_LOG(Info) << "swarm peer " << link_->id() << " at " << advertise << ": stage "
+                    << stage_index_ << " of " << stages_ << " (blocks [" << first_ << ", " << end_
+                    << ")), syncing from " << job.sync_source()
+                    << (job.donor().empty() ? "" : " " + job.donor());
+    SHOAL_RETURN_IF_ERROR(Sync(job.sync_source(), job.donor(), job.donor_address(),
+                               job.sync_step()));
+    server_->Attach(stage_.get(), first_, end_);
+    return Serve();
+  }
+
+  // Brings the stage to state `step` from `source` and tells the coordinator; a failed donor is
+  // reported and the coordinator names the next source.
+  absl::Status Sync(std::string source, std::string donor, std::string donor_address,
+                    int64_t step) {
+    while (true) {
+      if (source == "init") {
+        if (step != 0) {
+          return absl::FailedPreconditionError(
+              absl::StrCat("asked to sync state ", step, " from the init"));
+        }
+        // A fresh stage is the init; nothing to fetch.
+      } else if (source == "donor") {
+        runtime::FetchOptions fo;
+        fo.token = options_.token;
+        fo.tls_ca_file = options_.tls_ca_file;
+        absl::StatusOr<runtime::StageSnapshot> snap =
+            runtime::FetchStageState(donor_address, stage_index_, step, fo);
+        absl::Status loaded = snap.ok() ? runtime::LoadSnapshot(*stage_, *snap) : snap.status();
+        if (!loaded.ok()) {
+          SHOAL_LOG(Warning) << "swarm peer: sync from " << donor << " failed: " << loaded;
+          v1::PeerSyncedRequest failed;
+          failed.set_peer_id(link_->id());
+          failed.set_failed_donor(donor);
+          failed.set_error(std::string(loaded.message()).substr(0, 200));
+          SHOAL_ASSIGN_OR_RETURN(v1::PeerSyncedResponse next, link_->client().PeerSynced(failed));
+          source = next.swarm().sync_source();
+          donor = next.swarm().donor();
+          donor_address = next.swarm().donor_address();
+          step = next.swarm().sync_step();
+          continue;
+        }
+      } else if (source == "wait") {
+        // Every donor is busy: the roster names ours once one frees up.
+        SHOAL_ASSIGN_OR_RETURN(
+            v1::SwarmRoster r,
+            link_->Await(
+                [&](const v1::SwarmRoster& r) {
+                  const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+                  return me == nullptr || !me->donor().empty();
+                },
+                absl::Minutes(10), stop_));
+        const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+        if (me == nullptr) return absl::FailedPreconditionError("removed from the swarm");
+        donor = me->donor();
+        const v1::SwarmPeerEntry* d = PeerOf(r, donor);
+        donor_address = d != nullptr ? d->address() : "";
+        source = "donor";
+        step = r.next_step();
+        continue;
+      } else {
+        return absl::UnimplementedError(absl::StrCat(
+            "syncing from ", source, " (a checkpoint) is not implemented yet"));
+      }
+      break;
+    }
+    v1::PeerSyncedRequest synced;
+    synced.set_peer_id(link_->id());
+    synced.set_step(stage_->optimizer_steps());
+    synced.set_param_hash(stage_->ParamHash());
+    SHOAL_RETURN_IF_ERROR(link_->client().PeerSynced(synced).status());
+    SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": synced state "
+                    << stage_->optimizer_steps() << " (hash " << stage_->ParamHash() << ")";
+    return absl::OkStatus();
+  }
+
+  // The commit callback: called by the server under its compute lock.
+  absl::Status Commit(const v1::CallInfo& call, double loss) {
+    if (link_ == nullptr) return absl::FailedPreconditionError("not joined yet");
+    if (call.micro_batch() >= micro_batches_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "micro-batch ", call.micro_batch(), " of a step of ", micro_batches_));
+    }
+    v1::CommitRequest c;
+    c.set_peer_id(link_->id());
+    c.set_trainer_id(call.trainer_id());
+    c.set_step(call.step());
+    c.set_id(call.step() * micro_batches_ + call.micro_batch());
+    if (std::isfinite(loss)) {
+      c.set_has_loss(true);
+      c.set_loss(loss);
+    }
+    return link_->client().Commit(c);
+  }
+
+  // The plans this peer's reduction follows: its stage's, and for the first and the last stage
+  // (when they differ) the other one's, which the tied wte is summed over.
+  struct Plans {
+    const v1::SwarmReductionPlan* own = nullptr;
+    const v1::SwarmReductionPlan* other = nullptr;  // tied partner stage's, when needed
+    std::string key;
+  };
+
+  bool Tied() const { return stages_ > 1 && (stage_index_ == 0 || stage_index_ == stages_ - 1); }
+
+  std::optional<Plans> PlansOf(const v1::SwarmRoster& r, int64_t step) const {
+    if (!r.step_open() || r.open_step() != step) return std::nullopt;
+    const v1::SwarmStageEntry* own = StageOf(r, stage_index_);
+    if (own == nullptr || !own->has_reduction() || own->reduction().step() != step ||
+        RankIn(own->reduction(), link_->id()) < 0) {
+      return std::nullopt;
+    }
+    Plans p;
+    p.own = &own->reduction();
+    p.key = absl::StrCat(own->reduction().plan());
+    if (Tied()) {
+      const v1::SwarmStageEntry* other = StageOf(r, stage_index_ == 0 ? stages_ - 1 : 0);
+      if (other == nullptr || !other->has_reduction() || other->reduction().step() != step) {
+        return std::nullopt;
+      }
+      p.other = &other->reduction();
+      absl::StrAppend(&p.key, ".", other->reduction().plan());
+    }
+    return p;
+  }
+
+  absl::StatusOr<std::unique_ptr<comm::PeerGroup>> Group(std::vector<std::string> roster,
+                                                          int rank, const std::string& name) {
+    comm::PeerGroupOptions o;
+    o.roster = std::move(roster);
+    o.rank = rank;
+    o.group = name;
+    o.token = options_.token;
+    o.tls_ca_file = options_.tls_ca_file;
+    o.timeout = absl::Seconds(60);
+    return comm::PeerGroup::Create(o, mailbox_);
+  }
+
+  // Sums the step's accumulation over the plan(s) from the accumulation as it was before any
+  // reduction (kept in backup_), then reports.
+  absl::Status Reduce(const Plans& plans, int64_t step) {
+    const v1::SwarmReductionPlan& own = *plans.own;
+    const int rank = RankIn(own, link_->id());
+    std::vector<int64_t> ids;
+    for (const v1::SwarmPlanIds& e : own.ids()) {
+      if (e.peer() == link_->id()) ids.assign(e.ids().begin(), e.ids().end());
+    }
+    const std::string name = absl::StrCat("s", stage_index_, ".k", step, ".p", plans.key, ".a",
+                                          ++attempt_);
+    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::PeerGroup> group,
+                           Group({own.addresses().begin(), own.addresses().end()}, rank, name));
+    std::unique_ptr<comm::PeerGroup> tied;
+    if (plans.other != nullptr) {
+      // Stage 0's peers first, then the last stage's: the same order everywhere.
+      const v1::SwarmReductionPlan& first = stage_index_ == 0 ? own : *plans.other;
+      const v1::SwarmReductionPlan& last = stage_index_ == 0 ? *plans.other : own;
+      std::vector<std::string> roster(first.addresses().begin(), first.addresses().end());
+      roster.insert(roster.end(), last.addresses().begin(), last.addresses().end());
+      const int tied_rank = stage_index_ == 0 ? rank : first.peers_size() + rank;
+      SHOAL_ASSIGN_OR_RETURN(
+          tied, Group(std::move(roster), tied_rank,
+                      absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan(), ".a",
+                                   attempt_)));
+    }
+    double sum_squares = 0;
+    uint64_t hash = 0;
+    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+      std::vector<at::Tensor> grads = st.Gradients();
+      if (backup_.empty()) {
+        if (static_cast<int64_t>(ids.size()) != st.kept_micro_batches()) {
+          return absl::InternalError(absl::StrCat(
+              "the coordinator's plan says this peer holds ", ids.size(),
+              " micro-batch(es) of step ", step, ", it holds ", st.kept_micro_batches()));
+        }
+        for (const at::Tensor& g : grads) backup_.push_back(g.clone());
+      } else {
+        for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(backup_[i]);
+      }
+      SHOAL_RETURN_IF_ERROR(runtime::ReduceRound(st, group.get(), tied.get()));
+      sum_squares = st.SumSquares();
+      hash = st.ParamHash();
+      return absl::OkStatus();
+    }));
+    v1::StageReportRequest report;
+    report.set_peer_id(link_->id());
+    report.set_step(step);
+    report.set_plan(own.plan());
+    for (int64_t id : ids) report.add_ids(id);
+    report.set_sum_squares(sum_squares);
+    report.set_param_hash(hash);
+    absl::StatusOr<v1::StageReportResponse> r = link_->client().StageReport(report);
+    if (!r.ok() && absl::IsAlreadyExists(r.status())) return absl::OkStatus();  // reported
+    return r.status();
+  }
+
+  // Catches up to state `step + 1` from a serving peer of the stage that has applied `step`.
+  absl::Status CatchUp(const v1::SwarmRoster& r, int64_t step) {
+    const v1::SwarmStageEntry* st = StageOf(r, stage_index_);
+    if (st == nullptr) return absl::InternalError("no such stage in the roster");
+    for (const v1::SwarmPeerEntry& p : st->peers()) {
+      if (p.id() == link_->id() || p.state() != "SERVING") continue;
+      runtime::FetchOptions fo;
+      fo.token = options_.token;
+      fo.tls_ca_file = options_.tls_ca_file;
+      fo.attempts = 1;
+      absl::StatusOr<runtime::StageSnapshot> snap =
+          runtime::FetchStageState(p.address(), stage_index_, step + 1, fo);
+      if (!snap.ok()) continue;
+      absl::Status loaded = server_->WithStage(
+          [&](runtime::SwarmStage& s) { return runtime::LoadSnapshot(s, *snap); });
+      if (loaded.ok()) {
+        SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": caught up to state " << step + 1
+                        << " from " << p.id();
+        return absl::OkStatus();
+      }
+    }
+    return absl::UnavailableError(absl::StrCat("no peer of stage ", stage_index_,
+                                               " holds state ", step + 1, " yet"));
+  }
+
+  absl::Status Serve() {
+    std::string done_key;    // the plans this peer reduced and reported for
+    bool reduced = false;    // for the step in hand
+    bool draining = false;
+    absl::Time grace_end = absl::InfiniteFuture();
+    while (true) {
+      const int64_t step = stage_->optimizer_steps();
+      if (stop_->load() && !draining) {
+        draining = true;
+        grace_end = absl::Now() + absl::Seconds(options_.grace_s);
+        SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": stopping; finishing the round "
+                        << "(grace " << options_.grace_s << " s)";
+        if (absl::Status d = link_->client().Drain(link_->id()).status(); !d.ok()) {
+          SHOAL_LOG(Warning) << "swarm peer: drain: " << d;
+        }
+      }
+      absl::StatusOr<v1::SwarmRoster> got = link_->Await(
+          [&](const v1::SwarmRoster& r) {
+            if (r.finished() || !r.rollback().empty() || DecisionOf(r, step) != nullptr) {
+              return true;
+            }
+            if (PeerOf(r, link_->id()) == nullptr) return true;
+            if (r.step_open() && r.open_step() > step) return true;
+            std::optional<Plans> p = PlansOf(r, step);
+            return p.has_value() && p->key != done_key;
+          },
+          absl::Seconds(1), nullptr);
+      if (!got.ok() && !absl::IsDeadlineExceeded(got.status())) return got.status();
+      if (draining) {
+        const v1::SwarmRoster r = link_->latest();
+        const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+        const bool holds = me != nullptr && me->accumulated() > 0 && !reduced;
+        if (!holds || !r.step_open() || absl::Now() > grace_end) return absl::OkStatus();
+      }
+      if (!got.ok()) continue;
+      const v1::SwarmRoster& r = *got;
+      if (!r.rollback().empty()) {
+        return absl::UnimplementedError(absl::StrCat(
+            "the swarm needs a rollback (", r.rollback(), "), which peers cannot follow yet"));
+      }
+      const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+      if (me == nullptr) return absl::FailedPreconditionError("removed from the swarm's roster");
+      if (const v1::SwarmDecision* d = DecisionOf(r, step); d != nullptr) {
+        if (reduced) {
+          SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
+            st.Apply(d->lr(), d->clip_scale());
+            return absl::OkStatus();
+          }));
+        } else {
+          // Not in this round (a joiner one step behind): copy the state after it.
+          absl::Status c = CatchUp(r, step);
+          if (!c.ok()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+            continue;
+          }
+        }
+        backup_.clear();
+        reduced = false;
+        done_key.clear();
+        continue;
+      }
+      if (r.finished() && step >= r.total_steps()) {
+        // Stay while trainers may still pull the final state for their checkpoint.
+        if (r.trainers_size() == 0 || draining) return absl::OkStatus();
+        continue;
+      }
+      if (r.step_open() && r.open_step() > step && !reduced) {
+        absl::Status c = CatchUp(r, step);
+        if (!c.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        continue;
+      }
+      std::optional<Plans> plans = PlansOf(r, step);
+      if (!plans.has_value() || plans->key == done_key) continue;
+      absl::Status s = Reduce(*plans, step);
+      done_key = plans->key;
+      if (!s.ok()) {
+        SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": reduction of step " << step
+                           << " (plan " << plans->key << ") failed: " << s;
+        ReportPlanPeers(*plans, s);
+        continue;
+      }
+      reduced = true;
+    }
+  }
+
+  // A reduction failed: the peers its error names are reported (the coordinator dials them and
+  // fences the dead ones, which makes a new plan).
+  void ReportPlanPeers(const Plans& plans, const absl::Status& error) {
+    const std::string text(error.message());
+    for (const v1::SwarmReductionPlan* plan : {plans.own, plans.other}) {
+      if (plan == nullptr) continue;
+      for (int i = 0; i < plan->peers_size(); ++i) {
+        if (plan->peers(i) == link_->id()) continue;
+        if (text.find(plan->addresses(i)) == std::string::npos) continue;
+        v1::ReportPeerRequest rp;
+        rp.set_worker_id(link_->id());
+        rp.set_peer_id(plan->peers(i));
+        rp.set_reason(text.substr(0, 200));
+        (void)link_->client().ReportPeer(rp);
+      }
+    }
+  }
+
+  SwarmWorkerOptions options_;
+  std::atomic<bool>* stop_;
+  std::shared_ptr<comm::ExchangeMailbox> mailbox_;
+  std::unique_ptr<runtime::SwarmPeerServer> server_;
+  std::unique_ptr<SwarmLink> link_;
+  runtime::Config config_;
+  std::unique_ptr<runtime::SwarmStage> stage_;
+  int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
+  int64_t attempt_ = 0;
+  std::vector<at::Tensor> backup_;  // the step's accumulation before any reduction
+};
+
+}  // namespace
+
+int RunSwarmPeer(const SwarmWorkerOptions& options, std::atomic<bool>* stop) {
+  Peer peer(options, stop);
+  return peer.Run();
+}
+
+}  // namespace shoal::launch

@@ -1,0 +1,378 @@
+// `shoal worker --join --trainer`: a swarm trainer (swarm_worker.h).
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "comm/swarm_client.h"
+#include "common/file_util.h"
+#include "common/logging.h"
+#include "common/sha256.h"
+#include "common/status.h"
+#include "launch/swarm_worker.h"
+#include "parallel/swarm_router.h"
+#include "runtime/checkpoint.h"
+#include "runtime/config.h"
+#include "runtime/metrics.h"
+#include "runtime/sampler.h"
+#include "runtime/swarm_sync.h"
+#include "runtime/token_file.h"
+
+namespace shoal::launch {
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+v1::TensorCodec CodecOf(const std::string& name) {
+  if (name == "bf16") return v1::TENSOR_CODEC_BF16;
+  if (name == "int8") return v1::TENSOR_CODEC_INT8_BLOCKWISE;
+  return v1::TENSOR_CODEC_FP32;
+}
+
+class Trainer {
+ public:
+  Trainer(const SwarmWorkerOptions& options, std::atomic<bool>* stop)
+      : options_(options), stop_(stop) {}
+
+  int Run() {
+    absl::Status s = RunOrError();
+    if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
+    if (s.ok()) return 0;
+    return WorkerFail(s);
+  }
+
+ private:
+  absl::Status RunOrError() {
+    // The data first: a trainer without it must not join.
+    std::string probe_dir = options_.data_dir;
+    std::string sha;
+    if (!probe_dir.empty()) {
+      SHOAL_ASSIGN_OR_RETURN(sha, Sha256File(probe_dir + "/train.bin"));
+    }
+    v1::JoinRequest join;
+    join.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    join.set_role(v1::WORKER_ROLE_TRAINER);
+    join.set_name(options_.name);
+    join.set_train_sha256(sha);
+    SHOAL_ASSIGN_OR_RETURN(link_, SwarmLink::Join(options_, join));
+    const v1::SwarmJobInfo& job = link_->job();
+    SHOAL_ASSIGN_OR_RETURN(config_, runtime::ParseConfig(job.config_toml(), "the swarm's config"));
+    stages_ = job.stages();
+    micro_batches_ = job.micro_batches();
+    total_steps_ = job.total_steps();
+    const std::string dir = options_.data_dir.empty() ? config_.data.dir : options_.data_dir;
+    if (sha.empty() && !job.train_sha256().empty()) {
+      SHOAL_ASSIGN_OR_RETURN(sha, Sha256File(dir + "/train.bin"));
+      if (sha != job.train_sha256()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            dir, "/train.bin (sha256 ", sha, ") is not the job's (", job.train_sha256(),
+            "): every trainer must read the same tokens (--data)"));
+      }
+    }
+    SHOAL_ASSIGN_OR_RETURN(data_, runtime::OpenTokenDataset(dir, config_.model.vocab_size,
+                                                            config_.model.block_size,
+                                                            config_.data.verify_checksums));
+    runtime::BatchSpec spec;
+    spec.batch_size = config_.train.batch_size;
+    spec.block_size = config_.model.block_size;
+    spec.grad_accum = micro_batches_;
+    sampler_ = std::make_unique<runtime::BatchSampler>(*data_.train, config_.train.seed, spec);
+    comm::StageClientOptions co;
+    co.token = options_.token;
+    co.tls_ca_file = options_.tls_ca_file;
+    co.codec = CodecOf(job.codec());
+    SHOAL_ASSIGN_OR_RETURN(client_, comm::StageClient::Create(co));
+    for (int s = 0; s < stages_; ++s) {
+      parallel::StageRouterOptions ro;
+      ro.stage = absl::StrCat("stage ", s);
+      ro.seed = static_cast<uint64_t>(s) * 7919 + std::hash<std::string>()(link_->id());
+      SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<parallel::StageRouter> r,
+                             parallel::StageRouter::Create(ro));
+      routers_.push_back(std::move(r));
+    }
+    out_dir_ = options_.out_dir.empty() ? config_.train.out_dir : options_.out_dir;
+    SHOAL_RETURN_IF_ERROR(MakeDirs(out_dir_));
+    SHOAL_ASSIGN_OR_RETURN(runtime::MetricsFile metrics,
+                           runtime::MetricsFile::Open(out_dir_ + "/metrics.jsonl"));
+    metrics_ = std::make_unique<runtime::MetricsFile>(std::move(metrics));
+    SHOAL_LOG(Info) << "swarm trainer " << link_->id() << ": " << stages_ << " stages, M = "
+                    << micro_batches_ << ", " << total_steps_ << " steps, data " << dir;
+    started_ = Now();
+
+    std::vector<int64_t> release;
+    while (!stop_->load()) {
+      absl::StatusOr<v1::SwarmRoster> r = link_->Await(
+          [](const v1::SwarmRoster&) { return true; }, absl::Seconds(5), stop_);
+      if (!r.ok()) {
+        if (absl::IsCancelled(r.status())) break;
+        if (absl::IsDeadlineExceeded(r.status())) continue;
+        return r.status();
+      }
+      Observe(*r);
+      if (r->finished()) break;
+      if (!r->rollback().empty()) {
+        return absl::UnimplementedError(absl::StrCat(
+            "the swarm needs a rollback (", r->rollback(), "), which trainers cannot follow yet"));
+      }
+      v1::LeaseRequest lr;
+      lr.set_worker_id(link_->id());
+      lr.set_max(options_.in_flight);
+      for (int64_t id : release) lr.add_release(id);
+      release.clear();
+      SHOAL_ASSIGN_OR_RETURN(v1::LeaseResponse leases, link_->client().Lease(lr));
+      if (!leases.step_open() || leases.leases_size() == 0) {
+        // Nothing to do until the roster moves on.
+        (void)link_->Await(
+            [&](const v1::SwarmRoster& n) { return n.version() != r->version(); },
+            absl::Seconds(1), stop_);
+        continue;
+      }
+      const v1::SwarmRoster now = link_->latest();
+      Observe(now);
+      for (const v1::SwarmLeaseEntry& lease : leases.leases()) {
+        if (stop_->load()) {
+          release.push_back(lease.id());
+          continue;
+        }
+        absl::Status s = RunMicroBatch(leases.step(), lease);
+        if (!s.ok()) {
+          SHOAL_LOG(Warning) << "swarm trainer: micro-batch " << lease.id() << " of step "
+                             << leases.step() << ": " << s << " (given back)";
+          release.push_back(lease.id());
+          Observe(link_->latest());
+        }
+      }
+    }
+    if (!release.empty()) {
+      v1::LeaseRequest lr;
+      lr.set_worker_id(link_->id());
+      lr.set_max(0);
+      for (int64_t id : release) lr.add_release(id);
+      (void)link_->client().Lease(lr);
+    }
+    const v1::SwarmRoster last = link_->latest();
+    Observe(last);
+    if (last.finished() && !stop_->load()) return SaveCheckpoint(last);
+    return absl::OkStatus();
+  }
+
+  // Installs the roster's serving peers in the routers and logs the newly applied steps.
+  void Observe(const v1::SwarmRoster& r) {
+    if (r.version() > routed_version_) {
+      routed_version_ = r.version();
+      for (const v1::SwarmStageEntry& st : r.stages()) {
+        std::vector<std::string> serving, draining;
+        for (const v1::SwarmPeerEntry& p : st.peers()) {
+          address_[p.id()] = p.address();
+          if (!p.in_round()) continue;
+          (p.state() == "SERVING" ? serving : draining).push_back(p.id());
+        }
+        if (st.index() < 0 || st.index() >= stages_) continue;
+        (void)routers_[st.index()]->SetRoster(r.version(), serving.empty() ? draining : serving);
+      }
+    }
+    for (const v1::SwarmDecision& d : r.decisions()) {
+      if (d.step() <= logged_step_) continue;
+      logged_step_ = d.step();
+      const double now = Now();
+      const double tokens = static_cast<double>(micro_batches_) * config_.train.batch_size *
+                            config_.model.block_size;
+      runtime::TrainLogRecord rec;
+      rec.step = d.step() + 1;
+      rec.total_steps = total_steps_;
+      rec.loss = d.loss();
+      rec.lr = d.lr();
+      rec.grad_norm = d.grad_norm();
+      rec.tokens_per_s = last_decision_s_ > 0 ? tokens / std::max(1e-9, now - last_decision_s_)
+                                              : 0;
+      rec.elapsed_s = now - started_;
+      rec.eta_s = rec.elapsed_s / static_cast<double>(rec.step) *
+                  static_cast<double>(total_steps_ - rec.step);
+      last_decision_s_ = now;
+      SHOAL_LOG(Info) << runtime::FormatTrainLine(rec);
+      metrics_->Write({{"kind", "train"}, {"step", rec.step}, {"loss", rec.loss},
+                       {"step_loss", rec.loss}, {"lr", rec.lr}, {"grad_norm", rec.grad_norm},
+                       {"clip_scale", d.clip_scale()}, {"tokens_per_s", rec.tokens_per_s},
+                       {"elapsed_s", rec.elapsed_s}, {"eta_s", rec.eta_s}});
+      v1::StepStats stats;
+      stats.set_step(rec.step);
+      stats.set_loss(rec.loss);
+      stats.set_lr(rec.lr);
+      stats.set_tokens_per_s(rec.tokens_per_s);
+      link_->SetStats(stats);
+    }
+  }
+
+  // A peer of `stage` for a task, and its address.
+  absl::StatusOr<std::pair<std::string, std::string>> Choose(int stage, double size) {
+    SHOAL_ASSIGN_OR_RETURN(std::string peer, routers_[stage]->Choose(size));
+    return std::make_pair(peer, address_[peer]);
+  }
+
+  // After a call to `peer` failed: banned here, and reported when it could not be reached.
+  void Failed(int stage, const std::string& peer, const absl::Status& s) {
+    if (absl::IsDeadlineExceeded(s)) return;
+    (void)routers_[stage]->Ban(peer);
+    if (absl::IsUnavailable(s)) {
+      v1::ReportPeerRequest rp;
+      rp.set_worker_id(link_->id());
+      rp.set_peer_id(peer);
+      rp.set_reason(std::string(s.message()).substr(0, 200));
+      absl::StatusOr<v1::ReportPeerResponse> r = link_->client().ReportPeer(rp);
+      if (r.ok() && r->fenced()) {
+        SHOAL_LOG(Info) << "swarm trainer: peer " << peer << " of stage " << stage
+                        << " is gone; the coordinator fenced it";
+      }
+    }
+  }
+
+  absl::Status RunMicroBatch(int64_t step, const v1::SwarmLeaseEntry& lease) {
+    const int64_t micro = lease.id() - step * micro_batches_;
+    if (micro < 0 || micro >= micro_batches_ || lease.stages_size() == 0) {
+      return absl::InternalError(absl::StrCat("lease ", lease.id(), " is not of step ", step));
+    }
+    const std::set<int> accumulate(lease.stages().begin(), lease.stages().end());
+    const int lowest = *accumulate.begin();
+    const int64_t B = config_.train.batch_size, T = config_.model.block_size;
+    at::Tensor x = at::empty({B, T}, at::kLong), y = at::empty({B, T}, at::kLong);
+    sampler_->TrainBatch(step, static_cast<int>(micro), x.data_ptr<int64_t>(),
+                         y.data_ptr<int64_t>());
+    std::vector<at::Tensor> inputs(stages_);
+    inputs[0] = x;
+    comm::StageCall call;
+    call.step = step;
+    call.micro_batch = micro;
+    call.trainer_id = link_->id();
+    for (int s = 0; s + 1 < stages_; ++s) {
+      SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, static_cast<double>(B)));
+      call.stage = s;
+      const double t0 = Now();
+      absl::StatusOr<comm::StageReply> out = client_->Forward(peer.second, call, inputs[s]);
+      if (!out.ok()) {
+        Failed(s, peer.first, out.status());
+        return out.status();
+      }
+      (void)routers_[s]->Report(peer.first, static_cast<double>(B), t0, Now());
+      inputs[s + 1] = out->tensor;
+    }
+    const int last = stages_ - 1;
+    SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(last, 3.5 * static_cast<double>(B)));
+    call.stage = last;
+    double t0 = Now();
+    absl::StatusOr<comm::StageReply> fb =
+        client_->ForwardBackward(peer.second, call, inputs[last], y,
+                                 1.0 / static_cast<double>(micro_batches_),
+                                 accumulate.count(last) > 0);
+    if (!fb.ok()) {
+      Failed(last, peer.first, fb.status());
+      return fb.status();
+    }
+    (void)routers_[last]->Report(peer.first, 3.5 * static_cast<double>(B), t0, Now());
+    at::Tensor grad = fb->tensor;
+    for (int s = last - 1; s >= lowest; --s) {
+      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, 2.5 * static_cast<double>(B)));
+      call.stage = s;
+      t0 = Now();
+      absl::StatusOr<comm::StageReply> b = client_->Backward(bp.second, call, inputs[s], grad,
+                                                             accumulate.count(s) > 0);
+      if (!b.ok()) {
+        Failed(s, bp.first, b.status());
+        return b.status();
+      }
+      (void)routers_[s]->Report(bp.first, 2.5 * static_cast<double>(B), t0, Now());
+      grad = b->tensor;
+    }
+    return absl::OkStatus();
+  }
+
+  // Every stage's final state, pulled from a serving peer, as one checkpoint in the usual format.
+  absl::Status SaveCheckpoint(const v1::SwarmRoster& r) {
+    runtime::CheckpointState state;
+    state.step = r.next_step();
+    state.config_toml = link_->job().config_toml();
+    state.data = {{"next_step", r.next_step()}, {"swarm", true}};
+    std::set<std::string> have;
+    int64_t optimizer_steps = -1;
+    for (const v1::SwarmStageEntry& st : r.stages()) {
+      absl::Status last = absl::UnavailableError(
+          absl::StrCat("no serving peer of stage ", st.index()));
+      std::optional<runtime::StageSnapshot> snap;
+      for (const v1::SwarmPeerEntry& p : st.peers()) {
+        if (p.state() != "SERVING" && p.state() != "DRAINING") continue;
+        runtime::FetchOptions fo;
+        fo.token = options_.token;
+        fo.tls_ca_file = options_.tls_ca_file;
+        absl::StatusOr<runtime::StageSnapshot> got =
+            runtime::FetchStageState(p.address(), st.index(), r.next_step(), fo);
+        if (got.ok()) {
+          snap = *std::move(got);
+          break;
+        }
+        last = got.status();
+      }
+      if (!snap.has_value()) return last;
+      optimizer_steps = snap->manifest.step();
+      for (const v1::StateEntry& e : snap->manifest.entries()) {
+        const std::string name =
+            e.kind() == "param" ? e.name() : absl::StrCat(e.kind(), ".", e.name());
+        if (!have.insert(name).second) continue;  // the tied wte's second copy
+        std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
+        at::Tensor t = at::empty(shape, at::kFloat);
+        if (e.bytes() != t.numel() * 4 || e.offset() < 0 ||
+            e.offset() + e.bytes() > static_cast<int64_t>(snap->bytes.size())) {
+          return absl::DataLossError(absl::StrCat("stage ", st.index(), "'s state: entry ",
+                                                  name, " does not fit its stream"));
+        }
+        std::memcpy(t.data_ptr(), snap->bytes.data() + e.offset(), static_cast<size_t>(e.bytes()));
+        (e.kind() == "param" ? state.model : state.optimizer).emplace_back(name, t);
+      }
+    }
+    state.optimizer.emplace_back("step", at::scalar_tensor(optimizer_steps, at::kLong));
+    const std::string root = config_.checkpoint.dir.empty() ? out_dir_ + "/checkpoints"
+                                                            : config_.checkpoint.dir;
+    runtime::CheckpointStore store(root, config_.checkpoint.keep);
+    SHOAL_ASSIGN_OR_RETURN(std::string path, store.Save(state));
+    SHOAL_LOG(Info) << "swarm trainer: saved " << path << " (every stage's state after step "
+                    << r.next_step() << ")";
+    return absl::OkStatus();
+  }
+
+  SwarmWorkerOptions options_;
+  std::atomic<bool>* stop_;
+  std::unique_ptr<SwarmLink> link_;
+  runtime::Config config_;
+  runtime::TokenDataset data_;
+  std::unique_ptr<runtime::BatchSampler> sampler_;
+  std::unique_ptr<comm::StageClient> client_;
+  std::vector<std::unique_ptr<parallel::StageRouter>> routers_;
+  std::map<std::string, std::string> address_;
+  std::unique_ptr<runtime::MetricsFile> metrics_;
+  std::string out_dir_;
+  int stages_ = 1, micro_batches_ = 1;
+  int64_t total_steps_ = 0;
+  uint64_t routed_version_ = 0;
+  int64_t logged_step_ = -1;
+  double started_ = 0, last_decision_s_ = 0;
+};
+
+}  // namespace
+
+int RunSwarmTrainer(const SwarmWorkerOptions& options, std::atomic<bool>* stop) {
+  Trainer trainer(options, stop);
+  return trainer.Run();
+}
+
+}  // namespace shoal::launch

@@ -1,0 +1,100 @@
+// The coordinator of a swarm (`shoal coordinator --swarm`): the membership of peers and trainers
+// (joins, heartbeats with leases, leaves, drains, deaths) around SwarmState (swarm_state.h), which
+// keeps the stage pools, the rounds, the ledger and the decisions. The gRPC service
+// (coordinator_service.h) calls it for every swarm call; it does no I/O itself except through
+// `reachable` (a dial check of a peer's address). Thread-safe.
+//
+// Membership. A peer joins with the address it serves SwarmPeer on (checked: the coordinator must
+// be able to dial it, else kFailedPrecondition with the hint `--advertise`) and the host bytes of
+// its profile; SwarmState::AddPeer picks its stage and its sync source, which the JoinResponse
+// carries with the job (its config as TOML, the stage splits, M, the codec). A trainer joins with
+// its train.bin sha256, which must be the job's. A worker whose lease runs out (no heartbeat for
+// lease_ms) is dead: a peer is fenced (RemovePeer kDead: its micro-batches become replays), a
+// trainer's leases go back to the pool. ReportPeer (a trainer or peer whose call to a peer failed)
+// dials the peer at once and fences it when it cannot be reached, so a killed peer is fenced
+// within a dial's time of the first failed call, not a lease later.
+//
+// The roster (v1::SwarmRoster) is SwarmState's snapshot with addresses, the open step's plans, the
+// newest decisions (with the step's loss: the mean of the losses its last stage's peers committed,
+// one per micro-batch) and the job's end: the job is finished once `total_steps` steps are
+// applied (the learning-rate function gives no lr past them, so no step opens). Its version
+// changes whenever something a worker acts on changed; WaitRoster blocks until then.
+//
+// Errors are SwarmState's (see there), and: kInvalidArgument for a malformed request (named
+// field), kNotFound for an unknown worker, kFailedPrecondition for a worker that is dead or has
+// left (join again), a role this coordinator does not serve, or an address it cannot dial.
+#ifndef SHOAL_SCHEDULER_SWARM_COORDINATOR_H_
+#define SHOAL_SCHEDULER_SWARM_COORDINATOR_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "proto/coordinator.pb.h"
+#include "scheduler/clock.h"
+#include "scheduler/swarm_state.h"
+#include "scheduler/validate.h"
+
+namespace shoal::scheduler {
+
+struct SwarmCoordinatorOptions {
+  SwarmJob job;                   // stages, M, per-stage bytes, clip
+  SwarmStateOptions state;        // learning_rate: the schedule; NaN past the last step
+  v1::SwarmJobInfo info;          // what joiners get: config, splits, total_steps, codec, sha256
+  int64_t lease_ms = 10000;
+  int64_t heartbeat_interval_ms = 2000;
+  int history_points = 2000;      // loss points kept for the status
+  int roster_decisions = 8;       // decisions each roster carries
+  bool log_events = false;        // log joins, leaves, deaths, fences and steps (a server)
+  std::string version = "0.1.0";
+  ValidationLimits limits;
+  // Whether the coordinator can dial `address` (HOST:PORT) now. Null: every address can.
+  std::function<bool(const std::string& address)> reachable;
+};
+
+class SwarmCoordinator {
+ public:
+  // kInvalidArgument for a bad job, info or options (named).
+  static absl::StatusOr<std::unique_ptr<SwarmCoordinator>> Create(SwarmCoordinatorOptions options,
+                                                                   const Clock* clock);
+  ~SwarmCoordinator();
+  SwarmCoordinator(const SwarmCoordinator&) = delete;
+  SwarmCoordinator& operator=(const SwarmCoordinator&) = delete;
+
+  absl::StatusOr<v1::JoinResponse> Join(const v1::JoinRequest& request);
+  absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
+  absl::Status Leave(const v1::LeaveRequest& request);
+  // A serving peer stops taking new work and leaves once its stage no longer needs it.
+  absl::Status Drain(const std::string& worker_id);
+
+  // The roster at once if its version differs from `known_version`, else when it changes or after
+  // `timeout`. kNotFound (unknown worker), kFailedPrecondition (dead or left).
+  absl::StatusOr<v1::SwarmRoster> WaitRoster(const std::string& worker_id, uint64_t known_version,
+                                             absl::Duration timeout);
+  absl::StatusOr<v1::LeaseResponse> Lease(const v1::LeaseRequest& request);
+  absl::Status Commit(const v1::CommitRequest& request);
+  absl::StatusOr<v1::ReportPeerResponse> ReportPeer(const v1::ReportPeerRequest& request);
+  absl::StatusOr<v1::PeerSyncedResponse> PeerSynced(const v1::PeerSyncedRequest& request);
+  absl::StatusOr<v1::StageReportResponse> StageReport(const v1::StageReportRequest& request);
+
+  // Marks workers whose lease ran out as dead. Returns how many.
+  int ExpireLeases();
+  v1::ClusterStatus Status() const;
+  v1::SwarmRoster Roster() const;
+  void CountRejected();
+  const SwarmCoordinatorOptions& options() const;
+
+  struct Impl;
+
+ private:
+  explicit SwarmCoordinator(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace shoal::scheduler
+
+#endif  // SHOAL_SCHEDULER_SWARM_COORDINATOR_H_
