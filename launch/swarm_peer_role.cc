@@ -255,8 +255,9 @@ class Peer {
     for (const v1::SwarmPlanIds& e : own.ids()) {
       if (e.peer() == link_->id()) ids.assign(e.ids().begin(), e.ids().end());
     }
-    const std::string name = absl::StrCat("s", stage_index_, ".k", step, ".p", plans.key, ".a",
-                                          ++attempt_);
+    // Named by the plans alone, so every peer of them names it alike; a peer reduces once per
+    // plan, so no name comes twice in a process.
+    const std::string name = absl::StrCat("s", stage_index_, ".k", step, ".p", plans.key);
     SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::PeerGroup> group,
                            Group({own.addresses().begin(), own.addresses().end()}, rank, name));
     std::unique_ptr<comm::PeerGroup> tied;
@@ -269,8 +270,7 @@ class Peer {
       const int tied_rank = stage_index_ == 0 ? rank : first.peers_size() + rank;
       SHOAL_ASSIGN_OR_RETURN(
           tied, Group(std::move(roster), tied_rank,
-                      absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan(), ".a",
-                                   attempt_)));
+                      absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan())));
     }
     double sum_squares = 0;
     uint64_t hash = 0;
@@ -286,7 +286,12 @@ class Peer {
       } else {
         for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(backup_[i]);
       }
-      SHOAL_RETURN_IF_ERROR(runtime::ReduceRound(st, group.get(), tied.get()));
+      return absl::OkStatus();
+    }));
+    // Without the compute lock: the step's micro-batches are all held, so no call changes the
+    // accumulation now, and a joiner can copy this peer's state meanwhile.
+    SHOAL_RETURN_IF_ERROR(runtime::ReduceRound(*stage_, group.get(), tied.get()));
+    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
       sum_squares = st.SumSquares();
       hash = st.ParamHash();
       return absl::OkStatus();
@@ -439,7 +444,6 @@ class Peer {
   runtime::Config config_;
   std::unique_ptr<runtime::SwarmStage> stage_;
   int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
-  int64_t attempt_ = 0;
   std::vector<at::Tensor> backup_;  // the step's accumulation before any reduction
 };
 

@@ -40,6 +40,13 @@ absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
     return absl::FailedPreconditionError(
         absl::StrCat("a call for stage ", call.stage(), " to a peer of stage ", stage.stage()));
   }
+  if (call.step() != stage.optimizer_steps()) {
+    // Computing another step's micro-batch with this state would be wrong: a joiner still
+    // catching up, or a trainer behind the swarm.
+    return absl::FailedPreconditionError(absl::StrCat(
+        "a call for step ", call.step(), " to a peer holding the state after ",
+        stage.optimizer_steps(), " step(s)"));
+  }
   if (call.step() < 0 || call.micro_batch() < 0 || call.trainer_id().empty() ||
       call.trainer_id().size() > 200) {
     return absl::InvalidArgumentError(absl::StrCat(

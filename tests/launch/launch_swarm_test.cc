@@ -1,0 +1,371 @@
+// Swarm mode end to end with real processes on 127.0.0.1: `shoal coordinator --swarm`, peers and
+// trainers started as `shoal worker --join`, against `shoal train` with grad_accum = M as the
+// independent reference (tiny, 3 stages, M = 8, 10 steps):
+//   1. 3 peers + 1 trainer, and 6 peers + 2 trainers: every step's loss within 1e-5 of the one
+//      process's, the final checkpoint's weights (pulled from the stages) within 1e-5 of its;
+//   3. kill -9 of a stage-1 peer while it holds accumulated micro-batches (seen in /api/status):
+//      fenced within 2 s, replays >= 1, duplicates 0, lost 0, losses within 1e-4. The figures go
+//      to stdout as one JSON line (`swarm_kill`).
+// Refusals: `shoal worker --join` to a mesh coordinator and `shoal train --coordinator` to a swarm
+// one exit 2 naming the mismatch; --swarm refuses configs it cannot run.
+// Every process is bounded by `timeout` or killed by the test.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "runtime/checkpoint.h"
+#include "tests/monitoring_util.h"
+#include "tests/test_util.h"
+
+namespace shoal {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using testing::CommandResult;
+using testing::Contains;
+using testing::ReadTextFile;
+using testing::RunCommand;
+using testing::WaitUntil;
+using testing::WriteTextFile;
+
+constexpr int kSteps = 10;
+
+double Number(const nlohmann::json& j) {
+  if (j.is_number()) return j.get<double>();
+  if (j.is_string()) return std::stod(j.get<std::string>());
+  return 0;
+}
+
+// The step losses of a metrics.jsonl, in order.
+std::vector<double> StepLosses(const std::string& path) {
+  std::vector<double> out;
+  std::istringstream in(ReadTextFile(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.value("kind", "") == "train") out.push_back(j["step_loss"].get<double>());
+  }
+  return out;
+}
+
+// The largest difference between two checkpoints' weights (and that they hold the same names).
+double MaxWeightDiff(const std::string& a_dir, const std::string& b_dir) {
+  auto a = runtime::CheckpointStore::Load(a_dir);
+  auto b = runtime::CheckpointStore::Load(b_dir);
+  EXPECT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(b.ok()) << b.status();
+  if (!a.ok() || !b.ok()) return 1e9;
+  std::map<std::string, at::Tensor> bm(b->model.begin(), b->model.end());
+  EXPECT_EQ(a->model.size(), b->model.size());
+  double worst = 0;
+  for (const auto& [name, t] : a->model) {
+    auto it = bm.find(name);
+    EXPECT_NE(it, bm.end()) << name << " missing from " << b_dir;
+    if (it == bm.end()) return 1e9;
+    worst = std::max(worst, (t.to(at::kDouble) - it->second.to(at::kDouble)).abs().max()
+                                .item<double>());
+  }
+  return worst;
+}
+
+class Process {
+ public:
+  Process() = default;
+  Process(const std::vector<std::string>& argv, const std::string& log)
+      : pid_(testing::SpawnLogged(argv, log)), log_(log) {}
+  Process(Process&& o) noexcept : pid_(o.pid_), log_(o.log_) { o.pid_ = -1; }
+  ~Process() { Stop(); }
+  pid_t pid() const { return pid_; }
+  const std::string& log() const { return log_; }
+  // The exit code (128 + signal), or -1 after killing it at `limit`.
+  int Wait(std::chrono::seconds limit) {
+    int status = 0;
+    const bool done = WaitUntil([&] { return ::waitpid(pid_, &status, WNOHANG) == pid_; }, limit);
+    if (!done) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, &status, 0);
+      pid_ = -1;
+      return -1;
+    }
+    pid_ = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  void Kill9() {
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+  void Stop() {
+    if (pid_ > 0) testing::TerminateProcess(pid_, std::chrono::seconds(5));
+    pid_ = -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  std::string log_;
+};
+
+class SwarmTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ::setenv("OMP_WAIT_POLICY", "passive", 1);
+    ::setenv("OMP_NUM_THREADS", "1", 1);
+    ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
+    WriteTextFile(tmp_ / "token", "swarm-token\n");
+    WriteTextFile(tmp_ / "text.txt", testing::SyntheticText(200000));
+    CommandResult r = RunCommand("timeout -k 5 60 " + std::string(SHOAL_BINARY) +
+                                 " prepare-data --no-progress --input " + (tmp_ / "text.txt") +
+                                 " --out " + (tmp_ / "data"));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+
+  // configs/tiny.toml made quick, M = 8 micro-batches a step.
+  std::vector<std::string> Sets(const std::string& out) {
+    return {"--set", "data.dir=" + (tmp_ / "data"), "--set", "train.out_dir=" + out, "--set",
+            "train.steps=" + std::to_string(kSteps), "--set", "train.batch_size=2", "--set",
+            "train.grad_accum=8", "--set", "train.log_every=1", "--set", "train.eval_every=0",
+            "--set", "train.eval_batches=1", "--set", "checkpoint.every=0", "--set",
+            "optim.warmup_steps=2"};
+  }
+
+  // The one process: `shoal train` with grad_accum = 8. Its run folder.
+  std::string Reference() {
+    const std::string out = tmp_ / "one";
+    std::vector<std::string> argv = {"/usr/bin/timeout", "-k", "5", "200", SHOAL_BINARY, "train",
+                                     "--config", std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml"};
+    for (const std::string& s : Sets(out)) argv.push_back(s);
+    Process p(argv, tmp_ / "one.log");
+    EXPECT_EQ(p.Wait(std::chrono::seconds(210)), 0) << ReadTextFile(tmp_ / "one.log");
+    return out;
+  }
+
+  // Starts the swarm's coordinator; its gRPC and HTTP ports.
+  Process Coordinator(const std::string& name, int* grpc, int* http, double lease_s = 10) {
+    std::vector<std::string> argv = {
+        "/usr/bin/timeout", "-k", "5", "300", SHOAL_BINARY, "coordinator", "--swarm", "--config",
+        std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml", "--stages", "3", "--listen",
+        "127.0.0.1:0", "--http", "127.0.0.1:0", "--port-file", tmp_ / (name + ".ports"),
+        "--token-file", tmp_ / "token", "--lease-s", std::to_string(lease_s), "--heartbeat-s",
+        "0.25"};
+    for (const std::string& s : Sets(tmp_ / (name + "-coordinator"))) argv.push_back(s);
+    Process p(argv, tmp_ / (name + "-coordinator.log"));
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          const nlohmann::json j = nlohmann::json::parse(
+              ReadTextFile(tmp_ / (name + ".ports")), nullptr, false);
+          if (!j.is_object()) return false;
+          *grpc = static_cast<int>(Number(j["grpc"]));
+          *http = static_cast<int>(Number(j["http"]));
+          return *grpc > 0;
+        },
+        std::chrono::seconds(30)))
+        << ReadTextFile(p.log());
+    return p;
+  }
+
+  Process Peer(const std::string& name, int grpc) {
+    return Process({SHOAL_BINARY, "worker", "--join", "127.0.0.1:" + std::to_string(grpc),
+                    "--token-file", tmp_ / "token", "--name", name, "--grace-s", "5"},
+                   tmp_ / (name + ".log"));
+  }
+
+  Process Trainer(const std::string& name, int grpc, const std::string& out) {
+    return Process({"/usr/bin/timeout", "-k", "5", "280", SHOAL_BINARY, "worker", "--join",
+                    "127.0.0.1:" + std::to_string(grpc), "--token-file", tmp_ / "token",
+                    "--trainer", "--name", name, "--data", tmp_ / "data", "--out", out},
+                   tmp_ / (name + ".log"));
+  }
+
+  nlohmann::json Status(int http) {
+    testing::HttpResponse r = testing::HttpGet("127.0.0.1", http, "/api/status", 5);
+    return r.status == 200 ? nlohmann::json::parse(r.body, nullptr, false) : nlohmann::json();
+  }
+
+  // Runs a swarm of `peers` peers and `trainers` trainers to the end; the first trainer's run
+  // folder. Every process must exit 0.
+  std::string RunSwarm(const std::string& name, int peers, int trainers) {
+    int grpc = 0, http = 0;
+    Process coordinator = Coordinator(name, &grpc, &http);
+    std::vector<Process> ps;
+    for (int i = 0; i < peers; ++i) ps.push_back(Peer(name + "-p" + std::to_string(i), grpc));
+    std::vector<Process> ts;
+    for (int i = 0; i < trainers; ++i) {
+      ts.push_back(Trainer(name + "-t" + std::to_string(i), grpc,
+                           tmp_ / (name + "-t" + std::to_string(i))));
+    }
+    for (Process& t : ts) {
+      const std::string log = t.log();
+      EXPECT_EQ(t.Wait(std::chrono::seconds(290)), 0)
+          << log << ":\n" << ReadTextFile(log) << "\ncoordinator:\n"
+          << ReadTextFile(coordinator.log());
+    }
+    for (Process& p : ps) {
+      const std::string log = p.log();
+      EXPECT_EQ(p.Wait(std::chrono::seconds(30)), 0) << log << ":\n" << ReadTextFile(log);
+    }
+    return tmp_ / (name + "-t0");
+  }
+
+  testing::TempDir tmp_;
+};
+
+void ExpectSameRun(const std::string& one, const std::string& swarm, double loss_tol,
+                   double weight_tol) {
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(swarm + "/metrics.jsonl");
+  ASSERT_EQ(a.size(), static_cast<size_t>(kSteps));
+  ASSERT_EQ(b.size(), static_cast<size_t>(kSteps)) << ReadTextFile(swarm + "/metrics.jsonl");
+  for (int i = 0; i < kSteps; ++i) EXPECT_NEAR(a[i], b[i], loss_tol) << "step " << i + 1;
+  char step[32];
+  std::snprintf(step, sizeof(step), "/checkpoints/step_%08d", kSteps);
+  EXPECT_LE(MaxWeightDiff(one + step, swarm + step), weight_tol);
+}
+
+TEST_F(SwarmTest, TrainsLikeOneProcessWithOneAndTwoPeersPerStage) {
+  const std::string one = Reference();
+  ExpectSameRun(one, RunSwarm("a", 3, 1), 1e-5, 1e-5);
+  ExpectSameRun(one, RunSwarm("b", 6, 2), 1e-5, 1e-5);
+}
+
+TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
+  const std::string one = Reference();
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("k", &grpc, &http, /*lease_s=*/1.5);
+  std::map<std::string, Process> peers;
+  for (int i = 0; i < 6; ++i) {
+    const std::string name = "k-p" + std::to_string(i);
+    peers.emplace(name, Peer(name, grpc));
+  }
+  Process trainer = Trainer("k-t0", grpc, tmp_ / "k-t0");
+  // A stage-1 peer holding micro-batches of the open step, while another one serves the stage.
+  std::string victim;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json s = Status(http);
+        if (!s.is_object() || !s.contains("swarm")) return false;
+        for (const nlohmann::json& st : s["swarm"].value("stages", nlohmann::json::array())) {
+          if (Number(st.value("index", nlohmann::json(0))) != 1) continue;
+          int serving = 0;
+          for (const nlohmann::json& p : st.value("peers", nlohmann::json::array())) {
+            if (p.value("state", "") == "SERVING") ++serving;
+          }
+          for (const nlohmann::json& p : st.value("peers", nlohmann::json::array())) {
+            if (serving >= 2 && Number(p.value("accumulated", nlohmann::json(0))) > 0) {
+              victim = p.value("id", "");
+              return true;
+            }
+          }
+        }
+        return false;
+      },
+      std::chrono::seconds(120)))
+      << ReadTextFile(coordinator.log());
+  ASSERT_EQ(peers.count(victim), 1u) << victim;
+  peers.at(victim).Kill9();
+  const auto killed = Clock::now();
+  // Fenced: gone from the roster.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json s = Status(http);
+        if (!s.is_object() || !s.contains("swarm")) return false;
+        for (const nlohmann::json& st : s["swarm"].value("stages", nlohmann::json::array())) {
+          for (const nlohmann::json& p : st.value("peers", nlohmann::json::array())) {
+            if (p.value("id", "") == victim) return false;
+          }
+        }
+        return true;
+      },
+      std::chrono::seconds(10)));
+  const double fence_s = std::chrono::duration<double>(Clock::now() - killed).count();
+  EXPECT_LE(fence_s, 2.0);
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0)
+      << ReadTextFile(trainer.log()) << "\ncoordinator:\n" << ReadTextFile(coordinator.log());
+  const nlohmann::json s = Status(http);
+  ASSERT_TRUE(s.is_object() && s.contains("swarm")) << s.dump();
+  const nlohmann::json& c = s["swarm"]["counters"];
+  const double replays = Number(c.value("replays", nlohmann::json(0)));
+  const double duplicates = Number(c.value("duplicates", nlohmann::json(0)));
+  const double lost = Number(c.value("lost", nlohmann::json(0)));
+  EXPECT_GE(replays, 1) << c.dump();
+  EXPECT_EQ(duplicates, 0) << c.dump();
+  EXPECT_EQ(lost, 0) << c.dump();
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(tmp_ / "k-t0/metrics.jsonl");
+  ASSERT_EQ(b.size(), a.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  EXPECT_LE(worst, 1e-4);
+  std::printf("{\"swarm_kill\": {\"victim\": \"%s\", \"kill_to_fence_s\": %.3f, \"replays\": %.0f, "
+              "\"duplicates\": %.0f, \"lost\": %.0f, \"max_loss_diff\": %.3g}}\n",
+              victim.c_str(), fence_s, replays, duplicates, lost, worst);
+  for (auto& [name, p] : peers) {
+    if (p.pid() > 0) EXPECT_EQ(p.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(p.log());
+  }
+}
+
+TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
+  // A swarm coordinator refuses `shoal train --coordinator`, exit 2 naming it.
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("r", &grpc, &http);
+  CommandResult r = RunCommand(
+      "timeout -k 5 60 " + std::string(SHOAL_BINARY) + " train --config " + SHOAL_SOURCE_DIR +
+      "/configs/tiny.toml --set data.dir=" + (tmp_ / "data") + " train.out_dir=" +
+      (tmp_ / "r-mesh") + " train.steps=1 --coordinator 127.0.0.1:" + std::to_string(grpc) +
+      " --coordinator-token-file " + (tmp_ / "token") + " --coordinator-timeout 20");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(Contains(r.output, "swarm")) << r.output;
+  coordinator.Stop();
+
+  // A mesh coordinator refuses `shoal worker --join`.
+  const std::string mesh_ports = tmp_ / "mesh.ports";
+  Process mesh({"/usr/bin/timeout", "-k", "5", "120", SHOAL_BINARY, "coordinator", "--listen",
+                "127.0.0.1:0", "--port-file", mesh_ports},
+               tmp_ / "mesh.log");
+  int mesh_port = 0;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json j =
+            nlohmann::json::parse(ReadTextFile(mesh_ports), nullptr, false);
+        mesh_port = j.is_object() ? static_cast<int>(Number(j["grpc"])) : 0;
+        return mesh_port > 0;
+      },
+      std::chrono::seconds(30)));
+  r = RunCommand("timeout -k 5 60 " + std::string(SHOAL_BINARY) + " worker --join 127.0.0.1:" +
+                 std::to_string(mesh_port));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_TRUE(Contains(r.output, "mesh")) << r.output;
+
+  // --swarm refuses what a swarm cannot run, naming the value.
+  const std::string base = "timeout -k 5 30 " + std::string(SHOAL_BINARY) +
+                           " coordinator --listen 127.0.0.1:0 --swarm --config " +
+                           SHOAL_SOURCE_DIR + "/configs/tiny.toml";
+  const std::vector<std::pair<std::string, std::string>> refused = {
+      {" --stages 3 --set parallel.tp=2", "parallel.tp"},
+      {" --stages 3 --set parallel.zero=1", "parallel.zero"},
+      {" --stages 3 --set memory.activation_budget=1MiB", "memory.activation_budget"},
+      {" --stages 0", "--stages"},
+      {" --stages 5", "--stages"},
+      {" --stages 3 --set optim.name=demo", "optim.name"},
+  };
+  for (const auto& [flags, named] : refused) {
+    r = RunCommand(base + flags);
+    EXPECT_EQ(r.exit_code, 2) << flags << ": " << r.output;
+    EXPECT_TRUE(Contains(r.output, named)) << flags << ": " << r.output;
+  }
+}
+
+}  // namespace
+}  // namespace shoal
