@@ -362,10 +362,16 @@ class Peer {
           absl::Seconds(1), nullptr);
       if (!got.ok() && !absl::IsDeadlineExceeded(got.status())) return got.status();
       if (draining) {
+        // Leave once that loses nothing (another peer serves the stage, nobody syncs from this
+        // one, the stage needs nothing it holds), or when the grace is over.
         const v1::SwarmRoster r = link_->latest();
         const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
-        const bool holds = me != nullptr && me->accumulated() > 0 && !reduced;
-        if (!holds || !r.step_open() || absl::Now() > grace_end) return absl::OkStatus();
+        if (me == nullptr || me->can_leave() || r.finished()) return absl::OkStatus();
+        if (absl::Now() > grace_end) {
+          SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": grace over; leaving with "
+                             << me->accumulated() << " micro-batch(es) its stage will replay";
+          return absl::OkStatus();
+        }
       }
       if (!got.ok()) continue;
       const v1::SwarmRoster& r = *got;

@@ -310,18 +310,24 @@ class Trainer {
       absl::Status last = absl::UnavailableError(
           absl::StrCat("no serving peer of stage ", st.index()));
       std::optional<runtime::StageSnapshot> snap;
-      for (const v1::SwarmPeerEntry& p : st.peers()) {
-        if (p.state() != "SERVING" && p.state() != "DRAINING") continue;
-        runtime::FetchOptions fo;
-        fo.token = options_.token;
-        fo.tls_ca_file = options_.tls_ca_file;
-        absl::StatusOr<runtime::StageSnapshot> got =
-            runtime::FetchStageState(p.address(), st.index(), r.next_step(), fo);
-        if (got.ok()) {
-          snap = *std::move(got);
-          break;
+      // The peers apply the last step as the trainer learns of it: ask until one holds it.
+      const absl::Time deadline = absl::Now() + absl::Seconds(60);
+      while (!snap.has_value() && absl::Now() < deadline) {
+        for (const v1::SwarmPeerEntry& p : st.peers()) {
+          if (p.state() != "SERVING" && p.state() != "DRAINING") continue;
+          runtime::FetchOptions fo;
+          fo.token = options_.token;
+          fo.tls_ca_file = options_.tls_ca_file;
+          fo.attempts = 1;
+          absl::StatusOr<runtime::StageSnapshot> got =
+              runtime::FetchStageState(p.address(), st.index(), r.next_step(), fo);
+          if (got.ok()) {
+            snap = *std::move(got);
+            break;
+          }
+          last = got.status();
         }
-        last = got.status();
+        if (!snap.has_value()) absl::SleepFor(absl::Milliseconds(50));
       }
       if (!snap.has_value()) return last;
       optimizer_steps = snap->manifest.step();

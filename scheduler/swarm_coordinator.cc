@@ -141,6 +141,8 @@ struct SwarmCoordinator::Impl {
     }
   }
 
+  bool Finished() const { return state->next_step() >= options.info.total_steps(); }
+
   // A peer or trainer is gone.
   void Remove(Worker& w, v1::WorkerState how, SwarmLeaveReason reason, const std::string& why)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
@@ -150,7 +152,8 @@ struct SwarmCoordinator::Impl {
       if (options.log_events) {
         SHOAL_LOG(Info) << "swarm: peer " << w.id << " " << why
                         << (r.ok() ? absl::StrCat(": ", r->dropped, " micro-batch(es) to replay",
-                                                  r->needs_rollback ? "; rollback needed" : "")
+                                                  r->needs_rollback && !Finished()
+                                                      ? "; rollback needed" : "")
                                    : absl::StrCat(" (", r.status().message(), ")"));
       }
     } else {
@@ -216,6 +219,7 @@ struct SwarmCoordinator::Impl {
         pe->set_donor(p.donor);
         pe->set_synced(p.synced);
         pe->set_drifts(p.drifts);
+        pe->set_can_leave(p.can_leave);
       }
     }
     v1::SwarmCounters* c = r.mutable_counters();

@@ -3,9 +3,12 @@
 // independent reference (tiny, 3 stages, M = 8, 10 steps):
 //   1. 3 peers + 1 trainer, and 6 peers + 2 trainers: every step's loss within 1e-5 of the one
 //      process's, the final checkpoint's weights (pulled from the stages) within 1e-5 of its;
+//   2. a peer joining at step 5 syncs from a live donor, passes its stage's hash check (no drift,
+//      no refused sync), serves micro-batches; losses within 1e-5;
 //   3. kill -9 of a stage-1 peer while it holds accumulated micro-batches (seen in /api/status):
 //      fenced within 2 s, replays >= 1, duplicates 0, lost 0, losses within 1e-4. The figures go
-//      to stdout as one JSON line (`swarm_kill`).
+//      to stdout as one JSON line (`swarm_kill`). Same for a trainer (its leases go back);
+//   4. SIGTERM to a peer while another serves its stage: exit 0 within the grace, 0 replays.
 // Refusals: `shoal worker --join` to a mesh coordinator and `shoal train --coordinator` to a swarm
 // one exit 2 naming the mismatch; --swarm refuses configs it cannot run.
 // Every process is bounded by `timeout` or killed by the test.
@@ -135,7 +138,7 @@ class SwarmTest : public ::testing::Test {
   // configs/tiny.toml made quick, M = 8 micro-batches a step.
   std::vector<std::string> Sets(const std::string& out) {
     return {"--set", "data.dir=" + (tmp_ / "data"), "--set", "train.out_dir=" + out, "--set",
-            "train.steps=" + std::to_string(kSteps), "--set", "train.batch_size=2", "--set",
+            "train.steps=" + std::to_string(kSteps), "--set", "train.batch_size=8", "--set",
             "train.grad_accum=8", "--set", "train.log_every=1", "--set", "train.eval_every=0",
             "--set", "train.eval_batches=1", "--set", "checkpoint.every=0", "--set",
             "optim.warmup_steps=2"};
@@ -183,10 +186,33 @@ class SwarmTest : public ::testing::Test {
   }
 
   Process Trainer(const std::string& name, int grpc, const std::string& out) {
-    return Process({"/usr/bin/timeout", "-k", "5", "280", SHOAL_BINARY, "worker", "--join",
+    // Not under `timeout`: a test kills it with -9 (Process's Wait bounds it instead).
+    return Process({SHOAL_BINARY, "worker", "--join",
                     "127.0.0.1:" + std::to_string(grpc), "--token-file", tmp_ / "token",
                     "--trainer", "--name", name, "--data", tmp_ / "data", "--out", out},
                    tmp_ / (name + ".log"));
+  }
+
+  // The roster entry of peer `id` in a status, or null.
+  static nlohmann::json PeerEntry(const nlohmann::json& s, const std::string& id) {
+    if (!s.is_object() || !s.contains("swarm")) return nlohmann::json();
+    for (const nlohmann::json& st : s["swarm"].value("stages", nlohmann::json::array())) {
+      for (const nlohmann::json& p : st.value("peers", nlohmann::json::array())) {
+        if (p.value("id", "") == id) return p;
+      }
+    }
+    return nlohmann::json();
+  }
+
+  // The step the swarm has applied so far (the newest decision's), -1 before the first.
+  static int64_t AppliedSteps(const nlohmann::json& s) {
+    if (!s.is_object() || !s.contains("swarm")) return -1;
+    return static_cast<int64_t>(Number(s["swarm"].value("next_step", nlohmann::json(0))));
+  }
+
+  static double Counter(const nlohmann::json& s, const std::string& name) {
+    if (!s.is_object() || !s.contains("swarm")) return -1;
+    return Number(s["swarm"]["counters"].value(name, nlohmann::json(0)));
   }
 
   nlohmann::json Status(int http) {
@@ -314,6 +340,111 @@ TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
   for (auto& [name, p] : peers) {
     if (p.pid() > 0) EXPECT_EQ(p.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(p.log());
   }
+}
+
+TEST_F(SwarmTest, PeerJoiningAtStep5SyncsFromADonorAndServes) {
+  const std::string one = Reference();
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("j", &grpc, &http);
+  std::vector<Process> peers;
+  for (int i = 0; i < 3; ++i) peers.push_back(Peer("j-p" + std::to_string(i), grpc));
+  Process trainer = Trainer("j-t0", grpc, tmp_ / "j-t0");
+  ASSERT_TRUE(WaitUntil([&] { return AppliedSteps(Status(http)) >= 5; },
+                        std::chrono::seconds(120)))
+      << ReadTextFile(coordinator.log());
+  Process joiner = Peer("j-new", grpc);
+  // It serves: it holds micro-batches of a step at some point.
+  bool served = false;
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json s = Status(http);
+        const nlohmann::json me = PeerEntry(s, "j-new");
+        served = served || (me.is_object() && Number(me.value("accumulated",
+                                                               nlohmann::json(0))) > 0);
+        return served || AppliedSteps(s) >= kSteps;
+      },
+      std::chrono::seconds(120)));
+  EXPECT_TRUE(served) << ReadTextFile(joiner.log());
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0) << ReadTextFile(trainer.log());
+  const nlohmann::json s = Status(http);
+  EXPECT_EQ(Counter(s, "drifts"), 0) << s.dump();
+  EXPECT_EQ(Counter(s, "syncs_refused"), 0) << s.dump();
+  const std::string log = ReadTextFile(joiner.log());
+  EXPECT_TRUE(Contains(log, "syncing from donor")) << log;
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(tmp_ / "j-t0/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5) << "step " << i + 1;
+  EXPECT_EQ(joiner.Wait(std::chrono::seconds(30)), 0) << log;
+}
+
+TEST_F(SwarmTest, KilledTrainersLeasesGoToAnother) {
+  const std::string one = Reference();
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("d", &grpc, &http, /*lease_s=*/1.5);
+  std::vector<Process> peers;
+  for (int i = 0; i < 3; ++i) peers.push_back(Peer("d-p" + std::to_string(i), grpc));
+  Process keeper = Trainer("d-t0", grpc, tmp_ / "d-t0");
+  Process victim = Trainer("d-t1", grpc, tmp_ / "d-t1");
+  ASSERT_TRUE(WaitUntil([&] { return AppliedSteps(Status(http)) >= 3; },
+                        std::chrono::seconds(120)))
+      << ReadTextFile(coordinator.log());
+  victim.Kill9();
+  EXPECT_EQ(keeper.Wait(std::chrono::seconds(240)), 0)
+      << ReadTextFile(keeper.log()) << "\ncoordinator:\n" << ReadTextFile(coordinator.log());
+  const nlohmann::json s = Status(http);
+  EXPECT_EQ(Counter(s, "duplicates"), 0) << s.dump();
+  EXPECT_EQ(Counter(s, "lost"), 0) << s.dump();
+  EXPECT_TRUE(Contains(ReadTextFile(coordinator.log()), "trainer d-t1 sent no heartbeat"))
+      << ReadTextFile(coordinator.log());
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(tmp_ / "d-t0/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << "step " << i + 1;
+}
+
+TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("g", &grpc, &http);
+  std::map<std::string, Process> peers;
+  for (int i = 0; i < 6; ++i) {
+    const std::string name = "g-p" + std::to_string(i);
+    peers.emplace(name, Peer(name, grpc));
+  }
+  Process trainer = Trainer("g-t0", grpc, tmp_ / "g-t0");
+  // A peer of a stage that another peer serves too, in the middle of the run.
+  std::string leaving;
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json s = Status(http);
+        if (AppliedSteps(s) < 3) return false;
+        for (const nlohmann::json& st : s["swarm"].value("stages", nlohmann::json::array())) {
+          std::vector<std::string> serving;
+          for (const nlohmann::json& p : st.value("peers", nlohmann::json::array())) {
+            if (p.value("state", "") == "SERVING") serving.push_back(p.value("id", ""));
+          }
+          if (serving.size() >= 2) {
+            leaving = serving.back();
+            return true;
+          }
+        }
+        return false;
+      },
+      std::chrono::seconds(120)))
+      << ReadTextFile(coordinator.log());
+  const double replays_before = Counter(Status(http), "replays");
+  ASSERT_EQ(peers.count(leaving), 1u);
+  Process& p = peers.at(leaving);
+  ::kill(p.pid(), SIGTERM);
+  const auto t0 = Clock::now();
+  const std::string log = p.log();
+  EXPECT_EQ(p.Wait(std::chrono::seconds(5 + 10)), 0) << ReadTextFile(log);
+  const double took = std::chrono::duration<double>(Clock::now() - t0).count();
+  EXPECT_LE(took, 5.0 + 2.0) << ReadTextFile(log);
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0) << ReadTextFile(trainer.log());
+  const nlohmann::json s = Status(http);
+  EXPECT_EQ(Counter(s, "replays"), replays_before) << s.dump();
+  EXPECT_EQ(Counter(s, "lost"), 0) << s.dump();
 }
 
 TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
