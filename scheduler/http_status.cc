@@ -141,6 +141,52 @@ std::string ErrorJson(const absl::Status& error) {
 
 }  // namespace
 
+
+// Swarm mode: stages x peers, the step, and the ledger's and membership's counts.
+void AddSwarmMetrics(const v1::SwarmRoster& r, prometheus::Registry& registry) {
+  auto& peers = GaugeFamily(registry, "shoal_swarm_peers",
+                            "Peers per stage and state (SYNCING, SERVING, DRAINING).");
+  auto& held = GaugeFamily(registry, "shoal_swarm_peer_accumulated_micro_batches",
+                           "Micro-batches a peer holds in the open step.");
+  auto& missing = GaugeFamily(registry, "shoal_swarm_stage_missing_micro_batches",
+                              "Micro-batches the open step still needs at a stage.");
+  for (const v1::SwarmStageEntry& st : r.stages()) {
+    const std::string stage = std::to_string(st.index());
+    std::map<std::string, int> by_state = {{"SYNCING", 0}, {"SERVING", 0}, {"DRAINING", 0}};
+    for (const v1::SwarmPeerEntry& p : st.peers()) {
+      ++by_state[p.state()];
+      held.Add({{"stage", stage}, {"peer", p.id()}}).Set(static_cast<double>(p.accumulated()));
+    }
+    for (const auto& [state, n] : by_state) {
+      peers.Add({{"stage", stage}, {"state", state}}).Set(n);
+    }
+    missing.Add({{"stage", stage}}).Set(static_cast<double>(st.missing()));
+  }
+  GaugeFamily(registry, "shoal_swarm_next_step", "The step the swarm runs or opens next.")
+      .Add({})
+      .Set(static_cast<double>(r.next_step()));
+  GaugeFamily(registry, "shoal_swarm_trainers", "Live trainers.")
+      .Add({})
+      .Set(r.trainers_size());
+  const v1::SwarmCounters& c = r.counters();
+  AddCounter(registry, "shoal_swarm_joins_total", "Peers that joined the swarm.", c.joins());
+  AddCounter(registry, "shoal_swarm_deaths_total", "Peers found dead.", c.deaths());
+  AddCounter(registry, "shoal_swarm_fences_total",
+             "Peers fenced in a step's ledger (their micro-batches replayed).", c.fences());
+  AddCounter(registry, "shoal_swarm_replays_total", "Micro-batches leased again as replays.",
+             c.replays());
+  AddCounter(registry, "shoal_swarm_duplicates_total",
+             "Commits refused as already held (a retried call).", c.duplicates());
+  AddCounter(registry, "shoal_swarm_drifts_total", "Peers whose parameters drifted.", c.drifts());
+  AddCounter(registry, "shoal_swarm_moves_total", "Peers moved to another stage.", c.moves());
+  AddCounter(registry, "shoal_swarm_steps_applied_total", "Steps every stage applied.",
+             c.steps_applied());
+  GaugeFamily(registry, "shoal_swarm_lost_micro_batches",
+              "Micro-batches a step can no longer place (must stay 0).")
+      .Add({})
+      .Set(static_cast<double>(c.lost()));
+}
+
 std::string RenderPrometheus(const v1::ClusterStatus& status) {
   prometheus::Registry registry;
 
@@ -246,6 +292,7 @@ std::string RenderPrometheus(const v1::ClusterStatus& status) {
   AddCounter(registry, "shoal_rejected_requests_total",
              "Requests refused by authentication or validation.", c.rejected_requests_total());
 
+  if (status.has_swarm()) AddSwarmMetrics(status.swarm(), registry);
   return prometheus::TextSerializer().Serialize(registry.Collect());
 }
 

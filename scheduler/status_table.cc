@@ -58,6 +58,25 @@ std::string Clip(const std::string& s, size_t n) {
 
 }  // namespace
 
+// Appends `rows` with every column as wide as its widest cell.
+void AppendTable(const std::vector<std::vector<std::string>>& rows, std::string* out) {
+  if (rows.empty()) return;
+  std::vector<size_t> width(rows[0].size(), 0);
+  for (const auto& r : rows) {
+    for (size_t c = 0; c < r.size() && c < width.size(); ++c) {
+      width[c] = std::max(width[c], r[c].size());
+    }
+  }
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t c = 0; c < r.size(); ++c) {
+      line += r[c];
+      if (c + 1 < r.size()) line += std::string(width[c] - r[c].size() + 2, ' ');
+    }
+    *out += line + "\n";
+  }
+}
+
 std::string FormatStatusTable(const v1::ClusterStatus& status) {
   std::string out;
   const v1::Layout& layout = status.layout();
@@ -83,7 +102,41 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
   absl::StrAppend(&out, "job ", status.job().name().empty() ? "-" : status.job().name(),
                   ": step ", js.step(), "  loss ", absl::StrFormat("%.4f", js.loss()),
                   "  tokens/s ", Grouped(js.tokens_per_s()), "\n");
-  if (layout.version() == 0) {
+  if (status.has_swarm()) {
+    const v1::SwarmRoster& r = status.swarm();
+    const v1::SwarmCounters& c = r.counters();
+    absl::StrAppend(&out, "swarm: ", r.stages_size(), " stages, ", r.micro_batches(),
+                    " micro-batches a step; ",
+                    r.finished() ? absl::StrCat("finished (", r.total_steps(), " steps)")
+                    : r.step_open() ? absl::StrCat("step ", r.open_step(), " of ", r.total_steps(),
+                                                   " open")
+                                    : absl::StrCat("waiting: ", r.waiting()),
+                    "\n");
+    if (!r.rollback().empty()) absl::StrAppend(&out, "rollback needed: ", r.rollback(), "\n");
+    absl::StrAppend(&out, "  joins ", c.joins(), "  leaves ", c.leaves(), "  deaths ", c.deaths(),
+                    "  fences ", c.fences(), "  replays ", c.replays(), "  duplicates ",
+                    c.duplicates(), "  lost ", c.lost(), "  drifts ", c.drifts(), "  evictions ",
+                    c.evictions(), "  trainers ", r.trainers_size(), "\n");
+    std::vector<std::vector<std::string>> rows;
+    rows.push_back({"STAGE", "LAYERS", "PHASE", "PEER", "STATE", "ADDRESS", "HELD", "TPUT"});
+    for (const v1::SwarmStageEntry& st : r.stages()) {
+      const std::string layers = absl::StrCat(st.first_layer(), "-", st.end_layer());
+      const std::string phase =
+          st.phase().empty() ? "-" : absl::StrCat(st.phase(), st.missing() > 0
+                                                      ? absl::StrCat(" (", st.missing(),
+                                                                     " missing)")
+                                                      : "");
+      if (st.peers().empty()) {
+        rows.push_back({absl::StrCat(st.index()), layers, phase, "(none)", "-", "-", "-", "-"});
+      }
+      for (const v1::SwarmPeerEntry& p : st.peers()) {
+        rows.push_back({absl::StrCat(st.index()), layers, phase, Clip(p.id(), 24), p.state(),
+                        p.address(), absl::StrCat(p.accumulated()),
+                        absl::StrFormat("%.1f", p.throughput())});
+      }
+    }
+    AppendTable(rows, &out);
+  } else if (layout.version() == 0) {
     out += "layout: none yet\n";
   } else {
     absl::StrAppend(&out, "layout v", layout.version(), ": tp=", layout.tp(), " pp=", layout.pp(),
@@ -105,7 +158,11 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
     const v1::Assignment& a = w.assignment();
     std::string role = "standby";
     std::string layers = "-";
-    if (w.state() == v1::WORKER_STATE_DRAINING || a.drain()) {
+    if (status.has_swarm() && (w.state() == v1::WORKER_STATE_ALIVE ||
+                               w.state() == v1::WORKER_STATE_DRAINING)) {
+      role = a.placed() ? absl::StrCat("peer/s", a.stage()) : "trainer";
+      if (a.placed()) layers = absl::StrCat(a.first_layer(), "-", a.end_layer());
+    } else if (w.state() == v1::WORKER_STATE_DRAINING || a.drain()) {
       role = "draining";
     } else if (w.state() == v1::WORKER_STATE_DEAD || w.state() == v1::WORKER_STATE_LEFT) {
       role = "-";
@@ -123,18 +180,7 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
                     Bytes(m.host_bytes()), Bytes(m.disk_bytes()),
                     absl::StrFormat("%.1f", std::max(0.0, ago_s)), StateName(w.state())});
   }
-  std::vector<size_t> width(rows[0].size(), 0);
-  for (const auto& r : rows) {
-    for (size_t c = 0; c < r.size(); ++c) width[c] = std::max(width[c], r[c].size());
-  }
-  for (const auto& r : rows) {
-    std::string line;
-    for (size_t c = 0; c < r.size(); ++c) {
-      line += r[c];
-      if (c + 1 < r.size()) line += std::string(width[c] - r[c].size() + 2, ' ');
-    }
-    out += line + "\n";
-  }
+  AppendTable(rows, &out);
   if (status.workers().empty()) out += "(no workers have joined)\n";
   return out;
 }

@@ -642,6 +642,15 @@ v1::ClusterStatus SwarmCoordinator::Status() const {
     a->set_worker_id(id);
     a->set_placed(w.role == v1::WORKER_ROLE_PEER);
     a->set_reason(w.role == v1::WORKER_ROLE_PEER ? "peer" : "trainer");
+    for (const v1::SwarmStageEntry& st : r.stages()) {
+      for (const v1::SwarmPeerEntry& p : st.peers()) {
+        if (p.id() != id) continue;
+        a->set_stage(st.index());
+        a->set_first_layer(st.first_layer());
+        a->set_end_layer(st.end_layer());
+        a->set_drain(p.state() == "DRAINING");
+      }
+    }
   }
   v1::JobStatus* js = s.mutable_job_status();
   if (!m.decisions.empty()) {

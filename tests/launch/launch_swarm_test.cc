@@ -334,6 +334,18 @@ TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
   double worst = 0;
   for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
   EXPECT_LE(worst, 1e-4);
+  // The same figures in `shoal status` and /metrics.
+  CommandResult table = RunCommand("timeout -k 5 30 " + std::string(SHOAL_BINARY) +
+                                   " status --coordinator 127.0.0.1:" + std::to_string(grpc) +
+                                   " --token-file " + (tmp_ / "token"));
+  EXPECT_EQ(table.exit_code, 0) << table.output;
+  EXPECT_TRUE(Contains(table.output, "swarm: 3 stages")) << table.output;
+  EXPECT_TRUE(Contains(table.output, "replays " + std::to_string(static_cast<int>(replays))))
+      << table.output;
+  EXPECT_TRUE(Contains(table.output, "STAGE")) << table.output;
+  const testing::HttpResponse metrics = testing::HttpGet("127.0.0.1", http, "/metrics", 5);
+  EXPECT_TRUE(Contains(metrics.body, "shoal_swarm_replays_total")) << metrics.body;
+  EXPECT_TRUE(Contains(metrics.body, "shoal_swarm_peers{")) << metrics.body;
   std::printf("{\"swarm_kill\": {\"victim\": \"%s\", \"kill_to_fence_s\": %.3f, \"replays\": %.0f, "
               "\"duplicates\": %.0f, \"lost\": %.0f, \"max_loss_diff\": %.3g}}\n",
               victim.c_str(), fence_s, replays, duplicates, lost, worst);
