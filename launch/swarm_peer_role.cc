@@ -123,6 +123,7 @@ class Peer {
   // reported and the coordinator names the next source.
   absl::Status Sync(std::string source, std::string donor, std::string donor_address,
                     int64_t step) {
+    int stale_syncs = 0;
     while (true) {
       if (source == "init") {
         if (step != 0) {
@@ -172,13 +173,20 @@ class Peer {
         return absl::UnimplementedError(absl::StrCat(
             "syncing from ", source, " (a checkpoint) is not implemented yet"));
       }
+      v1::PeerSyncedRequest synced;
+      synced.set_peer_id(link_->id());
+      synced.set_step(stage_->optimizer_steps());
+      synced.set_param_hash(stage_->ParamHash());
+      absl::Status claimed = link_->client().PeerSynced(synced).status();
+      if (absl::IsOutOfRange(claimed) && source == "donor" && ++stale_syncs < 20) {
+        // The swarm applied a step while the state travelled: fetch the donor's newest.
+        SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": " << claimed.message();
+        step = -1;
+        continue;
+      }
+      SHOAL_RETURN_IF_ERROR(claimed);
       break;
     }
-    v1::PeerSyncedRequest synced;
-    synced.set_peer_id(link_->id());
-    synced.set_step(stage_->optimizer_steps());
-    synced.set_param_hash(stage_->ParamHash());
-    SHOAL_RETURN_IF_ERROR(link_->client().PeerSynced(synced).status());
     SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": synced state "
                     << stage_->optimizer_steps() << " (hash " << stage_->ParamHash() << ")";
     return absl::OkStatus();
