@@ -1,0 +1,302 @@
+// SwarmCoordinator: membership around SwarmState, driven call by call on a manual clock (the
+// processes' view is launch_swarm_test's). Checked against what the contract says: refusals and
+// their codes, stage choice and sync sources, a step carried through leases, commits and reports
+// to its decision (the loss the mean of the committed ones), lease expiry fencing a peer and
+// turning its micro-batches into replays, ReportPeer fencing only what cannot be dialled, the end
+// of the job.
+#include "scheduler/swarm_coordinator.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <set>
+#include <vector>
+#include <string>
+
+namespace shoal::scheduler {
+namespace {
+
+constexpr int kStages = 2;
+constexpr int kM = 4;
+
+class SwarmCoordinatorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SwarmCoordinatorOptions o;
+    o.job.stages = kStages;
+    o.job.micro_batches = kM;
+    o.job.stage_bytes = {1000, 1000};
+    o.job.grad_clip = 1.0;
+    o.state.learning_rate = [](int64_t step) { return step < 2 ? 0.01 : std::nan(""); };
+    o.info.set_config_toml("[model]\n");
+    o.info.set_stages(kStages);
+    o.info.set_micro_batches(kM);
+    o.info.set_total_steps(2);
+    o.info.add_first_layer(0);
+    o.info.add_end_layer(1);
+    o.info.add_first_layer(1);
+    o.info.add_end_layer(2);
+    o.info.set_train_sha256("abc");
+    o.lease_ms = 1000;
+    o.heartbeat_interval_ms = 100;
+    o.reachable = [this](const std::string& address) { return dead_.count(address) == 0; };
+    auto made = SwarmCoordinator::Create(std::move(o), &clock_);
+    ASSERT_TRUE(made.ok()) << made.status();
+    swarm_ = std::move(*made);
+  }
+
+  absl::StatusOr<v1::JoinResponse> JoinPeer(const std::string& name, const std::string& address,
+                                            int64_t bytes = 1 << 20) {
+    v1::JoinRequest r;
+    r.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    r.set_role(v1::WORKER_ROLE_PEER);
+    r.set_name(name);
+    r.set_advertise(address);
+    r.mutable_device()->set_host("node1");
+    r.mutable_device()->set_device_name("cpu");
+    r.mutable_device()->set_cores(2);
+    r.mutable_device()->set_throttle(1);
+    r.mutable_device()->set_kind(v1::DEVICE_KIND_CPU);
+    r.mutable_device()->set_fp32_gflops(10);
+    r.mutable_device()->mutable_memory()->set_host_bytes(bytes);
+    return swarm_->Join(r);
+  }
+
+  absl::StatusOr<v1::JoinResponse> JoinTrainer(const std::string& name,
+                                               const std::string& sha = "abc") {
+    v1::JoinRequest r;
+    r.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+    r.set_role(v1::WORKER_ROLE_TRAINER);
+    r.set_name(name);
+    r.set_train_sha256(sha);
+    return swarm_->Join(r);
+  }
+
+  absl::Status Synced(const std::string& peer, int64_t step, uint64_t hash) {
+    v1::PeerSyncedRequest r;
+    r.set_peer_id(peer);
+    r.set_step(step);
+    r.set_param_hash(hash);
+    return swarm_->PeerSynced(r).status();
+  }
+
+  absl::Status Commit(const std::string& peer, const std::string& trainer, int64_t step,
+                      int64_t id, double loss = std::nan("")) {
+    v1::CommitRequest c;
+    c.set_peer_id(peer);
+    c.set_trainer_id(trainer);
+    c.set_step(step);
+    c.set_id(id);
+    if (std::isfinite(loss)) {
+      c.set_has_loss(true);
+      c.set_loss(loss);
+    }
+    return swarm_->Commit(c);
+  }
+
+  absl::StatusOr<v1::StageReportResponse> Report(const v1::SwarmRoster& r, int stage,
+                                                 const std::string& peer, uint64_t hash) {
+    const v1::SwarmReductionPlan& plan = r.stages(stage).reduction();
+    v1::StageReportRequest q;
+    q.set_peer_id(peer);
+    q.set_step(plan.step());
+    q.set_plan(plan.plan());
+    for (const v1::SwarmPlanIds& e : plan.ids()) {
+      if (e.peer() == peer) q.mutable_ids()->CopyFrom(e.ids());
+    }
+    q.set_sum_squares(0.25);
+    q.set_param_hash(hash);
+    return swarm_->StageReport(q);
+  }
+
+  ManualClock clock_{1000000};
+  std::set<std::string> dead_;
+  std::unique_ptr<SwarmCoordinator> swarm_;
+};
+
+TEST_F(SwarmCoordinatorTest, RefusesWhatItCannotServe) {
+  v1::JoinRequest mesh;
+  mesh.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
+  EXPECT_EQ(swarm_->Join(mesh).status().code(), absl::StatusCode::kFailedPrecondition);
+  v1::JoinRequest old = mesh;
+  old.set_protocol_version(99);
+  old.set_role(v1::WORKER_ROLE_TRAINER);
+  EXPECT_EQ(swarm_->Join(old).status().code(), absl::StatusCode::kFailedPrecondition);
+  // An address that is not HOST:PORT, and one the coordinator cannot dial (the hint named).
+  EXPECT_EQ(JoinPeer("a", "nohost").status().code(), absl::StatusCode::kInvalidArgument);
+  dead_.insert("10.0.0.1:5");
+  absl::Status unreachable = JoinPeer("a", "10.0.0.1:5").status();
+  EXPECT_EQ(unreachable.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(unreachable.message()).find("--advertise"), std::string::npos);
+  // Memory that fits no stage.
+  EXPECT_EQ(JoinPeer("a", "127.0.0.1:1", 10).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  // Another train.bin.
+  absl::Status sha = JoinTrainer("t", "other").status();
+  EXPECT_EQ(sha.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::string(sha.message()).find("sha256"), std::string::npos);
+  // A name in use.
+  ASSERT_TRUE(JoinPeer("a", "127.0.0.1:1").ok());
+  EXPECT_EQ(JoinPeer("a", "127.0.0.1:2").status().code(), absl::StatusCode::kAlreadyExists);
+  // Calls from strangers and trainer-only calls from a peer.
+  v1::LeaseRequest lease;
+  lease.set_worker_id("nobody");
+  lease.set_max(1);
+  EXPECT_EQ(swarm_->Lease(lease).status().code(), absl::StatusCode::kNotFound);
+  lease.set_worker_id("a");
+  EXPECT_EQ(swarm_->Lease(lease).status().code(), absl::StatusCode::kFailedPrecondition);
+  lease.set_max(-1);
+  EXPECT_EQ(swarm_->Lease(lease).status().code(), absl::StatusCode::kInvalidArgument);
+  v1::CommitRequest bad;
+  bad.set_peer_id("a");
+  bad.set_has_loss(true);
+  bad.set_loss(std::nan(""));
+  EXPECT_EQ(swarm_->Commit(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(SwarmCoordinatorTest, RunsAStepToItsDecisionAndTheJobToItsEnd) {
+  auto p0 = JoinPeer("p0", "127.0.0.1:1");
+  auto p1 = JoinPeer("p1", "127.0.0.1:2");
+  ASSERT_TRUE(p0.ok() && p1.ok()) << p0.status() << p1.status();
+  // One stage each, the first peers sync from the init.
+  EXPECT_NE(p0->swarm().stage(), p1->swarm().stage());
+  EXPECT_EQ(p0->swarm().sync_source(), "init");
+  EXPECT_EQ(p0->swarm().config_toml(), "[model]\n");
+  const std::string first = p0->swarm().stage() == 0 ? "p0" : "p1";
+  const std::string last = first == "p0" ? "p1" : "p0";
+  ASSERT_TRUE(Synced("p0", 0, 7).ok());
+  ASSERT_TRUE(Synced("p1", 0, 7).ok());
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  v1::SwarmRoster r = swarm_->Roster();
+  ASSERT_TRUE(r.step_open());
+  EXPECT_EQ(r.open_step(), 0);
+  // A commit for another step is refused; the step's leases cover its M micro-batches.
+  EXPECT_EQ(Commit(last, "t", 1, kM).code(), absl::StatusCode::kFailedPrecondition);
+  v1::LeaseRequest lease;
+  lease.set_worker_id("t");
+  lease.set_max(kM);
+  absl::StatusOr<v1::LeaseResponse> leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok()) << leased.status();
+  ASSERT_EQ(leased->leases_size(), kM);
+  double loss_sum = 0;
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    EXPECT_EQ(l.stages_size(), kStages);
+    const double loss = 2.0 + 0.5 * static_cast<double>(l.id());
+    loss_sum += loss;
+    ASSERT_TRUE(Commit(last, "t", 0, l.id(), loss).ok());
+    ASSERT_TRUE(Commit(first, "t", 0, l.id()).ok());
+  }
+  // A second commit of a held micro-batch is a duplicate.
+  EXPECT_EQ(Commit(last, "t", 0, 0).code(), absl::StatusCode::kAlreadyExists);
+  r = swarm_->Roster();
+  ASSERT_EQ(r.stages(0).phase(), "reducing");
+  ASSERT_TRUE(Report(r, 0, first, 7).ok());
+  absl::StatusOr<v1::StageReportResponse> done = Report(r, 1, last, 7);
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_TRUE(done->decided());
+  EXPECT_DOUBLE_EQ(done->decision().loss(), loss_sum / kM);
+  EXPECT_DOUBLE_EQ(done->decision().lr(), 0.01);
+  // norm = sqrt(0.25 + 0.25); clip 1 / (norm + 1e-6) capped at 1.
+  EXPECT_NEAR(done->decision().grad_norm(), std::sqrt(0.5), 1e-12);
+  EXPECT_DOUBLE_EQ(done->decision().clip_scale(), 1.0);
+  r = swarm_->Roster();
+  ASSERT_EQ(r.decisions_size(), 1);
+  EXPECT_EQ(r.counters().duplicates(), 1);
+  EXPECT_FALSE(r.finished());
+  // The last step, then the end: no step opens past total_steps.
+  leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok() && leased->step_open());
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    ASSERT_TRUE(Commit(last, "t", 1, l.id(), 1.0).ok());
+    ASSERT_TRUE(Commit(first, "t", 1, l.id()).ok());
+  }
+  r = swarm_->Roster();
+  ASSERT_TRUE(Report(r, 0, first, 8).ok());
+  ASSERT_TRUE(Report(r, 1, last, 9).ok());
+  r = swarm_->Roster();
+  EXPECT_TRUE(r.finished());
+  EXPECT_FALSE(r.step_open());
+  leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok());
+  EXPECT_FALSE(leased->step_open());
+  const v1::ClusterStatus status = swarm_->Status();
+  EXPECT_EQ(status.job_status().step(), 1);
+  EXPECT_EQ(status.job_status().history_size(), 2);
+  EXPECT_EQ(status.health(), "healthy");
+}
+
+TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkReplayed) {
+  // Four peers, two per stage; every one of stage 0 syncs before the first round opens, so that
+  // round has two peers there.
+  std::map<int, std::vector<std::string>> by_stage;
+  std::map<std::string, std::string> address;
+  for (int i = 0; i < 4; ++i) {
+    const std::string id = "p" + std::to_string(i);
+    address[id] = "127.0.0.1:" + std::to_string(i + 1);
+    auto j = JoinPeer(id, address[id]);
+    ASSERT_TRUE(j.ok()) << j.status();
+    by_stage[j->swarm().stage()].push_back(id);
+  }
+  ASSERT_EQ(by_stage[0].size(), 2u);
+  ASSERT_EQ(by_stage[1].size(), 2u);
+  ASSERT_TRUE(Synced(by_stage[0][0], 0, 1).ok());
+  ASSERT_TRUE(Synced(by_stage[0][1], 0, 1).ok());
+  ASSERT_TRUE(Synced(by_stage[1][0], 0, 2).ok());
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  v1::SwarmRoster r = swarm_->Roster();
+  ASSERT_TRUE(r.step_open());
+  const std::string victim = by_stage[0][1];
+  v1::LeaseRequest lease;
+  lease.set_worker_id("t");
+  lease.set_max(2);
+  absl::StatusOr<v1::LeaseResponse> leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok() && leased->leases_size() == 2);
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    ASSERT_TRUE(Commit(by_stage[1][0], "t", 0, l.id()).ok());
+    ASSERT_TRUE(Commit(victim, "t", 0, l.id()).ok());
+  }
+  // ReportPeer of a reachable peer changes nothing; of an unreachable one fences it, and its two
+  // micro-batches are needed again at stage 0 only.
+  v1::ReportPeerRequest report;
+  report.set_worker_id("t");
+  report.set_peer_id(victim);
+  report.set_reason("test");
+  absl::StatusOr<v1::ReportPeerResponse> kept = swarm_->ReportPeer(report);
+  ASSERT_TRUE(kept.ok());
+  EXPECT_FALSE(kept->fenced());
+  dead_.insert(address[victim]);
+  absl::StatusOr<v1::ReportPeerResponse> fenced = swarm_->ReportPeer(report);
+  ASSERT_TRUE(fenced.ok());
+  EXPECT_TRUE(fenced->fenced());
+  r = swarm_->Roster();
+  EXPECT_EQ(r.counters().deaths(), 1);
+  EXPECT_EQ(r.counters().fences(), 1);
+  lease.set_max(kM);
+  leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok()) << leased.status();
+  int replays = 0;
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    if (!l.replay()) continue;
+    ++replays;
+    ASSERT_EQ(l.stages_size(), 1);
+    EXPECT_EQ(l.stages(0), 0);
+  }
+  EXPECT_EQ(replays, 2);
+  // A peer whose lease runs out (no heartbeat for lease_ms) is dead too; the others keep theirs.
+  clock_.AdvanceMs(600);
+  for (const std::string& id : {by_stage[0][0], by_stage[1][0], std::string("t")}) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(id);
+    ASSERT_TRUE(swarm_->Heartbeat(hb).ok()) << id;
+  }
+  clock_.AdvanceMs(600);
+  EXPECT_EQ(swarm_->ExpireLeases(), 1);
+  v1::HeartbeatRequest hb;
+  hb.set_worker_id(by_stage[1][1]);
+  EXPECT_EQ(swarm_->Heartbeat(hb).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(swarm_->Roster().counters().lost(), 0);
+}
+
+}  // namespace
+}  // namespace shoal::scheduler
