@@ -10,6 +10,7 @@
 #include <cmath>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -94,6 +95,17 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {}
 
   std::mutex& compute_mu() { return mu_; }
+  // After the step boundary ran under compute_mu(): wakes calls waiting for the next step.
+  void StepChanged() { step_cv_.notify_all(); }
+
+  // A call for the step after the one this stage holds usually arrives just before the peer
+  // applies the decision the trainer has already seen: wait a moment for it rather than refuse.
+  void WaitForStep(const SwarmStage& stage, int64_t step) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (stage.optimizer_steps() + 1 != step) return;
+    step_cv_.wait_for(lock, std::chrono::seconds(5),
+                      [&] { return stage.optimizer_steps() >= step; });
+  }
   SwarmStage* stage() const { return stage_.load(); }
 
   void Attach(SwarmStage* stage, int first_layer, int end_layer) {
@@ -114,6 +126,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       return Refuse("Forward: the call does not start with its header");
     }
     const v1::ForwardHeader& h = first.header();
+    WaitForStep(*stage, h.call().step());
     if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     absl::StatusOr<comm::TensorAssembler> in =
         comm::TensorAssembler::Create({h.input()}, {"input"}, options_.max_call_bytes);
@@ -150,6 +163,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       return Refuse("Backward: the call does not start with its header");
     }
     const v1::BackwardHeader& h = first.header();
+    WaitForStep(*stage, h.call().step());
     if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     absl::StatusOr<comm::TensorAssembler> in = comm::TensorAssembler::Create(
         {h.input(), h.grad_output()}, {"input", "grad_output"}, options_.max_call_bytes);
@@ -206,6 +220,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       return Refuse("ForwardBackward: the call does not start with its header");
     }
     const v1::ForwardBackwardHeader& h = first.header();
+    WaitForStep(*stage, h.call().step());
     if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
     if (!(h.loss_scale() > 0) || !(h.loss_scale() <= 1)) {
       return Refuse(absl::StrCat("ForwardBackward: loss_scale ", h.loss_scale(),
@@ -329,6 +344,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   }
 
   std::atomic<SwarmStage*> stage_;
+  std::condition_variable step_cv_;
   std::shared_ptr<comm::ExchangeMailbox> mailbox_;
   SwarmPeerOptions options_;
   std::mutex mu_;
@@ -389,10 +405,15 @@ void SwarmPeerServer::Attach(SwarmStage* stage, int first_layer, int end_layer) 
 }
 
 absl::Status SwarmPeerServer::WithStage(const std::function<absl::Status(SwarmStage&)>& fn) {
-  std::lock_guard<std::mutex> lock(impl_->service->compute_mu());
-  SwarmStage* stage = impl_->service->stage();
-  if (stage == nullptr) return absl::FailedPreconditionError("swarm peer: no stage attached");
-  return fn(*stage);
+  absl::Status s;
+  {
+    std::lock_guard<std::mutex> lock(impl_->service->compute_mu());
+    SwarmStage* stage = impl_->service->stage();
+    if (stage == nullptr) return absl::FailedPreconditionError("swarm peer: no stage attached");
+    s = fn(*stage);
+  }
+  impl_->service->StepChanged();
+  return s;
 }
 
 absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group) {

@@ -6,8 +6,9 @@
 // GetUpdates is not served yet (UNIMPLEMENTED).
 //
 // Every call is checked before any computation: the bearer token, the protocol version, the
-// stage it means, the call's numbers, and every tensor's declaration and pieces
-// (comm/tensor_stream.h). A stage computes one call at a time (calls queue on a lock); the step
+// stage it means, the step (the one whose state the stage holds: a call for the next step waits
+// up to 5 s for the step boundary, which usually is moments away), the call's numbers, and every
+// tensor's declaration and pieces (comm/tensor_stream.h). A stage computes one call at a time (calls queue on a lock); the step
 // boundary (the round's reduction and the update) runs under the same lock through WithStage, so
 // no call sees half an update.
 //
