@@ -116,6 +116,7 @@ class Peer {
     SHOAL_RETURN_IF_ERROR(Sync(job.sync_source(), job.donor(), job.donor_address(),
                                job.sync_step()));
     server_->Attach(stage_.get(), first_, end_);
+    attached_ = true;
     return Serve();
   }
 
@@ -130,7 +131,7 @@ class Peer {
           return absl::FailedPreconditionError(
               absl::StrCat("asked to sync state ", step, " from the init"));
         }
-        // A fresh stage is the init; nothing to fetch.
+        SHOAL_RETURN_IF_ERROR(ResetToInit());
       } else if (source == "donor") {
         runtime::FetchOptions fo;
         fo.token = options_.token;
@@ -158,15 +159,15 @@ class Peer {
             link_->Await(
                 [&](const v1::SwarmRoster& r) {
                   const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
-                  return me == nullptr || !me->donor().empty();
+                  return me == nullptr || me->sync_source() != "wait";
                 },
                 absl::Minutes(10), stop_));
         const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
         if (me == nullptr) return absl::FailedPreconditionError("removed from the swarm");
+        source = me->sync_source().empty() ? "donor" : me->sync_source();
         donor = me->donor();
         const v1::SwarmPeerEntry* d = PeerOf(r, donor);
         donor_address = d != nullptr ? d->address() : "";
-        source = "donor";
         step = r.next_step();
         continue;
       } else {
@@ -187,9 +188,30 @@ class Peer {
       SHOAL_RETURN_IF_ERROR(claimed);
       break;
     }
+    // Until the roster shows the claim, an older roster would still say "syncing".
+    SHOAL_RETURN_IF_ERROR(link_->Await(
+        [&](const v1::SwarmRoster& r) {
+          const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+          return me == nullptr || me->synced() || me->state() != "SYNCING";
+        },
+        absl::Seconds(60), stop_).status());
     SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": synced state "
                     << stage_->optimizer_steps() << " (hash " << stage_->ParamHash() << ")";
     return absl::OkStatus();
+  }
+
+  // The stage as the init made it (after a rollback to step 0; at the join it is that already).
+  absl::Status ResetToInit() {
+    if (!attached_) return absl::OkStatus();
+    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SwarmStage> fresh,
+                           runtime::SwarmStage::Create(config_.model, config_.train.seed,
+                                                       stage_index_, stages_, first_, end_,
+                                                       runtime::AdamWOptionsOf(config_.optim)));
+    const runtime::StageSnapshot init = runtime::SnapshotOf(*fresh, first_, end_);
+    return server_->WithStage([&](runtime::SwarmStage& st) {
+      st.DropStep();
+      return runtime::LoadSnapshot(st, init);
+    });
   }
 
   // The commit callback: called by the server under its compute lock.
@@ -362,7 +384,9 @@ class Peer {
             if (r.finished() || !r.rollback().empty() || DecisionOf(r, step) != nullptr) {
               return true;
             }
-            if (PeerOf(r, link_->id()) == nullptr) return true;
+            if (r.counters().rollbacks() != rollbacks_seen_) return true;
+            const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
+            if (me == nullptr || (me->state() == "SYNCING" && !me->synced())) return true;
             if (r.step_open() && r.open_step() > step) return true;
             std::optional<Plans> p = PlansOf(r, step);
             return p.has_value() && p->key != done_key;
@@ -389,6 +413,32 @@ class Peer {
       }
       const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
       if (me == nullptr) return absl::FailedPreconditionError("removed from the swarm's roster");
+      if (r.counters().rollbacks() != rollbacks_seen_) {
+        if (rollbacks_seen_ >= 0) {
+          // The swarm rolled back: the step in progress is void everywhere.
+          SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": the swarm rolled back to step "
+                             << r.next_step() << "; dropping the step in progress";
+          SHOAL_RETURN_IF_ERROR(server_->WithStage([](runtime::SwarmStage& st) {
+            st.DropStep();
+            return absl::OkStatus();
+          }));
+          backup_.clear();
+          reduced = false;
+          done_key.clear();
+        }
+        rollbacks_seen_ = r.counters().rollbacks();
+        continue;
+      }
+      if (me->state() == "SYNCING" && !me->synced()) {
+        // Sent back to syncing (a rollback, or a drift): load the state the roster names.
+        const v1::SwarmPeerEntry* donor = PeerOf(r, me->donor());
+        SHOAL_RETURN_IF_ERROR(Sync(me->sync_source(), me->donor(),
+                                   donor != nullptr ? donor->address() : "", r.next_step()));
+        backup_.clear();
+        reduced = false;
+        done_key.clear();
+        continue;
+      }
       if (const v1::SwarmDecision* d = DecisionOf(r, step); d != nullptr) {
         if (reduced) {
           SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
@@ -459,6 +509,8 @@ class Peer {
   std::unique_ptr<runtime::SwarmStage> stage_;
   int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
   std::vector<at::Tensor> backup_;  // the step's accumulation before any reduction
+  bool attached_ = false;           // the server serves stage_
+  int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on
 };
 
 }  // namespace

@@ -184,6 +184,14 @@ class Trainer {
         (void)routers_[st.index()]->SetRoster(r.version(), serving.empty() ? draining : serving);
       }
     }
+    if (r.counters().rollbacks() > rollbacks_seen_) {
+      if (rollbacks_seen_ >= 0) {
+        SHOAL_LOG(Warning) << "swarm trainer: the swarm rolled back to step " << r.next_step()
+                           << " (a stage lost every peer); its steps run again";
+        logged_step_ = std::min(logged_step_, r.next_step() - 1);
+      }
+      rollbacks_seen_ = r.counters().rollbacks();
+    }
     for (const v1::SwarmDecision& d : r.decisions()) {
       if (d.step() <= logged_step_) continue;
       logged_step_ = d.step();
@@ -371,6 +379,7 @@ class Trainer {
   int64_t total_steps_ = 0;
   uint64_t routed_version_ = 0;
   int64_t logged_step_ = -1;
+  int64_t rollbacks_seen_ = -1;
   double started_ = 0, last_decision_s_ = 0;
 };
 

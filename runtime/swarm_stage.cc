@@ -277,6 +277,10 @@ double SwarmStage::SumSquares() const {
 
 void SwarmStage::Apply(double lr, double clip_scale) {
   optimizer_->Step(lr, clip_scale);
+  DropStep();
+}
+
+void SwarmStage::DropStep() {
   model_->ZeroGrad();
   for (memory::FlatBuffer& a : accumulation_) a.flat().zero_();
   pending_ = false;

@@ -125,6 +125,9 @@ class SwarmStage {
   // The step's update: AdamW with learning rate `lr` on gradients multiplied by `clip_scale`,
   // then gradients zeroed and the activation cache dropped.
   void Apply(double lr, double clip_scale);
+  // Forgets the step in progress without applying it (a rollback, a round reopened): the
+  // accumulation, the pending micro-batch and the activation cache are dropped.
+  void DropStep();
 
   // CRC32C of the parameters' bytes (both flat buffers).
   uint32_t ParamHash() const;

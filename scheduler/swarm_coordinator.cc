@@ -85,6 +85,7 @@ struct SwarmCoordinator::Impl {
   // After any call that may have changed what workers act on: a new roster version when the
   // state's changed (or `force`), waking the watchers.
   void Touch(bool force) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    RollBackIfNeeded();
     const uint64_t v = state->roster_version();
     if (force || v != seen_state_version) {
       seen_state_version = v;
@@ -142,6 +143,25 @@ struct SwarmCoordinator::Impl {
   }
 
   bool Finished() const { return state->next_step() >= options.info.total_steps(); }
+
+  // A stage lost every peer holding its newest state: the swarm goes back to the newest
+  // checkpoint (or the init) at once; the roster tells the peers, which sync it again. Decisions
+  // and losses of the steps undone are forgotten.
+  void RollBackIfNeeded() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    const SwarmSnapshot snap = state->Snapshot();
+    if (!snap.rollback.has_value() || Finished()) return;
+    const SwarmRollback rb = *snap.rollback;
+    absl::StatusOr<int64_t> target = state->RollBack();
+    if (!target.ok()) {
+      SHOAL_LOG(Error) << "swarm: rollback failed: " << target.status();
+      return;
+    }
+    while (!decisions.empty() && decisions.back().step() >= *target) decisions.pop_back();
+    losses.erase(losses.lower_bound(*target), losses.end());
+    SHOAL_LOG(Warning) << "swarm: rollback: " << rb.reason << "; every stage goes back from step "
+                       << rb.from_step << " to step " << *target << " ("
+                       << SourceName(rb.source) << ")";
+  }
 
   // A peer or trainer is gone.
   void Remove(Worker& w, v1::WorkerState how, SwarmLeaveReason reason, const std::string& why)
@@ -220,6 +240,7 @@ struct SwarmCoordinator::Impl {
         pe->set_synced(p.synced);
         pe->set_drifts(p.drifts);
         pe->set_can_leave(p.can_leave);
+        if (p.state == SwarmPeerState::kSyncing) pe->set_sync_source(SourceName(p.source));
       }
     }
     v1::SwarmCounters* c = r.mutable_counters();

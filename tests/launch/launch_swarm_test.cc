@@ -8,7 +8,10 @@
 //   3. kill -9 of a stage-1 peer while it holds accumulated micro-batches (seen in /api/status):
 //      fenced within 2 s, replays >= 1, duplicates 0, lost 0, losses within 1e-4. The figures go
 //      to stdout as one JSON line (`swarm_kill`). Same for a trainer (its leases go back);
-//   4. SIGTERM to a peer while another serves its stage: exit 0 within the grace, 0 replays.
+//   4. SIGTERM to a peer while another serves its stage: exit 0 within the grace, 0 replays; to
+//      a stage's last peer: it stays until a successor has synced from it, then exits 0; kill -9
+//      of a stage's last peer: the swarm rolls back (logged), a new peer takes the stage, the run
+//      finishes.
 // Refusals: `shoal worker --join` to a mesh coordinator and `shoal train --coordinator` to a swarm
 // one exit 2 naming the mismatch; --swarm refuses configs it cannot run.
 // Every process is bounded by `timeout` or killed by the test.
@@ -179,9 +182,10 @@ class SwarmTest : public ::testing::Test {
     return p;
   }
 
-  Process Peer(const std::string& name, int grpc) {
+  Process Peer(const std::string& name, int grpc, int grace_s = 5) {
     return Process({SHOAL_BINARY, "worker", "--join", "127.0.0.1:" + std::to_string(grpc),
-                    "--token-file", tmp_ / "token", "--name", name, "--grace-s", "5"},
+                    "--token-file", tmp_ / "token", "--name", name, "--grace-s",
+                    std::to_string(grace_s)},
                    tmp_ / (name + ".log"));
   }
 
@@ -457,6 +461,62 @@ TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
   const nlohmann::json s = Status(http);
   EXPECT_EQ(Counter(s, "replays"), replays_before) << s.dump();
   EXPECT_EQ(Counter(s, "lost"), 0) << s.dump();
+}
+
+TEST_F(SwarmTest, LastPeerOfAStageWaitsForASuccessorOrTheSwarmRollsBack) {
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("l", &grpc, &http, /*lease_s=*/2);
+  std::map<std::string, Process> peers;
+  for (int i = 0; i < 3; ++i) {
+    const std::string name = "l-p" + std::to_string(i);
+    peers.emplace(name, Peer(name, grpc, /*grace_s=*/60));
+  }
+  Process trainer = Trainer("l-t0", grpc, tmp_ / "l-t0");
+  auto only_peer_of = [&](int stage) {
+    std::string id;
+    EXPECT_TRUE(WaitUntil(
+        [&] {
+          const nlohmann::json s = Status(http);
+          if (AppliedSteps(s) < 2) return false;
+          for (const nlohmann::json& st : s["swarm"].value("stages", nlohmann::json::array())) {
+            if (Number(st.value("index", nlohmann::json(0))) != stage) continue;
+            const nlohmann::json ps = st.value("peers", nlohmann::json::array());
+            if (ps.size() == 1 && ps[0].value("state", "") == "SERVING") {
+              id = ps[0].value("id", "");
+              return true;
+            }
+          }
+          return false;
+        },
+        std::chrono::seconds(120)))
+        << ReadTextFile(coordinator.log());
+    return id;
+  };
+  // SIGTERM to stage 1's only peer: it drains, and a successor syncs from it.
+  const std::string draining = only_peer_of(1);
+  ASSERT_EQ(peers.count(draining), 1u);
+  ::kill(peers.at(draining).pid(), SIGTERM);
+  Process successor = Peer("l-s1", grpc);
+  EXPECT_EQ(peers.at(draining).Wait(std::chrono::seconds(70)), 0)
+      << ReadTextFile(tmp_ / (draining + ".log"));
+  const std::string successor_log = ReadTextFile(successor.log());
+  EXPECT_TRUE(Contains(successor_log, "syncing from donor " + draining)) << successor_log;
+  EXPECT_EQ(Counter(Status(http), "rollbacks"), 0);
+  // kill -9 of stage 1's only peer now: the swarm rolls back; a new peer takes the stage.
+  const std::string victim = only_peer_of(1);
+  ASSERT_EQ(victim, "l-s1");
+  successor.Kill9();
+  ASSERT_TRUE(WaitUntil([&] { return Counter(Status(http), "rollbacks") >= 1; },
+                        std::chrono::seconds(10)))
+      << ReadTextFile(coordinator.log());
+  Process replacement = Peer("l-r1", grpc);
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0)
+      << ReadTextFile(trainer.log()) << "\ncoordinator:\n" << ReadTextFile(coordinator.log());
+  EXPECT_TRUE(Contains(ReadTextFile(coordinator.log()), "swarm: rollback:"))
+      << ReadTextFile(coordinator.log());
+  EXPECT_TRUE(Contains(ReadTextFile(trainer.log()), "rolled back")) << ReadTextFile(trainer.log());
+  EXPECT_TRUE(Contains(ReadTextFile(trainer.log()), "step 10/10")) << ReadTextFile(trainer.log());
+  EXPECT_EQ(replacement.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(replacement.log());
 }
 
 TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
