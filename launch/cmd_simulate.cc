@@ -1,14 +1,19 @@
 // `shoal simulate`: the coordinator's membership and layout solver on virtual devices
-// (scheduler/simulator.h). Reads a devices file, runs the simulation and prints the throughput
-// table (or JSON lines) and a summary. No network, no LibTorch: it runs the scheduler library only.
+// (scheduler/simulator.h), or with --swarm its swarm policy with virtual peers and trainers
+// (scheduler/swarm_simulator.h). Reads a devices file, runs the simulation and prints the
+// throughput table (or JSON lines) and a summary. No network, no LibTorch: it runs the scheduler
+// library only.
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
 #include <string>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "launch/subcommands.h"
 #include "scheduler/simulator.h"
+#include "scheduler/swarm_simulator.h"
+#include "scheduler/swarm_simulator_output.h"
 
 namespace shoal::launch {
 namespace {
@@ -20,13 +25,50 @@ int SimulateExitCode(const absl::Status& status) {
   return user_error ? 2 : 1;
 }
 
+int RefuseFlag(const std::string& message) {
+  std::fprintf(stderr, "shoal simulate: error: %s\n", message.c_str());
+  return 2;
+}
+
+// --swarm's run: the flags checked against the file's model, then the swarm simulator.
+int SimulateSwarmMain(const std::string& devices_file, scheduler::SwarmSimulationOptions options,
+                      bool json) {
+  absl::StatusOr<scheduler::ClusterSpec> spec = scheduler::LoadClusterFile(devices_file);
+  if (!spec.ok()) return SimulateExitCode(spec.status());
+  const int n_layer = spec->job.model().n_layer();
+  if (options.stages < 1 || options.stages > n_layer) {
+    return RefuseFlag(absl::StrCat("--stages must be in [1, ", n_layer, "] (n_layer of ",
+                                   devices_file, "), got ", options.stages));
+  }
+  absl::StatusOr<scheduler::SwarmSimulationResult> result =
+      scheduler::SimulateSwarm(*spec, options);
+  if (!result.ok()) return SimulateExitCode(result.status());
+  if (json) {
+    std::cout << scheduler::FormatSwarmSimulationJson(*result);
+  } else {
+    int devices = 0;
+    for (const scheduler::DeviceGroupSpec& g : spec->groups) devices += g.count;
+    std::cout << "shoal simulate --swarm: " << devices_file << ", " << devices << " devices in "
+              << spec->groups.size() << " groups, " << options.stages << " stages x "
+              << options.micro_batches << " micro-batches of "
+              << result->summary.tokens_per_step / options.micro_batches << " tokens, "
+              << options.trainers << (options.trainers == 1 ? " trainer" : " trainers")
+              << ", churn " << options.churn_per_hour
+              << " failures per preemptible device-hour, seed " << options.seed << "\n"
+              << scheduler::FormatSwarmSimulationTable(*result);
+  }
+  std::cout.flush();
+  return 0;
+}
+
 }  // namespace
 
 int SimulateMain(int argc, char** argv) {
   CLI::App app{
       "Run the coordinator's membership and layout solver on virtual devices: joins, heartbeats, "
       "failures at a churn rate, replacements, and the throughput of each layout over virtual "
-      "time"};
+      "time. With --swarm, its swarm policy instead: virtual peers serving pipeline stages and "
+      "trainers pushing micro-batches through them"};
   app.name("shoal simulate");
   std::string devices_file;
   scheduler::SimulationOptions options;
@@ -44,10 +86,52 @@ int SimulateMain(int argc, char** argv) {
                  "else 0)")
       ->check(CLI::Range(0.0, 10.0));
   app.add_flag("--json", json, "Print JSON lines (one per row, then a summary) instead of a table");
+  bool swarm = false;
+  scheduler::SwarmSimulationOptions swarm_options;
+  app.add_flag("--swarm", swarm,
+               "Simulate swarm mode (the coordinator's SwarmState) instead of a mesh layout");
+  app.add_option("--stages", swarm_options.stages,
+                 "--swarm: pipeline stages (required; 1 to the model's n_layer)");
+  app.add_option("--micro-batches", swarm_options.micro_batches,
+                 "--swarm: micro-batches per step")
+      ->capture_default_str();
+  app.add_option("--trainers", swarm_options.trainers,
+                 "--swarm: virtual trainers (each runs one micro-batch at a time)")
+      ->capture_default_str();
+  app.add_option("--checkpoint-every", swarm_options.checkpoint_every,
+                 "--swarm: steps between checkpoints, the target of a rollback (0: none, the "
+                 "init)")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (swarm) {
+    if (app.count("--relayout-gain") > 0) {
+      return RefuseFlag("--relayout-gain is for the mesh layout; --swarm has none");
+    }
+    if (app.count("--stages") == 0) return RefuseFlag("--stages is required with --swarm");
+    // The ranges are the simulator's (scheduler/swarm_simulator.h), named here by flag.
+    if (swarm_options.micro_batches < 1 || swarm_options.micro_batches > 65536) {
+      return RefuseFlag(absl::StrCat("--micro-batches must be in [1, 65536], got ",
+                                     swarm_options.micro_batches));
+    }
+    if (swarm_options.trainers < 1 || swarm_options.trainers > 4096) {
+      return RefuseFlag(
+          absl::StrCat("--trainers must be in [1, 4096], got ", swarm_options.trainers));
+    }
+    if (swarm_options.checkpoint_every < 0) {
+      return RefuseFlag(absl::StrCat("--checkpoint-every must be >= 0, got ",
+                                     swarm_options.checkpoint_every));
+    }
+    swarm_options.steps = options.steps;
+    swarm_options.churn_per_hour = options.churn_per_hour;
+    swarm_options.seed = options.seed;
+    return SimulateSwarmMain(devices_file, swarm_options, json);
+  }
+  for (const char* flag : {"--stages", "--micro-batches", "--trainers", "--checkpoint-every"}) {
+    if (app.count(flag) > 0) return RefuseFlag(absl::StrCat(flag, " needs --swarm"));
   }
   absl::StatusOr<scheduler::ClusterSpec> spec = scheduler::LoadClusterFile(devices_file);
   if (!spec.ok()) return SimulateExitCode(spec.status());

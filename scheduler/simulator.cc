@@ -878,6 +878,9 @@ std::string Si(double v) {
 
 }  // namespace
 
+std::string FormatHms(double seconds) { return Hms(seconds); }
+std::string FormatSi(double value) { return Si(value); }
+
 absl::StatusOr<SimulationResult> Simulate(const ClusterSpec& spec,
                                           const SimulationOptions& options) {
   if (!std::isfinite(options.churn_per_hour) || options.churn_per_hour < 0 ||

@@ -121,6 +121,11 @@ absl::StatusOr<SimulationResult> Simulate(const ClusterSpec& spec,
 std::string FormatSimulationTable(const SimulationResult& result);
 std::string FormatSimulationJson(const SimulationResult& result);
 
+// The tables' units, shared with the swarm simulator's (swarm_simulator.h): "1:02:03" for
+// 3723.4 s (whole seconds, rounded down), and 3 significant digits with k, M, G or T.
+std::string FormatHms(double seconds);
+std::string FormatSi(double value);
+
 }  // namespace shoal::scheduler
 
 #endif  // SHOAL_SCHEDULER_SIMULATOR_H_
