@@ -145,7 +145,14 @@ class Peer {
           failed.set_peer_id(link_->id());
           failed.set_failed_donor(donor);
           failed.set_error(std::string(loaded.message()).substr(0, 200));
-          SHOAL_ASSIGN_OR_RETURN(v1::PeerSyncedResponse next, link_->client().PeerSynced(failed));
+          absl::StatusOr<v1::PeerSyncedResponse> got = link_->client().PeerSynced(failed);
+          if (absl::IsFailedPrecondition(got.status())) {
+            // The coordinator had already given this joiner another source (a step was applied
+            // meanwhile): follow the roster.
+            source = "wait";
+            continue;
+          }
+          SHOAL_ASSIGN_OR_RETURN(v1::PeerSyncedResponse next, std::move(got));
           source = next.swarm().sync_source();
           donor = next.swarm().donor();
           donor_address = next.swarm().donor_address();
