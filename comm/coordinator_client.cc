@@ -254,6 +254,13 @@ absl::Status CoordinatorClient::Commit(const v1::CommitRequest& request) {
   return FromGrpc("Commit", impl_->stub->Commit(&ctx, request, &response));
 }
 
+absl::Status CoordinatorClient::CheckpointSaved(const v1::CheckpointSavedRequest& request) {
+  v1::CheckpointSavedResponse response;
+  grpc::ClientContext ctx;
+  impl_->Prepare(&ctx, impl_->options.timeout);
+  return FromGrpc("CheckpointSaved", impl_->stub->CheckpointSaved(&ctx, request, &response));
+}
+
 SHOAL_SWARM_UNARY(ReportPeer, ReportPeerRequest, ReportPeerResponse)
 SHOAL_SWARM_UNARY(PeerSynced, PeerSyncedRequest, PeerSyncedResponse)
 SHOAL_SWARM_UNARY(StageReport, StageReportRequest, StageReportResponse)

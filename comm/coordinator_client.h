@@ -60,6 +60,7 @@ class CoordinatorClient {
   absl::StatusOr<v1::ReportPeerResponse> ReportPeer(const v1::ReportPeerRequest& request);
   absl::StatusOr<v1::PeerSyncedResponse> PeerSynced(const v1::PeerSyncedRequest& request);
   absl::StatusOr<v1::StageReportResponse> StageReport(const v1::StageReportRequest& request);
+  absl::Status CheckpointSaved(const v1::CheckpointSavedRequest& request);
   // Opens WatchRoster and calls `on_roster` for each roster until it returns false, the stream
   // ends (the worker left or died: kFailedPrecondition) or `timeout` passes
   // (kDeadlineExceeded).

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "common/status.h"
 #include "launch/swarm_worker.h"
 #include "parallel/adamw.h"
+#include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/profiler.h"
 #include "runtime/step_engine.h"
@@ -177,9 +179,10 @@ class Peer {
         donor_address = d != nullptr ? d->address() : "";
         step = r.next_step();
         continue;
+      } else if (source == "checkpoint") {
+        SHOAL_RETURN_IF_ERROR(LoadCheckpoint(step));
       } else {
-        return absl::UnimplementedError(absl::StrCat(
-            "syncing from ", source, " (a checkpoint) is not implemented yet"));
+        return absl::InvalidArgumentError(absl::StrCat("an unknown sync source '", source, "'"));
       }
       v1::PeerSyncedRequest synced;
       synced.set_peer_id(link_->id());
@@ -219,6 +222,58 @@ class Peer {
       st.DropStep();
       return runtime::LoadSnapshot(st, init);
     });
+  }
+
+  // The stage's part of the swarm's newest checkpoint (the folder the roster names, which this
+  // peer must be able to read: one machine, or a shared file system).
+  absl::Status LoadCheckpoint(int64_t step) {
+    SHOAL_ASSIGN_OR_RETURN(
+        v1::SwarmRoster r,
+        link_->Await([](const v1::SwarmRoster& r) { return r.checkpoint_step() >= 0; },
+                     absl::Seconds(30), stop_));
+    const std::string& path = r.checkpoint_path();
+    if (r.checkpoint_step() != step) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "asked to sync state ", step, " from the checkpoint, whose step is ",
+          r.checkpoint_step()));
+    }
+    absl::StatusOr<runtime::CheckpointState> ck = runtime::CheckpointStore::Load(path);
+    if (!ck.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "the swarm's checkpoint ", path, " cannot be read here (a peer syncing from a "
+          "checkpoint needs its folder: one machine or a shared file system): ",
+          ck.status().message()));
+    }
+    if (ck->step != step) {
+      return absl::DataLossError(
+          absl::StrCat(path, " holds step ", ck->step, ", the swarm expects ", step));
+    }
+    std::map<std::string, at::Tensor> model(ck->model.begin(), ck->model.end());
+    std::map<std::string, at::Tensor> optimizer(ck->optimizer.begin(), ck->optimizer.end());
+    auto pick = [&](const std::vector<std::pair<std::string, at::Tensor>>& want,
+                    const std::map<std::string, at::Tensor>& from, const char* what)
+        -> absl::StatusOr<std::vector<std::pair<std::string, at::Tensor>>> {
+      std::vector<std::pair<std::string, at::Tensor>> out;
+      for (const auto& [name, t] : want) {
+        auto it = from.find(name);
+        if (it == from.end()) {
+          return absl::DataLossError(absl::StrCat(path, ": no ", what, " ", name));
+        }
+        out.emplace_back(name, it->second);
+      }
+      return out;
+    };
+    SHOAL_ASSIGN_OR_RETURN(auto params, pick(stage_->NamedParameters(), model, "parameter"));
+    SHOAL_ASSIGN_OR_RETURN(auto moments,
+                           pick(stage_->OptimizerState(), optimizer, "optimizer state"));
+    auto load = [&](runtime::SwarmStage& st) {
+      st.DropStep();
+      return st.LoadState(params, moments);
+    };
+    SHOAL_RETURN_IF_ERROR(attached_ ? server_->WithStage(load) : load(*stage_));
+    SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": loaded stage " << stage_index_
+                    << " of " << path;
+    return absl::OkStatus();
   }
 
   // The commit callback: called by the server under its compute lock.

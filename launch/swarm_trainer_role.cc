@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -123,6 +124,10 @@ class Trainer {
       }
       Observe(*r);
       if (r->finished()) break;
+      if (checkpoint_due_ > r->checkpoint_step() && checkpoint_due_ <= r->next_step()) {
+        SaveAndReport(*r, checkpoint_due_);
+        checkpoint_due_ = -1;
+      }
       if (!r->rollback().empty()) {
         return absl::UnimplementedError(absl::StrCat(
             "the swarm needs a rollback (", r->rollback(), "), which trainers cannot follow yet"));
@@ -165,8 +170,33 @@ class Trainer {
     }
     const v1::SwarmRoster last = link_->latest();
     Observe(last);
-    if (last.finished() && !stop_->load()) return SaveCheckpoint(last);
+    if (last.finished() && !stop_->load()) {
+      SHOAL_RETURN_IF_ERROR(SaveCheckpoint(last, last.next_step(), absl::Seconds(60)).status());
+    }
     return absl::OkStatus();
+  }
+
+  // A checkpoint during the run (checkpoint.every), written by one trainer (the first of the
+  // roster's live trainers) and reported, so a rollback goes back to it. A step the swarm has
+  // moved past is skipped.
+  void SaveAndReport(const v1::SwarmRoster& r, int64_t step) {
+    if (r.trainers_size() == 0 || r.trainers(0) != link_->id()) return;
+    absl::StatusOr<std::string> path = SaveCheckpoint(r, step, absl::Seconds(10));
+    if (!path.ok()) {
+      SHOAL_LOG(Warning) << "swarm trainer: no checkpoint of step " << step << ": "
+                         << path.status();
+      return;
+    }
+    v1::CheckpointSavedRequest saved;
+    saved.set_worker_id(link_->id());
+    saved.set_step(step);
+    // Absolute: the peers that load it do not share this process's working directory.
+    std::error_code error;
+    const std::filesystem::path absolute = std::filesystem::absolute(*path, error);
+    saved.set_path(error ? *path : absolute.string());
+    if (absl::Status s = link_->client().CheckpointSaved(saved); !s.ok()) {
+      SHOAL_LOG(Warning) << "swarm trainer: checkpoint of step " << step << " not recorded: " << s;
+    }
   }
 
   // Installs the roster's serving peers in the routers and logs the newly applied steps.
@@ -210,6 +240,10 @@ class Trainer {
       rec.eta_s = rec.elapsed_s / static_cast<double>(rec.step) *
                   static_cast<double>(total_steps_ - rec.step);
       last_decision_s_ = now;
+      if (config_.checkpoint.every > 0 && rec.step % config_.checkpoint.every == 0 &&
+          rec.step < total_steps_) {
+        checkpoint_due_ = rec.step;
+      }
       SHOAL_LOG(Info) << runtime::FormatTrainLine(rec);
       metrics_->Write({{"kind", "train"}, {"step", rec.step}, {"loss", rec.loss},
                        {"step_loss", rec.loss}, {"lr", rec.lr}, {"grad_norm", rec.grad_norm},
@@ -306,12 +340,14 @@ class Trainer {
     return absl::OkStatus();
   }
 
-  // Every stage's final state, pulled from a serving peer, as one checkpoint in the usual format.
-  absl::Status SaveCheckpoint(const v1::SwarmRoster& r) {
+  // Every stage's state `step`, pulled from a serving peer, as one checkpoint in the usual
+  // format. Its folder.
+  absl::StatusOr<std::string> SaveCheckpoint(const v1::SwarmRoster& r, int64_t step,
+                                             absl::Duration patience) {
     runtime::CheckpointState state;
-    state.step = r.next_step();
+    state.step = step;
     state.config_toml = link_->job().config_toml();
-    state.data = {{"next_step", r.next_step()}, {"swarm", true}};
+    state.data = {{"next_step", step}, {"swarm", true}};
     std::set<std::string> have;
     int64_t optimizer_steps = -1;
     for (const v1::SwarmStageEntry& st : r.stages()) {
@@ -319,7 +355,7 @@ class Trainer {
           absl::StrCat("no serving peer of stage ", st.index()));
       std::optional<runtime::StageSnapshot> snap;
       // The peers apply the last step as the trainer learns of it: ask until one holds it.
-      const absl::Time deadline = absl::Now() + absl::Seconds(60);
+      const absl::Time deadline = absl::Now() + patience;
       while (!snap.has_value() && absl::Now() < deadline) {
         for (const v1::SwarmPeerEntry& p : st.peers()) {
           if (p.state() != "SERVING" && p.state() != "DRAINING") continue;
@@ -328,7 +364,7 @@ class Trainer {
           fo.tls_ca_file = options_.tls_ca_file;
           fo.attempts = 1;
           absl::StatusOr<runtime::StageSnapshot> got =
-              runtime::FetchStageState(p.address(), st.index(), r.next_step(), fo);
+              runtime::FetchStageState(p.address(), st.index(), step, fo);
           if (got.ok()) {
             snap = *std::move(got);
             break;
@@ -360,8 +396,8 @@ class Trainer {
     runtime::CheckpointStore store(root, config_.checkpoint.keep);
     SHOAL_ASSIGN_OR_RETURN(std::string path, store.Save(state));
     SHOAL_LOG(Info) << "swarm trainer: saved " << path << " (every stage's state after step "
-                    << r.next_step() << ")";
-    return absl::OkStatus();
+                    << step << ")";
+    return path;
   }
 
   SwarmWorkerOptions options_;
@@ -380,6 +416,7 @@ class Trainer {
   uint64_t routed_version_ = 0;
   int64_t logged_step_ = -1;
   int64_t rollbacks_seen_ = -1;
+  int64_t checkpoint_due_ = -1;  // a checkpoint of this step is to be written
   double started_ = 0, last_decision_s_ = 0;
 };
 

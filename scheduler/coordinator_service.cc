@@ -263,6 +263,12 @@ class CoordinatorServiceImpl final
     return Answer(swarm_->StageReport(*request), response);
   }
 
+  grpc::Status CheckpointSaved(grpc::ServerContext* ctx, const v1::CheckpointSavedRequest* request,
+                               v1::CheckpointSavedResponse*) override {
+    if (grpc::Status a = CheckSwarm(ctx); !a.ok()) return a;
+    return ToGrpc(swarm_->CheckpointSaved(*request));
+  }
+
  private:
   template <typename T>
   static grpc::Status Answer(absl::StatusOr<T> r, T* response) {

@@ -80,7 +80,7 @@ struct SwarmCoordinator::Impl {
   std::deque<v1::LossPoint> history ABSL_GUARDED_BY(mu);
   int64_t started_ms = 0;
   v1::Counters counters ABSL_GUARDED_BY(mu);
-  int64_t duplicates ABSL_GUARDED_BY(mu) = 0;
+  std::string checkpoint_path ABSL_GUARDED_BY(mu);
 
   // After any call that may have changed what workers act on: a new roster version when the
   // state's changed (or `force`), waking the watchers.
@@ -198,6 +198,8 @@ struct SwarmCoordinator::Impl {
     r.set_waiting(snap.waiting);
     if (snap.rollback.has_value()) r.set_rollback(snap.rollback->reason);
     r.set_micro_batches(options.job.micro_batches);
+    r.set_checkpoint_step(snap.checkpoint_step);
+    if (snap.checkpoint_step >= 0) r.set_checkpoint_path(checkpoint_path);
     std::map<std::string, std::string> address;
     for (const SwarmStageInfo& st : snap.stages) {
       for (const SwarmPeerInfo& p : st.peers) address[p.id] = p.address;
@@ -607,6 +609,28 @@ absl::StatusOr<v1::StageReportResponse> SwarmCoordinator::StageReport(
   }
   m.Touch(true);
   return response;
+}
+
+absl::Status SwarmCoordinator::CheckpointSaved(const v1::CheckpointSavedRequest& request) {
+  Impl& m = *impl_;
+  if (request.path().empty() || request.path().size() > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "path: a checkpoint folder of 1..4096 bytes, got ", request.path().size()));
+  }
+  absl::MutexLock lock(&m.mu);
+  absl::StatusOr<Impl::Worker*> w = m.Live(request.worker_id(), "worker_id");
+  if (!w.ok()) return w.status();
+  if ((*w)->role != v1::WORKER_ROLE_TRAINER) {
+    return absl::FailedPreconditionError(absl::StrCat(request.worker_id(), " is not a trainer"));
+  }
+  SHOAL_RETURN_IF_ERROR(m.state->CheckpointSaved(request.step()));
+  m.checkpoint_path = request.path();
+  if (m.options.log_events) {
+    SHOAL_LOG(Info) << "swarm: checkpoint of step " << request.step() << " at " << request.path()
+                    << " (by " << request.worker_id() << ")";
+  }
+  m.Touch(true);
+  return absl::OkStatus();
 }
 
 int SwarmCoordinator::ExpireLeases() {

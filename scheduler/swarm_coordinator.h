@@ -80,6 +80,10 @@ class SwarmCoordinator {
   absl::StatusOr<v1::ReportPeerResponse> ReportPeer(const v1::ReportPeerRequest& request);
   absl::StatusOr<v1::PeerSyncedResponse> PeerSynced(const v1::PeerSyncedRequest& request);
   absl::StatusOr<v1::StageReportResponse> StageReport(const v1::StageReportRequest& request);
+  // A trainer wrote every stage's state `step` to `path`: the newest checkpoint, which a
+  // rollback goes back to and a stage nobody holds is synced from. kInvalidArgument (empty or
+  // over-long path), SwarmState::CheckpointSaved's codes.
+  absl::Status CheckpointSaved(const v1::CheckpointSavedRequest& request);
 
   // Marks workers whose lease ran out as dead. Returns how many.
   int ExpireLeases();

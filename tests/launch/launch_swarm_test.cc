@@ -10,8 +10,8 @@
 //      to stdout as one JSON line (`swarm_kill`). Same for a trainer (its leases go back);
 //   4. SIGTERM to a peer while another serves its stage: exit 0 within the grace, 0 replays; to
 //      a stage's last peer: it stays until a successor has synced from it, then exits 0; kill -9
-//      of a stage's last peer: the swarm rolls back (logged), a new peer takes the stage, the run
-//      finishes.
+//      of a stage's last peer: the swarm rolls back to its newest checkpoint (logged), a new peer
+//      takes the stage from it, the run finishes with each step's loss the one process's.
 // Refusals: `shoal worker --join` to a mesh coordinator and `shoal train --coordinator` to a swarm
 // one exit 2 naming the mismatch; --swarm refuses configs it cannot run.
 // Every process is bounded by `timeout` or killed by the test.
@@ -27,6 +27,7 @@
 #include <cmath>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -159,7 +160,8 @@ class SwarmTest : public ::testing::Test {
   }
 
   // Starts the swarm's coordinator; its gRPC and HTTP ports.
-  Process Coordinator(const std::string& name, int* grpc, int* http, double lease_s = 10) {
+  Process Coordinator(const std::string& name, int* grpc, int* http, double lease_s = 10,
+                      const std::vector<std::string>& extra = {}) {
     std::vector<std::string> argv = {
         "/usr/bin/timeout", "-k", "5", "300", SHOAL_BINARY, "coordinator", "--swarm", "--config",
         std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml", "--stages", "3", "--listen",
@@ -167,6 +169,7 @@ class SwarmTest : public ::testing::Test {
         "--token-file", tmp_ / "token", "--lease-s", std::to_string(lease_s), "--heartbeat-s",
         "0.25"};
     for (const std::string& s : Sets(tmp_ / (name + "-coordinator"))) argv.push_back(s);
+    for (const std::string& s : extra) argv.push_back(s);
     Process p(argv, tmp_ / (name + "-coordinator.log"));
     EXPECT_TRUE(WaitUntil(
         [&] {
@@ -464,8 +467,11 @@ TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
 }
 
 TEST_F(SwarmTest, LastPeerOfAStageWaitsForASuccessorOrTheSwarmRollsBack) {
+  const std::string one = Reference();
   int grpc = 0, http = 0;
-  Process coordinator = Coordinator("l", &grpc, &http, /*lease_s=*/2);
+  // Checkpoints every 3 steps: the rollback goes back to the newest one.
+  Process coordinator = Coordinator("l", &grpc, &http, /*lease_s=*/2,
+                                    {"--set", "checkpoint.every=3"});
   std::map<std::string, Process> peers;
   for (int i = 0; i < 3; ++i) {
     const std::string name = "l-p" + std::to_string(i);
@@ -517,6 +523,24 @@ TEST_F(SwarmTest, LastPeerOfAStageWaitsForASuccessorOrTheSwarmRollsBack) {
   EXPECT_TRUE(Contains(ReadTextFile(trainer.log()), "rolled back")) << ReadTextFile(trainer.log());
   EXPECT_TRUE(Contains(ReadTextFile(trainer.log()), "step 10/10")) << ReadTextFile(trainer.log());
   EXPECT_EQ(replacement.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(replacement.log());
+  // The steps run again after the rollback read the same data from the same state: each step's
+  // last loss equals the one process's.
+  std::map<int, double> last;
+  {
+    std::istringstream in(ReadTextFile(tmp_ / "l-t0/metrics.jsonl"));
+    std::string line;
+    while (std::getline(in, line)) {
+      const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_object() && j.value("kind", "") == "train") {
+        last[j["step"].get<int>()] = j["step_loss"].get<double>();
+      }
+    }
+  }
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  ASSERT_EQ(last.size(), a.size());
+  for (int i = 0; i < static_cast<int>(a.size()); ++i) {
+    EXPECT_NEAR(last[i + 1], a[i], 1e-4) << "step " << i + 1;
+  }
 }
 
 TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {

@@ -202,6 +202,24 @@ TEST_F(SwarmCoordinatorTest, RunsAStepToItsDecisionAndTheJobToItsEnd) {
   EXPECT_DOUBLE_EQ(done->decision().clip_scale(), 1.0);
   r = swarm_->Roster();
   ASSERT_EQ(r.decisions_size(), 1);
+  // A checkpoint of state 1: a trainer's word, with a folder; the roster carries it.
+  EXPECT_EQ(r.checkpoint_step(), -1);
+  v1::CheckpointSavedRequest saved;
+  saved.set_worker_id(first);
+  saved.set_step(1);
+  saved.set_path("/ck/step_00000001");
+  EXPECT_EQ(swarm_->CheckpointSaved(saved).code(), absl::StatusCode::kFailedPrecondition);
+  saved.set_worker_id("t");
+  saved.set_path("");
+  EXPECT_EQ(swarm_->CheckpointSaved(saved).code(), absl::StatusCode::kInvalidArgument);
+  saved.set_path("/ck/step_00000001");
+  saved.set_step(5);
+  EXPECT_EQ(swarm_->CheckpointSaved(saved).code(), absl::StatusCode::kOutOfRange);
+  saved.set_step(1);
+  ASSERT_TRUE(swarm_->CheckpointSaved(saved).ok());
+  r = swarm_->Roster();
+  EXPECT_EQ(r.checkpoint_step(), 1);
+  EXPECT_EQ(r.checkpoint_path(), "/ck/step_00000001");
   EXPECT_EQ(r.counters().duplicates(), 1);
   EXPECT_FALSE(r.finished());
   // The last step, then the end: no step opens past total_steps.
