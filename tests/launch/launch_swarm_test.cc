@@ -269,8 +269,29 @@ void ExpectSameRun(const std::string& one, const std::string& swarm, double loss
 
 TEST_F(SwarmTest, TrainsLikeOneProcessWithOneAndTwoPeersPerStage) {
   const std::string one = Reference();
-  ExpectSameRun(one, RunSwarm("a", 3, 1), 1e-5, 1e-5);
+  const std::string a = RunSwarm("a", 3, 1);
+  ExpectSameRun(one, a, 1e-5, 1e-5);
   ExpectSameRun(one, RunSwarm("b", 6, 2), 1e-5, 1e-5);
+  // The swarm's checkpoint is an ordinary one: `shoal train --resume` continues it in one
+  // process as it continues the one process's own.
+  auto resume = [&](const std::string& from, const std::string& name) {
+    const std::string out = tmp_ / name;
+    RunCommand("mkdir -p " + out + " && cp -r " + from + "/checkpoints " + out + "/");
+    std::vector<std::string> argv = {"/usr/bin/timeout", "-k", "5", "120", SHOAL_BINARY, "train",
+                                     "--config",
+                                     std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml"};
+    for (const std::string& s : Sets(out)) argv.push_back(s);
+    argv.insert(argv.end(), {"--set", "train.steps=" + std::to_string(kSteps + 2), "--resume"});
+    Process p(argv, tmp_ / (name + ".log"));
+    EXPECT_EQ(p.Wait(std::chrono::seconds(130)), 0) << ReadTextFile(tmp_ / (name + ".log"));
+    EXPECT_TRUE(Contains(ReadTextFile(tmp_ / (name + ".log")), "resumed from"));
+    return StepLosses(out + "/metrics.jsonl");
+  };
+  const std::vector<double> from_one = resume(one, "one-resumed");
+  const std::vector<double> from_swarm = resume(a, "swarm-resumed");
+  ASSERT_EQ(from_one.size(), 2u);
+  ASSERT_EQ(from_swarm.size(), 2u);
+  for (int i = 0; i < 2; ++i) EXPECT_NEAR(from_one[i], from_swarm[i], 1e-4) << i;
 }
 
 TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
