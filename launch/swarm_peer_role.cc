@@ -430,8 +430,11 @@ class Peer {
     bool reduced = false;    // for the step in hand
     bool draining = false;
     absl::Time grace_end = absl::InfiniteFuture();
+    runtime::SwarmPeerLoad window;  // work since the last load report
+    absl::Time window_start = absl::Now();
     while (true) {
       const int64_t step = stage_->optimizer_steps();
+      ReportLoad(&window, &window_start);
       if (stop_->load() && !draining) {
         draining = true;
         grace_end = absl::Now() + absl::Seconds(options_.grace_s);
@@ -541,6 +544,23 @@ class Peer {
         continue;
       }
       reduced = true;
+    }
+  }
+
+  // Folds the work done since the last call into the next heartbeat: samples per second of
+  // compute over the last 10 s or more (a peer that computed nothing keeps its last figure).
+  void ReportLoad(runtime::SwarmPeerLoad* window, absl::Time* start) {
+    const runtime::SwarmPeerLoad add = server_->TakeLoad();
+    window->samples += add.samples;
+    window->compute_s += add.compute_s;
+    if (absl::Now() - *start < absl::Seconds(2) || window->compute_s <= 0) return;
+    v1::StepStats stats;
+    stats.set_step(stage_->optimizer_steps());
+    stats.set_samples_per_s(static_cast<double>(window->samples) / window->compute_s);
+    link_->SetStats(stats);
+    if (absl::Now() - *start >= absl::Seconds(10)) {
+      *window = runtime::SwarmPeerLoad{};
+      *start = absl::Now();
     }
   }
 

@@ -95,6 +95,19 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {}
 
   std::mutex& compute_mu() { return mu_; }
+
+  // Work done: samples whose backward ran here, and seconds of compute (forwards included).
+  void CountWork(int64_t samples, double seconds) {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    load_.samples += samples;
+    load_.compute_s += seconds;
+  }
+  SwarmPeerLoad TakeLoad() {
+    std::lock_guard<std::mutex> lock(load_mu_);
+    SwarmPeerLoad out = load_;
+    load_ = SwarmPeerLoad{};
+    return out;
+  }
   // After the step boundary ran under compute_mu(): wakes calls waiting for the next step.
   void StepChanged() { step_cv_.notify_all(); }
 
@@ -148,6 +161,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
     reply.mutable_header()->set_compute_s(SecondsSince(t0));
+    CountWork(0, SecondsSince(t0));
     WriteReply(stream, reply, &*wire);
     return grpc::Status::OK;
   }
@@ -196,6 +210,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
+    CountWork(input->size(0), SecondsSince(t0));
     if (!grad_input->defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;
@@ -259,6 +274,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     rh->set_tokens(input->size(0) * input->size(1));
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
+    CountWork(input->size(0), SecondsSince(t0));
     if (!out->grad_input.defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;
@@ -345,6 +361,8 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
 
   std::atomic<SwarmStage*> stage_;
   std::condition_variable step_cv_;
+  std::mutex load_mu_;
+  SwarmPeerLoad load_;
   std::shared_ptr<comm::ExchangeMailbox> mailbox_;
   SwarmPeerOptions options_;
   std::mutex mu_;
@@ -399,6 +417,8 @@ void SwarmPeerServer::Shutdown() {
   impl_->down = true;
   impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
+
+SwarmPeerLoad SwarmPeerServer::TakeLoad() { return impl_->service->TakeLoad(); }
 
 void SwarmPeerServer::Attach(SwarmStage* stage, int first_layer, int end_layer) {
   impl_->service->Attach(stage, first_layer, end_layer);

@@ -52,6 +52,12 @@ struct SwarmPeerOptions {
   std::function<absl::Status(const v1::CallInfo& call, double loss)> commit;
 };
 
+// What a peer computed since it was last asked.
+struct SwarmPeerLoad {
+  int64_t samples = 0;    // sequences whose backward (or forward-backward) ran here
+  double compute_s = 0;   // seconds computing, forwards included
+};
+
 class SwarmPeerServer {
  public:
   // `stage` (not owned) outlives the server; null: none yet (a joiner serves its port before it
@@ -71,6 +77,9 @@ class SwarmPeerServer {
   // Serves `stage` (not owned; outlives the server) from now on, blocks [first_layer, end_layer)
   // in its snapshots' manifest.
   void Attach(SwarmStage* stage, int first_layer, int end_layer);
+
+  // The work done since the last call (the peer's throughput for the coordinator's roster).
+  SwarmPeerLoad TakeLoad();
 
   // Runs `fn` on the stage while no call computes (kFailedPrecondition without one).
   absl::Status WithStage(const std::function<absl::Status(SwarmStage&)>& fn);

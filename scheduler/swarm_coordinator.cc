@@ -392,9 +392,9 @@ absl::StatusOr<v1::HeartbeatResponse> SwarmCoordinator::Heartbeat(
   m.counters.set_heartbeats_total(m.counters.heartbeats_total() + 1);
   if (request.has_stats()) {
     (*w)->last_stats = request.stats();
-    if ((*w)->role == v1::WORKER_ROLE_PEER && request.stats().tokens_per_s() > 0) {
+    if ((*w)->role == v1::WORKER_ROLE_PEER && request.stats().samples_per_s() > 0) {
       // Best effort: a load report never fails the heartbeat.
-      (void)m.state->ReportLoad((*w)->id, request.stats().tokens_per_s(), 0);
+      (void)m.state->ReportLoad((*w)->id, request.stats().samples_per_s(), 0);
     }
   }
   v1::HeartbeatResponse response;
