@@ -149,11 +149,12 @@ class SwarmTest : public ::testing::Test {
   }
 
   // The one process: `shoal train` with grad_accum = 8. Its run folder.
-  std::string Reference() {
+  std::string Reference(const std::vector<std::string>& extra = {}) {
     const std::string out = tmp_ / "one";
     std::vector<std::string> argv = {"/usr/bin/timeout", "-k", "5", "200", SHOAL_BINARY, "train",
                                      "--config", std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml"};
     for (const std::string& s : Sets(out)) argv.push_back(s);
+    for (const std::string& s : extra) argv.push_back(s);
     Process p(argv, tmp_ / "one.log");
     EXPECT_EQ(p.Wait(std::chrono::seconds(210)), 0) << ReadTextFile(tmp_ / "one.log");
     return out;
@@ -383,9 +384,12 @@ TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
 }
 
 TEST_F(SwarmTest, PeerJoiningAtStep5SyncsFromADonorAndServes) {
-  const std::string one = Reference();
+  // 16 steps: the joiner has time to start, sync and serve on a loaded machine.
+  constexpr int kLonger = 16;
+  const std::vector<std::string> longer = {"--set", "train.steps=" + std::to_string(kLonger)};
+  const std::string one = Reference(longer);
   int grpc = 0, http = 0;
-  Process coordinator = Coordinator("j", &grpc, &http);
+  Process coordinator = Coordinator("j", &grpc, &http, 10, longer);
   std::vector<Process> peers;
   for (int i = 0; i < 3; ++i) peers.push_back(Peer("j-p" + std::to_string(i), grpc));
   Process trainer = Trainer("j-t0", grpc, tmp_ / "j-t0");
@@ -401,7 +405,7 @@ TEST_F(SwarmTest, PeerJoiningAtStep5SyncsFromADonorAndServes) {
         const nlohmann::json me = PeerEntry(s, "j-new");
         served = served || (me.is_object() && Number(me.value("accumulated",
                                                                nlohmann::json(0))) > 0);
-        return served || AppliedSteps(s) >= kSteps;
+        return served || AppliedSteps(s) >= kLonger;
       },
       std::chrono::seconds(120)));
   EXPECT_TRUE(served) << ReadTextFile(joiner.log());
