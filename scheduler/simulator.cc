@@ -24,31 +24,13 @@
 #include "common/status.h"
 #include "scheduler/clock.h"
 #include "scheduler/coordinator_core.h"
+#include "scheduler/splitmix.h"
 #include "scheduler/validate.h"
 
 namespace shoal::scheduler {
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
-
-// splitmix64: a tiny generator whose sequence is fixed by its definition, unlike the standard
-// library's distributions (implementation-defined), so clusters and churn are the same on every
-// platform and compiler.
-class SplitMix {
- public:
-  explicit SplitMix(uint64_t seed) : state_(seed) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in [0, 1) with 53 random bits.
-  double Uniform() { return static_cast<double>(Next() >> 11) * 0x1.0p-53; }
-
- private:
-  uint64_t state_;
-};
 
 // One kind of machine in the synthetic mix. Rates are what a GEMM benchmark measures (below the
 // datasheet peaks); memory and bandwidth per device.

@@ -18,6 +18,7 @@
 #include "common/gpt_arithmetic.h"
 #include "common/status.h"
 #include "scheduler/layout_solver.h"
+#include "scheduler/splitmix.h"
 #include "scheduler/swarm_policy.h"
 #include "scheduler/swarm_state.h"
 
@@ -28,22 +29,6 @@ constexpr double kBytesPerGB = 1e9;        // net_gbps is GB/s
 constexpr int kMaxStaleSyncs = 20;         // launch/swarm_peer_role.cc gives up after as many
 constexpr int64_t kMaxEvents = 200000000;  // a guard against a run that cannot end
 constexpr size_t kMaxRowEvents = 6;        // events named per row; the rest are counted
-
-// splitmix64: its sequence is fixed by its definition (the standard distributions are not), so
-// the failure times are the same on every platform. The mesh simulator uses the same generator.
-class SplitMix {
- public:
-  explicit SplitMix(uint64_t seed) : state_(seed) {}
-  uint64_t Next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-
- private:
-  uint64_t state_;
-};
 
 // The hash of stage `stage`'s state `step`. Simulated peers are exact, so any fixed function of
 // (stage, step) is what real peers would report: it changes with every applied step (a joiner
@@ -282,7 +267,7 @@ class SwarmSimulation {
     StartNamedSync(peers_[index], join->source, join->donor, join->step);
     if (g.preemptible && options_.churn_per_hour > 0) {
       // Exponential lifetime with mean 1/rate hours; u in (0, 1].
-      const double u = (static_cast<double>(rng_.Next() >> 11) + 1) * 0x1.0p-53;
+      const double u = rng_.Uniform() + 0x1.0p-53;
       const double life_s = -std::log(u) / options_.churn_per_hour * 3600;
       Schedule(now_s_ + std::max(1e-3, life_s), EventKind::kFail, index);
     }
