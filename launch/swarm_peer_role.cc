@@ -338,8 +338,8 @@ class Peer {
     return comm::PeerGroup::Create(o, mailbox_);
   }
 
-  // Sums the step's accumulation over the plan(s) from the accumulation as it was before any
-  // reduction (kept in backup_), then reports.
+  // Sums the step's accumulation over the plan(s) and reports; the sums are kept in sums_ for
+  // the step's decision.
   absl::Status Reduce(const Plans& plans, int64_t step) {
     const v1::SwarmReductionPlan& own = *plans.own;
     const int rank = RankIn(own, link_->id());
@@ -364,27 +364,34 @@ class Peer {
           tied, Group(std::move(roster), tied_rank,
                       absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan())));
     }
+    // The accumulation stays as it is (this peer's micro-batches, and any replay added after a
+    // failed or voided round); the sums live beside it until the step is decided.
+    std::vector<at::Tensor> mine;
+    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+      if (static_cast<int64_t>(ids.size()) != st.kept_micro_batches()) {
+        return absl::InternalError(absl::StrCat(
+            "the coordinator's plan says this peer holds ", ids.size(),
+            " micro-batch(es) of step ", step, ", it holds ", st.kept_micro_batches()));
+      }
+      for (const at::Tensor& g : st.Gradients()) mine.push_back(g.clone());
+      return absl::OkStatus();
+    }));
+    // Without the compute lock, so a joiner can copy this peer's state meanwhile.
+    SHOAL_ASSIGN_OR_RETURN(std::vector<at::Tensor> sums,
+                           runtime::SumOverRound(*stage_, mine, group.get(), tied.get()));
     double sum_squares = 0;
     uint64_t hash = 0;
     SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
-      std::vector<at::Tensor> grads = st.Gradients();
-      if (backup_.empty()) {
-        if (static_cast<int64_t>(ids.size()) != st.kept_micro_batches()) {
-          return absl::InternalError(absl::StrCat(
-              "the coordinator's plan says this peer holds ", ids.size(),
-              " micro-batch(es) of step ", step, ", it holds ", st.kept_micro_batches()));
-        }
-        for (const at::Tensor& g : grads) backup_.push_back(g.clone());
-      } else {
-        for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(backup_[i]);
+      // The sums' squares as the stage counts them (each model element once): in place for the
+      // count, then the accumulation back as it was.
+      const std::vector<at::Tensor> grads = st.Gradients();
+      std::vector<at::Tensor> kept;
+      for (size_t i = 0; i < grads.size(); ++i) {
+        kept.push_back(grads[i].clone());
+        grads[i].copy_(sums[i]);
       }
-      return absl::OkStatus();
-    }));
-    // Without the compute lock: the step's micro-batches are all held, so no call changes the
-    // accumulation now, and a joiner can copy this peer's state meanwhile.
-    SHOAL_RETURN_IF_ERROR(runtime::ReduceRound(*stage_, group.get(), tied.get()));
-    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
       sum_squares = st.SumSquares();
+      for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
       hash = st.ParamHash();
       return absl::OkStatus();
     }));
@@ -396,8 +403,9 @@ class Peer {
     report.set_sum_squares(sum_squares);
     report.set_param_hash(hash);
     absl::StatusOr<v1::StageReportResponse> r = link_->client().StageReport(report);
-    if (!r.ok() && absl::IsAlreadyExists(r.status())) return absl::OkStatus();  // reported
-    return r.status();
+    if (!r.ok() && !absl::IsAlreadyExists(r.status())) return r.status();  // else: reported
+    sums_ = std::move(sums);
+    return absl::OkStatus();
   }
 
   // Catches up to state `step + 1` from a serving peer of the stage that has applied `step`.
@@ -427,7 +435,6 @@ class Peer {
 
   absl::Status Serve() {
     std::string done_key;    // the plans this peer reduced and reported for
-    bool reduced = false;    // for the step in hand
     bool draining = false;
     absl::Time grace_end = absl::InfiniteFuture();
     runtime::SwarmPeerLoad window;  // work since the last load report
@@ -487,8 +494,7 @@ class Peer {
             st.DropStep();
             return absl::OkStatus();
           }));
-          backup_.clear();
-          reduced = false;
+          sums_.clear();
           done_key.clear();
         }
         rollbacks_seen_ = r.counters().rollbacks();
@@ -499,14 +505,15 @@ class Peer {
         const v1::SwarmPeerEntry* donor = PeerOf(r, me->donor());
         SHOAL_RETURN_IF_ERROR(Sync(me->sync_source(), me->donor(),
                                    donor != nullptr ? donor->address() : "", r.next_step()));
-        backup_.clear();
-        reduced = false;
+        sums_.clear();
         done_key.clear();
         continue;
       }
       if (const v1::SwarmDecision* d = DecisionOf(r, step); d != nullptr) {
-        if (reduced) {
+        if (!sums_.empty()) {
           SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
+            const std::vector<at::Tensor> grads = st.Gradients();
+            for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(sums_[i]);
             st.Apply(d->lr(), d->clip_scale());
             return absl::OkStatus();
           }));
@@ -518,8 +525,7 @@ class Peer {
             continue;
           }
         }
-        backup_.clear();
-        reduced = false;
+        sums_.clear();
         done_key.clear();
         continue;
       }
@@ -528,7 +534,7 @@ class Peer {
         if (r.trainers_size() == 0 || draining) return absl::OkStatus();
         continue;
       }
-      if (r.step_open() && r.open_step() > step && !reduced) {
+      if (r.step_open() && r.open_step() > step && sums_.empty()) {
         absl::Status c = CatchUp(r, step);
         if (!c.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
         continue;
@@ -543,7 +549,6 @@ class Peer {
         ReportPlanPeers(*plans, s);
         continue;
       }
-      reduced = true;
     }
   }
 
@@ -590,7 +595,7 @@ class Peer {
   runtime::Config config_;
   std::unique_ptr<runtime::SwarmStage> stage_;
   int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
-  std::vector<at::Tensor> backup_;  // the step's accumulation before any reduction
+  std::vector<at::Tensor> sums_;  // the step's reduced accumulation, reported; applied on decision
   bool attached_ = false;           // the server serves stage_
   int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on
 };

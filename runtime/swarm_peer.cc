@@ -436,30 +436,72 @@ absl::Status SwarmPeerServer::WithStage(const std::function<absl::Status(SwarmSt
   return s;
 }
 
-absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group) {
-  // Reduced copies first; the accumulation changes only once every reduction succeeded.
-  std::vector<at::Tensor> sums;
-  for (const at::Tensor& g : stage.Gradients()) sums.push_back(g.clone());
-  at::Tensor tied;
+absl::StatusOr<std::vector<at::Tensor>> SumOverRound(const SwarmStage& stage,
+                                                      const std::vector<at::Tensor>& own,
+                                                      comm::Backend* stage_group,
+                                                      comm::Backend* tied_group) {
+  const std::vector<at::Tensor> layout = stage.Gradients();
+  if (own.size() != layout.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm round: ", own.size(),
+                                                   " buffers for a stage of ", layout.size()));
+  }
+  for (size_t i = 0; i < own.size(); ++i) {
+    if (!own[i].defined() || !own[i].sizes().equals(layout[i].sizes()) ||
+        own[i].scalar_type() != layout[i].scalar_type() || !own[i].is_contiguous()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("swarm round: buffer ", i, " is not laid out as the stage's"));
+    }
+  }
+  // The tied wte's place in `own`: where the stage's view sits in its accumulation buffer.
+  at::Tensor own_tied;
   if (tied_group != nullptr) {
-    if (!stage.TiedWteGradient().defined()) {
+    const at::Tensor tied = stage.TiedWteGradient();
+    if (!tied.defined()) {
       return absl::FailedPreconditionError(absl::StrCat(
           "swarm round: a tied-embedding group for stage ", stage.stage(),
           ", which holds one copy of wte only on the first or the last stage"));
     }
-    tied = stage.TiedWteGradient().clone();
+    for (size_t i = 0; i < layout.size() && !own_tied.defined(); ++i) {
+      if (!tied.is_alias_of(layout[i])) continue;
+      own_tied = own[i].as_strided(tied.sizes(), tied.strides(),
+                                   tied.storage_offset() - layout[i].storage_offset() +
+                                       own[i].storage_offset());
+    }
+    if (!own_tied.defined()) {
+      return absl::InternalError("swarm round: the tied wte is in none of the stage's buffers");
+    }
   }
+  std::vector<at::Tensor> sums;
+  for (const at::Tensor& g : own) sums.push_back(g.clone());
   if (stage_group != nullptr) {
     for (at::Tensor& s : sums) {
       SHOAL_RETURN_IF_ERROR(stage_group->AllReduce(s, comm::ReduceOp::kSum)->Wait());
     }
   }
   if (tied_group != nullptr) {
+    // Each peer's own copy (not the stage's sum): over the first and the last stage's peers
+    // together that is the embedding's gradient plus the head's.
+    at::Tensor tied = own_tied.clone();
     SHOAL_RETURN_IF_ERROR(tied_group->AllReduce(tied, comm::ReduceOp::kSum)->Wait());
+    for (size_t i = 0; i < own.size(); ++i) {
+      if (!own_tied.is_alias_of(own[i])) continue;
+      sums[i].as_strided(own_tied.sizes(), own_tied.strides(),
+                         own_tied.storage_offset() - own[i].storage_offset() +
+                             sums[i].storage_offset())
+          .copy_(tied);
+    }
   }
+  return sums;
+}
+
+absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group) {
+  std::vector<at::Tensor> own;
+  for (const at::Tensor& g : stage.Gradients()) own.push_back(g.clone());
+  SHOAL_ASSIGN_OR_RETURN(std::vector<at::Tensor> sums,
+                         SumOverRound(stage, own, stage_group, tied_group));
+  // The accumulation changes only once every reduction succeeded.
   const std::vector<at::Tensor> grads = stage.Gradients();
   for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(sums[i]);
-  if (tied_group != nullptr) stage.TiedWteGradient().copy_(tied);
   return absl::OkStatus();
 }
 

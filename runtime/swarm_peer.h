@@ -99,6 +99,16 @@ class SwarmPeerServer {
 // round can run again on new groups.
 absl::Status ReduceRound(SwarmStage& stage, comm::Backend* stage_group, comm::Backend* tied_group);
 
+// The same sums without touching the stage: `own` is a copy of the stage's accumulation
+// (Gradients(), same order and layout), and the result is new tensors laid out alike. A peer
+// keeps its accumulation as it is (its own micro-batches, and any replay added after a failed
+// or voided round) and applies the sums only once the step is decided. kInvalidArgument for
+// buffers not laid out as the stage's; the groups' errors.
+absl::StatusOr<std::vector<at::Tensor>> SumOverRound(const SwarmStage& stage,
+                                                      const std::vector<at::Tensor>& own,
+                                                      comm::Backend* stage_group,
+                                                      comm::Backend* tied_group);
+
 }  // namespace shoal::runtime
 
 #endif  // SHOAL_RUNTIME_SWARM_PEER_H_

@@ -7,7 +7,8 @@
 //      no refused sync), serves micro-batches; losses within 1e-5;
 //   3. kill -9 of a stage-1 peer while it holds accumulated micro-batches (seen in /api/status):
 //      fenced within 2 s, replays >= 1, duplicates 0, lost 0, losses within 1e-4. The figures go
-//      to stdout as one JSON line (`swarm_kill`). Same for a trainer (its leases go back);
+//      to stdout as one JSON line (`swarm_kill`); `shoal status`, /metrics and the dashboard
+//      (rendered by headless Chromium) show it. Same for a trainer (its leases go back);
 //   4. SIGTERM to a peer while another serves its stage: exit 0 within the grace, 0 replays; to
 //      a stage's last peer: it stays until a successor has synced from it, then exits 0; kill -9
 //      of a stage's last peer: the swarm rolls back to its newest checkpoint (logged), a new peer
@@ -346,6 +347,18 @@ TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
       std::chrono::seconds(10)));
   const double fence_s = std::chrono::duration<double>(Clock::now() - killed).count();
   EXPECT_LE(fence_s, 2.0);
+  // The dashboard, rendered by a real browser while the swarm trains on: its stages and peers
+  // (the screenshot is kept as dashboard-swarm.png under the artifact folder).
+  testing::HeadlessChromium chromium;
+  const std::string url = "http://127.0.0.1:" + std::to_string(http) + "/";
+  testing::BrowserResult dom = chromium.DumpDom(url);
+  ASSERT_EQ(dom.exit_code, 0) << dom.log;
+  EXPECT_TRUE(Contains(dom.output, "swarm-stages")) << dom.output.substr(0, 3000);
+  EXPECT_TRUE(Contains(dom.output, "data-stage=\"2\"")) << dom.output.substr(0, 3000);
+  EXPECT_TRUE(Contains(dom.output, "deaths 1")) << dom.output.substr(0, 3000);
+  const std::string png = testing::ArtifactDir() + "/dashboard-swarm.png";
+  testing::BrowserResult shot = chromium.Screenshot(url, png);
+  EXPECT_EQ(shot.exit_code, 0) << shot.log;
   EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0)
       << ReadTextFile(trainer.log()) << "\ncoordinator:\n" << ReadTextFile(coordinator.log());
   const nlohmann::json s = Status(http);
