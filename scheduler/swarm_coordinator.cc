@@ -71,7 +71,7 @@ struct SwarmCoordinator::Impl {
 
   mutable absl::Mutex mu;
   std::map<std::string, Worker> workers ABSL_GUARDED_BY(mu);
-  int64_t next_worker = 0 ABSL_GUARDED_BY(mu);
+  int64_t next_worker ABSL_GUARDED_BY(mu) = 0;
   uint64_t version ABSL_GUARDED_BY(mu) = 1;
   uint64_t seen_state_version ABSL_GUARDED_BY(mu) = 0;
   // step -> id -> loss committed by the last stage.
