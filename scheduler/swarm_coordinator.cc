@@ -524,9 +524,14 @@ absl::StatusOr<v1::ReportPeerResponse> SwarmCoordinator::ReportPeer(
     absl::MutexLock lock(&m.mu);
     absl::StatusOr<Impl::Worker*> r = m.Live(request.worker_id(), "worker_id");
     if (!r.ok()) return r.status();
+    SHOAL_RETURN_IF_ERROR(ValidateWorkerId(request.peer_id(), "peer_id", m.options.limits));
+    if (m.workers.count(request.peer_id()) == 0) {
+      return absl::NotFoundError(
+          absl::StrCat("peer_id ", request.peer_id(), ": no such worker in this swarm"));
+    }
     absl::StatusOr<Impl::Worker*> p = m.Live(request.peer_id(), "peer_id");
     if (!p.ok()) {
-      // Already gone: as good as fenced.
+      // Dead or gone already: out of the roster, as a fence would leave it.
       v1::ReportPeerResponse response;
       response.set_fenced(true);
       return response;
