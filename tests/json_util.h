@@ -45,6 +45,13 @@ inline std::vector<double> StepLosses(const std::string& metrics_path,
   return out;
 }
 
+// A number as proto3 JSON prints it: 64-bit integers come as strings; 0 for anything else.
+inline double JsonNumber(const nlohmann::json& j) {
+  if (j.is_number()) return j.get<double>();
+  if (j.is_string()) return std::stod(j.get<std::string>());
+  return 0;
+}
+
 }  // namespace shoal::testing
 
 #endif  // SHOAL_TESTS_JSON_UTIL_H_

@@ -46,11 +46,7 @@ using testing::WriteTextFile;
 using testing::LastJsonLine;
 
 // proto3 JSON prints 64-bit integers as strings; either form reads here.
-double Number(const nlohmann::json& j) {
-  if (j.is_number()) return j.get<double>();
-  if (j.is_string()) return std::stod(j.get<std::string>());
-  return 0;
-}
+constexpr auto Number = testing::JsonNumber;
 
 // A field under its proto name or its lowerCamelCase JSON name.
 const nlohmann::json& Field(const nlohmann::json& j, const std::string& snake) {

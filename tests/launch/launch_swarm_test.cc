@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "runtime/checkpoint.h"
+#include "tests/json_util.h"
 #include "tests/monitoring_util.h"
 #include "tests/test_util.h"
 
@@ -50,23 +51,8 @@ using testing::WriteTextFile;
 
 constexpr int kSteps = 10;
 
-double Number(const nlohmann::json& j) {
-  if (j.is_number()) return j.get<double>();
-  if (j.is_string()) return std::stod(j.get<std::string>());
-  return 0;
-}
-
-// The step losses of a metrics.jsonl, in order.
-std::vector<double> StepLosses(const std::string& path) {
-  std::vector<double> out;
-  std::istringstream in(ReadTextFile(path));
-  std::string line;
-  while (std::getline(in, line)) {
-    const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_object() && j.value("kind", "") == "train") out.push_back(j["step_loss"].get<double>());
-  }
-  return out;
-}
+using testing::StepLosses;
+constexpr auto Number = testing::JsonNumber;
 
 // The largest difference between two checkpoints' weights (and that they hold the same names).
 double MaxWeightDiff(const std::string& a_dir, const std::string& b_dir) {
