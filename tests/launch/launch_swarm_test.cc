@@ -526,6 +526,15 @@ TEST_F(SwarmTest, LastPeerOfAStageWaitsForASuccessorOrTheSwarmRollsBack) {
   const std::string draining = only_peer_of(1);
   ASSERT_EQ(peers.count(draining), 1u);
   ::kill(peers.at(draining).pid(), SIGTERM);
+  // The successor joins once the coordinator counts the peer as draining (then the stage looks
+  // empty and is the joiner's first choice); a joiner racing the drain could go elsewhere.
+  ASSERT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json me = PeerEntry(Status(http), draining);
+        return me.is_object() && me.value("state", "") == "DRAINING";
+      },
+      std::chrono::seconds(30)))
+      << ReadTextFile(coordinator.log());
   Process successor = Peer("l-s1", grpc);
   EXPECT_EQ(peers.at(draining).Wait(std::chrono::seconds(70)), 0)
       << ReadTextFile(tmp_ / (draining + ".log"));
