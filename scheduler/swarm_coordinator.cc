@@ -85,7 +85,9 @@ struct SwarmCoordinator::Impl {
   // After any call that may have changed what workers act on: a new roster version when the
   // state's changed (or `force`), waking the watchers.
   void Touch(bool force) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    RollBackIfNeeded();
+    // Only membership and report events can leave a stage without its state; a commit cannot,
+    // and it is the hot call, so it skips the snapshot this takes.
+    if (force) RollBackIfNeeded();
     const uint64_t v = state->roster_version();
     if (force || v != seen_state_version) {
       seen_state_version = v;
@@ -504,11 +506,12 @@ absl::Status SwarmCoordinator::Commit(const v1::CommitRequest& request) {
   absl::MutexLock lock(&m.mu);
   absl::StatusOr<Impl::Worker*> p = m.Live(request.peer_id(), "peer_id");
   if (!p.ok()) return p.status();
-  const std::optional<int64_t> open = m.state->Snapshot().open_step;
-  if (!open.has_value() || *open != request.step()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "commit of step ", request.step(), ": ",
-        open.has_value() ? absl::StrCat("the open step is ", *open) : "no step is open"));
+  // The id names its step (step * M + i); the state refuses ids outside the open step.
+  if (request.step() < 0 || request.id() < 0 ||
+      request.id() / m.options.job.micro_batches != request.step()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "commit: id ", request.id(), " is not a micro-batch of step ", request.step(), " (M = ",
+        m.options.job.micro_batches, ")"));
   }
   SHOAL_RETURN_IF_ERROR(m.state->Commit(request.peer_id(), request.trainer_id(), request.id()));
   if (request.has_loss()) m.losses[request.step()][request.id()] = request.loss();

@@ -172,7 +172,8 @@ TEST_F(SwarmCoordinatorTest, RunsAStepToItsDecisionAndTheJobToItsEnd) {
   ASSERT_TRUE(r.step_open());
   EXPECT_EQ(r.open_step(), 0);
   // A commit for another step is refused; the step's leases cover its M micro-batches.
-  EXPECT_EQ(Commit(last, "t", 1, kM).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Commit(last, "t", 1, kM).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(Commit(last, "t", 1, 0).code(), absl::StatusCode::kInvalidArgument);
   v1::LeaseRequest lease;
   lease.set_worker_id("t");
   lease.set_max(kM);
