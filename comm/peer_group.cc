@@ -746,6 +746,8 @@ struct PeerGroup::Impl {
   const internal::OpPrecheck precheck;  // reads health
   std::vector<std::shared_ptr<grpc::Channel>> channels;        // by rank; null for this one
   std::vector<std::unique_ptr<v1::SwarmPeer::Stub>> stubs;     // by rank; null for this one
+  // Payload bytes of the frames this rank delivered (mutable: counted by the const sender).
+  mutable std::atomic<int64_t> bytes_sent{0};
 
   // The operation thread and its queue.
   std::mutex queue_mu;
@@ -956,6 +958,7 @@ class FrameSender {
                                                     call->ack.abort().message())));
     } else if (s.ok() || (cancelled_ && code == grpc::StatusCode::CANCELLED)) {
       // Delivered, or cancelled by Run after a failure.
+      if (s.ok()) group_.bytes_sent.fetch_add(call->job.size, std::memory_order_relaxed);
     } else if (code == grpc::StatusCode::RESOURCE_EXHAUSTED &&
                absl::StartsWith(s.error_message(), kMailboxFull) && absl::Now() < deadline_) {
       Job retry = std::move(call->job);
@@ -1399,6 +1402,8 @@ int PeerGroup::rank() const { return impl_->rank; }
 int PeerGroup::size() const { return impl_->size; }
 std::string PeerGroup::name() const { return "peergroup"; }
 const std::string& PeerGroup::group() const { return impl_->options.group; }
+
+int64_t PeerGroup::bytes_sent() const { return impl_->bytes_sent.load(); }
 const std::string& PeerGroup::address(int rank) const { return impl_->options.roster.at(rank); }
 
 std::unique_ptr<Work> PeerGroup::AllReduce(at::Tensor& tensor, ReduceOp op,

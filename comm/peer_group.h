@@ -164,6 +164,9 @@ class PeerGroup final : public Backend {
   int size() const override;
   std::string name() const override;  // "peergroup"
   const std::string& group() const;   // the group's name
+  // Payload bytes of the frames this rank has delivered to the others so far (what a round
+  // costs this peer's uplink).
+  int64_t bytes_sent() const;
   const std::string& address(int rank) const;  // roster[rank]
 
   std::unique_ptr<Work> AllReduce(at::Tensor& tensor, ReduceOp op,

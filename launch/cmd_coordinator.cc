@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -29,6 +30,7 @@
 #include "common/sha256.h"
 #include "launch/subcommands.h"
 #include "parallel/layout.h"
+#include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/lr_schedule.h"
 #include "scheduler/swarm_policy.h"
@@ -67,7 +69,7 @@ absl::Status CheckSeconds(double v, double max, const char* flag) {
 // mode cannot run.
 absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
     const runtime::Config& config, int stages, const std::string& codec, int64_t lease_ms,
-    int64_t heartbeat_ms) {
+    int64_t heartbeat_ms, const std::string& resume) {
   const runtime::ModelConfig& m = config.model;
   auto refuse = [](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("--swarm: ", what));
@@ -95,10 +97,6 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
     return refuse("memory.host_budget / disk_budget / disk_path (paged states): a swarm peer "
                   "keeps its stage in RAM");
   }
-  if (config.optim.name != "adamw") {
-    return refuse(absl::StrCat("optim.name = ", config.optim.name,
-                               ": swarm mode runs AdamW (DeMo in a swarm is not built yet)"));
-  }
   if (codec != "fp32" && codec != "bf16" && codec != "int8") {
     return refuse(absl::StrCat("--codec ", codec, " is not fp32, bf16 or int8"));
   }
@@ -111,6 +109,8 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
   o.job.stages = stages;
   o.job.micro_batches = config.train.grad_accum;
   o.job.grad_clip = config.optim.grad_clip;
+  // DeMo's peers clip their own gradients and report their own norms.
+  o.job.own_norms = config.optim.name == "demo";
   o.info.set_config_toml(config.ToToml());
   o.info.set_stages(stages);
   o.info.set_micro_batches(config.train.grad_accum);
@@ -136,6 +136,39 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
   o.state.learning_rate = [optim, total](int64_t step) {
     return step < total ? runtime::LearningRateAt(step, optim, total) : std::nan("");
   };
+  if (!resume.empty()) {
+    // The job continues a checkpoint (a swarm's, or one process's of the same model): the first
+    // peer of each stage loads its part of it, so peers must be able to read the folder.
+    std::string dir = resume;
+    if (!PathExists(dir + "/manifest.json")) {
+      runtime::CheckpointStore store(dir, /*keep=*/0);
+      absl::StatusOr<std::vector<std::string>> steps = store.ListStepDirs();
+      if (!steps.ok()) return steps.status();
+      if (steps->empty()) {
+        return absl::NotFoundError(absl::StrCat(
+            "--resume ", resume, ": neither a checkpoint (no manifest.json) nor a folder of "
+            "step_XXXXXXXX checkpoints"));
+      }
+      dir = steps->back();
+    }
+    absl::StatusOr<runtime::CheckpointState> ck = runtime::CheckpointStore::Load(dir);
+    if (!ck.ok()) {
+      return absl::Status(ck.status().code(),
+                          absl::StrCat("--resume ", dir, ": ", ck.status().message()));
+    }
+    if (absl::Status s = runtime::CheckResumable(*ck, config, dir); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--resume: ", s.message()));
+    }
+    if (ck->step >= config.train.steps) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--resume ", dir, " is at step ", ck->step, ", train.steps is ", config.train.steps,
+          ": nothing left to train (raise train.steps)"));
+    }
+    std::error_code error;
+    const std::filesystem::path absolute = std::filesystem::absolute(dir, error);
+    o.job.checkpoint_step = ck->step;
+    o.checkpoint_path = error ? dir : absolute.string();
+  }
   o.lease_ms = lease_ms;
   o.heartbeat_interval_ms = heartbeat_ms;
   o.log_events = true;
@@ -188,6 +221,10 @@ int CoordinatorMain(int argc, char** argv) {
   app.add_option("--stages", stages, "--swarm: pipeline stages, in [1, model.n_layer]");
   app.add_option("--codec", codec, "--swarm: activations on the wire: fp32, bf16 or int8")
       ->capture_default_str();
+  std::string resume;
+  app.add_option("--resume", resume,
+                 "--swarm: start the job from this checkpoint (a step_XXXXXXXX folder, or a "
+                 "folder of them: the newest), which every peer must be able to read");
   app.add_option("--port-file", port_file,
                  "Write {\"grpc\": P, \"http\": Q} here once listening (atomically; http 0: none)");
   try {
@@ -228,13 +265,14 @@ int CoordinatorMain(int argc, char** argv) {
     absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> made =
         MakeSwarm(*config, stages, codec,
                   static_cast<int64_t>(std::llround(lease_s * 1000)),
-                  std::max<int64_t>(1, static_cast<int64_t>(std::llround(heartbeat_s * 1000))));
+                  std::max<int64_t>(1, static_cast<int64_t>(std::llround(heartbeat_s * 1000))),
+                  resume);
     if (!made.ok()) return Fail(who, made.status());
     options.swarm = *std::move(made);
-  } else if (!config_path.empty() || stages != 0 || !overrides.empty()) {
+  } else if (!config_path.empty() || stages != 0 || !overrides.empty() || !resume.empty()) {
     return Fail(who, absl::InvalidArgumentError(
-                         "--config, --set and --stages go with --swarm (a mesh job's workers "
-                         "bring their own config)"));
+                         "--config, --set, --stages and --resume go with --swarm (a mesh job's "
+                         "workers bring their own config and checkpoints)"));
   }
   options.listen = listen;
   options.tls_cert_file = tls_cert;

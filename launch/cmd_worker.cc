@@ -37,6 +37,9 @@ int WorkerMain(int argc, char** argv) {
                  "The address others dial for this peer, when not --listen's (NAT, 0.0.0.0)");
   app.add_option("--grace-s", o.grace_s, "On SIGTERM, how long a peer stays for its round")
       ->capture_default_str();
+  app.add_option("--catchup-steps", o.catchup_steps,
+                 "Steps a peer keeps in its catch-up log for joiners (each one gradient's size)")
+      ->capture_default_str();
   app.add_option("--data", o.data_dir, "A trainer's data folder (default: the job's data.dir)");
   app.add_option("--out", o.out_dir, "A trainer's output folder (default: the job's out_dir)");
   app.add_option("--in-flight", o.in_flight, "Micro-batches a trainer leases at a time")
@@ -63,6 +66,9 @@ int WorkerMain(int argc, char** argv) {
     if (absl::Status s = SplitHostPort(o.advertise, "--advertise", 1, &host, &port); !s.ok()) {
       return WorkerFail(s);
     }
+  }
+  if (o.catchup_steps < 0 || o.catchup_steps > 64) {
+    return bad(absl::StrCat("--catchup-steps must be in [0, 64], got ", o.catchup_steps));
   }
   if (!std::isfinite(o.grace_s) || o.grace_s < 0 || o.grace_s > 3600) {
     return bad(absl::StrCat("--grace-s must be in [0, 3600], got ", o.grace_s));

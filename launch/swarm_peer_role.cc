@@ -19,6 +19,7 @@
 #include "common/status.h"
 #include "launch/swarm_worker.h"
 #include "parallel/adamw.h"
+#include "parallel/demo.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
 #include "runtime/profiler.h"
@@ -68,6 +69,13 @@ class Peer {
 
   int Run() {
     absl::Status s = RunOrError();
+    if (rounds_ > 0) {
+      SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": " << rounds_ << " round(s) of stage "
+                      << stage_index_ << " ("
+                      << (stage_->demo() ? "DeMo payloads" : "gradient sums") << "), "
+                      << round_bytes_ << " bytes sent in them, " << round_bytes_ / rounds_
+                      << " per round";
+    }
     if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
     if (server_ != nullptr) server_->Shutdown();
     if (s.ok()) return 0;
@@ -108,9 +116,7 @@ class Peer {
     }
     first_ = job.first_layer(stage_index_);
     end_ = job.end_layer(stage_index_);
-    SHOAL_ASSIGN_OR_RETURN(stage_, runtime::SwarmStage::Create(
-                                       config_.model, config_.train.seed, stage_index_, stages_,
-                                       first_, end_, runtime::AdamWOptionsOf(config_.optim)));
+    SHOAL_ASSIGN_OR_RETURN(stage_, MakeStage());
     SHOAL_LOG(Info) << "swarm peer " << link_->id() << " at " << advertise << ": stage "
                     << stage_index_ << " of " << stages_ << " (blocks [" << first_ << ", " << end_
                     << ")), syncing from " << job.sync_source()
@@ -179,6 +185,9 @@ class Peer {
         donor_address = d != nullptr ? d->address() : "";
         step = r.next_step();
         continue;
+      } else if (source == "claim") {
+        // The state is loaded (and caught up): claim it again.
+        source = "donor";
       } else if (source == "checkpoint") {
         SHOAL_RETURN_IF_ERROR(LoadCheckpoint(step));
       } else {
@@ -190,9 +199,19 @@ class Peer {
       synced.set_param_hash(stage_->ParamHash());
       absl::Status claimed = link_->client().PeerSynced(synced).status();
       if (absl::IsOutOfRange(claimed) && source == "donor" && ++stale_syncs < 20) {
-        // The swarm applied a step while the state travelled: fetch the donor's newest.
+        // The swarm applied a step while the state travelled: take the steps since from the
+        // donor's catch-up log, or, when its log does not reach back, its newest state.
         SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": " << claimed.message();
-        step = -1;
+        absl::StatusOr<int> taken = TakeUpdates(donor_address, stage_->optimizer_steps() + 1, 0);
+        if (taken.ok() && *taken > 0) {
+          SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": took " << *taken
+                          << " step(s) from " << donor << "'s catch-up log, now at state "
+                          << stage_->optimizer_steps();
+          source = "claim";
+        } else {
+          if (!taken.ok()) SHOAL_LOG(Info) << "swarm peer: catch-up log: " << taken.status();
+          step = -1;
+        }
         continue;
       }
       SHOAL_RETURN_IF_ERROR(claimed);
@@ -210,13 +229,21 @@ class Peer {
     return absl::OkStatus();
   }
 
+  // This peer's stage at the init: AdamW, or DeMo when the job's optim.name says so.
+  absl::StatusOr<std::unique_ptr<runtime::SwarmStage>> MakeStage() const {
+    runtime::SwarmStageOptions so;
+    so.catchup_steps = options_.catchup_steps;
+    if (config_.optim.name == "demo") {
+      SHOAL_ASSIGN_OR_RETURN(so.demo, runtime::DemoOptionsOf(config_.optim));
+    }
+    return runtime::SwarmStage::Create(config_.model, config_.train.seed, stage_index_, stages_,
+                                       first_, end_, runtime::AdamWOptionsOf(config_.optim), so);
+  }
+
   // The stage as the init made it (after a rollback to step 0; at the join it is that already).
   absl::Status ResetToInit() {
     if (!attached_) return absl::OkStatus();
-    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SwarmStage> fresh,
-                           runtime::SwarmStage::Create(config_.model, config_.train.seed,
-                                                       stage_index_, stages_, first_, end_,
-                                                       runtime::AdamWOptionsOf(config_.optim)));
+    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SwarmStage> fresh, MakeStage());
     const runtime::StageSnapshot init = runtime::SnapshotOf(*fresh, first_, end_);
     return server_->WithStage([&](runtime::SwarmStage& st) {
       st.DropStep();
@@ -264,8 +291,13 @@ class Peer {
       return out;
     };
     SHOAL_ASSIGN_OR_RETURN(auto params, pick(stage_->NamedParameters(), model, "parameter"));
-    SHOAL_ASSIGN_OR_RETURN(auto moments,
-                           pick(stage_->OptimizerState(), optimizer, "optimizer state"));
+    std::vector<std::pair<std::string, at::Tensor>> moments;
+    if (stage_->demo()) {
+      // Every peer's residual restarts from zero: the checkpoint holds one peer's at most.
+      moments.emplace_back("step", at::scalar_tensor(step, at::kLong));
+    } else {
+      SHOAL_ASSIGN_OR_RETURN(moments, pick(stage_->OptimizerState(), optimizer, "optimizer state"));
+    }
     auto load = [&](runtime::SwarmStage& st) {
       st.DropStep();
       return st.LoadState(params, moments);
@@ -338,9 +370,9 @@ class Peer {
     return comm::PeerGroup::Create(o, mailbox_);
   }
 
-  // Sums the step's accumulation over the plan(s) and reports; the sums are kept in sums_ for
-  // the step's decision.
-  absl::Status Reduce(const Plans& plans, int64_t step) {
+  // The step's round over the plan(s), then the report. AdamW sums the accumulation; DeMo
+  // all-gathers every peer's payloads. Either result waits in round_ for the step's decision.
+  absl::Status Reduce(const Plans& plans, int64_t step, double lr) {
     const v1::SwarmReductionPlan& own = *plans.own;
     const int rank = RankIn(own, link_->id());
     std::vector<int64_t> ids;
@@ -353,45 +385,69 @@ class Peer {
     SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<comm::PeerGroup> group,
                            Group({own.addresses().begin(), own.addresses().end()}, rank, name));
     std::unique_ptr<comm::PeerGroup> tied;
+    int tied_peers = 0;
     if (plans.other != nullptr) {
       // Stage 0's peers first, then the last stage's: the same order everywhere.
       const v1::SwarmReductionPlan& first = stage_index_ == 0 ? own : *plans.other;
       const v1::SwarmReductionPlan& last = stage_index_ == 0 ? *plans.other : own;
       std::vector<std::string> roster(first.addresses().begin(), first.addresses().end());
       roster.insert(roster.end(), last.addresses().begin(), last.addresses().end());
+      tied_peers = static_cast<int>(roster.size());
       const int tied_rank = stage_index_ == 0 ? rank : first.peers_size() + rank;
       SHOAL_ASSIGN_OR_RETURN(
           tied, Group(std::move(roster), tied_rank,
                       absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan())));
     }
-    // The accumulation stays as it is (this peer's micro-batches, and any replay added after a
-    // failed or voided round); the sums live beside it until the step is decided.
-    std::vector<at::Tensor> mine;
-    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
-      if (static_cast<int64_t>(ids.size()) != st.kept_micro_batches()) {
-        return absl::InternalError(absl::StrCat(
-            "the coordinator's plan says this peer holds ", ids.size(),
-            " micro-batch(es) of step ", step, ", it holds ", st.kept_micro_batches()));
-      }
-      for (const at::Tensor& g : st.Gradients()) mine.push_back(g.clone());
-      return absl::OkStatus();
-    }));
-    // Without the compute lock, so a joiner can copy this peer's state meanwhile.
-    SHOAL_ASSIGN_OR_RETURN(std::vector<at::Tensor> sums,
-                           runtime::SumOverRound(*stage_, mine, group.get(), tied.get()));
+    RoundResult result;
+    result.lr = lr;
     double sum_squares = 0;
-    uint64_t hash = 0;
-    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
-      // The sums' squares as the stage counts them (each model element once): in place for the
-      // count, then the accumulation back as it was.
-      const std::vector<at::Tensor> grads = st.Gradients();
-      std::vector<at::Tensor> kept;
-      for (size_t i = 0; i < grads.size(); ++i) {
-        kept.push_back(grads[i].clone());
-        grads[i].copy_(sums[i]);
+    if (stage_->demo()) {
+      // Compressed under the compute lock; exchanged without it.
+      runtime::SwarmStage::DemoPayloads mine;
+      SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+        SHOAL_RETURN_IF_ERROR(CheckHeld(st, ids, step));
+        SHOAL_ASSIGN_OR_RETURN(mine, st.DemoCompress(lr, own.peers_size(), tied_peers,
+                                                     config_.optim.grad_clip));
+        return absl::OkStatus();
+      }));
+      sum_squares = mine.sum_squares;
+      SHOAL_ASSIGN_OR_RETURN(result.own_payloads,
+                             parallel::MakeBackendExchange(group.get())->AllGather(mine.own));
+      if (tied != nullptr) {
+        SHOAL_ASSIGN_OR_RETURN(result.tied_payloads,
+                               parallel::MakeBackendExchange(tied.get())->AllGather(mine.tied));
       }
-      sum_squares = st.SumSquares();
-      for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
+    } else {
+      // The accumulation stays as it is (this peer's micro-batches, and any replay added after
+      // a failed or voided round); the sums live beside it until the step is decided.
+      std::vector<at::Tensor> held;
+      SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+        SHOAL_RETURN_IF_ERROR(CheckHeld(st, ids, step));
+        for (const at::Tensor& g : st.Gradients()) held.push_back(g.clone());
+        return absl::OkStatus();
+      }));
+      // Without the compute lock, so a joiner can copy this peer's state meanwhile.
+      SHOAL_ASSIGN_OR_RETURN(result.sums,
+                             runtime::SumOverRound(*stage_, held, group.get(), tied.get()));
+      SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+        // The sums' squares as the stage counts them (each model element once): in place for
+        // the count, then the accumulation back as it was.
+        const std::vector<at::Tensor> grads = st.Gradients();
+        std::vector<at::Tensor> kept;
+        for (size_t i = 0; i < grads.size(); ++i) {
+          kept.push_back(grads[i].clone());
+          grads[i].copy_(result.sums[i]);
+        }
+        sum_squares = st.SumSquares();
+        for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
+        return absl::OkStatus();
+      }));
+    }
+    // What the round cost this peer's uplink (the frames it delivered).
+    ++rounds_;
+    round_bytes_ += group->bytes_sent() + (tied != nullptr ? tied->bytes_sent() : 0);
+    uint64_t hash = 0;
+    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
       hash = st.ParamHash();
       return absl::OkStatus();
     }));
@@ -404,16 +460,65 @@ class Peer {
     report.set_param_hash(hash);
     absl::StatusOr<v1::StageReportResponse> r = link_->client().StageReport(report);
     if (!r.ok() && !absl::IsAlreadyExists(r.status())) return r.status();  // else: reported
-    sums_ = std::move(sums);
+    round_ = std::move(result);
     return absl::OkStatus();
   }
 
-  // Catches up to state `step + 1` from a serving peer of the stage that has applied `step`.
+  static absl::Status CheckHeld(const runtime::SwarmStage& st, const std::vector<int64_t>& ids,
+                                int64_t step) {
+    if (static_cast<int64_t>(ids.size()) == st.kept_micro_batches()) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat(
+        "the coordinator's plan says this peer holds ", ids.size(), " micro-batch(es) of step ",
+        step, ", it holds ", st.kept_micro_batches()));
+  }
+
+  // The step's decision, applied: AdamW on the round's sums, or DeMo on its payloads.
+  absl::Status ApplyDecision(const v1::SwarmDecision& d) {
+    if (d.lr() != round_.lr) {
+      return absl::InternalError(absl::StrCat("step ", d.step(), " was decided with lr ", d.lr(),
+                                              ", its round ran with ", round_.lr));
+    }
+    return server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+      if (st.demo()) return st.DemoApply(round_.own_payloads, round_.tied_payloads, d.lr());
+      const std::vector<at::Tensor> grads = st.Gradients();
+      for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(round_.sums[i]);
+      st.Apply(d.lr(), d.clip_scale());
+      return absl::OkStatus();
+    });
+  }
+
+  // Steps [from, to] (to 0: all it has) from the catch-up log of the peer at `address`, applied
+  // in order; how many. kOutOfRange when its log does not reach back to `from`.
+  absl::StatusOr<int> TakeUpdates(const std::string& address, int64_t from, int64_t to) {
+    runtime::FetchOptions fo;
+    fo.token = options_.token;
+    fo.tls_ca_file = options_.tls_ca_file;
+    SHOAL_ASSIGN_OR_RETURN(std::vector<runtime::EncodedUpdate> got,
+                           runtime::FetchUpdates(address, stage_index_, from, to, fo));
+    auto apply = [&](runtime::SwarmStage& st) -> absl::Status {
+      for (const runtime::EncodedUpdate& e : got) {
+        SHOAL_ASSIGN_OR_RETURN(runtime::StepUpdate u, runtime::DecodeUpdate(st, e));
+        SHOAL_RETURN_IF_ERROR(st.ApplyUpdate(u));
+      }
+      return absl::OkStatus();
+    };
+    SHOAL_RETURN_IF_ERROR(attached_ ? server_->WithStage(apply) : apply(*stage_));
+    return static_cast<int>(got.size());
+  }
+
+  // Catches up to state `step + 1` from a serving peer of the stage that has applied `step`:
+  // the step from its catch-up log, or else a copy of its state.
   absl::Status CatchUp(const v1::SwarmRoster& r, int64_t step) {
     const v1::SwarmStageEntry* st = StageOf(r, stage_index_);
     if (st == nullptr) return absl::InternalError("no such stage in the roster");
     for (const v1::SwarmPeerEntry& p : st->peers()) {
       if (p.id() == link_->id() || p.state() != "SERVING") continue;
+      absl::StatusOr<int> taken = TakeUpdates(p.address(), step + 1, step + 1);
+      if (taken.ok() && *taken == 1) {
+        SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": caught up to state " << step + 1
+                        << " from " << p.id() << "'s catch-up log";
+        return absl::OkStatus();
+      }
       runtime::FetchOptions fo;
       fo.token = options_.token;
       fo.tls_ca_file = options_.tls_ca_file;
@@ -484,7 +589,14 @@ class Peer {
             "the swarm needs a rollback (", r.rollback(), "), which peers cannot follow yet"));
       }
       const v1::SwarmPeerEntry* me = PeerOf(r, link_->id());
-      if (me == nullptr) return absl::FailedPreconditionError("removed from the swarm's roster");
+      if (me == nullptr) {
+        for (const std::string& e : r.evictions()) {
+          if (e.find("'" + link_->id() + "'") != std::string::npos) {
+            return absl::FailedPreconditionError(absl::StrCat("evicted from the swarm: ", e));
+          }
+        }
+        return absl::FailedPreconditionError("removed from the swarm's roster");
+      }
       if (r.counters().rollbacks() != rollbacks_seen_) {
         if (rollbacks_seen_ >= 0) {
           // The swarm rolled back: the step in progress is void everywhere.
@@ -494,7 +606,7 @@ class Peer {
             st.DropStep();
             return absl::OkStatus();
           }));
-          sums_.clear();
+          round_ = RoundResult{};
           done_key.clear();
         }
         rollbacks_seen_ = r.counters().rollbacks();
@@ -505,18 +617,13 @@ class Peer {
         const v1::SwarmPeerEntry* donor = PeerOf(r, me->donor());
         SHOAL_RETURN_IF_ERROR(Sync(me->sync_source(), me->donor(),
                                    donor != nullptr ? donor->address() : "", r.next_step()));
-        sums_.clear();
+        round_ = RoundResult{};
         done_key.clear();
         continue;
       }
       if (const v1::SwarmDecision* d = DecisionOf(r, step); d != nullptr) {
-        if (!sums_.empty()) {
-          SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
-            const std::vector<at::Tensor> grads = st.Gradients();
-            for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(sums_[i]);
-            st.Apply(d->lr(), d->clip_scale());
-            return absl::OkStatus();
-          }));
+        if (!round_.empty()) {
+          SHOAL_RETURN_IF_ERROR(ApplyDecision(*d));
         } else {
           // Not in this round (a joiner one step behind): copy the state after it.
           absl::Status c = CatchUp(r, step);
@@ -525,7 +632,7 @@ class Peer {
             continue;
           }
         }
-        sums_.clear();
+        round_ = RoundResult{};
         done_key.clear();
         continue;
       }
@@ -534,14 +641,14 @@ class Peer {
         if (r.trainers_size() == 0 || draining) return absl::OkStatus();
         continue;
       }
-      if (r.step_open() && r.open_step() > step && sums_.empty()) {
+      if (r.step_open() && r.open_step() > step && round_.empty()) {
         absl::Status c = CatchUp(r, step);
         if (!c.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
         continue;
       }
       std::optional<Plans> plans = PlansOf(r, step);
       if (!plans.has_value() || plans->key == done_key) continue;
-      absl::Status s = Reduce(*plans, step);
+      absl::Status s = Reduce(*plans, step, r.open_lr());
       done_key = plans->key;
       if (!s.ok()) {
         SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": reduction of step " << step
@@ -595,8 +702,16 @@ class Peer {
   runtime::Config config_;
   std::unique_ptr<runtime::SwarmStage> stage_;
   int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
-  std::vector<at::Tensor> sums_;  // the step's reduced accumulation, reported; applied on decision
+  // What this peer's round of the step left for the decision (empty: it took no part).
+  struct RoundResult {
+    std::vector<at::Tensor> sums;                          // AdamW: the summed accumulation
+    std::vector<at::Tensor> own_payloads, tied_payloads;   // DeMo: every peer's, in group order
+    double lr = 0;                                         // the open step's, as the round used it
+    bool empty() const { return sums.empty() && own_payloads.empty(); }
+  };
+  RoundResult round_;
   bool attached_ = false;           // the server serves stage_
+  int64_t rounds_ = 0, round_bytes_ = 0;  // successful rounds, and the bytes they sent
   int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on
 };
 

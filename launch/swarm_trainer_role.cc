@@ -376,8 +376,11 @@ class Trainer {
       if (!snap.has_value()) return last;
       optimizer_steps = snap->manifest.step();
       for (const v1::StateEntry& e : snap->manifest.entries()) {
-        const std::string name =
-            e.kind() == "param" ? e.name() : absl::StrCat(e.kind(), ".", e.name());
+        // As the one-process engines name them (a DeMo residual is the serving peer's, kept as
+        // replica 0's).
+        const std::string name = e.kind() == "param"        ? e.name()
+                                 : e.kind() == "demo_delta" ? "demo.r0.delta." + e.name()
+                                                            : absl::StrCat(e.kind(), ".", e.name());
         if (!have.insert(name).second) continue;  // the tied wte's second copy
         std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
         at::Tensor t = at::empty(shape, at::kFloat);
@@ -390,7 +393,8 @@ class Trainer {
         (e.kind() == "param" ? state.model : state.optimizer).emplace_back(name, t);
       }
     }
-    state.optimizer.emplace_back("step", at::scalar_tensor(optimizer_steps, at::kLong));
+    state.optimizer.emplace_back(config_.optim.name == "demo" ? "demo.step" : "step",
+                                 at::scalar_tensor(optimizer_steps, at::kLong));
     const std::string root = config_.checkpoint.dir.empty() ? out_dir_ + "/checkpoints"
                                                             : config_.checkpoint.dir;
     runtime::CheckpointStore store(root, config_.checkpoint.keep);

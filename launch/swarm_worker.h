@@ -50,6 +50,7 @@ struct SwarmWorkerOptions {
   std::string listen = "127.0.0.1:0";
   std::string advertise;
   double grace_s = 25;          // SIGTERM: how long to stay for the stage's round
+  int catchup_steps = 4;        // steps kept in the stage's catch-up log
   // Trainer:
   std::string data_dir;         // empty: the job's data.dir
   std::string out_dir;          // empty: the job's train.out_dir (metrics.jsonl, checkpoints)

@@ -149,6 +149,7 @@ absl::StatusOr<std::unique_ptr<Demo>> Demo::Create(std::vector<ParamGroup> group
     const auto& entries = group.params->entries();
     for (size_t e = 0; e < entries.size(); ++e) {
       const memory::FlatBuffer::Entry& entry = entries[e];
+      if (options.include && !options.include(entry.name)) continue;
       Param p;
       p.name = entry.name;
       p.value = group.params->View(static_cast<int>(e));

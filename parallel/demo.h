@@ -28,6 +28,7 @@
 #define SHOAL_PARALLEL_DEMO_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -47,6 +48,10 @@ struct DemoOptions {
   DemoCodecOptions codec;     // chunk (64), topk (32), wire dtype of the values
   double decay = 0.999;       // compression decay β of delta, in [0, 1)
   double weight_decay = 0.0;  // decoupled, on groups with decay = true
+  // Which parameters this optimizer codes and moves, by name (empty: all of them). A swarm
+  // stage runs two: its own parameters over the stage's peers, and the tied embedding over the
+  // first and the last stage's peers together.
+  std::function<bool(const std::string& name)> include;
 };
 
 // The wire dtype's config name ("fp32", "bf16", "fp16") and back; kInvalidArgument names the

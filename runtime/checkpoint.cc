@@ -21,6 +21,7 @@
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "common/status.h"
+#include "runtime/config.h"
 
 namespace shoal::runtime {
 namespace {
@@ -341,6 +342,30 @@ absl::StatusOr<std::vector<std::string>> CheckpointStore::ListStepDirs() const {
     if (ParseStepDirName(name) >= 0 && IsDirectory(path)) dirs.push_back(path);
   }
   return dirs;
+}
+
+absl::Status CheckResumable(const CheckpointState& state, const Config& config,
+                            const std::string& where) {
+  SHOAL_ASSIGN_OR_RETURN(Config saved, ParseConfig(state.config_toml, "checkpoint manifest"));
+  const ModelConfig& a = saved.model;
+  const ModelConfig& b = config.model;
+  if (a.n_layer != b.n_layer || a.n_head != b.n_head || a.n_embd != b.n_embd ||
+      a.block_size != b.block_size || a.vocab_size != b.vocab_size) {
+    return absl::FailedPreconditionError(absl::StrCat("checkpoint step ", state.step, " under ",
+                                                      where, " is of another model ([model] "
+                                                      "differs from ", config.source, ")"));
+  }
+  if (saved.optim.name != config.optim.name) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint step ", state.step, " under ", where, " was trained with optim.name = \"",
+        saved.optim.name, "\", this run has \"", config.optim.name,
+        "\": switching optimizers on resume is not supported"));
+  }
+  if (state.step > config.train.steps) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "checkpoint is at step ", state.step, " but train.steps is ", config.train.steps));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace shoal::runtime

@@ -71,6 +71,13 @@ class CheckpointStore {
   int keep_;
 };
 
+struct Config;
+
+// Whether a run of `config` can continue `state` (found at `where`): the same [model], the same
+// optim.name, a step within train.steps. kFailedPrecondition naming what differs.
+absl::Status CheckResumable(const CheckpointState& state, const Config& config,
+                            const std::string& where);
+
 }  // namespace shoal::runtime
 
 #endif  // SHOAL_RUNTIME_CHECKPOINT_H_

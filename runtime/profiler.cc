@@ -198,6 +198,7 @@ absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options) {
   profile.set_d2h_gbps(0);
   profile.set_net_gbps(0);
   profile.set_rtt_ms(0);
+  profile.set_blas(DescribeBlas());  // the library can change under a cached profile
   return profile;
 }
 

@@ -441,13 +441,7 @@ class DemoEngine final : public StepEngine {
     SHOAL_RETURN_IF_ERROR(PlanActivations(rank));
     // Every replica keeps its own residual and exchanges top-k DCT coefficients of it; there is
     // no gradient all-reduce and no AdamW state.
-    const OptimConfig& c = config_.optim;
-    parallel::DemoOptions o;
-    o.codec.chunk = c.demo_chunk;
-    o.codec.topk = c.demo_topk;
-    SHOAL_ASSIGN_OR_RETURN(o.codec.wire_dtype, parallel::DemoWireDtype(c.demo_wire));
-    o.decay = c.demo_decay;
-    o.weight_decay = c.demo_weight_decay;
+    SHOAL_ASSIGN_OR_RETURN(const parallel::DemoOptions o, DemoOptionsOf(config_.optim));
     SHOAL_ASSIGN_OR_RETURN(demo_, parallel::Demo::Create(ParamGroupsOf(*model_), o));
     if (world > 1) exchange_ = parallel::MakeBackendExchange(group_, Collective());
     return absl::OkStatus();
@@ -557,6 +551,16 @@ absl::StatusOr<std::unique_ptr<StepEngine>> Make(Args&&... args) {
 
 // ---------------------------------------------------------------------------------------------
 // StepEngine
+
+absl::StatusOr<parallel::DemoOptions> DemoOptionsOf(const OptimConfig& c) {
+  parallel::DemoOptions o;
+  o.codec.chunk = c.demo_chunk;
+  o.codec.topk = c.demo_topk;
+  SHOAL_ASSIGN_OR_RETURN(o.codec.wire_dtype, parallel::DemoWireDtype(c.demo_wire));
+  o.decay = c.demo_decay;
+  o.weight_decay = c.demo_weight_decay;
+  return o;
+}
 
 parallel::AdamWOptions AdamWOptionsOf(const OptimConfig& o) {
   parallel::AdamWOptions opt;

@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "comm/backend.h"
 #include "comm/store.h"
+#include "parallel/demo.h"
 #include "parallel/layout.h"
 #include "parallel/pipeline_executor.h"
 #include "runtime/checkpoint.h"
@@ -166,8 +167,10 @@ absl::StatusOr<std::unique_ptr<StepEngine>> BuildMeshEngine(
     const Config& config, const parallel::BatchPlan& batch, const parallel::Layout& layout,
     bool layout_from_coordinator, std::unique_ptr<parallel::Mesh> mesh, double throttle);
 
-// For the builders: AdamW's options from [optim].
+// For the builders and the swarm's stages: AdamW's options from [optim].
 parallel::AdamWOptions AdamWOptionsOf(const OptimConfig& optim);
+// DeMo's options from the config's optim.demo_* keys; kInvalidArgument for an unknown wire dtype.
+absl::StatusOr<parallel::DemoOptions> DemoOptionsOf(const OptimConfig& optim);
 
 // Where a step engine runs: the job's group and the layout it follows.
 struct EngineContext {

@@ -333,6 +333,42 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     return grpc::Status::OK;
   }
 
+  grpc::Status GetUpdates(grpc::ServerContext* ctx, const v1::GetUpdatesRequest* request,
+                          grpc::ServerWriter<v1::StepUpdatePart>* writer) override {
+    if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;
+    SwarmStage* const stage = stage_.load();
+    if (stage == nullptr) return NoStage();
+    if (request->stage() != stage->stage()) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          absl::StrCat("updates of stage ", request->stage(),
+                                       " asked of a peer of stage ", stage->stage()));
+    }
+    std::vector<EncodedUpdate> updates;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      absl::StatusOr<std::vector<StepUpdate>> got =
+          stage->UpdatesFrom(request->from_step(), request->to_step());
+      if (!got.ok()) return comm::ToGrpc(got.status());
+      for (const StepUpdate& u : *got) updates.push_back(EncodeUpdate(u));
+    }
+    const int64_t chunk = std::clamp<int64_t>(options_.state_chunk_bytes, 1, comm::kMaxFrameBytes);
+    for (const EncodedUpdate& u : updates) {
+      v1::StepUpdatePart head;
+      *head.mutable_header() = u.header;
+      if (!writer->Write(head)) return grpc::Status::OK;
+      const int64_t total = static_cast<int64_t>(u.bytes.size());
+      for (int64_t at = 0; at < total; at += chunk) {
+        v1::StepUpdatePart c;
+        const size_t n = static_cast<size_t>(std::min(chunk, total - at));
+        c.mutable_chunk()->set_offset(at);
+        c.mutable_chunk()->set_data(u.bytes.substr(static_cast<size_t>(at), n));
+        c.mutable_chunk()->set_crc32c(memory::Crc32c(u.bytes.data() + at, n));
+        if (!writer->Write(c)) return grpc::Status::OK;
+      }
+    }
+    return grpc::Status::OK;
+  }
+
   grpc::Status Exchange(grpc::ServerContext* ctx, const v1::ExchangeFrame* frame,
                         v1::ExchangeAck* ack) override {
     if (grpc::Status auth = comm::CheckBearer(*ctx, options_.token); !auth.ok()) return auth;

@@ -3,7 +3,8 @@
 // the stage's PeerGroup frames arrive by Exchange and go to the process's ExchangeMailbox.
 //
 // GetStageState streams the stage's state between steps (runtime/swarm_sync.h) to a joiner;
-// GetUpdates is not served yet (UNIMPLEMENTED).
+// GetUpdates streams the stage's catch-up log (SwarmStage::UpdatesFrom), so a joiner whose
+// snapshot the swarm has moved past takes the steps it missed instead of another snapshot.
 //
 // Every call is checked before any computation: the bearer token, the protocol version, the
 // stage it means, the step (the one whose state the stage holds: a call for the next step waits

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -49,13 +51,30 @@ absl::StatusOr<std::unique_ptr<SwarmStage>> SwarmStage::Create(
   SHOAL_ASSIGN_OR_RETURN(s->model_, Gpt::CreateStage(model, seed, first_piece, end_piece));
   Gpt& m = *s->model_;
   for (int g : {Gpt::kDecay, Gpt::kNoDecay}) s->accumulation_[g] = m.grads(g).MakeLike();
-  s->optimizer_ = std::make_unique<parallel::AdamW>(
-      std::vector<parallel::ParamGroup>{
-          {&m.params(Gpt::kDecay), &s->accumulation_[Gpt::kDecay], true},
-          {&m.params(Gpt::kNoDecay), &s->accumulation_[Gpt::kNoDecay], false}},
-      adamw);
-  s->slots_.resize(options.cache_slots);
   const bool one_copy = m.has_embedding() != m.has_head();
+  if (options.demo.has_value()) {
+    for (int g : {Gpt::kDecay, Gpt::kNoDecay}) s->demo_grads_[g] = m.grads(g).MakeLike();
+    const std::vector<parallel::ParamGroup> groups{
+        {&m.params(Gpt::kDecay), &s->demo_grads_[Gpt::kDecay], true},
+        {&m.params(Gpt::kNoDecay), &s->demo_grads_[Gpt::kNoDecay], false}};
+    parallel::DemoOptions own = *options.demo;
+    own.include = [one_copy](const std::string& name) {
+      return !one_copy || name != "wte.weight";
+    };
+    SHOAL_ASSIGN_OR_RETURN(s->demo_own_, parallel::Demo::Create(groups, own));
+    if (one_copy) {
+      parallel::DemoOptions tied = *options.demo;
+      tied.include = [](const std::string& name) { return name == "wte.weight"; };
+      SHOAL_ASSIGN_OR_RETURN(s->demo_tied_, parallel::Demo::Create(groups, tied));
+    }
+  } else {
+    s->optimizer_ = std::make_unique<parallel::AdamW>(
+        std::vector<parallel::ParamGroup>{
+            {&m.params(Gpt::kDecay), &s->accumulation_[Gpt::kDecay], true},
+            {&m.params(Gpt::kNoDecay), &s->accumulation_[Gpt::kNoDecay], false}},
+        adamw);
+  }
+  s->slots_.resize(options.cache_slots);
   for (const auto& [name, view] : s->NamedGradients()) {
     const bool wte = name == "wte.weight";
     if (wte && one_copy) s->tied_wte_grad_ = view;
@@ -76,9 +95,10 @@ std::vector<std::pair<std::string, at::Tensor>> SwarmStage::NamedGradients() con
   return out;
 }
 
-at::Tensor SwarmStage::AccumulationView(int group, const at::Tensor& view) const {
+at::Tensor SwarmStage::ViewIn(const memory::FlatBuffer* buffers, int group,
+                              const at::Tensor& view) const {
   const at::Tensor& flat = model_->grads(group).flat();
-  return accumulation_[group].flat().as_strided(view.sizes(), view.strides(),
+  return buffers[group].flat().as_strided(view.sizes(), view.strides(),
                                          view.storage_offset() - flat.storage_offset());
 }
 
@@ -276,11 +296,190 @@ double SwarmStage::SumSquares() const {
 }
 
 void SwarmStage::Apply(double lr, double clip_scale) {
+  StepUpdate u;
+  u.step = optimizer_->steps() + 1;
+  u.lr = lr;
+  u.clip_scale = clip_scale;
+  for (const at::Tensor& g : Gradients()) u.gradient.push_back(g.clone());
   optimizer_->Step(lr, clip_scale);
+  Record(std::move(u));
   DropStep();
 }
 
+void SwarmStage::Record(StepUpdate update) {
+  if (options_.catchup_steps <= 0) return;
+  log_.push_back(std::move(update));
+  while (static_cast<int>(log_.size()) > options_.catchup_steps) log_.pop_front();
+}
+
+absl::StatusOr<std::vector<StepUpdate>> SwarmStage::UpdatesFrom(int64_t from, int64_t to) const {
+  const int64_t newest = optimizer_steps();
+  if (from < 1 || (to != 0 && to < from)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("catch-up log: steps ", from, " to ", to, " (from >= 1, to 0 or >= from)"));
+  }
+  std::vector<StepUpdate> out;
+  if (from > newest) return out;
+  if (log_.empty() || log_.front().step > from || log_.back().step != newest) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "this peer's catch-up log holds steps ",
+        log_.empty() ? std::string("none")
+                     : absl::StrCat(log_.front().step, " to ", log_.back().step),
+        " of state ", newest, "; step ", from, " is not among them"));
+  }
+  for (const StepUpdate& u : log_) {
+    if (u.step >= from && (to == 0 || u.step <= to)) out.push_back(u);
+  }
+  return out;
+}
+
+std::pair<int64_t, int64_t> SwarmStage::DemoPayloadBytes() const {
+  if (!demo()) return {0, 0};
+  return {demo_own_->PayloadBytes(), demo_tied_ != nullptr ? demo_tied_->PayloadBytes() : 0};
+}
+
+absl::Status SwarmStage::ApplyUpdate(const StepUpdate& u) {
+  SHOAL_RETURN_IF_ERROR(CheckNothingPending("a logged update"));
+  if (u.step != optimizer_steps() + 1) {
+    return absl::FailedPreconditionError(absl::StrCat("swarm stage ", stage_, " at state ",
+                                                      optimizer_steps(), ": update of step ",
+                                                      u.step));
+  }
+  if (!std::isfinite(u.lr) || u.lr < 0 || !(u.clip_scale > 0 && u.clip_scale <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("update of step ", u.step, ": lr ", u.lr,
+                                                   ", clip scale ", u.clip_scale));
+  }
+  if (demo()) {
+    if (!u.gradient.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("update of step ", u.step, ": a gradient for a DeMo stage"));
+    }
+    // The residual is this peer's own: it sent nothing that step, so it stays as it is.
+    demo_before_.clear();
+    for (const std::unique_ptr<parallel::Demo>* d : {&demo_own_, &demo_tied_}) {
+      if (*d == nullptr) continue;
+      for (const auto& [name, t] : (*d)->StateDict()) demo_before_.emplace_back(name, t.clone());
+    }
+    absl::Status applied = DemoApply(u.own_payloads, u.tied_payloads, u.lr);
+    if (!applied.ok()) demo_before_.clear();
+    return applied;
+  }
+  const std::vector<at::Tensor> grads = Gradients();
+  if (u.gradient.size() != grads.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("update of step ", u.step, ": ",
+                                                   u.gradient.size(), " gradient buffers for ",
+                                                   grads.size()));
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = u.gradient[i];
+    if (!g.defined() || g.scalar_type() != at::kFloat || !g.sizes().equals(grads[i].sizes())) {
+      return absl::InvalidArgumentError(absl::StrCat("update of step ", u.step,
+                                                     ": gradient buffer ", i, " is not laid out "
+                                                     "as the stage's"));
+    }
+  }
+  DropStep();
+  for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(u.gradient[i]);
+  Apply(u.lr, u.clip_scale);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SwarmStage::DemoPayloads> SwarmStage::DemoCompress(double lr, int stage_peers,
+                                                                  int tied_peers,
+                                                                  double max_norm) {
+  if (!demo()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("swarm stage ", stage_, " runs AdamW, not DeMo"));
+  }
+  if (stage_peers < 1 || (demo_tied_ != nullptr && tied_peers < 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage ", stage_, ": DeMo over ",
+                                                   stage_peers, " stage peer(s) and ",
+                                                   tied_peers, " tied peer(s)"));
+  }
+  if (demo_before_.empty()) {
+    for (const std::unique_ptr<parallel::Demo>* d : {&demo_own_, &demo_tied_}) {
+      if (*d == nullptr) continue;
+      for (const auto& [name, t] : (*d)->StateDict()) demo_before_.emplace_back(name, t.clone());
+    }
+  } else {
+    // The round runs again: from the residual the step started with.
+    SHOAL_RETURN_IF_ERROR(demo_own_->LoadStateDict(demo_before_));
+    if (demo_tied_ != nullptr) SHOAL_RETURN_IF_ERROR(demo_tied_->LoadStateDict(demo_before_));
+  }
+  for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+    demo_grads_[g].flat().copy_(accumulation_[g].flat()).mul_(static_cast<double>(stage_peers));
+  }
+  if (demo_tied_ != nullptr) {
+    const at::Tensor& decay = model_->grads(Gpt::kDecay).flat();
+    for (const auto& [name, grad] : model_->NamedGradients()) {
+      if (name != "wte.weight") continue;
+      const int g = grad.storage().is_alias_of(decay.storage()) ? Gpt::kDecay : Gpt::kNoDecay;
+      ViewIn(demo_grads_, g, grad)
+          .copy_(AccumulationView(g, grad))
+          .mul_(static_cast<double>(tied_peers));
+    }
+  }
+  DemoPayloads out;
+  out.sum_squares = parallel::GlobalSumSquares(
+      {demo_grads_[Gpt::kDecay].flat(), demo_grads_[Gpt::kNoDecay].flat()}, 0.0);
+  const double clip = parallel::ClipScale(std::sqrt(out.sum_squares), max_norm);
+  out.own = demo_own_->Compress(lr, clip);
+  if (demo_tied_ != nullptr) out.tied = demo_tied_->Compress(lr, clip);
+  return out;
+}
+
+absl::Status SwarmStage::DemoApply(const std::vector<at::Tensor>& own,
+                                   const std::vector<at::Tensor>& tied, double lr) {
+  if (!demo()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("swarm stage ", stage_, " runs AdamW, not DeMo"));
+  }
+  if (demo_before_.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm stage ", stage_, ": DeMo's update of step ", demo_own_->steps() + 1,
+        " before its compression"));
+  }
+  if ((demo_tied_ != nullptr) != !tied.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm stage ", stage_, ": ", tied.size(), " tied-wte payload(s) for a stage ",
+        demo_tied_ != nullptr ? "with" : "without", " a tied optimizer"));
+  }
+  // Each optimizer checks its payloads before it moves anything; should the own one refuse
+  // after the tied one moved wte, wte and the tied step count are put back.
+  at::Tensor wte, wte_before;
+  std::vector<std::pair<std::string, at::Tensor>> tied_state;
+  if (demo_tied_ != nullptr) {
+    for (const auto& [name, p] : model_->NamedParameters()) {
+      if (name == "wte.weight") wte = p;
+    }
+    wte_before = wte.clone();
+    for (const auto& [name, t] : demo_tied_->StateDict()) tied_state.emplace_back(name, t.clone());
+    SHOAL_RETURN_IF_ERROR(demo_tied_->Apply(tied, lr));
+  }
+  if (absl::Status s = demo_own_->Apply(own, lr); !s.ok()) {
+    if (demo_tied_ != nullptr) {
+      wte.copy_(wte_before);
+      (void)demo_tied_->LoadStateDict(tied_state);
+    }
+    return s;
+  }
+  StepUpdate u;
+  u.step = demo_own_->steps();
+  u.lr = lr;
+  u.own_payloads = own;
+  u.tied_payloads = tied;
+  Record(std::move(u));
+  demo_before_.clear();
+  DropStep();
+  return absl::OkStatus();
+}
+
 void SwarmStage::DropStep() {
+  if (!demo_before_.empty()) {
+    (void)demo_own_->LoadStateDict(demo_before_);
+    if (demo_tied_ != nullptr) (void)demo_tied_->LoadStateDict(demo_before_);
+    demo_before_.clear();
+  }
   model_->ZeroGrad();
   for (memory::FlatBuffer& a : accumulation_) a.flat().zero_();
   pending_ = false;
@@ -297,19 +496,83 @@ uint32_t SwarmStage::ParamHash() const {
   return crc;
 }
 
-int64_t SwarmStage::optimizer_steps() const { return optimizer_->steps(); }
+int64_t SwarmStage::optimizer_steps() const {
+  return demo() ? demo_own_->steps() : optimizer_->steps();
+}
 
 std::vector<std::pair<std::string, at::Tensor>> SwarmStage::NamedParameters() const {
   return model_->NamedParameters();
 }
 
 std::vector<std::pair<std::string, at::Tensor>> SwarmStage::OptimizerState() const {
-  return optimizer_->StateDict();
+  if (!demo()) return optimizer_->StateDict();
+  std::vector<std::pair<std::string, at::Tensor>> out = demo_own_->StateDict();
+  if (demo_tied_ != nullptr) {
+    for (auto& [name, t] : demo_tied_->StateDict()) {
+      if (name != "demo.step") out.emplace_back(name, t);
+    }
+  }
+  return out;
+}
+
+absl::Status SwarmStage::LoadDemoState(
+    const std::vector<std::pair<std::string, at::Tensor>>& optimizer) {
+  std::map<std::string, at::Tensor> given;
+  for (const auto& [name, t] : optimizer) given[name == "step" ? "demo.step" : name] = t;
+  int residuals = 0, expected = 0;
+  std::vector<std::pair<std::string, at::Tensor>> own, tied;
+  const std::pair<parallel::Demo*, std::vector<std::pair<std::string, at::Tensor>>*> parts[] = {
+      {demo_own_.get(), &own}, {demo_tied_.get(), &tied}};
+  for (const auto& [opt, out] : parts) {
+    if (opt == nullptr) continue;
+    for (const auto& [name, t] : opt->StateDict()) {
+      if (name == "demo.step") continue;
+      ++expected;
+      auto it = given.find(name);
+      if (it != given.end()) ++residuals;
+      out->emplace_back(name, it != given.end() ? it->second : at::zeros_like(t));
+    }
+  }
+  if (residuals != 0 && residuals != expected) {
+    return absl::DataLossError(absl::StrCat("swarm stage ", stage_, ": DeMo state with ",
+                                            residuals, " of ", expected, " residuals"));
+  }
+  auto step = given.find("demo.step");
+  if (step == given.end()) {
+    return absl::DataLossError(absl::StrCat("swarm stage ", stage_, ": DeMo state without a step"));
+  }
+  own.emplace_back("demo.step", step->second);
+  tied.emplace_back("demo.step", step->second);
+  // Checked whole before anything changes: the tied optimizer's state by a dry load into the
+  // own one is not possible, so load it first and put it back if the own one refuses.
+  std::vector<std::pair<std::string, at::Tensor>> tied_before;
+  if (demo_tied_ != nullptr) {
+    for (const auto& [name, t] : demo_tied_->StateDict()) tied_before.emplace_back(name, t.clone());
+    SHOAL_RETURN_IF_ERROR(demo_tied_->LoadStateDict(tied));
+  }
+  if (absl::Status s = demo_own_->LoadStateDict(own); !s.ok()) {
+    if (demo_tied_ != nullptr) (void)demo_tied_->LoadStateDict(tied_before);
+    return s;
+  }
+  demo_before_.clear();
+  return absl::OkStatus();
 }
 
 absl::Status SwarmStage::LoadState(
     const std::vector<std::pair<std::string, at::Tensor>>& params,
     const std::vector<std::pair<std::string, at::Tensor>>& optimizer) {
+  if (demo()) {
+    std::vector<std::pair<std::string, at::Tensor>> before = OptimizerState();
+    for (auto& [name, t] : before) t = t.clone();
+    SHOAL_RETURN_IF_ERROR(LoadDemoState(optimizer));
+    if (absl::Status loaded = model_->LoadParameters(params); !loaded.ok()) {
+      (void)LoadDemoState(before);
+      return loaded;
+    }
+    for (Slot& s : slots_) s = Slot{};
+    log_.clear();  // it led to the state just replaced
+    return absl::OkStatus();
+  }
   // The optimizer's check changes nothing on failure; parameters are loaded only after it.
   std::vector<std::pair<std::string, at::Tensor>> before = optimizer_->StateDict();
   for (auto& [name, t] : before) t = t.clone();
@@ -319,6 +582,7 @@ absl::Status SwarmStage::LoadState(
     return loaded;
   }
   for (Slot& s : slots_) s = Slot{};
+  log_.clear();  // it led to the state just replaced
   return absl::OkStatus();
 }
 

@@ -32,7 +32,9 @@
 #define SHOAL_RUNTIME_SWARM_STAGE_H_
 
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,6 +45,7 @@
 #include "absl/status/statusor.h"
 #include "memory/flat_buffer.h"
 #include "parallel/adamw.h"
+#include "parallel/demo.h"
 #include "runtime/config.h"
 
 namespace shoal::runtime {
@@ -51,6 +54,22 @@ class Gpt;
 
 struct SwarmStageOptions {
   int cache_slots = 4;  // forwards whose activations are kept for their backward, >= 1
+  // DeMo instead of AdamW (see "DeMo" below); its `include` is set by the stage.
+  std::optional<parallel::DemoOptions> demo;
+  // Steps kept in the catch-up log (UpdatesFrom), >= 0.
+  int catchup_steps = 4;
+};
+
+// One step of the catch-up log: what turned state step - 1 into state `step`, enough for a
+// stage at step - 1 to take the same step bit for bit (the reduced gradient with the step's lr
+// and clip scale, or every peer's DeMo payloads with its lr).
+struct StepUpdate {
+  int64_t step = 0;
+  double lr = 0;
+  double clip_scale = 1;
+  std::vector<at::Tensor> gradient;         // AdamW: Gradients()' layout, summed over the round
+  std::vector<at::Tensor> own_payloads;     // DeMo: the stage's peers', in the group's order
+  std::vector<at::Tensor> tied_payloads;    // DeMo, first and last stage: the tied wte's
 };
 
 // A micro-batch of a step: `id` in [0, M).
@@ -123,17 +142,62 @@ class SwarmStage {
   double SumSquares() const;
 
   // The step's update: AdamW with learning rate `lr` on gradients multiplied by `clip_scale`,
-  // then gradients zeroed and the activation cache dropped.
+  // then gradients zeroed and the activation cache dropped. REQUIRES: !demo().
   void Apply(double lr, double clip_scale);
   // Forgets the step in progress without applying it (a rollback, a round reopened): the
-  // accumulation, the pending micro-batch and the activation cache are dropped.
+  // accumulation, the pending micro-batch and the activation cache are dropped (and a DeMo
+  // residual is put back as it was before the step's DemoCompress).
   void DropStep();
+
+  // DeMo. A DeMo stage keeps no AdamW moments: each peer keeps its own residual and the stage's
+  // peers exchange top-k DCT payloads of it (all-gather) instead of summing gradients. Two
+  // optimizers: one for the stage's own parameters, exchanged over the stage's peers, and, on
+  // the first and the last stage of several, one for the tied wte, exchanged over the peers of
+  // both (each holds part of its gradient: the embedding's or the head's).
+  bool demo() const { return demo_own_ != nullptr; }
+  struct DemoPayloads {
+    at::Tensor own;           // this peer's payload for the stage's own parameters
+    at::Tensor tied;          // for the tied wte; undefined where there is no tied optimizer
+    double sum_squares = 0;   // of the gradient DeMo was given, before clipping
+  };
+  // This peer's half of the round, before the exchange. DeMo's gradient is the accumulation
+  // times `stage_peers` (own parameters) or `tied_peers` (the tied wte): peer i holds
+  // n_i micro-batches at 1/M each, so the mean over the peers of P·(its accumulation) is the
+  // step's gradient, as one process with grad_accum = M has it. Clipped by its own norm to
+  // `max_norm` (0: not clipped), as a DeMo replica clips its own gradient; compressed with
+  // `lr`. The residual as it was before is kept: calling this again for the same step (the
+  // round ran again without a fenced peer) starts from it. kFailedPrecondition on an AdamW
+  // stage; kInvalidArgument for peer counts < 1.
+  absl::StatusOr<DemoPayloads> DemoCompress(double lr, int stage_peers, int tied_peers,
+                                            double max_norm);
+  // After the exchange: every peer's payloads in the groups' order (own: the stage's peers;
+  // tied: the first stage's, then the last's). Moves the parameters (the same on every peer
+  // that applies the same payloads), then drops the step. The payloads' checks (parallel::Demo::
+  // Apply) come first: nothing changes on an error.
+  absl::Status DemoApply(const std::vector<at::Tensor>& own, const std::vector<at::Tensor>& tied,
+                         double lr);
+
+  // The catch-up log: every Apply, DemoApply and ApplyUpdate records its step (the newest
+  // options.catchup_steps are kept). UpdatesFrom returns steps [from, to] (to = 0: the newest),
+  // kOutOfRange when the log no longer reaches back to `from` (the joiner needs a snapshot),
+  // none when `from` is past the newest.
+  absl::StatusOr<std::vector<StepUpdate>> UpdatesFrom(int64_t from, int64_t to) const;
+  // Takes a step from the log of a peer at the same state: the update's step must be the next
+  // (kFailedPrecondition), its tensors laid out as this stage's (kInvalidArgument). AdamW steps
+  // on the logged gradient; DeMo applies the logged payloads (this peer's residual is left as it
+  // is: it sent nothing that step). Bit-equal to the peer the update came from. Nothing pending.
+  absl::Status ApplyUpdate(const StepUpdate& update);
+  // The bytes one DeMo payload takes for the stage's own parameters and for the tied wte (0
+  // without a tied optimizer); 0, 0 on an AdamW stage.
+  std::pair<int64_t, int64_t> DemoPayloadBytes() const;
 
   // CRC32C of the parameters' bytes (both flat buffers).
   uint32_t ParamHash() const;
   int64_t optimizer_steps() const;
-  // Parameters and AdamW state (NamedParameters, StateDict), for a joiner's snapshot and for
-  // checkpoints; LoadState checks everything before changing anything (kDataLoss names it).
+  // Parameters and optimizer state (NamedParameters; AdamW's StateDict, or DeMo's "demo.step"
+  // and "demo.delta.<name>"), for a joiner's snapshot and for checkpoints; LoadState checks
+  // everything before changing anything (kDataLoss names it). A DeMo stage loads "demo.step"
+  // (or "step") with every residual or none (none: residual zero, as a joining replica starts).
   std::vector<std::pair<std::string, at::Tensor>> NamedParameters() const;
   std::vector<std::pair<std::string, at::Tensor>> OptimizerState() const;
   absl::Status LoadState(const std::vector<std::pair<std::string, at::Tensor>>& params,
@@ -163,8 +227,12 @@ class SwarmStage {
   // After a backward: the model's gradient buffers hold this micro-batch's gradient alone; it
   // becomes pending (`accumulate`) or is cleared.
   void AfterBackward(const MicroBatchKey& key, bool accumulate);
-  // `view` (into the model's gradient buffer `group`) at the same place in the accumulation.
-  at::Tensor AccumulationView(int group, const at::Tensor& view) const;
+  // `view` (into the model's gradient buffer `group`) at the same place in `buffers[group]`.
+  at::Tensor ViewIn(const memory::FlatBuffer* buffers, int group, const at::Tensor& view) const;
+  at::Tensor AccumulationView(int group, const at::Tensor& view) const {
+    return ViewIn(accumulation_, group, view);
+  }
+  absl::Status LoadDemoState(const std::vector<std::pair<std::string, at::Tensor>>& optimizer);
 
   ModelConfig config_;
   int stage_, num_stages_;
@@ -182,6 +250,14 @@ class SwarmStage {
   int64_t kept_ = 0;
   std::vector<at::Tensor> counted_grads_;  // views into accumulation_: what SumSquares counts
   at::Tensor tied_wte_grad_;               // a view into accumulation_, or undefined
+  // DeMo: the gradient it is given (laid out as the accumulation), its optimizers (tied: null
+  // unless this stage holds one of two wte copies), and the residuals before the step's
+  // DemoCompress (empty when none ran since the last Apply or DropStep).
+  memory::FlatBuffer demo_grads_[2];
+  std::unique_ptr<parallel::Demo> demo_own_, demo_tied_;
+  std::vector<std::pair<std::string, at::Tensor>> demo_before_;
+  std::deque<StepUpdate> log_;  // the catch-up log, oldest first
+  void Record(StepUpdate update);
 };
 
 }  // namespace shoal::runtime

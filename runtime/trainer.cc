@@ -190,27 +190,8 @@ absl::Status Trainer::Resume() {
     }
     return absl::OkStatus();
   }
-  // The checkpoint must be of the same model: compare its [model] section with ours.
-  SHOAL_ASSIGN_OR_RETURN(Config saved, ParseConfig(state->config_toml, "checkpoint manifest"));
-  const ModelConfig& a = saved.model;
-  const ModelConfig& b = config_.model;
-  if (a.n_layer != b.n_layer || a.n_head != b.n_head || a.n_embd != b.n_embd ||
-      a.block_size != b.block_size || a.vocab_size != b.vocab_size) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "checkpoint step ", state->step, " under ", checkpoints_->root(),
-        " is of another model ([model] differs from ", config_.source, ")"));
-  }
-  if (saved.optim.name != config_.optim.name) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "checkpoint step ", state->step, " under ", checkpoints_->root(),
-        " was trained with optim.name = \"", saved.optim.name, "\", this run has \"",
-        config_.optim.name, "\": switching optimizers on resume is not supported"));
-  }
-  if (state->step > config_.train.steps) {
-    return absl::FailedPreconditionError(absl::StrCat("checkpoint is at step ", state->step,
-                                                      " but train.steps is ",
-                                                      config_.train.steps));
-  }
+  // The checkpoint must be of the same model and optimizer, within train.steps.
+  SHOAL_RETURN_IF_ERROR(CheckResumable(*state, config_, checkpoints_->root()));
   SHOAL_RETURN_IF_ERROR(engine_->LoadState(state->model, state->optimizer));
   if (engine_->optimizer_steps() != state->step) {
     return absl::DataLossError(absl::StrCat("checkpoint step ", state->step,

@@ -165,6 +165,11 @@ void AddSwarmMetrics(const v1::SwarmRoster& r, prometheus::Registry& registry) {
   GaugeFamily(registry, "shoal_swarm_next_step", "The step the swarm runs or opens next.")
       .Add({})
       .Set(static_cast<double>(r.next_step()));
+  GaugeFamily(registry, "shoal_swarm_job",
+              "The job's number under this coordinator (the next begins once a job is done and "
+              "its workers are gone).")
+      .Add({})
+      .Set(static_cast<double>(r.job()));
   GaugeFamily(registry, "shoal_swarm_trainers", "Live trainers.")
       .Add({})
       .Set(r.trainers_size());

@@ -111,6 +111,7 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
                     : r.step_open() ? absl::StrCat("step ", r.open_step(), " of ", r.total_steps(),
                                                    " open")
                                     : absl::StrCat("waiting: ", r.waiting()),
+                    r.job() > 1 ? absl::StrCat(" (job ", r.job(), " of this coordinator)") : "",
                     "\n");
     if (!r.rollback().empty()) absl::StrAppend(&out, "rollback needed: ", r.rollback(), "\n");
     absl::StrAppend(&out, "  joins ", c.joins(), "  leaves ", c.leaves(), "  deaths ", c.deaths(),

@@ -82,6 +82,38 @@ struct SwarmCoordinator::Impl {
   v1::Counters counters ABSL_GUARDED_BY(mu);
   std::string checkpoint_path ABSL_GUARDED_BY(mu);
 
+  int64_t job ABSL_GUARDED_BY(mu) = 1;  // the job's number under this coordinator
+  std::deque<std::string> evictions ABSL_GUARDED_BY(mu);  // the newest drift evictions' messages
+
+  // A finished job whose workers are all gone (left or dead) gives way to the next one: a fresh
+  // state at step 0 from the init, the names free again, the history and checkpoint cleared. The
+  // coordinator is long-lived; jobs come and go under it (the same config, run again).
+  absl::Status BeginNextJobIfOver() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (state->Snapshot().next_step < options.info.total_steps()) return absl::OkStatus();
+    for (const auto& [id, w] : workers) {
+      if (w.state != v1::WORKER_STATE_DEAD && w.state != v1::WORKER_STATE_LEFT) {
+        return absl::OkStatus();
+      }
+    }
+    SwarmJob next = options.job;
+    next.checkpoint_step = -1;
+    SHOAL_ASSIGN_OR_RETURN(state, SwarmState::Create(next, options.state));
+    workers.clear();
+    losses.clear();
+    decisions.clear();
+    history.clear();
+    checkpoint_path.clear();
+    evictions.clear();
+    seen_state_version = 0;
+    ++job;
+    started_ms = clock->NowUnixMs();
+    if (options.log_events) {
+      SHOAL_LOG(Info) << "swarm: job " << job - 1 << " finished and its workers are gone; job "
+                      << job << " begins at step 0";
+    }
+    return absl::OkStatus();
+  }
+
   // After any call that may have changed what workers act on: a new roster version when the
   // state's changed (or `force`), waking the watchers.
   void Touch(bool force) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
@@ -194,9 +226,12 @@ struct SwarmCoordinator::Impl {
     r.set_version(version);
     r.set_step_open(snap.open_step.has_value());
     r.set_open_step(snap.open_step.value_or(-1));
+    r.set_open_lr(snap.open_lr);
     r.set_next_step(snap.next_step);
     r.set_total_steps(options.info.total_steps());
     r.set_finished(snap.next_step >= options.info.total_steps());
+    r.set_job(job);
+    for (const std::string& e : evictions) r.add_evictions(e);
     r.set_waiting(snap.waiting);
     if (snap.rollback.has_value()) r.set_rollback(snap.rollback->reason);
     r.set_micro_batches(options.job.micro_batches);
@@ -289,6 +324,11 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
         "swarm coordinator: need 0 < heartbeat interval <= lease, history and decisions >= 1; "
         "got heartbeat ", options.heartbeat_interval_ms, " ms, lease ", options.lease_ms, " ms"));
   }
+  if (options.checkpoint_path.empty() != (options.job.checkpoint_step < 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm coordinator: a starting checkpoint needs both its step and its path (step ",
+        options.job.checkpoint_step, ", path '", options.checkpoint_path, "')"));
+  }
   auto state = SwarmState::Create(options.job, options.state);
   if (!state.ok()) return state.status();
   auto impl = std::make_unique<Impl>();
@@ -296,6 +336,10 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
   impl->clock = clock != nullptr ? clock : SystemClock::Get();
   impl->state = std::move(*state);
   impl->started_ms = impl->clock->NowUnixMs();
+  {
+    absl::MutexLock lock(&impl->mu);
+    impl->checkpoint_path = impl->options.checkpoint_path;
+  }
   return std::unique_ptr<SwarmCoordinator>(new SwarmCoordinator(std::move(impl)));
 }
 
@@ -341,6 +385,7 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
         m.options.info.train_sha256(), "): every trainer must read the same tokens"));
   }
   absl::MutexLock lock(&m.mu);
+  SHOAL_RETURN_IF_ERROR(m.BeginNextJobIfOver());
   std::string id = request.name();
   if (id.empty()) {
     do {
@@ -607,8 +652,23 @@ absl::StatusOr<v1::StageReportResponse> SwarmCoordinator::StageReport(
   v1::StageReportResponse response;
   response.set_phase(SwarmStagePhaseName(outcome->stage_phase));
   for (const SwarmDrift& d : outcome->drifted) {
-    response.add_drifted(d.message);
-    if (m.options.log_events) SHOAL_LOG(Warning) << "swarm: " << d.message;
+    std::string message = d.message;
+    auto w = m.workers.find(d.peer);
+    if (d.evicted && w != m.workers.end()) {
+      // Drifting twice is the machine's arithmetic, not bad luck: name what computes it.
+      absl::StrAppend(&message, " (its CPU: ", w->second.device.device_name().empty()
+                                                    ? "unknown" : w->second.device.device_name(),
+                      "; BLAS: ", w->second.device.blas().empty() ? "unknown"
+                                                                   : w->second.device.blas(),
+                      "; the peers of a stage must compute bit-identically: one BLAS build "
+                      "and CPU family per stage)");
+    }
+    response.add_drifted(message);
+    if (d.evicted) {
+      m.evictions.push_back(message);
+      while (m.evictions.size() > 16) m.evictions.pop_front();
+    }
+    if (m.options.log_events) SHOAL_LOG(Warning) << "swarm: " << message;
   }
   if (outcome->apply.has_value()) {
     m.Record(*outcome->apply);

@@ -54,6 +54,9 @@ struct SwarmCoordinatorOptions {
   ValidationLimits limits;
   // Whether the coordinator can dial `address` (HOST:PORT) now. Null: every address can.
   std::function<bool(const std::string& address)> reachable;
+  // The checkpoint the job starts from (its step is job.checkpoint_step), for the roster: peers
+  // load their stage from it. Empty with job.checkpoint_step = -1 (from the init).
+  std::string checkpoint_path;
 };
 
 class SwarmCoordinator {

@@ -497,7 +497,8 @@ struct SwarmState::Impl {
     for (const std::string& id : r.plan_peers) {
       const Report& rep = r.reports.at(id);
       auto g = std::find_if(groups.begin(), groups.end(), [&](const auto& gr) {
-        return gr.first->hash == rep.hash && gr.first->sum_squares == rep.sum_squares;
+        return gr.first->hash == rep.hash &&
+               (job.own_norms || gr.first->sum_squares == rep.sum_squares);
       });
       if (g == groups.end()) {
         groups.push_back({&rep, {id}});
@@ -568,8 +569,9 @@ struct SwarmState::Impl {
     }
     a.grad_norm = std::sqrt(total);
     // parallel::ClipScale (parallel/adamw.cc), written out: scheduler/ does not link parallel/.
-    a.clip_scale =
-        job.grad_clip > 0 ? std::min(1.0, job.grad_clip / (a.grad_norm + kClipEpsilon)) : 1.0;
+    a.clip_scale = job.grad_clip > 0 && !job.own_norms
+                       ? std::min(1.0, job.grad_clip / (a.grad_norm + kClipEpsilon))
+                       : 1.0;
     a.lr = round_lr;
     decisions[a.step] = a;
     while (static_cast<int>(decisions.size()) > options.kept_decisions) {
@@ -1145,7 +1147,10 @@ SwarmSnapshot SwarmState::Snapshot() const {
   Impl& st = *impl_;
   SwarmSnapshot out;
   out.roster_version = st.version;
-  if (st.open) out.open_step = st.next_step;
+  if (st.open) {
+    out.open_step = st.next_step;
+    out.open_lr = st.round_lr;
+  }
   out.next_step = st.next_step;
   out.checkpoint_step = st.checkpoint_step;
   out.waiting = st.waiting;

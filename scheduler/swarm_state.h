@@ -121,6 +121,10 @@ struct SwarmJob {
   double grad_clip = 1.0;            // the global gradient-norm clip; <= 0: off
   int64_t checkpoint_step = -1;      // the newest checkpoint's state at the start (>= 0: the swarm
                                      // starts there); -1: none, the swarm starts from init, step 0
+  // DeMo: every peer reports the sum of squares of its own gradient (they differ within a stage,
+  // and each peer clipped its own), so only the parameter hashes must agree, and the decision's
+  // clip scale is 1.
+  bool own_norms = false;
 };
 
 struct SwarmStateOptions {
@@ -272,6 +276,7 @@ struct SwarmCounters {
 struct SwarmSnapshot {
   uint64_t roster_version = 0;
   std::optional<int64_t> open_step;
+  double open_lr = 0;               // the open step's learning rate
   int64_t next_step = 0;
   int64_t checkpoint_step = -1;     // the newest checkpoint, -1 if none
   std::string waiting;              // no step open and no rollback pending: why

@@ -77,6 +77,7 @@ absl::Status CheckDevice(const v1::DeviceProfile& d, const ValidationLimits& lim
                                        "; expected DEVICE_KIND_CPU or DEVICE_KIND_CUDA)"));
   }
   if (!(s = CheckText(d.device_name(), false, limits, f("device_name"))).ok()) return s;
+  if (!(s = CheckText(d.blas(), false, limits, f("blas"))).ok()) return s;
   if (!(s = CheckTiers(d.memory(), limits, f("memory"))).ok()) return s;
   if (d.kind() == v1::DEVICE_KIND_CPU && d.memory().gpu_bytes() != 0) {
     return Bad(f("memory.gpu_bytes"),

@@ -1,8 +1,10 @@
 // Swarm mode end to end with real processes on 127.0.0.1: `shoal coordinator --swarm`, peers and
 // trainers started as `shoal worker --join`, against `shoal train` with grad_accum = M as the
 // independent reference (tiny, 3 stages, M = 8, 10 steps):
-//   1. 3 peers + 1 trainer, and 6 peers + 2 trainers: every step's loss within 1e-5 of the one
-//      process's, the final checkpoint's weights (pulled from the stages) within 1e-5 of its;
+//   1. 3 peers + 1 trainer, and then, as the coordinator's next job, 6 peers + 2 trainers: every
+//      step's loss within 1e-5 of the one process's, the final checkpoint's weights (pulled from
+//      the stages) within 1e-5 of its; with DeMo, one stage and one peer match `shoal train`'s
+//      DeMo, and 3 stages of 2 peers keep every stage's peers on one parameter hash;
 //   2. a peer joining at step 5 syncs from a live donor, passes its stage's hash check (no drift,
 //      no refused sync), serves micro-batches; losses within 1e-5;
 //   3. kill -9 of a stage-1 peer while it holds accumulated micro-batches (seen in /api/status):
@@ -26,6 +28,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -149,10 +153,11 @@ class SwarmTest : public ::testing::Test {
 
   // Starts the swarm's coordinator; its gRPC and HTTP ports.
   Process Coordinator(const std::string& name, int* grpc, int* http, double lease_s = 10,
-                      const std::vector<std::string>& extra = {}) {
+                      const std::vector<std::string>& extra = {}, int stages = 3) {
     std::vector<std::string> argv = {
         "/usr/bin/timeout", "-k", "5", "300", SHOAL_BINARY, "coordinator", "--swarm", "--config",
-        std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml", "--stages", "3", "--listen",
+        std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml", "--stages", std::to_string(stages),
+        "--listen",
         "127.0.0.1:0", "--http", "127.0.0.1:0", "--port-file", tmp_ / (name + ".ports"),
         "--token-file", tmp_ / "token", "--lease-s", std::to_string(lease_s), "--heartbeat-s",
         "0.25"};
@@ -182,10 +187,12 @@ class SwarmTest : public ::testing::Test {
 
   Process Trainer(const std::string& name, int grpc, const std::string& out) {
     // Not under `timeout`: a test kills it with -9 (Process's Wait bounds it instead).
-    return Process({SHOAL_BINARY, "worker", "--join",
-                    "127.0.0.1:" + std::to_string(grpc), "--token-file", tmp_ / "token",
-                    "--trainer", "--name", name, "--data", tmp_ / "data", "--out", out},
-                   tmp_ / (name + ".log"));
+    std::vector<std::string> argv = {SHOAL_BINARY, "worker", "--join",
+                                     "127.0.0.1:" + std::to_string(grpc), "--token-file",
+                                     tmp_ / "token", "--trainer", "--name", name, "--data",
+                                     tmp_ / "data", "--out", out};
+    argv.insert(argv.end(), trainer_flags_.begin(), trainer_flags_.end());
+    return Process(argv, tmp_ / (name + ".log"));
   }
 
   // The roster entry of peer `id` in a status, or null.
@@ -217,9 +224,21 @@ class SwarmTest : public ::testing::Test {
 
   // Runs a swarm of `peers` peers and `trainers` trainers to the end; the first trainer's run
   // folder. Every process must exit 0.
-  std::string RunSwarm(const std::string& name, int peers, int trainers) {
+  // `extra` goes to the coordinator (the job's config); `status` receives its final
+  // /api/status.
+  std::string RunSwarm(const std::string& name, int peers, int trainers,
+                       const std::vector<std::string>& extra = {}, int stages = 3,
+                       nlohmann::json* status = nullptr) {
     int grpc = 0, http = 0;
-    Process coordinator = Coordinator(name, &grpc, &http);
+    Process coordinator = Coordinator(name, &grpc, &http, 10, extra, stages);
+    const std::string out = RunWorkers(name, grpc, peers, trainers, coordinator.log());
+    if (status != nullptr) *status = Status(http);
+    return out;
+  }
+
+  // The workers of one job on a running coordinator, to the end.
+  std::string RunWorkers(const std::string& name, int grpc, int peers, int trainers,
+                         const std::string& coordinator_log) {
     std::vector<Process> ps;
     for (int i = 0; i < peers; ++i) ps.push_back(Peer(name + "-p" + std::to_string(i), grpc));
     std::vector<Process> ts;
@@ -231,7 +250,7 @@ class SwarmTest : public ::testing::Test {
       const std::string log = t.log();
       EXPECT_EQ(t.Wait(std::chrono::seconds(290)), 0)
           << log << ":\n" << ReadTextFile(log) << "\ncoordinator:\n"
-          << ReadTextFile(coordinator.log());
+          << ReadTextFile(coordinator_log);
     }
     for (Process& p : ps) {
       const std::string log = p.log();
@@ -241,7 +260,29 @@ class SwarmTest : public ::testing::Test {
   }
 
   testing::TempDir tmp_;
+  std::vector<std::string> trainer_flags_;  // more flags for every trainer
 };
+
+// Prints one JSON line {"swarm_round_bytes": ...}: what each peer of run `name` sent per round
+// (its log's last line says), by stage: the cost of a step's reduction on a peer's uplink.
+void PrintRoundBytes(const std::string& dir, const std::string& name, int peers,
+                     const std::string& optimizer) {
+  nlohmann::json by_stage = nlohmann::json::object();
+  for (int i = 0; i < peers; ++i) {
+    const std::string log = ReadTextFile(dir + "/" + name + "-p" + std::to_string(i) + ".log");
+    const size_t at = log.rfind(" round(s) of stage ");
+    const size_t per = log.rfind(" per round");
+    if (at == std::string::npos || per == std::string::npos) continue;
+    const int stage = std::atoi(log.c_str() + at + 19);
+    const size_t comma = log.rfind(", ", per);
+    by_stage[std::to_string(stage)].push_back(std::atoll(log.c_str() + comma + 2));
+  }
+  nlohmann::json line;
+  line["swarm_round_bytes"] = {{"optimizer", optimizer}, {"peers", peers},
+                               {"bytes_per_round_by_stage", by_stage}};
+  std::printf("%s\n", line.dump().c_str());
+  EXPECT_EQ(by_stage.size(), 3u) << line.dump();
+}
 
 void ExpectSameRun(const std::string& one, const std::string& swarm, double loss_tol,
                    double weight_tol) {
@@ -255,11 +296,23 @@ void ExpectSameRun(const std::string& one, const std::string& swarm, double loss
   EXPECT_LE(MaxWeightDiff(one + step, swarm + step), weight_tol);
 }
 
+// Both runs go to one coordinator, one after the other: it outlives a job, and once every
+// worker of the first is gone, the second begins at step 0 as a job of its own.
 TEST_F(SwarmTest, TrainsLikeOneProcessWithOneAndTwoPeersPerStage) {
   const std::string one = Reference();
-  const std::string a = RunSwarm("a", 3, 1);
+  int grpc = 0, http = 0;
+  Process coordinator = Coordinator("ab", &grpc, &http);
+  const std::string a = RunWorkers("a", grpc, 3, 1, coordinator.log());
   ExpectSameRun(one, a, 1e-5, 1e-5);
-  ExpectSameRun(one, RunSwarm("b", 6, 2), 1e-5, 1e-5);
+  EXPECT_EQ(Number(Status(http)["swarm"].value("job", nlohmann::json(0))), 1);
+  ExpectSameRun(one, RunWorkers("b", grpc, 6, 2, coordinator.log()), 1e-5, 1e-5);
+  PrintRoundBytes(tmp_.path(), "b", 6, "adamw");
+  const nlohmann::json second = Status(http);
+  EXPECT_EQ(Number(second["swarm"].value("job", nlohmann::json(0))), 2) << second.dump();
+  EXPECT_EQ(AppliedSteps(second), kSteps);
+  EXPECT_TRUE(Contains(ReadTextFile(coordinator.log()), "job 2 begins at step 0"))
+      << ReadTextFile(coordinator.log());
+  coordinator.Stop();
   // The swarm's checkpoint is an ordinary one: `shoal train --resume` continues it in one
   // process as it continues the one process's own.
   auto resume = [&](const std::string& from, const std::string& name) {
@@ -280,6 +333,77 @@ TEST_F(SwarmTest, TrainsLikeOneProcessWithOneAndTwoPeersPerStage) {
   ASSERT_EQ(from_one.size(), 2u);
   ASSERT_EQ(from_swarm.size(), 2u);
   for (int i = 0; i < 2; ++i) EXPECT_NEAR(from_one[i], from_swarm[i], 1e-4) << i;
+  // And a swarm continues it: a coordinator started with --resume on the folder (its newest
+  // checkpoint) has each stage's first peer load its part; the two steps are the one process's.
+  int rg = 0, rh = 0;
+  Process again = Coordinator("r", &rg, &rh, 10,
+                              {"--set", "train.steps=" + std::to_string(kSteps + 2), "--resume",
+                               a + "/checkpoints"});
+  const std::string r = RunWorkers("r", rg, 3, 1, again.log());
+  const std::vector<double> swarm_resumed = StepLosses(r + "/metrics.jsonl");
+  ASSERT_EQ(swarm_resumed.size(), 2u) << ReadTextFile(again.log());
+  for (int i = 0; i < 2; ++i) EXPECT_NEAR(from_one[i], swarm_resumed[i], 1e-4) << i;
+  const std::string loaded = ReadTextFile(tmp_ / "r-p0.log");
+  EXPECT_TRUE(Contains(loaded, "loaded stage")) << loaded;
+}
+
+// DeMo in a swarm: each peer keeps its own residual and the stage's peers all-gather top-k DCT
+// payloads instead of summing gradients. One stage with one peer is one DeMo process with
+// grad_accum = M (the same gradient, the same clip, the same payload): losses match `shoal
+// train`'s. Three stages with two peers each and two trainers: every stage's peers report the
+// same parameter hash at every step (the coordinator fences a peer whose hash differs: no drift,
+// no fence), and the checkpoint (the serving peers' residuals as replica 0's) resumes in one
+// process.
+TEST_F(SwarmTest, DemoSwarmKeepsEachStagesPeersIdentical) {
+  const std::vector<std::string> demo = {"--set", "optim.name=demo"};
+  // DeMo's sign turns the last bit of a near-zero mean into a whole step of lr, so last-bit
+  // differences grow: a peer adds each micro-batch's gradient (wte's two uses summed first) to
+  // its accumulation where one process accumulates every use into .grad, which differs in the
+  // last bits (grad norms agree to 1e-9). Without clipping, which multiplies those differences
+  // into every element, the losses still agree to ~1e-5 over 10 steps; with it they part by
+  // ~1e-3 by step 10. So the one-process comparison runs unclipped, in one micro-batch order.
+  std::vector<std::string> unclipped = demo;
+  unclipped.insert(unclipped.end(), {"--set", "optim.grad_clip=0"});
+  const std::string one = Reference(unclipped);
+  trainer_flags_ = {"--in-flight", "1"};
+  const std::string single = RunSwarm("d1", 1, 1, unclipped, /*stages=*/1);
+  trainer_flags_.clear();
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(single + "/metrics.jsonl");
+  ASSERT_EQ(a.size(), static_cast<size_t>(kSteps));
+  ASSERT_EQ(b.size(), static_cast<size_t>(kSteps)) << ReadTextFile(single + "/metrics.jsonl");
+  for (int i = 0; i < kSteps; ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << "step " << i + 1;
+
+  nlohmann::json status;
+  const std::string many = RunSwarm("d6", 6, 2, demo, 3, &status);
+  const std::vector<double> c = StepLosses(many + "/metrics.jsonl");
+  ASSERT_EQ(c.size(), static_cast<size_t>(kSteps)) << ReadTextFile(many + "/metrics.jsonl");
+  // The first step's loss comes before any update: the one process's.
+  EXPECT_NEAR(c[0], a[0], 1e-6);
+  EXPECT_LT(c[kSteps - 1], c[0]);
+  EXPECT_EQ(AppliedSteps(status), kSteps) << status.dump();
+  EXPECT_EQ(Counter(status, "drifts"), 0) << status.dump();
+  EXPECT_EQ(Counter(status, "fences"), 0) << status.dump();
+  EXPECT_EQ(Counter(status, "syncs_refused"), 0) << status.dump();
+  PrintRoundBytes(tmp_.path(), "d6", 6, "demo");
+  for (const std::string log : {"d6-p0", "d6-p3", "d6-p5"}) {
+    EXPECT_FALSE(Contains(ReadTextFile(tmp_ / (log + ".log")), "drift")) << log;
+  }
+  // `shoal train --resume` continues the swarm's DeMo checkpoint in one process.
+  const std::string out = tmp_ / "d6-resumed";
+  RunCommand("mkdir -p " + out + " && cp -r " + many + "/checkpoints " + out + "/");
+  std::vector<std::string> argv = {"/usr/bin/timeout", "-k", "5", "120", SHOAL_BINARY, "train",
+                                   "--config",
+                                   std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml"};
+  for (const std::string& s : Sets(out)) argv.push_back(s);
+  argv.insert(argv.end(), demo.begin(), demo.end());
+  argv.insert(argv.end(), {"--set", "train.steps=" + std::to_string(kSteps + 2), "--resume"});
+  Process p(argv, tmp_ / "d6-resumed.log");
+  EXPECT_EQ(p.Wait(std::chrono::seconds(130)), 0) << ReadTextFile(tmp_ / "d6-resumed.log");
+  EXPECT_TRUE(Contains(ReadTextFile(tmp_ / "d6-resumed.log"), "resumed from"));
+  const std::vector<double> resumed = StepLosses(out + "/metrics.jsonl");
+  ASSERT_EQ(resumed.size(), 2u);
+  EXPECT_LT(resumed[0], c[0]);
 }
 
 TEST_F(SwarmTest, KilledPeerIsFencedAndItsMicroBatchesReplayed) {
@@ -618,7 +742,7 @@ TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
       {" --stages 3 --set memory.activation_budget=1MiB", "memory.activation_budget"},
       {" --stages 0", "--stages"},
       {" --stages 5", "--stages"},
-      {" --stages 3 --set optim.name=demo", "optim.name"},
+      {" --stages 3 --resume " + (tmp_ / "no-such-checkpoint"), "--resume"},
   };
   for (const auto& [flags, named] : refused) {
     r = RunCommand(base + flags);

@@ -21,6 +21,7 @@
 #include "absl/strings/str_cat.h"
 #include "comm/peer_group.h"
 #include "comm/swarm_client.h"
+#include "parallel/demo.h"
 #include "parallel/layout.h"
 #include "parallel/swarm_router.h"
 #include "runtime/swarm_peer.h"
@@ -456,6 +457,127 @@ TEST(SwarmPeerTest, AJoinerCopiesADonorsStageStateOverGrpc) {
   stranger.token = "wrong";
   auto unauthenticated = FetchStageState(donor.address, 1, -1, stranger);
   EXPECT_EQ(unauthenticated.status().code(), absl::StatusCode::kUnauthenticated);
+}
+
+// The catch-up log: a joiner whose snapshot the swarm has moved past takes the missed steps from
+// a donor's log over gRPC and ends bit-equal to it (parameters and AdamW moments); the log
+// answers nothing past its newest step, OUT_OF_RANGE before its oldest; an update for another
+// layout or out of turn is refused.
+TEST(SwarmPeerTest, AJoinerTakesTheStepsItMissedFromADonorsLogBitForBit) {
+  SwarmOverGrpc swarm(/*peers_per_stage=*/1);
+  swarm.Step(0);
+  Peer& donor = swarm.PeerAt(1, 0);
+  auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+  ASSERT_TRUE(blocks.ok());
+  const auto [first, end] = parallel::StageRange(*blocks, 1);
+  auto joiner = SwarmStage::Create(Model(), /*seed=*/999, 1, kStages, first, end, Adam());
+  ASSERT_TRUE(joiner.ok());
+  FetchOptions fo;
+  fo.token = kToken;
+  auto snap = FetchStageState(donor.address, 1, -1, fo);
+  ASSERT_TRUE(snap.ok()) << snap.status();
+  ASSERT_TRUE(LoadSnapshot(**joiner, *snap).ok());
+  ASSERT_EQ((*joiner)->optimizer_steps(), 1);
+  swarm.Step(1);
+  swarm.Step(2);
+  ASSERT_EQ(donor.model->optimizer_steps(), 3);
+  ASSERT_NE((*joiner)->ParamHash(), donor.model->ParamHash());
+
+  auto got = FetchUpdates(donor.address, 1, 2, 0, fo);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), 2u);
+  EXPECT_EQ((*got)[0].header.step(), 2);
+  EXPECT_EQ((*got)[1].header.step(), 3);
+  // Out of turn: step 3 before step 2.
+  auto third = DecodeUpdate(**joiner, (*got)[1]);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ((*joiner)->ApplyUpdate(*third).code(), absl::StatusCode::kFailedPrecondition);
+  // Another stage's layout.
+  const auto [first2, end2] = parallel::StageRange(*blocks, 2);
+  auto stage2 = SwarmStage::Create(Model(), kSeed, 2, kStages, first2, end2, Adam());
+  ASSERT_TRUE(stage2.ok());
+  EXPECT_EQ(DecodeUpdate(**stage2, (*got)[0]).status().code(), absl::StatusCode::kDataLoss);
+  for (const EncodedUpdate& e : *got) {
+    auto u = DecodeUpdate(**joiner, e);
+    ASSERT_TRUE(u.ok()) << u.status();
+    ASSERT_TRUE((*joiner)->ApplyUpdate(*u).ok());
+  }
+  EXPECT_EQ((*joiner)->optimizer_steps(), 3);
+  EXPECT_EQ((*joiner)->ParamHash(), donor.model->ParamHash());
+  const auto want = donor.model->OptimizerState();
+  const auto have = (*joiner)->OptimizerState();
+  ASSERT_EQ(want.size(), have.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_TRUE(at::equal(want[i].second, have[i].second)) << want[i].first;
+  }
+  // The joiner's own log now serves the same steps.
+  auto again = (*joiner)->UpdatesFrom(2, 3);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->size(), 2u);
+
+  auto none = FetchUpdates(donor.address, 1, 4, 0, fo);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->empty());
+  // Four steps are kept: after three more, step 2 is gone.
+  for (int64_t k = 3; k < 6; ++k) swarm.Step(k);
+  auto gone = FetchUpdates(donor.address, 1, 2, 0, fo);
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kOutOfRange) << gone.status();
+  auto kept = FetchUpdates(donor.address, 1, 3, 4, fo);
+  ASSERT_TRUE(kept.ok()) << kept.status();
+  EXPECT_EQ(kept->size(), 2u);
+  FetchOptions stranger = fo;
+  stranger.token = "wrong";
+  EXPECT_EQ(FetchUpdates(donor.address, 1, 3, 0, stranger).status().code(),
+            absl::StatusCode::kUnauthenticated);
+}
+
+// DeMo's log: every peer's payloads with the step's lr. A stage replaying them from the same
+// state moves its parameters bit for bit as the peer did (its own residual stays zero).
+TEST(SwarmPeerTest, ADemoStagesLogReplaysBitForBit) {
+  parallel::DemoOptions demo;
+  demo.codec.chunk = 8;
+  demo.codec.topk = 4;
+  demo.codec.wire_dtype = at::kFloat;
+  auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+  ASSERT_TRUE(blocks.ok());
+  auto make = [&]() {
+    SwarmStageOptions o;
+    o.demo = demo;
+    return SwarmStage::Create(Model(), kSeed, 0, kStages, parallel::StageRange(*blocks, 0).first,
+                              parallel::StageRange(*blocks, 0).second, Adam(), o);
+  };
+  auto peer = make();
+  auto joiner = make();
+  ASSERT_TRUE(peer.ok() && joiner.ok());
+  for (int64_t step = 0; step < 2; ++step) {
+    const Batch b = MicroBatchOf(step, 0);
+    auto y = (*peer)->Forward({step, 0}, b.tokens);
+    ASSERT_TRUE(y.ok()) << y.status();
+    auto g = (*peer)->Backward({step, 0}, b.tokens, at::ones_like(*y), 0.5f, true);
+    ASSERT_TRUE(g.ok()) << g.status();
+    ASSERT_TRUE((*peer)->Settle({step, 0}, true).ok());
+    auto out = (*peer)->DemoCompress(kLr, 1, 2, kClip);
+    ASSERT_TRUE(out.ok()) << out.status();
+    // The tied group's other payload: a last-stage peer's, here a copy of this one's.
+    ASSERT_TRUE((*peer)->DemoApply({out->own}, {out->tied, out->tied}, kLr).ok());
+  }
+  auto log = (*peer)->UpdatesFrom(1, 0);
+  ASSERT_TRUE(log.ok()) << log.status();
+  ASSERT_EQ(log->size(), 2u);
+  for (const StepUpdate& u : *log) {
+    auto back = DecodeUpdate(**joiner, EncodeUpdate(u));
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->tied_payloads.size(), 2u);
+    ASSERT_TRUE((*joiner)->ApplyUpdate(*back).ok());
+  }
+  EXPECT_EQ((*joiner)->ParamHash(), (*peer)->ParamHash());
+  EXPECT_EQ((*joiner)->optimizer_steps(), 2);
+  // An AdamW stage refuses DeMo's updates, by kind.
+  auto adam = SwarmStage::Create(Model(), kSeed, 0, kStages, parallel::StageRange(*blocks, 0).first,
+                                 parallel::StageRange(*blocks, 0).second, Adam());
+  ASSERT_TRUE(adam.ok());
+  EXPECT_EQ(DecodeUpdate(**adam, EncodeUpdate((*log)[0])).status().code(),
+            absl::StatusCode::kDataLoss);
 }
 
 }  // namespace

@@ -17,7 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "parallel/adamw.h"
+#include "parallel/demo.h"
 #include "parallel/layout.h"
 #include "runtime/config.h"
 #include "runtime/gpt.h"
@@ -356,6 +358,215 @@ TEST(SwarmStageTest, StateRoundTripGivesTheSameStage) {
   params.pop_back();
   EXPECT_FALSE(joiner.Peer(1, 0).LoadState(params, donor.Peer(1, 0).OptimizerState()).ok());
   EXPECT_EQ(joiner.Peer(1, 0).ParamHash(), before);
+}
+
+// ---- DeMo stages ----
+
+parallel::DemoOptions DemoOpts() {
+  parallel::DemoOptions o;
+  o.codec.chunk = 8;
+  o.codec.topk = 4;
+  o.codec.wire_dtype = at::kFloat;
+  o.decay = 0.9;
+  return o;
+}
+
+std::unique_ptr<SwarmStage> DemoStage(int stage, int stages) {
+  auto blocks = parallel::BlocksPerStage({}, Model().n_layer, stages);
+  EXPECT_TRUE(blocks.ok());
+  const auto [first, end] = parallel::StageRange(*blocks, stage);
+  SwarmStageOptions o;
+  o.demo = DemoOpts();
+  auto st = SwarmStage::Create(Model(), kSeed, stage, stages, first, end, Adam(), o);
+  EXPECT_TRUE(st.ok()) << st.status();
+  return st.ok() ? std::move(*st) : nullptr;
+}
+
+// One stage holding the whole model, two peers with uneven shares (3 and 1 of M = 4): each
+// peer's DeMo step equals a DeMo replica (parallel::Demo over the full model, its gradient the
+// mean over its own micro-batches by Gpt::ForwardBackward) scaled by P·n_i/M, as the swarm's
+// rule says; both peers end bit-identical.
+TEST(SwarmStageTest, DemoPeersMoveLikeDemoReplicasWithScaledShares) {
+  constexpr int kM = 4;
+  const std::vector<std::vector<int>> shares = {{0, 1, 2}, {3}};
+  std::vector<std::unique_ptr<SwarmStage>> peers;
+  for (int p = 0; p < 2; ++p) peers.push_back(DemoStage(0, 1));
+  // The reference replicas.
+  std::vector<std::unique_ptr<Gpt>> models;
+  std::vector<std::unique_ptr<parallel::Demo>> demos;
+  for (int p = 0; p < 2; ++p) {
+    auto m = Gpt::CreateStage(Model(), kSeed, 0, Model().n_layer + 2);
+    ASSERT_TRUE(m.ok()) << m.status();
+    models.push_back(std::move(*m));
+    Gpt& g = *models.back();
+    auto d = parallel::Demo::Create({{&g.params(Gpt::kDecay), &g.grads(Gpt::kDecay), true},
+                                     {&g.params(Gpt::kNoDecay), &g.grads(Gpt::kNoDecay), false}},
+                                    DemoOpts());
+    ASSERT_TRUE(d.ok()) << d.status();
+    demos.push_back(std::move(*d));
+  }
+  for (int64_t step = 0; step < 3; ++step) {
+    std::vector<at::Tensor> swarm_payloads, ref_payloads;
+    for (int p = 0; p < 2; ++p) {
+      for (int id : shares[p]) {
+        const Batch b = MicroBatchOf(step, id);
+        const MicroBatchKey key{step, id};
+        auto fb = peers[p]->ForwardBackward(key, b.tokens, b.targets, 1.0f / kM, true);
+        ASSERT_TRUE(fb.ok()) << fb.status();
+        ASSERT_TRUE(peers[p]->Settle(key, true).ok());
+        models[p]->ForwardBackward(b.tokens, b.targets,
+                                   1.0f / static_cast<float>(shares[p].size()));
+      }
+      auto out = peers[p]->DemoCompress(kLr, 2, 0, kClip);
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_FALSE(out->tied.defined());
+      swarm_payloads.push_back(out->own);
+      // Clipped by the norm of the scaled gradient, as a replica clips its own.
+      const double scale = 2.0 * static_cast<double>(shares[p].size()) / kM;
+      const double norm = scale * parallel::GlobalL2Norm({models[p]->grads(Gpt::kDecay).flat(),
+                                                          models[p]->grads(Gpt::kNoDecay).flat()});
+      ref_payloads.push_back(demos[p]->Compress(kLr, scale * parallel::ClipScale(norm, kClip)));
+      models[p]->ZeroGrad();
+    }
+    for (int p = 0; p < 2; ++p) {
+      ASSERT_TRUE(peers[p]->DemoApply(swarm_payloads, {}, kLr).ok());
+      ASSERT_TRUE(demos[p]->Apply(ref_payloads, kLr).ok());
+      EXPECT_EQ(peers[p]->optimizer_steps(), step + 1);
+      EXPECT_EQ(peers[p]->kept_micro_batches(), 0);
+    }
+    EXPECT_EQ(peers[0]->ParamHash(), peers[1]->ParamHash()) << "step " << step;
+    std::map<std::string, at::Tensor> want;
+    for (const auto& [name, t] : models[0]->NamedParameters()) want[name] = t;
+    for (const auto& [name, t] : peers[0]->NamedParameters()) {
+      // sign(mean) flips only where the mean is ~0: allow a few elements to differ by 2·lr.
+      // The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by
+      // every key), so its sign is rounding noise: it is left out.
+      at::Tensor diff = (t - want[name]).abs();
+      if (absl::EndsWith(name, "attn.qkv.bias")) {
+        diff.narrow(0, Model().n_embd, Model().n_embd).zero_();
+      }
+      EXPECT_LE(diff.max().item<double>(), 2 * kLr + 1e-6) << name << ", step " << step;
+      EXPECT_LE(diff.gt(1e-6).sum().item<int64_t>(), std::max<int64_t>(1, t.numel() / 100))
+          << name << ", step " << step;
+    }
+  }
+}
+
+// Three stages, two peers each: the tied wte's optimizer runs over the first and the last
+// stage's peers together, so both copies of wte stay bit-identical; a round run again (a peer
+// fenced) starts from the residual the step began with, and a dropped step puts it back.
+TEST(SwarmStageTest, DemoTiedWteStaysOneAndRoundsRunAgainFromTheSameResidual) {
+  std::vector<std::vector<std::unique_ptr<SwarmStage>>> pools(kStages);
+  for (int s = 0; s < kStages; ++s) {
+    for (int p = 0; p < 2; ++p) pools[s].push_back(DemoStage(s, kStages));
+  }
+  auto wte_of = [](const SwarmStage& st) {
+    for (const auto& [name, t] : st.NamedParameters()) {
+      if (name == "wte.weight") return t.clone();
+    }
+    return at::Tensor();
+  };
+  for (int64_t step = 0; step < 2; ++step) {
+    // Micro-batch id goes to peer id % 2 of every stage.
+    for (int id = 0; id < kMicro; ++id) {
+      const Batch b = MicroBatchOf(step, id);
+      const MicroBatchKey key{step, id};
+      const int p = id % 2;
+      std::vector<at::Tensor> in(kStages);
+      in[0] = b.tokens;
+      for (int s = 0; s + 1 < kStages; ++s) {
+        auto out = pools[s][p]->Forward(key, in[s]);
+        ASSERT_TRUE(out.ok()) << out.status();
+        in[s + 1] = *out;
+      }
+      auto last = pools[kStages - 1][p]->ForwardBackward(key, in[kStages - 1], b.targets,
+                                                          1.0f / kMicro, true);
+      ASSERT_TRUE(last.ok()) << last.status();
+      ASSERT_TRUE(pools[kStages - 1][p]->Settle(key, true).ok());
+      at::Tensor g = last->grad_input;
+      for (int s = kStages - 2; s >= 0; --s) {
+        auto gi = pools[s][p]->Backward(key, in[s], g, 1.0f / kMicro, true);
+        ASSERT_TRUE(gi.ok()) << gi.status();
+        ASSERT_TRUE(pools[s][p]->Settle(key, true).ok());
+        g = *gi;
+      }
+    }
+    std::vector<std::vector<at::Tensor>> own(kStages);
+    std::vector<at::Tensor> tied_first, tied_last;
+    for (int s = 0; s < kStages; ++s) {
+      for (int p = 0; p < 2; ++p) {
+        auto once = pools[s][p]->DemoCompress(kLr, 2, 4, kClip);
+        ASSERT_TRUE(once.ok()) << once.status();
+        // The round again: the same bytes, from the same residual.
+        auto again = pools[s][p]->DemoCompress(kLr, 2, 4, kClip);
+        ASSERT_TRUE(again.ok()) << again.status();
+        EXPECT_TRUE(at::equal(once->own, again->own)) << "stage " << s;
+        EXPECT_EQ(once->tied.defined(), s == 0 || s == kStages - 1);
+        if (once->tied.defined()) EXPECT_TRUE(at::equal(once->tied, again->tied));
+        own[s].push_back(again->own);
+        if (s == 0) tied_first.push_back(again->tied);
+        if (s == kStages - 1) tied_last.push_back(again->tied);
+      }
+    }
+    std::vector<at::Tensor> tied = tied_first;
+    tied.insert(tied.end(), tied_last.begin(), tied_last.end());
+    for (int s = 0; s < kStages; ++s) {
+      for (int p = 0; p < 2; ++p) {
+        const bool has_tied = s == 0 || s == kStages - 1;
+        ASSERT_TRUE(pools[s][p]->DemoApply(own[s], has_tied ? tied : std::vector<at::Tensor>{},
+                                           kLr)
+                        .ok());
+      }
+      EXPECT_EQ(pools[s][0]->ParamHash(), pools[s][1]->ParamHash()) << "stage " << s;
+    }
+    EXPECT_TRUE(at::equal(wte_of(*pools[0][0]), wte_of(*pools[kStages - 1][1])));
+  }
+  // A dropped step leaves the residual as it was: compressing afterwards gives what a first
+  // compression would.
+  SwarmStage& st = *pools[1][0];
+  const Batch b = MicroBatchOf(9, 0);
+  auto fwd = pools[0][0]->Forward({9, 0}, b.tokens);
+  ASSERT_TRUE(fwd.ok());
+  at::Tensor g = at::ones_like(*fwd);
+  auto gi = st.Backward({9, 0}, *fwd, g, 1.0f, true);
+  ASSERT_TRUE(gi.ok()) << gi.status();
+  ASSERT_TRUE(st.Settle({9, 0}, true).ok());
+  std::vector<at::Tensor> residual_before;
+  for (const auto& [name, t] : st.OptimizerState()) residual_before.push_back(t.clone());
+  ASSERT_TRUE(st.DemoCompress(kLr, 2, 0, 0).ok());
+  st.DropStep();
+  const auto after = st.OptimizerState();
+  ASSERT_EQ(after.size(), residual_before.size());
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_TRUE(at::equal(after[i].second, residual_before[i])) << after[i].first;
+  }
+  // An AdamW stage refuses DeMo's calls.
+  auto adam = SwarmStage::Create(Model(), kSeed, 1, kStages, 1, 3, Adam());
+  ASSERT_TRUE(adam.ok());
+  EXPECT_EQ((*adam)->DemoCompress(kLr, 1, 0, 0).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// A joiner's state: the parameters and step of a DeMo peer, its residual zero; a state with
+// some residuals but not all is refused.
+TEST(SwarmStageTest, DemoStateLoadsWithAZeroResidualOrAllOfIt) {
+  auto donor = DemoStage(1, kStages);
+  auto joiner = DemoStage(1, kStages);
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (const auto& [name, t] : donor->NamedParameters()) params.emplace_back(name, t + 0.5);
+  ASSERT_TRUE(joiner->LoadState(params, {{"step", at::scalar_tensor(7, at::kLong)}}).ok());
+  EXPECT_EQ(joiner->optimizer_steps(), 7);
+  for (const auto& [name, t] : joiner->OptimizerState()) {
+    if (name != "demo.step") EXPECT_EQ(t.abs().sum().item<double>(), 0.0) << name;
+  }
+  std::vector<std::pair<std::string, at::Tensor>> partial = donor->OptimizerState();
+  ASSERT_GT(partial.size(), 2u);
+  partial.pop_back();
+  const uint32_t hash = joiner->ParamHash();
+  const absl::Status bad = joiner->LoadState(donor->NamedParameters(), partial);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kDataLoss) << bad;
+  EXPECT_EQ(joiner->ParamHash(), hash);
+  EXPECT_EQ(joiner->optimizer_steps(), 7);
 }
 
 }  // namespace

@@ -3,7 +3,7 @@
 // their codes, stage choice and sync sources, a step carried through leases, commits and reports
 // to its decision (the loss the mean of the committed ones), lease expiry fencing a peer and
 // turning its micro-batches into replays, ReportPeer fencing only what cannot be dialled, the end
-// of the job.
+// of the job, and the next job once every worker of the last one is gone.
 #include "scheduler/swarm_coordinator.h"
 
 #include <gtest/gtest.h>
@@ -22,8 +22,11 @@ constexpr int kM = 4;
 
 class SwarmCoordinatorTest : public ::testing::Test {
  protected:
-  void SetUp() override {
+  void SetUp() override { MakeSwarm(/*max_drifts=*/2); }
+
+  void MakeSwarm(int max_drifts) {
     SwarmCoordinatorOptions o;
+    o.state.max_drifts = max_drifts;
     o.job.stages = kStages;
     o.job.micro_batches = kM;
     o.job.stage_bytes = {1000, 1000};
@@ -59,6 +62,7 @@ class SwarmCoordinatorTest : public ::testing::Test {
     r.mutable_device()->set_throttle(1);
     r.mutable_device()->set_kind(v1::DEVICE_KIND_CPU);
     r.mutable_device()->set_fp32_gflops(10);
+    r.mutable_device()->set_blas("OpenBLAS 0.3.21 (test)");
     r.mutable_device()->mutable_memory()->set_host_bytes(bytes);
     return swarm_->Join(r);
   }
@@ -243,6 +247,37 @@ TEST_F(SwarmCoordinatorTest, RunsAStepToItsDecisionAndTheJobToItsEnd) {
   EXPECT_EQ(status.job_status().step(), 1);
   EXPECT_EQ(status.job_status().history_size(), 2);
   EXPECT_EQ(status.health(), "healthy");
+
+  // The coordinator outlives the job. While a worker of the finished job is still there, a new
+  // worker joins that job (nothing left to do); once every one is gone, the next join begins
+  // job 2 at step 0 from the init, with the names free again.
+  auto late = JoinTrainer("late");
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(swarm_->Roster().job(), 1);
+  EXPECT_TRUE(swarm_->Roster().finished());
+  for (const std::string id : {"p0", "p1", "t", "late"}) {
+    v1::LeaveRequest leave;
+    leave.set_worker_id(id);
+    ASSERT_TRUE(swarm_->Leave(leave).ok()) << id;
+  }
+  auto again = JoinPeer("p0", "127.0.0.1:1");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->swarm().sync_source(), "init");
+  r = swarm_->Roster();
+  EXPECT_EQ(r.job(), 2);
+  EXPECT_EQ(r.next_step(), 0);
+  EXPECT_FALSE(r.finished());
+  EXPECT_EQ(r.decisions_size(), 0);
+  EXPECT_EQ(r.checkpoint_step(), -1);
+  auto other = JoinPeer("p1", "127.0.0.1:2");
+  ASSERT_TRUE(other.ok()) << other.status();
+  ASSERT_TRUE(Synced("p0", 0, 7).ok());
+  ASSERT_TRUE(Synced("p1", 0, 7).ok());
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  r = swarm_->Roster();
+  EXPECT_TRUE(r.step_open());
+  EXPECT_EQ(r.open_step(), 0);
+  EXPECT_EQ(swarm_->Status().job_status().history_size(), 0);
 }
 
 TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkReplayed) {
@@ -315,6 +350,57 @@ TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkRepla
   hb.set_worker_id(by_stage[1][1]);
   EXPECT_EQ(swarm_->Heartbeat(hb).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(swarm_->Roster().counters().lost(), 0);
+}
+
+// A peer whose parameters differ from its stage's at a report drifts; at max_drifts it is
+// evicted, and the message names its CPU and BLAS (what makes a peer's arithmetic differ).
+TEST_F(SwarmCoordinatorTest, APeerThatDriftsTooOftenIsEvictedNamingItsCpuAndBlas) {
+  MakeSwarm(/*max_drifts=*/1);
+  std::map<int, std::vector<std::string>> by_stage;
+  for (int i = 0; i < 4; ++i) {
+    const std::string id = "p" + std::to_string(i);
+    auto j = JoinPeer(id, "127.0.0.1:" + std::to_string(i + 1));
+    ASSERT_TRUE(j.ok()) << j.status();
+    by_stage[j->swarm().stage()].push_back(id);
+  }
+  ASSERT_EQ(by_stage[0].size(), 2u);
+  ASSERT_EQ(by_stage[1].size(), 2u);
+  for (int s = 0; s < 2; ++s) {
+    for (const std::string& id : by_stage[s]) ASSERT_TRUE(Synced(id, 0, 10 + s).ok()) << id;
+  }
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  v1::LeaseRequest lease;
+  lease.set_worker_id("t");
+  lease.set_max(kM);
+  absl::StatusOr<v1::LeaseResponse> leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok() && leased->leases_size() == kM) << leased.status();
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    ASSERT_TRUE(Commit(by_stage[1][0], "t", 0, l.id(), 1.0).ok());
+    ASSERT_TRUE(Commit(by_stage[0][l.id() % 2], "t", 0, l.id()).ok());
+  }
+  v1::SwarmRoster r = swarm_->Roster();
+  ASSERT_EQ(r.stages(0).phase(), "reducing");
+  auto senior = Report(r, 0, by_stage[0][0], 10);
+  ASSERT_TRUE(senior.ok()) << senior.status();
+  auto junior = Report(r, 0, by_stage[0][1], 99);
+  ASSERT_TRUE(junior.ok()) << junior.status();
+  ASSERT_EQ(junior->drifted_size(), 1);
+  const std::string& message = junior->drifted(0);
+  EXPECT_NE(message.find(by_stage[0][1]), std::string::npos) << message;
+  EXPECT_NE(message.find("evicted"), std::string::npos) << message;
+  EXPECT_NE(message.find("CPU: cpu"), std::string::npos) << message;
+  EXPECT_NE(message.find("BLAS: OpenBLAS 0.3.21 (test)"), std::string::npos) << message;
+  r = swarm_->Roster();
+  EXPECT_EQ(r.counters().drifts(), 1);
+  EXPECT_EQ(r.counters().evictions(), 1);
+  ASSERT_EQ(r.evictions_size(), 1);  // where the evicted peer reads why
+  EXPECT_EQ(r.evictions(0), message);
+  // Its micro-batches are needed again at stage 0.
+  leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok()) << leased.status();
+  int replays = 0;
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) replays += l.replay() ? 1 : 0;
+  EXPECT_EQ(replays, kM / 2);
 }
 
 }  // namespace
