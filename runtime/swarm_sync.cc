@@ -108,13 +108,23 @@ absl::Status LoadSnapshot(SwarmStage& stage, const StageSnapshot& snapshot) {
   return stage.LoadState(params, moments);
 }
 
-absl::StatusOr<StageSnapshot> FetchStageState(const std::string& address, int stage, int64_t step,
-                                              const FetchOptions& options) {
+namespace {
+
+// A stub for the peer at `address`, taking messages as large as a state chunk's.
+absl::StatusOr<std::unique_ptr<v1::SwarmPeer::Stub>> PeerStub(const std::string& address,
+                                                             const FetchOptions& options) {
   SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                          comm::ClientCredentials(options.tls_ca_file, "the swarm's CA file"));
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(comm::kMaxExchangeMessageBytes);
-  auto stub = v1::SwarmPeer::NewStub(grpc::CreateCustomChannel(address, credentials, args));
+  return v1::SwarmPeer::NewStub(grpc::CreateCustomChannel(address, credentials, args));
+}
+
+}  // namespace
+
+absl::StatusOr<StageSnapshot> FetchStageState(const std::string& address, int stage, int64_t step,
+                                              const FetchOptions& options) {
+  SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<v1::SwarmPeer::Stub> stub, PeerStub(address, options));
   StageSnapshot out;
   bool have_manifest = false;
   absl::Status last = absl::UnavailableError("no attempt made");
@@ -270,11 +280,7 @@ absl::StatusOr<StepUpdate> DecodeUpdate(const SwarmStage& stage, const EncodedUp
 absl::StatusOr<std::vector<EncodedUpdate>> FetchUpdates(const std::string& address, int stage,
                                                         int64_t from_step, int64_t to_step,
                                                         const FetchOptions& options) {
-  SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
-                         comm::ClientCredentials(options.tls_ca_file, "the swarm's CA file"));
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(comm::kMaxExchangeMessageBytes);
-  auto stub = v1::SwarmPeer::NewStub(grpc::CreateCustomChannel(address, credentials, args));
+  SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<v1::SwarmPeer::Stub> stub, PeerStub(address, options));
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options.timeout));
   comm::AddBearer(&ctx, options.token);

@@ -85,19 +85,24 @@ struct SwarmCoordinator::Impl {
   int64_t job ABSL_GUARDED_BY(mu) = 1;  // the job's number under this coordinator
   std::deque<std::string> evictions ABSL_GUARDED_BY(mu);  // the newest drift evictions' messages
 
-  // A finished job whose workers are all gone (left or dead) gives way to the next one: a fresh
-  // state at step 0 from the init, the names free again, the history and checkpoint cleared. The
-  // coordinator is long-lived; jobs come and go under it (the same config, run again).
-  absl::Status BeginNextJobIfOver() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (state->Snapshot().next_step < options.info.total_steps()) return absl::OkStatus();
+  // A finished job whose workers are all gone (left or dead) gives way to the next one, which
+  // the next accepted join begins: a fresh state at step 0 from the init, the names free again,
+  // the history and checkpoint cleared. The coordinator is long-lived; jobs come and go under it
+  // (the same config, run again).
+  bool JobOver() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    if (state->Snapshot().next_step < options.info.total_steps()) return false;
     for (const auto& [id, w] : workers) {
-      if (w.state != v1::WORKER_STATE_DEAD && w.state != v1::WORKER_STATE_LEFT) {
-        return absl::OkStatus();
-      }
+      if (w.state != v1::WORKER_STATE_DEAD && w.state != v1::WORKER_STATE_LEFT) return false;
     }
+    return true;
+  }
+  absl::StatusOr<std::unique_ptr<SwarmState>> NextJobState() const {
     SwarmJob next = options.job;
     next.checkpoint_step = -1;
-    SHOAL_ASSIGN_OR_RETURN(state, SwarmState::Create(next, options.state));
+    return SwarmState::Create(next, options.state);
+  }
+  void BeginNextJob(std::unique_ptr<SwarmState> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    state = std::move(next);
     workers.clear();
     losses.clear();
     decisions.clear();
@@ -111,7 +116,6 @@ struct SwarmCoordinator::Impl {
       SHOAL_LOG(Info) << "swarm: job " << job - 1 << " finished and its workers are gone; job "
                       << job << " begins at step 0";
     }
-    return absl::OkStatus();
   }
 
   // After any call that may have changed what workers act on: a new roster version when the
@@ -385,26 +389,36 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
         m.options.info.train_sha256(), "): every trainer must read the same tokens"));
   }
   absl::MutexLock lock(&m.mu);
-  SHOAL_RETURN_IF_ERROR(m.BeginNextJobIfOver());
+  // Joined to the next job when this one is over: to a new state, installed only if it takes
+  // the worker (a refused join changes nothing).
+  std::unique_ptr<SwarmState> next;
+  if (m.JobOver()) {
+    SHOAL_ASSIGN_OR_RETURN(next, m.NextJobState());
+  }
+  SwarmState& target = next != nullptr ? *next : *m.state;
+  auto taken = [&](const std::string& name) {
+    return next == nullptr && m.workers.count(name) > 0;
+  };
   std::string id = request.name();
   if (id.empty()) {
     do {
       id = absl::StrCat(peer ? "peer" : "trainer", m.next_worker++);
-    } while (m.workers.count(id) > 0);
-  } else if (m.workers.count(id) > 0) {
+    } while (taken(id));
+  } else if (taken(id)) {
     return absl::AlreadyExistsError(absl::StrCat(
         "the name ", id, " was taken by a worker of this swarm: choose another"));
   }
   v1::JoinResponse response;
   *response.mutable_swarm() = m.options.info;
   if (peer) {
-    absl::StatusOr<SwarmJoin> join = m.state->AddPeer(id, request.advertise(),
-                                                      request.device().memory().host_bytes());
+    absl::StatusOr<SwarmJoin> join = target.AddPeer(id, request.advertise(),
+                                                    request.device().memory().host_bytes());
     if (!join.ok()) return join.status();
     FillJoin(*join, response.mutable_swarm());
   } else {
-    SHOAL_RETURN_IF_ERROR(m.state->AddTrainer(id));
+    SHOAL_RETURN_IF_ERROR(target.AddTrainer(id));
   }
+  if (next != nullptr) m.BeginNextJob(std::move(next));
   Impl::Worker& w = m.workers[id];
   w.id = id;
   w.role = request.role();

@@ -388,6 +388,7 @@ SwarmCoordinatorOptions SwarmOptions(const SwarmConfig& cfg, const SwarmNet* net
   for (int s = 0; s < cfg.stages; ++s) o.job.stage_bytes.push_back(1000 * (s + 1));
   o.job.grad_clip = 1.0;
   o.job.checkpoint_step = cfg.checkpoint_step;
+  if (cfg.checkpoint_step >= 0) o.checkpoint_path = "/ckpt/start";
   o.state.max_joiners_per_donor = cfg.max_joiners_per_donor;
   o.state.max_drifts = cfg.max_drifts;
   o.state.learning_rate = [total = cfg.total_steps, hole = cfg.lr_hole](int64_t step) {
@@ -1262,7 +1263,16 @@ class SwarmFuzz {
   void CheckRoster(const v1::SwarmRoster& r) {
     const int S = cfg_.stages, M = cfg_.micro_batches;
     const v1::SwarmCounters& c = r.counters();
-    if (seen_) {
+    if (seen_ && r.job() != last_.job()) {
+      // The next job: only once every worker of the last one is gone after its end; it starts
+      // afresh at step 0 from the init.
+      const v1::SwarmRoster& o = last_;
+      if (r.job() != o.job() + 1 || !o.finished() || r.next_step() != 0 ||
+          r.checkpoint_step() != -1 || r.decisions_size() != 0 || r.version() <= o.version()) {
+        Violation(absl::StrCat("job ", o.job(), " -> ", r.job(), ": ", o.ShortDebugString(),
+                               " -> ", r.ShortDebugString()));
+      }
+    } else if (seen_) {
       const v1::SwarmRoster& o = last_;
       const v1::SwarmCounters& oc = o.counters();
       if (r.version() < o.version()) {

@@ -411,6 +411,16 @@ TEST(SwarmPeerTest, RefusesCallsWithoutTheTokenOrForAnotherStage) {
   EXPECT_EQ(no_trainer.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A joiner of stage 1, built from another seed so that only a copy makes it the donor's.
+std::unique_ptr<SwarmStage> StageOneJoiner() {
+  auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
+  EXPECT_TRUE(blocks.ok());
+  const auto [first, end] = parallel::StageRange(*blocks, 1);
+  auto joiner = SwarmStage::Create(Model(), /*seed=*/999, 1, kStages, first, end, Adam());
+  EXPECT_TRUE(joiner.ok()) << joiner.status();
+  return joiner.ok() ? std::move(*joiner) : nullptr;
+}
+
 TEST(SwarmPeerTest, AJoinerCopiesADonorsStageStateOverGrpc) {
   SwarmOverGrpc swarm(/*peers_per_stage=*/1);
   swarm.Step(0);
@@ -418,8 +428,8 @@ TEST(SwarmPeerTest, AJoinerCopiesADonorsStageStateOverGrpc) {
   auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
   ASSERT_TRUE(blocks.ok());
   const auto [first, end] = parallel::StageRange(*blocks, 1);
-  auto joiner = SwarmStage::Create(Model(), /*seed=*/999, 1, kStages, first, end, Adam());
-  ASSERT_TRUE(joiner.ok());
+  std::unique_ptr<SwarmStage> joiner = StageOneJoiner();
+  ASSERT_NE(joiner, nullptr);
   FetchOptions fo;
   fo.token = kToken;
   auto snap = FetchStageState(donor.address, 1, -1, fo);
@@ -432,16 +442,16 @@ TEST(SwarmPeerTest, AJoinerCopiesADonorsStageStateOverGrpc) {
   // A manifest that does not match its bytes is refused and changes nothing.
   StageSnapshot bad = *snap;
   bad.manifest.mutable_entries(1)->set_bytes(bad.manifest.entries(1).bytes() - 4);
-  const uint32_t before = (*joiner)->ParamHash();
-  auto refused = LoadSnapshot(**joiner, bad);
+  const uint32_t before = joiner->ParamHash();
+  auto refused = LoadSnapshot(*joiner, bad);
   EXPECT_EQ(refused.code(), absl::StatusCode::kDataLoss) << refused;
-  EXPECT_EQ((*joiner)->ParamHash(), before);
+  EXPECT_EQ(joiner->ParamHash(), before);
 
-  ASSERT_TRUE(LoadSnapshot(**joiner, *snap).ok());
-  EXPECT_EQ((*joiner)->ParamHash(), donor.model->ParamHash());
-  EXPECT_EQ((*joiner)->optimizer_steps(), 1);
+  ASSERT_TRUE(LoadSnapshot(*joiner, *snap).ok());
+  EXPECT_EQ(joiner->ParamHash(), donor.model->ParamHash());
+  EXPECT_EQ(joiner->optimizer_steps(), 1);
   const auto want = donor.model->OptimizerState();
-  const auto got = (*joiner)->OptimizerState();
+  const auto got = joiner->OptimizerState();
   ASSERT_EQ(want.size(), got.size());
   for (size_t i = 0; i < want.size(); ++i) {
     EXPECT_EQ(want[i].first, got[i].first);
@@ -469,19 +479,18 @@ TEST(SwarmPeerTest, AJoinerTakesTheStepsItMissedFromADonorsLogBitForBit) {
   Peer& donor = swarm.PeerAt(1, 0);
   auto blocks = parallel::BlocksPerStage({}, Model().n_layer, kStages);
   ASSERT_TRUE(blocks.ok());
-  const auto [first, end] = parallel::StageRange(*blocks, 1);
-  auto joiner = SwarmStage::Create(Model(), /*seed=*/999, 1, kStages, first, end, Adam());
-  ASSERT_TRUE(joiner.ok());
+  std::unique_ptr<SwarmStage> joiner = StageOneJoiner();
+  ASSERT_NE(joiner, nullptr);
   FetchOptions fo;
   fo.token = kToken;
   auto snap = FetchStageState(donor.address, 1, -1, fo);
   ASSERT_TRUE(snap.ok()) << snap.status();
-  ASSERT_TRUE(LoadSnapshot(**joiner, *snap).ok());
-  ASSERT_EQ((*joiner)->optimizer_steps(), 1);
+  ASSERT_TRUE(LoadSnapshot(*joiner, *snap).ok());
+  ASSERT_EQ(joiner->optimizer_steps(), 1);
   swarm.Step(1);
   swarm.Step(2);
   ASSERT_EQ(donor.model->optimizer_steps(), 3);
-  ASSERT_NE((*joiner)->ParamHash(), donor.model->ParamHash());
+  ASSERT_NE(joiner->ParamHash(), donor.model->ParamHash());
 
   auto got = FetchUpdates(donor.address, 1, 2, 0, fo);
   ASSERT_TRUE(got.ok()) << got.status();
@@ -489,29 +498,29 @@ TEST(SwarmPeerTest, AJoinerTakesTheStepsItMissedFromADonorsLogBitForBit) {
   EXPECT_EQ((*got)[0].header.step(), 2);
   EXPECT_EQ((*got)[1].header.step(), 3);
   // Out of turn: step 3 before step 2.
-  auto third = DecodeUpdate(**joiner, (*got)[1]);
+  auto third = DecodeUpdate(*joiner, (*got)[1]);
   ASSERT_TRUE(third.ok()) << third.status();
-  EXPECT_EQ((*joiner)->ApplyUpdate(*third).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(joiner->ApplyUpdate(*third).code(), absl::StatusCode::kFailedPrecondition);
   // Another stage's layout.
   const auto [first2, end2] = parallel::StageRange(*blocks, 2);
   auto stage2 = SwarmStage::Create(Model(), kSeed, 2, kStages, first2, end2, Adam());
   ASSERT_TRUE(stage2.ok());
   EXPECT_EQ(DecodeUpdate(**stage2, (*got)[0]).status().code(), absl::StatusCode::kDataLoss);
   for (const EncodedUpdate& e : *got) {
-    auto u = DecodeUpdate(**joiner, e);
+    auto u = DecodeUpdate(*joiner, e);
     ASSERT_TRUE(u.ok()) << u.status();
-    ASSERT_TRUE((*joiner)->ApplyUpdate(*u).ok());
+    ASSERT_TRUE(joiner->ApplyUpdate(*u).ok());
   }
-  EXPECT_EQ((*joiner)->optimizer_steps(), 3);
-  EXPECT_EQ((*joiner)->ParamHash(), donor.model->ParamHash());
+  EXPECT_EQ(joiner->optimizer_steps(), 3);
+  EXPECT_EQ(joiner->ParamHash(), donor.model->ParamHash());
   const auto want = donor.model->OptimizerState();
-  const auto have = (*joiner)->OptimizerState();
+  const auto have = joiner->OptimizerState();
   ASSERT_EQ(want.size(), have.size());
   for (size_t i = 0; i < want.size(); ++i) {
     EXPECT_TRUE(at::equal(want[i].second, have[i].second)) << want[i].first;
   }
   // The joiner's own log now serves the same steps.
-  auto again = (*joiner)->UpdatesFrom(2, 3);
+  auto again = joiner->UpdatesFrom(2, 3);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->size(), 2u);
 
@@ -547,8 +556,9 @@ TEST(SwarmPeerTest, ADemoStagesLogReplaysBitForBit) {
                               parallel::StageRange(*blocks, 0).second, Adam(), o);
   };
   auto peer = make();
-  auto joiner = make();
-  ASSERT_TRUE(peer.ok() && joiner.ok());
+  auto made = make();
+  ASSERT_TRUE(peer.ok() && made.ok());
+  std::unique_ptr<SwarmStage> joiner = std::move(*made);
   for (int64_t step = 0; step < 2; ++step) {
     const Batch b = MicroBatchOf(step, 0);
     auto y = (*peer)->Forward({step, 0}, b.tokens);
@@ -565,13 +575,13 @@ TEST(SwarmPeerTest, ADemoStagesLogReplaysBitForBit) {
   ASSERT_TRUE(log.ok()) << log.status();
   ASSERT_EQ(log->size(), 2u);
   for (const StepUpdate& u : *log) {
-    auto back = DecodeUpdate(**joiner, EncodeUpdate(u));
+    auto back = DecodeUpdate(*joiner, EncodeUpdate(u));
     ASSERT_TRUE(back.ok()) << back.status();
     EXPECT_EQ(back->tied_payloads.size(), 2u);
-    ASSERT_TRUE((*joiner)->ApplyUpdate(*back).ok());
+    ASSERT_TRUE(joiner->ApplyUpdate(*back).ok());
   }
-  EXPECT_EQ((*joiner)->ParamHash(), (*peer)->ParamHash());
-  EXPECT_EQ((*joiner)->optimizer_steps(), 2);
+  EXPECT_EQ(joiner->ParamHash(), (*peer)->ParamHash());
+  EXPECT_EQ(joiner->optimizer_steps(), 2);
   // An AdamW stage refuses DeMo's updates, by kind.
   auto adam = SwarmStage::Create(Model(), kSeed, 0, kStages, parallel::StageRange(*blocks, 0).first,
                                  parallel::StageRange(*blocks, 0).second, Adam());
