@@ -478,6 +478,7 @@ class Peer {
       return absl::InternalError(absl::StrCat("step ", d.step(), " was decided with lr ", d.lr(),
                                               ", its round ran with ", round_.lr));
     }
+    SHOAL_RETURN_IF_ERROR(runtime::SwarmStage::CheckStepArgs(d.lr(), d.clip_scale()));
     return server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
       if (st.demo()) return st.DemoApply(round_.own_payloads, round_.tied_payloads, d.lr());
       const std::vector<at::Tensor> grads = st.Gradients();

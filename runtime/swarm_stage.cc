@@ -295,6 +295,17 @@ double SwarmStage::SumSquares() const {
   return parallel::GlobalSumSquares(counted_grads_, 0.0);
 }
 
+absl::Status SwarmStage::CheckStepArgs(double lr, double clip_scale) {
+  if (!(lr >= 0 && lr <= 1e6)) {
+    return absl::InvalidArgumentError(absl::StrCat("a step's lr must be in [0, 1e6], got ", lr));
+  }
+  if (!(clip_scale > 0 && clip_scale <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a step's clip scale must be in (0, 1], got ", clip_scale));
+  }
+  return absl::OkStatus();
+}
+
 void SwarmStage::Apply(double lr, double clip_scale) {
   StepUpdate u;
   u.step = optimizer_->steps() + 1;
@@ -345,9 +356,8 @@ absl::Status SwarmStage::ApplyUpdate(const StepUpdate& u) {
                                                       optimizer_steps(), ": update of step ",
                                                       u.step));
   }
-  if (!std::isfinite(u.lr) || u.lr < 0 || !(u.clip_scale > 0 && u.clip_scale <= 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("update of step ", u.step, ": lr ", u.lr,
-                                                   ", clip scale ", u.clip_scale));
+  if (absl::Status s = CheckStepArgs(u.lr, u.clip_scale); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("update of step ", u.step, ": ", s.message()));
   }
   if (demo()) {
     if (!u.gradient.empty()) {
@@ -390,6 +400,10 @@ absl::StatusOr<SwarmStage::DemoPayloads> SwarmStage::DemoCompress(double lr, int
   if (!demo()) {
     return absl::FailedPreconditionError(
         absl::StrCat("swarm stage ", stage_, " runs AdamW, not DeMo"));
+  }
+  SHOAL_RETURN_IF_ERROR(CheckStepArgs(lr, 1.0));
+  if (!(max_norm >= 0 && max_norm <= 1e30)) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm stage ", stage_, ": max_norm ", max_norm));
   }
   if (stage_peers < 1 || (demo_tied_ != nullptr && tied_peers < 1)) {
     return absl::InvalidArgumentError(absl::StrCat("swarm stage ", stage_, ": DeMo over ",
@@ -434,6 +448,7 @@ absl::Status SwarmStage::DemoApply(const std::vector<at::Tensor>& own,
     return absl::FailedPreconditionError(
         absl::StrCat("swarm stage ", stage_, " runs AdamW, not DeMo"));
   }
+  SHOAL_RETURN_IF_ERROR(CheckStepArgs(lr, 1.0));
   if (demo_before_.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "swarm stage ", stage_, ": DeMo's update of step ", demo_own_->steps() + 1,

@@ -141,8 +141,12 @@ class SwarmStage {
   // sqrt(sum over stages) equal the single process's norm up to the order of stage sums.
   double SumSquares() const;
 
+  // A step's learning rate and clip scale as they arrive from outside (the coordinator's
+  // decision, a peer's catch-up log): lr in [0, 1e6], clip scale in (0, 1]. kInvalidArgument
+  // names the bad one. Apply, DemoCompress and DemoApply require them.
+  static absl::Status CheckStepArgs(double lr, double clip_scale);
   // The step's update: AdamW with learning rate `lr` on gradients multiplied by `clip_scale`,
-  // then gradients zeroed and the activation cache dropped. REQUIRES: !demo().
+  // then gradients zeroed and the activation cache dropped. REQUIRES: !demo(), CheckStepArgs.
   void Apply(double lr, double clip_scale);
   // Forgets the step in progress without applying it (a rollback, a round reopened): the
   // accumulation, the pending micro-batch and the activation cache are dropped (and a DeMo
