@@ -3,6 +3,7 @@
 // swarm_trainer_role.cc.
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -11,6 +12,7 @@
 #include "common/auth_token.h"
 #include "common/net_util.h"
 #include "launch/exit_code.h"
+#include "launch/preemption_watch.h"
 #include "launch/subcommands.h"
 #include "launch/swarm_worker.h"
 
@@ -37,6 +39,15 @@ int WorkerMain(int argc, char** argv) {
                  "The address others dial for this peer, when not --listen's (NAT, 0.0.0.0)");
   app.add_option("--grace-s", o.grace_s, "On SIGTERM, how long a peer stays for its round")
       ->capture_default_str();
+  PreemptionWatchOptions watch;
+  double poll_s = 5;
+  app.add_option("--preemption-url", watch.url,
+                 "Poll this instance-metadata URL (http://) and drain at a preemption notice: "
+                 "an answer 200 that is not empty or \"false\" (GCP .../instance/preempted, "
+                 "AWS .../spot/instance-action)");
+  app.add_option("--preemption-header", watch.headers,
+                 "A header line for the polls, e.g. \"Metadata-Flavor: Google\" (repeatable)");
+  app.add_option("--preemption-poll-s", poll_s, "Seconds between polls")->capture_default_str();
   app.add_option("--catchup-steps", o.catchup_steps,
                  "Steps a peer keeps in its catch-up log for joiners (each one gradient's size)")
       ->capture_default_str();
@@ -91,7 +102,16 @@ int WorkerMain(int argc, char** argv) {
     if (!token.ok()) return WorkerFail(token.status());
     o.token = *token;
   }
+  std::unique_ptr<PreemptionWatch> watcher;
+  if (!watch.url.empty()) {
+    if (!std::isfinite(poll_s)) return bad("--preemption-poll-s must be a number");
+    watch.poll = absl::Milliseconds(std::llround(poll_s * 1000));
+    if (absl::Status s = PreemptionWatch::Check(watch); !s.ok()) return WorkerFail(s);
+  } else if (!watch.headers.empty()) {
+    return bad("--preemption-header goes with --preemption-url");
+  }
   InstallStopHandler();
+  if (!watch.url.empty()) watcher = std::make_unique<PreemptionWatch>(watch, StopRequested());
   return o.trainer ? RunSwarmTrainer(o, StopRequested()) : RunSwarmPeer(o, StopRequested());
 }
 
