@@ -1,10 +1,12 @@
 #include "scheduler/swarm_policy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace shoal::scheduler {
 
@@ -161,6 +163,98 @@ absl::StatusOr<int64_t> SwarmStageBytesInSplit(const GptShape& shape,
   }
   return SwarmStageBytes(shape, static_cast<int>(first),
                          static_cast<int>(first + blocks_per_stage[stage]), activation_bytes);
+}
+
+absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPool>& pools,
+                                                       int64_t period,
+                                                       const SwarmRebalanceOptions& options) {
+  if (!(options.balance_quality > 0 && options.balance_quality <= 1) ||
+      !(options.period_s > 0 && std::isfinite(options.period_s)) || options.wins_needed < 1 ||
+      options.stay_periods < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm rebalancer: balance_quality in (0, 1], period_s > 0, wins_needed >= 1, "
+        "stay_periods >= 0; got ", options.balance_quality, ", ", options.period_s, ", ",
+        options.wins_needed, ", ", options.stay_periods));
+  }
+  std::vector<double> capacity;
+  std::set<int> indices;
+  for (const SwarmPool& p : pools) {
+    if (!indices.insert(p.index).second || p.bytes < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "swarm rebalancer: stage ", p.index, " is repeated or has negative bytes"));
+    }
+    double c = 0;
+    for (const SwarmPoolPeer& peer : p.peers) {
+      if (!(std::isfinite(peer.throughput) && peer.throughput >= 0) ||
+          !(std::isfinite(peer.state_bytes_per_s) && peer.state_bytes_per_s >= 0)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "swarm rebalancer: peer '", peer.id, "' of stage ", p.index, ": throughput ",
+            peer.throughput, ", link ", peer.state_bytes_per_s, " bytes/s"));
+      }
+      c += peer.throughput;
+    }
+    capacity.push_back(c);
+  }
+  if (pools.size() < 2) return std::optional<SwarmMove>();
+  // The weakest stage; a tie means no single move raises the bottleneck.
+  size_t weakest = 0;
+  for (size_t s = 1; s < pools.size(); ++s) {
+    if (capacity[s] < capacity[weakest]) weakest = s;
+  }
+  for (size_t s = 0; s < pools.size(); ++s) {
+    if (s != weakest && capacity[s] == capacity[weakest]) return std::optional<SwarmMove>();
+  }
+  const double before = capacity[weakest];
+  std::optional<SwarmMove> best;
+  for (size_t s = 0; s < pools.size(); ++s) {
+    if (s == weakest || pools[s].peers.size() < 2) continue;  // a stage keeps a peer
+    for (const SwarmPoolPeer& peer : pools[s].peers) {
+      if (peer.free_bytes < pools[weakest].bytes) continue;
+      if (peer.moved_at_period >= 0 && period - peer.moved_at_period < options.stay_periods) {
+        continue;
+      }
+      // After the move: the peer's old stage and its new one change, the rest stay.
+      double after = capacity[weakest] + peer.throughput;
+      for (size_t o = 0; o < pools.size(); ++o) {
+        if (o == weakest) continue;
+        after = std::min(after, o == s ? capacity[o] - peer.throughput : capacity[o]);
+      }
+      if (!(after * options.balance_quality >= before) || after <= before) continue;
+      const double transfer_s =
+          peer.state_bytes_per_s > 0
+              ? static_cast<double>(pools[weakest].bytes) / peer.state_bytes_per_s
+              : 0;
+      // Pays back within a period. While the peer syncs its old stage (above the bottleneck, or
+      // the move would not gain) loses nothing that counts, but a donor of the weakest stage
+      // uploads the state instead of computing: the bottleneck loses about one of its peers for
+      // the transfer, against the gain over the rest of the period.
+      const double donor = capacity[weakest] / static_cast<double>(
+                                                   std::max<size_t>(1, pools[weakest].peers.size()));
+      if (transfer_s >= options.period_s ||
+          donor * transfer_s > (after - before) * (options.period_s - transfer_s)) {
+        continue;
+      }
+      if (!best.has_value() || after > best->bottleneck_after ||
+          (after == best->bottleneck_after && transfer_s < best->transfer_s)) {
+        best = SwarmMove{peer.id, pools[s].index, pools[weakest].index, before, after, transfer_s};
+      }
+    }
+  }
+  return best;
+}
+
+absl::StatusOr<std::optional<SwarmMove>> SwarmRebalancer::Check(const std::vector<SwarmPool>& pools,
+                                                               int64_t period) {
+  SHOAL_ASSIGN_OR_RETURN(std::optional<SwarmMove> best, BestSwarmMove(pools, period, options_));
+  // The same stages (the peer may differ: among equal peers noise picks one or another).
+  const bool same = best.has_value() && candidate_.has_value() && best->from == candidate_->from &&
+                    best->to == candidate_->to;
+  wins_ = best.has_value() ? (same ? wins_ + 1 : 1) : 0;
+  candidate_ = best;
+  if (!best.has_value() || wins_ < options_.wins_needed) return std::optional<SwarmMove>();
+  candidate_.reset();
+  wins_ = 0;
+  return best;
 }
 
 }  // namespace shoal::scheduler

@@ -12,6 +12,8 @@
 #define SHOAL_SCHEDULER_SWARM_POLICY_H_
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -51,6 +53,70 @@ struct SwarmStageChoice {
 // joiner's free bytes and the smallest stage's need, when no stage fits.
 absl::StatusOr<SwarmStageChoice> ChooseStage(const std::vector<SwarmStageLoad>& stages,
                                              int64_t joiner_free_bytes);
+
+// --- When a peer moves (the rebalancer) --------------------------------------------------------
+
+// A serving peer as the rebalancer sees it.
+struct SwarmPoolPeer {
+  std::string id;
+  double throughput = 0;          // measured samples/s (the router's EMA)
+  int64_t free_bytes = 0;         // memory it can give a stage
+  double state_bytes_per_s = 0;   // how fast it can pull a stage's state (its link); 0: unknown
+  int64_t moved_at_period = -1;   // the check at which it last moved; -1: never
+};
+
+struct SwarmPool {
+  int index = 0;                  // the stage's index (unique)
+  int64_t bytes = 0;              // what a peer needs to serve it (SwarmStageBytes)
+  std::vector<SwarmPoolPeer> peers;
+};
+
+struct SwarmRebalanceOptions {
+  // Move only if the bottleneck's capacity rises by at least 1 / balance_quality (Petals: 0.75).
+  double balance_quality = 0.75;
+  // Seconds between checks (--rebalance-s); a move must pay back its transfer within one.
+  double period_s = 60;
+  int wins_needed = 2;            // consecutive checks the same move must win
+  int stay_periods = 3;           // a moved peer stays where it went this many checks
+};
+
+struct SwarmMove {
+  std::string peer;
+  int from = 0, to = 0;           // stage indices
+  double bottleneck_before = 0;   // the smallest stage capacity now
+  double bottleneck_after = 0;    // and once the peer serves its new stage
+  double transfer_s = 0;          // its state download (stage bytes / its link)
+};
+
+// The move that raises the swarm's bottleneck (its smallest stage capacity, the sum of its peers'
+// throughputs) the most: one peer from another stage into the weakest one, where it fits and
+// its own stage keeps a peer; and where it passes the rules: the bottleneck gains at least
+// 1 / balance_quality, the transfer pays back within a period (while the peer syncs, a donor of
+// the weakest stage uploads instead of computing: about one peer's share of that stage for the
+// transfer, against the gain over the rest of the period), and the peer did not move in the last
+// stay_periods checks. nullopt when none does (ties for the weakest stage included: one move cannot
+// raise them all). kInvalidArgument for a bad pool (a repeated index, a throughput not finite
+// and >= 0, negative bytes) or options.
+absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPool>& pools,
+                                                       int64_t period,
+                                                       const SwarmRebalanceOptions& options);
+
+// The rebalancer's memory across checks: a move is made only once a move between the same two
+// stages has been the best in wins_needed consecutive checks (the peer is the last check's best),
+// so one noisy measurement moves nothing.
+// Not thread-safe.
+class SwarmRebalancer {
+ public:
+  explicit SwarmRebalancer(SwarmRebalanceOptions options) : options_(options) {}
+  // One check, at `period` (increasing): the move to make now, or nullopt.
+  absl::StatusOr<std::optional<SwarmMove>> Check(const std::vector<SwarmPool>& pools,
+                                                 int64_t period);
+
+ private:
+  SwarmRebalanceOptions options_;
+  std::optional<SwarmMove> candidate_;
+  int wins_ = 0;
+};
 
 // --- What a stage costs --------------------------------------------------------------------------
 

@@ -3,8 +3,12 @@
 // tensor for a tiny model).
 #include "scheduler/swarm_policy.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <optional>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -163,6 +167,190 @@ TEST(SwarmStageBytes, RefusesBadInput) {
   EXPECT_EQ(SwarmStageBytesInSplit(Tiny(), {2, 2, 0}, 0, 0).status().code(),
             Code::kInvalidArgument);
   EXPECT_EQ(SwarmStageBytesInSplit(Tiny(), {2, 2}, 2, 0).status().code(), Code::kInvalidArgument);
+}
+
+// ---- The rebalancer ----
+
+// Seeded random pools: 2–4 stages of 1–4 peers, throughputs in [0.5, 10), some peers too small
+// for some stages.
+std::vector<SwarmPool> RandomPools(std::mt19937_64& rng) {
+  std::uniform_real_distribution<double> t(0.5, 10);
+  const int stages = 2 + static_cast<int>(rng() % 3);
+  std::vector<SwarmPool> pools(stages);
+  int n = 0;
+  for (int s = 0; s < stages; ++s) {
+    pools[s].index = s;
+    pools[s].bytes = 100 + static_cast<int64_t>(rng() % 3) * 100;
+    const int peers = 1 + static_cast<int>(rng() % 4);
+    for (int p = 0; p < peers; ++p) {
+      pools[s].peers.push_back(
+          SwarmPoolPeer{"p" + std::to_string(n++), t(rng), 100 + static_cast<int64_t>(rng() % 3) * 100,
+                        0, -1});
+    }
+  }
+  return pools;
+}
+
+// The bottleneck after the best single move, by trying every peer in every other stage.
+double BruteForceBestBottleneck(const std::vector<SwarmPool>& pools) {
+  auto bottleneck = [](const std::vector<SwarmPool>& ps) {
+    double m = std::numeric_limits<double>::infinity();
+    for (const SwarmPool& p : ps) {
+      double c = 0;
+      for (const SwarmPoolPeer& q : p.peers) c += q.throughput;
+      m = std::min(m, c);
+    }
+    return m;
+  };
+  double best = bottleneck(pools);
+  for (size_t s = 0; s < pools.size(); ++s) {
+    if (pools[s].peers.size() < 2) continue;
+    for (size_t i = 0; i < pools[s].peers.size(); ++i) {
+      for (size_t to = 0; to < pools.size(); ++to) {
+        if (to == s || pools[s].peers[i].free_bytes < pools[to].bytes) continue;
+        std::vector<SwarmPool> moved = pools;
+        moved[to].peers.push_back(moved[s].peers[i]);
+        moved[s].peers.erase(moved[s].peers.begin() + static_cast<long>(i));
+        best = std::max(best, bottleneck(moved));
+      }
+    }
+  }
+  return best;
+}
+
+TEST(SwarmRebalance, TheBestMoveIsTheBruteForcesOnSmallPools) {
+  std::mt19937_64 rng(11);
+  SwarmRebalanceOptions any;  // every gain counts, no transfer cost
+  any.balance_quality = 1;
+  int moves = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const std::vector<SwarmPool> pools = RandomPools(rng);
+    double before = std::numeric_limits<double>::infinity();
+    for (const SwarmPool& p : pools) {
+      double c = 0;
+      for (const SwarmPoolPeer& q : p.peers) c += q.throughput;
+      before = std::min(before, c);
+    }
+    const double brute = BruteForceBestBottleneck(pools);
+    absl::StatusOr<std::optional<SwarmMove>> got = BestSwarmMove(pools, 0, any);
+    ASSERT_TRUE(got.ok()) << got.status();
+    if (brute > before) {
+      ASSERT_TRUE(got->has_value()) << "trial " << trial;
+      EXPECT_DOUBLE_EQ((*got)->bottleneck_after, brute) << "trial " << trial;
+      EXPECT_DOUBLE_EQ((*got)->bottleneck_before, before);
+      ++moves;
+    } else {
+      EXPECT_FALSE(got->has_value()) << "trial " << trial;
+    }
+    // Petals' threshold: a move only where the brute force gains 1 / 0.75.
+    absl::StatusOr<std::optional<SwarmMove>> strict = BestSwarmMove(pools, 0, {});
+    ASSERT_TRUE(strict.ok());
+    EXPECT_EQ(strict->has_value(), brute * 0.75 >= before && brute > before) << "trial " << trial;
+  }
+  EXPECT_GT(moves, 300);  // the trials exercise moves, not only refusals
+}
+
+TEST(SwarmRebalance, RulesKeepStagesServedTransfersPaidAndMovedPeersPut) {
+  // Stage 0: 2 + 6; stage 1: 3. The 6 would leave stage 0 weaker (2) than stage 1 was; the 2 goes.
+  std::vector<SwarmPool> pools = {{0, 100, {{"a", 2, 1000, 0, -1}, {"b", 6, 1000, 0, -1}}},
+                                  {1, 100, {{"c", 3, 1000, 0, -1}}}};
+  auto move = BestSwarmMove(pools, 10, {});
+  ASSERT_TRUE(move.ok() && move->has_value());
+  EXPECT_EQ((*move)->peer, "a");
+  EXPECT_EQ((*move)->to, 1);
+  EXPECT_DOUBLE_EQ((*move)->bottleneck_after, 5);
+  // A peer that moved within stay_periods stays.
+  pools[0].peers[0].moved_at_period = 8;
+  move = BestSwarmMove(pools, 10, {});
+  ASSERT_TRUE(move.ok());
+  EXPECT_FALSE(move->has_value());
+  pools[0].peers[0].moved_at_period = 7;
+  move = BestSwarmMove(pools, 10, {});
+  ASSERT_TRUE(move.ok());
+  EXPECT_TRUE(move->has_value());
+  // Too slow a link: its download outlasts what the move gains within a period.
+  SwarmRebalanceOptions o;
+  o.period_s = 60;
+  pools[0].peers[0].state_bytes_per_s = 100.0 / 59;  // 59 s to sync a 100-byte stage
+  move = BestSwarmMove(pools, 10, o);
+  ASSERT_TRUE(move.ok());
+  EXPECT_FALSE(move->has_value());
+  pools[0].peers[0].state_bytes_per_s = 100;  // 1 s
+  move = BestSwarmMove(pools, 10, o);
+  ASSERT_TRUE(move.ok() && move->has_value());
+  EXPECT_DOUBLE_EQ((*move)->transfer_s, 1);
+  // Too little memory for the weakest stage, or a stage's only peer: no move.
+  pools[1].bytes = 5000;
+  move = BestSwarmMove(pools, 10, o);
+  ASSERT_TRUE(move.ok());
+  EXPECT_FALSE(move->has_value());
+  std::vector<SwarmPool> lone = {{0, 1, {{"x", 9, 10, 0, -1}}}, {1, 1, {{"y", 1, 10, 0, -1}}}};
+  move = BestSwarmMove(lone, 0, {});
+  ASSERT_TRUE(move.ok());
+  EXPECT_FALSE(move->has_value());
+  // Refusals.
+  std::vector<SwarmPool> twice = {{0, 1, {}}, {0, 1, {}}};
+  EXPECT_EQ(BestSwarmMove(twice, 0, {}).status().code(), Code::kInvalidArgument);
+  std::vector<SwarmPool> nan = {{0, 1, {{"n", std::nan(""), 1, 0, -1}}}, {1, 1, {}}};
+  EXPECT_EQ(BestSwarmMove(nan, 0, {}).status().code(), Code::kInvalidArgument);
+  SwarmRebalanceOptions bad;
+  bad.balance_quality = 0;
+  EXPECT_EQ(BestSwarmMove(pools, 0, bad).status().code(), Code::kInvalidArgument);
+}
+
+// A synthetic trace of 100 checks: throughputs measured with ±15 % noise. Balanced stages never
+// move a peer; an imbalanced swarm moves once (after winning two checks in a row) and never back.
+TEST(SwarmRebalance, HysteresisHoldsUnderNoisyThroughput) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> noise(0.85, 1.15);
+  auto measured = [&](std::vector<SwarmPool> truth) {
+    for (SwarmPool& p : truth) {
+      for (SwarmPoolPeer& q : p.peers) q.throughput *= noise(rng);
+    }
+    return truth;
+  };
+  // Balanced: 3 stages of two peers of 4 samples/s each.
+  std::vector<SwarmPool> balanced;
+  for (int s = 0; s < 3; ++s) {
+    balanced.push_back({s, 10, {{"s" + std::to_string(s) + "a", 4, 100, 0, -1},
+                                {"s" + std::to_string(s) + "b", 4, 100, 0, -1}}});
+  }
+  SwarmRebalancer quiet({});
+  for (int64_t k = 0; k < 100; ++k) {
+    auto m = quiet.Check(measured(balanced), k);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_FALSE(m->has_value()) << "check " << k << ": " << (*m)->peer;
+  }
+  // Imbalanced: stage 1 has one slow peer (a straggler), stage 0 three.
+  std::vector<SwarmPool> truth = {
+      {0, 10, {{"a", 4, 100, 0, -1}, {"b", 4, 100, 0, -1}, {"c", 4, 100, 0, -1}}},
+      {1, 10, {{"d", 1.5, 100, 0, -1}}},
+      {2, 10, {{"e", 4, 100, 0, -1}, {"f", 4, 100, 0, -1}}}};
+  SwarmRebalancer r({});
+  std::vector<std::pair<int64_t, SwarmMove>> moves;
+  for (int64_t k = 0; k < 100; ++k) {
+    auto m = r.Check(measured(truth), k);
+    ASSERT_TRUE(m.ok()) << m.status();
+    if (!m->has_value()) continue;
+    moves.emplace_back(k, **m);
+    // Carry it out in the truth.
+    SwarmPoolPeer moved;
+    for (SwarmPool& p : truth) {
+      for (size_t i = 0; i < p.peers.size(); ++i) {
+        if (p.peers[i].id == (*m)->peer) {
+          moved = p.peers[i];
+          p.peers.erase(p.peers.begin() + static_cast<long>(i));
+          break;
+        }
+      }
+    }
+    moved.moved_at_period = k;
+    truth[(*m)->to].peers.push_back(moved);
+  }
+  ASSERT_EQ(moves.size(), 1u);
+  EXPECT_EQ(moves[0].first, 1);  // it won checks 0 and 1
+  EXPECT_EQ(moves[0].second.from, 0);
+  EXPECT_EQ(moves[0].second.to, 1);
 }
 
 }  // namespace
