@@ -311,7 +311,9 @@ void SwarmStage::Apply(double lr, double clip_scale) {
   u.step = optimizer_->steps() + 1;
   u.lr = lr;
   u.clip_scale = clip_scale;
-  for (const at::Tensor& g : Gradients()) u.gradient.push_back(g.clone());
+  if (options_.catchup_steps > 0) {
+    for (const at::Tensor& g : Gradients()) u.gradient.push_back(g.clone());
+  }
   optimizer_->Step(lr, clip_scale);
   Record(std::move(u));
   DropStep();
