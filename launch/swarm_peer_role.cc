@@ -401,6 +401,7 @@ class Peer {
     RoundResult result;
     result.lr = lr;
     double sum_squares = 0;
+    uint64_t hash = 0;  // the parameters the step starts from, taken under the compute lock
     if (stage_->demo()) {
       // Compressed under the compute lock; exchanged without it.
       runtime::SwarmStage::DemoPayloads mine;
@@ -408,6 +409,7 @@ class Peer {
         SHOAL_RETURN_IF_ERROR(CheckHeld(st, ids, step));
         SHOAL_ASSIGN_OR_RETURN(mine, st.DemoCompress(lr, own.peers_size(), tied_peers,
                                                      config_.optim.grad_clip));
+        hash = st.ParamHash();
         return absl::OkStatus();
       }));
       sum_squares = mine.sum_squares;
@@ -440,17 +442,13 @@ class Peer {
         }
         sum_squares = st.SumSquares();
         for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
+        hash = st.ParamHash();
         return absl::OkStatus();
       }));
     }
     // What the round cost this peer's uplink (the frames it delivered).
     ++rounds_;
     round_bytes_ += group->bytes_sent() + (tied != nullptr ? tied->bytes_sent() : 0);
-    uint64_t hash = 0;
-    SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
-      hash = st.ParamHash();
-      return absl::OkStatus();
-    }));
     v1::StageReportRequest report;
     report.set_peer_id(link_->id());
     report.set_step(step);

@@ -367,11 +367,7 @@ absl::Status SwarmStage::ApplyUpdate(const StepUpdate& u) {
           absl::StrCat("update of step ", u.step, ": a gradient for a DeMo stage"));
     }
     // The residual is this peer's own: it sent nothing that step, so it stays as it is.
-    demo_before_.clear();
-    for (const std::unique_ptr<parallel::Demo>* d : {&demo_own_, &demo_tied_}) {
-      if (*d == nullptr) continue;
-      for (const auto& [name, t] : (*d)->StateDict()) demo_before_.emplace_back(name, t.clone());
-    }
+    SaveDemoResidual();
     absl::Status applied = DemoApply(u.own_payloads, u.tied_payloads, u.lr);
     if (!applied.ok()) demo_before_.clear();
     return applied;
@@ -413,14 +409,10 @@ absl::StatusOr<SwarmStage::DemoPayloads> SwarmStage::DemoCompress(double lr, int
                                                    tied_peers, " tied peer(s)"));
   }
   if (demo_before_.empty()) {
-    for (const std::unique_ptr<parallel::Demo>* d : {&demo_own_, &demo_tied_}) {
-      if (*d == nullptr) continue;
-      for (const auto& [name, t] : (*d)->StateDict()) demo_before_.emplace_back(name, t.clone());
-    }
+    SaveDemoResidual();
   } else {
     // The round runs again: from the residual the step started with.
-    SHOAL_RETURN_IF_ERROR(demo_own_->LoadStateDict(demo_before_));
-    if (demo_tied_ != nullptr) SHOAL_RETURN_IF_ERROR(demo_tied_->LoadStateDict(demo_before_));
+    SHOAL_RETURN_IF_ERROR(RestoreDemoResidual());
   }
   for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
     demo_grads_[g].flat().copy_(accumulation_[g].flat()).mul_(static_cast<double>(stage_peers));
@@ -462,21 +454,19 @@ absl::Status SwarmStage::DemoApply(const std::vector<at::Tensor>& own,
         demo_tied_ != nullptr ? "with" : "without", " a tied optimizer"));
   }
   // Each optimizer checks its payloads before it moves anything; should the own one refuse
-  // after the tied one moved wte, wte and the tied step count are put back.
+  // after the tied one moved wte, wte goes back and the step count with the saved residual.
   at::Tensor wte, wte_before;
-  std::vector<std::pair<std::string, at::Tensor>> tied_state;
   if (demo_tied_ != nullptr) {
     for (const auto& [name, p] : model_->NamedParameters()) {
       if (name == "wte.weight") wte = p;
     }
     wte_before = wte.clone();
-    for (const auto& [name, t] : demo_tied_->StateDict()) tied_state.emplace_back(name, t.clone());
     SHOAL_RETURN_IF_ERROR(demo_tied_->Apply(tied, lr));
   }
   if (absl::Status s = demo_own_->Apply(own, lr); !s.ok()) {
     if (demo_tied_ != nullptr) {
       wte.copy_(wte_before);
-      (void)demo_tied_->LoadStateDict(tied_state);
+      (void)RestoreDemoResidual();
     }
     return s;
   }
@@ -491,10 +481,20 @@ absl::Status SwarmStage::DemoApply(const std::vector<at::Tensor>& own,
   return absl::OkStatus();
 }
 
+void SwarmStage::SaveDemoResidual() {
+  demo_before_ = OptimizerState();
+  for (auto& [name, t] : demo_before_) t = t.clone();
+}
+
+absl::Status SwarmStage::RestoreDemoResidual() {
+  SHOAL_RETURN_IF_ERROR(demo_own_->LoadStateDict(demo_before_));
+  if (demo_tied_ != nullptr) SHOAL_RETURN_IF_ERROR(demo_tied_->LoadStateDict(demo_before_));
+  return absl::OkStatus();
+}
+
 void SwarmStage::DropStep() {
   if (!demo_before_.empty()) {
-    (void)demo_own_->LoadStateDict(demo_before_);
-    if (demo_tied_ != nullptr) (void)demo_tied_->LoadStateDict(demo_before_);
+    (void)RestoreDemoResidual();
     demo_before_.clear();
   }
   model_->ZeroGrad();

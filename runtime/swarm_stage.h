@@ -237,6 +237,9 @@ class SwarmStage {
     return ViewIn(accumulation_, group, view);
   }
   absl::Status LoadDemoState(const std::vector<std::pair<std::string, at::Tensor>>& optimizer);
+  // DeMo: demo_before_ = a copy of the residuals and step now; and back to it.
+  void SaveDemoResidual();
+  absl::Status RestoreDemoResidual();
 
   ModelConfig config_;
   int stage_, num_stages_;

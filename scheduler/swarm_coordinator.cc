@@ -90,7 +90,7 @@ struct SwarmCoordinator::Impl {
   // the history and checkpoint cleared. The coordinator is long-lived; jobs come and go under it
   // (the same config, run again).
   bool JobOver() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    if (state->Snapshot().next_step < options.info.total_steps()) return false;
+    if (state->next_step() < options.info.total_steps()) return false;
     for (const auto& [id, w] : workers) {
       if (w.state != v1::WORKER_STATE_DEAD && w.state != v1::WORKER_STATE_LEFT) return false;
     }

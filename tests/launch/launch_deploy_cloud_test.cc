@@ -157,7 +157,8 @@ std::string DeployFile(const std::string& name) {
   return ReadTextFile(std::string(SHOAL_SOURCE_DIR) + "/deploy/cloud/" + name);
 }
 
-// KEY=VALUE lines (comments and blank lines skipped).
+// KEY=VALUE lines (comments and blank lines skipped): the settings file, and the unit's keys
+// (its sections do not repeat one).
 std::map<std::string, std::string> EnvFile(const std::string& text) {
   std::map<std::string, std::string> out;
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
@@ -170,8 +171,6 @@ std::map<std::string, std::string> EnvFile(const std::string& text) {
   return out;
 }
 
-// The unit's `Key=value` settings (its sections do not repeat a key).
-std::map<std::string, std::string> UnitKeys(const std::string& text) { return EnvFile(text); }
 
 // ExecStart as systemd expands it: ${X} one word, $X split on whitespace.
 std::vector<std::string> Expand(const std::string& exec,
@@ -196,7 +195,7 @@ TEST(DeployCloudTest, TheUnitItsSettingsAndTheCloudInitFileAgree) {
   const std::string unit = DeployFile("shoal-worker.service");
   const std::string env_text = DeployFile("worker.env.example");
   const std::string cloud_init = DeployFile("cloud-init.yaml");
-  const std::map<std::string, std::string> keys = UnitKeys(unit);
+  const std::map<std::string, std::string> keys = EnvFile(unit);
   const std::map<std::string, std::string> env = EnvFile(env_text);
   EXPECT_EQ(keys.at("Restart"), "on-failure");
   EXPECT_EQ(keys.at("KillSignal"), "SIGTERM");
@@ -263,7 +262,7 @@ TEST(DeployCloudTest, TheUnitsCommandJoinsAndDrainsAtThePreemptionNotice) {
                               md.Url("/computeMetadata/v1/instance/preempted") +
                               " --preemption-header Metadata-Flavor:Google "
                               "--preemption-poll-s 0.2 --name spot";
-  const std::string exec = UnitKeys(DeployFile("shoal-worker.service")).at("ExecStart");
+  const std::string exec = EnvFile(DeployFile("shoal-worker.service")).at("ExecStart");
   std::vector<std::string> argv = Expand(exec, env);
   ASSERT_EQ(argv[0], "/usr/local/bin/shoal");
   argv[0] = SHOAL_BINARY;
