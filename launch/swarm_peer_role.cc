@@ -431,17 +431,9 @@ class Peer {
       // Without the compute lock, so a joiner can copy this peer's state meanwhile.
       SHOAL_ASSIGN_OR_RETURN(result.sums,
                              runtime::SumOverRound(*stage_, held, group.get(), tied.get()));
-      SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
-        // The sums' squares as the stage counts them (each model element once): in place for
-        // the count, then the accumulation back as it was.
-        const std::vector<at::Tensor> grads = st.Gradients();
-        std::vector<at::Tensor> kept;
-        for (size_t i = 0; i < grads.size(); ++i) {
-          kept.push_back(grads[i].clone());
-          grads[i].copy_(result.sums[i]);
-        }
-        sum_squares = st.SumSquares();
-        for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(kept[i]);
+      // The sums' squares as the stage counts them (each model element once).
+      sum_squares = stage_->SumSquaresOf(result.sums);
+      SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
         hash = st.ParamHash();
         return absl::OkStatus();
       }));

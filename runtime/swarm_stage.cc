@@ -295,6 +295,21 @@ double SwarmStage::SumSquares() const {
   return parallel::GlobalSumSquares(counted_grads_, 0.0);
 }
 
+double SwarmStage::SumSquaresOf(const std::vector<at::Tensor>& buffers) const {
+  // Each counted view, at the same place in the given buffer as in the accumulation's.
+  std::vector<at::Tensor> views;
+  for (const at::Tensor& v : counted_grads_) {
+    for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
+      const at::Tensor& flat = accumulation_[g].flat();
+      if (!v.is_alias_of(flat)) continue;
+      views.push_back(buffers[g].as_strided(v.sizes(), v.strides(),
+                                            v.storage_offset() - flat.storage_offset() +
+                                                buffers[g].storage_offset()));
+    }
+  }
+  return parallel::GlobalSumSquares(views, 0.0);
+}
+
 absl::Status SwarmStage::CheckStepArgs(double lr, double clip_scale) {
   if (!(lr >= 0 && lr <= 1e6)) {
     return absl::InvalidArgumentError(absl::StrCat("a step's lr must be in [0, 1e6], got ", lr));

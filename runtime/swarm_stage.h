@@ -140,6 +140,9 @@ class SwarmStage {
   // stages (the head's copy of wte is not counted), in the fixed-block order that makes
   // sqrt(sum over stages) equal the single process's norm up to the order of stage sums.
   double SumSquares() const;
+  // The same count over buffers laid out as Gradients() (a round's sums, say) instead of the
+  // accumulation. REQUIRES: as many buffers as Gradients(), each of its buffer's size.
+  double SumSquaresOf(const std::vector<at::Tensor>& buffers) const;
 
   // A step's learning rate and clip scale as they arrive from outside (the coordinator's
   // decision, a peer's catch-up log): lr in [0, 1e6], clip scale in (0, 1]. kInvalidArgument

@@ -360,6 +360,24 @@ TEST(SwarmStageTest, StateRoundTripGivesTheSameStage) {
   EXPECT_EQ(joiner.Peer(1, 0).ParamHash(), before);
 }
 
+// SumSquaresOf counts other buffers (a round's sums) exactly as SumSquares counts the
+// accumulation: the same over a copy of it, four times it over twice it.
+TEST(SwarmStageTest, SumSquaresOfCountsLikeSumSquares) {
+  Swarm swarm(/*peers=*/1);
+  for (int id = 0; id < 2; ++id) swarm.Drive(0, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+  for (int s = 0; s < kStages; ++s) {
+    SwarmStage& st = swarm.Peer(s, 0);
+    std::vector<at::Tensor> copy, twice;
+    for (const at::Tensor& g : st.Gradients()) {
+      copy.push_back(g.clone());
+      twice.push_back(g * 2);
+    }
+    ASSERT_GT(st.SumSquares(), 0) << "stage " << s;
+    EXPECT_EQ(st.SumSquaresOf(copy), st.SumSquares()) << "stage " << s;
+    EXPECT_DOUBLE_EQ(st.SumSquaresOf(twice), 4 * st.SumSquares()) << "stage " << s;
+  }
+}
+
 // ---- DeMo stages ----
 
 parallel::DemoOptions DemoOpts() {
