@@ -69,7 +69,7 @@ absl::Status CheckSeconds(double v, double max, const char* flag) {
 // mode cannot run.
 absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
     const runtime::Config& config, int stages, const std::string& codec, int64_t lease_ms,
-    int64_t heartbeat_ms, const std::string& resume) {
+    int64_t heartbeat_ms, const std::string& resume, double rebalance_s) {
   const runtime::ModelConfig& m = config.model;
   auto refuse = [](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat("--swarm: ", what));
@@ -106,6 +106,7 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
       m.n_layer, stages);
   if (!blocks.ok()) return blocks.status();
   scheduler::SwarmCoordinatorOptions o;
+  o.rebalance_s = rebalance_s;
   o.job.stages = stages;
   o.job.micro_batches = config.train.grad_accum;
   o.job.grad_clip = config.optim.grad_clip;
@@ -221,6 +222,11 @@ int CoordinatorMain(int argc, char** argv) {
   app.add_option("--stages", stages, "--swarm: pipeline stages, in [1, model.n_layer]");
   app.add_option("--codec", codec, "--swarm: activations on the wire: fp32, bf16 or int8")
       ->capture_default_str();
+  double rebalance_s = 60;
+  app.add_option("--rebalance-s", rebalance_s,
+                 "--swarm: seconds between the rebalancer's checks, which move a peer to the "
+                 "bottleneck stage when that pays (0: never)")
+      ->capture_default_str();
   std::string resume;
   app.add_option("--resume", resume,
                  "--swarm: start the job from this checkpoint (a step_XXXXXXXX folder, or a "
@@ -241,6 +247,11 @@ int CoordinatorMain(int argc, char** argv) {
     return Fail(who, absl::InvalidArgumentError(absl::StrCat(
                          "--heartbeat-s (", heartbeat_s, ") must not exceed --lease-s (",
                          lease_s, "): every lease would run out between heartbeats")));
+  }
+  if (!(std::isfinite(rebalance_s) && rebalance_s >= 0 && rebalance_s <= 86400)) {
+    return Fail(who, absl::InvalidArgumentError(absl::StrCat(
+                         "--rebalance-s must be in [0, 86400] seconds (0: never), got ",
+                         rebalance_s)));
   }
   if (!(relayout_gain >= 0 && relayout_gain <= 10)) {
     return Fail(who, absl::InvalidArgumentError(absl::StrCat(
@@ -266,7 +277,7 @@ int CoordinatorMain(int argc, char** argv) {
         MakeSwarm(*config, stages, codec,
                   static_cast<int64_t>(std::llround(lease_s * 1000)),
                   std::max<int64_t>(1, static_cast<int64_t>(std::llround(heartbeat_s * 1000))),
-                  resume);
+                  resume, rebalance_s);
     if (!made.ok()) return Fail(who, made.status());
     options.swarm = *std::move(made);
   } else if (!config_path.empty() || stages != 0 || !overrides.empty() || !resume.empty()) {

@@ -5,16 +5,20 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/auth_token.h"
 #include "common/net_util.h"
 #include "launch/exit_code.h"
 #include "launch/preemption_watch.h"
 #include "launch/subcommands.h"
 #include "launch/swarm_worker.h"
+#include "runtime/profiler.h"
 
 namespace shoal::launch {
 
@@ -57,6 +61,14 @@ int WorkerMain(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--join-timeout-s", join_timeout_s, "Give up joining after this long")
       ->capture_default_str();
+  app.add_option("--throttle", o.throttle,
+                 "A peer's compute slowed by this factor >= 1 (several peers on one machine as "
+                 "several slower devices)")
+      ->capture_default_str();
+  std::string slow_after;
+  app.add_option("--slow-after", slow_after,
+                 "SECONDS:FACTOR: a peer becomes FACTOR times slower SECONDS after it starts (a "
+                 "straggler, for tests and benchmarks)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -77,6 +89,24 @@ int WorkerMain(int argc, char** argv) {
     if (absl::Status s = SplitHostPort(o.advertise, "--advertise", 1, &host, &port); !s.ok()) {
       return WorkerFail(s);
     }
+  }
+  if (absl::Status s = runtime::Throttle::CheckFactor(o.throttle, "--throttle"); !s.ok()) {
+    return WorkerFail(s);
+  }
+  if (!slow_after.empty()) {
+    const std::vector<std::string> parts = absl::StrSplit(slow_after, ':');
+    double seconds = 0, factor = 0;
+    if (parts.size() != 2 || !absl::SimpleAtod(parts[0], &seconds) ||
+        !absl::SimpleAtod(parts[1], &factor) || !std::isfinite(seconds) || seconds < 0 ||
+        seconds > 86400 || !runtime::Throttle::CheckFactor(factor, "--slow-after").ok()) {
+      return bad(absl::StrCat("--slow-after must be SECONDS:FACTOR with SECONDS in [0, 86400] "
+                              "and FACTOR >= 1, got '", slow_after, "'"));
+    }
+    o.slow_after_s = seconds;
+    o.slow_factor = factor;
+  }
+  if (o.trainer && (o.throttle != 1 || !slow_after.empty())) {
+    return bad("--throttle and --slow-after are a peer's: a trainer computes nothing");
   }
   if (o.catchup_steps < 0 || o.catchup_steps > 64) {
     return bad(absl::StrCat("--catchup-steps must be in [0, 64], got ", o.catchup_steps));

@@ -91,6 +91,14 @@ class Peer {
     so.tls_cert_file = options_.tls_cert_file;
     so.tls_key_file = options_.tls_key_file;
     so.commit = [this](const v1::CallInfo& call, double loss) { return Commit(call, loss); };
+    if (options_.throttle > 1 || options_.slow_after_s >= 0) {
+      const absl::Time start = absl::Now();
+      so.slowdown = [this, start] {
+        const bool slowed = options_.slow_after_s >= 0 &&
+                            absl::Now() - start >= absl::Seconds(options_.slow_after_s);
+        return options_.throttle * (slowed ? options_.slow_factor : 1.0);
+      };
+    }
     SHOAL_ASSIGN_OR_RETURN(server_, runtime::SwarmPeerServer::Start(nullptr, mailbox_, so));
     const std::string advertise =
         options_.advertise.empty() ? server_->address() : options_.advertise;
@@ -116,6 +124,10 @@ class Peer {
     }
     first_ = job.first_layer(stage_index_);
     end_ = job.end_layer(stage_index_);
+    if (first_ < 0 || end_ <= first_ || end_ > config_.model.n_layer) {
+      return absl::InvalidArgumentError(absl::StrCat("the coordinator assigned blocks [", first_,
+                                                     ", ", end_, ") of ", config_.model.n_layer));
+    }
     SHOAL_ASSIGN_OR_RETURN(stage_, MakeStage());
     SHOAL_LOG(Info) << "swarm peer " << link_->id() << " at " << advertise << ": stage "
                     << stage_index_ << " of " << stages_ << " (blocks [" << first_ << ", " << end_
@@ -603,6 +615,17 @@ class Peer {
         rollbacks_seen_ = r.counters().rollbacks();
         continue;
       }
+      if (draining && me->state() == "SYNCING") return absl::OkStatus();  // it holds nothing
+      if (me->stage() != stage_index_) {
+        // Moved by the rebalancer: the old stage's round is over for this peer.
+        SHOAL_RETURN_IF_ERROR(SwitchStage(r, *me));
+        round_ = RoundResult{};
+        done_key.clear();
+        (void)server_->TakeLoad();  // the old stage's work says nothing of the new one's
+        window = runtime::SwarmPeerLoad{};
+        window_start = absl::Now();
+        continue;
+      }
       if (me->state() == "SYNCING" && !me->synced()) {
         // Sent back to syncing (a rollback, or a drift): load the state the roster names.
         const v1::SwarmPeerEntry* donor = PeerOf(r, me->donor());
@@ -650,6 +673,42 @@ class Peer {
     }
   }
 
+  // The coordinator moved this peer to another stage (`me` is its entry there, SYNCING): a
+  // fresh stage for its blocks, synced from the source the roster names, then served.
+  absl::Status SwitchStage(const v1::SwarmRoster& r, const v1::SwarmPeerEntry& me) {
+    const v1::SwarmStageEntry* entry = StageOf(r, me.stage());
+    if (entry == nullptr || entry->first_layer() < 0 || entry->end_layer() <= entry->first_layer() ||
+        entry->end_layer() > config_.model.n_layer) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("the coordinator moved this peer to stage ", me.stage(),
+                       ", which its roster does not describe"));
+    }
+    SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": moved from stage " << stage_index_
+                    << " to stage " << me.stage() << " (blocks [" << entry->first_layer() << ", "
+                    << entry->end_layer() << ")), syncing from " << me.sync_source()
+                    << (me.donor().empty() ? "" : " " + me.donor());
+    const int old_index = stage_index_, old_first = first_, old_end = end_;
+    stage_index_ = me.stage();
+    first_ = entry->first_layer();
+    end_ = entry->end_layer();
+    absl::StatusOr<std::unique_ptr<runtime::SwarmStage>> fresh = MakeStage();
+    if (!fresh.ok()) {
+      stage_index_ = old_index;
+      first_ = old_first;
+      end_ = old_end;
+      return fresh.status();
+    }
+    retired_ = std::move(stage_);
+    stage_ = *std::move(fresh);
+    attached_ = false;  // Sync loads the new stage directly; the server still has the old one
+    const v1::SwarmPeerEntry* donor = PeerOf(r, me.donor());
+    SHOAL_RETURN_IF_ERROR(Sync(me.sync_source().empty() ? "wait" : me.sync_source(), me.donor(),
+                               donor != nullptr ? donor->address() : "", r.next_step()));
+    server_->Attach(stage_.get(), first_, end_);
+    attached_ = true;
+    return absl::OkStatus();
+  }
+
   // Folds the work done since the last call into the next heartbeat: samples per second of
   // compute over the last 10 s or more (a peer that computed nothing keeps its last figure).
   void ReportLoad(runtime::SwarmPeerLoad* window, absl::Time* start) {
@@ -692,6 +751,9 @@ class Peer {
   std::unique_ptr<SwarmLink> link_;
   runtime::Config config_;
   std::unique_ptr<runtime::SwarmStage> stage_;
+  // The stage it served before its last move, kept while a call that began on it may still run
+  // (moves are periods apart: the one before is long done).
+  std::unique_ptr<runtime::SwarmStage> retired_;
   int stage_index_ = 0, stages_ = 1, micro_batches_ = 1, first_ = 0, end_ = 0;
   // What this peer's round of the step left for the decision (empty: it took no part).
   struct RoundResult {

@@ -51,6 +51,12 @@ struct SwarmWorkerOptions {
   std::string advertise;
   double grace_s = 25;          // SIGTERM: how long to stay for the stage's round
   int catchup_steps = 4;        // steps kept in the stage's catch-up log
+  // A peer slowed on purpose (tests and benchmarks: several peers sharing one machine's cores
+  // as several devices): its compute takes `throttle` times as long, and from `slow_after_s`
+  // seconds after it starts (>= 0; -1: never) `slow_factor` times that again.
+  double throttle = 1;
+  double slow_after_s = -1;
+  double slow_factor = 1;
   // Trainer:
   std::string data_dir;         // empty: the job's data.dir
   std::string out_dir;          // empty: the job's train.out_dir (metrics.jsonl, checkpoints)

@@ -1,6 +1,7 @@
 #include "runtime/swarm_peer.h"
 
 #include "memory/checksum.h"
+#include "runtime/profiler.h"
 #include "runtime/swarm_sync.h"
 
 #include <ATen/ATen.h>
@@ -102,6 +103,11 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     load_.samples += samples;
     load_.compute_s += seconds;
   }
+  // The deliberate slow-down after a compute that began at t0 (SwarmPeerOptions::slowdown).
+  void SlowDown(std::chrono::steady_clock::time_point t0) const {
+    if (!options_.slowdown) return;
+    Throttle(options_.slowdown()).After(SecondsSince(t0));
+  }
   SwarmPeerLoad TakeLoad() {
     std::lock_guard<std::mutex> lock(load_mu_);
     SwarmPeerLoad out = load_;
@@ -154,6 +160,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     {
       std::lock_guard<std::mutex> lock(mu_);
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
+      SlowDown(t0);
     }
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
@@ -197,6 +204,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       std::lock_guard<std::mutex> lock(mu_);
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
       grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
+      SlowDown(t0);
       if (grad_input.ok() && h.accumulate()) {
         if (absl::Status c = Commit(stage, h.call(), key, std::nan(""));
             !c.ok()) {
@@ -260,6 +268,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       std::lock_guard<std::mutex> lock(mu_);
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
+      SlowDown(t0);
       if (out.ok() && h.accumulate()) {
         if (absl::Status c = Commit(stage, h.call(), key, out->loss); !c.ok()) {
           return comm::ToGrpc(c);

@@ -51,6 +51,10 @@ struct SwarmPeerOptions {
   // peer's stage in the ledger, with its mean loss on the last stage (NaN elsewhere); null: keep
   // every accumulation.
   std::function<absl::Status(const v1::CallInfo& call, double loss)> commit;
+  // The factor (>= 1) this peer's compute is slowed by now: after each forward or backward it
+  // sleeps (factor - 1) times the compute's time, under the compute lock, counted as compute (a
+  // slower device, for tests and benchmarks: `shoal worker --throttle / --slow-after`). Null: 1.
+  std::function<double()> slowdown;
 };
 
 // What a peer computed since it was last asked.

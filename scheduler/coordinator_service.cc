@@ -334,7 +334,10 @@ struct CoordinatorServer::Impl {
       if (stop_sweeper) break;
       mu.Unlock();
       core->ExpireLeases();
-      if (swarm != nullptr) swarm->ExpireLeases();
+      if (swarm != nullptr) {
+        swarm->ExpireLeases();
+        swarm->Rebalance();
+      }
       mu.Lock();
     }
   }

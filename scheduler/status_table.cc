@@ -117,7 +117,7 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
     absl::StrAppend(&out, "  joins ", c.joins(), "  leaves ", c.leaves(), "  deaths ", c.deaths(),
                     "  fences ", c.fences(), "  replays ", c.replays(), "  duplicates ",
                     c.duplicates(), "  lost ", c.lost(), "  drifts ", c.drifts(), "  evictions ",
-                    c.evictions(), "  trainers ", r.trainers_size(), "\n");
+                    c.evictions(), "  moves ", c.moves(), "  trainers ", r.trainers_size(), "\n");
     std::vector<std::vector<std::string>> rows;
     rows.push_back({"STAGE", "LAYERS", "PHASE", "PEER", "STATE", "ADDRESS", "HELD", "TPUT"});
     for (const v1::SwarmStageEntry& st : r.stages()) {
@@ -131,7 +131,11 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
         rows.push_back({absl::StrCat(st.index()), layers, phase, "(none)", "-", "-", "-", "-"});
       }
       for (const v1::SwarmPeerEntry& p : st.peers()) {
-        rows.push_back({absl::StrCat(st.index()), layers, phase, Clip(p.id(), 24), p.state(),
+        const std::string state =
+            p.state() == "DRAINING" && p.moving_to() >= 0 && p.moving_to() != st.index()
+                ? absl::StrCat("MOVING->", p.moving_to())
+                : p.state();
+        rows.push_back({absl::StrCat(st.index()), layers, phase, Clip(p.id(), 24), state,
                         p.address(), absl::StrCat(p.accumulated()),
                         absl::StrFormat("%.1f", p.throughput())});
       }

@@ -82,6 +82,8 @@ struct SwarmCoordinator::Impl {
   v1::Counters counters ABSL_GUARDED_BY(mu);
   std::string checkpoint_path ABSL_GUARDED_BY(mu);
 
+  int64_t last_rebalance_ms ABSL_GUARDED_BY(mu) = 0;  // the rebalancer's last check
+  int64_t rebalance_period ABSL_GUARDED_BY(mu) = 0;    // checks so far
   int64_t job ABSL_GUARDED_BY(mu) = 1;  // the job's number under this coordinator
   std::deque<std::string> evictions ABSL_GUARDED_BY(mu);  // the newest drift evictions' messages
 
@@ -283,6 +285,7 @@ struct SwarmCoordinator::Impl {
         pe->set_synced(p.synced);
         pe->set_drifts(p.drifts);
         pe->set_can_leave(p.can_leave);
+        pe->set_moving_to(p.moving_to);
         if (p.state == SwarmPeerState::kSyncing) pe->set_sync_source(SourceName(p.source));
       }
     }
@@ -333,6 +336,13 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
         "swarm coordinator: a starting checkpoint needs both its step and its path (step ",
         options.job.checkpoint_step, ", path '", options.checkpoint_path, "')"));
   }
+  if (!(std::isfinite(options.rebalance_s) && options.rebalance_s >= 0 &&
+        options.rebalance_s <= 86400)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm coordinator: the rebalancing period must be in [0, 86400] s, got ",
+        options.rebalance_s));
+  }
+  if (options.rebalance_s > 0) options.state.rebalance.period_s = options.rebalance_s;
   auto state = SwarmState::Create(options.job, options.state);
   if (!state.ok()) return state.status();
   auto impl = std::make_unique<Impl>();
@@ -340,6 +350,7 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
   impl->clock = clock != nullptr ? clock : SystemClock::Get();
   impl->state = std::move(*state);
   impl->started_ms = impl->clock->NowUnixMs();
+  impl->last_rebalance_ms = impl->started_ms;
   {
     absl::MutexLock lock(&impl->mu);
     impl->checkpoint_path = impl->options.checkpoint_path;
@@ -729,6 +740,31 @@ int SwarmCoordinator::ExpireLeases() {
     ++n;
   }
   return n;
+}
+
+std::optional<SwarmMove> SwarmCoordinator::Rebalance() {
+  Impl& m = *impl_;
+  absl::MutexLock lock(&m.mu);
+  const int64_t now = m.clock->NowUnixMs();
+  if (m.options.rebalance_s <= 0 ||
+      static_cast<double>(now - m.last_rebalance_ms) < m.options.rebalance_s * 1000) {
+    return std::nullopt;
+  }
+  m.last_rebalance_ms = now;
+  absl::StatusOr<std::optional<SwarmMove>> move = m.state->Rebalance(++m.rebalance_period);
+  if (!move.ok()) {
+    SHOAL_LOG(Error) << "swarm: rebalancing: " << move.status();
+    return std::nullopt;
+  }
+  if (!move->has_value()) return std::nullopt;
+  const SwarmMove& mv = **move;
+  if (m.options.log_events) {
+    SHOAL_LOG(Info) << "swarm: rebalancing: peer " << mv.peer << " moves from stage " << mv.from
+                    << " to stage " << mv.to << ", the bottleneck (" << mv.bottleneck_before
+                    << " -> " << mv.bottleneck_after << " samples/s expected)";
+  }
+  m.Touch(true);
+  return mv;
 }
 
 v1::SwarmRoster SwarmCoordinator::Roster() const {

@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -57,6 +58,9 @@ struct SwarmCoordinatorOptions {
   // The checkpoint the job starts from (its step is job.checkpoint_step), for the roster: peers
   // load their stage from it. Empty with job.checkpoint_step = -1 (from the init).
   std::string checkpoint_path;
+  // Seconds between the rebalancer's checks (ALGORITHMS.md §2.8, SwarmState::Rebalance), in
+  // [0, 86400]; 0: peers stay at the stage they joined.
+  double rebalance_s = 0;
 };
 
 class SwarmCoordinator {
@@ -90,6 +94,9 @@ class SwarmCoordinator {
 
   // Marks workers whose lease ran out as dead. Returns how many.
   int ExpireLeases();
+  // The rebalancer's check (SwarmState::Rebalance) when rebalance_s has passed since the last
+  // one; the move it made, if any. Called with ExpireLeases by the server's sweeper.
+  std::optional<SwarmMove> Rebalance();
   v1::ClusterStatus Status() const;
   v1::SwarmRoster Roster() const;
   void CountRejected();

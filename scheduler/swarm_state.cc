@@ -103,7 +103,10 @@ struct SwarmState::Impl {
     double throughput = 0;
     bool throughput_reported = false;
     int64_t queue_length = 0;
+    int64_t free_bytes = 0;       // the memory it joined with
     int drifts = 0;
+    int moving_to = -1;           // DRAINING for a move: the stage it goes to
+    int64_t moved_at_period = -1;  // the rebalancer's period of its last move
     // Syncing: where from, and what it claimed.
     SwarmSyncSource source = SwarmSyncSource::kWaitForDonor;
     std::string donor;
@@ -164,6 +167,8 @@ struct SwarmState::Impl {
   std::string waiting;
   std::map<int64_t, SwarmApply> decisions;
   SwarmCounters counters;
+  std::unique_ptr<SwarmRebalancer> rebalancer;
+  int64_t period = -1;  // the newest Rebalance check's
 
   void Bump() { ++version; }
 
@@ -374,6 +379,56 @@ struct SwarmState::Impl {
     return absl::OkStatus();
   }
 
+  // A draining peer whose leaving loses nothing: another peer serves its stage, nobody syncs
+  // from it, and its round is agreed or it holds nothing of it.
+  bool DrainDone(const Peer& p) {
+    if (p.state != SwarmPeerState::kDraining) return false;
+    bool serving = false;
+    for (Peer* c : StagePeers(p.stage)) serving = serving || c->state == SwarmPeerState::kServing;
+    const std::map<std::string, int> loads = Loads();
+    if (!serving || loads.count(p.id) != 0) return false;
+    const Member* m = open && p.in_round ? FindMember(p.stage, p.id) : nullptr;
+    if (m == nullptr) return true;
+    const StageRound& r = round[p.stage];
+    return r.phase == SwarmStagePhase::kAgreed ||
+           (r.phase == SwarmStagePhase::kCollecting && m->held == 0);
+  }
+
+  // A serving peer starts its move to stage `to` (checked by the caller).
+  void StartMove(Peer& p, int to) {
+    p.state = SwarmPeerState::kDraining;
+    p.moving_to = to;
+    p.moved_at_period = period;
+    Bump();
+    Settle();
+  }
+
+  // Moving peers whose old stage no longer needs them: out of its round, joiners of the new one.
+  void CompleteMoves() {
+    for (Peer* p : AllBySeniority()) {
+      if (p->moving_to < 0 || !DrainDone(*p)) continue;
+      if (p->in_round) {
+        if (round[p->stage].phase == SwarmStagePhase::kAgreed) {
+          // Its micro-batches are in the reduced gradient its stage's other peers hold.
+          if (Member* m = FindMember(p->stage, p->id)) m->membership = Membership::kGone;
+        } else if (!Fence(p->stage, p->id).ok() || !Replan(p->stage).ok()) {
+          continue;  // the records disagree (a bug): it stays where it is
+        }
+        p->in_round = false;
+      }
+      p->stage = p->moving_to;
+      p->moving_to = -1;
+      p->state = SwarmPeerState::kSyncing;
+      p->synced = false;
+      p->verified = false;
+      p->donor_failures.clear();
+      p->seq = ++seq;
+      AssignSource(*p);
+      ++counters.moves;
+      Bump();
+    }
+  }
+
   // Sets the pending rollback if a stage has lost every peer holding its newest state while
   // that state cannot be had otherwise (a round is open, or it is no checkpoint's nor init's).
   void CheckLost() {
@@ -445,8 +500,9 @@ struct SwarmState::Impl {
     Bump();
   }
 
-  // After every change: lost stages, the next round, then every joiner's source.
+  // After every change: finished moves, lost stages, the next round, then every joiner's source.
   void Settle() {
+    CompleteMoves();
     CheckLost();
     TryOpen();
     Reassign();  // after the round opens: its new serving peers are donors too
@@ -679,6 +735,10 @@ absl::StatusOr<std::unique_ptr<SwarmState>> SwarmState::Create(const SwarmJob& j
   if (!options.learning_rate) {
     return absl::InvalidArgumentError("swarm options: no learning_rate schedule");
   }
+  if (absl::StatusOr<std::optional<SwarmMove>> none = BestSwarmMove({}, 0, options.rebalance);
+      !none.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm options: ", none.status().message()));
+  }
   auto impl = std::make_unique<Impl>();
   impl->job = job;
   impl->options = std::move(options);
@@ -686,6 +746,7 @@ absl::StatusOr<std::unique_ptr<SwarmState>> SwarmState::Create(const SwarmJob& j
   impl->checkpoint_step = job.checkpoint_step;
   impl->next_step = std::max<int64_t>(0, job.checkpoint_step);
   impl->stage_hash.resize(job.stages);
+  impl->rebalancer = std::make_unique<SwarmRebalancer>(impl->options.rebalance);
   impl->TryOpen();
   return std::unique_ptr<SwarmState>(new SwarmState(std::move(impl)));
 }
@@ -730,6 +791,7 @@ absl::StatusOr<SwarmJoin> SwarmState::AddPeer(const std::string& id, const std::
   Impl::Peer& p = st.peers[id];
   p.id = id;
   p.address = address;
+  p.free_bytes = free_bytes;
   p.stage = choice->index;
   p.seq = ++st.seq;
   st.AssignSource(p);
@@ -865,6 +927,83 @@ absl::Status SwarmState::Drain(const std::string& id) {
   st.Bump();
   st.Settle();
   return absl::OkStatus();
+}
+
+absl::Status SwarmState::MovePeer(const std::string& id, int to) {
+  absl::MutexLock lock(&mu_);
+  Impl& st = *impl_;
+  Impl::Peer* p = st.Find(id);
+  if (p == nullptr) return absl::NotFoundError(absl::StrCat("swarm move: unknown peer '", id, "'"));
+  if (to < 0 || to >= st.job.stages || to == p->stage) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm move of peer '", id, "' (stage ",
+                                                   p->stage, ") to stage ", to, " of ",
+                                                   st.job.stages));
+  }
+  if (p->state != SwarmPeerState::kServing) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm move: peer '", id, "' is ", SwarmPeerStateName(p->state), ", not serving"));
+  }
+  if (st.rollback.has_value()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "swarm move of peer '", id, "': the swarm needs a rollback (", st.rollback->reason, ")"));
+  }
+  int serving = 0;
+  for (Impl::Peer* c : st.StagePeers(p->stage)) serving += c->state == SwarmPeerState::kServing;
+  if (serving < 2) {
+    return absl::FailedPreconditionError(absl::StrCat("swarm move: peer '", id,
+                                                      "' is the only serving peer of stage ",
+                                                      p->stage));
+  }
+  if (p->free_bytes < st.job.stage_bytes[to]) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "swarm move of peer '", id, "': stage ", to, " needs ", st.job.stage_bytes[to],
+        " bytes, it has ", p->free_bytes));
+  }
+  st.StartMove(*p, to);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<SwarmMove>> SwarmState::Rebalance(int64_t period) {
+  absl::MutexLock lock(&mu_);
+  Impl& st = *impl_;
+  if (period <= st.period) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm rebalance: period ", period,
+                                                   " after period ", st.period));
+  }
+  st.period = period;
+  std::vector<SwarmPool> pools(st.job.stages);
+  bool settled = !st.rollback.has_value() && st.waiting.empty();
+  for (int s = 0; s < st.job.stages; ++s) {
+    pools[s].index = s;
+    pools[s].bytes = st.job.stage_bytes[s];
+    for (const Impl::Peer* p : st.StagePeers(s)) {
+      if (p->state != SwarmPeerState::kServing || !p->throughput_reported) {
+        settled = false;
+        continue;
+      }
+      SwarmPoolPeer peer;
+      peer.id = p->id;
+      peer.throughput = p->throughput;
+      peer.free_bytes = p->free_bytes;
+      peer.moved_at_period = p->moved_at_period;
+      pools[s].peers.push_back(std::move(peer));
+    }
+  }
+  if (!settled) {
+    // The pools are changing: the rebalancer's memory starts again once they settle.
+    st.rebalancer = std::make_unique<SwarmRebalancer>(st.options.rebalance);
+    return std::optional<SwarmMove>();
+  }
+  absl::StatusOr<std::optional<SwarmMove>> move = st.rebalancer->Check(pools, period);
+  if (!move.ok() || !move->has_value()) return move;
+  Impl::Peer* p = st.Find((*move)->peer);
+  if (p == nullptr || p->stage != (*move)->from) {
+    return absl::InternalError(absl::StrCat("swarm rebalance: the policy moves peer '",
+                                            (*move)->peer, "', not a peer of stage ",
+                                            (*move)->from));
+  }
+  st.StartMove(*p, (*move)->to);
+  return move;
 }
 
 absl::Status SwarmState::ReportLoad(const std::string& id, double throughput,
@@ -1115,10 +1254,16 @@ absl::StatusOr<int64_t> SwarmState::RollBack() {
   if (target < st.next_step) {
     // Nobody holds the target state: everyone loads it, draining peers go.
     for (Impl::Peer* p : st.AllBySeniority()) {
-      if (p->state == SwarmPeerState::kDraining) {
+      if (p->state == SwarmPeerState::kDraining && p->moving_to < 0) {
         ++st.counters.leaves;
         st.peers.erase(p->id);
         continue;
+      }
+      if (p->moving_to >= 0) {
+        // A move under way: it loads the target state of the stage it was going to.
+        p->stage = p->moving_to;
+        p->moving_to = -1;
+        ++st.counters.moves;
       }
       p->state = SwarmPeerState::kSyncing;
       p->synced = false;
@@ -1166,8 +1311,6 @@ SwarmSnapshot SwarmState::Snapshot() const {
     info.bytes = st.job.stage_bytes[s];
     const std::vector<Impl::Peer*> stage_peers = st.StagePeers(s);
     const Impl::StageRound* r = st.open ? &st.round[s] : nullptr;
-    int serving = 0;
-    for (const Impl::Peer* p : stage_peers) serving += p->state == SwarmPeerState::kServing;
     const std::map<std::string, int> loads = st.Loads();
     for (const Impl::Peer* p : stage_peers) {
       SwarmPeerInfo pi;
@@ -1192,12 +1335,8 @@ SwarmSnapshot SwarmState::Snapshot() const {
         pi.verified = p->synced && p->verified;
       }
       if (p->state == SwarmPeerState::kServing) info.capacity += pi.throughput;
-      if (p->state == SwarmPeerState::kDraining) {
-        const bool round_done =
-            r == nullptr || m == nullptr || r->phase == SwarmStagePhase::kAgreed ||
-            (r->phase == SwarmStagePhase::kCollecting && m->held == 0);
-        pi.can_leave = serving > 0 && pi.joiners == 0 && round_done;
-      }
+      pi.can_leave = st.DrainDone(*p);
+      pi.moving_to = p->moving_to;
       info.peers.push_back(std::move(pi));
     }
     if (r != nullptr) {

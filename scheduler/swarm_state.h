@@ -76,6 +76,15 @@
 // the newest state (the lost round was its first), the peers keep what they hold and only the
 // round restarts, once the lost stage has a peer again.
 //
+// Moves (the rebalancer, ALGORITHMS.md §2.8). MovePeer sends a SERVING peer to another stage: it
+// drains first (DRAINING with moving_to: no new work, still in its round), and once leaving its
+// stage loses nothing (the can_leave rule: another peer serves the stage, nobody syncs from it,
+// its round is agreed or it holds nothing) it is a joiner of the new stage under the same id:
+// SYNCING from a donor there, newest in seniority, serving from the next round as any joiner.
+// Rebalance runs the policy's check (SwarmRebalancer) over the serving peers and makes its move.
+// The caller decides when periods pass (the coordinator every --rebalance-s, the simulator on its
+// virtual clock); nothing here reads a clock.
+//
 // Errors. Every input is checked before anything changes, and a refused call changes nothing.
 //   kInvalidArgument    a malformed argument: an empty id or address, a negative number, a
 //                       non-finite value, a report whose ids are not its plan's; a bad job
@@ -109,6 +118,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "scheduler/swarm_ledger.h"
+#include "scheduler/swarm_policy.h"
 
 namespace shoal::scheduler {
 
@@ -132,6 +142,8 @@ struct SwarmStateOptions {
   int max_drifts = 2;              // the drift that evicts a peer, >= 1
   double default_throughput = 1;   // samples/s assumed for a serving peer before its first report
   int kept_decisions = 1024;       // decisions Decision() can still return, >= 1
+  // Rebalance's rules (swarm_policy.h); period_s is the caller's period between checks.
+  SwarmRebalanceOptions rebalance;
   // The learning rate of a step, called (under the state's lock: it must not call back) when the
   // step opens. Required.
   std::function<double(int64_t step)> learning_rate;
@@ -232,6 +244,7 @@ struct SwarmPeerInfo {
   // DRAINING only: leaving now loses nothing (another peer serves its stage, nobody syncs from
   // it, and it holds no micro-batch its stage still needs from it).
   bool can_leave = false;
+  int moving_to = -1;             // DRAINING for a move (MovePeer): the stage it goes to
 };
 
 struct SwarmStageInfo {
@@ -268,7 +281,7 @@ struct SwarmCounters {
   int64_t fences = 0;         // peers fenced in the ledger (deaths, drifts, evictions in a round)
   int64_t replays = 0;        // micro-batches leased as replays (the ledger's count)
   int64_t syncs_refused = 0;  // accepted syncs found wrong later
-  int64_t moves = 0;          // stage moves (rebalancing): none yet
+  int64_t moves = 0;          // stage moves completed (MovePeer: the peer left its old stage)
   int64_t rollbacks = 0;
   int64_t steps_applied = 0;
 };
@@ -317,6 +330,17 @@ class SwarmState {
   // SERVING -> DRAINING (again: OK, nothing changes). kNotFound, kFailedPrecondition (syncing:
   // it holds nothing, remove it).
   absl::Status Drain(const std::string& id);
+  // Moves a SERVING peer to stage `to` (see Moves at the top of the file). kNotFound,
+  // kInvalidArgument (`to` is not a stage, or is the peer's own), kFailedPrecondition (not
+  // serving, a rollback pending, or it is its stage's only serving peer), kResourceExhausted
+  // (stage `to` does not fit the memory it joined with).
+  absl::Status MovePeer(const std::string& id, int to);
+  // One check of the rebalancer (swarm_policy.h, SwarmRebalancer) at `period` (increasing) over
+  // the SERVING peers and their reported throughputs, and the move it makes, carried out with
+  // MovePeer. No check while a peer syncs or drains (the pools are changing; the rebalancer's
+  // memory starts again) or while no step can run. kInvalidArgument (options, a period that does
+  // not increase).
+  absl::StatusOr<std::optional<SwarmMove>> Rebalance(int64_t period);
   // The peer's measured throughput (samples/s, finite >= 0) and queue length (>= 0). Not a roster
   // change. kNotFound, kInvalidArgument.
   absl::Status ReportLoad(const std::string& id, double throughput, int64_t queue_length);

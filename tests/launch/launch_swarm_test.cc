@@ -15,6 +15,9 @@
 //      a stage's last peer: it stays until a successor has synced from it, then exits 0; kill -9
 //      of a stage's last peer: the swarm rolls back to its newest checkpoint (logged), a new peer
 //      takes the stage from it, the run finishes with each step's loss the one process's.
+//   5. the rebalancer: a peer of a fast stage moves into the slow one (drains, syncs, serves),
+//      nothing moves back, every step's loss within 1e-5 of the one process's; the step rates
+//      before and after the move go to stdout (`swarm_rebalance`).
 // Refusals: `shoal worker --join` to a mesh coordinator and `shoal train --coordinator` to a swarm
 // one exit 2 naming the mismatch; --swarm refuses configs it cannot run.
 // Every process is bounded by `timeout` or killed by the test.
@@ -178,11 +181,14 @@ class SwarmTest : public ::testing::Test {
     return p;
   }
 
-  Process Peer(const std::string& name, int grpc, int grace_s = 5) {
-    return Process({SHOAL_BINARY, "worker", "--join", "127.0.0.1:" + std::to_string(grpc),
-                    "--token-file", tmp_ / "token", "--name", name, "--grace-s",
-                    std::to_string(grace_s)},
-                   tmp_ / (name + ".log"));
+  Process Peer(const std::string& name, int grpc, int grace_s = 5,
+               const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {SHOAL_BINARY, "worker", "--join",
+                                     "127.0.0.1:" + std::to_string(grpc), "--token-file",
+                                     tmp_ / "token", "--name", name, "--grace-s",
+                                     std::to_string(grace_s)};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return Process(argv, tmp_ / (name + ".log"));
   }
 
   Process Trainer(const std::string& name, int grpc, const std::string& out) {
@@ -545,6 +551,114 @@ TEST_F(SwarmTest, PeerJoiningAtStep5SyncsFromADonorAndServes) {
   EXPECT_EQ(joiner.Wait(std::chrono::seconds(30)), 0) << log;
 }
 
+// The rebalancer with real processes. Stage 0 has two fast peers, stage 1 one peer slowed 16x
+// (`--throttle 4 --slow-after 0:4`), stage 2 one slowed 2x: stage 1 is the bottleneck by far,
+// and moving a stage-0 peer there raises it 8-fold (stage 2 then bounds the swarm), after which
+// no single move gains 1/0.75 (the best, the slow peer to stage 2, about 1.13). With `--rebalance-s 3`, one stage-0 peer moves to stage 1 (it drains,
+// then syncs stage 1 from its peer), serves there, and nothing moves back; every step's loss
+// stays within 1e-5 of the one process's and the final weights within 1e-5. Prints one JSON
+// line (`swarm_rebalance`): when the move came and the step rates before and after it.
+TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
+  constexpr int kLonger = 20;
+  const std::vector<std::string> longer = {"--set", "train.steps=" + std::to_string(kLonger)};
+  const std::string one = Reference(longer);
+  int grpc = 0, http = 0;
+  std::vector<std::string> extra = longer;
+  extra.insert(extra.end(), {"--rebalance-s", "3"});
+  Process coordinator = Coordinator("r", &grpc, &http, 10, extra);
+  // One at a time, so each lands where the join rule puts it: r-p0, r-p1, r-p2 on stages 0, 1,
+  // 2 (the empty ones first), r-p3 on stage 0 (all equal: the lowest).
+  const std::vector<std::vector<std::string>> flags = {
+      {}, {"--throttle", "4", "--slow-after", "0:4"}, {"--throttle", "2"}, {}};
+  std::vector<Process> peers;
+  for (int i = 0; i < 4; ++i) {
+    const std::string id = "r-p" + std::to_string(i);
+    peers.push_back(Peer(id, grpc, 5, flags[i]));
+    ASSERT_TRUE(WaitUntil([&] { return PeerEntry(Status(http), id).is_object(); },
+                          std::chrono::seconds(60)))
+        << ReadTextFile(peers.back().log());
+  }
+  {
+    const nlohmann::json s = Status(http);
+    const std::vector<int> want = {0, 1, 2, 0};
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_EQ(Number(PeerEntry(s, "r-p" + std::to_string(i)).value("stage", nlohmann::json(0))),
+                want[i])
+          << s.dump();
+    }
+  }
+  Process trainer = Trainer("r-t0", grpc, tmp_ / "r-t0");
+  // Watched until the end: the step open when the move was made.
+  int64_t move_step = -1;
+  EXPECT_TRUE(WaitUntil(
+      [&] {
+        const nlohmann::json st = Status(http);
+        if (move_step < 0 && Counter(st, "moves") >= 1) {
+          move_step = AppliedSteps(st);
+        }
+        for (const nlohmann::json& e : st.is_object() && st.contains("swarm")
+                                           ? st["swarm"].value("stages", nlohmann::json::array())
+                                           : nlohmann::json::array()) {
+          for (const nlohmann::json& p : e.value("peers", nlohmann::json::array())) {
+            if (move_step < 0 && Number(p.value("moving_to", nlohmann::json(-1))) >= 0) {
+              move_step = AppliedSteps(st);
+            }
+          }
+        }
+        return AppliedSteps(st) >= kLonger;
+      },
+      std::chrono::seconds(280)));
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(60)), 0) << ReadTextFile(trainer.log());
+  const nlohmann::json s = Status(http);
+  EXPECT_EQ(Counter(s, "moves"), 1) << s.dump();
+  EXPECT_GE(move_step, 0);
+  EXPECT_EQ(Counter(s, "drifts"), 0) << s.dump();
+  EXPECT_EQ(Counter(s, "syncs_refused"), 0) << s.dump();
+  // The mover is one of stage 0's fast peers, now serving stage 1.
+  std::string mover;
+  for (const char* id : {"r-p0", "r-p3"}) {
+    const nlohmann::json p = PeerEntry(s, id);
+    if (p.is_object() && Number(p.value("stage", nlohmann::json(0))) == 1) mover = id;
+  }
+  ASSERT_FALSE(mover.empty()) << s.dump();
+  const std::string coordinator_log = ReadTextFile(coordinator.log());
+  EXPECT_TRUE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 0 to "
+                                        "stage 1"))
+      << coordinator_log;
+  const std::string mover_log = ReadTextFile(tmp_ / (mover + ".log"));
+  EXPECT_TRUE(Contains(mover_log, "moved from stage 0 to stage 1")) << mover_log;
+  const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
+  const std::vector<double> b = StepLosses(tmp_ / "r-t0/metrics.jsonl");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-5) << "step " << i + 1;
+  char step[32];
+  std::snprintf(step, sizeof(step), "/checkpoints/step_%08d", kLonger);
+  EXPECT_LE(MaxWeightDiff(one + step, (tmp_ / "r-t0") + step), 1e-5);
+
+  // The step rates around the move (reported, not asserted: a timing), from the coordinator's
+  // history: steps after the first two before the move, and from two steps after it (the mover
+  // syncs and enters a round) to the end.
+  std::map<int64_t, double> applied_at;  // step -> seconds
+  for (const nlohmann::json& p : s["job_status"].value("history", nlohmann::json::array())) {
+    applied_at[static_cast<int64_t>(Number(p.value("step", nlohmann::json(0))))] =
+        Number(p.value("unix_ms", nlohmann::json(0))) / 1000.0;
+  }
+  auto rate = [&](int64_t from, int64_t to) {
+    if (to <= from || applied_at.count(from) == 0 || applied_at.count(to) == 0) return 0.0;
+    return static_cast<double>(to - from) / (applied_at[to] - applied_at[from]);
+  };
+  nlohmann::json line;
+  const double before = rate(2, move_step), after = rate(move_step + 2, kLonger - 1);
+  line["swarm_rebalance"] = {{"mover", mover},
+                             {"moved_during_step", move_step},
+                             {"steps", kLonger},
+                             {"steps_per_s_before", before},
+                             {"steps_per_s_after", after},
+                             {"ratio", before > 0 ? after / before : 0.0}};
+  std::printf("%s\n", line.dump().c_str());
+  for (Process& p : peers) EXPECT_EQ(p.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(p.log());
+}
+
 TEST_F(SwarmTest, KilledTrainersLeasesGoToAnother) {
   const std::string one = Reference();
   int grpc = 0, http = 0;
@@ -743,9 +857,27 @@ TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
       {" --stages 0", "--stages"},
       {" --stages 5", "--stages"},
       {" --stages 3 --resume " + (tmp_ / "no-such-checkpoint"), "--resume"},
+      {" --stages 3 --rebalance-s -1", "--rebalance-s"},
+      {" --stages 3 --rebalance-s nan", "--rebalance-s"},
   };
   for (const auto& [flags, named] : refused) {
     r = RunCommand(base + flags);
+    EXPECT_EQ(r.exit_code, 2) << flags << ": " << r.output;
+    EXPECT_TRUE(Contains(r.output, named)) << flags << ": " << r.output;
+  }
+  // A worker's slow-down flags are checked before it dials anyone.
+  const std::string worker = "timeout -k 5 30 " + std::string(SHOAL_BINARY) +
+                             " worker --join 127.0.0.1:1";
+  const std::vector<std::pair<std::string, std::string>> bad_worker = {
+      {" --throttle 0.5", "--throttle"},
+      {" --slow-after 5", "--slow-after"},
+      {" --slow-after 5:0.5", "--slow-after"},
+      {" --slow-after -1:2", "--slow-after"},
+      {" --slow-after x:2", "--slow-after"},
+      {" --trainer --throttle 2", "a peer's"},
+  };
+  for (const auto& [flags, named] : bad_worker) {
+    r = RunCommand(worker + flags);
     EXPECT_EQ(r.exit_code, 2) << flags << ": " << r.output;
     EXPECT_TRUE(Contains(r.output, named)) << flags << ": " << r.output;
   }

@@ -24,8 +24,9 @@ class SwarmCoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override { MakeSwarm(/*max_drifts=*/2); }
 
-  void MakeSwarm(int max_drifts) {
+  void MakeSwarm(int max_drifts, double rebalance_s = 0) {
     SwarmCoordinatorOptions o;
+    o.rebalance_s = rebalance_s;
     o.state.max_drifts = max_drifts;
     o.job.stages = kStages;
     o.job.micro_batches = kM;
@@ -118,6 +119,71 @@ class SwarmCoordinatorTest : public ::testing::Test {
   std::set<std::string> dead_;
   std::unique_ptr<SwarmCoordinator> swarm_;
 };
+
+// Every rebalance_s of the clock, one check: a move needs two winning checks in a row, and then
+// the roster shows the peer on its way (or arrived) and the counter.
+TEST_F(SwarmCoordinatorTest, RebalancesEveryPeriodOnItsClock) {
+  MakeSwarm(2, /*rebalance_s=*/10);
+  for (const char* name : {"a", "b", "c"}) {
+    ASSERT_TRUE(JoinPeer(name, std::string(name) + ".host:7").ok()) << name;
+  }
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  ASSERT_TRUE(Synced("a", 0, 11).ok());
+  ASSERT_TRUE(Synced("b", 0, 22).ok());
+  ASSERT_EQ(swarm_->Roster().stages(0).peers(1).id(), "c");  // stage 0: a, c; stage 1: b
+  ASSERT_TRUE(Synced("c", 0, 11).ok());
+  // c syncs during step 0 and serves from step 1: run step 0 with a and b.
+  v1::LeaseRequest lease;
+  lease.set_worker_id("t");
+  lease.set_max(kM);
+  absl::StatusOr<v1::LeaseResponse> leased = swarm_->Lease(lease);
+  ASSERT_TRUE(leased.ok()) << leased.status();
+  for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+    ASSERT_TRUE(Commit("b", "t", 0, l.id(), 2.0).ok());
+    ASSERT_TRUE(Commit("a", "t", 0, l.id()).ok());
+  }
+  v1::SwarmRoster r = swarm_->Roster();
+  ASSERT_TRUE(Report(r, 0, "a", 11).ok());
+  ASSERT_TRUE(Report(r, 1, "b", 22).ok());
+  ASSERT_EQ(swarm_->Roster().open_step(), 1);
+  auto load = [&](const std::string& id, double samples_per_s) {
+    v1::HeartbeatRequest hb;
+    hb.set_worker_id(id);
+    hb.mutable_stats()->set_samples_per_s(samples_per_s);
+    ASSERT_TRUE(swarm_->Heartbeat(hb).ok()) << id;
+  };
+  load("a", 10);
+  load("c", 10);
+  load("b", 2);  // stage 1 is the bottleneck: 2 against 20
+  EXPECT_FALSE(swarm_->Rebalance().has_value());  // no period has passed
+  clock_.AdvanceMs(10000);
+  EXPECT_FALSE(swarm_->Rebalance().has_value());  // the first winning check
+  clock_.AdvanceMs(5000);
+  EXPECT_FALSE(swarm_->Rebalance().has_value());  // half a period: no check
+  clock_.AdvanceMs(5000);
+  std::optional<SwarmMove> move = swarm_->Rebalance();
+  ASSERT_TRUE(move.has_value());
+  EXPECT_EQ(move->from, 0);
+  EXPECT_EQ(move->to, 1);
+  EXPECT_DOUBLE_EQ(move->bottleneck_before, 2);
+  EXPECT_DOUBLE_EQ(move->bottleneck_after, 10);
+  r = swarm_->Roster();
+  EXPECT_EQ(r.counters().moves(), 1);  // it held nothing of step 1: it moved at once
+  bool found = false;
+  for (const v1::SwarmPeerEntry& p : r.stages(1).peers()) {
+    if (p.id() != move->peer) continue;
+    found = true;
+    EXPECT_EQ(p.state(), "SYNCING");
+    EXPECT_EQ(p.donor(), "b");
+    EXPECT_EQ(p.moving_to(), -1);
+  }
+  EXPECT_TRUE(found) << r.DebugString();
+  // A bad period is refused when the coordinator is made.
+  SwarmCoordinatorOptions bad;
+  bad.rebalance_s = -1;
+  EXPECT_EQ(SwarmCoordinator::Create(bad, &clock_).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
 
 TEST_F(SwarmCoordinatorTest, RefusesWhatItCannotServe) {
   v1::JoinRequest mesh;

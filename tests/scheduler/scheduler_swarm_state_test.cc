@@ -770,6 +770,131 @@ TEST(SwarmState, DrainingAStagesLastPeerSendsTheNextJoinerThere) {
   EXPECT_EQ(w.Snap().counters.leaves, 1);
 }
 
+TEST(SwarmState, AMovedPeerFinishesItsRoundThenSyncsItsNewStage) {
+  World w;
+  StartFour(w);  // a, d | b | c
+  Warm(w);       // step 1 is open with a and d at stage 0
+  ASSERT_EQ(w.Snap().open_step, 1);
+  // Everyone accumulates a share of step 1 (d too), then d is sent to stage 1.
+  w.RunAll("t", w.Spread());
+  ASSERT_FALSE(w.Own("d").empty());
+  ASSERT_TRUE(w.st().MovePeer("d", 1).ok());
+  SwarmSnapshot snap = w.Snap();
+  const SwarmPeerInfo* d = FindPeer(snap, "d");
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->stage, 0);  // it holds micro-batches stage 0 still needs
+  EXPECT_EQ(d->state, SwarmPeerState::kDraining);
+  EXPECT_EQ(d->moving_to, 1);
+  EXPECT_TRUE(d->in_round);
+  EXPECT_EQ(Routable(snap, 0), std::vector<std::string>{"a"});
+  EXPECT_EQ(snap.counters.moves, 0);
+  // Stage 0 reduces with d; once it agrees, d is a joiner of stage 1 syncing from b.
+  w.ReportStage(0);
+  snap = w.Snap();
+  d = FindPeer(snap, "d");
+  EXPECT_EQ(d->stage, 1);
+  EXPECT_EQ(d->state, SwarmPeerState::kSyncing);
+  EXPECT_EQ(d->source, SwarmSyncSource::kDonor);
+  EXPECT_EQ(d->donor, "b");
+  EXPECT_EQ(d->moving_to, -1);
+  EXPECT_EQ(StagePeerIds(snap, 1), (std::vector<std::string>{"b", "d"}));  // newest last
+  EXPECT_EQ(snap.counters.moves, 1);
+  // d's micro-batches count once: the step's clip scale is the closed form's.
+  w.Drop("d");
+  ASSERT_TRUE(w.st().PeerSynced("d", 1, StateHash(1, 1)).ok());
+  std::optional<SwarmApply> apply;
+  for (int s = 1; s < kStages; ++s) {
+    SwarmReportOutcome out = w.ReportStage(s);
+    if (out.apply) apply = out.apply;
+  }
+  ASSERT_TRUE(apply.has_value());
+  ExpectClosedForm(*apply, 1.0);
+  // d synced state 1 one step behind, checked: it serves stage 1 in step 2.
+  snap = w.Snap();
+  ASSERT_EQ(snap.open_step, 2);
+  EXPECT_EQ(FindPeer(snap, "d")->state, SwarmPeerState::kServing);
+  EXPECT_EQ(StagePeerIds(snap, 0), std::vector<std::string>{"a"});
+  w.RunAll("t", w.Spread());
+  EXPECT_FALSE(w.Own("d").empty());
+  apply = w.ReportAll();
+  ASSERT_TRUE(apply.has_value());
+  ExpectClosedForm(*apply, 1.0);
+}
+
+TEST(SwarmState, AMoveIsCheckedAndAPeerHoldingNothingMovesAtOnce) {
+  World w;
+  StartFour(w);  // a, d | b | c
+  Warm(w);
+  w.Join("small");  // syncing
+  const std::string before = Flatten(w.Snap());
+  EXPECT_EQ(w.st().MovePeer("nobody", 1).code(), Code::kNotFound);
+  EXPECT_EQ(w.st().MovePeer("d", 0).code(), Code::kInvalidArgument);   // its own stage
+  EXPECT_EQ(w.st().MovePeer("d", 3).code(), Code::kInvalidArgument);   // no such stage
+  EXPECT_EQ(w.st().MovePeer("d", -1).code(), Code::kInvalidArgument);
+  EXPECT_EQ(w.st().MovePeer("b", 0).code(), Code::kFailedPrecondition);  // stage 1's only one
+  EXPECT_EQ(w.st().MovePeer("small", 0).code(), Code::kFailedPrecondition);  // syncing
+  EXPECT_EQ(Flatten(w.Snap()), before);
+  // A peer with 150 bytes serves stage 0 (100) but cannot move to stage 2 (300).
+  World v;
+  EXPECT_EQ(v.Join("a", 150).stage, 0);
+  EXPECT_EQ(v.Join("b").stage, 1);
+  EXPECT_EQ(v.Join("c").stage, 2);
+  EXPECT_EQ(v.Join("d").stage, 0);
+  v.SyncAll();
+  Warm(v);
+  EXPECT_EQ(v.st().MovePeer("a", 2).code(), Code::kResourceExhausted);
+  // d holds nothing of step 1 yet: it moves at once, syncing from c.
+  ASSERT_TRUE(v.st().MovePeer("d", 2).ok());
+  const SwarmSnapshot snap = v.Snap();
+  const SwarmPeerInfo* d = FindPeer(snap, "d");
+  EXPECT_EQ(d->stage, 2);
+  EXPECT_EQ(d->state, SwarmPeerState::kSyncing);
+  EXPECT_EQ(d->donor, "c");
+  EXPECT_EQ(snap.counters.moves, 1);
+  EXPECT_EQ(snap.stages[0].missing, kM);  // the round goes on without it
+  v.RunAll("t", v.Spread());
+  std::optional<SwarmApply> apply = v.ReportAll();
+  ASSERT_TRUE(apply.has_value());
+  ExpectClosedForm(*apply, 1.0);
+}
+
+TEST(SwarmState, RebalanceMovesAPeerIntoTheBottleneckAfterTwoChecksInARow) {
+  World w;
+  StartFour(w);  // a, d | b | c
+  Warm(w);
+  // Before every serving peer has reported its throughput: no check.
+  ASSERT_TRUE(w.st().ReportLoad("a", 10, 0).ok());
+  absl::StatusOr<std::optional<SwarmMove>> m = w.st().Rebalance(0);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_FALSE(m->has_value());
+  for (const char* id : {"d", "c"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
+  ASSERT_TRUE(w.st().ReportLoad("b", 4, 0).ok());  // stage 1: 4 samples/s, the others 20 and 10
+  m = w.st().Rebalance(1);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_FALSE(m->has_value());  // the first win
+  EXPECT_EQ(w.st().Rebalance(1).status().code(), Code::kInvalidArgument);  // not increasing
+  m = w.st().Rebalance(2);
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_TRUE(m->has_value());
+  EXPECT_EQ((*m)->from, 0);
+  EXPECT_EQ((*m)->to, 1);
+  EXPECT_DOUBLE_EQ((*m)->bottleneck_before, 4);
+  EXPECT_DOUBLE_EQ((*m)->bottleneck_after, 10);
+  const SwarmSnapshot snap = w.Snap();
+  const SwarmPeerInfo* moved = FindPeer(snap, (*m)->peer);
+  ASSERT_NE(moved, nullptr);
+  EXPECT_EQ(moved->stage, 1);  // it held nothing of the open step
+  EXPECT_EQ(moved->state, SwarmPeerState::kSyncing);
+  // While it syncs the pools are changing: no check.
+  m = w.st().Rebalance(3);
+  ASSERT_TRUE(m.ok());
+  EXPECT_FALSE(m->has_value());
+  // Bad rebalancer options are refused when the state is made.
+  SwarmStateOptions bad = Options();
+  bad.rebalance.balance_quality = 0;
+  EXPECT_EQ(SwarmState::Create(Job(), bad).status().code(), Code::kInvalidArgument);
+}
+
 TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
   World w;
   StartFour(w);  // a, d | b | c
@@ -1138,6 +1263,8 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
     }
   };
 
+  std::map<std::string, int> stage_of;  // every peer's stage at the last event
+  int64_t moves_started = 0, moves_seen = 0;
   int next_peer = 0, next_trainer = 0;
   int64_t applies = 0, drifts = 0, deaths = 0, rollbacks = 0, replays_leased = 0, leaves = 0;
   int64_t clipped = 0;
@@ -1162,6 +1289,20 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
       corrupted.clear();
       agreed.clear();
       round_key = key;
+    }
+    // A peer whose move completed left its old stage's round: what it held there is the stage's
+    // (agreed) or was nothing (it held none when it left a collecting stage).
+    for (const SwarmStageInfo& stage : snap.stages) {
+      for (const SwarmPeerInfo& p : stage.peers) {
+        auto was = stage_of.find(p.id);
+        if (was != stage_of.end() && was->second != p.stage) {
+          ASSERT_EQ(p.state, SwarmPeerState::kSyncing) << p.id;
+          ASSERT_FALSE(p.in_round) << p.id;
+          own.erase(p.id);
+          ++moves_seen;
+        }
+        stage_of[p.id] = p.stage;
+      }
     }
     std::map<std::string, int> donor_load;
     for (const SwarmStageInfo& stage : snap.stages) {
@@ -1277,9 +1418,23 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
       ASSERT_EQ(removed->needs_rollback, snap.rollback.has_value()) << p.id << " could leave";
       forget_peer(p.id, fenced);
       ++leaves;
-    } else if (roll < 205) {  // a drain
+    } else if (roll < 205) {  // a drain, or a move to another stage
       if (serving.empty()) continue;
-      ASSERT_TRUE(st.Drain(pick(serving)->id).ok());
+      const SwarmPeerInfo& p = *pick(serving);
+      int serving_here = 0;
+      for (const SwarmPeerInfo* q : serving) serving_here += q->stage == p.stage;
+      const int to = (p.stage + uniform(1, kStages - 1)) % kStages;
+      if (chance(0.5)) {
+        absl::Status moved = st.MovePeer(p.id, to);
+        if (snap.rollback || serving_here < 2) {
+          ASSERT_EQ(moved.code(), Code::kFailedPrecondition) << moved;
+          continue;
+        }
+        ASSERT_TRUE(moved.ok()) << moved;
+        ++moves_started;
+      } else {
+        ASSERT_TRUE(st.Drain(p.id).ok());
+      }
       ASSERT_GT(st.roster_version(), snap.roster_version);
     } else if (roll < 235) {  // trainers come and go
       if (alive_trainers.size() < 3 && (alive_trainers.empty() || chance(0.6))) {
@@ -1468,8 +1623,12 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
             << "), deaths " << deaths << ", leaves " << leaves << ", drifts " << drifts
             << ", evictions " << end.counters.evictions << ", rollbacks " << rollbacks
             << ", replays " << end.counters.replays << ", joins " << end.counters.joins
-            << ", fences " << end.counters.fences << "\n";
+            << ", fences " << end.counters.fences << ", moves " << moves_seen << " of "
+            << moves_started << " started\n";
   EXPECT_GE(applies, 100);
+  EXPECT_GT(moves_seen, 0);
+  EXPECT_LE(moves_seen, moves_started);
+  EXPECT_EQ(end.counters.moves, moves_seen);
   EXPECT_GT(clipped, 0);
   EXPECT_LT(clipped, applies);
   EXPECT_GT(deaths, 0);
