@@ -4,6 +4,7 @@
 // throughput table (or JSON lines) and a summary. No network, no LibTorch: it runs the scheduler
 // library only.
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -102,6 +103,10 @@ int SimulateMain(int argc, char** argv) {
                  "--swarm: steps between checkpoints, the target of a rollback (0: none, the "
                  "init)")
       ->capture_default_str();
+  app.add_option("--rebalance-s", swarm_options.rebalance_s,
+                 "--swarm: the coordinator's --rebalance-s, seconds between rebalancing checks "
+                 "(0: never)")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -121,6 +126,11 @@ int SimulateMain(int argc, char** argv) {
       return RefuseFlag(
           absl::StrCat("--trainers must be in [1, 4096], got ", swarm_options.trainers));
     }
+    if (!std::isfinite(swarm_options.rebalance_s) || swarm_options.rebalance_s < 0 ||
+        swarm_options.rebalance_s > 86400) {
+      return RefuseFlag(absl::StrCat("--rebalance-s must be in [0, 86400] (0: never), got ",
+                                     swarm_options.rebalance_s));
+    }
     if (swarm_options.checkpoint_every < 0) {
       return RefuseFlag(absl::StrCat("--checkpoint-every must be >= 0, got ",
                                      swarm_options.checkpoint_every));
@@ -130,7 +140,8 @@ int SimulateMain(int argc, char** argv) {
     swarm_options.seed = options.seed;
     return SimulateSwarmMain(devices_file, swarm_options, json);
   }
-  for (const char* flag : {"--stages", "--micro-batches", "--trainers", "--checkpoint-every"}) {
+  for (const char* flag :
+       {"--stages", "--micro-batches", "--trainers", "--checkpoint-every", "--rebalance-s"}) {
     if (app.count(flag) > 0) return RefuseFlag(absl::StrCat(flag, " needs --swarm"));
   }
   absl::StatusOr<scheduler::ClusterSpec> spec = scheduler::LoadClusterFile(devices_file);

@@ -359,7 +359,14 @@ absl::Status ReadGroup(const toml::table& table, int index, const std::string& s
   SHOAL_RETURN_IF_ERROR(r.Number("host_copy_gbps", 0, 1e4, false, false, &copy));
   SHOAL_RETURN_IF_ERROR(r.Int("cores", 1, 1 << 16, false, &cores));
   SHOAL_RETURN_IF_ERROR(r.Bool("preemptible", &g->preemptible));
+  SHOAL_RETURN_IF_ERROR(r.Number("slow_after_s", 0, 1e9, false, false, &g->slow_after_s));
+  SHOAL_RETURN_IF_ERROR(r.Number("slow_factor", 1, 1e6, false, false, &g->slow_factor));
   SHOAL_RETURN_IF_ERROR(r.Finish());
+  if ((g->slow_after_s >= 0) != (g->slow_factor != 1)) {
+    return r.Bad(g->slow_after_s >= 0 ? "slow_after_s" : "slow_factor",
+                 *table.get(g->slow_after_s >= 0 ? "slow_after_s" : "slow_factor"),
+                 "a straggler needs both slow_after_s and slow_factor (> 1)");
+  }
   if (!cuda && gpu > 0) {
     return r.Bad("gpu_memory_gib", *table.get("gpu_memory_gib"),
                  absl::StrCat("must be 0 for kind \"cpu\", got ", gpu));
@@ -875,6 +882,13 @@ absl::StatusOr<SimulationResult> Simulate(const ClusterSpec& spec,
   }
   if (spec.groups.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("group: no devices in ", spec.source));
+  }
+  for (size_t g = 0; g < spec.groups.size(); ++g) {
+    if (spec.groups[g].slow_after_s >= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "group[", g, "].slow_after_s: stragglers are simulated with --swarm only (", spec.source,
+          ")"));
+    }
   }
   Simulation sim(spec, options);
   return sim.Run();

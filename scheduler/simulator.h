@@ -39,6 +39,10 @@ struct DeviceGroupSpec {
   int devices_per_host = 1;
   bool preemptible = false;
   v1::DeviceProfile profile;  // everything but the host, which the simulator names
+  // Stragglers (`shoal simulate --swarm` only): from slow_after_s of virtual time on (>= 0; -1:
+  // never) the group's devices compute slow_factor (>= 1) times slower than their profile.
+  double slow_after_s = -1;
+  double slow_factor = 1;
 };
 
 // The optional [simulation] table.

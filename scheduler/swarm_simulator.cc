@@ -48,14 +48,16 @@ struct StageModel {
   double sum_squares = 0;     // every report's (any fixed positive number)
 };
 
-enum class EventKind { kRow, kJoin, kFail, kRemove, kSynced, kHopDone, kReduced };
+enum class EventKind {
+  kRow, kJoin, kFail, kRemove, kSynced, kHopDone, kReduced, kSlow, kRebalance
+};
 
 struct Event {
   double t = 0;
   uint64_t seq = 0;  // ties in time run in the order they were scheduled
   EventKind kind = EventKind::kRow;
-  int index = -1;    // a peer (kFail, kRemove, kSynced), a trainer (kHopDone), a group (kJoin),
-                     // a stage (kReduced)
+  int index = -1;    // a peer (kFail, kRemove, kSynced), a trainer (kHopDone), a group (kJoin,
+                     // kSlow), a stage (kReduced)
   uint64_t tag = 0;  // the epoch (kSynced, kHopDone) or the plan (kReduced) it belongs to
   bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
 };
@@ -119,6 +121,7 @@ class SwarmSimulation {
     SwarmStateOptions so;
     // The learning rate does not move the clock; any finite value opens every step.
     so.learning_rate = [](int64_t) { return 1e-4; };
+    if (options_.rebalance_s > 0) so.rebalance.period_s = options_.rebalance_s;
     SHOAL_ASSIGN_OR_RETURN(state_, SwarmState::Create(job, std::move(so)));
     for (int t = 0; t < options_.trainers; ++t) {
       VirtualTrainer trainer;
@@ -151,6 +154,12 @@ class SwarmSimulation {
     SHOAL_RETURN_IF_ERROR(Reconcile());
     open_ = Mirror().open_step.has_value();
     Schedule(0, EventKind::kRow);  // after the syncs from the init, which take no time
+    for (size_t g = 0; g < spec_.groups.size(); ++g) {
+      if (spec_.groups[g].slow_after_s >= 0) {
+        Schedule(spec_.groups[g].slow_after_s, EventKind::kSlow, static_cast<int>(g));
+      }
+    }
+    if (options_.rebalance_s > 0) Schedule(options_.rebalance_s, EventKind::kRebalance);
     const double end_s = spec_.settings.max_hours * 3600;
     int64_t processed = 0;
     while (!done_ && !events_.empty()) {
@@ -209,6 +218,11 @@ class SwarmSimulation {
         return HopDone(e.index, e.tag);
       case EventKind::kReduced:
         return Reduced(e.index, e.tag);
+      case EventKind::kSlow:
+        return SlowDown(e.index);
+      case EventKind::kRebalance:
+        Schedule(now_s_ + options_.rebalance_s, EventKind::kRebalance);
+        return Rebalance();
     }
     return absl::OkStatus();
   }
@@ -253,12 +267,9 @@ class SwarmSimulation {
     p.stage = join->stage;
     p.joined_s = now_s_;
     p.net_bytes_per_s = g.profile.net_gbps() * kBytesPerGB;
-    p.forward_s = stages_[p.stage].forward_flops / (g.profile.fp32_gflops() * 1e9);
     // What the peer measures once serving, reported at once so that ChooseStage balances the
     // stages by what each peer really adds (samples per second through the stage).
-    const double samples_per_s = static_cast<double>(tokens_per_micro_batch_) /
-                                 spec_.job.model().block_size() / (3 * p.forward_s);
-    SHOAL_RETURN_IF_ERROR(Internal(state_->ReportLoad(p.id, samples_per_s, 0), "ReportLoad"));
+    SHOAL_RETURN_IF_ERROR(Measure(p));
     const int index = static_cast<int>(peers_.size());
     peer_index_[p.id] = index;
     peers_.push_back(std::move(p));
@@ -270,6 +281,43 @@ class SwarmSimulation {
       const double u = rng_.Uniform() + 0x1.0p-53;
       const double life_s = -std::log(u) / options_.churn_per_hour * 3600;
       Schedule(now_s_ + std::max(1e-3, life_s), EventKind::kFail, index);
+    }
+    return absl::OkStatus();
+  }
+
+  // The peer's compute at its stage, now (a straggler group's slow-down counted), reported as
+  // the throughput it measures.
+  absl::Status Measure(VirtualPeer& p) {
+    const DeviceGroupSpec& g = spec_.groups[p.group];
+    const bool slowed = g.slow_after_s >= 0 && now_s_ >= g.slow_after_s;
+    p.forward_s = stages_[p.stage].forward_flops / (g.profile.fp32_gflops() * 1e9) *
+                  (slowed ? g.slow_factor : 1.0);
+    const double samples_per_s = static_cast<double>(tokens_per_micro_batch_) /
+                                 spec_.job.model().block_size() / (3 * p.forward_s);
+    return Internal(state_->ReportLoad(p.id, samples_per_s, 0), "ReportLoad");
+  }
+
+  // A straggler group slows down: its live peers compute slower and say so.
+  absl::Status SlowDown(int group) {
+    int n = 0;
+    for (VirtualPeer& p : peers_) {
+      if (p.group != group || !p.alive || !p.in_swarm) continue;
+      SHOAL_RETURN_IF_ERROR(Measure(p));
+      ++n;
+    }
+    Note(absl::StrCat(spec_.groups[group].name, " slows down ", spec_.groups[group].slow_factor,
+                      "x (", n, " peer", n == 1 ? "" : "s", ")"));
+    return absl::OkStatus();
+  }
+
+  // The coordinator's rebalancing check; a move shows in the roster (Reconcile follows it).
+  absl::Status Rebalance() {
+    absl::StatusOr<std::optional<SwarmMove>> move = state_->Rebalance(++rebalance_period_);
+    SHOAL_RETURN_IF_ERROR(Internal(move.status(), "Rebalance"));
+    if (move->has_value()) {
+      const SwarmMove& m = **move;
+      ++result_.summary.moves;
+      Note(absl::StrCat("move ", m.peer, " from stage ", m.from, " to stage ", m.to));
     }
     return absl::OkStatus();
   }
@@ -500,6 +548,12 @@ class SwarmSimulation {
       Dispatch(index);
       return absl::OkStatus();
     }
+    if (peers_[peer].stage != t.stage) {
+      // The rebalancer moved the peer meanwhile: its commit would be refused; the hop runs
+      // again on a peer of the stage.
+      Dispatch(index);
+      return absl::OkStatus();
+    }
     if (t.kind == HopKind::kForwardBackward) t.forward_on[t.stage] = peer;
     // The backward at this stage is done: its peer commits where the lease needs it.
     if (std::binary_search(t.lease.stages.begin(), t.lease.stages.end(), t.stage)) {
@@ -585,10 +639,18 @@ class SwarmSimulation {
         Schedule(now_s_ + seconds, EventKind::kReduced, info.index, info.reduction->plan);
       }
       // Joiners with no sync in flight fetch from the source the roster names, by seniority
-      // (the order of peers_): after a rollback, the stages' first peers go first.
+      // (the order of peers_): after a rollback, the stages' first peers go first. A peer the
+      // rebalancer moved is a joiner of its new stage.
       std::map<int, const SwarmPeerInfo*> joiners;
       for (const SwarmStageInfo& info : snap.stages) {
         for (const SwarmPeerInfo& pi : info.peers) {
+          VirtualPeer& moved = peers_[peer_index_.at(pi.id)];
+          if (moved.stage != pi.stage) {
+            moved.stage = pi.stage;
+            moved.sync_in_flight = false;
+            ++moved.sync_epoch;
+            SHOAL_RETURN_IF_ERROR(Measure(moved));
+          }
           if (pi.state == SwarmPeerState::kSyncing && !pi.synced) {
             joiners[peer_index_.at(pi.id)] = &pi;
           }
@@ -716,6 +778,7 @@ class SwarmSimulation {
   bool done_ = false;
   double busy_s_ = 0;
   int64_t deaths_ = 0;
+  int64_t rebalance_period_ = 0;
   int64_t rollbacks_ = 0;
   double last_row_s_ = 0;  // the newest row
   int64_t last_row_applied_ = 0;
@@ -745,6 +808,10 @@ absl::Status CheckOptions(const ClusterSpec& spec, const SwarmSimulationOptions&
   if (!std::isfinite(o.churn_per_hour) || o.churn_per_hour < 0 || o.churn_per_hour > 3600) {
     return absl::InvalidArgumentError(absl::StrCat(
         "churn must be in [0, 3600] failures per device-hour, got ", o.churn_per_hour));
+  }
+  if (!std::isfinite(o.rebalance_s) || o.rebalance_s < 0 || o.rebalance_s > 86400) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "rebalance_s must be in [0, 86400] (0: never), got ", o.rebalance_s));
   }
   if (o.checkpoint_every < 0) {
     return absl::InvalidArgumentError(

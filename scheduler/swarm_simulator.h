@@ -30,6 +30,11 @@
 //               grad_bytes per parameter × 2(P-1)/P over the slowest plan peer's net_gbps (a
 //               ring all-reduce); the report that completes the step returns the Apply, and the
 //               next step opens by itself.
+//   stragglers  a group with slow_after_s computes slow_factor times slower from then on, and
+//               its peers report the new throughput.
+//   rebalancing every rebalance_s the coordinator's check (SwarmState::Rebalance, the policy of
+//               swarm_policy.h) may move a peer: it drains, then syncs its new stage as a joiner
+//               does and reports its throughput there.
 //   failures    a failed peer stops at once: its hops go to other peers, joiners syncing from it
 //               ask for another donor (DonorFailed), and a reduction it is part of never ends.
 //               The coordinator notices it settings.lease_s later (RemovePeer kDead): what it held
@@ -63,6 +68,7 @@ struct SwarmSimulationOptions {
   int64_t checkpoint_every = 0;  // every stage saved after each this many steps (free); 0: none
   uint64_t seed = 1;             // of the failure times
   double report_every_s = 0;     // a row this often; 0: the file's simulation.report_every_s
+  double rebalance_s = 0;        // the rebalancer's period (SwarmState::Rebalance); 0: never
 };
 
 // One line of the table: the state at time_s, rates over the interval since the previous row.
@@ -102,6 +108,7 @@ struct SwarmSimulationSummary {
   int64_t refused = 0;               // devices whose memory fits no stage
   int64_t deaths = 0;
   int64_t rollbacks = 0;
+  int64_t moves = 0;        // peers the rebalancer moved
   int64_t stale_syncs = 0;  // syncs overtaken by a step (fetched again)
   double idle_s = 0;        // time with no step open (filling stages, rolling back)
   double utilisation = 0;   // peers' compute seconds / their seconds in the swarm

@@ -33,11 +33,12 @@ std::string FormatSwarmSimulationTable(const SwarmSimulationResult& result) {
       absl::StrFormat(
           "\n%s after %s of virtual time: %d steps (%d applied), %s tokens/s on average, idle "
           "%.1f%% of the time, peers computing %.1f%% of theirs; %d replays, %d fences, %d "
-          "deaths, %d joins, %d refused, %d rollbacks, %d stale syncs, %d duplicates, %d lost\n",
+          "deaths, %d joins, %d refused, %d rollbacks, %d moves, %d stale syncs, %d duplicates, "
+          "%d lost\n",
           s.finished ? "finished" : "stopped", FormatHms(s.virtual_s), s.steps, s.applied,
           FormatSi(s.mean_tokens_per_s), s.virtual_s > 0 ? 100 * s.idle_s / s.virtual_s : 0.0,
           100 * s.utilisation, s.replays, s.fences, s.deaths, s.joins, s.refused, s.rollbacks,
-          s.stale_syncs, s.duplicates, s.max_lost));
+          s.moves, s.stale_syncs, s.duplicates, s.max_lost));
   return out;
 }
 
@@ -77,6 +78,7 @@ std::string FormatSwarmSimulationJson(const SwarmSimulationResult& result) {
   j["refused"] = s.refused;
   j["deaths"] = s.deaths;
   j["rollbacks"] = s.rollbacks;
+  j["moves"] = s.moves;
   j["stale_syncs"] = s.stale_syncs;
   j["idle_s"] = s.idle_s;
   j["utilisation"] = s.utilisation;

@@ -232,6 +232,84 @@ TEST(SwarmSimulatorTest, MorePeersPerStageTrainFaster) {
   EXPECT_LE(one.summary.mean_tokens_per_s, bound * (1 + 1e-9));
 }
 
+// Seven equal devices in 3 stages; the second to join (stage 1) turns 3x slower at `slow_after`
+// seconds. The rebalancer (every 30 s) moves one peer of another stage into stage 1 and the swarm
+// regains most of its rate; without it stage 1 bounds the rate from then on.
+std::string StragglerToml(double slow_after) {
+  std::string text = R"(
+[job]
+name = "straggler"
+n_layer = 6
+n_head = 4
+n_embd = 256
+block_size = 128
+vocab_size = 512
+global_batch = 16
+
+[simulation]
+report_every_s = 30
+)";
+  auto group = [](const char* name, int count, const std::string& extra) {
+    return absl::StrFormat(
+        "\n[[group]]\nname = \"%s\"\ncount = %d\nkind = \"cpu\"\nfp32_gflops = 10\n"
+        "host_memory_gib = 8\nnet_gbps = 1\n%s",
+        name, count, extra);
+  };
+  absl::StrAppend(&text, group("first", 1, ""),
+                  group("straggler", 1,
+                        absl::StrFormat("slow_after_s = %g\nslow_factor = 3\n", slow_after)),
+                  group("rest", 5, ""));
+  return text;
+}
+
+// Tokens per second of the steps applied in [from_s, to_s) of virtual time.
+double RateBetween(const SwarmSimulationResult& r, double from_s, double to_s) {
+  int64_t steps = 0;
+  double first = -1, last = -1;
+  for (const SwarmAppliedStep& a : r.applied) {
+    if (a.time_s < from_s || a.time_s >= to_s) continue;
+    if (first < 0) first = a.time_s;
+    last = a.time_s;
+    ++steps;
+  }
+  if (steps < 2) return 0;
+  return static_cast<double>(steps - 1) * r.summary.tokens_per_step / (last - first);
+}
+
+TEST(SwarmSimulatorTest, TheRebalancerMovesAPeerToAStragglersStage) {
+  const ClusterSpec spec = Parse(StragglerToml(300));
+  SwarmSimulationOptions o;
+  o.stages = 3;
+  o.trainers = 6;
+  o.micro_batches = 8;
+  o.steps = 100000;
+  o.report_every_s = 30;
+  ClusterSpec timed = spec;
+  timed.settings.max_hours = 1200.0 / 3600;  // 20 virtual minutes
+  const SwarmSimulationResult still = RunSwarm(timed, o);
+  o.rebalance_s = 30;
+  const SwarmSimulationResult moved = RunSwarm(timed, o);
+  EXPECT_EQ(still.summary.moves, 0);
+  EXPECT_EQ(moved.summary.moves, 1);
+  for (const SwarmSimulationResult* r : {&still, &moved}) {
+    EXPECT_EQ(r->summary.duplicates, 0);
+    EXPECT_EQ(r->summary.max_lost, 0);
+  }
+  // Before the slow-down both runs are one and the same.
+  const double before = RateBetween(still, 60, 300);
+  EXPECT_NEAR(RateBetween(moved, 60, 300), before, 1e-9 * before);
+  // After it (and the move, within a few checks): stage 1 has three peers, and the rate.
+  const SwarmSimulationRow& end = moved.rows.back();
+  ASSERT_EQ(end.serving.size(), 3u);
+  EXPECT_EQ(end.serving[1], 3) << end.events;
+  const double slow = RateBetween(still, 600, 1200), regained = RateBetween(moved, 600, 1200);
+  EXPECT_LT(slow, 0.9 * before);
+  EXPECT_GE(regained, 1.25 * slow) << slow << " -> " << regained;
+  std::printf("{\"simulated_straggler\": {\"before\": %.1f, \"slowed\": %.1f, "
+              "\"rebalanced\": %.1f, \"ratio\": %.3f}}\n",
+              before, slow, regained, regained / slow);
+}
+
 TEST(SwarmSimulatorTest, BadOptionsAreNamed) {
   const ClusterSpec spec = Parse(SwarmToml(2, 0));
   auto refused = [&](SwarmSimulationOptions o, const std::string& name) {
@@ -264,6 +342,9 @@ TEST(SwarmSimulatorTest, BadOptionsAreNamed) {
   o.report_every_s = 0.5;
   refused(o, "report_every_s");
   o.report_every_s = 0;
+  o.rebalance_s = -1;
+  refused(o, "rebalance_s");
+  o.rebalance_s = 0;
   std::string no_net = SwarmToml(2, 0);
   no_net.replace(no_net.find("net_gbps = 1"), 12, "net_gbps = 0");
   absl::StatusOr<SwarmSimulationResult> r = SimulateSwarm(Parse(no_net), o);
