@@ -24,6 +24,10 @@ std::vector<Subcommand> Benches(const BenchHost& host) {
        bind(DemoBenchMain)},
       {"memory", "Model states paged to disk under a host budget vs all in RAM: tokens/s, RSS",
        bind(MemoryBenchMain)},
+      {"swarm",
+       "A swarm vs the static pipeline with workers killed, and a straggler with and without "
+       "the rebalancer: committed tokens/s",
+       bind(SwarmBenchMain)},
       {"coordinator",
        "Coordinator: layout solve time on 16 .. 4096 synthetic devices, heartbeats per second",
        bind(CoordinatorBenchMain)},

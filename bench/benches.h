@@ -48,6 +48,13 @@ int DemoBenchMain(int argc, char** argv, const BenchHost& host);
 // and a JSON line with `states_over_budget`, `throughput_ratio`.
 int MemoryBenchMain(int argc, char** argv, const BenchHost& host);
 
+// shoal bench swarm [--config FILE] [--seconds S] [--throttle F] [--kill-every S]
+//                   [--arms churn,straggler] [--work-dir DIR] [--set ...]: a swarm (3 stages x 2
+// peers) against the static pipeline (pp 3, dp 2) with and without a worker killed every S
+// seconds, and a straggling stage with and without the rebalancer; committed tokens/s; a JSON
+// line with `churn_ratio`, `churn_free_ratio`, `straggler_ratio`.
+int SwarmBenchMain(int argc, char** argv, const BenchHost& host);
+
 }  // namespace shoal::bench
 
 #endif  // SHOAL_BENCH_BENCHES_H_

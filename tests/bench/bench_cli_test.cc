@@ -31,7 +31,7 @@ TEST(BenchTableTest, HelpListsEveryBenchAndUnknownNamesAreUsageErrors) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("Usage"), std::string::npos) << r.output;
   for (const char* name : {"train", "dp", "comm", "split", "pipeline", "hetero", "demo", "memory",
-                           "coordinator"}) {
+                           "swarm", "coordinator"}) {
     EXPECT_NE(r.output.find(std::string("  ") + name + " "), std::string::npos)
         << name << "\n" << r.output;
   }
@@ -39,7 +39,8 @@ TEST(BenchTableTest, HelpListsEveryBenchAndUnknownNamesAreUsageErrors) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("no-such-bench"), std::string::npos) << r.output;
   EXPECT_EQ(RunCommand(std::string(SHOAL_BINARY) + " bench").exit_code, 2);
-  for (const char* name : {"dp", "comm", "split", "hetero", "demo", "memory", "coordinator"}) {
+  for (const char* name :
+       {"dp", "comm", "split", "hetero", "demo", "memory", "swarm", "coordinator"}) {
     r = RunCommand(std::string(SHOAL_BINARY) + " bench " + name + " --help");
     EXPECT_EQ(r.exit_code, 0) << name << "\n" << r.output;
     EXPECT_NE(r.output.find(std::string("shoal bench ") + name), std::string::npos) << r.output;
