@@ -26,12 +26,12 @@ constexpr double kC = 256, kT = 128, kV = 512, kLayers = 4, kGlobalBatch = 16;
 // net_gbps (GB/s).
 constexpr double kGflops = 10, kNetGBps = 1;
 
-// `core` on-demand devices, then `spot` preemptible ones, all alike (kGflops, kNetGBps).
-std::string SwarmToml(int core, int spot) {
-  std::string text = R"(
+// The model of every test with `n_layer` blocks (4 unless said), and the [simulation] table.
+std::string JobToml(int n_layer, const std::string& simulation) {
+  return absl::StrFormat(R"(
 [job]
 name = "swarm-test"
-n_layer = 4
+n_layer = %d
 n_head = 4
 n_embd = 256
 block_size = 128
@@ -39,19 +39,24 @@ vocab_size = 512
 global_batch = 16
 
 [simulation]
-lease_s = 5
-heartbeat_s = 1
-replace_after_s = 30
-report_every_s = 60
-)";
-  auto group = [](const char* name, int count, bool preemptible) {
-    return absl::StrFormat(
-        "\n[[group]]\nname = \"%s\"\ncount = %d\nkind = \"cpu\"\nfp32_gflops = 10\n"
-        "host_memory_gib = 8\nnet_gbps = 1\npreemptible = %s\n",
-        name, count, preemptible ? "true" : "false");
-  };
-  if (core > 0) absl::StrAppend(&text, group("core", core, false));
-  if (spot > 0) absl::StrAppend(&text, group("spot", spot, true));
+%s)",
+                         n_layer, simulation);
+}
+
+// `count` devices alike (kGflops, kNetGBps), with `extra` keys.
+std::string GroupToml(const char* name, int count, const std::string& extra) {
+  return absl::StrFormat(
+      "\n[[group]]\nname = \"%s\"\ncount = %d\nkind = \"cpu\"\nfp32_gflops = 10\n"
+      "host_memory_gib = 8\nnet_gbps = 1\n%s",
+      name, count, extra);
+}
+
+// `core` on-demand devices, then `spot` preemptible ones.
+std::string SwarmToml(int core, int spot) {
+  std::string text =
+      JobToml(4, "lease_s = 5\nheartbeat_s = 1\nreplace_after_s = 30\nreport_every_s = 60\n");
+  if (core > 0) absl::StrAppend(&text, GroupToml("core", core, "preemptible = false\n"));
+  if (spot > 0) absl::StrAppend(&text, GroupToml("spot", spot, "preemptible = true\n"));
   return text;
 }
 
@@ -236,29 +241,11 @@ TEST(SwarmSimulatorTest, MorePeersPerStageTrainFaster) {
 // seconds. The rebalancer (every 30 s) moves one peer of another stage into stage 1 and the swarm
 // regains most of its rate; without it stage 1 bounds the rate from then on.
 std::string StragglerToml(double slow_after) {
-  std::string text = R"(
-[job]
-name = "straggler"
-n_layer = 6
-n_head = 4
-n_embd = 256
-block_size = 128
-vocab_size = 512
-global_batch = 16
-
-[simulation]
-report_every_s = 30
-)";
-  auto group = [](const char* name, int count, const std::string& extra) {
-    return absl::StrFormat(
-        "\n[[group]]\nname = \"%s\"\ncount = %d\nkind = \"cpu\"\nfp32_gflops = 10\n"
-        "host_memory_gib = 8\nnet_gbps = 1\n%s",
-        name, count, extra);
-  };
-  absl::StrAppend(&text, group("first", 1, ""),
-                  group("straggler", 1,
-                        absl::StrFormat("slow_after_s = %g\nslow_factor = 3\n", slow_after)),
-                  group("rest", 5, ""));
+  std::string text = JobToml(6, "report_every_s = 30\n");
+  absl::StrAppend(&text, GroupToml("first", 1, ""),
+                  GroupToml("straggler", 1,
+                            absl::StrFormat("slow_after_s = %g\nslow_factor = 3\n", slow_after)),
+                  GroupToml("rest", 5, ""));
   return text;
 }
 
