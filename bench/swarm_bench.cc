@@ -483,7 +483,7 @@ class SwarmBench {
 
 int SwarmBenchMain(int argc, char** argv, const BenchHost& host) {
   CLI::App app{
-      "A swarm against the static pipeline (pp 3, dp 2) it replaces, with real processes, each "
+      "shoal bench swarm: a swarm against the static pipeline (pp 3, dp 2) it replaces, with real processes, each "
       "--throttle slower: committed tokens/s without and with a worker killed every "
       "--kill-every s, and a straggling stage with and without the rebalancer. One JSON line."};
   Options o;

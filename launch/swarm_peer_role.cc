@@ -587,6 +587,11 @@ class Peer {
       }
       if (!got.ok()) continue;
       const v1::SwarmRoster& r = *got;
+      if (r.finished() && step >= r.total_steps() && (r.trainers_size() == 0 || draining)) {
+        // The job is over and no trainer still pulls the final state (checked before anything
+        // else in the roster: its peers leave one by one).
+        return absl::OkStatus();
+      }
       if (!r.rollback().empty()) {
         return absl::UnimplementedError(absl::StrCat(
             "the swarm needs a rollback (", r.rollback(), "), which peers cannot follow yet"));
@@ -650,11 +655,8 @@ class Peer {
         done_key.clear();
         continue;
       }
-      if (r.finished() && step >= r.total_steps()) {
-        // Stay while trainers may still pull the final state for their checkpoint.
-        if (r.trainers_size() == 0 || draining) return absl::OkStatus();
-        continue;
-      }
+      // Stay while trainers may still pull the final state for their checkpoint.
+      if (r.finished() && step >= r.total_steps()) continue;
       if (r.step_open() && r.open_step() > step && round_.empty()) {
         absl::Status c = CatchUp(r, step);
         if (!c.ok()) std::this_thread::sleep_for(std::chrono::milliseconds(100));

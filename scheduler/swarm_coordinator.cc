@@ -239,7 +239,9 @@ struct SwarmCoordinator::Impl {
     r.set_job(job);
     for (const std::string& e : evictions) r.add_evictions(e);
     r.set_waiting(snap.waiting);
-    if (snap.rollback.has_value()) r.set_rollback(snap.rollback->reason);
+    // A finished job is not rolled back (RollBackIfNeeded): its peers leave one by one, and a
+    // stage emptied by them says nothing to those still leaving.
+    if (snap.rollback.has_value() && !r.finished()) r.set_rollback(snap.rollback->reason);
     r.set_micro_batches(options.job.micro_batches);
     r.set_checkpoint_step(snap.checkpoint_step);
     if (snap.checkpoint_step >= 0) r.set_checkpoint_path(checkpoint_path);
