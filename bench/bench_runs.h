@@ -3,14 +3,18 @@
 #ifndef SHOAL_BENCH_BENCH_RUNS_H_
 #define SHOAL_BENCH_BENCH_RUNS_H_
 
+#include <sys/types.h>
+
 #include <functional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "bench/bench_main.h"
 
 namespace shoal::bench {
@@ -24,6 +28,41 @@ absl::Status RunEchoing(const std::string& command,
 // parses as a JSON object with a "tokens_per_s" field (a launcher's "[rank0]: " prefix removed),
 // or an error naming the command when it fails or prints none.
 absl::StatusOr<nlohmann::json> RunForJson(const std::string& command);
+
+// A child process of this binary (`shoal ARGS...`) in a process group of its own, its stdout and
+// stderr in a log file; stopped (Stop) when destroyed. Not thread-safe.
+class ChildProcess {
+ public:
+  ChildProcess() = default;
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  ChildProcess(ChildProcess&& o) noexcept;
+  ~ChildProcess() { Stop(); }
+
+  // Starts it (fork + exec of SelfExecutablePath()), pinned to CPU `core` when >= 0.
+  absl::Status Start(const std::vector<std::string>& args, const std::string& log, int core = -1);
+  pid_t pid() const { return pid_; }  // -1 once it has exited and been waited for
+  const std::string& log() const { return log_; }
+  // Its exit code (128 + signal) once it has exited, else -1. Never blocks.
+  int Poll();
+  // SIGKILL to its group, then waited for.
+  void Kill9();
+  // SIGTERM to its group; SIGKILL after 10 s.
+  void Stop();
+
+ private:
+  pid_t pid_ = -1;
+  int exit_code_ = -1;
+  std::string log_;
+};
+
+// SIGTERM to every child's group at once, then each waited for (ChildProcess::Stop).
+void StopAll(const std::vector<ChildProcess*>& children);
+
+// The JSON object `child` writes to `path` once it listens (`--port-file`: {"grpc": P, ...}),
+// waited for. kInternal when the child exits first, kDeadlineExceeded after `timeout`.
+absl::StatusOr<nlohmann::json> WaitForPortFile(ChildProcess& child, const std::string& path,
+                                               absl::Duration timeout);
 
 // Prints "shoal: error: <message>" and returns host.exit_code(status).
 int ReportFailure(const BenchHost& host, const absl::Status& status);

@@ -28,9 +28,11 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_runs.h"
 #include "bench/benches.h"
 #include "comm/coordinator_client.h"
 #include "common/file_util.h"
+#include "common/status.h"
 #include "proto/coordinator.grpc.pb.h"
 #include "scheduler/layout_solver.h"
 #include "scheduler/simulator.h"
@@ -79,15 +81,11 @@ v1::JobSpec BenchJob(int global_batch, int expected_workers) {
   return job;
 }
 
-// A `shoal coordinator` child pinned to one core, stopped (SIGTERM) when this goes out of scope.
+// A `shoal coordinator` child pinned to one core, stopped when this goes out of scope.
 class CoordinatorChild {
  public:
   ~CoordinatorChild() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGTERM);
-      int status = 0;
-      ::waitpid(pid_, &status, 0);
-    }
+    process_.Stop();
     if (!dir_.empty()) (void)RemoveAll(dir_);
   }
 
@@ -96,52 +94,22 @@ class CoordinatorChild {
     if (::mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
     dir_ = tmpl;
     const std::string port_file = dir_ + "/ports.json";
-    const std::string log_file = dir_ + "/coordinator.log";
-    const std::string self = SelfExecutablePath();
-    pid_ = ::fork();
-    if (pid_ < 0) return absl::InternalError("fork failed");
-    if (pid_ == 0) {
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(core, &set);
-      ::sched_setaffinity(0, sizeof(set), &set);
-      const int fd = ::open(log_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      // Leases far longer than the run: no worker may expire while the bench hammers others.
-      ::execl(self.c_str(), "shoal", "coordinator", "--listen", "127.0.0.1:0", "--port-file",
-              port_file.c_str(), "--lease-s", "3600", "--heartbeat-s", "60",
-              static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    while (std::chrono::steady_clock::now() < deadline) {
-      int status = 0;
-      if (::waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return absl::InternalError(absl::StrCat("the coordinator child exited at start; see ",
-                                                log_file));
-      }
-      absl::StatusOr<std::string> ports = ReadFileToString(port_file);
-      if (ports.ok()) {
-        auto j = nlohmann::json::parse(*ports, nullptr, /*allow_exceptions=*/false);
-        if (j.is_object() && j.contains("grpc")) {
-          port_ = j["grpc"].get<int>();
-          return absl::OkStatus();
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return absl::DeadlineExceededError("the coordinator child did not listen within 60 s");
+    // Leases far longer than the run: no worker may expire while the bench hammers others.
+    SHOAL_RETURN_IF_ERROR(process_.Start({"coordinator", "--listen", "127.0.0.1:0",
+                                          "--port-file", port_file, "--lease-s", "3600",
+                                          "--heartbeat-s", "60"},
+                                         dir_ + "/coordinator.log", core));
+    SHOAL_ASSIGN_OR_RETURN(const nlohmann::json ports,
+                           WaitForPortFile(process_, port_file, absl::Seconds(60)));
+    port_ = ports["grpc"].get<int>();
+    return absl::OkStatus();
   }
 
-  pid_t pid() const { return pid_; }
+  pid_t pid() const { return process_.pid(); }
   int port() const { return port_; }
 
  private:
-  pid_t pid_ = -1;
+  ChildProcess process_;
   int port_ = 0;
   std::string dir_;
 };

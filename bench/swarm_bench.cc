@@ -18,9 +18,7 @@
 // furthest step any incarnation logged, which its stop then checkpoints; the swarm: the steps
 // applied) times the tokens per step, over those seconds. Work redone after a restart counts once.
 // The last line is one JSON object.
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -59,90 +57,12 @@ double SecondsSince(SteadyClock::time_point t0) {
   return std::chrono::duration<double>(SteadyClock::now() - t0).count();
 }
 
-// One child process of this binary, its output in a log file, in a process group of its own.
-class Child {
- public:
-  Child() = default;
-  Child(const Child&) = delete;
-  Child& operator=(const Child&) = delete;
-  Child(Child&& o) noexcept : pid_(o.pid_), log_(std::move(o.log_)) { o.pid_ = -1; }
-  ~Child() { Stop(); }
-
-  absl::Status Start(const std::vector<std::string>& args, const std::string& log) {
-    log_ = log;
-    const std::string self = SelfExecutablePath();
-    std::vector<std::string> argv = {"shoal"};
-    argv.insert(argv.end(), args.begin(), args.end());
-    std::vector<char*> raw;
-    for (std::string& a : argv) raw.push_back(a.data());
-    raw.push_back(nullptr);
-    pid_ = ::fork();
-    if (pid_ < 0) return absl::InternalError("fork failed");
-    if (pid_ == 0) {
-      ::setpgid(0, 0);
-      const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        ::dup2(fd, 1);
-        ::dup2(fd, 2);
-      }
-      ::execv(self.c_str(), raw.data());
-      ::_exit(127);
-    }
-    return absl::OkStatus();
-  }
-  pid_t pid() const { return pid_; }
-  const std::string& log() const { return log_; }
-  // The exit code once it has exited (128 + signal), else -1.
-  int Poll() {
-    if (pid_ <= 0) return exit_code_;
-    int status = 0;
-    if (::waitpid(pid_, &status, WNOHANG) != pid_) return -1;
-    pid_ = -1;
-    exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    return exit_code_;
-  }
-  void Kill9() {
-    if (pid_ <= 0) return;
-    ::kill(-pid_, SIGKILL);
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    exit_code_ = 128 + SIGKILL;
-  }
-  // SIGTERM to its group, SIGKILL after 10 s.
-  void Stop() {
-    if (pid_ <= 0) return;
-    ::kill(-pid_, SIGTERM);
-    const auto t0 = SteadyClock::now();
-    while (Poll() < 0) {
-      if (SecondsSince(t0) > 10) {
-        Kill9();
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-  }
-
- private:
-  pid_t pid_ = -1;
-  int exit_code_ = -1;
-  std::string log_;
-};
-
 // An integer field of a status object (protobuf's JSON writes int64 as a string); 0 if absent.
 int64_t JsonInt(const nlohmann::json& j, const char* key) {
   if (!j.is_object() || !j.contains(key)) return 0;
   if (j[key].is_number_integer()) return j[key].get<int64_t>();
   int64_t v = 0;
   return j[key].is_string() && absl::SimpleAtoi(j[key].get<std::string>(), &v) ? v : 0;
-}
-
-// SIGTERM to every child's group at once, then each waited for (SIGKILL after 10 s).
-void StopAll(const std::vector<Child*>& children) {
-  for (Child* c : children) {
-    if (c->pid() > 0) ::kill(-c->pid(), SIGTERM);
-  }
-  for (Child* c : children) c->Stop();
 }
 
 // The children of process `pid` (Linux: /proc/PID/task/PID/children).
@@ -240,7 +160,7 @@ class SwarmBench {
     for (const std::string& s : Sets(out, o_.batch_size / 2, 5)) args.push_back(s);
     std::fprintf(stderr, "shoal bench swarm: %s: the static pipeline (pp 3, dp 2)%s\n",
                  name.c_str(), churn ? ", a rank killed every --kill-every s" : "");
-    Child run;
+    ChildProcess run;
     const auto t0 = SteadyClock::now();
     SHOAL_RETURN_IF_ERROR(run.Start(args, out + ".log"));
     ArmResult r;
@@ -303,26 +223,14 @@ class SwarmBench {
                  peer_flags.size(), churn ? ", a peer killed every --kill-every s" : "",
                  rebalance_s > 0 ? ", rebalancing" : "");
     const auto t0 = SteadyClock::now();
-    Child coordinator;
+    ChildProcess coordinator;
     SHOAL_RETURN_IF_ERROR(coordinator.Start(args, out + "-coordinator.log"));
-    int grpc = 0;
-    while (grpc == 0) {
-      if (coordinator.Poll() >= 0 || SecondsSince(t0) > 60) {
-        return absl::InternalError(absl::StrCat(name, ": the coordinator did not start; see ",
-                                                coordinator.log()));
-      }
-      absl::StatusOr<std::string> text = ReadFileToString(ports);
-      if (text.ok()) {
-        const nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
-        if (j.is_object() && j.contains("grpc") && j.contains("http")) {
-          grpc = j["grpc"].get<int>();
-          http_ = j["http"].get<int>();
-        }
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    const std::string join = absl::StrCat("127.0.0.1:", grpc);
-    std::vector<Child> peers;
+    // Written at once with both ports (`--port-file`).
+    SHOAL_ASSIGN_OR_RETURN(const nlohmann::json ports_json,
+                           WaitForPortFile(coordinator, ports, absl::Seconds(60)));
+    http_ = JsonInt(ports_json, "http");
+    const std::string join = absl::StrCat("127.0.0.1:", JsonInt(ports_json, "grpc"));
+    std::vector<ChildProcess> peers;
     std::vector<std::vector<std::string>> flags_of;  // per started peer
     int started = 0;
     auto start_peer = [&](const std::vector<std::string>& flags) -> absl::Status {
@@ -330,7 +238,7 @@ class SwarmBench {
       std::vector<std::string> a = {"worker", "--join", join, "--token-file", dir_ + "/token",
                                     "--name", id, "--grace-s", "5"};
       a.insert(a.end(), flags.begin(), flags.end());
-      Child c;
+      ChildProcess c;
       SHOAL_RETURN_IF_ERROR(c.Start(a, dir_ + "/" + id + ".log"));
       peers.push_back(std::move(c));
       flags_of.push_back(flags);
@@ -348,7 +256,7 @@ class SwarmBench {
                                               peers.back().log()));
     };
     for (const std::vector<std::string>& f : peer_flags) SHOAL_RETURN_IF_ERROR(start_peer(f));
-    Child trainer;
+    ChildProcess trainer;
     SHOAL_RETURN_IF_ERROR(trainer.Start({"worker", "--join", join, "--token-file",
                                          dir_ + "/token", "--trainer", "--name", name + "-t",
                                          "--out", out},
@@ -389,8 +297,8 @@ class SwarmBench {
       r.moves = JsonInt(c, "moves");
     }
     r.tokens_per_s = static_cast<double>(r.steps) * tokens_per_step_ / r.wall_s;
-    std::vector<Child*> all = {&trainer, &coordinator};
-    for (Child& p : peers) all.push_back(&p);
+    std::vector<ChildProcess*> all = {&trainer, &coordinator};
+    for (ChildProcess& p : peers) all.push_back(&p);
     StopAll(all);
     return r;
   }
@@ -476,7 +384,7 @@ class SwarmBench {
   double tokens_per_step_ = 0;
   std::string dir_;
   bool remove_dir_ = false;
-  int http_ = 0;
+  int64_t http_ = 0;
 };
 
 }  // namespace

@@ -124,11 +124,7 @@ class Peer {
     }
     first_ = job.first_layer(stage_index_);
     end_ = job.end_layer(stage_index_);
-    if (first_ < 0 || end_ <= first_ || end_ > config_.model.n_layer) {
-      return absl::InvalidArgumentError(absl::StrCat("the coordinator assigned blocks [", first_,
-                                                     ", ", end_, ") of ", config_.model.n_layer));
-    }
-    SHOAL_ASSIGN_OR_RETURN(stage_, MakeStage());
+    SHOAL_ASSIGN_OR_RETURN(stage_, MakeStage());  // checks the blocks against the model
     SHOAL_LOG(Info) << "swarm peer " << link_->id() << " at " << advertise << ": stage "
                     << stage_index_ << " of " << stages_ << " (blocks [" << first_ << ", " << end_
                     << ")), syncing from " << job.sync_source()
@@ -679,8 +675,7 @@ class Peer {
   // fresh stage for its blocks, synced from the source the roster names, then served.
   absl::Status SwitchStage(const v1::SwarmRoster& r, const v1::SwarmPeerEntry& me) {
     const v1::SwarmStageEntry* entry = StageOf(r, me.stage());
-    if (entry == nullptr || entry->first_layer() < 0 || entry->end_layer() <= entry->first_layer() ||
-        entry->end_layer() > config_.model.n_layer) {
+    if (entry == nullptr || me.stage() < 0 || me.stage() >= stages_) {
       return absl::InvalidArgumentError(
           absl::StrCat("the coordinator moved this peer to stage ", me.stage(),
                        ", which its roster does not describe"));
@@ -689,19 +684,12 @@ class Peer {
                     << " to stage " << me.stage() << " (blocks [" << entry->first_layer() << ", "
                     << entry->end_layer() << ")), syncing from " << me.sync_source()
                     << (me.donor().empty() ? "" : " " + me.donor());
-    const int old_index = stage_index_, old_first = first_, old_end = end_;
     stage_index_ = me.stage();
     first_ = entry->first_layer();
     end_ = entry->end_layer();
-    absl::StatusOr<std::unique_ptr<runtime::SwarmStage>> fresh = MakeStage();
-    if (!fresh.ok()) {
-      stage_index_ = old_index;
-      first_ = old_first;
-      end_ = old_end;
-      return fresh.status();
-    }
+    SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<runtime::SwarmStage> fresh, MakeStage());
     retired_ = std::move(stage_);
-    stage_ = *std::move(fresh);
+    stage_ = std::move(fresh);
     attached_ = false;  // Sync loads the new stage directly; the server still has the old one
     const v1::SwarmPeerEntry* donor = PeerOf(r, me.donor());
     SHOAL_RETURN_IF_ERROR(Sync(me.sync_source().empty() ? "wait" : me.sync_source(), me.donor(),

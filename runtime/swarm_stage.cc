@@ -75,31 +75,43 @@ absl::StatusOr<std::unique_ptr<SwarmStage>> SwarmStage::Create(
         adamw);
   }
   s->slots_.resize(options.cache_slots);
-  for (const auto& [name, view] : s->NamedGradients()) {
+  for (const auto& [name, grad] : m.NamedGradients()) {
+    const int group = s->GroupOf(grad);
     const bool wte = name == "wte.weight";
-    if (wte && one_copy) s->tied_wte_grad_ = view;
+    if (wte && one_copy) s->tied_wte_grad_ = s->AccumulationView(group, grad);
     // The head's copy of wte: its gradient equals the embedding's after the tied sum.
     if (wte && m.has_head() && !m.has_embedding()) continue;
-    s->counted_grads_.push_back(view);
+    s->counted_grads_.emplace_back(group, grad);
   }
   return s;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> SwarmStage::NamedGradients() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
-  const at::Tensor& decay = model_->grads(Gpt::kDecay).flat();
   for (const auto& [name, grad] : model_->NamedGradients()) {
-    const bool in_decay = grad.storage().is_alias_of(decay.storage());
-    out.emplace_back(name, AccumulationView(in_decay ? Gpt::kDecay : Gpt::kNoDecay, grad));
+    out.emplace_back(name, AccumulationView(GroupOf(grad), grad));
   }
   return out;
 }
 
+int SwarmStage::GroupOf(const at::Tensor& grad) const {
+  return grad.storage().is_alias_of(model_->grads(Gpt::kDecay).flat().storage()) ? Gpt::kDecay
+                                                                                   : Gpt::kNoDecay;
+}
+
+namespace {
+
+// `view`, a view into the flat tensor `from`, at the same place in `to` (laid out alike).
+at::Tensor SamePlaceIn(const at::Tensor& view, const at::Tensor& from, const at::Tensor& to) {
+  return to.as_strided(view.sizes(), view.strides(),
+                       to.storage_offset() + view.storage_offset() - from.storage_offset());
+}
+
+}  // namespace
+
 at::Tensor SwarmStage::ViewIn(const memory::FlatBuffer* buffers, int group,
                               const at::Tensor& view) const {
-  const at::Tensor& flat = model_->grads(group).flat();
-  return buffers[group].flat().as_strided(view.sizes(), view.strides(),
-                                         view.storage_offset() - flat.storage_offset());
+  return SamePlaceIn(view, model_->grads(group).flat(), buffers[group].flat());
 }
 
 absl::Status SwarmStage::CheckNothingPending(const char* call) const {
@@ -291,21 +303,13 @@ std::vector<at::Tensor> SwarmStage::Gradients() const {
 
 at::Tensor SwarmStage::TiedWteGradient() const { return tied_wte_grad_; }
 
-double SwarmStage::SumSquares() const {
-  return parallel::GlobalSumSquares(counted_grads_, 0.0);
-}
+double SwarmStage::SumSquares() const { return SumSquaresOf(Gradients()); }
 
 double SwarmStage::SumSquaresOf(const std::vector<at::Tensor>& buffers) const {
-  // Each counted view, at the same place in the given buffer as in the accumulation's.
+  // Each counted gradient at its place in the given buffers.
   std::vector<at::Tensor> views;
-  for (const at::Tensor& v : counted_grads_) {
-    for (int g : {Gpt::kDecay, Gpt::kNoDecay}) {
-      const at::Tensor& flat = accumulation_[g].flat();
-      if (!v.is_alias_of(flat)) continue;
-      views.push_back(buffers[g].as_strided(v.sizes(), v.strides(),
-                                            v.storage_offset() - flat.storage_offset() +
-                                                buffers[g].storage_offset()));
-    }
+  for (const auto& [group, grad] : counted_grads_) {
+    views.push_back(SamePlaceIn(grad, model_->grads(group).flat(), buffers[group]));
   }
   return parallel::GlobalSumSquares(views, 0.0);
 }

@@ -236,6 +236,8 @@ class SwarmStage {
   void AfterBackward(const MicroBatchKey& key, bool accumulate);
   // `view` (into the model's gradient buffer `group`) at the same place in `buffers[group]`.
   at::Tensor ViewIn(const memory::FlatBuffer* buffers, int group, const at::Tensor& view) const;
+  // The parameter group (Gpt::kDecay, Gpt::kNoDecay) of a view into the model's gradients.
+  int GroupOf(const at::Tensor& grad) const;
   at::Tensor AccumulationView(int group, const at::Tensor& view) const {
     return ViewIn(accumulation_, group, view);
   }
@@ -258,7 +260,9 @@ class SwarmStage {
   bool pending_ = false;
   MicroBatchKey pending_key_;
   int64_t kept_ = 0;
-  std::vector<at::Tensor> counted_grads_;  // views into accumulation_: what SumSquares counts
+  // What SumSquares counts: (group, the model's gradient view), placed in any buffers laid out
+  // as Gradients().
+  std::vector<std::pair<int, at::Tensor>> counted_grads_;
   at::Tensor tied_wte_grad_;               // a view into accumulation_, or undefined
   // DeMo: the gradient it is given (laid out as the accumulation), its optimizers (tied: null
   // unless this stage holds one of two wte copies), and the residuals before the step's

@@ -132,7 +132,7 @@ std::string FormatStatusTable(const v1::ClusterStatus& status) {
       }
       for (const v1::SwarmPeerEntry& p : st.peers()) {
         const std::string state =
-            p.state() == "DRAINING" && p.moving_to() >= 0 && p.moving_to() != st.index()
+            p.state() == "DRAINING" && p.moving_to() >= 0
                 ? absl::StrCat("MOVING->", p.moving_to())
                 : p.state();
         rows.push_back({absl::StrCat(st.index()), layers, phase, Clip(p.id(), 24), state,

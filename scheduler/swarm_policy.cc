@@ -165,9 +165,7 @@ absl::StatusOr<int64_t> SwarmStageBytesInSplit(const GptShape& shape,
                          static_cast<int>(first + blocks_per_stage[stage]), activation_bytes);
 }
 
-absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPool>& pools,
-                                                       int64_t period,
-                                                       const SwarmRebalanceOptions& options) {
+absl::Status CheckSwarmRebalanceOptions(const SwarmRebalanceOptions& options) {
   if (!(options.balance_quality > 0 && options.balance_quality <= 1) ||
       !(options.period_s > 0 && std::isfinite(options.period_s)) || options.wins_needed < 1 ||
       options.stay_periods < 0) {
@@ -176,6 +174,13 @@ absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPo
         "stay_periods >= 0; got ", options.balance_quality, ", ", options.period_s, ", ",
         options.wins_needed, ", ", options.stay_periods));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPool>& pools,
+                                                       int64_t period,
+                                                       const SwarmRebalanceOptions& options) {
+  SHOAL_RETURN_IF_ERROR(CheckSwarmRebalanceOptions(options));
   std::vector<double> capacity;
   std::set<int> indices;
   for (const SwarmPool& p : pools) {

@@ -88,6 +88,9 @@ struct SwarmMove {
   double transfer_s = 0;          // its state download (stage bytes / its link)
 };
 
+// kInvalidArgument naming the rule out of range (BestSwarmMove checks it first).
+absl::Status CheckSwarmRebalanceOptions(const SwarmRebalanceOptions& options);
+
 // The move that raises the swarm's bottleneck (its smallest stage capacity, the sum of its peers'
 // throughputs) the most: one peer from another stage into the weakest one, where it fits and
 // its own stage keeps a peer; and where it passes the rules: the bottleneck gains at least

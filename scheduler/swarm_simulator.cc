@@ -316,7 +316,6 @@ class SwarmSimulation {
     SHOAL_RETURN_IF_ERROR(Internal(move.status(), "Rebalance"));
     if (move->has_value()) {
       const SwarmMove& m = **move;
-      ++result_.summary.moves;
       Note(absl::StrCat("move ", m.peer, " from stage ", m.from, " to stage ", m.to));
     }
     return absl::OkStatus();
@@ -744,6 +743,7 @@ class SwarmSimulation {
     s.accumulations_fenced = snap.ledger.accumulations_fenced;
     s.duplicates = snap.ledger.duplicates_refused;
     s.joins = snap.counters.joins;
+    s.moves = snap.counters.moves;
     s.deaths = deaths_;
     s.rollbacks = rollbacks_;
     s.finished = done_;

@@ -108,7 +108,7 @@ struct SwarmSimulationSummary {
   int64_t refused = 0;               // devices whose memory fits no stage
   int64_t deaths = 0;
   int64_t rollbacks = 0;
-  int64_t moves = 0;        // peers the rebalancer moved
+  int64_t moves = 0;        // moves the rebalancer made that completed (SwarmCounters::moves)
   int64_t stale_syncs = 0;  // syncs overtaken by a step (fetched again)
   double idle_s = 0;        // time with no step open (filling stages, rolling back)
   double utilisation = 0;   // peers' compute seconds / their seconds in the swarm

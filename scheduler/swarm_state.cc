@@ -735,9 +735,8 @@ absl::StatusOr<std::unique_ptr<SwarmState>> SwarmState::Create(const SwarmJob& j
   if (!options.learning_rate) {
     return absl::InvalidArgumentError("swarm options: no learning_rate schedule");
   }
-  if (absl::StatusOr<std::optional<SwarmMove>> none = BestSwarmMove({}, 0, options.rebalance);
-      !none.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("swarm options: ", none.status().message()));
+  if (absl::Status s = CheckSwarmRebalanceOptions(options.rebalance); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm options: ", s.message()));
   }
   auto impl = std::make_unique<Impl>();
   impl->job = job;

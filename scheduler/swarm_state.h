@@ -336,8 +336,8 @@ class SwarmState {
   // (stage `to` does not fit the memory it joined with).
   absl::Status MovePeer(const std::string& id, int to);
   // One check of the rebalancer (swarm_policy.h, SwarmRebalancer) at `period` (increasing) over
-  // the SERVING peers and their reported throughputs, and the move it makes, carried out with
-  // MovePeer. No check while a peer syncs or drains (the pools are changing; the rebalancer's
+  // the SERVING peers and their reported throughputs, and the move it makes, started as
+  // MovePeer starts one (the policy has checked what MovePeer checks). No check while a peer syncs or drains (the pools are changing; the rebalancer's
   // memory starts again) or while no step can run. kInvalidArgument (options, a period that does
   // not increase).
   absl::StatusOr<std::optional<SwarmMove>> Rebalance(int64_t period);
