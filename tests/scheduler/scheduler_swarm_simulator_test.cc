@@ -264,15 +264,14 @@ double RateBetween(const SwarmSimulationResult& r, double from_s, double to_s) {
 }
 
 TEST(SwarmSimulatorTest, TheRebalancerMovesAPeerToAStragglersStage) {
-  const ClusterSpec spec = Parse(StragglerToml(300));
+  ClusterSpec timed = Parse(StragglerToml(300));
+  timed.settings.max_hours = 1200.0 / 3600;  // 20 virtual minutes
   SwarmSimulationOptions o;
   o.stages = 3;
   o.trainers = 6;
   o.micro_batches = 8;
   o.steps = 100000;
   o.report_every_s = 30;
-  ClusterSpec timed = spec;
-  timed.settings.max_hours = 1200.0 / 3600;  // 20 virtual minutes
   const SwarmSimulationResult still = RunSwarm(timed, o);
   o.rebalance_s = 30;
   const SwarmSimulationResult moved = RunSwarm(timed, o);
