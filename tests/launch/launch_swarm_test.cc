@@ -588,22 +588,20 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
     }
   }
   Process trainer = Trainer("r-t0", grpc, tmp_ / "r-t0");
-  // Watched until the end: the step open when the move was made.
+  // Watched while it runs (its peers leave once the job is over): the step open when the move
+  // was made, and the mover, one of stage 0's fast peers, seen serving stage 1.
   int64_t move_step = -1;
+  std::string mover;
   EXPECT_TRUE(WaitUntil(
       [&] {
         const nlohmann::json st = Status(http);
-        if (move_step < 0 && Counter(st, "moves") >= 1) {
-          move_step = AppliedSteps(st);
-        }
-        for (const nlohmann::json& e : st.is_object() && st.contains("swarm")
-                                           ? st["swarm"].value("stages", nlohmann::json::array())
-                                           : nlohmann::json::array()) {
-          for (const nlohmann::json& p : e.value("peers", nlohmann::json::array())) {
-            if (move_step < 0 && Number(p.value("moving_to", nlohmann::json(-1))) >= 0) {
-              move_step = AppliedSteps(st);
-            }
-          }
+        for (const char* id : {"r-p0", "r-p3"}) {
+          const nlohmann::json p = PeerEntry(st, id);
+          if (!p.is_object()) continue;
+          const bool moving = Number(p.value("moving_to", nlohmann::json(-1))) >= 0;
+          const bool moved = Number(p.value("stage", nlohmann::json(0))) == 1;
+          if (move_step < 0 && (moving || moved)) move_step = AppliedSteps(st);
+          if (moved && p.value("state", "") == "SERVING") mover = id;
         }
         return AppliedSteps(st) >= kLonger;
       },
@@ -614,12 +612,6 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
   EXPECT_GE(move_step, 0);
   EXPECT_EQ(Counter(s, "drifts"), 0) << s.dump();
   EXPECT_EQ(Counter(s, "syncs_refused"), 0) << s.dump();
-  // The mover is one of stage 0's fast peers, now serving stage 1.
-  std::string mover;
-  for (const char* id : {"r-p0", "r-p3"}) {
-    const nlohmann::json p = PeerEntry(s, id);
-    if (p.is_object() && Number(p.value("stage", nlohmann::json(0))) == 1) mover = id;
-  }
   ASSERT_FALSE(mover.empty()) << s.dump();
   const std::string coordinator_log = ReadTextFile(coordinator.log());
   EXPECT_TRUE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 0 to "
