@@ -10,7 +10,9 @@
 //                 a peer is killed -9 every --kill-every seconds and a fresh one joins at once.
 //   straggler     4 peers: two fast ones on stage 0, a stage-1 peer 4x slower than them and a
 //                 stage-2 peer 2x slower (launch_swarm_test's layout), with the rebalancer
-//                 (--rebalance-s 3) against without it (--rebalance-s 0).
+//                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
+//                 --swarm`'s model of the same two arms (the same SwarmState policy, each peer at
+//                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
 //
 // Every arm trains the same job (the same global batch: M micro-batches of --batch-size
 // sequences; the static pipeline's two replicas take half each) for --seconds from its first
@@ -47,6 +49,9 @@
 #include "common/net_util.h"
 #include "common/status.h"
 #include "runtime/config.h"
+#include "runtime/profiler.h"
+#include "scheduler/simulator.h"
+#include "scheduler/swarm_simulator.h"
 
 namespace shoal::bench {
 namespace {
@@ -348,6 +353,14 @@ class SwarmBench {
     }
     if (straggler) {
       // Relative to the machine's speed (base throttle T): two at T, one at 4T (16x), one at 2T.
+      // The simulator's prediction first (a few seconds), with the machine otherwise idle.
+      absl::StatusOr<double> predicted = SimulatedStragglerRatio();
+      if (predicted.ok()) {
+        line["simulated_straggler_ratio"] = *predicted;
+      } else {
+        std::fprintf(stderr, "shoal bench swarm: no simulated straggler ratio: %s\n",
+                     std::string(predicted.status().message()).c_str());
+      }
       const std::string t = absl::StrCat(o_.throttle), t2 = absl::StrCat(2 * o_.throttle);
       const std::vector<std::vector<std::string>> layout = {
           {"--throttle", t}, {"--throttle", t, "--slow-after", "0:4"}, {"--throttle", t2},
@@ -359,16 +372,67 @@ class SwarmBench {
       line["straggler_ratio"] = moved.tokens_per_s / still.tokens_per_s;
       line["straggler_moves"] = moved.moves;
     }
-    // Not built yet (docs/swarm.md): the simulator's prediction of these arms, and shaped links.
-    for (const char* key : {"simulated_churn_ratio", "simulated_straggler_ratio",
-                            "demo_speedup_shaped", "shaped_over_unshaped"}) {
+    // Not built yet (docs/swarm.md): the simulator's prediction of the churn arms (it has no
+    // model of the static pipeline's restarts from a checkpoint), and shaped links.
+    for (const char* key : {"simulated_churn_ratio", "demo_speedup_shaped",
+                            "shaped_over_unshaped"}) {
       line[key] = nullptr;
     }
+    if (!line.contains("simulated_straggler_ratio")) line["simulated_straggler_ratio"] = nullptr;
     std::printf("%s\n", line.dump().c_str());
     return absl::OkStatus();
   }
 
  private:
+  // The straggler arms in the swarm simulator: the four peers as device groups in the order they
+  // join (so the same join rule places them), each at this machine's fp32 GEMM rate (one thread,
+  // as the peers run) over its throttle, the stage-1 one 4x slower from the start; links fast
+  // (127.0.0.1); --seconds of virtual time each, with --rebalance-s 3 and 0. The ratio of their
+  // tokens/s.
+  absl::StatusOr<double> SimulatedStragglerRatio() {
+    runtime::ProfileOptions po;
+    po.seconds = 1.0;
+    SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile machine, runtime::ProfileDevice(po));
+    const double g = machine.fp32_gflops() / o_.throttle;
+    std::string toml = absl::StrCat(
+        "[job]\nname = \"bench-swarm-straggler\"\nn_layer = ", config_.model.n_layer,
+        "\nn_head = ", config_.model.n_head, "\nn_embd = ", config_.model.n_embd,
+        "\nblock_size = ", config_.model.block_size, "\nvocab_size = ", config_.model.vocab_size,
+        "\nglobal_batch = ", o_.micro_batches * o_.batch_size,
+        "\n\n[simulation]\nlease_s = 5\nheartbeat_s = 0.25\nreport_every_s = ",
+        std::max(1.0, o_.seconds), "\nmax_hours = ", o_.seconds / 3600, "\n");
+    struct Peer {
+      const char* name;
+      double gflops;
+      bool slow;
+    };
+    for (const Peer& p : {Peer{"fast-a", g, false}, Peer{"slow", g, true},
+                          Peer{"half", g / 2, false}, Peer{"fast-b", g, false}}) {
+      absl::StrAppend(&toml, "\n[[group]]\nname = \"", p.name,
+                      "\"\ncount = 1\nkind = \"cpu\"\nfp32_gflops = ", p.gflops,
+                      "\nhost_memory_gib = 8\nnet_gbps = 10\n",
+                      p.slow ? "slow_after_s = 0\nslow_factor = 4\n" : "");
+    }
+    SHOAL_ASSIGN_OR_RETURN(const scheduler::ClusterSpec spec,
+                           scheduler::ParseClusterToml(toml, "the straggler arms"));
+    double rate[2] = {0, 0};
+    for (int arm = 0; arm < 2; ++arm) {
+      scheduler::SwarmSimulationOptions so;
+      so.stages = 3;
+      so.micro_batches = o_.micro_batches;
+      so.steps = 1000000000;
+      so.rebalance_s = arm == 0 ? 0 : 3;
+      SHOAL_ASSIGN_OR_RETURN(const scheduler::SwarmSimulationResult r,
+                             scheduler::SimulateSwarm(spec, so));
+      rate[arm] = r.summary.mean_tokens_per_s;
+      std::fprintf(stderr, "  simulated straggler, %-14s %8.0f tokens/s  moves %lld\n",
+                   arm == 0 ? "no rebalancing" : "rebalancing", rate[arm],
+                   static_cast<long long>(r.summary.moves));
+    }
+    if (!(rate[0] > 0)) return absl::InternalError("the simulated arm without moves trained nothing");
+    return rate[1] / rate[0];
+  }
+
   void Print(const char* what, const ArmResult& r) {
     std::fprintf(stderr,
                  "  %-28s %6.1f s  %5lld steps  %8.0f tokens/s  kills %d  restarts %lld  "

@@ -25,6 +25,7 @@ void FillCall(const StageCall& c, v1::CallInfo* out, int64_t samples) {
   out->set_micro_batch(c.micro_batch);
   out->set_trainer_id(c.trainer_id);
   out->set_samples(samples);
+  out->set_rollbacks(c.rollbacks);
 }
 
 // One half-duplex call: the header, every tensor's pieces, half-close; then the reply's header

@@ -39,6 +39,7 @@ struct StageCall {
   int64_t step = 0;
   int64_t micro_batch = 0;
   std::string trainer_id;
+  int64_t rollbacks = 0;  // the lease's epoch (LeaseResponse.rollbacks)
 };
 
 struct StageReply {

@@ -97,7 +97,10 @@ int SimulateMain(int argc, char** argv) {
                  "--swarm: micro-batches per step")
       ->capture_default_str();
   app.add_option("--trainers", swarm_options.trainers,
-                 "--swarm: virtual trainers (each runs one micro-batch at a time)")
+                 "--swarm: virtual trainers")
+      ->capture_default_str();
+  app.add_option("--in-flight", swarm_options.in_flight,
+                 "--swarm: micro-batches each trainer runs at once (as shoal worker's)")
       ->capture_default_str();
   app.add_option("--checkpoint-every", swarm_options.checkpoint_every,
                  "--swarm: steps between checkpoints, the target of a rollback (0: none, the "

@@ -57,7 +57,7 @@ int WorkerMain(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--data", o.data_dir, "A trainer's data folder (default: the job's data.dir)");
   app.add_option("--out", o.out_dir, "A trainer's output folder (default: the job's out_dir)");
-  app.add_option("--in-flight", o.in_flight, "Micro-batches a trainer leases at a time")
+  app.add_option("--in-flight", o.in_flight, "Micro-batches a trainer leases and runs at once (one thread each)")
       ->capture_default_str();
   app.add_option("--join-timeout-s", join_timeout_s, "Give up joining after this long")
       ->capture_default_str();

@@ -328,6 +328,7 @@ class Peer {
     c.set_trainer_id(call.trainer_id());
     c.set_step(call.step());
     c.set_id(call.step() * micro_batches_ + call.micro_batch());
+    c.set_rollbacks(call.rollbacks());
     if (std::isfinite(loss)) {
       c.set_has_loss(true);
       c.set_loss(loss);
@@ -708,7 +709,7 @@ class Peer {
     if (absl::Now() - *start < absl::Seconds(2) || window->compute_s <= 0) return;
     v1::StepStats stats;
     stats.set_step(stage_->optimizer_steps());
-    stats.set_samples_per_s(static_cast<double>(window->samples) / window->compute_s);
+    stats.set_samples_per_s(window->samples / window->compute_s);
     link_->SetStats(stats);
     if (absl::Now() - *start >= absl::Seconds(10)) {
       *window = runtime::SwarmPeerLoad{};

@@ -3,6 +3,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -50,12 +54,20 @@ class Trainer {
 
   int Run() {
     absl::Status s = RunOrError();
+    StopWorkers();  // (on an early error)
     if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
     if (s.ok()) return 0;
     return WorkerFail(s);
   }
 
  private:
+  // A leased micro-batch for the threads (StartWorkers).
+  struct Job {
+    int64_t step = 0;
+    int64_t rollbacks = 0;  // the lease's epoch
+    v1::SwarmLeaseEntry lease;
+  };
+
   absl::Status RunOrError() {
     // The data first: a trainer without it must not join.
     std::string probe_dir = options_.data_dir;
@@ -113,13 +125,14 @@ class Trainer {
                     << micro_batches_ << ", " << total_steps_ << " steps, data " << dir;
     started_ = Now();
 
-    std::vector<int64_t> release;
+    StartWorkers();
     while (!stop_->load()) {
       absl::StatusOr<v1::SwarmRoster> r = link_->Await(
           [](const v1::SwarmRoster&) { return true; }, absl::Seconds(5), stop_);
       if (!r.ok()) {
         if (absl::IsCancelled(r.status())) break;
         if (absl::IsDeadlineExceeded(r.status())) continue;
+        StopWorkers();
         return r.status();
       }
       Observe(*r);
@@ -129,43 +142,57 @@ class Trainer {
         checkpoint_due_ = -1;
       }
       if (!r->rollback().empty()) {
+        StopWorkers();
         return absl::UnimplementedError(absl::StrCat(
             "the swarm needs a rollback (", r->rollback(), "), which trainers cannot follow yet"));
       }
-      v1::LeaseRequest lr;
-      lr.set_worker_id(link_->id());
-      lr.set_max(options_.in_flight);
-      for (int64_t id : release) lr.add_release(id);
-      release.clear();
-      SHOAL_ASSIGN_OR_RETURN(v1::LeaseResponse leases, link_->client().Lease(lr));
-      if (!leases.step_open() || leases.leases_size() == 0) {
-        // Nothing to do until the roster moves on.
-        (void)link_->Await(
-            [&](const v1::SwarmRoster& n) { return n.version() != r->version(); },
-            absl::Seconds(1), stop_);
-        continue;
-      }
-      const v1::SwarmRoster now = link_->latest();
-      Observe(now);
-      for (const v1::SwarmLeaseEntry& lease : leases.leases()) {
-        if (stop_->load()) {
-          release.push_back(lease.id());
+      int free = 0;
+      std::vector<int64_t> release;
+      {
+        std::unique_lock<std::mutex> lock(pool_mu_);
+        if (held_ >= options_.in_flight && failed_.empty()) {
+          // Every slot busy: wait for one to come free (or a new roster).
+          pool_cv_.wait_for(lock, std::chrono::milliseconds(200),
+                            [&] { return held_ < options_.in_flight || !failed_.empty(); });
           continue;
         }
-        absl::Status s = RunMicroBatch(leases.step(), lease);
-        if (!s.ok()) {
-          SHOAL_LOG(Warning) << "swarm trainer: micro-batch " << lease.id() << " of step "
-                             << leases.step() << ": " << s << " (given back)";
-          release.push_back(lease.id());
-          Observe(link_->latest());
+        free = options_.in_flight - held_;
+        // An id this trainer runs again already (a failure from before a rollback, whose id the
+        // ledger leased anew) is not given back: that would end the new lease.
+        for (int64_t id : failed_) {
+          if (running_.count(id) == 0) release.push_back(id);
         }
+        failed_.clear();
       }
+      v1::LeaseRequest lr;
+      lr.set_worker_id(link_->id());
+      lr.set_max(std::max(free, 0));
+      for (int64_t id : release) lr.add_release(id);
+      absl::StatusOr<v1::LeaseResponse> leases = link_->client().Lease(lr);
+      if (!leases.ok()) {
+        StopWorkers();
+        return leases.status();
+      }
+      if (!leases->step_open() || leases->leases_size() == 0) {
+        WaitForWork(r->version());  // nothing to lease until the roster moves on
+        continue;
+      }
+      Observe(link_->latest());
+      std::lock_guard<std::mutex> lock(pool_mu_);
+      for (const v1::SwarmLeaseEntry& lease : leases->leases()) {
+        queue_.push_back({leases->step(), leases->rollbacks(), lease});
+        running_.insert(lease.id());
+        ++held_;
+      }
+      pool_cv_.notify_all();
     }
-    if (!release.empty()) {
+    // Micro-batches not run (or cut short by the stop) go back to the pool.
+    StopWorkers();
+    if (!failed_.empty()) {
       v1::LeaseRequest lr;
       lr.set_worker_id(link_->id());
       lr.set_max(0);
-      for (int64_t id : release) lr.add_release(id);
+      for (int64_t id : failed_) lr.add_release(id);
       (void)link_->client().Lease(lr);
     }
     const v1::SwarmRoster last = link_->latest();
@@ -174,6 +201,63 @@ class Trainer {
       SHOAL_RETURN_IF_ERROR(SaveCheckpoint(last, last.next_step(), absl::Seconds(60)).status());
     }
     return absl::OkStatus();
+  }
+
+  // The micro-batches leased run on options_.in_flight threads at once, each its chain of calls
+  // through the stages: the peers compute one call at a time each, so several micro-batches in
+  // flight keep every stage busy (a pipeline), where one at a time would leave all but one peer
+  // idle. A micro-batch that fails is given back with the next lease request.
+  void StartWorkers() {
+    for (int i = 0; i < options_.in_flight; ++i) {
+      workers_.emplace_back([this] { WorkerLoop(); });
+    }
+  }
+
+  void WorkerLoop() {
+    while (true) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(pool_mu_);
+        pool_cv_.wait(lock, [&] { return closing_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      absl::Status s = stop_->load() ? absl::CancelledError("stopping") : RunMicroBatch(job);
+      if (!s.ok() && !absl::IsCancelled(s)) {
+        SHOAL_LOG(Warning) << "swarm trainer: micro-batch " << job.lease.id() << " of step "
+                           << job.step << ": " << s << " (given back)";
+      }
+      std::lock_guard<std::mutex> lock(pool_mu_);
+      running_.erase(running_.find(job.lease.id()));
+      if (!s.ok()) failed_.push_back(job.lease.id());
+      --held_;
+      pool_cv_.notify_all();
+    }
+  }
+
+  // Runs what is queued (cut short once stop_ is set), then ends the threads.
+  void StopWorkers() {
+    {
+      std::lock_guard<std::mutex> lock(pool_mu_);
+      closing_ = true;
+    }
+    pool_cv_.notify_all();
+    for (std::thread& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  // Up to a second for a roster past `version` or a micro-batch to give back.
+  void WaitForWork(uint64_t version) {
+    for (int i = 0; i < 10 && !stop_->load(); ++i) {
+      if (link_->Await([&](const v1::SwarmRoster& n) { return n.version() != version; },
+                       absl::Milliseconds(100), stop_)
+              .ok()) {
+        return;
+      }
+      std::lock_guard<std::mutex> lock(pool_mu_);
+      if (!failed_.empty()) return;
+    }
   }
 
   // A checkpoint during the run (checkpoint.every), written by one trainer (the first of the
@@ -206,7 +290,10 @@ class Trainer {
       for (const v1::SwarmStageEntry& st : r.stages()) {
         std::vector<std::string> serving, draining;
         for (const v1::SwarmPeerEntry& p : st.peers()) {
-          address_[p.id()] = p.address();
+          {
+            std::lock_guard<std::mutex> lock(address_mu_);
+            address_[p.id()] = p.address();
+          }
           if (!p.in_round()) continue;
           (p.state() == "SERVING" ? serving : draining).push_back(p.id());
         }
@@ -261,6 +348,7 @@ class Trainer {
   // A peer of `stage` for a task, and its address.
   absl::StatusOr<std::pair<std::string, std::string>> Choose(int stage, double size) {
     SHOAL_ASSIGN_OR_RETURN(std::string peer, routers_[stage]->Choose(size));
+    std::lock_guard<std::mutex> lock(address_mu_);
     return std::make_pair(peer, address_[peer]);
   }
 
@@ -281,7 +369,9 @@ class Trainer {
     }
   }
 
-  absl::Status RunMicroBatch(int64_t step, const v1::SwarmLeaseEntry& lease) {
+  absl::Status RunMicroBatch(const Job& job) {
+    const int64_t step = job.step;
+    const v1::SwarmLeaseEntry& lease = job.lease;
     const int64_t micro = lease.id() - step * micro_batches_;
     if (micro < 0 || micro >= micro_batches_ || lease.stages_size() == 0) {
       return absl::InternalError(absl::StrCat("lease ", lease.id(), " is not of step ", step));
@@ -298,6 +388,7 @@ class Trainer {
     call.step = step;
     call.micro_batch = micro;
     call.trainer_id = link_->id();
+    call.rollbacks = job.rollbacks;
     for (int s = 0; s + 1 < stages_; ++s) {
       SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, static_cast<double>(B)));
       call.stage = s;
@@ -412,7 +503,17 @@ class Trainer {
   std::unique_ptr<runtime::BatchSampler> sampler_;
   std::unique_ptr<comm::StageClient> client_;
   std::vector<std::unique_ptr<parallel::StageRouter>> routers_;
-  std::map<std::string, std::string> address_;
+  std::mutex address_mu_;
+  std::map<std::string, std::string> address_;  // guarded by address_mu_
+  // The micro-batch threads (StartWorkers), guarded by pool_mu_.
+  std::mutex pool_mu_;
+  std::condition_variable pool_cv_;
+  std::deque<Job> queue_;         // leased, not started
+  std::multiset<int64_t> running_;  // lease ids queued or running
+  int held_ = 0;                  // leased and not finished (queued or running)
+  std::vector<int64_t> failed_;   // lease ids to give back
+  bool closing_ = false;
+  std::vector<std::thread> workers_;
   std::unique_ptr<runtime::MetricsFile> metrics_;
   std::string out_dir_;
   int stages_ = 1, micro_batches_ = 1;

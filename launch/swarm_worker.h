@@ -60,7 +60,7 @@ struct SwarmWorkerOptions {
   // Trainer:
   std::string data_dir;         // empty: the job's data.dir
   std::string out_dir;          // empty: the job's train.out_dir (metrics.jsonl, checkpoints)
-  int in_flight = 4;            // micro-batches leased at a time
+  int in_flight = 8;            // micro-batches leased and run at a time
   absl::Duration join_timeout = absl::Seconds(60);
   absl::Duration call_timeout = absl::Seconds(30);
 };

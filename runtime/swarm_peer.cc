@@ -97,8 +97,8 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
 
   std::mutex& compute_mu() { return mu_; }
 
-  // Work done: samples whose backward ran here, and seconds of compute (forwards included).
-  void CountWork(int64_t samples, double seconds) {
+  // Work done (SwarmPeerLoad::samples: forwards and backwards weighted) and seconds of compute.
+  void CountWork(double samples, double seconds) {
     std::lock_guard<std::mutex> lock(load_mu_);
     load_.samples += samples;
     load_.compute_s += seconds;
@@ -155,10 +155,11 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     absl::StatusOr<at::Tensor> input = in->Take(0);
     if (!input.ok()) return comm::ToGrpc(input.status());
-    const auto t0 = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     absl::StatusOr<at::Tensor> out;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      t0 = std::chrono::steady_clock::now();
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
       SlowDown(t0);
     }
@@ -168,7 +169,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
     reply.mutable_header()->set_compute_s(SecondsSince(t0));
-    CountWork(0, SecondsSince(t0));
+    CountWork(static_cast<double>(input->size(0)) / 3.5, SecondsSince(t0));
     WriteReply(stream, reply, &*wire);
     return grpc::Status::OK;
   }
@@ -196,12 +197,13 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> grad_output = in->Take(1);
     if (!grad_output.ok()) return comm::ToGrpc(grad_output.status());
-    const auto t0 = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<at::Tensor> grad_input;
     int64_t accumulated = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      t0 = std::chrono::steady_clock::now();
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
       grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
       SlowDown(t0);
@@ -218,7 +220,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
-    CountWork(input->size(0), SecondsSince(t0));
+    CountWork(static_cast<double>(input->size(0)) * 2.5 / 3.5, SecondsSince(t0));
     if (!grad_input->defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;
@@ -260,12 +262,13 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> targets = in->Take(1);
     if (!targets.ok()) return comm::ToGrpc(targets.status());
-    const auto t0 = std::chrono::steady_clock::now();
+    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<SwarmStage::LossAndGrad> out;
     int64_t accumulated = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      t0 = std::chrono::steady_clock::now();
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
       SlowDown(t0);
@@ -283,7 +286,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     rh->set_tokens(input->size(0) * input->size(1));
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
-    CountWork(input->size(0), SecondsSince(t0));
+    CountWork(static_cast<double>(input->size(0)), SecondsSince(t0));
     if (!out->grad_input.defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;

@@ -544,6 +544,7 @@ absl::StatusOr<v1::LeaseResponse> SwarmCoordinator::Lease(const v1::LeaseRequest
   }
   response.set_roster_version(m.version);
   const SwarmSnapshot snap = m.state->Snapshot();
+  response.set_rollbacks(snap.counters.rollbacks);
   if (!snap.open_step.has_value() || request.max() == 0) {
     response.set_step_open(snap.open_step.has_value());
     response.set_step(snap.open_step.value_or(snap.next_step));
@@ -584,6 +585,11 @@ absl::Status SwarmCoordinator::Commit(const v1::CommitRequest& request) {
     return absl::InvalidArgumentError(absl::StrCat(
         "commit: id ", request.id(), " is not a micro-batch of step ", request.step(), " (M = ",
         m.options.job.micro_batches, ")"));
+  }
+  if (const int64_t epoch = m.state->rollbacks(); request.rollbacks() != epoch) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "commit of micro-batch ", request.id(), ": leased before rollback ", epoch,
+        " (its call carries epoch ", request.rollbacks(), "), which voided the lease"));
   }
   SHOAL_RETURN_IF_ERROR(m.state->Commit(request.peer_id(), request.trainer_id(), request.id()));
   if (request.has_loss()) m.losses[request.step()][request.id()] = request.loss();

@@ -84,8 +84,9 @@ struct VirtualPeer {
 
 enum class HopKind { kForward, kForwardBackward, kBackward };
 
+// One lane of a trainer (SwarmSimulationOptions::in_flight lanes each).
 struct VirtualTrainer {
-  std::string id;
+  std::string id;     // the trainer's
   bool busy = false;  // holds a micro-batch
   SwarmLease lease;
   int lowest = 0;               // the lowest stage its backward must reach
@@ -124,10 +125,13 @@ class SwarmSimulation {
     if (options_.rebalance_s > 0) so.rebalance.period_s = options_.rebalance_s;
     SHOAL_ASSIGN_OR_RETURN(state_, SwarmState::Create(job, std::move(so)));
     for (int t = 0; t < options_.trainers; ++t) {
-      VirtualTrainer trainer;
-      trainer.id = absl::StrCat("trainer-", t);
-      SHOAL_RETURN_IF_ERROR(Internal(state_->AddTrainer(trainer.id), "AddTrainer"));
-      trainers_.push_back(std::move(trainer));
+      const std::string id = absl::StrCat("trainer-", t);
+      SHOAL_RETURN_IF_ERROR(Internal(state_->AddTrainer(id), "AddTrainer"));
+      for (int lane = 0; lane < options_.in_flight; ++lane) {
+        VirtualTrainer trainer;  // one lane of trainer t
+        trainer.id = id;
+        trainers_.push_back(std::move(trainer));
+      }
     }
     return absl::OkStatus();
   }
@@ -804,6 +808,10 @@ absl::Status CheckOptions(const ClusterSpec& spec, const SwarmSimulationOptions&
   if (o.trainers < 1 || o.trainers > 4096) {
     return absl::InvalidArgumentError(
         absl::StrCat("trainers must be in [1, 4096], got ", o.trainers));
+  }
+  if (o.in_flight < 1 || o.in_flight > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("in_flight must be in [1, 256], got ", o.in_flight));
   }
   if (!std::isfinite(o.churn_per_hour) || o.churn_per_hour < 0 || o.churn_per_hour > 3600) {
     return absl::InvalidArgumentError(absl::StrCat(

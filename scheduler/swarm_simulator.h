@@ -16,10 +16,11 @@
 //               wire (not modelled).
 //   routing     a trainer sends each hop to the live SERVING round peer of the stage that would
 //               finish it first (its queue plus the hop), ties to the most senior.
-//   trainers    each runs one micro-batch at a time: Lease(1), forward through every stage, the
-//               backward down to the lowest stage the lease needs; the peer of each needed stage
-//               Commits when its backward ends. An idle trainer leases again whenever the roster
-//               changes (a step opens, a fence turns accumulations into replays).
+//   trainers    each runs in_flight micro-batches at once (as `shoal worker --trainer
+//               --in-flight`), every one in its own lane: Lease(1), forward through every stage,
+//               the backward down to the lowest stage the lease needs; the peer of each needed
+//               stage Commits when its backward ends. An idle lane leases again whenever the
+//               roster changes (a step opens, a fence turns accumulations into replays).
 //   sync        a joiner downloads its stage's parameters and AdamW moments
 //               (param_bytes + optimizer_bytes per parameter) at the slower of its and its
 //               donor's net_gbps (from a checkpoint: its own); from the init it takes no time.
@@ -64,6 +65,7 @@ struct SwarmSimulationOptions {
   int micro_batches = 8;         // M per step, in [1, 65536]
   int64_t steps = 1000;          // stop when the swarm's newest state is this step, in [1, 1e9]
   int trainers = 1;              // virtual trainers, in [1, 4096]
+  int in_flight = 8;             // micro-batches each trainer runs at once (--in-flight), [1, 256]
   double churn_per_hour = 0;     // failures per preemptible device per virtual hour, [0, 3600]
   int64_t checkpoint_every = 0;  // every stage saved after each this many steps (free); 0: none
   uint64_t seed = 1;             // of the failure times

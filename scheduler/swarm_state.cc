@@ -1368,4 +1368,9 @@ int64_t SwarmState::next_step() const {
   return impl_->next_step;
 }
 
+int64_t SwarmState::rollbacks() const {
+  absl::MutexLock lock(&mu_);
+  return impl_->counters.rollbacks;
+}
+
 }  // namespace shoal::scheduler

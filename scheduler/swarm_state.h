@@ -389,6 +389,7 @@ class SwarmState {
   SwarmSnapshot Snapshot() const;
   uint64_t roster_version() const;
   int64_t next_step() const;
+  int64_t rollbacks() const;  // counters.rollbacks: the epoch a lease is valid in
 
  private:
   struct Impl;  // defined in swarm_state.cc

@@ -87,8 +87,9 @@ class SwarmCoordinatorTest : public ::testing::Test {
   }
 
   absl::Status Commit(const std::string& peer, const std::string& trainer, int64_t step,
-                      int64_t id, double loss = std::nan("")) {
+                      int64_t id, double loss = std::nan(""), int64_t rollbacks = 0) {
     v1::CommitRequest c;
+    c.set_rollbacks(rollbacks);
     c.set_peer_id(peer);
     c.set_trainer_id(trainer);
     c.set_step(step);
@@ -416,6 +417,60 @@ TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkRepla
   hb.set_worker_id(by_stage[1][1]);
   EXPECT_EQ(swarm_->Heartbeat(hb).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(swarm_->Roster().counters().lost(), 0);
+}
+
+// A call still in flight across a rollback carries its lease's epoch: its commit is refused
+// once the rollback voided that lease, even where the trainer holds the id again (the ledger
+// would otherwise count the stale call for the new lease and refuse the new call as a
+// duplicate); a commit of the current epoch counts, once.
+TEST_F(SwarmCoordinatorTest, ACommitLeasedBeforeARollbackIsRefused) {
+  std::map<int, std::string> at;
+  const std::map<std::string, std::string> address = {{"a", "127.0.0.1:11"},
+                                                      {"b", "127.0.0.1:12"}};
+  for (const auto& [id, where] : address) {
+    auto j = JoinPeer(id, where);
+    ASSERT_TRUE(j.ok()) << j.status();
+    at[j->swarm().stage()] = id;
+  }
+  ASSERT_EQ(at.size(), 2u);
+  ASSERT_TRUE(Synced(at[0], 0, 1).ok());
+  ASSERT_TRUE(Synced(at[1], 0, 2).ok());
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  ASSERT_TRUE(swarm_->Roster().step_open());
+  v1::LeaseRequest lease;
+  lease.set_worker_id("t");
+  lease.set_max(1);
+  absl::StatusOr<v1::LeaseResponse> before = swarm_->Lease(lease);
+  ASSERT_TRUE(before.ok() && before->leases_size() == 1) << before.status();
+  EXPECT_EQ(before->rollbacks(), 0);
+  const int64_t id = before->leases(0).id();
+  // Stage 0's only peer dies: the swarm rolls back (to the init) and waits for a successor.
+  dead_.insert(address.at(at[0]));
+  v1::ReportPeerRequest report;
+  report.set_worker_id("t");
+  report.set_peer_id(at[0]);
+  report.set_reason("test");
+  ASSERT_TRUE(swarm_->ReportPeer(report).ok());
+  EXPECT_EQ(swarm_->Roster().counters().rollbacks(), 1);
+  auto c = JoinPeer("c", "127.0.0.1:13");
+  ASSERT_TRUE(c.ok()) << c.status();
+  ASSERT_EQ(c->swarm().stage(), 0);
+  ASSERT_TRUE(Synced("c", 0, 1).ok());
+  (void)Synced(at[1], 0, 2);  // sent back to syncing by the rollback, or still serving
+  ASSERT_TRUE(swarm_->Roster().step_open());
+  lease.set_max(kM);
+  absl::StatusOr<v1::LeaseResponse> after = swarm_->Lease(lease);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->rollbacks(), 1);
+  bool again = false;
+  for (const v1::SwarmLeaseEntry& l : after->leases()) again = again || l.id() == id;
+  ASSERT_TRUE(again) << "the rollback voided every lease: the id is leased anew";
+  const absl::Status stale = Commit(at[1], "t", 0, id, 1.0, /*rollbacks=*/0);
+  EXPECT_EQ(stale.code(), absl::StatusCode::kFailedPrecondition) << stale;
+  EXPECT_NE(stale.message().find("rollback"), std::string::npos) << stale;
+  EXPECT_TRUE(Commit(at[1], "t", 0, id, 1.0, /*rollbacks=*/1).ok());
+  EXPECT_EQ(Commit(at[1], "t", 0, id, 1.0, 1).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(swarm_->Roster().counters().duplicates(), 1);
 }
 
 // A peer whose parameters differ from its stage's at a report drifts; at max_drifts it is

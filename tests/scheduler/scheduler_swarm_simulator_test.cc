@@ -97,6 +97,7 @@ TEST(SwarmSimulatorTest, OnePeerPerStageOneTrainerMatchesTheClosedForm) {
   //   t_k = (k + 1) · M · (c0 + c1).
   const ClusterSpec spec = Parse(SwarmToml(2, 0));
   SwarmSimulationOptions o;
+  o.in_flight = 1;
   o.stages = 2;
   o.micro_batches = 4;
   o.steps = 6;
@@ -119,6 +120,33 @@ TEST(SwarmSimulatorTest, OnePeerPerStageOneTrainerMatchesTheClosedForm) {
   EXPECT_NEAR(r.summary.utilisation, 0.5, 1e-9);
 }
 
+// A trainer with several micro-batches in flight keeps both stages busy at once (a pipeline):
+// a step takes less than one micro-batch after another, M (c0 + c1), and no less than the
+// busier peer's own work, M · max(c0, c1); with M in flight and the step's micro-batches
+// queued at once, stage 0's forwards run back to back, so the step is within one micro-batch of
+// that bound.
+TEST(SwarmSimulatorTest, MicroBatchesInFlightPipelineTheStages) {
+  const ClusterSpec spec = Parse(SwarmToml(2, 0));
+  SwarmSimulationOptions o;
+  o.stages = 2;
+  o.micro_batches = 4;
+  o.steps = 6;
+  o.in_flight = 4;
+  const SwarmSimulationResult r = RunSwarm(spec, o);
+  const double c0 = MicroBatchSeconds(0, 2, 4), c1 = MicroBatchSeconds(1, 2, 4);
+  ASSERT_EQ(r.applied.size(), 6u);
+  const double step_s = r.applied[5].time_s - r.applied[4].time_s;
+  EXPECT_LT(step_s, 4 * (c0 + c1) * (1 - 1e-9));
+  EXPECT_GE(step_s, 4 * std::max(c0, c1) * (1 - 1e-9));
+  EXPECT_LE(step_s, 4 * std::max(c0, c1) + c0 + c1);
+  EXPECT_EQ(r.summary.duplicates, 0);
+  // And the option is checked.
+  o.in_flight = 0;
+  absl::StatusOr<SwarmSimulationResult> bad = SimulateSwarm(spec, o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("in_flight"), std::string::npos) << bad.status();
+}
+
 TEST(SwarmSimulatorTest, TwoPeersOfOneStageAddTheRingReduction) {
   // S = 1, two peers, one trainer, M = 4. Both peers sync from the init at time 0, but the round
   // of step 0 opens as soon as the first has synced: the second enters at step 1 (a joiner never
@@ -126,9 +154,11 @@ TEST(SwarmSimulatorTest, TwoPeersOfOneStageAddTheRingReduction) {
   // gradient bytes · 2(P-1)/P / net = 4 · N / (1 GB/s) with N every parameter of the model:
   // 4 (12C² + 13C) + (V + T) C + 2C. Every micro-batch goes to the senior peer (both are idle
   // when it is routed, and ties go to seniority), so
-  //   t_0 = M c,   t_k = M c + k (M c + R).
+  //   t_0 = M c,   t_k = M c + k (M c + R)
+  // (with the trainer's micro-batches one at a time: --in-flight 1).
   const ClusterSpec spec = Parse(SwarmToml(2, 0));
   SwarmSimulationOptions o;
+  o.in_flight = 1;
   o.stages = 1;
   o.micro_batches = 4;
   o.steps = 5;
