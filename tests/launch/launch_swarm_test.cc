@@ -710,7 +710,6 @@ TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
       },
       std::chrono::seconds(120)))
       << ReadTextFile(coordinator.log());
-  const double replays_before = Counter(Status(http), "replays");
   ASSERT_EQ(peers.count(leaving), 1u);
   Process& p = peers.at(leaving);
   ::kill(p.pid(), SIGTERM);
@@ -721,8 +720,17 @@ TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
   EXPECT_LE(took, 5.0 + 2.0) << ReadTextFile(log);
   EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0) << ReadTextFile(trainer.log());
   const nlohmann::json s = Status(http);
-  EXPECT_EQ(Counter(s, "replays"), replays_before) << s.dump();
+  // Nothing it accumulated is redone: it left holding nothing (the coordinator's removal line),
+  // within the grace. (A hop still in flight to it when it left fails and runs elsewhere; with
+  // several micro-batches in flight that can make a partly done one count as a replay, so the
+  // replay counter says nothing here.)
   EXPECT_EQ(Counter(s, "lost"), 0) << s.dump();
+  EXPECT_FALSE(Contains(ReadTextFile(log), "grace over")) << ReadTextFile(log);
+  const std::string coordinator_log = ReadTextFile(coordinator.log());
+  const size_t at = coordinator_log.find("peer " + leaving + " left (");
+  ASSERT_NE(at, std::string::npos) << coordinator_log;
+  const std::string line = coordinator_log.substr(at, coordinator_log.find('\n', at) - at);
+  EXPECT_TRUE(Contains(line, ": 0 micro-batch(es) to replay")) << line;
 }
 
 TEST_F(SwarmTest, LastPeerOfAStageWaitsForASuccessorOrTheSwarmRollsBack) {
