@@ -3,18 +3,18 @@
 
 #include <algorithm>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <mutex>
-#include <thread>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -54,7 +54,7 @@ class Trainer {
 
   int Run() {
     absl::Status s = RunOrError();
-    StopWorkers();  // (on an early error)
+    StopWorkers();  // after an early error (the normal end has stopped them already)
     if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
     if (s.ok()) return 0;
     return WorkerFail(s);
@@ -132,7 +132,6 @@ class Trainer {
       if (!r.ok()) {
         if (absl::IsCancelled(r.status())) break;
         if (absl::IsDeadlineExceeded(r.status())) continue;
-        StopWorkers();
         return r.status();
       }
       Observe(*r);
@@ -142,7 +141,6 @@ class Trainer {
         checkpoint_due_ = -1;
       }
       if (!r->rollback().empty()) {
-        StopWorkers();
         return absl::UnimplementedError(absl::StrCat(
             "the swarm needs a rollback (", r->rollback(), "), which trainers cannot follow yet"));
       }
@@ -150,13 +148,14 @@ class Trainer {
       std::vector<int64_t> release;
       {
         std::unique_lock<std::mutex> lock(pool_mu_);
-        if (held_ >= options_.in_flight && failed_.empty()) {
+        auto busy = [&] { return static_cast<int>(running_.size()) >= options_.in_flight; };
+        if (busy() && failed_.empty()) {
           // Every slot busy: wait for one to come free (or a new roster).
           pool_cv_.wait_for(lock, std::chrono::milliseconds(200),
-                            [&] { return held_ < options_.in_flight || !failed_.empty(); });
+                            [&] { return !busy() || !failed_.empty(); });
           continue;
         }
-        free = options_.in_flight - held_;
+        free = options_.in_flight - static_cast<int>(running_.size());
         // An id this trainer runs again already (a failure from before a rollback, whose id the
         // ledger leased anew) is not given back: that would end the new lease.
         for (int64_t id : failed_) {
@@ -166,23 +165,18 @@ class Trainer {
       }
       v1::LeaseRequest lr;
       lr.set_worker_id(link_->id());
-      lr.set_max(std::max(free, 0));
+      lr.set_max(free);
       for (int64_t id : release) lr.add_release(id);
-      absl::StatusOr<v1::LeaseResponse> leases = link_->client().Lease(lr);
-      if (!leases.ok()) {
-        StopWorkers();
-        return leases.status();
-      }
-      if (!leases->step_open() || leases->leases_size() == 0) {
+      SHOAL_ASSIGN_OR_RETURN(const v1::LeaseResponse leases, link_->client().Lease(lr));
+      if (!leases.step_open() || leases.leases_size() == 0) {
         WaitForWork(r->version());  // nothing to lease until the roster moves on
         continue;
       }
       Observe(link_->latest());
       std::lock_guard<std::mutex> lock(pool_mu_);
-      for (const v1::SwarmLeaseEntry& lease : leases->leases()) {
-        queue_.push_back({leases->step(), leases->rollbacks(), lease});
+      for (const v1::SwarmLeaseEntry& lease : leases.leases()) {
+        queue_.push_back({leases.step(), leases.rollbacks(), lease});
         running_.insert(lease.id());
-        ++held_;
       }
       pool_cv_.notify_all();
     }
@@ -231,7 +225,6 @@ class Trainer {
       std::lock_guard<std::mutex> lock(pool_mu_);
       running_.erase(running_.find(job.lease.id()));
       if (!s.ok()) failed_.push_back(job.lease.id());
-      --held_;
       pool_cv_.notify_all();
     }
   }
@@ -390,7 +383,8 @@ class Trainer {
     call.trainer_id = link_->id();
     call.rollbacks = job.rollbacks;
     for (int s = 0; s + 1 < stages_; ++s) {
-      SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, static_cast<double>(B)));
+      const double work = parallel::kSwarmForwardWork * static_cast<double>(B);
+      SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, work));
       call.stage = s;
       const double t0 = Now();
       absl::StatusOr<comm::StageReply> out = client_->Forward(peer.second, call, inputs[s]);
@@ -398,11 +392,12 @@ class Trainer {
         Failed(s, peer.first, out.status());
         return out.status();
       }
-      (void)routers_[s]->Report(peer.first, static_cast<double>(B), t0, Now());
+      (void)routers_[s]->Report(peer.first, work, t0, Now());
       inputs[s + 1] = out->tensor;
     }
     const int last = stages_ - 1;
-    SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(last, 3.5 * static_cast<double>(B)));
+    const double fb_work = parallel::kSwarmForwardBackwardWork * static_cast<double>(B);
+    SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(last, fb_work));
     call.stage = last;
     double t0 = Now();
     absl::StatusOr<comm::StageReply> fb =
@@ -413,10 +408,11 @@ class Trainer {
       Failed(last, peer.first, fb.status());
       return fb.status();
     }
-    (void)routers_[last]->Report(peer.first, 3.5 * static_cast<double>(B), t0, Now());
+    (void)routers_[last]->Report(peer.first, fb_work, t0, Now());
     at::Tensor grad = fb->tensor;
     for (int s = last - 1; s >= lowest; --s) {
-      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, 2.5 * static_cast<double>(B)));
+      const double work = parallel::kSwarmBackwardWork * static_cast<double>(B);
+      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, work));
       call.stage = s;
       t0 = Now();
       absl::StatusOr<comm::StageReply> b = client_->Backward(bp.second, call, inputs[s], grad,
@@ -425,7 +421,7 @@ class Trainer {
         Failed(s, bp.first, b.status());
         return b.status();
       }
-      (void)routers_[s]->Report(bp.first, 2.5 * static_cast<double>(B), t0, Now());
+      (void)routers_[s]->Report(bp.first, work, t0, Now());
       grad = b->tensor;
     }
     return absl::OkStatus();
@@ -509,8 +505,7 @@ class Trainer {
   std::mutex pool_mu_;
   std::condition_variable pool_cv_;
   std::deque<Job> queue_;         // leased, not started
-  std::multiset<int64_t> running_;  // lease ids queued or running
-  int held_ = 0;                  // leased and not finished (queued or running)
+  std::multiset<int64_t> running_;  // lease ids queued or running (at most in_flight)
   std::vector<int64_t> failed_;   // lease ids to give back
   bool closing_ = false;
   std::vector<std::thread> workers_;

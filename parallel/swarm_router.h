@@ -98,6 +98,12 @@ struct StageRouterCounters {
   uint64_t peers_dropped = 0;
 };
 
+// A hop's work in forwards of one sample (SWARM's weights): the router's task sizes, and the
+// work a peer counts into the throughput it reports.
+inline constexpr double kSwarmForwardWork = 1.0;
+inline constexpr double kSwarmBackwardWork = 2.5;
+inline constexpr double kSwarmForwardBackwardWork = kSwarmForwardWork + kSwarmBackwardWork;
+
 // One trainer's router for one stage. See the top of the file.
 class StageRouter {
  public:

@@ -1,6 +1,7 @@
 #include "runtime/swarm_peer.h"
 
 #include "memory/checksum.h"
+#include "parallel/swarm_router.h"
 #include "runtime/profiler.h"
 #include "runtime/swarm_sync.h"
 
@@ -169,7 +170,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
     reply.mutable_header()->set_compute_s(SecondsSince(t0));
-    CountWork(static_cast<double>(input->size(0)) / 3.5, SecondsSince(t0));
+    CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmForwardWork /
+                  parallel::kSwarmForwardBackwardWork,
+              SecondsSince(t0));
     WriteReply(stream, reply, &*wire);
     return grpc::Status::OK;
   }
@@ -220,7 +223,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
-    CountWork(static_cast<double>(input->size(0)) * 2.5 / 3.5, SecondsSince(t0));
+    CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmBackwardWork /
+                  parallel::kSwarmForwardBackwardWork,
+              SecondsSince(t0));
     if (!grad_input->defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;

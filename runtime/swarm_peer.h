@@ -60,7 +60,7 @@ struct SwarmPeerOptions {
 // What a peer computed since it was last asked.
 struct SwarmPeerLoad {
   // Sequences' worth of training work done here: a forward-backward counts 1 a sequence, a
-  // forward 1/3.5 and a backward 2.5/3.5 (the router's weights), so a peer that only ran
+  // forward 1/3.5 and a backward 2.5/3.5 (the router's weights, parallel/swarm_router.h), so a peer that only ran
   // forwards reports its rate too.
   double samples = 0;
   double compute_s = 0;   // seconds computing, forwards included
