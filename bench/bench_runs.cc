@@ -17,7 +17,8 @@
 namespace shoal::bench {
 
 ChildProcess::ChildProcess(ChildProcess&& o) noexcept
-    : pid_(o.pid_), exit_code_(o.exit_code_), log_(std::move(o.log_)) {
+    : pid_(o.pid_), exit_code_(o.exit_code_), log_(std::move(o.log_)),
+      netns_(std::move(o.netns_)) {
   o.pid_ = -1;
 }
 
@@ -30,6 +31,7 @@ absl::Status ChildProcess::Start(const std::vector<std::string>& args, const std
   std::vector<char*> raw;
   for (std::string& a : argv) raw.push_back(a.data());
   raw.push_back(nullptr);
+  const std::string netns = netns_.empty() ? std::string() : "/run/netns/" + netns_;
   pid_ = ::fork();
   if (pid_ < 0) return absl::InternalError("fork failed");
   if (pid_ == 0) {
@@ -44,6 +46,13 @@ absl::Status ChildProcess::Start(const std::vector<std::string>& args, const std
     if (fd >= 0) {
       ::dup2(fd, 1);
       ::dup2(fd, 2);
+    }
+    if (!netns.empty()) {
+      const int ns = ::open(netns.c_str(), O_RDONLY | O_CLOEXEC);
+      if (ns < 0 || ::setns(ns, CLONE_NEWNET) != 0) {
+        std::fprintf(stderr, "cannot enter the network namespace %s\n", netns.c_str());
+        ::_exit(126);
+      }
     }
     ::execv(self.c_str(), raw.data());
     ::_exit(127);

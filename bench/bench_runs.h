@@ -41,6 +41,8 @@ class ChildProcess {
 
   // Starts it (fork + exec of SelfExecutablePath()), pinned to CPU `core` when >= 0.
   absl::Status Start(const std::vector<std::string>& args, const std::string& log, int core = -1);
+  // The network namespace (a name under /run/netns) the next Start runs it in; empty: this one's.
+  void set_netns(std::string name) { netns_ = std::move(name); }
   pid_t pid() const { return pid_; }  // -1 once it has exited and been waited for
   const std::string& log() const { return log_; }
   // Its exit code (128 + signal) once it has exited, else -1. Never blocks.
@@ -54,6 +56,7 @@ class ChildProcess {
   pid_t pid_ = -1;
   int exit_code_ = -1;
   std::string log_;
+  std::string netns_;
 };
 
 // SIGTERM to every child's group at once, then each waited for (ChildProcess::Stop).

@@ -13,6 +13,13 @@
 //                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
 //                 --swarm`'s model of the same two arms (the same SwarmState policy, each peer at
 //                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
+//   links         (root) the swarm of the churn arms on --links-config, every process (the
+//                 coordinator, 6 peers, the trainer) in a network namespace of its own behind a
+//                 veth shaped with tc tbf to --link-mbit each way (bench/shaped_network.h): DeMo
+//                 stage rounds (swarm.sync = auto, which must choose DeMo there) against fp32
+//                 sums at that rate, and DeMo (swarm.sync = demo) on the same namespaces
+//                 unshaped; --links-micro-batches x --links-batch-size sequences a step, their
+//                 activations --links-codec (bf16) on the wire.
 //
 // Every arm trains the same job (the same global batch: M micro-batches of --batch-size
 // sequences; the static pipeline's two replicas take half each) for --seconds from its first
@@ -45,6 +52,7 @@
 #include "absl/time/time.h"
 #include "bench/bench_runs.h"
 #include "bench/benches.h"
+#include "bench/shaped_network.h"
 #include "common/file_util.h"
 #include "common/net_util.h"
 #include "common/status.h"
@@ -92,8 +100,24 @@ struct Options {
   double throttle = 4;
   double kill_every_s = 15;
   std::string arms = "churn,straggler";
+  std::string links_config = "configs/small.toml";  // the links arms' job
+  int links_micro_batches = 4;
+  int links_batch_size = 2;
+  std::string links_codec = "bf16";  // activations on the links arms' wire
+  double link_mbit = 100;
   std::string work_dir;  // empty: a temporary folder, removed at the end
   uint64_t seed = 1;
+};
+
+// One swarm arm: its peers (each one's worker flags), what happens to it, and where it runs.
+struct SwarmArm {
+  std::string name;
+  std::vector<std::vector<std::string>> peer_flags;
+  bool churn = false;
+  double rebalance_s = 0;
+  bool links = false;              // the links arms' job (--links-config) instead of --config
+  std::vector<std::string> sets;   // config overrides after the bench's own
+  ShapedNetwork* net = nullptr;    // hosts 0: the coordinator, 1..peers, then the trainer
 };
 
 struct ArmResult {
@@ -116,6 +140,18 @@ class SwarmBench {
     }
     tokens_per_step_ = static_cast<double>(o_.micro_batches) * o_.batch_size *
                        config_.model.block_size;
+    if (o_.arms.find("links") != std::string::npos) {
+      SHOAL_ASSIGN_OR_RETURN(links_config_, runtime::LoadConfig(o_.links_config, o_.sets));
+      if (links_config_.model.n_layer < 3) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--links-config: the swarm has 3 stages; model.n_layer = ",
+            links_config_.model.n_layer));
+      }
+      if (!PathExists(links_config_.data.dir + "/train.bin")) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "--links-config: data.dir = ", links_config_.data.dir, " has no train.bin"));
+      }
+    }
     if (o_.work_dir.empty()) {
       char tmpl[] = "/tmp/shoal_bench_swarm_XXXXXX";
       if (::mkdtemp(tmpl) == nullptr) return absl::InternalError("mkdtemp failed");
@@ -142,13 +178,14 @@ class SwarmBench {
   }
 
   // The job's settings, as --set flags, for one arm writing under `out`.
-  std::vector<std::string> Sets(const std::string& out, int batch_size, int checkpoint_every) {
+  std::vector<std::string> Sets(const std::string& out, int micro_batches, int batch_size,
+                                int checkpoint_every) {
     std::vector<std::string> v;
     for (const std::string& s : o_.sets) v.insert(v.end(), {"--set", s});
     for (const std::string& s :
          {absl::StrCat("train.out_dir=", out), std::string("train.steps=1000000"),
           absl::StrCat("train.batch_size=", batch_size),
-          absl::StrCat("train.grad_accum=", o_.micro_batches), std::string("train.log_every=1"),
+          absl::StrCat("train.grad_accum=", micro_batches), std::string("train.log_every=1"),
           std::string("train.eval_every=0"),
           absl::StrCat("checkpoint.every=", checkpoint_every)}) {
       v.insert(v.end(), {"--set", s});
@@ -162,7 +199,9 @@ class SwarmBench {
                                      "--max-restarts", "1000", "--", "train", "--config",
                                      o_.config, "--set", "parallel.pp=3", "--throttle",
                                      absl::StrCat(o_.throttle)};
-    for (const std::string& s : Sets(out, o_.batch_size / 2, 5)) args.push_back(s);
+    for (const std::string& s : Sets(out, o_.micro_batches, o_.batch_size / 2, 5)) {
+      args.push_back(s);
+    }
     std::fprintf(stderr, "shoal bench swarm: %s: the static pipeline (pp 3, dp 2)%s\n",
                  name.c_str(), churn ? ", a rank killed every --kill-every s" : "");
     ChildProcess run;
@@ -211,39 +250,64 @@ class SwarmBench {
     return r;
   }
 
-  // A swarm of `peer_flags.size()` peers (started in order, each once it is in the roster) and
-  // one trainer, to the end of its steps.
-  absl::StatusOr<ArmResult> Swarm(const std::string& name,
-                                  const std::vector<std::vector<std::string>>& peer_flags,
-                                  bool churn, double rebalance_s) {
+  // A swarm of `arm.peer_flags.size()` peers (started in order, each once it is in the roster)
+  // and one trainer, to the end of its steps.
+  absl::StatusOr<ArmResult> Swarm(const SwarmArm& arm) {
+    const std::string& name = arm.name;
+    const std::vector<std::vector<std::string>>& peer_flags = arm.peer_flags;
+    const bool churn = arm.churn;
+    const int peer_hosts = static_cast<int>(peer_flags.size());
+    if (arm.net != nullptr && arm.net->hosts() < peer_hosts + 2) {
+      return absl::InternalError(absl::StrCat(name, ": ", arm.net->hosts(), " hosts for ",
+                                              peer_hosts, " peers"));
+    }
+    // Host h's namespace and address (host 0: the coordinator; the trainer: after the peers).
+    auto host = [&](int h) {
+      return arm.net == nullptr ? std::string("127.0.0.1") : arm.net->address(h);
+    };
+    auto place = [&](ChildProcess& c, int h) {
+      if (arm.net != nullptr) c.set_netns(arm.net->netns(h));
+    };
     const std::string out = dir_ + "/" + name;
     const std::string ports = out + ".ports";
     std::vector<std::string> args = {
-        "coordinator", "--swarm", "--config", o_.config, "--stages", "3", "--listen",
-        "127.0.0.1:0", "--http", "127.0.0.1:0", "--port-file", ports, "--token-file",
-        dir_ + "/token", "--heartbeat-s", "0.25", "--lease-s", "5", "--rebalance-s",
-        absl::StrCat(rebalance_s)};
-    for (const std::string& s : Sets(out, o_.batch_size, 0)) args.push_back(s);
-    std::fprintf(stderr, "shoal bench swarm: %s: %zu peers + 1 trainer%s%s\n", name.c_str(),
+        "coordinator", "--swarm", "--config", arm.links ? o_.links_config : o_.config,
+        "--stages", "3", "--listen", host(0) + ":0", "--http", host(0) + ":0", "--port-file",
+        ports, "--token-file", dir_ + "/token", "--heartbeat-s", "0.25", "--lease-s", "5",
+        "--rebalance-s", absl::StrCat(arm.rebalance_s)};
+    const int micro_batches = arm.links ? o_.links_micro_batches : o_.micro_batches;
+    const int batch_size = arm.links ? o_.links_batch_size : o_.batch_size;
+    for (const std::string& s : Sets(out, micro_batches, batch_size, 0)) args.push_back(s);
+    for (const std::string& s : arm.sets) args.insert(args.end(), {"--set", s});
+    if (arm.links) args.insert(args.end(), {"--codec", o_.links_codec});
+    std::fprintf(stderr, "shoal bench swarm: %s: %zu peers + 1 trainer%s%s%s\n", name.c_str(),
                  peer_flags.size(), churn ? ", a peer killed every --kill-every s" : "",
-                 rebalance_s > 0 ? ", rebalancing" : "");
+                 arm.rebalance_s > 0 ? ", rebalancing" : "",
+                 arm.net == nullptr ? ""
+                 : arm.net->mbit() > 0
+                     ? absl::StrCat(", links at ", arm.net->mbit(), " Mb/s").c_str()
+                     : ", namespaces, links unshaped");
     const auto t0 = SteadyClock::now();
     ChildProcess coordinator;
+    place(coordinator, 0);
     SHOAL_RETURN_IF_ERROR(coordinator.Start(args, out + "-coordinator.log"));
     // Written at once with both ports (`--port-file`).
     SHOAL_ASSIGN_OR_RETURN(const nlohmann::json ports_json,
                            WaitForPortFile(coordinator, ports, absl::Seconds(60)));
-    http_ = JsonInt(ports_json, "http");
-    const std::string join = absl::StrCat("127.0.0.1:", JsonInt(ports_json, "grpc"));
+    http_ = absl::StrCat(host(0), ":", JsonInt(ports_json, "http"));
+    const std::string join = absl::StrCat(host(0), ":", JsonInt(ports_json, "grpc"));
     std::vector<ChildProcess> peers;
     std::vector<std::vector<std::string>> flags_of;  // per started peer
     int started = 0;
     auto start_peer = [&](const std::vector<std::string>& flags) -> absl::Status {
       const std::string id = absl::StrCat(name, "-p", started++);
+      // Peers take the hosts in turn (churn: a replacement shares a host).
+      const int h = 1 + (started - 1) % peer_hosts;
       std::vector<std::string> a = {"worker", "--join", join, "--token-file", dir_ + "/token",
-                                    "--name", id, "--grace-s", "5"};
+                                    "--name", id, "--grace-s", "5", "--listen", host(h) + ":0"};
       a.insert(a.end(), flags.begin(), flags.end());
       ChildProcess c;
+      place(c, h);
       SHOAL_RETURN_IF_ERROR(c.Start(a, dir_ + "/" + id + ".log"));
       peers.push_back(std::move(c));
       flags_of.push_back(flags);
@@ -262,6 +326,7 @@ class SwarmBench {
     };
     for (const std::vector<std::string>& f : peer_flags) SHOAL_RETURN_IF_ERROR(start_peer(f));
     ChildProcess trainer;
+    place(trainer, peer_hosts + 1);
     SHOAL_RETURN_IF_ERROR(trainer.Start({"worker", "--join", join, "--token-file",
                                          dir_ + "/token", "--trainer", "--name", name + "-t",
                                          "--out", out},
@@ -301,7 +366,9 @@ class SwarmBench {
       r.duplicates = JsonInt(c, "duplicates");
       r.moves = JsonInt(c, "moves");
     }
-    r.tokens_per_s = static_cast<double>(r.steps) * tokens_per_step_ / r.wall_s;
+    const runtime::Config& job = arm.links ? links_config_ : config_;
+    r.tokens_per_s = static_cast<double>(r.steps) * micro_batches * batch_size *
+                     job.model.block_size / r.wall_s;
     std::vector<ChildProcess*> all = {&trainer, &coordinator};
     for (ChildProcess& p : peers) all.push_back(&p);
     StopAll(all);
@@ -309,7 +376,7 @@ class SwarmBench {
   }
 
   nlohmann::json Status() {
-    absl::StatusOr<HttpReply> got = HttpGet(absl::StrCat("http://127.0.0.1:", http_, "/api/status"),
+    absl::StatusOr<HttpReply> got = HttpGet(absl::StrCat("http://", http_, "/api/status"),
                                             {}, absl::Seconds(5), int64_t{16} << 20);
     if (!got.ok() || got->status != 200) return nlohmann::json();
     return nlohmann::json::parse(got->body, nullptr, false);
@@ -327,8 +394,11 @@ class SwarmBench {
       SHOAL_ASSIGN_OR_RETURN(ArmResult static_free, Static("static", false));
       SHOAL_ASSIGN_OR_RETURN(ArmResult static_churn, Static("static-churn", true));
       const std::vector<std::vector<std::string>> six(6, base);
-      SHOAL_ASSIGN_OR_RETURN(ArmResult swarm_free, Swarm("swarm", six, false, 0));
-      SHOAL_ASSIGN_OR_RETURN(ArmResult swarm_churn, Swarm("swarm-churn", six, true, 0));
+      // fp32 rounds: the static pipeline's AdamW.
+      SHOAL_ASSIGN_OR_RETURN(ArmResult swarm_free,
+                             Swarm({"swarm", six, false, 0, false, {"swarm.sync=fp32"}}));
+      SHOAL_ASSIGN_OR_RETURN(ArmResult swarm_churn,
+                             Swarm({"swarm-churn", six, true, 0, false, {"swarm.sync=fp32"}}));
       Print("static, no kills", static_free);
       Print("static, kills", static_churn);
       Print("swarm, no kills", swarm_free);
@@ -365,18 +435,64 @@ class SwarmBench {
       const std::vector<std::vector<std::string>> layout = {
           {"--throttle", t}, {"--throttle", t, "--slow-after", "0:4"}, {"--throttle", t2},
           {"--throttle", t}};
-      SHOAL_ASSIGN_OR_RETURN(ArmResult still, Swarm("straggler", layout, false, 0));
-      SHOAL_ASSIGN_OR_RETURN(ArmResult moved, Swarm("straggler-rebalanced", layout, false, 3));
+      SHOAL_ASSIGN_OR_RETURN(ArmResult still,
+                             Swarm({"straggler", layout, false, 0, false, {"swarm.sync=fp32"}}));
+      SHOAL_ASSIGN_OR_RETURN(
+          ArmResult moved,
+          Swarm({"straggler-rebalanced", layout, false, 3, false, {"swarm.sync=fp32"}}));
       Print("straggler, no rebalancing", still);
       Print("straggler, rebalancing", moved);
       line["straggler_ratio"] = moved.tokens_per_s / still.tokens_per_s;
       line["straggler_moves"] = moved.moves;
     }
+    if (o_.arms.find("links") != std::string::npos) {
+      // 8 hosts: the coordinator, 6 peers, the trainer. DeMo and fp32 on the shaped links, then
+      // DeMo on the same namespaces unshaped.
+      const std::vector<std::vector<std::string>> six(6, base);
+      ArmResult demo, fp32, open;
+      {
+        SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<ShapedNetwork> net,
+                               ShapedNetwork::Create(8, o_.link_mbit));
+        // DeMo by the coordinator's own choice: swarm.sync = auto on links it measures slow.
+        SHOAL_ASSIGN_OR_RETURN(demo, Swarm({"links-demo", six, false, 0, true,
+                                            {"swarm.sync=auto"}, net.get()}));
+        absl::StatusOr<std::string> log = ReadFileToString(dir_ + "/links-demo-coordinator.log");
+        if (!log.ok() || log->find("stage rounds: DeMo payloads") == std::string::npos) {
+          return absl::InternalError(absl::StrCat(
+              "links-demo: swarm.sync = auto did not choose DeMo at ", o_.link_mbit,
+              " Mb/s (raise swarm.slow_link_mbit?); see ", dir_, "/links-demo-coordinator.log"));
+        }
+        SHOAL_ASSIGN_OR_RETURN(fp32, Swarm({"links-fp32", six, false, 0, true,
+                                            {"swarm.sync=fp32"}, net.get()}));
+      }
+      {
+        SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<ShapedNetwork> net, ShapedNetwork::Create(8, 0));
+        SHOAL_ASSIGN_OR_RETURN(open, Swarm({"links-demo-unshaped", six, false, 0, true,
+                                            {"swarm.sync=demo"}, net.get()}));
+      }
+      const std::string at = absl::StrCat("links ", o_.link_mbit, " Mb/s, ");
+      Print((at + "DeMo rounds").c_str(), demo);
+      Print((at + "fp32 rounds").c_str(), fp32);
+      Print("links unshaped, DeMo rounds", open);
+      line["link_mbit"] = o_.link_mbit;
+      line["links_codec"] = o_.links_codec;
+      line["links_tokens_per_step"] = static_cast<double>(o_.links_micro_batches) *
+                                      o_.links_batch_size * links_config_.model.block_size;
+      line["tokens_per_s_links_demo"] = demo.tokens_per_s;
+      line["tokens_per_s_links_fp32"] = fp32.tokens_per_s;
+      line["tokens_per_s_links_demo_unshaped"] = open.tokens_per_s;
+      line["demo_speedup_shaped"] =
+          fp32.tokens_per_s > 0 ? nlohmann::json(demo.tokens_per_s / fp32.tokens_per_s)
+                                : nlohmann::json(nullptr);
+      line["shaped_over_unshaped"] =
+          open.tokens_per_s > 0 ? nlohmann::json(demo.tokens_per_s / open.tokens_per_s)
+                                : nlohmann::json(nullptr);
+    }
     // Not built yet (docs/swarm.md): the simulator's prediction of the churn arms (it has no
-    // model of the static pipeline's restarts from a checkpoint), and shaped links.
-    for (const char* key : {"simulated_churn_ratio", "demo_speedup_shaped",
-                            "shaped_over_unshaped"}) {
-      line[key] = nullptr;
+    // model of the static pipeline's restarts from a checkpoint).
+    line["simulated_churn_ratio"] = nullptr;
+    for (const char* key : {"demo_speedup_shaped", "shaped_over_unshaped"}) {
+      if (!line.contains(key)) line[key] = nullptr;
     }
     if (!line.contains("simulated_straggler_ratio")) line["simulated_straggler_ratio"] = nullptr;
     std::printf("%s\n", line.dump().c_str());
@@ -448,7 +564,8 @@ class SwarmBench {
   double tokens_per_step_ = 0;
   std::string dir_;
   bool remove_dir_ = false;
-  int64_t http_ = 0;
+  std::string http_;  // the coordinator's status address, HOST:PORT
+  runtime::Config links_config_;
 };
 
 }  // namespace
@@ -473,19 +590,38 @@ int SwarmBenchMain(int argc, char** argv, const BenchHost& host) {
       ->capture_default_str()->check(CLI::Range(1.0, 1000.0));
   app.add_option("--kill-every", o.kill_every_s, "Seconds between kills in the churn arms")
       ->capture_default_str()->check(CLI::Range(1.0, 3600.0));
-  app.add_option("--arms", o.arms, "churn, straggler or churn,straggler")->capture_default_str();
+  app.add_option("--arms", o.arms,
+                 "Which arms, comma-separated: churn, straggler, links (root: shaped links)")
+      ->capture_default_str();
+  app.add_option("--link-mbit", o.link_mbit, "The links arms' rate, Mb/s each way")
+      ->capture_default_str()->check(CLI::Range(0.1, 100000.0));
+  app.add_option("--links-config", o.links_config, "The links arms' job (TOML config)")
+      ->capture_default_str();
+  app.add_option("--links-micro-batches", o.links_micro_batches,
+                 "The links arms' micro-batches per step")
+      ->capture_default_str()->check(CLI::Range(1, 4096));
+  app.add_option("--links-batch-size", o.links_batch_size,
+                 "The links arms' sequences per micro-batch")
+      ->capture_default_str()->check(CLI::Range(1, 4096));
+  app.add_option("--links-codec", o.links_codec,
+                 "The links arms' activations on the wire: fp32, bf16 or int8")
+      ->capture_default_str()->check(CLI::IsMember({"fp32", "bf16", "int8"}));
   app.add_option("--work-dir", o.work_dir, "Keep the arms' logs and runs here");
   app.add_option("--seed", o.seed, "Which workers are killed")->capture_default_str();
   return ParseAndRun(app, argc, argv, host, [&]() -> absl::Status {
-    if (o.arms.find("churn") == std::string::npos &&
-        o.arms.find("straggler") == std::string::npos) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--arms must name churn, straggler or both, got '", o.arms, "'"));
+    for (absl::string_view arm : absl::StrSplit(o.arms, ',')) {
+      if (arm != "churn" && arm != "straggler" && arm != "links") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--arms: '", arm, "' is not churn, straggler or links (in '", o.arms, "')"));
+      }
     }
     if (o.batch_size % 2 != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--batch-size must be even (the static pipeline's two replicas take half each), got ",
           o.batch_size));
+    }
+    if (o.arms.find("links") != std::string::npos) {
+      SHOAL_RETURN_IF_ERROR(ShapedNetwork::Available());
     }
     SwarmBench bench(o);
     SHOAL_RETURN_IF_ERROR(bench.Init());

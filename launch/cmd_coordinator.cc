@@ -110,9 +110,21 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
   o.job.stages = stages;
   o.job.micro_batches = config.train.grad_accum;
   o.job.grad_clip = config.optim.grad_clip;
-  // DeMo's peers clip their own gradients and report their own norms.
-  o.job.own_norms = config.optim.name == "demo";
-  o.info.set_config_toml(config.ToToml());
+  // The stage rounds (swarm.sync): fp32 sums for AdamW, DeMo payloads, or decided per job from
+  // the first worker's measured link. optim.name = "demo" is DeMo whatever the links.
+  o.sync = config.optim.name == "demo" ? "demo" : config.swarm.sync;
+  o.slow_link_gbps = config.swarm.slow_link_mbit / 8e3;
+  runtime::Config fp32 = config, demo = config;
+  fp32.optim.name = "adamw";
+  demo.optim.name = "demo";
+  o.info.set_config_toml(fp32.ToToml());
+  if (o.sync != "fp32") {
+    if (absl::Status s = runtime::ValidateConfig(demo); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("swarm.sync = ", config.swarm.sync, " may run DeMo: ", s.message()));
+    }
+    o.demo_config_toml = demo.ToToml();
+  }
   o.info.set_stages(stages);
   o.info.set_micro_batches(config.train.grad_accum);
   o.info.set_total_steps(config.train.steps);
@@ -157,7 +169,20 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
       return absl::Status(ck.status().code(),
                           absl::StrCat("--resume ", dir, ": ", ck.status().message()));
     }
-    if (absl::Status s = runtime::CheckResumable(*ck, config, dir); !s.ok()) {
+    // The checkpoint's rounds go on: "auto" takes its optimizer; "fp32" or "demo" must match it.
+    absl::StatusOr<runtime::Config> saved = runtime::ParseConfig(ck->config_toml, dir);
+    if (!saved.ok()) {
+      return absl::DataLossError(absl::StrCat("--resume ", dir, ": its config: ",
+                                              saved.status().message()));
+    }
+    runtime::Config resumed = config;
+    if (o.sync == "auto") {
+      o.sync = saved->optim.name == "demo" ? "demo" : "fp32";
+      resumed.optim.name = saved->optim.name;
+    } else {
+      resumed.optim.name = o.sync == "demo" ? "demo" : "adamw";
+    }
+    if (absl::Status s = runtime::CheckResumable(*ck, resumed, dir); !s.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("--resume: ", s.message()));
     }
     if (ck->step >= config.train.steps) {

@@ -101,8 +101,26 @@ absl::StatusOr<std::unique_ptr<SwarmLink>> SwarmLink::Join(const SwarmWorkerOpti
   std::unique_ptr<SwarmLink> link(new SwarmLink());
   link->client_ = std::move(*client);
   const absl::Time deadline = absl::Now() + options.join_timeout;
+  // The link to the coordinator, measured once it answers: its speed goes in the profile (the
+  // coordinator picks a job's stage rounds from its first worker's, swarm.sync = auto).
+  v1::JoinRequest measured = request;
+  bool link_measured = !request.has_device();
   while (true) {
-    absl::StatusOr<v1::JoinResponse> joined = link->client_->Join(request);
+    absl::Status probe;
+    if (!link_measured) {
+      absl::StatusOr<double> rtt = link->client_->MeasureRttMs(3);
+      absl::StatusOr<double> gbps =
+          rtt.ok() ? link->client_->MeasureUploadGbps(int64_t{1} << 20, 3) : rtt.status();
+      if (gbps.ok()) {
+        measured.mutable_device()->set_rtt_ms(*rtt);
+        measured.mutable_device()->set_net_gbps(*gbps);
+        link_measured = true;
+      } else {
+        probe = gbps.status();
+      }
+    }
+    absl::StatusOr<v1::JoinResponse> joined =
+        link_measured ? link->client_->Join(measured) : absl::StatusOr<v1::JoinResponse>(probe);
     if (joined.ok()) {
       link->joined_ = *std::move(joined);
       break;

@@ -91,6 +91,8 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(memory, disk_path, Kind::kString),
       SHOAL_FIELD(memory, activation_budget, Kind::kByteSize),
       SHOAL_FIELD(memory, activation_offload, Kind::kString),
+      SHOAL_FIELD(swarm, sync, Kind::kString),
+      SHOAL_FIELD(swarm, slow_link_mbit, Kind::kDouble),
   };
   return *kSchema;
 }
@@ -98,7 +100,7 @@ const std::vector<Field>& Schema() {
 #undef SHOAL_FIELD
 
 constexpr const char* kSections[] = {"model",      "data",     "train", "optim",
-                                     "checkpoint", "parallel", "memory"};
+                                     "checkpoint", "parallel", "memory", "swarm"};
 
 // Other names a section answers to in files and overrides, as {alias, canonical}. The issue
 // tracker and other trainers call the optimizer section "optimizer"; ToToml writes only the
@@ -709,6 +711,16 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(offload != "always" || !c.memory.disk_path.empty(),
           "memory.activation_offload = \"always\" writes activations under memory.disk_path, "
           "which is not set");
+
+  const std::string& sync = c.swarm.sync;
+  p.Check(sync == "auto" || sync == "fp32" || sync == "demo",
+          absl::StrCat("swarm.sync must be \"auto\", \"fp32\" or \"demo\" (got \"", sync, "\")"));
+  p.Check(sync != "fp32" || c.optim.name != "demo",
+          "swarm.sync = \"fp32\" sums gradients for AdamW, but optim.name = \"demo\": use "
+          "swarm.sync = \"demo\" (or \"auto\")");
+  p.Check(std::isfinite(c.swarm.slow_link_mbit) && c.swarm.slow_link_mbit > 0,
+          absl::StrCat("swarm.slow_link_mbit must be a positive number of Mb/s (got ",
+                       c.swarm.slow_link_mbit, ")"));
 
   if (p.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("invalid config ", c.source, ": ", p.Join()));

@@ -125,6 +125,16 @@ struct MemoryConfig {
   std::string activation_offload = "auto";
 };
 
+// Swarm mode (`shoal coordinator --swarm`): how a stage's peers combine their gradients.
+struct SwarmConfig {
+  // "fp32": the stage round sums fp32 gradients and every peer steps AdamW; "demo": peers
+  // exchange DeMo's top-k DCT payloads and step DeMo (the optim.demo_* keys); "auto": DeMo when
+  // optim.name = "demo" or when the first peer's link to the coordinator measured slower than
+  // slow_link_mbit, fp32 otherwise (decided once per job, when its first peer joins).
+  std::string sync = "auto";
+  double slow_link_mbit = 1000;    // "auto"'s threshold, Mb/s
+};
+
 struct Config {
   ModelConfig model;
   DataConfig data;
@@ -133,6 +143,7 @@ struct Config {
   CheckpointConfig checkpoint;
   ParallelConfig parallel;
   MemoryConfig memory;
+  SwarmConfig swarm;
   std::string source = "<defaults>";   // where it came from, for messages
 
   // Every key in TOML form; ParseConfig(ToToml()) gives back an equal Config (all but

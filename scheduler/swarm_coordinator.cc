@@ -85,6 +85,8 @@ struct SwarmCoordinator::Impl {
   int64_t last_rebalance_ms ABSL_GUARDED_BY(mu) = 0;  // the rebalancer's last check
   int64_t rebalance_period ABSL_GUARDED_BY(mu) = 0;    // checks so far
   int64_t job ABSL_GUARDED_BY(mu) = 1;  // the job's number under this coordinator
+  // The job's stage rounds, "fp32" or "demo"; empty until its first worker joins ("auto").
+  std::string sync ABSL_GUARDED_BY(mu);
   std::deque<std::string> evictions ABSL_GUARDED_BY(mu);  // the newest drift evictions' messages
 
   // A finished job whose workers are all gone (left or dead) gives way to the next one, which
@@ -98,10 +100,36 @@ struct SwarmCoordinator::Impl {
     }
     return true;
   }
-  absl::StatusOr<std::unique_ptr<SwarmState>> NextJobState() const {
+  // A job's state at its start (the first job's may start at the checkpoint), its rounds `sync`.
+  absl::StatusOr<std::unique_ptr<SwarmState>> JobState(bool first,
+                                                       const std::string& rounds) const {
     SwarmJob next = options.job;
-    next.checkpoint_step = -1;
+    if (!first) next.checkpoint_step = -1;
+    // DeMo's peers clip their own gradients and report their own norms.
+    next.own_norms = rounds == "demo";
     return SwarmState::Create(next, options.state);
+  }
+  // The rounds a job whose first worker is `device` runs, and why (for the log).
+  std::pair<std::string, std::string> DecideSync(const v1::DeviceProfile& device) const {
+    if (options.sync != "auto") return {options.sync, "as the config sets"};
+    const double gbps = device.net_gbps();
+    const std::string measured =
+        absl::StrCat("its first worker's link to the coordinator measured ",
+                     absl::SixDigits(gbps * 8e3), " Mb/s");
+    if (!(gbps > 0)) return {"fp32", "swarm.sync = auto: its first worker's link was not measured"};
+    if (gbps < options.slow_link_gbps) {
+      return {"demo", absl::StrCat("swarm.sync = auto: ", measured, " < slow_link_mbit ",
+                                   absl::SixDigits(options.slow_link_gbps * 8e3))};
+    }
+    return {"fp32", absl::StrCat("swarm.sync = auto: ", measured, " >= slow_link_mbit ",
+                                 absl::SixDigits(options.slow_link_gbps * 8e3))};
+  }
+  // What the joiners of a job whose rounds are `rounds` get.
+  v1::SwarmJobInfo JobInfo(const std::string& rounds) const {
+    v1::SwarmJobInfo info = options.info;
+    if (rounds == "demo") info.set_config_toml(options.demo_config_toml);
+    info.set_sync(rounds);
+    return info;
   }
   void BeginNextJob(std::unique_ptr<SwarmState> next) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     state = std::move(next);
@@ -345,11 +373,25 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
         options.rebalance_s));
   }
   if (options.rebalance_s > 0) options.state.rebalance.period_s = options.rebalance_s;
-  auto state = SwarmState::Create(options.job, options.state);
-  if (!state.ok()) return state.status();
+  if (options.sync != "fp32" && options.sync != "demo" && options.sync != "auto") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm coordinator: sync must be fp32, demo or auto, got '", options.sync, "'"));
+  }
+  if (options.sync != "fp32" && options.demo_config_toml.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("swarm coordinator: sync ", options.sync,
+                                                   " needs the DeMo config (demo_config_toml)"));
+  }
+  if (!(std::isfinite(options.slow_link_gbps) && options.slow_link_gbps > 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm coordinator: slow_link_gbps must be > 0, got ", options.slow_link_gbps));
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   impl->clock = clock != nullptr ? clock : SystemClock::Get();
+  // Until its first worker joins, the job's state is an fp32 one ("auto" makes it again then).
+  const std::string initial = impl->options.sync == "demo" ? "demo" : "fp32";
+  auto state = impl->JobState(/*first=*/true, initial);
+  if (!state.ok()) return state.status();
   impl->state = std::move(*state);
   impl->started_ms = impl->clock->NowUnixMs();
   impl->last_rebalance_ms = impl->started_ms;
@@ -402,11 +444,15 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
         m.options.info.train_sha256(), "): every trainer must read the same tokens"));
   }
   absl::MutexLock lock(&m.mu);
-  // Joined to the next job when this one is over: to a new state, installed only if it takes
-  // the worker (a refused join changes nothing).
+  // Joined to the next job when this one is over, or the first worker of the first job: to a
+  // new state with the job's rounds decided, installed only if it takes the worker (a refused
+  // join changes nothing).
+  const bool next_job = m.JobOver();
   std::unique_ptr<SwarmState> next;
-  if (m.JobOver()) {
-    SHOAL_ASSIGN_OR_RETURN(next, m.NextJobState());
+  std::pair<std::string, std::string> sync;
+  if (next_job || m.sync.empty()) {
+    sync = m.DecideSync(request.device());
+    SHOAL_ASSIGN_OR_RETURN(next, m.JobState(/*first=*/!next_job, sync.first));
   }
   SwarmState& target = next != nullptr ? *next : *m.state;
   auto taken = [&](const std::string& name) {
@@ -421,17 +467,31 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
     return absl::AlreadyExistsError(absl::StrCat(
         "the name ", id, " was taken by a worker of this swarm: choose another"));
   }
+  const bool decided = next != nullptr;
   v1::JoinResponse response;
-  *response.mutable_swarm() = m.options.info;
+  *response.mutable_swarm() = m.JobInfo(decided ? sync.first : m.sync);
   if (peer) {
-    absl::StatusOr<SwarmJoin> join = target.AddPeer(id, request.advertise(),
-                                                    request.device().memory().host_bytes());
+    absl::StatusOr<SwarmJoin> join =
+        target.AddPeer(id, request.advertise(), request.device().memory().host_bytes(),
+                       request.device().net_gbps() * 1e9);
     if (!join.ok()) return join.status();
     FillJoin(*join, response.mutable_swarm());
   } else {
     SHOAL_RETURN_IF_ERROR(target.AddTrainer(id));
   }
-  if (next != nullptr) m.BeginNextJob(std::move(next));
+  if (next_job) {
+    m.BeginNextJob(std::move(next));
+  } else if (next != nullptr) {
+    m.state = std::move(next);
+  }
+  if (decided) {
+    m.sync = sync.first;
+    if (m.options.log_events) {
+      SHOAL_LOG(Info) << "swarm: job " << m.job << "'s stage rounds: "
+                      << (m.sync == "demo" ? "DeMo payloads" : "fp32 gradient sums") << " ("
+                      << sync.second << ")";
+    }
+  }
   Impl::Worker& w = m.workers[id];
   w.id = id;
   w.role = request.role();
@@ -648,7 +708,7 @@ absl::StatusOr<v1::PeerSyncedResponse> SwarmCoordinator::PeerSynced(
     absl::StatusOr<SwarmJoin> next = m.state->DonorFailed(request.peer_id(),
                                                           request.failed_donor());
     if (!next.ok()) return next.status();
-    *response.mutable_swarm() = m.options.info;
+    *response.mutable_swarm() = m.JobInfo(m.sync);
     FillJoin(*next, response.mutable_swarm());
     if (m.options.log_events) {
       SHOAL_LOG(Info) << "swarm: peer " << request.peer_id() << " could not sync from "

@@ -61,6 +61,14 @@ struct SwarmCoordinatorOptions {
   // Seconds between the rebalancer's checks (ALGORITHMS.md §2.8, SwarmState::Rebalance), in
   // [0, 86400]; 0: peers stay at the stage they joined.
   double rebalance_s = 0;
+  // How a stage's peers combine their gradients (config swarm.sync): "fp32" (joiners get
+  // info.config_toml: sums, AdamW), "demo" (they get demo_config_toml: DeMo payloads, each peer
+  // clips its own gradient) or "auto", decided for each job when its first worker joins: "demo"
+  // if that worker measured its link to the coordinator (its profile's net_gbps > 0) slower than
+  // slow_link_gbps, "fp32" otherwise.
+  std::string sync = "fp32";
+  std::string demo_config_toml;   // info.config_toml with optim.name = "demo" ("demo", "auto")
+  double slow_link_gbps = 0.125;  // "auto"'s threshold, GB/s (> 0)
 };
 
 class SwarmCoordinator {

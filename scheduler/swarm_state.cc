@@ -104,6 +104,7 @@ struct SwarmState::Impl {
     bool throughput_reported = false;
     int64_t queue_length = 0;
     int64_t free_bytes = 0;       // the memory it joined with
+    double link_bytes_per_s = 0;  // its measured link (0: unknown)
     int drifts = 0;
     int moving_to = -1;           // DRAINING for a move: the stage it goes to
     int64_t moved_at_period = -1;  // the rebalancer's period of its last move
@@ -754,7 +755,7 @@ SwarmState::SwarmState(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 SwarmState::~SwarmState() = default;
 
 absl::StatusOr<SwarmJoin> SwarmState::AddPeer(const std::string& id, const std::string& address,
-                                              int64_t free_bytes) {
+                                              int64_t free_bytes, double link_bytes_per_s) {
   if (id.empty()) return absl::InvalidArgumentError("swarm join: empty peer id");
   if (address.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("swarm join of peer '", id, "': empty address"));
@@ -762,6 +763,10 @@ absl::StatusOr<SwarmJoin> SwarmState::AddPeer(const std::string& id, const std::
   if (free_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat("swarm join of peer '", id, "': free bytes ",
                                                    free_bytes, " (must be >= 0)"));
+  }
+  if (!(std::isfinite(link_bytes_per_s) && link_bytes_per_s >= 0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "swarm join of peer '", id, "': link ", link_bytes_per_s, " bytes/s (must be >= 0)"));
   }
   absl::MutexLock lock(&mu_);
   Impl& st = *impl_;
@@ -791,6 +796,7 @@ absl::StatusOr<SwarmJoin> SwarmState::AddPeer(const std::string& id, const std::
   p.id = id;
   p.address = address;
   p.free_bytes = free_bytes;
+  p.link_bytes_per_s = link_bytes_per_s;
   p.stage = choice->index;
   p.seq = ++st.seq;
   st.AssignSource(p);
@@ -984,6 +990,7 @@ absl::StatusOr<std::optional<SwarmMove>> SwarmState::Rebalance(int64_t period) {
       peer.id = p->id;
       peer.throughput = p->throughput;
       peer.free_bytes = p->free_bytes;
+      peer.state_bytes_per_s = p->link_bytes_per_s;
       peer.moved_at_period = p->moved_at_period;
       pools[s].peers.push_back(std::move(peer));
     }

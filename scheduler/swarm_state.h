@@ -311,11 +311,12 @@ class SwarmState {
 
   // --- Membership ---------------------------------------------------------------------------
 
-  // A new peer: SYNCING at the stage ChooseStage picks, with its source. kInvalidArgument (empty
-  // id or address, negative bytes), kAlreadyExists (a peer has this id), kResourceExhausted (no
-  // stage fits).
+  // A new peer: SYNCING at the stage ChooseStage picks, with its source. `link_bytes_per_s` is
+  // its measured link (0: unknown), which the rebalancer's payback rule divides a stage's bytes
+  // by. kInvalidArgument (empty id or address, negative bytes or link), kAlreadyExists (a peer
+  // has this id), kResourceExhausted (no stage fits).
   absl::StatusOr<SwarmJoin> AddPeer(const std::string& id, const std::string& address,
-                                    int64_t free_bytes);
+                                    int64_t free_bytes, double link_bytes_per_s = 0);
   // The joiner could not sync from `donor`: another donor (the one it failed with least, then
   // the least loaded), or a wait. kNotFound, kFailedPrecondition (not syncing, or `donor` is not
   // its donor: the message names its donor).

@@ -29,6 +29,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -165,6 +166,12 @@ class SwarmTest : public ::testing::Test {
         "--token-file", tmp_ / "token", "--lease-s", std::to_string(lease_s), "--heartbeat-s",
         "0.25"};
     for (const std::string& s : Sets(tmp_ / (name + "-coordinator"))) argv.push_back(s);
+    // fp32 rounds (AdamW, as the one process) unless the test chooses: swarm.sync = auto would
+    // measure the loopback link, fast but not on every loaded machine.
+    const bool chosen = std::any_of(extra.begin(), extra.end(), [](const std::string& s) {
+      return s.rfind("optim.name=", 0) == 0 || s.rfind("swarm.", 0) == 0;
+    });
+    if (!chosen) argv.insert(argv.end(), {"--set", "swarm.sync=fp32"});
     for (const std::string& s : extra) argv.push_back(s);
     Process p(argv, tmp_ / (name + "-coordinator.log"));
     EXPECT_TRUE(WaitUntil(
@@ -380,8 +387,17 @@ TEST_F(SwarmTest, DemoSwarmKeepsEachStagesPeersIdentical) {
   ASSERT_EQ(b.size(), static_cast<size_t>(kSteps)) << ReadTextFile(single + "/metrics.jsonl");
   for (int i = 0; i < kSteps; ++i) EXPECT_NEAR(a[i], b[i], 1e-4) << "step " << i + 1;
 
+  // 6 peers, 2 trainers: DeMo by swarm.sync = auto, as on a slow link (every link is slower
+  // than 10^9 Mb/s): the peers measure their link, the coordinator decides from the first.
   nlohmann::json status;
-  const std::string many = RunSwarm("d6", 6, 2, demo, 3, &status);
+  const std::string many =
+      RunSwarm("d6", 6, 2, {"--set", "swarm.sync=auto", "--set", "swarm.slow_link_mbit=1e9"}, 3,
+               &status);
+  const std::string coordinator_log = ReadTextFile(tmp_ / "d6-coordinator.log");
+  EXPECT_TRUE(Contains(coordinator_log,
+                       "stage rounds: DeMo payloads (swarm.sync = auto: its first worker's link "
+                       "to the coordinator measured "))
+      << coordinator_log;
   const std::vector<double> c = StepLosses(many + "/metrics.jsonl");
   ASSERT_EQ(c.size(), static_cast<size_t>(kSteps)) << ReadTextFile(many + "/metrics.jsonl");
   // The first step's loss comes before any update: the one process's.
@@ -394,6 +410,7 @@ TEST_F(SwarmTest, DemoSwarmKeepsEachStagesPeersIdentical) {
   PrintRoundBytes(tmp_.path(), "d6", 6, "demo");
   for (const std::string log : {"d6-p0", "d6-p3", "d6-p5"}) {
     EXPECT_FALSE(Contains(ReadTextFile(tmp_ / (log + ".log")), "drift")) << log;
+    EXPECT_TRUE(Contains(ReadTextFile(tmp_ / (log + ".log")), "(DeMo payloads)")) << log;
   }
   // `shoal train --resume` continues the swarm's DeMo checkpoint in one process.
   const std::string out = tmp_ / "d6-resumed";

@@ -605,6 +605,41 @@ TEST(ConfigTest, DemoKeysAreValidated) {
   }
 }
 
+// [swarm]: how a swarm's stage rounds combine gradients, and "auto"'s threshold.
+TEST(ConfigTest, SwarmKeys) {
+  absl::StatusOr<Config> d = Parse(kMinimal);
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_EQ(d->swarm.sync, "auto");
+  EXPECT_DOUBLE_EQ(d->swarm.slow_link_mbit, 1000);
+  absl::StatusOr<Config> c =
+      Parse(std::string(kMinimal) + "[swarm]\nsync = \"demo\"\nslow_link_mbit = 250\n");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->swarm.sync, "demo");
+  EXPECT_DOUBLE_EQ(c->swarm.slow_link_mbit, 250);
+  absl::StatusOr<Config> back = ParseConfig(c->ToToml(), "round trip");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->swarm.sync, "demo");
+  EXPECT_DOUBLE_EQ(back->swarm.slow_link_mbit, 250);
+  const std::pair<std::vector<std::string>, std::string> bad[] = {
+      {{"swarm.sync=fp16"}, "swarm.sync must be \"auto\", \"fp32\" or \"demo\" (got \"fp16\")"},
+      {{"swarm.sync=fp32", "optim.name=demo"},
+       "swarm.sync = \"fp32\" sums gradients for AdamW, but optim.name = \"demo\""},
+      {{"swarm.slow_link_mbit=0"}, "swarm.slow_link_mbit must be a positive number of Mb/s (got 0)"},
+      {{"swarm.slow_link_mbit=-5"}, "swarm.slow_link_mbit must be a positive number"},
+      {{"swarm.slow_link_mbit=nan"}, "swarm.slow_link_mbit must be a positive number"},
+      {{"swarm.sync_mode=demo"}, "swarm.sync_mode"},
+  };
+  for (const auto& [overrides, message] : bad) {
+    absl::StatusOr<Config> b = Parse(kMinimal, overrides);
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << message;
+    EXPECT_THAT(Msg(b.status()), HasSubstr(message));
+  }
+  for (const char* good : {"swarm.sync=auto", "swarm.sync=fp32", "swarm.sync=demo"}) {
+    EXPECT_TRUE(Parse(kMinimal, {good, "optim.name=adamw"}).ok()) << good;
+  }
+  EXPECT_TRUE(Parse(kMinimal, {"swarm.sync=demo", "optim.name=demo"}).ok());
+}
+
 TEST(ConfigTest, MisspelledDemoKeyGetsSuggestion) {
   absl::StatusOr<Config> c = Parse(kMinimal, {"optim.demo_topK=8"});
   ASSERT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);

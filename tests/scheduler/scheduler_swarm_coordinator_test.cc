@@ -19,24 +19,31 @@ namespace {
 
 constexpr int kStages = 2;
 constexpr int kM = 4;
+constexpr const char* kDemoToml = "[model]\n[optim]\nname = \"demo\"\n";
 
 class SwarmCoordinatorTest : public ::testing::Test {
  protected:
   void SetUp() override { MakeSwarm(/*max_drifts=*/2); }
 
-  void MakeSwarm(int max_drifts, double rebalance_s = 0) {
+  void MakeSwarm(int max_drifts, double rebalance_s = 0, const std::string& sync = "fp32",
+                 int64_t total_steps = 2) {
     SwarmCoordinatorOptions o;
     o.rebalance_s = rebalance_s;
+    o.sync = sync;
+    if (sync != "fp32") o.demo_config_toml = kDemoToml;
+    o.slow_link_gbps = 0.125;  // 1000 Mb/s
     o.state.max_drifts = max_drifts;
     o.job.stages = kStages;
     o.job.micro_batches = kM;
     o.job.stage_bytes = {1000, 1000};
     o.job.grad_clip = 1.0;
-    o.state.learning_rate = [](int64_t step) { return step < 2 ? 0.01 : std::nan(""); };
+    o.state.learning_rate = [total_steps](int64_t step) {
+      return step < total_steps ? 0.01 : std::nan("");
+    };
     o.info.set_config_toml("[model]\n");
     o.info.set_stages(kStages);
     o.info.set_micro_batches(kM);
-    o.info.set_total_steps(2);
+    o.info.set_total_steps(total_steps);
     o.info.add_first_layer(0);
     o.info.add_end_layer(1);
     o.info.add_first_layer(1);
@@ -51,7 +58,7 @@ class SwarmCoordinatorTest : public ::testing::Test {
   }
 
   absl::StatusOr<v1::JoinResponse> JoinPeer(const std::string& name, const std::string& address,
-                                            int64_t bytes = 1 << 20) {
+                                            int64_t bytes = 1 << 20, double net_gbps = 0) {
     v1::JoinRequest r;
     r.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
     r.set_role(v1::WORKER_ROLE_PEER);
@@ -65,6 +72,7 @@ class SwarmCoordinatorTest : public ::testing::Test {
     r.mutable_device()->set_fp32_gflops(10);
     r.mutable_device()->set_blas("OpenBLAS 0.3.21 (test)");
     r.mutable_device()->mutable_memory()->set_host_bytes(bytes);
+    r.mutable_device()->set_net_gbps(net_gbps);
     return swarm_->Join(r);
   }
 
@@ -102,7 +110,8 @@ class SwarmCoordinatorTest : public ::testing::Test {
   }
 
   absl::StatusOr<v1::StageReportResponse> Report(const v1::SwarmRoster& r, int stage,
-                                                 const std::string& peer, uint64_t hash) {
+                                                 const std::string& peer, uint64_t hash,
+                                                 double sum_squares = 0.25) {
     const v1::SwarmReductionPlan& plan = r.stages(stage).reduction();
     v1::StageReportRequest q;
     q.set_peer_id(peer);
@@ -111,7 +120,7 @@ class SwarmCoordinatorTest : public ::testing::Test {
     for (const v1::SwarmPlanIds& e : plan.ids()) {
       if (e.peer() == peer) q.mutable_ids()->CopyFrom(e.ids());
     }
-    q.set_sum_squares(0.25);
+    q.set_sum_squares(sum_squares);
     q.set_param_hash(hash);
     return swarm_->StageReport(q);
   }
@@ -522,6 +531,114 @@ TEST_F(SwarmCoordinatorTest, APeerThatDriftsTooOftenIsEvictedNamingItsCpuAndBlas
   int replays = 0;
   for (const v1::SwarmLeaseEntry& l : leased->leases()) replays += l.replay() ? 1 : 0;
   EXPECT_EQ(replays, kM / 2);
+}
+
+}  // namespace
+}  // namespace shoal::scheduler
+
+namespace shoal::scheduler {
+namespace {
+
+// swarm.sync = auto: a job's stage rounds are decided once, when its first worker joins, from
+// that worker's measured link (slower than slow_link_gbps: DeMo); every later joiner of the job
+// gets the same, whatever its own link; the next job decides again. DeMo's peers clip their own
+// gradients (their norms differ), so its decision's clip scale is 1 where fp32's clips.
+TEST_F(SwarmCoordinatorTest, AutoSyncIsDecidedOncePerJobFromItsFirstWorkersLink) {
+  MakeSwarm(/*max_drifts=*/2, /*rebalance_s=*/0, "auto", /*total_steps=*/1);
+  // Job 1: the first peer's link is 100 Mb/s (0.0125 GB/s): DeMo, for a fast joiner too.
+  auto p0 = JoinPeer("p0", "127.0.0.1:1", 1 << 20, /*net_gbps=*/0.0125);
+  auto p1 = JoinPeer("p1", "127.0.0.1:2", 1 << 20, /*net_gbps=*/10);
+  ASSERT_TRUE(p0.ok() && p1.ok()) << p0.status() << p1.status();
+  auto t = JoinTrainer("t");
+  ASSERT_TRUE(t.ok()) << t.status();
+  for (const auto* j : {&*p0, &*p1, &*t}) {
+    EXPECT_EQ(j->swarm().sync(), "demo");
+    EXPECT_EQ(j->swarm().config_toml(), kDemoToml);
+  }
+  auto run_step = [&](const std::string& first, const std::string& last) {
+    v1::LeaseRequest lease;
+    lease.set_worker_id("t");
+    lease.set_max(kM);
+    absl::StatusOr<v1::LeaseResponse> leased = swarm_->Lease(lease);
+    EXPECT_TRUE(leased.ok() && leased->leases_size() == kM);
+    if (!leased.ok()) return v1::SwarmDecision();
+    for (const v1::SwarmLeaseEntry& l : leased->leases()) {
+      EXPECT_TRUE(Commit(last, "t", 0, l.id(), 1.0).ok());
+      EXPECT_TRUE(Commit(first, "t", 0, l.id()).ok());
+    }
+    // Norm sqrt(4 + 4) = 2.83 over the clip of 1.
+    v1::SwarmRoster r = swarm_->Roster();
+    EXPECT_TRUE(Report(r, 0, first, 7, 4.0).ok());
+    absl::StatusOr<v1::StageReportResponse> done = Report(r, 1, last, 7, 4.0);
+    EXPECT_TRUE(done.ok() && done->decided());
+    return done.ok() ? done->decision() : v1::SwarmDecision();
+  };
+  const std::string first = p0->swarm().stage() == 0 ? "p0" : "p1";
+  const std::string last = first == "p0" ? "p1" : "p0";
+  ASSERT_TRUE(Synced("p0", 0, 7).ok());
+  ASSERT_TRUE(Synced("p1", 0, 7).ok());
+  v1::SwarmDecision d = run_step(first, last);
+  EXPECT_NEAR(d.grad_norm(), std::sqrt(8.0), 1e-12);
+  EXPECT_DOUBLE_EQ(d.clip_scale(), 1.0);
+  ASSERT_TRUE(swarm_->Roster().finished());
+  auto leave_all = [&](std::vector<std::string> ids) {
+    for (const std::string& id : ids) {
+      v1::LeaveRequest leave;
+      leave.set_worker_id(id);
+      ASSERT_TRUE(swarm_->Leave(leave).ok()) << id;
+    }
+  };
+  leave_all({"p0", "p1", "t"});
+  // Job 2: its first worker's link is fast: fp32 sums, which the decision clips.
+  auto q1 = JoinPeer("p1", "127.0.0.1:2", 1 << 20, /*net_gbps=*/10);
+  auto q0 = JoinPeer("p0", "127.0.0.1:1", 1 << 20, /*net_gbps=*/0.0125);
+  ASSERT_TRUE(q0.ok() && q1.ok()) << q0.status() << q1.status();
+  EXPECT_EQ(swarm_->Roster().job(), 2);
+  ASSERT_TRUE(JoinTrainer("t").ok());
+  for (const auto* j : {&*q0, &*q1}) {
+    EXPECT_EQ(j->swarm().sync(), "fp32");
+    EXPECT_EQ(j->swarm().config_toml(), "[model]\n");
+  }
+  const std::string first2 = q0->swarm().stage() == 0 ? "p0" : "p1";
+  ASSERT_TRUE(Synced("p0", 0, 7).ok());
+  ASSERT_TRUE(Synced("p1", 0, 7).ok());
+  d = run_step(first2, first2 == "p0" ? "p1" : "p0");
+  EXPECT_NEAR(d.clip_scale(), 1.0 / (std::sqrt(8.0) + 1e-6), 1e-9);
+  leave_all({"p0", "p1", "t"});
+  // Job 3: a first worker that measured nothing (net_gbps 0) runs fp32.
+  auto u = JoinTrainer("t");
+  ASSERT_TRUE(u.ok());
+  EXPECT_EQ(u->swarm().sync(), "fp32");
+  EXPECT_EQ(swarm_->Roster().job(), 3);
+}
+
+TEST_F(SwarmCoordinatorTest, ARoundsChoiceItCannotServeIsRefused) {
+  auto create = [&](const std::string& sync, const std::string& demo_toml, double gbps) {
+    SwarmCoordinatorOptions o;
+    o.job.stages = 1;
+    o.job.micro_batches = 1;
+    o.job.stage_bytes = {1};
+    o.state.learning_rate = [](int64_t) { return 0.01; };
+    o.info.set_stages(1);
+    o.info.set_micro_batches(1);
+    o.info.set_total_steps(1);
+    o.info.add_first_layer(0);
+    o.info.add_end_layer(1);
+    o.sync = sync;
+    o.demo_config_toml = demo_toml;
+    o.slow_link_gbps = gbps;
+    return SwarmCoordinator::Create(std::move(o), &clock_).status();
+  };
+  EXPECT_TRUE(create("auto", kDemoToml, 0.125).ok());
+  EXPECT_TRUE(create("fp32", "", 0.125).ok());
+  absl::Status bad = create("sgd", kDemoToml, 0.125);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("sgd"), std::string::npos) << bad;
+  bad = create("demo", "", 0.125);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.message().find("demo_config_toml"), std::string::npos) << bad;
+  EXPECT_EQ(create("auto", kDemoToml, 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(create("auto", kDemoToml, std::nan("")).code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

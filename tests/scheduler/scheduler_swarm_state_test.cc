@@ -149,8 +149,8 @@ class World {
   SwarmState& st() { return *st_; }
   SwarmSnapshot Snap() const { return st_->Snapshot(); }
 
-  SwarmJoin Join(const std::string& id, int64_t free_bytes = 1000) {
-    auto join = st_->AddPeer(id, id + ".addr:7000", free_bytes);
+  SwarmJoin Join(const std::string& id, int64_t free_bytes = 1000, double link = 0) {
+    auto join = st_->AddPeer(id, id + ".addr:7000", free_bytes, link);
     EXPECT_TRUE(join.ok()) << join.status();
     return join.ok() ? *join : SwarmJoin{};
   }
@@ -895,6 +895,25 @@ TEST(SwarmState, RebalanceMovesAPeerIntoTheBottleneckAfterTwoChecksInARow) {
   EXPECT_EQ(SwarmState::Create(Job(), bad).status().code(), Code::kInvalidArgument);
 }
 
+// The payback rule reads the link each peer joined with: stage 1's 200 bytes over a 1 byte/s
+// link take 200 s, more than a period (60 s), so the same bottleneck moves nothing.
+TEST(SwarmState, RebalanceMovesNothingWhoseStateTransferWouldNotPayBack) {
+  World w;
+  EXPECT_EQ(w.Join("a", 1000, 1.0).stage, 0);
+  EXPECT_EQ(w.Join("b", 1000, 1.0).stage, 1);
+  EXPECT_EQ(w.Join("c", 1000, 1.0).stage, 2);
+  EXPECT_EQ(w.Join("d", 1000, 1.0).stage, 0);
+  w.SyncAll();
+  Warm(w);
+  for (const char* id : {"a", "d", "c"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
+  ASSERT_TRUE(w.st().ReportLoad("b", 4, 0).ok());
+  for (int64_t period = 1; period <= 4; ++period) {
+    absl::StatusOr<std::optional<SwarmMove>> m = w.st().Rebalance(period);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_FALSE(m->has_value()) << "period " << period;
+  }
+}
+
 TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
   World w;
   StartFour(w);  // a, d | b | c
@@ -1068,6 +1087,8 @@ TEST(SwarmState, EveryInputIsCheckedAndARefusedCallChangesNothing) {
   expect(st.AddPeer("", "x:1", 1).status(), Code::kInvalidArgument, "empty peer id");
   expect(st.AddPeer("x", "", 1).status(), Code::kInvalidArgument, "'x'");
   expect(st.AddPeer("x", "x:1", -1).status(), Code::kInvalidArgument, "-1");
+  expect(st.AddPeer("x", "x:1", 1000, -5).status(), Code::kInvalidArgument, "link -5");
+  expect(st.AddPeer("x", "x:1", 1000, std::nan("")).status(), Code::kInvalidArgument, "link nan");
   expect(st.AddPeer("a", "a:1", 1000).status(), Code::kAlreadyExists, "'a'");
   expect(st.DonorFailed("nobody", "a").status(), Code::kNotFound, "'nobody'");
   expect(st.DonorFailed("a", "b").status(), Code::kFailedPrecondition, "'a'");
