@@ -1,10 +1,14 @@
 #include "bench/shaped_network.h"
 
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/status.h"
@@ -29,6 +33,24 @@ absl::Status Sh(const std::string& command) {
 
 }  // namespace
 
+void ShapedNetwork::RemoveStale() {
+  FILE* pipe = ::popen("ip netns list 2>/dev/null", "r");
+  if (pipe == nullptr) return;
+  std::vector<std::string> stale;
+  char line[512];
+  while (std::fgets(line, sizeof(line), pipe) != nullptr) {
+    // "shoal<pid>-<host>" or "shoal<pid>-br", maybe followed by " (id: N)".
+    int pid = 0;
+    char rest[256];
+    if (std::sscanf(line, "shoal%d-%255s", &pid, rest) == 2 && pid > 0 &&
+        ::kill(pid, 0) != 0 && errno == ESRCH) {
+      stale.push_back(std::string(line, std::strcspn(line, " \n")));
+    }
+  }
+  ::pclose(pipe);
+  for (const std::string& ns : stale) (void)Sh("ip netns del " + ns);
+}
+
 absl::Status ShapedNetwork::Available() {
   if (::geteuid() != 0) {
     return absl::FailedPreconditionError(
@@ -52,6 +74,7 @@ absl::StatusOr<std::unique_ptr<ShapedNetwork>> ShapedNetwork::Create(int hosts, 
         absl::StrCat("--link-mbit must be a rate in Mb/s >= 0, got ", mbit));
   }
   SHOAL_RETURN_IF_ERROR(Available());
+  RemoveStale();
   std::unique_ptr<ShapedNetwork> net(new ShapedNetwork());
   const int pid = static_cast<int>(::getpid());
   const std::string tag = absl::StrCat("shoal", pid);

@@ -3,7 +3,8 @@
 // pair to a bridge (in a namespace of its own too), shaped with tc `tbf` to the rate in both
 // directions; the calling process joins the bridge with an unshaped veth of its own, so it can
 // reach every host (status pages) without slowing them. Everything it creates is named after
-// this process's pid and removed when it is destroyed. Root only (ENVIRONMENT.md §8: veth, tbf
+// this process's pid and removed when it is destroyed (and, should the process be killed first,
+// by the next Create, which removes the namespaces of pids no longer running). Root only (ENVIRONMENT.md §8: veth, tbf
 // and bridges work on this kernel; netem does not, so there is no added delay).
 #ifndef SHOAL_BENCH_SHAPED_NETWORK_H_
 #define SHOAL_BENCH_SHAPED_NETWORK_H_
@@ -39,6 +40,8 @@ class ShapedNetwork {
  private:
   ShapedNetwork() = default;
   void Remove();
+  // Deletes the namespaces an earlier run left behind (its pid no longer runs).
+  static void RemoveStale();
 
   std::string prefix_;   // "10.231.N." : the /24 every host and this process are in
   std::string bridge_;   // the bridge's namespace

@@ -3,6 +3,7 @@
 // asserted; what is: the JSON line, the kills it says it made (the static pipeline restarted,
 // the swarm replaced each peer), and that the swarm through those kills lost and repeated
 // no micro-batch (its coordinator's ledger). Bad flags are refused by name.
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -25,14 +26,20 @@ using testing::CommandResult;
 using testing::RunCommand;
 using testing::TempDir;
 
+// A small byte-token corpus in `dir`.
+void PrepareData(const std::string& dir) {
+  testing::WriteTextFile(dir + ".txt", testing::SyntheticText(200000));
+  const CommandResult r = RunCommand("timeout -k 5 60 " + std::string(SHOAL_BINARY) +
+                                     " prepare-data --no-progress --input " + dir + ".txt" +
+                                     " --out " + dir);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+}
+
 TEST(BenchSwarmTest, ChurnArmsKillAndTheSwarmLosesNothing) {
   ::setenv("OMP_WAIT_POLICY", "passive", 1);
   TempDir tmp;
-  testing::WriteTextFile(tmp / "text.txt", testing::SyntheticText(200000));
-  CommandResult r = RunCommand("timeout -k 5 60 " + std::string(SHOAL_BINARY) +
-                               " prepare-data --no-progress --input " + (tmp / "text.txt") +
-                               " --out " + (tmp / "data"));
-  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp / "data"));
+  CommandResult r;
   r = RunCommand("timeout -k 5 200 " + std::string(SHOAL_BINARY) + " bench swarm --config " +
                  SHOAL_SOURCE_DIR + "/configs/tiny.toml --set data.dir=" + (tmp / "data") +
                  " --arms churn --seconds 24 --kill-every 5 --throttle 1 --work-dir " +
@@ -91,17 +98,23 @@ std::set<std::string> NetNames() {
 // The links arms (root only): every process in a network namespace of its own behind a veth
 // shaped to 100 Mb/s. What is asserted: the coordinator measured the first worker's link as
 // shaped (tens of Mb/s, where 127.0.0.1 gives thousands) and chose DeMo by swarm.sync = auto
-// (the bench fails otherwise), every arm trained, and no namespace or link is left behind.
+// (the bench fails otherwise), every arm trained, no namespace or link is left behind, and one
+// an earlier killed run left is removed.
 // 30 s an arm: each spends several seconds starting its 8 processes, more on a busy machine.
 TEST(BenchSwarmTest, LinksArmsRunBehindShapedLinksAndLeaveNothing) {
   if (::geteuid() != 0) GTEST_SKIP() << "network namespaces need root";
   ::setenv("OMP_WAIT_POLICY", "passive", 1);
   TempDir tmp;
-  testing::WriteTextFile(tmp / "text.txt", testing::SyntheticText(200000));
-  CommandResult r = RunCommand("timeout -k 5 60 " + std::string(SHOAL_BINARY) +
-                               " prepare-data --no-progress --input " + (tmp / "text.txt") +
-                               " --out " + (tmp / "data"));
-  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp / "data"));
+  CommandResult r;
+  // A namespace an earlier, killed run left behind (named after a pid no longer running): the
+  // bench removes it.
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  ASSERT_EQ(::waitpid(dead, nullptr, 0), dead);
+  const std::string stale = "shoal" + std::to_string(dead) + "-0";
+  ASSERT_EQ(RunCommand("ip netns add " + stale).exit_code, 0);
   const std::set<std::string> before = NetNames();
   const std::string tiny = std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml";
   r = RunCommand("timeout -k 5 200 " + std::string(SHOAL_BINARY) + " bench swarm --config " +
@@ -137,6 +150,8 @@ TEST(BenchSwarmTest, LinksArmsRunBehindShapedLinksAndLeaveNothing) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_TRUE(left.empty()) << "left behind: " << *left.begin();
+  EXPECT_EQ(NetNames().count("netns " + stale), 0u) << stale << " was not removed";
+  (void)RunCommand("ip netns del " + stale + " 2>/dev/null");
 }
 
 // Without root the links arms are refused before anything starts, saying why.
