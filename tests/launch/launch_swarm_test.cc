@@ -651,7 +651,8 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
 
   // The step rates around the move (reported, not asserted: a timing), from the coordinator's
   // history: steps after the first two before the move, and from two steps after it (the mover
-  // syncs and enters a round) to the end.
+  // syncs and enters a round) to the end; null when a window is empty (a move during step 2
+  // leaves no steady step before it).
   std::map<int64_t, double> applied_at;  // step -> seconds
   for (const nlohmann::json& p : s["job_status"].value("history", nlohmann::json::array())) {
     applied_at[static_cast<int64_t>(Number(p.value("step", nlohmann::json(0))))] =
@@ -661,14 +662,15 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
     if (to <= from || applied_at.count(from) == 0 || applied_at.count(to) == 0) return 0.0;
     return static_cast<double>(to - from) / (applied_at[to] - applied_at[from]);
   };
+  auto or_null = [](double v) { return v > 0 ? nlohmann::json(v) : nlohmann::json(nullptr); };
   nlohmann::json line;
   const double before = rate(2, move_step), after = rate(move_step + 2, kLonger - 1);
   line["swarm_rebalance"] = {{"mover", mover},
                              {"moved_during_step", move_step},
                              {"steps", kLonger},
-                             {"steps_per_s_before", before},
-                             {"steps_per_s_after", after},
-                             {"ratio", before > 0 ? after / before : 0.0}};
+                             {"steps_per_s_before", or_null(before)},
+                             {"steps_per_s_after", or_null(after)},
+                             {"ratio", or_null(before > 0 ? after / before : 0.0)}};
   std::printf("%s\n", line.dump().c_str());
   for (Process& p : peers) EXPECT_EQ(p.Wait(std::chrono::seconds(30)), 0) << ReadTextFile(p.log());
 }
