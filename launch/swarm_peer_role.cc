@@ -74,7 +74,9 @@ class Peer {
                       << stage_index_ << " ("
                       << (stage_->demo() ? "DeMo payloads" : "gradient sums") << "), "
                       << round_bytes_ << " bytes sent in them, " << round_bytes_ / rounds_
-                      << " per round";
+                      << " per round; " << std::llround(1e3 * round_s_ / rounds_)
+                      << " ms a round reducing and reporting, "
+                      << std::llround(1e3 * apply_s_ / rounds_) << " ms applying the decision";
     }
     if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
     if (server_ != nullptr) server_->Shutdown();
@@ -382,6 +384,7 @@ class Peer {
   // The step's round over the plan(s), then the report. AdamW sums the accumulation; DeMo
   // all-gathers every peer's payloads. Either result waits in round_ for the step's decision.
   absl::Status Reduce(const Plans& plans, int64_t step, double lr) {
+    const auto t0 = std::chrono::steady_clock::now();
     const v1::SwarmReductionPlan& own = *plans.own;
     const int rank = RankIn(own, link_->id());
     std::vector<int64_t> ids;
@@ -460,6 +463,7 @@ class Peer {
     absl::StatusOr<v1::StageReportResponse> r = link_->client().StageReport(report);
     if (!r.ok() && !absl::IsAlreadyExists(r.status())) return r.status();  // else: reported
     round_ = std::move(result);
+    round_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return absl::OkStatus();
   }
 
@@ -478,13 +482,16 @@ class Peer {
                                               ", its round ran with ", round_.lr));
     }
     SHOAL_RETURN_IF_ERROR(runtime::SwarmStage::CheckStepArgs(d.lr(), d.clip_scale()));
-    return server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
+    const auto t0 = std::chrono::steady_clock::now();
+    absl::Status applied = server_->WithStage([&](runtime::SwarmStage& st) -> absl::Status {
       if (st.demo()) return st.DemoApply(round_.own_payloads, round_.tied_payloads, d.lr());
       const std::vector<at::Tensor> grads = st.Gradients();
       for (size_t i = 0; i < grads.size(); ++i) grads[i].copy_(round_.sums[i]);
       st.Apply(d.lr(), d.clip_scale());
       return absl::OkStatus();
     });
+    apply_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return applied;
   }
 
   // Steps [from, to] (to 0: all it has) from the catch-up log of the peer at `address`, applied
@@ -756,6 +763,7 @@ class Peer {
   RoundResult round_;
   bool attached_ = false;           // the server serves stage_
   int64_t rounds_ = 0, round_bytes_ = 0;  // successful rounds, and the bytes they sent
+  double round_s_ = 0, apply_s_ = 0;       // their time: from the plan to the report; applying
   int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on
 };
 

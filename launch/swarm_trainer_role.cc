@@ -174,6 +174,10 @@ class Trainer {
       }
       Observe(link_->latest());
       std::lock_guard<std::mutex> lock(pool_mu_);
+      if (running_.empty()) {
+        idle_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - idle_since_)
+                       .count();
+      }
       for (const v1::SwarmLeaseEntry& lease : leases.leases()) {
         queue_.push_back({leases.step(), leases.rollbacks(), lease});
         running_.insert(lease.id());
@@ -182,6 +186,13 @@ class Trainer {
     }
     // Micro-batches not run (or cut short by the stop) go back to the pool.
     StopWorkers();
+    const int64_t steps = link_->latest().next_step();
+    if (steps > 0) {
+      SHOAL_LOG(Info) << "swarm trainer " << link_->id() << ": nothing in flight for "
+                      << std::llround(idle_s_) << " s of " << std::llround(Now() - started_)
+                      << " s (" << std::llround(1e3 * idle_s_ / static_cast<double>(steps))
+                      << " ms a step over " << steps << " steps: the step boundary)";
+    }
     if (!failed_.empty()) {
       v1::LeaseRequest lr;
       lr.set_worker_id(link_->id());
@@ -224,6 +235,7 @@ class Trainer {
       }
       std::lock_guard<std::mutex> lock(pool_mu_);
       running_.erase(running_.find(job.lease.id()));
+      if (running_.empty()) idle_since_ = std::chrono::steady_clock::now();
       if (!s.ok()) failed_.push_back(job.lease.id());
       pool_cv_.notify_all();
     }
@@ -506,6 +518,10 @@ class Trainer {
   std::condition_variable pool_cv_;
   std::deque<Job> queue_;         // leased, not started
   std::multiset<int64_t> running_;  // lease ids queued or running (at most in_flight)
+  // Time with nothing queued or running (the step boundary, as this trainer sees it): since when,
+  // and in all.
+  std::chrono::steady_clock::time_point idle_since_ = std::chrono::steady_clock::now();
+  double idle_s_ = 0;
   std::vector<int64_t> failed_;   // lease ids to give back
   bool closing_ = false;
   std::vector<std::thread> workers_;
