@@ -101,10 +101,11 @@ absl::StatusOr<std::unique_ptr<SwarmLink>> SwarmLink::Join(const SwarmWorkerOpti
   std::unique_ptr<SwarmLink> link(new SwarmLink());
   link->client_ = std::move(*client);
   const absl::Time deadline = absl::Now() + options.join_timeout;
-  // The link to the coordinator, measured once it answers: its speed goes in the profile (the
-  // coordinator picks a job's stage rounds from its first worker's, swarm.sync = auto).
+  // The link to the coordinator, measured once it answers, whatever the role: its speed goes in
+  // the join (and a peer's profile); the coordinator picks a job's stage rounds from its first
+  // worker's (swarm.sync = auto) and the rebalancer's transfer times from a peer's.
   v1::JoinRequest measured = request;
-  bool link_measured = !request.has_device();
+  bool link_measured = false;
   while (true) {
     absl::Status probe;
     if (!link_measured) {
@@ -112,8 +113,11 @@ absl::StatusOr<std::unique_ptr<SwarmLink>> SwarmLink::Join(const SwarmWorkerOpti
       absl::StatusOr<double> gbps =
           rtt.ok() ? link->client_->MeasureUploadGbps(int64_t{1} << 20, 3) : rtt.status();
       if (gbps.ok()) {
-        measured.mutable_device()->set_rtt_ms(*rtt);
-        measured.mutable_device()->set_net_gbps(*gbps);
+        measured.set_link_gbps(*gbps);
+        if (measured.has_device()) {
+          measured.mutable_device()->set_rtt_ms(*rtt);
+          measured.mutable_device()->set_net_gbps(*gbps);
+        }
         link_measured = true;
       } else {
         probe = gbps.status();

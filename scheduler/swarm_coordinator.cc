@@ -109,10 +109,10 @@ struct SwarmCoordinator::Impl {
     next.own_norms = rounds == "demo";
     return SwarmState::Create(next, options.state);
   }
-  // The rounds a job whose first worker is `device` runs, and why (for the log).
-  std::pair<std::string, std::string> DecideSync(const v1::DeviceProfile& device) const {
+  // The rounds a job whose first worker measured its link at `gbps` (0: not measured) runs, and
+  // why (for the log).
+  std::pair<std::string, std::string> DecideSync(double gbps) const {
     if (options.sync != "auto") return {options.sync, "as the config sets"};
-    const double gbps = device.net_gbps();
     const std::string measured =
         absl::StrCat("its first worker's link to the coordinator measured ",
                      absl::SixDigits(gbps * 8e3), " Mb/s");
@@ -422,6 +422,12 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
   if (request.has_device()) {
     SHOAL_RETURN_IF_ERROR(ValidateDeviceProfile(request.device(), m.options.limits));
   }
+  if (!(std::isfinite(request.link_gbps()) && request.link_gbps() >= 0 &&
+        request.link_gbps() <= m.options.limits.max_gbps)) {
+    return absl::InvalidArgumentError(absl::StrCat("link_gbps must be in [0, ",
+                                                   m.options.limits.max_gbps, "], got ",
+                                                   request.link_gbps()));
+  }
   if (!request.name().empty()) {
     SHOAL_RETURN_IF_ERROR(ValidateWorkerId(request.name(), "name", m.options.limits));
   }
@@ -451,7 +457,7 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
   std::unique_ptr<SwarmState> next;
   std::pair<std::string, std::string> sync;
   if (next_job || m.sync.empty()) {
-    sync = m.DecideSync(request.device());
+    sync = m.DecideSync(request.link_gbps());
     SHOAL_ASSIGN_OR_RETURN(next, m.JobState(/*first=*/!next_job, sync.first));
   }
   SwarmState& target = next != nullptr ? *next : *m.state;

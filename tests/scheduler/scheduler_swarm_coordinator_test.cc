@@ -73,16 +73,19 @@ class SwarmCoordinatorTest : public ::testing::Test {
     r.mutable_device()->set_blas("OpenBLAS 0.3.21 (test)");
     r.mutable_device()->mutable_memory()->set_host_bytes(bytes);
     r.mutable_device()->set_net_gbps(net_gbps);
+    r.set_link_gbps(net_gbps);
     return swarm_->Join(r);
   }
 
   absl::StatusOr<v1::JoinResponse> JoinTrainer(const std::string& name,
-                                               const std::string& sha = "abc") {
+                                               const std::string& sha = "abc",
+                                               double link_gbps = 0) {
     v1::JoinRequest r;
     r.set_protocol_version(v1::PROTOCOL_VERSION_CURRENT);
     r.set_role(v1::WORKER_ROLE_TRAINER);
     r.set_name(name);
     r.set_train_sha256(sha);
+    r.set_link_gbps(link_gbps);
     return swarm_->Join(r);
   }
 
@@ -539,18 +542,20 @@ TEST_F(SwarmCoordinatorTest, APeerThatDriftsTooOftenIsEvictedNamingItsCpuAndBlas
 namespace shoal::scheduler {
 namespace {
 
-// swarm.sync = auto: a job's stage rounds are decided once, when its first worker joins, from
-// that worker's measured link (slower than slow_link_gbps: DeMo); every later joiner of the job
-// gets the same, whatever its own link; the next job decides again. DeMo's peers clip their own
-// gradients (their norms differ), so its decision's clip scale is 1 where fp32's clips.
+// swarm.sync = auto: a job's stage rounds are decided once, when its first worker (of either
+// role) joins, from that worker's measured link (slower than slow_link_gbps: DeMo); every later
+// joiner of the job gets the same, whatever its own link; the next job decides again. DeMo's
+// peers clip their own gradients (their norms differ), so its decision's clip scale is 1 where
+// fp32's clips.
 TEST_F(SwarmCoordinatorTest, AutoSyncIsDecidedOncePerJobFromItsFirstWorkersLink) {
   MakeSwarm(/*max_drifts=*/2, /*rebalance_s=*/0, "auto", /*total_steps=*/1);
-  // Job 1: the first peer's link is 100 Mb/s (0.0125 GB/s): DeMo, for a fast joiner too.
-  auto p0 = JoinPeer("p0", "127.0.0.1:1", 1 << 20, /*net_gbps=*/0.0125);
+  // Job 1: the first worker, a trainer, measured 100 Mb/s (0.0125 GB/s): DeMo, for the fast
+  // peers too.
+  auto t = JoinTrainer("t", "abc", /*link_gbps=*/0.0125);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto p0 = JoinPeer("p0", "127.0.0.1:1", 1 << 20, /*net_gbps=*/10);
   auto p1 = JoinPeer("p1", "127.0.0.1:2", 1 << 20, /*net_gbps=*/10);
   ASSERT_TRUE(p0.ok() && p1.ok()) << p0.status() << p1.status();
-  auto t = JoinTrainer("t");
-  ASSERT_TRUE(t.ok()) << t.status();
   for (const auto* j : {&*p0, &*p1, &*t}) {
     EXPECT_EQ(j->swarm().sync(), "demo");
     EXPECT_EQ(j->swarm().config_toml(), kDemoToml);
@@ -638,6 +643,12 @@ TEST_F(SwarmCoordinatorTest, ARoundsChoiceItCannotServeIsRefused) {
   EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.message().find("demo_config_toml"), std::string::npos) << bad;
   EXPECT_EQ(create("auto", kDemoToml, 0).code(), absl::StatusCode::kInvalidArgument);
+  // A measured link that cannot be is refused at the join, naming it.
+  for (double bad_link : {-1.0, std::nan(""), 1e9}) {
+    absl::Status refused = JoinTrainer("x", "abc", bad_link).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << bad_link;
+    EXPECT_NE(refused.message().find("link_gbps"), std::string::npos) << refused;
+  }
   EXPECT_EQ(create("auto", kDemoToml, std::nan("")).code(), absl::StatusCode::kInvalidArgument);
 }
 
