@@ -6,48 +6,38 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "bench/bench_runs.h"
 #include "common/status.h"
 
 namespace shoal::bench {
 namespace {
 
-// Runs `command` through /bin/sh; its output on failure, in the error.
+// Runs `command` (its output echoed, as every command a benchmark runs); an error naming the
+// shaped network and the command when it fails.
 absl::Status Sh(const std::string& command) {
-  std::string output;
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return absl::InternalError(absl::StrCat("cannot run: ", command));
-  char buffer[512];
-  while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) output += buffer;
-  const int rc = ::pclose(pipe);
-  if (rc != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("`", command, "` failed (", rc, "): ", output));
-  }
-  return absl::OkStatus();
+  absl::Status s = RunEchoing(command);
+  if (s.ok()) return s;
+  return absl::FailedPreconditionError(absl::StrCat("shaped network: ", s.message()));
 }
 
 }  // namespace
 
 void ShapedNetwork::RemoveStale() {
-  FILE* pipe = ::popen("ip netns list 2>/dev/null", "r");
-  if (pipe == nullptr) return;
   std::vector<std::string> stale;
-  char line[512];
-  while (std::fgets(line, sizeof(line), pipe) != nullptr) {
-    // "shoal<pid>-<host>" or "shoal<pid>-br", maybe followed by " (id: N)".
+  // "shoal<pid>-<host>" or "shoal<pid>-br", maybe followed by " (id: N)"; grep finding none is
+  // not an error here.
+  (void)RunEchoing("ip netns list | grep '^shoal'", [&](const std::string& line) {
     int pid = 0;
     char rest[256];
-    if (std::sscanf(line, "shoal%d-%255s", &pid, rest) == 2 && pid > 0 &&
+    if (std::sscanf(line.c_str(), "shoal%d-%255s", &pid, rest) == 2 && pid > 0 &&
         ::kill(pid, 0) != 0 && errno == ESRCH) {
-      stale.push_back(std::string(line, std::strcspn(line, " \n")));
+      stale.push_back(line.substr(0, line.find_first_of(" \n")));
     }
-  }
-  ::pclose(pipe);
+  });
   for (const std::string& ns : stale) (void)Sh("ip netns del " + ns);
 }
 
@@ -57,7 +47,7 @@ absl::Status ShapedNetwork::Available() {
         "the links arms (--link-mbit) put every process in a network namespace of its own "
         "behind a tc-shaped veth, which needs root: run as root, or leave links out of --arms");
   }
-  if (!Sh("command -v ip && command -v tc").ok()) {
+  if (!RunEchoing("command -v ip >/dev/null && command -v tc >/dev/null").ok()) {
     return absl::FailedPreconditionError(
         "the links arms (--link-mbit) need `ip` and `tc` (Debian: apt-get install iproute2)");
   }
@@ -83,7 +73,7 @@ absl::StatusOr<std::unique_ptr<ShapedNetwork>> ShapedNetwork::Create(int hosts, 
   net->self_ = absl::StrCat("sh", pid % 10000000);
   net->mbit_ = mbit;
   // A subnet another run (or the machine) already uses would route elsewhere.
-  if (Sh(absl::StrCat("! ip -4 addr show | grep -q ' ", net->prefix_, "'")).ok() == false) {
+  if (RunEchoing(absl::StrCat("ip -4 addr show | grep -q ' ", net->prefix_, "'")).ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "shaped network: ", net->prefix_, "0/24 is in use on this machine"));
   }
@@ -137,12 +127,13 @@ std::string ShapedNetwork::address(int i) const { return absl::StrCat(prefix_, i
 ShapedNetwork::~ShapedNetwork() { Remove(); }
 
 void ShapedNetwork::Remove() {
-  for (const std::string& ns : namespaces_) (void)Sh("ip netns del " + ns);
+  // Quietly: after a failed Create some of them were never made.
+  for (const std::string& ns : namespaces_) (void)RunEchoing("ip netns del " + ns + " 2>/dev/null");
   namespaces_.clear();
-  if (!bridge_.empty()) (void)Sh("ip netns del " + bridge_);
+  if (!bridge_.empty()) (void)RunEchoing("ip netns del " + bridge_ + " 2>/dev/null");
   bridge_.clear();
   // Deleting the bridge's namespace removes the veth pair too, but not at once.
-  if (!self_.empty()) (void)Sh("ip link del " + self_ + " 2>/dev/null || true");
+  if (!self_.empty()) (void)RunEchoing("ip link del " + self_ + " 2>/dev/null || true");
   self_.clear();
 }
 

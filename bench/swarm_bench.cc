@@ -36,6 +36,7 @@
 #include <cstdlib>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -100,6 +101,7 @@ struct Options {
   double throttle = 4;
   double kill_every_s = 15;
   std::string arms = "churn,straggler";
+  std::set<std::string> arm_set;  // `arms`, split and checked
   std::string links_config = "configs/small.toml";  // the links arms' job
   int links_micro_batches = 4;
   int links_batch_size = 2;
@@ -138,9 +140,7 @@ class SwarmBench {
       return absl::InvalidArgumentError(absl::StrCat(
           "--config: the pipeline has 3 stages; model.n_layer = ", config_.model.n_layer));
     }
-    tokens_per_step_ = static_cast<double>(o_.micro_batches) * o_.batch_size *
-                       config_.model.block_size;
-    if (o_.arms.find("links") != std::string::npos) {
+    if (o_.arm_set.count("links") != 0) {
       SHOAL_ASSIGN_OR_RETURN(links_config_, runtime::LoadConfig(o_.links_config, o_.sets));
       if (links_config_.model.n_layer < 3) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -175,6 +175,14 @@ class SwarmBench {
   }
   ~SwarmBench() {
     if (remove_dir_) (void)RemoveAll(dir_);
+  }
+
+  // Tokens a step of the churn and straggler arms' job, or of the links arms'.
+  double TokensPerStep(bool links) const {
+    return links ? static_cast<double>(o_.links_micro_batches) * o_.links_batch_size *
+                       links_config_.model.block_size
+                 : static_cast<double>(o_.micro_batches) * o_.batch_size *
+                       config_.model.block_size;
   }
 
   // The job's settings, as --set flags, for one arm writing under `out`.
@@ -246,7 +254,7 @@ class SwarmBench {
         }
       }
     }
-    r.tokens_per_s = static_cast<double>(r.steps) * tokens_per_step_ / r.wall_s;
+    r.tokens_per_s = static_cast<double>(r.steps) * TokensPerStep(/*links=*/false) / r.wall_s;
     return r;
   }
 
@@ -280,13 +288,13 @@ class SwarmBench {
     for (const std::string& s : Sets(out, micro_batches, batch_size, 0)) args.push_back(s);
     for (const std::string& s : arm.sets) args.insert(args.end(), {"--set", s});
     if (arm.links) args.insert(args.end(), {"--codec", o_.links_codec});
+    const std::string where =
+        arm.net == nullptr     ? ""
+        : arm.net->mbit() > 0 ? absl::StrCat(", links at ", arm.net->mbit(), " Mb/s")
+                              : ", namespaces, links unshaped";
     std::fprintf(stderr, "shoal bench swarm: %s: %zu peers + 1 trainer%s%s%s\n", name.c_str(),
                  peer_flags.size(), churn ? ", a peer killed every --kill-every s" : "",
-                 arm.rebalance_s > 0 ? ", rebalancing" : "",
-                 arm.net == nullptr ? ""
-                 : arm.net->mbit() > 0
-                     ? absl::StrCat(", links at ", arm.net->mbit(), " Mb/s").c_str()
-                     : ", namespaces, links unshaped");
+                 arm.rebalance_s > 0 ? ", rebalancing" : "", where.c_str());
     const auto t0 = SteadyClock::now();
     ChildProcess coordinator;
     place(coordinator, 0);
@@ -366,9 +374,7 @@ class SwarmBench {
       r.duplicates = JsonInt(c, "duplicates");
       r.moves = JsonInt(c, "moves");
     }
-    const runtime::Config& job = arm.links ? links_config_ : config_;
-    r.tokens_per_s = static_cast<double>(r.steps) * micro_batches * batch_size *
-                     job.model.block_size / r.wall_s;
+    r.tokens_per_s = static_cast<double>(r.steps) * TokensPerStep(arm.links) / r.wall_s;
     std::vector<ChildProcess*> all = {&trainer, &coordinator};
     for (ChildProcess& p : peers) all.push_back(&p);
     StopAll(all);
@@ -386,9 +392,9 @@ class SwarmBench {
     nlohmann::json line;
     line["seconds"] = o_.seconds;
     line["throttle"] = o_.throttle;
-    line["tokens_per_step"] = tokens_per_step_;
-    const bool churn = o_.arms.find("churn") != std::string::npos;
-    const bool straggler = o_.arms.find("straggler") != std::string::npos;
+    line["tokens_per_step"] = TokensPerStep(/*links=*/false);
+    const bool churn = o_.arm_set.count("churn") != 0;
+    const bool straggler = o_.arm_set.count("straggler") != 0;
     const std::vector<std::string> base = {"--throttle", absl::StrCat(o_.throttle)};
     if (churn) {
       SHOAL_ASSIGN_OR_RETURN(ArmResult static_free, Static("static", false));
@@ -445,7 +451,7 @@ class SwarmBench {
       line["straggler_ratio"] = moved.tokens_per_s / still.tokens_per_s;
       line["straggler_moves"] = moved.moves;
     }
-    if (o_.arms.find("links") != std::string::npos) {
+    if (o_.arm_set.count("links") != 0) {
       // 8 hosts: the coordinator, 6 peers, the trainer. DeMo and fp32 on the shaped links, then
       // DeMo on the same namespaces unshaped.
       const std::vector<std::vector<std::string>> six(6, base);
@@ -476,8 +482,7 @@ class SwarmBench {
       Print("links unshaped, DeMo rounds", open);
       line["link_mbit"] = o_.link_mbit;
       line["links_codec"] = o_.links_codec;
-      line["links_tokens_per_step"] = static_cast<double>(o_.links_micro_batches) *
-                                      o_.links_batch_size * links_config_.model.block_size;
+      line["links_tokens_per_step"] = TokensPerStep(/*links=*/true);
       line["tokens_per_s_links_demo"] = demo.tokens_per_s;
       line["tokens_per_s_links_fp32"] = fp32.tokens_per_s;
       line["tokens_per_s_links_demo_unshaped"] = open.tokens_per_s;
@@ -561,7 +566,6 @@ class SwarmBench {
   Options o_;
   std::mt19937_64 rng_;
   runtime::Config config_;
-  double tokens_per_step_ = 0;
   std::string dir_;
   bool remove_dir_ = false;
   std::string http_;  // the coordinator's status address, HOST:PORT
@@ -614,13 +618,14 @@ int SwarmBenchMain(int argc, char** argv, const BenchHost& host) {
         return absl::InvalidArgumentError(absl::StrCat(
             "--arms: '", arm, "' is not churn, straggler or links (in '", o.arms, "')"));
       }
+      o.arm_set.insert(std::string(arm));
     }
     if (o.batch_size % 2 != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
           "--batch-size must be even (the static pipeline's two replicas take half each), got ",
           o.batch_size));
     }
-    if (o.arms.find("links") != std::string::npos) {
+    if (o.arm_set.count("links") != 0) {
       SHOAL_RETURN_IF_ERROR(ShapedNetwork::Available());
     }
     SwarmBench bench(o);

@@ -191,7 +191,8 @@ class Trainer {
       SHOAL_LOG(Info) << "swarm trainer " << link_->id() << ": nothing in flight for "
                       << std::llround(idle_s_) << " s of " << std::llround(Now() - started_)
                       << " s (" << std::llround(1e3 * idle_s_ / static_cast<double>(steps))
-                      << " ms a step over " << steps << " steps: the step boundary)";
+                      << " ms a step over " << steps
+                      << " steps: the step boundaries and the wait for the first)";
     }
     if (!failed_.empty()) {
       v1::LeaseRequest lr;
@@ -518,8 +519,8 @@ class Trainer {
   std::condition_variable pool_cv_;
   std::deque<Job> queue_;         // leased, not started
   std::multiset<int64_t> running_;  // lease ids queued or running (at most in_flight)
-  // Time with nothing queued or running (the step boundary, as this trainer sees it): since when,
-  // and in all.
+  // Time with nothing queued or running (the step boundaries as this trainer sees them, and the
+  // wait for the first step): since when, and in all.
   std::chrono::steady_clock::time_point idle_since_ = std::chrono::steady_clock::now();
   double idle_s_ = 0;
   std::vector<int64_t> failed_;   // lease ids to give back

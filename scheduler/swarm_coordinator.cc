@@ -43,6 +43,11 @@ const char* SourceName(SwarmSyncSource s) {
   return "?";
 }
 
+// How a job's stage rounds read in the log.
+const char* RoundsName(const std::string& sync) {
+  return sync == "demo" ? "DeMo payloads" : "fp32 gradient sums";
+}
+
 void FillJoin(const SwarmJoin& join, v1::SwarmJobInfo* info) {
   info->set_stage(join.stage);
   info->set_sync_source(SourceName(join.source));
@@ -85,7 +90,7 @@ struct SwarmCoordinator::Impl {
   int64_t last_rebalance_ms ABSL_GUARDED_BY(mu) = 0;  // the rebalancer's last check
   int64_t rebalance_period ABSL_GUARDED_BY(mu) = 0;    // checks so far
   int64_t job ABSL_GUARDED_BY(mu) = 1;  // the job's number under this coordinator
-  // The job's stage rounds, "fp32" or "demo"; empty until its first worker joins ("auto").
+  // The job's stage rounds, "fp32" or "demo"; with "auto", empty until its first worker joins.
   std::string sync ABSL_GUARDED_BY(mu);
   std::deque<std::string> evictions ABSL_GUARDED_BY(mu);  // the newest drift evictions' messages
 
@@ -388,11 +393,20 @@ absl::StatusOr<std::unique_ptr<SwarmCoordinator>> SwarmCoordinator::Create(
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   impl->clock = clock != nullptr ? clock : SystemClock::Get();
-  // Until its first worker joins, the job's state is an fp32 one ("auto" makes it again then).
-  const std::string initial = impl->options.sync == "demo" ? "demo" : "fp32";
+  // A fixed choice holds from the start; "auto" waits for the first worker (an fp32 state until
+  // then, which its join replaces).
+  const std::string initial = impl->options.sync == "auto" ? "fp32" : impl->options.sync;
   auto state = impl->JobState(/*first=*/true, initial);
   if (!state.ok()) return state.status();
   impl->state = std::move(*state);
+  if (impl->options.sync != "auto") {
+    absl::MutexLock lock(&impl->mu);
+    impl->sync = impl->options.sync;
+    if (impl->options.log_events) {
+      SHOAL_LOG(Info) << "swarm: job 1's stage rounds: " << RoundsName(impl->sync)
+                      << " (as the config sets)";
+    }
+  }
   impl->started_ms = impl->clock->NowUnixMs();
   impl->last_rebalance_ms = impl->started_ms;
   {
@@ -450,9 +464,9 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
         m.options.info.train_sha256(), "): every trainer must read the same tokens"));
   }
   absl::MutexLock lock(&m.mu);
-  // Joined to the next job when this one is over, or the first worker of the first job: to a
-  // new state with the job's rounds decided, installed only if it takes the worker (a refused
-  // join changes nothing).
+  // Joined to the next job when this one is over, or the first worker of the first job under
+  // "auto": to a new state with the job's rounds decided, installed only if it takes the worker
+  // (a refused join changes nothing).
   const bool next_job = m.JobOver();
   std::unique_ptr<SwarmState> next;
   std::pair<std::string, std::string> sync;
@@ -493,9 +507,8 @@ absl::StatusOr<v1::JoinResponse> SwarmCoordinator::Join(const v1::JoinRequest& r
   if (decided) {
     m.sync = sync.first;
     if (m.options.log_events) {
-      SHOAL_LOG(Info) << "swarm: job " << m.job << "'s stage rounds: "
-                      << (m.sync == "demo" ? "DeMo payloads" : "fp32 gradient sums") << " ("
-                      << sync.second << ")";
+      SHOAL_LOG(Info) << "swarm: job " << m.job << "'s stage rounds: " << RoundsName(m.sync)
+                      << " (" << sync.second << ")";
     }
   }
   Impl::Worker& w = m.workers[id];

@@ -130,7 +130,6 @@ TEST(BenchSwarmTest, LinksArmsRunBehindShapedLinksAndLeaveNothing) {
     ASSERT_TRUE(j.contains(key) && j[key].is_number()) << key << "\n" << r.output;
     EXPECT_GT(j[key].get<double>(), 0) << key << "\n" << r.output;
   }
-  EXPECT_EQ(j["link_mbit"].get<double>(), 100) << r.output;
   // "... measured 91.2 Mb/s < slow_link_mbit 1000": the shaped link, not the loopback.
   const std::string log = testing::ReadTextFile(tmp / "runs/links-demo-coordinator.log");
   const size_t at = log.find("coordinator measured ");
