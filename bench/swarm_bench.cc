@@ -21,8 +21,9 @@
 //                 unshaped; --links-micro-batches x --links-batch-size sequences a step, their
 //                 activations --links-codec (bf16) on the wire.
 //
-// Every arm trains the same job (the same global batch: M micro-batches of --batch-size
-// sequences; the static pipeline's two replicas take half each) for --seconds from its first
+// Every arm trains the same job (the same global batch: each static replica runs
+// --micro-batches micro-batches of --batch-size sequences, the swarm twice as many of the same
+// size, so every process computes micro-batches of one size) for --seconds from its first
 // process, and its committed tokens/s is the steps it got through (the static pipeline: the
 // furthest step any incarnation logged, which its stop then checkpoints; the swarm: the steps
 // applied) times the tokens per step, over those seconds. Work redone after a restart counts once.
@@ -96,8 +97,13 @@ struct Options {
   std::string config;
   std::vector<std::string> sets;
   double seconds = 120;
+  // A step of the churn and straggler arms: each of the static pipeline's two replicas runs
+  // micro_batches micro-batches of batch_size sequences; the swarm runs twice as many of the
+  // same size (a stage's two peers share them, as the two replicas do), so every process
+  // computes micro-batches of one size.
   int micro_batches = 8;
-  int batch_size = 8;  // sequences per micro-batch
+  int batch_size = 4;
+  int in_flight = 8;  // the swarm trainer's micro-batches at once (shoal worker --in-flight)
   double throttle = 4;
   double kill_every_s = 15;
   std::string arms = "churn,straggler";
@@ -181,14 +187,18 @@ class SwarmBench {
   double TokensPerStep(bool links) const {
     return links ? static_cast<double>(o_.links_micro_batches) * o_.links_batch_size *
                        links_config_.model.block_size
-                 : static_cast<double>(o_.micro_batches) * o_.batch_size *
+                 : static_cast<double>(SwarmMicroBatches()) * o_.batch_size *
                        config_.model.block_size;
   }
+
+  // The swarm's micro-batches a step in the churn and straggler arms (Options::micro_batches).
+  int SwarmMicroBatches() const { return 2 * o_.micro_batches; }
 
   // The job's settings, as --set flags, for one arm writing under `out`.
   std::vector<std::string> Sets(const std::string& out, int micro_batches, int batch_size,
                                 int checkpoint_every) {
-    std::vector<std::string> v;
+    // One BLAS thread a process, as `shoal run` gives 6 ranks on a host; --set may change it.
+    std::vector<std::string> v = {"--set", "train.blas_threads=1"};
     for (const std::string& s : o_.sets) v.insert(v.end(), {"--set", s});
     for (const std::string& s :
          {absl::StrCat("train.out_dir=", out), std::string("train.steps=1000000"),
@@ -207,7 +217,7 @@ class SwarmBench {
                                      "--max-restarts", "1000", "--", "train", "--config",
                                      o_.config, "--set", "parallel.pp=3", "--throttle",
                                      absl::StrCat(o_.throttle)};
-    for (const std::string& s : Sets(out, o_.micro_batches, o_.batch_size / 2, 5)) {
+    for (const std::string& s : Sets(out, o_.micro_batches, o_.batch_size, 5)) {
       args.push_back(s);
     }
     std::fprintf(stderr, "shoal bench swarm: %s: the static pipeline (pp 3, dp 2)%s\n",
@@ -283,7 +293,7 @@ class SwarmBench {
         "--stages", "3", "--listen", host(0) + ":0", "--http", host(0) + ":0", "--port-file",
         ports, "--token-file", dir_ + "/token", "--heartbeat-s", "0.25", "--lease-s", "5",
         "--rebalance-s", absl::StrCat(arm.rebalance_s)};
-    const int micro_batches = arm.links ? o_.links_micro_batches : o_.micro_batches;
+    const int micro_batches = arm.links ? o_.links_micro_batches : SwarmMicroBatches();
     const int batch_size = arm.links ? o_.links_batch_size : o_.batch_size;
     for (const std::string& s : Sets(out, micro_batches, batch_size, 0)) args.push_back(s);
     for (const std::string& s : arm.sets) args.insert(args.end(), {"--set", s});
@@ -306,11 +316,11 @@ class SwarmBench {
     const std::string join = absl::StrCat(host(0), ":", JsonInt(ports_json, "grpc"));
     std::vector<ChildProcess> peers;
     std::vector<std::vector<std::string>> flags_of;  // per started peer
-    int started = 0;
-    auto start_peer = [&](const std::vector<std::string>& flags) -> absl::Status {
-      const std::string id = absl::StrCat(name, "-p", started++);
+    auto launch_peer = [&](const std::vector<std::string>& flags) -> absl::Status {
+      const size_t n = peers.size();
+      const std::string id = absl::StrCat(name, "-p", n);
       // Peers take the hosts in turn (churn: a replacement shares a host).
-      const int h = 1 + (started - 1) % peer_hosts;
+      const int h = 1 + static_cast<int>(n % static_cast<size_t>(peer_hosts));
       std::vector<std::string> a = {"worker", "--join", join, "--token-file", dir_ + "/token",
                                     "--name", id, "--grace-s", "5", "--listen", host(h) + ":0"};
       a.insert(a.end(), flags.begin(), flags.end());
@@ -319,25 +329,43 @@ class SwarmBench {
       SHOAL_RETURN_IF_ERROR(c.Start(a, dir_ + "/" + id + ".log"));
       peers.push_back(std::move(c));
       flags_of.push_back(flags);
-      // In the roster before the next one starts, so the join rule places them in order.
+      return absl::OkStatus();
+    };
+    // Until peer `i` is in the roster.
+    auto await_join = [&](size_t i) -> absl::Status {
+      const std::string id = absl::StrCat(name, "-p", i);
       const auto w0 = SteadyClock::now();
       while (SecondsSince(w0) < 60) {
         const nlohmann::json s = Status();
         if (s.is_object() && s.dump().find("\"" + id + "\"") != std::string::npos) {
           return absl::OkStatus();
         }
-        if (peers.back().Poll() >= 0) break;
+        if (peers[i].Poll() >= 0) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       return absl::InternalError(absl::StrCat(name, ": peer ", id, " did not join; see ",
-                                              peers.back().log()));
+                                              peers[i].log()));
     };
-    for (const std::vector<std::string>& f : peer_flags) SHOAL_RETURN_IF_ERROR(start_peer(f));
+    auto start_peer = [&](const std::vector<std::string>& flags) -> absl::Status {
+      SHOAL_RETURN_IF_ERROR(launch_peer(flags));
+      return await_join(peers.size() - 1);
+    };
+    if (std::all_of(peer_flags.begin(), peer_flags.end(),
+                    [&](const std::vector<std::string>& f) { return f == peer_flags[0]; })) {
+      // Alike peers start together, as a static job's ranks do: the join rule may place them in
+      // any order.
+      for (const std::vector<std::string>& f : peer_flags) SHOAL_RETURN_IF_ERROR(launch_peer(f));
+      for (size_t i = 0; i < peers.size(); ++i) SHOAL_RETURN_IF_ERROR(await_join(i));
+    } else {
+      // Each in the roster before the next one starts, so the join rule places them in order.
+      for (const std::vector<std::string>& f : peer_flags) SHOAL_RETURN_IF_ERROR(start_peer(f));
+    }
     ChildProcess trainer;
     place(trainer, peer_hosts + 1);
     SHOAL_RETURN_IF_ERROR(trainer.Start({"worker", "--join", join, "--token-file",
                                          dir_ + "/token", "--trainer", "--name", name + "-t",
-                                         "--out", out},
+                                         "--out", out, "--in-flight",
+                                         absl::StrCat(o_.in_flight)},
                                         out + "-trainer.log"));
     ArmResult r;
     double next_kill = o_.kill_every_s;  // from the coordinator's start, as the static arm's
@@ -519,7 +547,7 @@ class SwarmBench {
         "[job]\nname = \"bench-swarm-straggler\"\nn_layer = ", config_.model.n_layer,
         "\nn_head = ", config_.model.n_head, "\nn_embd = ", config_.model.n_embd,
         "\nblock_size = ", config_.model.block_size, "\nvocab_size = ", config_.model.vocab_size,
-        "\nglobal_batch = ", o_.micro_batches * o_.batch_size,
+        "\nglobal_batch = ", SwarmMicroBatches() * o_.batch_size,
         "\n\n[simulation]\nlease_s = 5\nheartbeat_s = 0.25\nreport_every_s = ",
         std::max(1.0, o_.seconds), "\nmax_hours = ", o_.seconds / 3600, "\n");
     struct Peer {
@@ -540,7 +568,7 @@ class SwarmBench {
     for (int arm = 0; arm < 2; ++arm) {
       scheduler::SwarmSimulationOptions so;
       so.stages = 3;
-      so.micro_batches = o_.micro_batches;
+      so.micro_batches = SwarmMicroBatches();
       so.steps = 1000000000;
       so.rebalance_s = arm == 0 ? 0 : 3;
       SHOAL_ASSIGN_OR_RETURN(const scheduler::SwarmSimulationResult r,
@@ -586,10 +614,13 @@ int SwarmBenchMain(int argc, char** argv, const BenchHost& host) {
   app.add_option("--set", o.sets, "Override a config key, section.key=value");
   app.add_option("--seconds", o.seconds, "How long every arm trains")->capture_default_str()
       ->check(CLI::Range(10.0, 86400.0));
-  app.add_option("--micro-batches", o.micro_batches, "Micro-batches per step (M)")
+  app.add_option("--micro-batches", o.micro_batches,
+                 "Micro-batches per step of each static replica (the swarm runs twice as many)")
+      ->capture_default_str()->check(CLI::Range(1, 2048));
+  app.add_option("--batch-size", o.batch_size, "Sequences per micro-batch, both systems")
       ->capture_default_str()->check(CLI::Range(1, 4096));
-  app.add_option("--batch-size", o.batch_size, "Sequences per micro-batch (even)")
-      ->capture_default_str()->check(CLI::Range(2, 4096));
+  app.add_option("--in-flight", o.in_flight, "The swarm trainer's micro-batches at once")
+      ->capture_default_str()->check(CLI::Range(1, 256));
   app.add_option("--throttle", o.throttle, "Every process's slow-down factor (>= 1)")
       ->capture_default_str()->check(CLI::Range(1.0, 1000.0));
   app.add_option("--kill-every", o.kill_every_s, "Seconds between kills in the churn arms")
@@ -619,11 +650,6 @@ int SwarmBenchMain(int argc, char** argv, const BenchHost& host) {
             "--arms: '", arm, "' is not churn, straggler or links (in '", o.arms, "')"));
       }
       o.arm_set.insert(std::string(arm));
-    }
-    if (o.batch_size % 2 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "--batch-size must be even (the static pipeline's two replicas take half each), got ",
-          o.batch_size));
     }
     if (o.arm_set.count("links") != 0) {
       SHOAL_RETURN_IF_ERROR(ShapedNetwork::Available());

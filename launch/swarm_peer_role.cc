@@ -22,6 +22,7 @@
 #include "parallel/demo.h"
 #include "runtime/checkpoint.h"
 #include "runtime/config.h"
+#include "runtime/device_probe.h"
 #include "runtime/profiler.h"
 #include "runtime/step_engine.h"
 #include "runtime/swarm_peer.h"
@@ -80,6 +81,16 @@ class Peer {
     }
     if (link_ != nullptr) link_->Close(s.ok() ? "done" : std::string(s.message()));
     if (server_ != nullptr) server_->Shutdown();
+    if (busy_s_ > 0) {
+      const double span = std::max(1e-9, absl::ToDoubleSeconds(busy_to_ - busy_from_));
+      SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": computed " << std::llround(busy_s_)
+                      << " s of the " << std::llround(span) << " s from its first call on ("
+                      << std::llround(100 * busy_s_ / span) << " % busy)";
+    }
+    if (stage_ != nullptr && stage_->recomputes() > 0) {
+      SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": " << stage_->recomputes()
+                      << " backward(s) ran their forward again (not cached here)";
+    }
     if (s.ok()) return 0;
     return WorkerFail(s);
   }
@@ -116,6 +127,15 @@ class Peer {
     SHOAL_ASSIGN_OR_RETURN(link_, SwarmLink::Join(options_, join));
     const v1::SwarmJobInfo& job = link_->job();
     SHOAL_ASSIGN_OR_RETURN(config_, runtime::ParseConfig(job.config_toml(), "the swarm's config"));
+    {
+      // The job's train.omp_threads / blas_threads, as `shoal train` takes them (0: this
+      // machine's cores for BLAS, one thread for shoal's kernels).
+      const runtime::ThreadPlan plan = runtime::ChooseThreadPlan(
+          config_.model, config_.train.omp_threads, config_.train.blas_threads);
+      SHOAL_RETURN_IF_ERROR(runtime::ApplyThreadPlan(plan));
+      SHOAL_LOG(Info) << "swarm peer: " << plan.omp_threads << " OpenMP thread(s), "
+                      << plan.blas_threads << " BLAS thread(s) (" << plan.reason << ")";
+    }
     stage_index_ = job.stage();
     stages_ = job.stages();
     micro_batches_ = job.micro_batches();
@@ -711,6 +731,12 @@ class Peer {
   // compute over the last 10 s or more (a peer that computed nothing keeps its last figure).
   void ReportLoad(runtime::SwarmPeerLoad* window, absl::Time* start) {
     const runtime::SwarmPeerLoad add = server_->TakeLoad();
+    if (add.compute_s > 0) {
+      const absl::Time now = absl::Now();
+      if (busy_s_ == 0) busy_from_ = now - absl::Seconds(add.compute_s);
+      busy_s_ += add.compute_s;
+      busy_to_ = now;
+    }
     window->samples += add.samples;
     window->compute_s += add.compute_s;
     if (absl::Now() - *start < absl::Seconds(2) || window->compute_s <= 0) return;
@@ -763,6 +789,9 @@ class Peer {
   RoundResult round_;
   bool attached_ = false;           // the server serves stage_
   int64_t rounds_ = 0, round_bytes_ = 0;  // successful rounds, and the bytes they sent
+  // Seconds computing (throttle included) from the first call served to the last one seen.
+  double busy_s_ = 0;
+  absl::Time busy_from_, busy_to_;
   double round_s_ = 0, apply_s_ = 0;       // their time: from the plan to the report; applying
   int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on
 };

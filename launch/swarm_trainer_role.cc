@@ -193,6 +193,7 @@ class Trainer {
                       << " s (" << std::llround(1e3 * idle_s_ / static_cast<double>(steps))
                       << " ms a step over " << steps
                       << " steps: the step boundaries and the wait for the first)";
+      LogCalls();
     }
     if (!failed_.empty()) {
       v1::LeaseRequest lr;
@@ -351,9 +352,13 @@ class Trainer {
     }
   }
 
-  // A peer of `stage` for a task, and its address.
-  absl::StatusOr<std::pair<std::string, std::string>> Choose(int stage, double size) {
-    SHOAL_ASSIGN_OR_RETURN(std::string peer, routers_[stage]->Choose(size));
+  // A peer of `stage` for a task, and its address: `same` when it can still serve (the peer that
+  // ran the micro-batch's forward holds its activations, so its backward skips the recompute).
+  absl::StatusOr<std::pair<std::string, std::string>> Choose(int stage, double size,
+                                                             const std::string& same = "") {
+    SHOAL_ASSIGN_OR_RETURN(std::string peer, same.empty()
+                                                 ? routers_[stage]->Choose(size)
+                                                 : routers_[stage]->ChooseSame(same, size));
     std::lock_guard<std::mutex> lock(address_mu_);
     return std::make_pair(peer, address_[peer]);
   }
@@ -389,6 +394,7 @@ class Trainer {
     sampler_->TrainBatch(step, static_cast<int>(micro), x.data_ptr<int64_t>(),
                          y.data_ptr<int64_t>());
     std::vector<at::Tensor> inputs(stages_);
+    std::vector<std::string> forward_peer(stages_);
     inputs[0] = x;
     comm::StageCall call;
     call.step = step;
@@ -406,6 +412,8 @@ class Trainer {
         return out.status();
       }
       (void)routers_[s]->Report(peer.first, work, t0, Now());
+      CountCall(s, peer.first, Now() - t0, out->compute_s);
+      forward_peer[s] = peer.first;
       inputs[s + 1] = out->tensor;
     }
     const int last = stages_ - 1;
@@ -422,10 +430,11 @@ class Trainer {
       return fb.status();
     }
     (void)routers_[last]->Report(peer.first, fb_work, t0, Now());
+    CountCall(last, peer.first, Now() - t0, fb->compute_s);
     at::Tensor grad = fb->tensor;
     for (int s = last - 1; s >= lowest; --s) {
       const double work = parallel::kSwarmBackwardWork * static_cast<double>(B);
-      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, work));
+      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, work, forward_peer[s]));
       call.stage = s;
       t0 = Now();
       absl::StatusOr<comm::StageReply> b = client_->Backward(bp.second, call, inputs[s], grad,
@@ -435,9 +444,31 @@ class Trainer {
         return b.status();
       }
       (void)routers_[s]->Report(bp.first, work, t0, Now());
+      CountCall(s, bp.first, Now() - t0, b->compute_s);
       grad = b->tensor;
     }
     return absl::OkStatus();
+  }
+
+  // A call to `peer` of `stage` that took `seconds`, `compute_s` of them computing there.
+  void CountCall(int stage, const std::string& peer, double seconds, double compute_s) {
+    std::lock_guard<std::mutex> lock(calls_mu_);
+    CallTimes& c = calls_[{stage, peer}];
+    ++c.calls;
+    c.seconds += seconds;
+    c.compute_s += compute_s;
+  }
+
+  // Where the calls' time went, per peer (logged at the end).
+  void LogCalls() {
+    std::lock_guard<std::mutex> lock(calls_mu_);
+    for (const auto& [key, c] : calls_) {
+      SHOAL_LOG(Info) << "swarm trainer " << link_->id() << ": stage " << key.first << " peer "
+                      << key.second << ": " << c.calls
+                      << " calls, " << std::llround(1e3 * c.seconds / c.calls) << " ms each, "
+                      << std::llround(1e3 * c.compute_s / c.calls)
+                      << " ms of it computing at the peer (the rest queued there or in transit)";
+    }
   }
 
   // Every stage's state `step`, pulled from a serving peer, as one checkpoint in the usual
@@ -527,6 +558,12 @@ class Trainer {
   bool closing_ = false;
   std::vector<std::thread> workers_;
   std::unique_ptr<runtime::MetricsFile> metrics_;
+  struct CallTimes {
+    int64_t calls = 0;
+    double seconds = 0, compute_s = 0;
+  };
+  std::mutex calls_mu_;
+  std::map<std::pair<int, std::string>, CallTimes> calls_;  // per (stage, peer), calls_mu_
   std::string out_dir_;
   int stages_ = 1, micro_batches_ = 1;
   int64_t total_steps_ = 0;

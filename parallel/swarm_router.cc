@@ -215,7 +215,29 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
     chosen = best->first;
     ++counters_.all_banned_choices;
   }
-  Peer& p = peers_.at(chosen);
+  Charge(chosen, task_size);
+  return chosen;
+}
+
+absl::StatusOr<std::string> StageRouter::ChooseSame(const std::string& peer, double task_size) {
+  if (!FinitePositive(task_size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = peers_.find(peer);
+    if (it != peers_.end() && !it->second.banned) {
+      Charge(peer, task_size);
+      ++counters_.same_peer_choices;
+      return peer;
+    }
+  }
+  return Choose(task_size);
+}
+
+void StageRouter::Charge(const std::string& peer, double task_size) {
+  Peer& p = peers_.at(peer);
   const double now = p.virtual_time;
   last_virtual_time_ = now;
   // The next finish time must move past `now` even when the expected duration is below its
@@ -225,10 +247,9 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
   if (p.banned) {
     p.virtual_time = next;
   } else {
-    Push(chosen, next);
+    Push(peer, next);
   }
   ++counters_.choices;
-  return chosen;
 }
 
 absl::Status StageRouter::Report(const std::string& peer, double task_size, double start_s,
@@ -243,6 +264,14 @@ absl::Status StageRouter::Report(const std::string& peer, double task_size, doub
   if (!s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat(options_.stage, " peer '", peer, "': ", s.message()));
+  }
+  // The first measurement replaces the initial guess the peer's choices were charged at (1 s a
+  // sample, far above a real peer's time): it re-enters at the heap minimum, as a newcomer does,
+  // rather than wait until the measured peers' virtual times reach that guess.
+  Peer& p = it->second;
+  if (p.ema.updates() == 1 && !p.banned) {
+    const double at = HeapMinimum();
+    if (at < p.virtual_time) Push(peer, at);
   }
   ++counters_.reports;
   return absl::OkStatus();

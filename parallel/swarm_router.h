@@ -88,7 +88,8 @@ struct StageRouterOptions {
 };
 
 struct StageRouterCounters {
-  uint64_t choices = 0;                // successful Choose calls
+  uint64_t choices = 0;                // successful Choose and ChooseSame calls
+  uint64_t same_peer_choices = 0;      // of them, ChooseSame calls that kept their peer
   uint64_t all_banned_choices = 0;     // of them, made ignoring bans (every peer was banned)
   uint64_t stale_entries_skipped = 0;  // heap entries of departed, banned or re-pushed peers
   uint64_t bans = 0;                   // Ban calls that banned a peer
@@ -124,8 +125,15 @@ class StageRouter {
   // finite and > 0; kUnavailable naming the stage when the roster is empty (or was never set).
   absl::StatusOr<std::string> Choose(double task_size);
 
+  // `peer` again, when it is still in the roster and not banned (a backward goes to the peer
+  // that ran the micro-batch's forward and holds its activations); its virtual time advances as
+  // Choose's would. Otherwise Choose(task_size).
+  absl::StatusOr<std::string> ChooseSame(const std::string& peer, double task_size);
+
   // A task of `task_size` ran on `peer` from `start_s` to `end_s` (seconds on the caller's clock):
-  // folds it into the peer's throughput (ThroughputEma). kInvalidArgument for bad numbers;
+  // folds it into the peer's throughput (ThroughputEma). The peer's first report moves it back
+  // to the heap minimum (its earlier choices were charged at initial_seconds_per_sample, which
+  // would otherwise keep it unchosen until the measured peers caught up). kInvalidArgument for bad numbers;
   // kNotFound when the peer is not in the roster (it left meanwhile: nothing to do).
   absl::Status Report(const std::string& peer, double task_size, double start_s, double end_s);
 
@@ -168,6 +176,9 @@ class StageRouter {
   // Pops stale entries off the top; rebuilds the heap when stale entries dominate it.
   void DropStaleTop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Push(const std::string& peer, double virtual_time) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts a choice of `peer` for a task of `task_size`: moves its virtual time (and heap entry)
+  // on by the task's expected duration.
+  void Charge(const std::string& peer, double task_size) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The smallest virtual time of a live entry, or of the last choice when there is none.
   double HeapMinimum() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double ExpectedSeconds(const Peer& p, double task_size) const;

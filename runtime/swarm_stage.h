@@ -4,9 +4,10 @@
 // micro-batch's global number within the step.
 //
 // Trainers are the hub: a trainer keeps each stage's input for the backward, so a backward may go
-// to any peer of the stage. The forward's activations are cached here in a few slots (least
-// recently used goes first); a backward whose forward is not cached (another peer ran it, or the
-// slot was reused) runs the forward again first. The kernels are deterministic, so a recomputed
+// to any peer of the stage (trainers send it to the forward's peer while that one serves). The
+// forward's activations are cached here in a few slots (least recently used goes first); a
+// backward whose forward is not cached (another peer ran it, or the slot was reused) runs the
+// forward again first. The kernels are deterministic, so a recomputed
 // backward is bit-identical to a cached one.
 //
 // Exactly-once accounting (the coordinator's ledger) decides whether a backward accumulates: a
@@ -53,7 +54,9 @@ namespace shoal::runtime {
 class Gpt;
 
 struct SwarmStageOptions {
-  int cache_slots = 4;  // forwards whose activations are kept for their backward, >= 1
+  // Forwards whose activations are kept for their backward, >= 1: as many as one trainer has in
+  // flight by default (`shoal worker --in-flight`), so a stage's only peer still holds them all.
+  int cache_slots = 8;
   // DeMo instead of AdamW (see "DeMo" below); its `include` is set by the stage.
   std::optional<parallel::DemoOptions> demo;
   // Steps kept in the catch-up log (UpdatesFrom), >= 0.

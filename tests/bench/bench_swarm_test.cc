@@ -176,7 +176,8 @@ TEST(BenchSwarmTest, BadFlagsAreNamed) {
            {" --links-batch-size 0", "--links-batch-size"},
            {" --seconds 1", "--seconds"},
            {" --throttle 0.5", "--throttle"},
-           {" --batch-size 3", "--batch-size"},
+           {" --batch-size 0", "--batch-size"},
+           {" --in-flight 0", "--in-flight"},
            {" --config /nonexistent.toml", "nonexistent"},
        }) {
     CommandResult r = RunCommand("timeout -k 5 30 " + bin + flags);

@@ -737,7 +737,8 @@ TEST_F(SwarmTest, SigtermedPeerLeavesWithinGraceWithoutReplays) {
   EXPECT_EQ(p.Wait(std::chrono::seconds(5 + 10)), 0) << ReadTextFile(log);
   const double took = std::chrono::duration<double>(Clock::now() - t0).count();
   EXPECT_LE(took, 5.0 + 2.0) << ReadTextFile(log);
-  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0) << ReadTextFile(trainer.log());
+  EXPECT_EQ(trainer.Wait(std::chrono::seconds(240)), 0)
+      << ReadTextFile(trainer.log()) << "\ncoordinator:\n" << ReadTextFile(coordinator.log());
   const nlohmann::json s = Status(http);
   // Nothing it accumulated is redone: it left holding nothing (the coordinator's removal line),
   // within the grace. (A hop still in flight to it when it left fails and runs elsewhere; with

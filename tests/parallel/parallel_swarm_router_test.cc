@@ -210,6 +210,105 @@ TEST(StageRouter, SharesOfWorkFollowThroughputsWithMixedSizes) {
   }
 }
 
+TEST(StageRouter, BackwardsOnTheForwardsPeerKeepSharesOfWorkFollowingThroughputs) {
+  // Each forward (1) chosen by the router, its backward (2.5) sent to the same peer (ChooseSame):
+  // the backward's work still counts in the peer's virtual time, so the shares of work stay
+  // proportional to throughputs.
+  const std::map<std::string, double> rate = {{"a", 3}, {"b", 1}, {"c", 6}};
+  auto router = MakeRouter(5);
+  ASSERT_TRUE(router->SetRoster(1, {"a", "b", "c"}).ok());
+  std::map<std::string, double> work;
+  double total_work = 0, now = 0;
+  for (int i = 0; i < 5000; ++i) {
+    auto forward = router->Choose(1.0);
+    ASSERT_TRUE(forward.ok());
+    auto backward = router->ChooseSame(*forward, 2.5);
+    ASSERT_TRUE(backward.ok());
+    ASSERT_EQ(*backward, *forward);
+    for (double size : {1.0, 2.5}) {
+      const double start = now, end = now + size / rate.at(*forward);
+      now = end;
+      ASSERT_TRUE(router->Report(*forward, size, start, end).ok());
+      work[*forward] += size;
+      total_work += size;
+    }
+  }
+  for (const auto& [id, t] : rate) {
+    const double want = t / 10.0;
+    EXPECT_NEAR(work[id] / total_work, want, 0.02 * want) << id;
+  }
+  const StageRouterCounters c = router->counters();
+  EXPECT_EQ(c.choices, 10000u);
+  EXPECT_EQ(c.same_peer_choices, 5000u);
+}
+
+TEST(StageRouter, APeerThatJoinsAMeasuredStageGetsItsShareOnceMeasured) {
+  // Two peers of equal speed (100 samples/s, tasks of 8 samples), 8 tasks in flight. "a" serves
+  // alone for 40 tasks and is measured; then "b" joins. b's first choice is charged at the
+  // initial guess (1 s a sample: 8 s, a hundred of a's tasks); its first report must bring it
+  // back, so it gets about half of the next 200 tasks, not a handful.
+  auto router = MakeRouter(17);
+  ASSERT_TRUE(router->SetRoster(1, {"a"}).ok());
+  const double size = 8, rate = 100;
+  std::map<std::string, double> free_at;
+  struct Task {
+    std::string peer;
+    double submitted, ends;
+  };
+  std::vector<Task> running;
+  std::map<std::string, int> count;
+  double now = 0;
+  int submitted = 0;
+  auto submit = [&]() {
+    auto peer = router->Choose(size);
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    const double start = std::max(now, free_at[*peer]);
+    free_at[*peer] = start + size / rate;
+    running.push_back({*peer, now, free_at[*peer]});
+    if (submitted++ >= 40) ++count[*peer];
+  };
+  for (int i = 0; i < 8; ++i) submit();
+  while (submitted < 240) {
+    auto first = std::min_element(running.begin(), running.end(),
+                                  [](const Task& x, const Task& y) { return x.ends < y.ends; });
+    const Task done = *first;
+    running.erase(first);
+    now = done.ends;
+    ASSERT_TRUE(router->Report(done.peer, size, done.submitted, done.ends).ok());
+    if (submitted == 40) ASSERT_TRUE(router->SetRoster(2, {"a", "b"}).ok());
+    submit();
+  }
+  EXPECT_GE(count["b"], 80) << "a got " << count["a"];
+  EXPECT_GE(count["a"], 80) << "b got " << count["b"];
+}
+
+TEST(StageRouter, ChooseSameFallsBackWhenThePeerCannotServe) {
+  auto router = MakeRouter();
+  ASSERT_TRUE(router->SetRoster(1, {"a", "b", "c"}).ok());
+  EXPECT_EQ(*router->ChooseSame("b", 2.5), "b");
+  // Banned: another peer, chosen as Choose would.
+  ASSERT_TRUE(router->Ban("b").ok());
+  for (int i = 0; i < 20; ++i) EXPECT_NE(*router->ChooseSame("b", 2.5), "b");
+  // Gone from the roster (and never heard of): another peer.
+  ASSERT_TRUE(router->SetRoster(2, {"b", "c"}).ok());
+  for (int i = 0; i < 20; ++i) {
+    const std::string got = *router->ChooseSame("a", 2.5);
+    EXPECT_TRUE(got == "b" || got == "c") << got;
+    EXPECT_NE(*router->ChooseSame("nobody", 1), "a");
+  }
+  // A version lifted b's ban: it is kept again.
+  EXPECT_EQ(*router->ChooseSame("b", 2.5), "b");
+  EXPECT_EQ(router->counters().same_peer_choices, 2u);
+  EXPECT_EQ(router->ChooseSame("b", 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(router->ChooseSame("b", std::nan("")).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Nothing to fall back on: kUnavailable naming the stage.
+  auto empty = MakeRouter();
+  absl::StatusOr<std::string> none = empty->ChooseSame("a", 1);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(std::string(none.status().message()).find("stage 1"), std::string::npos);
+}
+
 // --- StageRouter: membership ---------------------------------------------------------------------
 
 TEST(StageRouter, NewPeerIsChosenWithinStageSizeChoices) {

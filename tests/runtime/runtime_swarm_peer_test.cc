@@ -156,16 +156,21 @@ class SwarmOverGrpc {
   int64_t fenced() const { return fenced_; }
 
  private:
-  // Picks a live peer of `stage` and runs `call` on it; a peer that cannot be reached is banned
-  // and fenced, and the call goes to another one. Forward and the last stage's call are
-  // stateless retries; a backward is retried elsewhere only after its first peer was fenced,
-  // which is what happens here.
+  // Picks a live peer of `stage` (`same` when it can serve, as the trainer sends a backward to
+  // its forward's peer) and runs `call` on it, telling `*chosen_out`; a peer that cannot be
+  // reached is banned and fenced, and the call goes to another one. Forward and the last stage's
+  // call are stateless retries; a backward is retried elsewhere only after its first peer was
+  // fenced, which is what happens here.
   template <typename Call>
   absl::StatusOr<comm::StageReply> OnSomePeer(int stage, Call call, int* calls,
-                                              const std::function<void(int)>& on_call) {
+                                              const std::function<void(int)>& on_call,
+                                              const std::string& same = "",
+                                              std::string* chosen_out = nullptr) {
     for (int attempt = 0; attempt < 4; ++attempt) {
-      auto chosen = routers_[stage]->Choose(1.0);
+      auto chosen = same.empty() ? routers_[stage]->Choose(1.0)
+                                 : routers_[stage]->ChooseSame(same, 1.0);
       if (!chosen.ok()) return chosen.status();
+      if (chosen_out != nullptr) *chosen_out = *chosen;
       if (on_call) on_call((*calls)++);
       absl::StatusOr<comm::StageReply> reply = call(*chosen);
       if (reply.ok()) {
@@ -194,11 +199,12 @@ class SwarmOverGrpc {
     const Batch b = MicroBatchOf(step, i);
     auto needed = [&](int s) { return std::find(stages.begin(), stages.end(), s) != stages.end(); };
     std::vector<at::Tensor> inputs(kStages);
+    std::vector<std::string> forward_peer(kStages);
     inputs[0] = b.tokens;
     for (int s = 0; s + 1 < kStages; ++s) {
       auto out = OnSomePeer(s, [&](const std::string& a) {
         return client_->Forward(a, {s, step, i, kTrainer}, inputs[s]);
-      }, calls, on_call);
+      }, calls, on_call, "", &forward_peer[s]);
       if (!out.ok()) return out.status();
       inputs[s + 1] = out->tensor;
     }
@@ -214,7 +220,7 @@ class SwarmOverGrpc {
     for (int s = last - 1; s >= stages.front(); --s) {
       auto back = OnSomePeer(s, [&](const std::string& a) {
         return client_->Backward(a, {s, step, i, kTrainer}, inputs[s], g, needed(s));
-      }, calls, on_call);
+      }, calls, on_call, forward_peer[s]);
       if (!back.ok()) return back.status();
       g = back->tensor;
     }
