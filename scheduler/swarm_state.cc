@@ -472,13 +472,6 @@ struct SwarmState::Impl {
                              lacking.size() > 1 ? "s " : " ", absl::StrJoin(lacking, ", "));
       return;
     }
-    // A round opened with no trainer to lease from would fix its members early: the peers that
-    // join meanwhile (a job's peers start together) would wait a whole step to catch up.
-    if (std::none_of(trainers.begin(), trainers.end(),
-                     [](const auto& t) { return t.second; })) {
-      waiting = absl::StrCat("step ", next_step, " waits for a trainer");
-      return;
-    }
     const double lr = options.learning_rate(next_step);
     if (!std::isfinite(lr) || lr < 0) {
       waiting = absl::StrCat("step ", next_step, ": the learning-rate schedule gives ", lr,
@@ -1047,7 +1040,6 @@ absl::Status SwarmState::AddTrainer(const std::string& id) {
   }
   st.trainers[id] = true;
   st.Bump();
-  st.Settle();  // the round may have waited for a trainer
   return absl::OkStatus();
 }
 

@@ -37,11 +37,9 @@
 // gradient from its donor); its first report in round K+1 checks that it did.
 //
 // Rounds. A step opens by itself as soon as the previous one is applied (or at the start, or after
-// a rollback), every stage has a SERVING peer (counting the synced joiners it admits), a trainer
-// is alive, and the learning-rate schedule gives a finite lr >= 0 for it (so the swarm's first
-// round has every peer synced before the first trainer came, and a peer syncing after the round
-// opened enters the next; without the trainer condition a job's peers starting together would
-// open it with the first of each stage). Its round roster per stage is the
+// a rollback), every stage has a SERVING peer (counting the synced joiners it admits), and the
+// learning-rate schedule gives a finite lr >= 0 for it (so the swarm's first round has the first
+// peer of each stage to sync, and the others enter the next). Its round roster per stage is the
 // stage's SERVING and DRAINING peers at that moment; the ledger (swarm_ledger.h) then tracks
 // every (stage, micro-batch). Trainers Lease micro-batches and route them to SERVING round peers
 // (to a DRAINING one only where its stage's round has no SERVING peer: the round must finish);

@@ -297,21 +297,17 @@ void ExpectClosedForm(const SwarmApply& a, double clip) {
   EXPECT_NEAR(a.clip_scale, want, 1e-12 * want) << "step " << a.step;
 }
 
-// A round opens as soon as every stage has a serving peer and a trainer is alive, so with the
-// trainer there first the first round has the first peer to sync of each stage; the others
-// enter the next one. Runs that first step (trainer t, added when not alive yet).
+// A round opens as soon as every stage has a serving peer, so the first round has the first
+// peer to sync of each stage; the others enter the next one. Runs that first step (trainer t).
 void Warm(World& w) {
-  bool alive = false;
-  for (const auto& t : w.Snap().trainers) alive = alive || (t.id == "t" && t.alive);
-  if (!alive) ASSERT_TRUE(w.st().AddTrainer("t").ok());
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
 }
 
-// Adds `trainers`, then joins a, b, c (one per stage, from init) and d (stage 0 again), all
-// synced: step 0 opens (with a, b and c: d enters at step 1).
-void StartFour(World& w, const std::vector<std::string>& trainers = {"t"}) {
-  for (const std::string& t : trainers) ASSERT_TRUE(w.st().AddTrainer(t).ok());
+// Joins a, b, c (one per stage, from init) and d (stage 0 again), all synced: step 0 opens
+// (with a, b and c: d enters at step 1).
+void StartFour(World& w) {
   EXPECT_EQ(w.Join("a").stage, 0);
   EXPECT_EQ(w.Join("b").stage, 1);
   EXPECT_EQ(w.Join("c").stage, 2);
@@ -322,7 +318,6 @@ void StartFour(World& w, const std::vector<std::string>& trainers = {"t"}) {
 
 TEST(SwarmState, JoinersSpreadOverTheStagesByWeakness) {
   World w;
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   // Empty stages first, each from init at step 0 (no checkpoint, nothing applied).
   for (const auto& [id, stage] : std::vector<std::pair<std::string, int>>{
            {"a", 0}, {"b", 1}, {"c", 2}}) {
@@ -382,34 +377,6 @@ TEST(SwarmState, JoinersSpreadOverTheStagesByWeakness) {
   EXPECT_EQ(FindPeer(snap, "i")->donor, "b");
   EXPECT_EQ(FindPeer(snap, "b")->joiners, 2);  // e and i
   EXPECT_EQ(snap.counters.joins, 8);
-}
-
-TEST(SwarmState, ARoundWaitsForATrainerSoPeersStartingTogetherAllServeTheFirstStep) {
-  World w;
-  for (const char* id : {"a", "b", "c", "d", "e", "f"}) w.Join(id);  // two per stage
-  w.SyncAll();
-  SwarmSnapshot snap = w.Snap();
-  EXPECT_FALSE(snap.open_step.has_value());
-  EXPECT_NE(snap.waiting.find("waits for a trainer"), std::string::npos) << snap.waiting;
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
-  snap = w.Snap();
-  ASSERT_EQ(snap.open_step, 0);
-  for (const char* id : {"a", "b", "c", "d", "e", "f"}) {
-    EXPECT_TRUE(FindPeer(snap, id)->in_round) << id;
-  }
-  // The trainer dies: the open round keeps its members and waits; once applied, the next one
-  // waits for a trainer again.
-  ASSERT_TRUE(w.st().RemoveTrainer("t").ok());
-  ASSERT_TRUE(w.st().AddTrainer("u").ok());
-  w.RunAll("u", w.Spread());
-  ASSERT_TRUE(w.st().RemoveTrainer("u").ok());
-  ASSERT_TRUE(w.ReportAll().has_value());
-  snap = w.Snap();
-  EXPECT_FALSE(snap.open_step.has_value());
-  EXPECT_EQ(snap.next_step, 1);
-  EXPECT_NE(snap.waiting.find("step 1 waits for a trainer"), std::string::npos) << snap.waiting;
-  ASSERT_TRUE(w.st().AddTrainer("v").ok());
-  EXPECT_EQ(w.Snap().open_step, 1);
 }
 
 TEST(SwarmState, AStepAppliesWithTheClosedFormClipScale) {
@@ -504,7 +471,9 @@ TEST(SwarmState, APeerDyingWithAccumulationsIsFencedAndItsIdsReplayedAtItsStageO
 
 TEST(SwarmState, ATrainerDyingMidLeaseHasItsIdsReleasedWithoutDuplicates) {
   World w;
-  StartFour(w, {"t1", "t2"});
+  StartFour(w);
+  ASSERT_TRUE(w.st().AddTrainer("t1").ok());
+  ASSERT_TRUE(w.st().AddTrainer("t2").ok());
   auto first = w.st().Lease("t1", 3);
   ASSERT_TRUE(first.ok());
   ASSERT_EQ(first->size(), 3u);  // ids 0, 1, 2
@@ -546,6 +515,7 @@ TEST(SwarmState, ATrainerDyingMidLeaseHasItsIdsReleasedWithoutDuplicates) {
 TEST(SwarmState, AJoinerSyncsFromADonorAtTheNewestStateAndServesFromTheNextRound) {
   World w;
   StartFour(w);  // a, d | b | c
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   for (const char* id : {"a", "d", "c"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
   ASSERT_TRUE(w.st().ReportLoad("b", 1, 4).ok());
   auto part = w.st().Lease("t", 4);
@@ -647,6 +617,7 @@ TEST(SwarmState, AJoinerSyncsFromADonorAtTheNewestStateAndServesFromTheNextRound
 TEST(SwarmState, AClaimFoundWrongWhenItsStageAgreesSendsTheJoinerBack) {
   World w;
   StartFour(w);
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   SwarmJoin j = w.Join("j");
   ASSERT_EQ(j.stage, 1);
   ASSERT_TRUE(w.st().PeerSynced("j", 0, 12345).ok());  // nobody can check it yet
@@ -748,6 +719,7 @@ TEST(SwarmState, ATieBetweenTwoReportsGoesToTheSeniorPeer) {
 TEST(SwarmState, DrainingAStagesLastPeerSendsTheNextJoinerThere) {
   World w;
   StartFour(w);  // a, d | b | c
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   for (const char* id : {"a", "d", "b"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
   ASSERT_TRUE(w.st().ReportLoad("c", 1, 0).ok());  // stage 2 is the weakest
   const uint64_t version = w.Snap().roster_version;
@@ -945,6 +917,7 @@ TEST(SwarmState, RebalanceMovesNothingWhoseStateTransferWouldNotPayBack) {
 TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
   World w;
   StartFour(w);  // a, d | b | c
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
   ASSERT_TRUE(w.st().CheckpointSaved(1).ok());
@@ -1032,6 +1005,7 @@ TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
 TEST(SwarmState, WithoutACheckpointARollbackGoesBackToInit) {
   World w;
   StartFour(w);
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
   // Between rounds nobody holds stage 2's state 1 once c is gone, and no checkpoint has it.
@@ -1057,9 +1031,9 @@ TEST(SwarmState, ASwarmResumesFromACheckpoint) {
   w.Join("b");
   w.Join("c");
   EXPECT_EQ(w.st().PeerSynced("a", 0, StateHash(0, 0)).code(), Code::kOutOfRange);
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.SyncAll();
   ASSERT_EQ(w.Snap().open_step, 5);
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   std::optional<SwarmApply> apply = w.ReportAll();
   ASSERT_TRUE(apply.has_value());
@@ -1100,6 +1074,7 @@ TEST(SwarmState, EveryInputIsCheckedAndARefusedCallChangesNothing) {
 
   World w;
   StartFour(w);
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   auto two = w.st().Lease("t", 2);  // ids 0 and 1
   ASSERT_TRUE(two.ok());
   SwarmState& st = w.st();
@@ -1643,10 +1618,7 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
                               << a.step;
           all_serving = all_serving && serves;
         }
-        bool trainer = false;
-        for (const SwarmTrainerInfo& t : after.trainers) trainer = trainer || t.alive;
-        // The next step opens by itself when it can: a serving peer at every stage and a trainer.
-        ASSERT_EQ(after.open_step.has_value(), all_serving && trainer);
+        ASSERT_EQ(after.open_step.has_value(), all_serving);
         if (after.open_step) {
           ASSERT_EQ(*after.open_step, a.step + 1);
         }
