@@ -411,8 +411,7 @@ class Trainer {
         Failed(s, peer.first, out.status());
         return out.status();
       }
-      (void)routers_[s]->Report(peer.first, work, t0, Now());
-      CountCall(s, peer.first, Now() - t0, out->compute_s);
+      Timed(s, peer.first, work, t0, out->compute_s);
       forward_peer[s] = peer.first;
       inputs[s + 1] = out->tensor;
     }
@@ -429,8 +428,7 @@ class Trainer {
       Failed(last, peer.first, fb.status());
       return fb.status();
     }
-    (void)routers_[last]->Report(peer.first, fb_work, t0, Now());
-    CountCall(last, peer.first, Now() - t0, fb->compute_s);
+    Timed(last, peer.first, fb_work, t0, fb->compute_s);
     at::Tensor grad = fb->tensor;
     for (int s = last - 1; s >= lowest; --s) {
       const double work = parallel::kSwarmBackwardWork * static_cast<double>(B);
@@ -443,19 +441,21 @@ class Trainer {
         Failed(s, bp.first, b.status());
         return b.status();
       }
-      (void)routers_[s]->Report(bp.first, work, t0, Now());
-      CountCall(s, bp.first, Now() - t0, b->compute_s);
+      Timed(s, bp.first, work, t0, b->compute_s);
       grad = b->tensor;
     }
     return absl::OkStatus();
   }
 
-  // A call to `peer` of `stage` that took `seconds`, `compute_s` of them computing there.
-  void CountCall(int stage, const std::string& peer, double seconds, double compute_s) {
+  // A call of `work` to `peer` of `stage` ended now, begun at t0, `compute_s` of it computing
+  // there: the router's measurement, and the exit log's figures.
+  void Timed(int stage, const std::string& peer, double work, double t0, double compute_s) {
+    const double end = Now();
+    (void)routers_[stage]->Report(peer, work, t0, end);
     std::lock_guard<std::mutex> lock(calls_mu_);
     CallTimes& c = calls_[{stage, peer}];
     ++c.calls;
-    c.seconds += seconds;
+    c.seconds += end - t0;
     c.compute_s += compute_s;
   }
 

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/status.h"
 
 namespace shoal::parallel {
 
@@ -185,11 +186,14 @@ absl::Status StageRouter::SetRoster(uint64_t roster_version,
   return absl::OkStatus();
 }
 
+absl::Status StageRouter::CheckTaskSize(double task_size) const {
+  if (FinitePositive(task_size)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
+}
+
 absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
-  if (!FinitePositive(task_size)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
-  }
+  SHOAL_RETURN_IF_ERROR(CheckTaskSize(task_size));
   absl::MutexLock lock(&mu_);
   if (peers_.empty()) {
     return absl::UnavailableError(absl::StrCat(
@@ -220,10 +224,7 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
 }
 
 absl::StatusOr<std::string> StageRouter::ChooseSame(const std::string& peer, double task_size) {
-  if (!FinitePositive(task_size)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
-  }
+  SHOAL_RETURN_IF_ERROR(CheckTaskSize(task_size));
   {
     absl::MutexLock lock(&mu_);
     auto it = peers_.find(peer);

@@ -172,6 +172,8 @@ class StageRouter {
     bool operator()(const Entry& a, const Entry& b) const;
   };
 
+  // kInvalidArgument naming the stage unless task_size is finite and > 0.
+  absl::Status CheckTaskSize(double task_size) const;
   bool Live(const Entry& e) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Pops stale entries off the top; rebuilds the heap when stale entries dominate it.
   void DropStaleTop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
