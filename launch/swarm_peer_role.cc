@@ -358,6 +358,13 @@ class Peer {
     return link_->client().Commit(c);
   }
 
+  // The work behind the load reports (ReportLoad): the window being filled, the one before it,
+  // and when the current one began.
+  struct LoadWindows {
+    runtime::SwarmPeerLoad current, previous;
+    absl::Time start = absl::Now();
+  };
+
   // The plans this peer's reduction follows: its stage's, and for the first and the last stage
   // (when they differ) the other one's, which the tied wte is summed over.
   struct Plans {
@@ -569,11 +576,10 @@ class Peer {
     std::string done_key;    // the plans this peer reduced and reported for
     bool draining = false;
     absl::Time grace_end = absl::InfiniteFuture();
-    runtime::SwarmPeerLoad window;  // work since the last load report
-    absl::Time window_start = absl::Now();
+    LoadWindows load;  // the work behind the load reports
     while (true) {
       const int64_t step = stage_->optimizer_steps();
-      ReportLoad(&window, &window_start);
+      ReportLoad(&load);
       if (stop_->load() && !draining) {
         draining = true;
         grace_end = absl::Now() + absl::Seconds(options_.grace_s);
@@ -650,9 +656,10 @@ class Peer {
         SHOAL_RETURN_IF_ERROR(SwitchStage(r, *me));
         round_ = RoundResult{};
         done_key.clear();
-        (void)server_->TakeLoad();  // the old stage's work says nothing of the new one's
-        window = runtime::SwarmPeerLoad{};
-        window_start = absl::Now();
+        // The old stage's work says nothing of the new one's: no figure until it has worked.
+        (void)server_->TakeLoad();
+        load = LoadWindows{};
+        link_->SetStats(v1::StepStats());
         continue;
       }
       if (me->state() == "SYNCING" && !me->synced()) {
@@ -728,8 +735,11 @@ class Peer {
   }
 
   // Folds the work done since the last call into the next heartbeat: samples per second of
-  // compute over the last 10 s or more (a peer that computed nothing keeps its last figure).
-  void ReportLoad(runtime::SwarmPeerLoad* window, absl::Time* start) {
+  // compute over the current window (2 s or more old) and the whole window before it, 12 to 20 s
+  // of work in all once it runs. A new window never stands alone: on a shared machine one call
+  // can take a tenth or ten times its usual time, and the rebalancer must not move a peer on it.
+  // A peer that computed nothing keeps its last figure.
+  void ReportLoad(LoadWindows* load) {
     const runtime::SwarmPeerLoad add = server_->TakeLoad();
     if (add.compute_s > 0) {
       const absl::Time now = absl::Now();
@@ -737,16 +747,19 @@ class Peer {
       busy_s_ += add.compute_s;
       busy_to_ = now;
     }
-    window->samples += add.samples;
-    window->compute_s += add.compute_s;
-    if (absl::Now() - *start < absl::Seconds(2) || window->compute_s <= 0) return;
+    load->current.samples += add.samples;
+    load->current.compute_s += add.compute_s;
+    const double samples = load->current.samples + load->previous.samples;
+    const double compute_s = load->current.compute_s + load->previous.compute_s;
+    if (absl::Now() - load->start < absl::Seconds(2) || compute_s <= 0) return;
     v1::StepStats stats;
     stats.set_step(stage_->optimizer_steps());
-    stats.set_samples_per_s(window->samples / window->compute_s);
+    stats.set_samples_per_s(samples / compute_s);
     link_->SetStats(stats);
-    if (absl::Now() - *start >= absl::Seconds(10)) {
-      *window = runtime::SwarmPeerLoad{};
-      *start = absl::Now();
+    if (absl::Now() - load->start >= absl::Seconds(10)) {
+      load->previous = load->current;
+      load->current = runtime::SwarmPeerLoad{};
+      load->start = absl::Now();
     }
   }
 

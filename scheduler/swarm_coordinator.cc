@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/logging.h"
 #include "common/net_util.h"
@@ -848,7 +849,13 @@ std::optional<SwarmMove> SwarmCoordinator::Rebalance() {
   if (m.options.log_events) {
     SHOAL_LOG(Info) << "swarm: rebalancing: peer " << mv.peer << " moves from stage " << mv.from
                     << " to stage " << mv.to << ", the bottleneck (" << mv.bottleneck_before
-                    << " -> " << mv.bottleneck_after << " samples/s expected)";
+                    << " -> " << mv.bottleneck_after << " samples/s expected; the peer "
+                    << mv.peer_throughput << ", the stages "
+                    << absl::StrJoin(mv.capacities, " / ",
+                                     [](std::string* out, double c) {
+                                       absl::StrAppend(out, absl::SixDigits(c));
+                                     })
+                    << ")";
   }
   m.Touch(true);
   return mv;

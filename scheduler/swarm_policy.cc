@@ -241,7 +241,8 @@ absl::StatusOr<std::optional<SwarmMove>> BestSwarmMove(const std::vector<SwarmPo
       }
       if (!best.has_value() || after > best->bottleneck_after ||
           (after == best->bottleneck_after && transfer_s < best->transfer_s)) {
-        best = SwarmMove{peer.id, pools[s].index, pools[weakest].index, before, after, transfer_s};
+        best = SwarmMove{peer.id, pools[s].index, pools[weakest].index, before, after, transfer_s,
+                         peer.throughput, capacity};
       }
     }
   }

@@ -86,6 +86,8 @@ struct SwarmMove {
   double bottleneck_before = 0;   // the smallest stage capacity now
   double bottleneck_after = 0;    // and once the peer serves its new stage
   double transfer_s = 0;          // its state download (stage bytes / its link)
+  double peer_throughput = 0;     // the peer's measured samples/s in its old stage
+  std::vector<double> capacities; // every stage's capacity now, in the pools' order
 };
 
 // kInvalidArgument naming the rule out of range (BestSwarmMove checks it first).

@@ -419,6 +419,9 @@ struct SwarmState::Impl {
       }
       p->stage = p->moving_to;
       p->moving_to = -1;
+      // Its old stage's rate says nothing of the new one's (the peer clears its report too).
+      p->throughput = 0;
+      p->throughput_reported = false;
       p->state = SwarmPeerState::kSyncing;
       p->synced = false;
       p->verified = false;

@@ -140,7 +140,7 @@ class SwarmTest : public ::testing::Test {
             "train.steps=" + std::to_string(kSteps), "--set", "train.batch_size=8", "--set",
             "train.grad_accum=8", "--set", "train.log_every=1", "--set", "train.eval_every=0",
             "--set", "train.eval_batches=1", "--set", "checkpoint.every=0", "--set",
-            "optim.warmup_steps=2"};
+            "optim.warmup_steps=2", "--set", "train.blas_threads=1"};
   }
 
   // The one process: `shoal train` with grad_accum = 8. Its run folder.
@@ -574,10 +574,15 @@ TEST_F(SwarmTest, PeerJoiningAtStep5SyncsFromADonorAndServes) {
 // The rebalancer with real processes. Stage 0 has two fast peers, stage 1 one peer slowed 16x
 // (`--throttle 4 --slow-after 0:4`), stage 2 one slowed 2x: stage 1 is the bottleneck by far,
 // and moving a stage-0 peer there raises it 8-fold (stage 2 then bounds the swarm), after which
-// no single move gains 1/0.75 (the best, the slow peer to stage 2, about 1.13). With `--rebalance-s 3`, one stage-0 peer moves to stage 1 (it drains,
-// then syncs stage 1 from its peer), serves there, and nothing moves back; every step's loss
-// stays within 1e-5 of the one process's and the final weights within 1e-5. Prints one JSON
-// line (`swarm_rebalance`): when the move came and the step rates before and after it.
+// no single move gains 1/0.75 (the best, the slow peer to stage 2, about 1.13). With
+// `--rebalance-s 3`, the first move sends one stage-0 peer to stage 1 (it drains, then syncs
+// stage 1 from its peer), where it serves and stays; every step's loss stays within 1e-5 of the
+// one process's and the final weights within 1e-5. Further moves are counted, not refused: on a
+// loaded 2-core machine five processes share the cores, and a 16x-throttled peer has measured
+// as little as 2x slower than a fast one over a 10 s window (the rules' unit tests hold the
+// policy to its figures; this test holds the processes to the rules). Prints one JSON line
+// (`swarm_rebalance`): when the move came, how many moves there were, and the step rates
+// before and after the first.
 TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
   constexpr int kLonger = 20;
   const std::vector<std::string> longer = {"--set", "train.steps=" + std::to_string(kLonger)};
@@ -628,16 +633,20 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
       std::chrono::seconds(280)));
   EXPECT_EQ(trainer.Wait(std::chrono::seconds(60)), 0) << ReadTextFile(trainer.log());
   const nlohmann::json s = Status(http);
-  EXPECT_EQ(Counter(s, "moves"), 1) << s.dump();
+  const std::string coordinator_log = ReadTextFile(coordinator.log());
+  EXPECT_GE(Counter(s, "moves"), 1) << s.dump() << "\n" << coordinator_log;
   EXPECT_GE(move_step, 0);
   EXPECT_EQ(Counter(s, "drifts"), 0) << s.dump();
   EXPECT_EQ(Counter(s, "syncs_refused"), 0) << s.dump();
-  const std::string coordinator_log = ReadTextFile(coordinator.log());
   ASSERT_FALSE(mover.empty()) << coordinator_log << "\n"
                               << ReadTextFile(tmp_ / "r-p0.log") << "\n"
                               << ReadTextFile(tmp_ / "r-p3.log") << "\n" << s.dump();
-  EXPECT_TRUE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 0 to "
-                                        "stage 1"))
+  // The first move is the mover's into stage 1, and it never leaves stage 1 again.
+  const size_t first_move = coordinator_log.find("rebalancing: peer ");
+  EXPECT_EQ(coordinator_log.find("rebalancing: peer " + mover + " moves from stage 0 to stage 1"),
+            first_move)
+      << coordinator_log;
+  EXPECT_FALSE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 1"))
       << coordinator_log;
   const std::string mover_log = ReadTextFile(tmp_ / (mover + ".log"));
   EXPECT_TRUE(Contains(mover_log, "moved from stage 0 to stage 1")) << mover_log;
@@ -667,6 +676,7 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
   const double before = rate(2, move_step), after = rate(move_step + 2, kLonger - 1);
   line["swarm_rebalance"] = {{"mover", mover},
                              {"moved_during_step", move_step},
+                             {"moves", Counter(s, "moves")},
                              {"steps", kLonger},
                              {"steps_per_s_before", or_null(before)},
                              {"steps_per_s_after", or_null(after)},

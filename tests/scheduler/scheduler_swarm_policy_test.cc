@@ -259,6 +259,9 @@ TEST(SwarmRebalance, RulesKeepStagesServedTransfersPaidAndMovedPeersPut) {
   EXPECT_EQ((*move)->peer, "a");
   EXPECT_EQ((*move)->to, 1);
   EXPECT_DOUBLE_EQ((*move)->bottleneck_after, 5);
+  // What the decision rests on, for the log: the peer's rate and every stage's capacity.
+  EXPECT_DOUBLE_EQ((*move)->peer_throughput, 2);
+  EXPECT_EQ((*move)->capacities, (std::vector<double>{8, 3}));
   // A peer that moved within stay_periods stays.
   pools[0].peers[0].moved_at_period = 8;
   move = BestSwarmMove(pools, 10, {});

@@ -885,6 +885,8 @@ TEST(SwarmState, RebalanceMovesAPeerIntoTheBottleneckAfterTwoChecksInARow) {
   ASSERT_NE(moved, nullptr);
   EXPECT_EQ(moved->stage, 1);  // it held nothing of the open step
   EXPECT_EQ(moved->state, SwarmPeerState::kSyncing);
+  // Its stage-0 rate says nothing of stage 1: forgotten until it reports there.
+  EXPECT_FALSE(moved->throughput_reported);
   // While it syncs the pools are changing: no check.
   m = w.st().Rebalance(3);
   ASSERT_TRUE(m.ok());
