@@ -85,7 +85,8 @@ class Peer {
       const double span = std::max(1e-9, absl::ToDoubleSeconds(busy_to_ - busy_from_));
       SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": computed " << std::llround(busy_s_)
                       << " s of the " << std::llround(span) << " s from its first call on ("
-                      << std::llround(100 * busy_s_ / span) << " % busy)";
+                      << std::llround(100 * busy_s_ / span) << " % busy), "
+                      << std::llround(1e3 * commit_s_) << " ms of it waiting for the ledger";
     }
     if (stage_ != nullptr && stage_->recomputes() > 0) {
       SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": " << stage_->recomputes()
@@ -747,6 +748,7 @@ class Peer {
       busy_s_ += add.compute_s;
       busy_to_ = now;
     }
+    commit_s_ += add.commit_s;
     load->current.samples += add.samples;
     load->current.compute_s += add.compute_s;
     const double samples = load->current.samples + load->previous.samples;
@@ -804,6 +806,7 @@ class Peer {
   int64_t rounds_ = 0, round_bytes_ = 0;  // successful rounds, and the bytes they sent
   // Seconds computing (throttle included) from the first call served to the last one seen.
   double busy_s_ = 0;
+  double commit_s_ = 0;  // of busy_s_, waiting for the ledger (SwarmPeerLoad::commit_s)
   absl::Time busy_from_, busy_to_;
   double round_s_ = 0, apply_s_ = 0;       // their time: from the plan to the report; applying
   int64_t rollbacks_seen_ = -1;     // the roster's rollback count this peer has acted on

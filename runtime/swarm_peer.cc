@@ -405,7 +405,12 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   // The ledger's decision on the pending micro-batch; the stage keeps or drops it.
   absl::Status Commit(SwarmStage* stage, const v1::CallInfo& call, const MicroBatchKey& key,
                       double loss) {
+    const auto t0 = std::chrono::steady_clock::now();
     absl::Status recorded = options_.commit ? options_.commit(call, loss) : absl::OkStatus();
+    {
+      std::lock_guard<std::mutex> lock(load_mu_);
+      load_.commit_s += SecondsSince(t0);
+    }
     const bool keep = recorded.ok();
     SHOAL_RETURN_IF_ERROR(stage->Settle(key, keep));
     if (absl::IsAlreadyExists(recorded)) return absl::OkStatus();

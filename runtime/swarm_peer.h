@@ -64,6 +64,7 @@ struct SwarmPeerLoad {
   // forwards reports its rate too.
   double samples = 0;
   double compute_s = 0;   // seconds computing, forwards included
+  double commit_s = 0;    // of those, seconds waiting for the ledger's record of a micro-batch
 };
 
 class SwarmPeerServer {
