@@ -6,8 +6,10 @@
 //                 (dp = 2 from the world), checkpoint.every = 5; with churn a rank is killed -9
 //                 every --kill-every seconds and the launcher restarts the group from the newest
 //                 checkpoint.
-//   swarm         `shoal coordinator --swarm` with 3 stages x 2 peers and one trainer; with churn
-//                 a peer is killed -9 every --kill-every seconds and a fresh one joins at once.
+//   swarm         `shoal coordinator --swarm` with 3 stages x 2 peers and one trainer,
+//                 checkpoint.every = 5 as the static job (a stage that loses every peer holding
+//                 its state rolls the swarm back to the newest checkpoint); with churn a peer is
+//                 killed -9 every --kill-every seconds and a fresh one joins at once.
 //   straggler     4 peers: two fast ones on stage 0, a stage-1 peer 4x slower than them and a
 //                 stage-2 peer 2x slower (launch_swarm_test's layout), with the rebalancer
 //                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
@@ -191,6 +193,10 @@ class SwarmBench {
                        config_.model.block_size;
   }
 
+  // Steps between checkpoints, both systems: what a kill can cost the static job (its restart
+  // resumes from the newest) and a swarm whose stage lost every holder of its state.
+  static constexpr int kCheckpointEvery = 5;
+
   // The swarm's micro-batches a step in the churn and straggler arms (Options::micro_batches).
   int SwarmMicroBatches() const { return 2 * o_.micro_batches; }
 
@@ -217,7 +223,7 @@ class SwarmBench {
                                      "--max-restarts", "1000", "--", "train", "--config",
                                      o_.config, "--set", "parallel.pp=3", "--throttle",
                                      absl::StrCat(o_.throttle)};
-    for (const std::string& s : Sets(out, o_.micro_batches, o_.batch_size, 5)) {
+    for (const std::string& s : Sets(out, o_.micro_batches, o_.batch_size, kCheckpointEvery)) {
       args.push_back(s);
     }
     std::fprintf(stderr, "shoal bench swarm: %s: the static pipeline (pp 3, dp 2)%s\n",
@@ -295,7 +301,11 @@ class SwarmBench {
         "--rebalance-s", absl::StrCat(arm.rebalance_s)};
     const int micro_batches = arm.links ? o_.links_micro_batches : SwarmMicroBatches();
     const int batch_size = arm.links ? o_.links_batch_size : o_.batch_size;
-    for (const std::string& s : Sets(out, micro_batches, batch_size, 0)) args.push_back(s);
+    // The links arms compare swarms with each other, their steps a checkpoint apart unmeasured.
+    const int checkpoint_every = arm.links ? 0 : kCheckpointEvery;
+    for (const std::string& s : Sets(out, micro_batches, batch_size, checkpoint_every)) {
+      args.push_back(s);
+    }
     for (const std::string& s : arm.sets) args.insert(args.end(), {"--set", s});
     if (arm.links) args.insert(args.end(), {"--codec", o_.links_codec});
     const std::string where =
