@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/logging.h"
@@ -97,6 +98,20 @@ ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_
                           ? absl::StrCat("BLAS on ", cores, " of the cores shared by ",
                                          ranks_on_host, " ranks, fused kernels on 1")
                           : absl::StrCat("BLAS on all ", cores, " cores, fused kernels on 1");
+  // OpenBLAS's own variable, where the config leaves BLAS to shoal: the user (or a launcher that
+  // put several processes on the host) chose it, and setting the pool would silently undo it.
+  if (blas_threads <= 0) {
+    if (const char* env = std::getenv("OPENBLAS_NUM_THREADS"); env != nullptr && *env != '\0') {
+      int n = 0;
+      if (absl::SimpleAtoi(env, &n) && n >= 1 && n <= 4096) {
+        plan.blas_threads = n;
+        absl::StrAppend(&plan.reason, "; BLAS on ", n, " from OPENBLAS_NUM_THREADS");
+      } else {
+        absl::StrAppend(&plan.reason, "; OPENBLAS_NUM_THREADS='", env,
+                        "' ignored (not an integer in [1, 4096])");
+      }
+    }
+  }
   return plan;
 }
 

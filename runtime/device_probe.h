@@ -25,7 +25,9 @@ int AvailableCores();
 // The plan for a model: explicit values win (0 = choose). By default BLAS gets every core and
 // the LibTorch pool (shoal's fused kernels) one thread: the matmuls dominate a step, and one busy
 // pool never fights the other's spinning workers. `ranks_on_host` ranks share the cores: BLAS
-// gets its share of them (at least one), so ranks do not oversubscribe the machine.
+// gets its share of them (at least one), so ranks do not oversubscribe the machine. Where the
+// config leaves BLAS threads to shoal, OPENBLAS_NUM_THREADS (an integer in [1, 4096]) wins over
+// that choice; another value is ignored and the plan's reason says so.
 ThreadPlan ChooseThreadPlan(const ModelConfig& model, int omp_threads, int blas_threads,
                             int ranks_on_host = 1);
 
