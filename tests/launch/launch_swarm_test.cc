@@ -140,7 +140,7 @@ class SwarmTest : public ::testing::Test {
             "train.steps=" + std::to_string(kSteps), "--set", "train.batch_size=8", "--set",
             "train.grad_accum=8", "--set", "train.log_every=1", "--set", "train.eval_every=0",
             "--set", "train.eval_batches=1", "--set", "checkpoint.every=0", "--set",
-            "optim.warmup_steps=2", "--set", "train.blas_threads=1"};
+            "optim.warmup_steps=2"};
   }
 
   // The one process: `shoal train` with grad_accum = 8. Its run folder.
