@@ -294,6 +294,9 @@ class SwarmBench {
     };
     const std::string out = dir_ + "/" + name;
     const std::string ports = out + ".ports";
+    // A kept --work-dir holds the last run's port file: read, it would name a stopped coordinator.
+    std::error_code gone;
+    std::filesystem::remove(ports, gone);
     std::vector<std::string> args = {
         "coordinator", "--swarm", "--config", arm.links ? o_.links_config : o_.config,
         "--stages", "3", "--listen", host(0) + ":0", "--http", host(0) + ":0", "--port-file",

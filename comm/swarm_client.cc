@@ -140,6 +140,7 @@ absl::StatusOr<StageReply> StageClient::Forward(const std::string& address, cons
   return RunCall("Forward", address, &ctx, stream.get(), header, {std::move(in)},
                  [](const v1::ForwardReplyHeader& h, StageReply* r) {
                    r->compute_s = h.compute_s();
+                   r->queued_s = h.queued_s();
                    return h.output();
                  });
 }
@@ -163,6 +164,7 @@ absl::StatusOr<StageReply> StageClient::Backward(const std::string& address,
   return RunCall("Backward", address, &ctx, stream.get(), header, {std::move(in), std::move(g)},
                  [](const v1::BackwardReplyHeader& rh, StageReply* r) {
                    r->compute_s = rh.compute_s();
+                   r->queued_s = rh.queued_s();
                    r->accumulated = rh.accumulated_micro_batches();
                    return rh.grad_input();
                  });
@@ -192,6 +194,7 @@ absl::StatusOr<StageReply> StageClient::ForwardBackward(const std::string& addre
                  [](const v1::ForwardBackwardReplyHeader& rh, StageReply* r) {
                    r->loss = rh.loss();
                    r->compute_s = rh.compute_s();
+                   r->queued_s = rh.queued_s();
                    r->accumulated = rh.accumulated_micro_batches();
                    return rh.grad_input();
                  });

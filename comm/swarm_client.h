@@ -47,6 +47,7 @@ struct StageReply {
                             // (undefined for the first stage)
   double loss = 0;          // ForwardBackward: the micro-batch's mean loss
   double compute_s = 0;     // the peer's compute time
+  double queued_s = 0;      // how long the call waited at the peer behind others
   int64_t accumulated = 0;  // Backward / ForwardBackward: micro-batches the peer holds for the step
 };
 

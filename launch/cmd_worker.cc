@@ -55,6 +55,10 @@ int WorkerMain(int argc, char** argv) {
   app.add_option("--catchup-steps", o.catchup_steps,
                  "Steps a peer keeps in its catch-up log for joiners (each one gradient's size)")
       ->capture_default_str();
+  app.add_option("--cache-slots", o.cache_slots,
+                 "Forwards a peer keeps for their backwards (>= the trainers' micro-batches in "
+                 "flight, or backwards compute their forward again)")
+      ->capture_default_str();
   app.add_option("--data", o.data_dir, "A trainer's data folder (default: the job's data.dir)");
   app.add_option("--out", o.out_dir, "A trainer's output folder (default: the job's out_dir)");
   app.add_option("--in-flight", o.in_flight, "Micro-batches a trainer leases and runs at once (one thread each)")
@@ -110,6 +114,12 @@ int WorkerMain(int argc, char** argv) {
   }
   if (o.catchup_steps < 0 || o.catchup_steps > 64) {
     return bad(absl::StrCat("--catchup-steps must be in [0, 64], got ", o.catchup_steps));
+  }
+  if (o.cache_slots < 1 || o.cache_slots > 4096) {
+    return bad(absl::StrCat("--cache-slots must be in [1, 4096], got ", o.cache_slots));
+  }
+  if (o.trainer && o.cache_slots != SwarmWorkerOptions().cache_slots) {
+    return bad("--cache-slots is a peer's: a trainer keeps no activations");
   }
   if (!std::isfinite(o.grace_s) || o.grace_s < 0 || o.grace_s > 3600) {
     return bad(absl::StrCat("--grace-s must be in [0, 3600], got ", o.grace_s));

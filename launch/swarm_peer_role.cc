@@ -264,6 +264,7 @@ class Peer {
   absl::StatusOr<std::unique_ptr<runtime::SwarmStage>> MakeStage() const {
     runtime::SwarmStageOptions so;
     so.catchup_steps = options_.catchup_steps;
+    so.cache_slots = options_.cache_slots;
     if (config_.optim.name == "demo") {
       SHOAL_ASSIGN_OR_RETURN(so.demo, runtime::DemoOptionsOf(config_.optim));
     }

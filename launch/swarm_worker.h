@@ -51,6 +51,9 @@ struct SwarmWorkerOptions {
   std::string advertise;
   double grace_s = 25;          // SIGTERM: how long to stay for the stage's round
   int catchup_steps = 4;        // steps kept in the stage's catch-up log
+  // Forwards whose activations a peer keeps for their backward (runtime::SwarmStageOptions):
+  // at least the micro-batches its stage's trainers have in flight, or backwards recompute.
+  int cache_slots = 32;
   // A peer slowed on purpose (tests and benchmarks: several peers sharing one machine's cores
   // as several devices): its compute takes `throttle` times as long, and from `slow_after_s`
   // seconds after it starts (>= 0; -1: never) `slow_factor` times that again.

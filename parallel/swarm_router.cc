@@ -40,11 +40,28 @@ absl::Status ThroughputEma::Update(double samples, double start_s, double end_s)
   const double from = updates_ > 0 ? std::max(start_s, last_end_s_) : start_s;
   const double seconds = std::max(0.0, end_s - from);
   last_end_s_ = updates_ > 0 ? std::max(last_end_s_, end_s) : end_s;
+  Fold(seconds / samples);
+  return absl::OkStatus();
+}
+
+absl::Status ThroughputEma::UpdateSeconds(double samples, double seconds) {
+  if (!FinitePositive(samples)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("throughput update: samples must be finite and > 0, got ", samples));
+  }
+  if (!std::isfinite(seconds) || seconds < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "throughput update: seconds must be finite and >= 0, got ", seconds));
+  }
+  Fold(seconds / samples);
+  return absl::OkStatus();
+}
+
+void ThroughputEma::Fold(double seconds_per_sample) {
   const double b = 1.0 - alpha_;
-  weighted_sum_ = seconds / samples + b * weighted_sum_;
+  weighted_sum_ = seconds_per_sample + b * weighted_sum_;
   weight_ = 1.0 + b * weight_;
   ++updates_;
-  return absl::OkStatus();
 }
 
 double ThroughputEma::SecondsPerSample() const {
@@ -255,13 +272,23 @@ void StageRouter::Charge(const std::string& peer, double task_size) {
 
 absl::Status StageRouter::Report(const std::string& peer, double task_size, double start_s,
                                  double end_s) {
+  return Fold(peer, [&](ThroughputEma& ema) { return ema.Update(task_size, start_s, end_s); });
+}
+
+absl::Status StageRouter::ReportSeconds(const std::string& peer, double task_size,
+                                        double seconds) {
+  return Fold(peer, [&](ThroughputEma& ema) { return ema.UpdateSeconds(task_size, seconds); });
+}
+
+absl::Status StageRouter::Fold(const std::string& peer,
+                               absl::FunctionRef<absl::Status(ThroughputEma&)> update) {
   absl::MutexLock lock(&mu_);
   auto it = peers_.find(peer);
   if (it == peers_.end()) {
     return absl::NotFoundError(
         absl::StrCat(options_.stage, ": report for peer '", peer, "', which is not in the roster"));
   }
-  absl::Status s = it->second.ema.Update(task_size, start_s, end_s);
+  absl::Status s = update(it->second.ema);
   if (!s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat(options_.stage, " peer '", peer, "': ", s.message()));

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -58,6 +59,11 @@ class ThroughputEma {
   // Folds in a task of `samples` (> 0) that ran from `start_s` to `end_s` (>= start_s), both
   // finite. kInvalidArgument naming the bad value; the average is then unchanged.
   absl::Status Update(double samples, double start_s, double end_s);
+  // Folds in a task of `samples` (> 0) measured as `seconds` (finite, >= 0) by its caller, with
+  // no overlap accounting: for measurements that already leave out the time the task waited
+  // behind others (a peer's queue), which concurrent tasks reported out of order would otherwise
+  // turn into zero-second tasks and an inflated throughput. kInvalidArgument as Update.
+  absl::Status UpdateSeconds(double samples, double seconds);
 
   // Samples per second; 0 before the first update.
   double Throughput() const;
@@ -67,6 +73,8 @@ class ThroughputEma {
   bool measured() const { return updates_ > 0; }
 
  private:
+  void Fold(double seconds_per_sample);
+
   double alpha_;
   // The bias-corrected average kept as a weighted mean: weighted_sum_ = sum_k b^(n-k) x_k and
   // weight_ = sum_k b^(n-k) with b = 1 - alpha, x_k the k-th seconds per sample. Their ratio is
@@ -136,6 +144,10 @@ class StageRouter {
   // would otherwise keep it unchosen until the measured peers caught up). kInvalidArgument for bad numbers;
   // kNotFound when the peer is not in the roster (it left meanwhile: nothing to do).
   absl::Status Report(const std::string& peer, double task_size, double start_s, double end_s);
+  // As Report, for a task its caller measured as `seconds` of the peer's time (ThroughputEma::
+  // UpdateSeconds): a trainer with several calls in flight to one peer reports each call's time
+  // less what it waited there behind the others.
+  absl::Status ReportSeconds(const std::string& peer, double task_size, double seconds);
 
   // Stops choosing `peer` until the roster version changes (a call to it failed with something
   // other than a deadline: a slow peer is not banned, it just accrues virtual time). Banning a
@@ -184,6 +196,10 @@ class StageRouter {
   // The smallest virtual time of a live entry, or of the last choice when there is none.
   double HeapMinimum() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double ExpectedSeconds(const Peer& p, double task_size) const;
+  // Report's and ReportSeconds' common part: `update` on the peer's EMA, then the first
+  // measurement's re-entry.
+  absl::Status Fold(const std::string& peer,
+                    absl::FunctionRef<absl::Status(ThroughputEma&)> update);
 
   const StageRouterOptions options_;
   mutable absl::Mutex mu_;

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -59,6 +60,48 @@ absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
   return absl::OkStatus();
 }
 
+// The order in which a peer's calls compute: one at a time, the lowest step first, then in the
+// order they asked. (A std::mutex hands its lock to whichever waiter the scheduler wakes, so a
+// call could wait behind any number of later ones, and a micro-batch's chain with it.)
+class ComputeGate {
+ public:
+  // Holds the gate from construction (when it is this call's turn) to destruction.
+  class Turn {
+   public:
+    Turn(ComputeGate* gate, int64_t step) : gate_(gate) { gate_->Acquire(step); }
+    ~Turn() { gate_->Release(); }
+    Turn(const Turn&) = delete;
+    Turn& operator=(const Turn&) = delete;
+
+   private:
+    ComputeGate* gate_;
+  };
+
+ private:
+  using Key = std::pair<int64_t, uint64_t>;  // (step, arrival)
+  void Acquire(int64_t step) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const Key key{step, next_++};
+    waiting_.insert(key);
+    cv_.wait(lock, [&] { return !busy_ && *waiting_.begin() == key; });
+    waiting_.erase(waiting_.begin());
+    busy_ = true;
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ = false;
+    }
+    cv_.notify_all();
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::set<Key> waiting_;
+  uint64_t next_ = 0;
+  bool busy_ = false;
+};
+
 // Reads the rest of a request stream (pieces only) into `in`.
 template <typename Request, typename Stream>
 absl::Status ReadRest(Stream* stream, comm::TensorAssembler* in) {
@@ -94,7 +137,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
  public:
   SwarmPeerService(SwarmStage* stage, std::shared_ptr<comm::ExchangeMailbox> mailbox,
                    SwarmPeerOptions options)
-      : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {}
+      : stage_(stage), mailbox_(std::move(mailbox)), options_(std::move(options)) {
+    NoteStep();
+  }
 
   std::mutex& compute_mu() { return mu_; }
 
@@ -115,12 +160,21 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     load_ = SwarmPeerLoad{};
     return out;
   }
-  // After the step boundary ran under compute_mu(): wakes calls waiting for the next step.
+  // After the step boundary ran under compute_mu() (held): notes the stage's step, then (after
+  // the lock) StepChanged wakes the calls waiting for it.
+  void NoteStep() {
+    SwarmStage* stage = stage_.load();
+    held_step_.store(stage == nullptr ? -2 : stage->optimizer_steps());
+  }
   void StepChanged() { step_cv_.notify_all(); }
 
   // A call for the step after the one this stage holds usually arrives just before the peer
   // applies the decision the trainer has already seen: wait a moment for it rather than refuse.
   void WaitForStep(const SwarmStage& stage, int64_t step) {
+    // Most calls are for the step the stage holds: they go on without taking the compute lock
+    // (a second wait for it, behind the calls computing). held_step_ may lag the stage; the
+    // check under the lock is the one that counts.
+    if (held_step_.load() + 1 != step) return;
     std::unique_lock<std::mutex> lock(mu_);
     if (stage.optimizer_steps() + 1 != step) return;
     step_cv_.wait_for(lock, std::chrono::seconds(5),
@@ -133,6 +187,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     options_.first_layer = first_layer;
     options_.end_layer = end_layer;
     stage_.store(stage);
+    NoteStep();
   }
 
   grpc::Status Forward(grpc::ServerContext* ctx,
@@ -156,9 +211,11 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     absl::StatusOr<at::Tensor> input = in->Take(0);
     if (!input.ok()) return comm::ToGrpc(input.status());
+    const auto asked = std::chrono::steady_clock::now();
     std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     absl::StatusOr<at::Tensor> out;
     {
+      ComputeGate::Turn turn(&gate_, h.call().step());
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
@@ -170,6 +227,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
     reply.mutable_header()->set_compute_s(SecondsSince(t0));
+    reply.mutable_header()->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmForwardWork /
                   parallel::kSwarmForwardBackwardWork,
               SecondsSince(t0));
@@ -200,11 +258,13 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> grad_output = in->Take(1);
     if (!grad_output.ok()) return comm::ToGrpc(grad_output.status());
+    const auto asked = std::chrono::steady_clock::now();
     std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<at::Tensor> grad_input;
     int64_t accumulated = 0;
     {
+      ComputeGate::Turn turn(&gate_, h.call().step());
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
@@ -223,6 +283,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
+    rh->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmBackwardWork /
                   parallel::kSwarmForwardBackwardWork,
               SecondsSince(t0));
@@ -267,11 +328,13 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> targets = in->Take(1);
     if (!targets.ok()) return comm::ToGrpc(targets.status());
+    const auto asked = std::chrono::steady_clock::now();
     std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<SwarmStage::LossAndGrad> out;
     int64_t accumulated = 0;
     {
+      ComputeGate::Turn turn(&gate_, h.call().step());
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
@@ -291,6 +354,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     rh->set_tokens(input->size(0) * input->size(1));
     rh->set_accumulated_micro_batches(accumulated);
     rh->set_compute_s(SecondsSince(t0));
+    rh->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
     CountWork(static_cast<double>(input->size(0)), SecondsSince(t0));
     if (!out->grad_input.defined()) {
       WriteReply(stream, reply, nullptr);
@@ -418,6 +482,8 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   }
 
   std::atomic<SwarmStage*> stage_;
+  ComputeGate gate_;  // before mu_ for a call: its turn, then the lock
+  std::atomic<int64_t> held_step_{-2};  // the stage's optimizer steps, as of the last NoteStep
   std::condition_variable step_cv_;
   std::mutex load_mu_;
   SwarmPeerLoad load_;
@@ -489,6 +555,7 @@ absl::Status SwarmPeerServer::WithStage(const std::function<absl::Status(SwarmSt
     SwarmStage* stage = impl_->service->stage();
     if (stage == nullptr) return absl::FailedPreconditionError("swarm peer: no stage attached");
     s = fn(*stage);
+    impl_->service->NoteStep();
   }
   impl_->service->StepChanged();
   return s;

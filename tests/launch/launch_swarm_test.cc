@@ -910,6 +910,9 @@ TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
       {" --slow-after -1:2", "--slow-after"},
       {" --slow-after x:2", "--slow-after"},
       {" --trainer --throttle 2", "a peer's"},
+      {" --cache-slots 0", "--cache-slots"},
+      {" --cache-slots 5000", "--cache-slots"},
+      {" --trainer --cache-slots 4", "a peer's"},
   };
   for (const auto& [flags, named] : bad_worker) {
     r = RunCommand(worker + flags);

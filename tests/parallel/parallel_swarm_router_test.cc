@@ -171,6 +171,72 @@ TEST(StageRouter, SharesFollowThroughputs) {
   }
 }
 
+TEST(ThroughputEma, UpdateSecondsFoldsTheGivenTimeWithoutOverlapAccounting) {
+  // Two tasks of 4 samples, 0.2 s and 0.1 s: the bias-corrected mean of 0.05 and 0.025 s a
+  // sample with weights 0.9 and 1, whatever order or overlap their calls had.
+  ThroughputEma ema(0.1);
+  ASSERT_TRUE(ema.UpdateSeconds(4, 0.2).ok());
+  EXPECT_DOUBLE_EQ(ema.SecondsPerSample(), 0.05);
+  ASSERT_TRUE(ema.UpdateSeconds(4, 0.1).ok());
+  EXPECT_NEAR(ema.SecondsPerSample(), (0.9 * 0.05 + 0.025) / 1.9, 1e-15);
+  EXPECT_FALSE(ema.UpdateSeconds(0, 0.1).ok());
+  EXPECT_FALSE(ema.UpdateSeconds(4, -0.1).ok());
+  EXPECT_FALSE(ema.UpdateSeconds(4, std::nan("")).ok());
+  EXPECT_EQ(ema.updates(), 2);
+}
+
+TEST(StageRouter, EqualPeersShareEquallyWhenCallsEndOutOfOrderAndReportTheirTimeLessTheQueue) {
+  // A trainer's threads: 8 tasks in flight over two peers of the same speed, each peer serving
+  // one at a time in arrival order; each report reaches the router a random while after its
+  // task ended (so reports come out of order) and gives the task's time less what it waited in
+  // the peer's queue (ReportSeconds). The shares are a half each within 3 %, and each peer is
+  // measured at its true rate. (Folded as intervals ending when each report arrived, Report's
+  // overlap rule counts calls read late as taking next to no time, and in this run both peers
+  // read about a tenth faster than they are; in the swarm benchmark that skew was not even, and
+  // one of stage 0's two equal peers drew 60 % of the calls.)
+  const std::map<std::string, double> rate = {{"a", 4}, {"b", 4}};
+  auto router = MakeRouter(13);
+  ASSERT_TRUE(router->SetRoster(1, {"a", "b"}).ok());
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> delay(0, 0.5);
+  std::map<std::string, int> count;
+  std::map<std::string, double> free_at;
+  struct Task {
+    std::string peer;
+    double service, reported_at;
+  };
+  std::vector<Task> running;
+  double now = 0;
+  const double size = 1;
+  int submitted = 0;
+  auto submit = [&]() {
+    auto peer = router->Choose(size);
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    const double start = std::max(now, free_at[*peer]);
+    const double service = size / rate.at(*peer);
+    free_at[*peer] = start + service;
+    running.push_back({*peer, service, start + service + delay(rng) * service});
+    ++count[*peer];
+    ++submitted;
+  };
+  for (int i = 0; i < 8; ++i) submit();
+  while (!running.empty()) {
+    auto first = std::min_element(running.begin(), running.end(), [](const Task& x, const Task& y) {
+      return x.reported_at < y.reported_at;
+    });
+    const Task done = *first;
+    running.erase(first);
+    now = done.reported_at;
+    ASSERT_TRUE(router->ReportSeconds(done.peer, size, done.service).ok());
+    if (submitted < 4000) submit();
+  }
+  EXPECT_NEAR(count["a"] / 4000.0, 0.5, 0.015);
+  EXPECT_NEAR(count["b"] / 4000.0, 0.5, 0.015);
+  for (const char* id : {"a", "b"}) EXPECT_NEAR(*router->Throughput(id), 4, 1e-9) << id;
+  EXPECT_FALSE(router->ReportSeconds("a", size, -1).ok());
+  EXPECT_TRUE(absl::IsNotFound(router->ReportSeconds("z", size, 0.1)));
+}
+
 TEST(StageRouter, SharesFollowThroughputsWithNoisyServiceTimes) {
   // Service times off by up to 30 % either way, the EMA smooths the noise and
   // the shares still follow the mean throughputs.
