@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -60,15 +61,21 @@ absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
   return absl::OkStatus();
 }
 
-// The order in which a peer's calls compute: one at a time, the lowest step first, then in the
-// order they asked. (A std::mutex hands its lock to whichever waiter the scheduler wakes, so a
-// call could wait behind any number of later ones, and a micro-batch's chain with it.)
+// The order in which a peer's calls compute: one at a time, the lowest step first, then forwards
+// before backwards, then in the order they asked. A forward first lets its micro-batch go on
+// through the later stages while this peer works through the backwards queued here, so a step's
+// last micro-batches leave this stage sooner and its tail, this peer waiting for their backwards,
+// is shorter (`shoal bench swarm`, 120 s without kills: 1.17 s a step against 1.24 s in arrival
+// order alone). A std::mutex, which this replaces, hands its lock to whichever waiter the
+// scheduler wakes, so a call could wait behind any number of later ones.
 class ComputeGate {
  public:
+  enum class Kind { kForward = 0, kBackward = 1 };  // a last stage's ForwardBackward: kBackward
+
   // Holds the gate from construction (when it is this call's turn) to destruction.
   class Turn {
    public:
-    Turn(ComputeGate* gate, int64_t step) : gate_(gate) { gate_->Acquire(step); }
+    Turn(ComputeGate* gate, int64_t step, Kind kind) : gate_(gate) { gate_->Acquire(step, kind); }
     ~Turn() { gate_->Release(); }
     Turn(const Turn&) = delete;
     Turn& operator=(const Turn&) = delete;
@@ -78,10 +85,10 @@ class ComputeGate {
   };
 
  private:
-  using Key = std::pair<int64_t, uint64_t>;  // (step, arrival)
-  void Acquire(int64_t step) {
+  using Key = std::tuple<int64_t, int, uint64_t>;  // (step, kind, arrival)
+  void Acquire(int64_t step, Kind kind) {
     std::unique_lock<std::mutex> lock(mu_);
-    const Key key{step, next_++};
+    const Key key{step, static_cast<int>(kind), next_++};
     waiting_.insert(key);
     cv_.wait(lock, [&] { return !busy_ && *waiting_.begin() == key; });
     waiting_.erase(waiting_.begin());
@@ -215,7 +222,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     absl::StatusOr<at::Tensor> out;
     {
-      ComputeGate::Turn turn(&gate_, h.call().step());
+      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kForward);
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
@@ -264,7 +271,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> grad_input;
     int64_t accumulated = 0;
     {
-      ComputeGate::Turn turn(&gate_, h.call().step());
+      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kBackward);
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
@@ -334,7 +341,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<SwarmStage::LossAndGrad> out;
     int64_t accumulated = 0;
     {
-      ComputeGate::Turn turn(&gate_, h.call().step());
+      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kBackward);
       std::lock_guard<std::mutex> lock(mu_);
       t0 = std::chrono::steady_clock::now();
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
