@@ -798,9 +798,13 @@ namespace {
 // Sends the pieces of a set of transfers with at most `max_in_flight` Exchange calls at once,
 // each with the operation's deadline. A peer's "mailbox full" answer is retried with backoff
 // until the deadline. A call that failed in transport (the peer is unavailable, the connection
-// broke), or that a peer answered with its own abort, puts the peer into `unreached` and drops
-// its other frames; any other error (a refusal, the deadline) ends the sending, cancels the
-// calls in flight and is returned, naming the peer. `interrupt` is polled while waiting: a
+// broke) is retried with backoff for `grace` from the first such failure towards that peer
+// without a delivery since (a connection to a live peer can fail once: on a loaded machine one
+// to 127.0.0.1 did); then, or at once when a peer answered with its own abort, the peer goes
+// into `unreached` and its other frames are dropped. A retried frame that the peer answers as
+// delivered before (the failure came after it arrived) counts as delivered. Any other error (a
+// refusal, the deadline) ends the sending, cancels the calls in flight and is returned, naming
+// the peer. `interrupt` is polled while waiting: a
 // non-OK status from it (a peer's abort, the group being destroyed) ends the sending with that
 // status.
 //
@@ -811,10 +815,12 @@ namespace {
 class FrameSender {
  public:
   FrameSender(const PeerGroup::Impl& group, absl::Time deadline, int max_in_flight,
-              std::map<int, absl::Status>* unreached, std::function<absl::Status()> interrupt)
+              absl::Duration grace, std::map<int, absl::Status>* unreached,
+              std::function<absl::Status()> interrupt)
       : group_(group),
         deadline_(deadline),
         max_in_flight_(max_in_flight),
+        grace_(grace),
         unreached_(unreached),
         interrupt_(std::move(interrupt)) {}
 
@@ -913,6 +919,7 @@ class FrameSender {
     int64_t size = 0;
     absl::Time not_before = absl::InfinitePast();
     absl::Duration backoff = absl::Milliseconds(5);
+    bool resent = false;  // sent again after a transport failure
   };
   struct Call {
     Job job;
@@ -949,6 +956,7 @@ class FrameSender {
     const grpc::Status& s = call->status;
     const int dest = call->job.dest;
     const grpc::StatusCode code = s.error_code();
+    if (s.ok() && !call->ack.has_abort()) failing_since_.erase(dest);
     if (s.ok() && call->ack.has_abort()) {
       // The peer gave up on the group: as good as gone, with its own reason.
       const int c = call->ack.abort().code();
@@ -965,12 +973,28 @@ class FrameSender {
       retry.not_before = absl::Now() + retry.backoff;
       retry.backoff = std::min(retry.backoff * 2, absl::Milliseconds(200));
       pending_.push_back(std::move(retry));
+    } else if (call->job.resent && code == grpc::StatusCode::ALREADY_EXISTS) {
+      // An earlier try of this frame arrived; its answer did not.
+      failing_since_.erase(dest);
+      group_.bytes_sent.fetch_add(call->job.size, std::memory_order_relaxed);
     } else if (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED ||
                code == grpc::StatusCode::UNKNOWN) {
-      // The transport failed; the peer is gone or cut off. Its other frames would fail too.
-      MarkUnreached(dest, absl::UnavailableError(absl::StrCat(group_.Who(dest),
-                                                              " is unavailable: ",
-                                                              s.error_message())));
+      // The transport failed: the peer is gone or cut off, unless the failure passes.
+      const absl::Time now = absl::Now();
+      const absl::Time since = failing_since_.emplace(dest, now).first->second;
+      if (now - since < grace_ && now < deadline_) {
+        Job retry = std::move(call->job);
+        retry.resent = true;
+        retry.not_before = now + std::max(retry.backoff, absl::Milliseconds(50));
+        retry.backoff = std::min(std::max(retry.backoff, absl::Milliseconds(50)) * 2,
+                                 absl::Milliseconds(200));
+        pending_.push_back(std::move(retry));
+      } else {
+        // Its other frames would fail too.
+        MarkUnreached(dest, absl::UnavailableError(absl::StrCat(group_.Who(dest),
+                                                                " is unavailable: ",
+                                                                s.error_message())));
+      }
     } else if (failure_.ok()) {
       failure_ = Classify(dest, s);
     }
@@ -1009,7 +1033,9 @@ class FrameSender {
   const PeerGroup::Impl& group_;
   const absl::Time deadline_;
   const int max_in_flight_;
+  const absl::Duration grace_;
   std::map<int, absl::Status>* const unreached_;
+  std::map<int, absl::Time> failing_since_;  // per peer: its first transport failure unanswered
   const std::function<absl::Status()> interrupt_;
 
   grpc::CompletionQueue cq_;
@@ -1055,8 +1081,8 @@ absl::Status PeerGroup::Impl::SendAll(OpRun& run, v1::ExchangeDType dtype,
     absl::Status s = mailbox->PostedFailure(options.group, &source);
     return s.ok() ? s : PeerFailure(s, source);
   };
-  FrameSender sender(*this, run.deadline, options.max_frames_in_flight, &run.unreached,
-                     interrupt);
+  FrameSender sender(*this, run.deadline, options.max_frames_in_flight, options.reconnect_grace,
+                     &run.unreached, interrupt);
   v1::ExchangeFrame header = Header(run, dtype);
   for (const ExpectedTransfer& t : sends) {
     if (run.unreached.count(t.source) > 0) continue;
@@ -1076,7 +1102,9 @@ absl::Status PeerGroup::Impl::CheckUnreached(const OpRun& run) const {
 
 void PeerGroup::Impl::SendAborts(const OpRun& run, const absl::Status& abort, absl::Time until) {
   std::map<int, absl::Status> unreached;
-  FrameSender sender(*this, until, std::max(1, size - 1), &unreached, nullptr);
+  // No grace: an abort is a courtesy, and the failed operation returns only after it.
+  FrameSender sender(*this, until, std::max(1, size - 1), absl::ZeroDuration(), &unreached,
+                     nullptr);
   v1::ExchangeFrame frame = Header(run, v1::EXCHANGE_DTYPE_UNSPECIFIED);
   frame.mutable_abort()->set_code(static_cast<int>(abort.code()));
   frame.mutable_abort()->set_message(std::string(abort.message().substr(0, kMaxAbortMessageBytes)));
@@ -1088,6 +1116,7 @@ void PeerGroup::Impl::SendAborts(const OpRun& run, const absl::Status& abort, ab
 
 absl::Status PeerGroup::Impl::AwaitPhase(OpRun& run, uint32_t phase) {
   std::vector<int> missing;
+  std::map<int, absl::Time> failing_since;  // per peer: since when its channel has failed
   while (true) {
     if (closing.load()) return absl::CancelledError("the group is being destroyed");
     const absl::Time until = std::min(run.deadline, absl::Now() + options.probe_interval);
@@ -1106,11 +1135,16 @@ absl::Status PeerGroup::Impl::AwaitPhase(OpRun& run, uint32_t phase) {
           ": still waiting for frames from ", absl::StrJoin(names, ", ")));
     }
     // A peer that died cannot be heard from, but its channel shows it: the connection broke
-    // and a new one is refused.
+    // and new ones are refused, for reconnect_grace (one failed connection is not enough).
+    const absl::Time now = absl::Now();
     for (int r : missing) {
-      if (channels[r]->GetState(/*try_to_connect=*/true) == GRPC_CHANNEL_TRANSIENT_FAILURE) {
+      const grpc_connectivity_state state = channels[r]->GetState(/*try_to_connect=*/true);
+      if (state == GRPC_CHANNEL_READY) failing_since.erase(r);
+      if (state != GRPC_CHANNEL_TRANSIENT_FAILURE) continue;
+      if (now - failing_since.emplace(r, now).first->second >= options.reconnect_grace) {
         return absl::UnavailableError(absl::StrCat(
-            Who(r), " is unreachable (connecting to it failed) while this rank waited for its "
+            Who(r), " is unreachable (connecting to it failed for ",
+            absl::FormatDuration(options.reconnect_grace), ") while this rank waited for its "
             "frames"));
       }
     }
@@ -1354,6 +1388,9 @@ absl::StatusOr<std::unique_ptr<PeerGroup>> PeerGroup::Create(
   }
   if (options.probe_interval <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("peer group: probe_interval must be > 0");
+  }
+  if (options.reconnect_grace < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("peer group: reconnect_grace must be >= 0");
   }
   SHOAL_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> credentials,
                          ClientCredentials(options.tls_ca_file, "the peer group's CA file"));

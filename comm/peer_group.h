@@ -35,9 +35,10 @@
 // Failures never hang (the comm::Backend contract): an operation not done by its timeout fails
 // with kDeadlineExceeded naming the ranks (and addresses) it still waited for; a peer that is
 // dead or unreachable, and that this rank still needs frames from, gives kUnavailable naming it
-// (found by a send whose connection failed, or, while waiting for its frames, by the channel to
-// it failing to connect); a peer that refuses this peer's token gives kUnauthenticated; frames
-// that show the ranks disagree (another op, dtype or size at the same position) give kInternal.
+// (found by sends whose connections kept failing, or, while waiting for its frames, by the
+// channel to it failing to connect, either for PeerGroupOptions::reconnect_grace); a peer that
+// refuses this peer's token gives kUnauthenticated; frames that show the ranks disagree
+// (another op, dtype or size at the same position) give kInternal.
 // A peer that fails tells the others (an abort frame, and its answer to any frame sent to it
 // later), so that they fail at once with its code and reason instead of waiting for their
 // deadline; as with a dead peer, only if they still need its frames. After any of these the
@@ -144,6 +145,10 @@ struct PeerGroupOptions {
   int max_frames_in_flight = 8;
   // While waiting for a peer's frames, how often to check that the peer can still be reached.
   absl::Duration probe_interval = absl::Milliseconds(100);
+  // How long connections to a peer must keep failing before it counts as unreachable (a frame
+  // is sent again meanwhile). One failed connection is not enough: a live peer's can fail.
+  // Zero: at the first failure.
+  absl::Duration reconnect_grace = absl::Seconds(1);
 };
 
 class PeerGroup final : public Backend {

@@ -175,6 +175,29 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   }
   void StepChanged() { step_cv_.notify_all(); }
 
+  // What a call's reply says of its time at this peer.
+  struct CallTimes {
+    double queued_s = 0;   // waiting for its turn at the gate and for the compute lock
+    double compute_s = 0;  // from then until it let go (the deliberate slow-down included)
+  };
+  // Runs `fn` as a call of `step` of `kind`: in its turn at the gate, under the compute lock,
+  // followed by the deliberate slow-down; returns its times.
+  template <typename Fn>
+  CallTimes Compute(int64_t step, ComputeGate::Kind kind, Fn&& fn) {
+    const auto asked = std::chrono::steady_clock::now();
+    ComputeGate::Turn turn(&gate_, step, kind);
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    SlowDown(t0);
+    return {std::chrono::duration<double>(t0 - asked).count(), SecondsSince(t0)};
+  }
+  template <typename ReplyHeader>
+  static void SetTimes(const CallTimes& times, ReplyHeader* header) {
+    header->set_compute_s(times.compute_s);
+    header->set_queued_s(times.queued_s);
+  }
+
   // A call for the step after the one this stage holds usually arrives just before the peer
   // applies the decision the trainer has already seen: wait a moment for it rather than refuse.
   void WaitForStep(const SwarmStage& stage, int64_t step) {
@@ -218,26 +241,19 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     absl::StatusOr<at::Tensor> input = in->Take(0);
     if (!input.ok()) return comm::ToGrpc(input.status());
-    const auto asked = std::chrono::steady_clock::now();
-    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     absl::StatusOr<at::Tensor> out;
-    {
-      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kForward);
-      std::lock_guard<std::mutex> lock(mu_);
-      t0 = std::chrono::steady_clock::now();
+    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kForward, [&] {
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
-      SlowDown(t0);
-    }
+    });
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
     if (!wire.ok()) return comm::ToGrpc(wire.status());
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
-    reply.mutable_header()->set_compute_s(SecondsSince(t0));
-    reply.mutable_header()->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
+    SetTimes(times, reply.mutable_header());
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmForwardWork /
                   parallel::kSwarmForwardBackwardWork,
-              SecondsSince(t0));
+              times.compute_s);
     WriteReply(stream, reply, &*wire);
     return grpc::Status::OK;
   }
@@ -265,35 +281,25 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> grad_output = in->Take(1);
     if (!grad_output.ok()) return comm::ToGrpc(grad_output.status());
-    const auto asked = std::chrono::steady_clock::now();
-    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<at::Tensor> grad_input;
+    absl::Status committed;
     int64_t accumulated = 0;
-    {
-      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kBackward);
-      std::lock_guard<std::mutex> lock(mu_);
-      t0 = std::chrono::steady_clock::now();
+    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kBackward, [&] {
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
       grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
-      SlowDown(t0);
-      if (grad_input.ok() && h.accumulate()) {
-        if (absl::Status c = Commit(stage, h.call(), key, std::nan(""));
-            !c.ok()) {
-          return comm::ToGrpc(c);
-        }
-      }
+      if (grad_input.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, std::nan(""));
       accumulated = stage->kept_micro_batches();
-    }
+    });
     if (!grad_input.ok()) return comm::ToGrpc(grad_input.status());
+    if (!committed.ok()) return comm::ToGrpc(committed);
     v1::BackwardReply reply;
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
-    rh->set_compute_s(SecondsSince(t0));
-    rh->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
+    SetTimes(times, rh);
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmBackwardWork /
                   parallel::kSwarmForwardBackwardWork,
-              SecondsSince(t0));
+              times.compute_s);
     if (!grad_input->defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;
@@ -335,34 +341,25 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> targets = in->Take(1);
     if (!targets.ok()) return comm::ToGrpc(targets.status());
-    const auto asked = std::chrono::steady_clock::now();
-    std::chrono::steady_clock::time_point t0;  // from the lock on: queueing is not compute
     const MicroBatchKey key{h.call().step(), h.call().micro_batch()};
     absl::StatusOr<SwarmStage::LossAndGrad> out;
+    absl::Status committed;
     int64_t accumulated = 0;
-    {
-      ComputeGate::Turn turn(&gate_, h.call().step(), ComputeGate::Kind::kBackward);
-      std::lock_guard<std::mutex> lock(mu_);
-      t0 = std::chrono::steady_clock::now();
+    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kBackward, [&] {
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
-      SlowDown(t0);
-      if (out.ok() && h.accumulate()) {
-        if (absl::Status c = Commit(stage, h.call(), key, out->loss); !c.ok()) {
-          return comm::ToGrpc(c);
-        }
-      }
+      if (out.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, out->loss);
       accumulated = stage->kept_micro_batches();
-    }
+    });
     if (!out.ok()) return comm::ToGrpc(out.status());
+    if (!committed.ok()) return comm::ToGrpc(committed);
     v1::ForwardBackwardReply reply;
     v1::ForwardBackwardReplyHeader* rh = reply.mutable_header();
     rh->set_loss(out->loss);
     rh->set_tokens(input->size(0) * input->size(1));
     rh->set_accumulated_micro_batches(accumulated);
-    rh->set_compute_s(SecondsSince(t0));
-    rh->set_queued_s(std::chrono::duration<double>(t0 - asked).count());
-    CountWork(static_cast<double>(input->size(0)), SecondsSince(t0));
+    SetTimes(times, rh);
+    CountWork(static_cast<double>(input->size(0)), times.compute_s);
     if (!out->grad_input.defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;

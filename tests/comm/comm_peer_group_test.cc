@@ -462,10 +462,12 @@ struct LocalPeer {
 };
 
 LocalPeer StartLocalPeer(const std::string& token = kToken, ExchangeMailboxOptions mo = {},
-                         const std::string& cert = "", const std::string& key = "") {
+                         const std::string& cert = "", const std::string& key = "",
+                         const std::string& listen = "127.0.0.1:0") {
   LocalPeer p;
   p.mailbox = std::make_shared<ExchangeMailbox>(mo);
   ExchangeServerOptions o;
+  o.listen = listen;
   o.token = token;
   o.tls_cert_file = cert;
   o.tls_key_file = key;
@@ -566,6 +568,9 @@ TEST(PeerGroupCreateTest, RefusesBadOptionsNamingThem) {
   o = GroupOptions({a}, 0, "g");
   o.token = "tok\n";
   expect_invalid(o, "token");
+  o = GroupOptions({a}, 0, "g");
+  o.reconnect_grace = absl::Milliseconds(-1);
+  expect_invalid(o, "reconnect_grace");
   TempDir dir;
   o = GroupOptions({a}, 0, "g");
   o.tls_ca_file = dir / "missing.pem";
@@ -769,6 +774,31 @@ TEST(PeerGroupLocalTest, UnreachablePeerIsNamed) {
   EXPECT_TRUE(absl::IsUnavailable(s)) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), absl::StrCat("rank 1 (", nobody, ")"))) << s;
   EXPECT_LT(SecondsSince(t0), 30);
+}
+
+// A peer that cannot be reached at first but comes up within reconnect_grace is reached: rank
+// 0's first frames find nothing listening (a refused connection, as from a live peer whose
+// connection failed once), and are sent again until rank 1's server answers.
+TEST(PeerGroupLocalTest, APeerReachableWithinTheReconnectGraceIsNotGivenUp) {
+  LocalPeer a = StartLocalPeer();
+  const std::string later = absl::StrCat("127.0.0.1:", ::shoal::testing::FreePort());
+  PeerGroupOptions ao = GroupOptions({a.address, later}, 0, "late", absl::Seconds(60));
+  ao.reconnect_grace = absl::Seconds(20);  // far beyond the pause below, on a loaded machine too
+  auto ga = MustCreate(ao, a);
+  ASSERT_NE(ga, nullptr);
+  at::Tensor ta = at::full({1000}, 1.0f);
+  auto work = ga->AllReduce(ta, ReduceOp::kSum);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // rank 0's sends are refused
+  LocalPeer b = StartLocalPeer(kToken, {}, "", "", later);
+  ASSERT_EQ(b.address, later);
+  auto gb = MustCreate(GroupOptions({a.address, later}, 1, "late", absl::Seconds(60)), b);
+  ASSERT_NE(gb, nullptr);
+  at::Tensor tb = at::full({1000}, 2.0f);
+  ASSERT_TRUE(WaitOn(gb->AllReduce(tb, ReduceOp::kSum)).ok());
+  const absl::Status s = work->Wait();
+  ASSERT_TRUE(s.ok()) << s;
+  EXPECT_TRUE(at::equal(ta, at::full({1000}, 3.0f)));
+  EXPECT_TRUE(at::equal(tb, at::full({1000}, 3.0f)));
 }
 
 TEST(PeerGroupLocalTest, WrongTokenIsRefusedByThePeer) {
