@@ -118,7 +118,7 @@ int WorkerMain(int argc, char** argv) {
   if (o.cache_slots < 1 || o.cache_slots > 4096) {
     return bad(absl::StrCat("--cache-slots must be in [1, 4096], got ", o.cache_slots));
   }
-  if (o.trainer && o.cache_slots != SwarmWorkerOptions().cache_slots) {
+  if (o.trainer && app.count("--cache-slots") > 0) {
     return bad("--cache-slots is a peer's: a trainer keeps no activations");
   }
   if (!std::isfinite(o.grace_s) || o.grace_s < 0 || o.grace_s > 3600) {

@@ -35,7 +35,18 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
 }
 
 // The header's call, checked against this peer.
-absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
+// A call is for the step whose state the peer holds (`held`: its optimizer steps so far).
+// Computing another step's micro-batch with this state would be wrong: a joiner still catching
+// up, or a trainer behind the swarm.
+absl::Status CheckStep(const v1::CallInfo& call, int64_t held) {
+  if (call.step() == held) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "a call for step ", call.step(), " to a peer holding the state after ", held, " step(s)"));
+}
+
+// Checks a call's fields against the stage; its step against `held`, the stage's step as last
+// noted (the compute checks it again under the lock, CheckStep).
+absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage, int64_t held) {
   if (call.protocol_version() != v1::PROTOCOL_VERSION_CURRENT) {
     return absl::FailedPreconditionError(absl::StrCat(
         "protocol version ", call.protocol_version(), ", this peer speaks ",
@@ -45,13 +56,7 @@ absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage) {
     return absl::FailedPreconditionError(
         absl::StrCat("a call for stage ", call.stage(), " to a peer of stage ", stage.stage()));
   }
-  if (call.step() != stage.optimizer_steps()) {
-    // Computing another step's micro-batch with this state would be wrong: a joiner still
-    // catching up, or a trainer behind the swarm.
-    return absl::FailedPreconditionError(absl::StrCat(
-        "a call for step ", call.step(), " to a peer holding the state after ",
-        stage.optimizer_steps(), " step(s)"));
-  }
+  SHOAL_RETURN_IF_ERROR(CheckStep(call, held));
   if (call.step() < 0 || call.micro_batch() < 0 || call.trainer_id().empty() ||
       call.trainer_id().size() > 200) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -180,17 +185,20 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     double queued_s = 0;   // waiting for its turn at the gate and for the compute lock
     double compute_s = 0;  // from then until it let go (the deliberate slow-down included)
   };
-  // Runs `fn` as a call of `step` of `kind`: in its turn at the gate, under the compute lock,
-  // followed by the deliberate slow-down; returns its times.
+  // Runs `fn` for `call` of `kind`: in its turn at the gate, under the compute lock, if the
+  // stage still holds the call's step, followed by the deliberate slow-down; returns its times.
   template <typename Fn>
-  CallTimes Compute(int64_t step, ComputeGate::Kind kind, Fn&& fn) {
+  absl::StatusOr<CallTimes> Compute(const v1::CallInfo& call, const SwarmStage& stage,
+                                    ComputeGate::Kind kind, Fn&& fn) {
     const auto asked = std::chrono::steady_clock::now();
-    ComputeGate::Turn turn(&gate_, step, kind);
+    ComputeGate::Turn turn(&gate_, call.step(), kind);
     std::lock_guard<std::mutex> lock(mu_);
+    // The step cannot change while this call holds the lock (WithStage takes it).
+    SHOAL_RETURN_IF_ERROR(CheckStep(call, stage.optimizer_steps()));
     const auto t0 = std::chrono::steady_clock::now();
     fn();
     SlowDown(t0);
-    return {std::chrono::duration<double>(t0 - asked).count(), SecondsSince(t0)};
+    return CallTimes{std::chrono::duration<double>(t0 - asked).count(), SecondsSince(t0)};
   }
   template <typename ReplyHeader>
   static void SetTimes(const CallTimes& times, ReplyHeader* header) {
@@ -232,7 +240,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     const v1::ForwardHeader& h = first.header();
     WaitForStep(*stage, h.call().step());
-    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage, held_step_.load()); !s.ok()) {
+      return comm::ToGrpc(s);
+    }
     absl::StatusOr<comm::TensorAssembler> in =
         comm::TensorAssembler::Create({h.input()}, {"input"}, options_.max_call_bytes);
     if (!in.ok()) return comm::ToGrpc(in.status());
@@ -242,18 +252,19 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> input = in->Take(0);
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> out;
-    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kForward, [&] {
+    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kForward, [&] {
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
     });
+    if (!times.ok()) return comm::ToGrpc(times.status());
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
     if (!wire.ok()) return comm::ToGrpc(wire.status());
     v1::ForwardReply reply;
     *reply.mutable_header()->mutable_output() = wire->meta;
-    SetTimes(times, reply.mutable_header());
+    SetTimes(*times, reply.mutable_header());
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmForwardWork /
                   parallel::kSwarmForwardBackwardWork,
-              times.compute_s);
+              times->compute_s);
     WriteReply(stream, reply, &*wire);
     return grpc::Status::OK;
   }
@@ -270,7 +281,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     const v1::BackwardHeader& h = first.header();
     WaitForStep(*stage, h.call().step());
-    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage, held_step_.load()); !s.ok()) {
+      return comm::ToGrpc(s);
+    }
     absl::StatusOr<comm::TensorAssembler> in = comm::TensorAssembler::Create(
         {h.input(), h.grad_output()}, {"input", "grad_output"}, options_.max_call_bytes);
     if (!in.ok()) return comm::ToGrpc(in.status());
@@ -285,21 +298,22 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> grad_input;
     absl::Status committed;
     int64_t accumulated = 0;
-    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kBackward, [&] {
+    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
       grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
       if (grad_input.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, std::nan(""));
       accumulated = stage->kept_micro_batches();
     });
+    if (!times.ok()) return comm::ToGrpc(times.status());
     if (!grad_input.ok()) return comm::ToGrpc(grad_input.status());
     if (!committed.ok()) return comm::ToGrpc(committed);
     v1::BackwardReply reply;
     v1::BackwardReplyHeader* rh = reply.mutable_header();
     rh->set_accumulated_micro_batches(accumulated);
-    SetTimes(times, rh);
+    SetTimes(*times, rh);
     CountWork(static_cast<double>(input->size(0)) * parallel::kSwarmBackwardWork /
                   parallel::kSwarmForwardBackwardWork,
-              times.compute_s);
+              times->compute_s);
     if (!grad_input->defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;
@@ -325,7 +339,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     }
     const v1::ForwardBackwardHeader& h = first.header();
     WaitForStep(*stage, h.call().step());
-    if (absl::Status s = CheckCall(h.call(), *stage); !s.ok()) return comm::ToGrpc(s);
+    if (absl::Status s = CheckCall(h.call(), *stage, held_step_.load()); !s.ok()) {
+      return comm::ToGrpc(s);
+    }
     if (!(h.loss_scale() > 0) || !(h.loss_scale() <= 1)) {
       return Refuse(absl::StrCat("ForwardBackward: loss_scale ", h.loss_scale(),
                                  " is not in (0, 1]"));
@@ -345,12 +361,13 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<SwarmStage::LossAndGrad> out;
     absl::Status committed;
     int64_t accumulated = 0;
-    const CallTimes times = Compute(h.call().step(), ComputeGate::Kind::kBackward, [&] {
+    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
       if (out.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, out->loss);
       accumulated = stage->kept_micro_batches();
     });
+    if (!times.ok()) return comm::ToGrpc(times.status());
     if (!out.ok()) return comm::ToGrpc(out.status());
     if (!committed.ok()) return comm::ToGrpc(committed);
     v1::ForwardBackwardReply reply;
@@ -358,8 +375,8 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     rh->set_loss(out->loss);
     rh->set_tokens(input->size(0) * input->size(1));
     rh->set_accumulated_micro_batches(accumulated);
-    SetTimes(times, rh);
-    CountWork(static_cast<double>(input->size(0)), times.compute_s);
+    SetTimes(*times, rh);
+    CountWork(static_cast<double>(input->size(0)), times->compute_s);
     if (!out->grad_input.defined()) {
       WriteReply(stream, reply, nullptr);
       return grpc::Status::OK;

@@ -913,6 +913,7 @@ TEST_F(SwarmTest, RefusesMismatchedRolesAndConfigs) {
       {" --cache-slots 0", "--cache-slots"},
       {" --cache-slots 5000", "--cache-slots"},
       {" --trainer --cache-slots 4", "a peer's"},
+      {" --trainer --cache-slots 32", "a peer's"},  // the default, given: still a peer's flag
   };
   for (const auto& [flags, named] : bad_worker) {
     r = RunCommand(worker + flags);
