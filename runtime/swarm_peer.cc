@@ -185,19 +185,23 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     double queued_s = 0;   // waiting for its turn at the gate and for the compute lock
     double compute_s = 0;  // from then until it let go (the deliberate slow-down included)
   };
-  // Runs `fn` for `call` of `kind`: in its turn at the gate, under the compute lock, if the
-  // stage still holds the call's step, followed by the deliberate slow-down; returns its times.
-  template <typename Fn>
+  // Runs `compute` for `call` of `kind` in its turn at the gate, under the compute lock, if the
+  // stage still holds the call's step; then the deliberate slow-down, which stands for a slower
+  // device and so scales the compute alone; then `settle` (the ledger's commit), still under the
+  // lock. Returns the call's times.
+  template <typename ComputeFn, typename SettleFn>
   absl::StatusOr<CallTimes> Compute(const v1::CallInfo& call, const SwarmStage& stage,
-                                    ComputeGate::Kind kind, Fn&& fn) {
+                                    ComputeGate::Kind kind, ComputeFn&& compute,
+                                    SettleFn&& settle) {
     const auto asked = std::chrono::steady_clock::now();
     ComputeGate::Turn turn(&gate_, call.step(), kind);
     std::lock_guard<std::mutex> lock(mu_);
     // The step cannot change while this call holds the lock (WithStage takes it).
     SHOAL_RETURN_IF_ERROR(CheckStep(call, stage.optimizer_steps()));
     const auto t0 = std::chrono::steady_clock::now();
-    fn();
+    compute();
     SlowDown(t0);
+    settle();
     return CallTimes{std::chrono::duration<double>(t0 - asked).count(), SecondsSince(t0)};
   }
   template <typename ReplyHeader>
@@ -254,7 +258,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> out;
     const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kForward, [&] {
       out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
-    });
+    }, [] {});
     if (!times.ok()) return comm::ToGrpc(times.status());
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
@@ -301,6 +305,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
       // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
       grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
+    }, [&] {
       if (grad_input.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, std::nan(""));
       accumulated = stage->kept_micro_batches();
     });
@@ -364,6 +369,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
       out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
                                     h.accumulate());
+    }, [&] {
       if (out.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, out->loss);
       accumulated = stage->kept_micro_batches();
     });
