@@ -804,9 +804,8 @@ namespace {
 // into `unreached` and its other frames are dropped. A retried frame that the peer answers as
 // delivered before (the failure came after it arrived) counts as delivered. Any other error (a
 // refusal, the deadline) ends the sending, cancels the calls in flight and is returned, naming
-// the peer. `interrupt` is polled while waiting: a
-// non-OK status from it (a peer's abort, the group being destroyed) ends the sending with that
-// status.
+// the peer. `interrupt` is polled while waiting: a non-OK status from it (a peer's abort, the
+// group being destroyed) ends the sending with that status.
 //
 // Everything runs on the calling thread: the calls complete on a completion queue of this
 // sender's own, which Run polls. (gRPC's callback API would need no loop here, but on this

@@ -34,7 +34,6 @@ double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The header's call, checked against this peer.
 // A call is for the step whose state the peer holds (`held`: its optimizer steps so far).
 // Computing another step's micro-batch with this state would be wrong: a joiner still catching
 // up, or a trainer behind the swarm.
@@ -71,8 +70,9 @@ absl::Status CheckCall(const v1::CallInfo& call, const SwarmStage& stage, int64_
 // through the later stages while this peer works through the backwards queued here, so a step's
 // last micro-batches leave this stage sooner and its tail, this peer waiting for their backwards,
 // is shorter (`shoal bench swarm`, 120 s without kills: 1.17 s a step against 1.24 s in arrival
-// order alone; one run each, and runs of the same code have differed by up to 10 %). A std::mutex, which this replaces, hands its lock to whichever waiter the
-// scheduler wakes, so a call could wait behind any number of later ones.
+// order alone; one run each, and runs of the same code have differed by up to 10 %). A
+// std::mutex, which this replaces, hands its lock to whichever waiter the scheduler wakes, so a
+// call could wait behind any number of later ones.
 class ComputeGate {
  public:
   enum class Kind { kForward = 0, kBackward = 1 };  // a last stage's ForwardBackward: kBackward
@@ -256,9 +256,10 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> input = in->Take(0);
     if (!input.ok()) return comm::ToGrpc(input.status());
     absl::StatusOr<at::Tensor> out;
-    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kForward, [&] {
-      out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input);
-    }, [] {});
+    const absl::StatusOr<CallTimes> times = Compute(
+        h.call(), *stage, ComputeGate::Kind::kForward,
+        [&] { out = stage->Forward({h.call().step(), h.call().micro_batch()}, *input); },
+        [] {});
     if (!times.ok()) return comm::ToGrpc(times.status());
     if (!out.ok()) return comm::ToGrpc(out.status());
     absl::StatusOr<comm::WireTensor> wire = comm::EncodeForWire(*out, OutputCodec(h.output_codec()));
@@ -302,13 +303,19 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<at::Tensor> grad_input;
     absl::Status committed;
     int64_t accumulated = 0;
-    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
-      // The step's 1 / M reaches this stage through grad_output (the last stage scaled the loss).
-      grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
-    }, [&] {
-      if (grad_input.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, std::nan(""));
-      accumulated = stage->kept_micro_batches();
-    });
+    const absl::StatusOr<CallTimes> times = Compute(
+        h.call(), *stage, ComputeGate::Kind::kBackward,
+        [&] {
+          // The step's 1 / M reaches this stage through grad_output (the last stage scaled the
+          // loss).
+          grad_input = stage->Backward(key, *input, *grad_output, 1.0f, h.accumulate());
+        },
+        [&] {
+          if (grad_input.ok() && h.accumulate()) {
+            committed = Commit(stage, h.call(), key, std::nan(""));
+          }
+          accumulated = stage->kept_micro_batches();
+        });
     if (!times.ok()) return comm::ToGrpc(times.status());
     if (!grad_input.ok()) return comm::ToGrpc(grad_input.status());
     if (!committed.ok()) return comm::ToGrpc(committed);
@@ -366,13 +373,16 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     absl::StatusOr<SwarmStage::LossAndGrad> out;
     absl::Status committed;
     int64_t accumulated = 0;
-    const absl::StatusOr<CallTimes> times = Compute(h.call(), *stage, ComputeGate::Kind::kBackward, [&] {
-      out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
-                                    h.accumulate());
-    }, [&] {
-      if (out.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, out->loss);
-      accumulated = stage->kept_micro_batches();
-    });
+    const absl::StatusOr<CallTimes> times = Compute(
+        h.call(), *stage, ComputeGate::Kind::kBackward,
+        [&] {
+          out = stage->ForwardBackward(key, *input, *targets, static_cast<float>(h.loss_scale()),
+                                        h.accumulate());
+        },
+        [&] {
+          if (out.ok() && h.accumulate()) committed = Commit(stage, h.call(), key, out->loss);
+          accumulated = stage->kept_micro_batches();
+        });
     if (!times.ok()) return comm::ToGrpc(times.status());
     if (!out.ok()) return comm::ToGrpc(out.status());
     if (!committed.ok()) return comm::ToGrpc(committed);
