@@ -955,7 +955,11 @@ class FrameSender {
     const grpc::Status& s = call->status;
     const int dest = call->job.dest;
     const grpc::StatusCode code = s.error_code();
-    if (s.ok() && !call->ack.has_abort()) failing_since_.erase(dest);
+    // Delivered: answered without an abort, or, for a frame sent again, answered that an earlier
+    // try arrived (its answer did not).
+    const bool delivered = (s.ok() && !call->ack.has_abort()) ||
+                           (call->job.resent && code == grpc::StatusCode::ALREADY_EXISTS);
+    if (delivered) failing_since_.erase(dest);
     if (s.ok() && call->ack.has_abort()) {
       // The peer gave up on the group: as good as gone, with its own reason.
       const int c = call->ack.abort().code();
@@ -963,19 +967,15 @@ class FrameSender {
                                                          : absl::StatusCode::kInternal,
                                        absl::StrCat(group_.Who(dest), " ",
                                                     call->ack.abort().message())));
-    } else if (s.ok() || (cancelled_ && code == grpc::StatusCode::CANCELLED)) {
+    } else if (delivered || (cancelled_ && code == grpc::StatusCode::CANCELLED)) {
       // Delivered, or cancelled by Run after a failure.
-      if (s.ok()) group_.bytes_sent.fetch_add(call->job.size, std::memory_order_relaxed);
+      if (delivered) group_.bytes_sent.fetch_add(call->job.size, std::memory_order_relaxed);
     } else if (code == grpc::StatusCode::RESOURCE_EXHAUSTED &&
                absl::StartsWith(s.error_message(), kMailboxFull) && absl::Now() < deadline_) {
       Job retry = std::move(call->job);
       retry.not_before = absl::Now() + retry.backoff;
       retry.backoff = std::min(retry.backoff * 2, absl::Milliseconds(200));
       pending_.push_back(std::move(retry));
-    } else if (call->job.resent && code == grpc::StatusCode::ALREADY_EXISTS) {
-      // An earlier try of this frame arrived; its answer did not.
-      failing_since_.erase(dest);
-      group_.bytes_sent.fetch_add(call->job.size, std::memory_order_relaxed);
     } else if (code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED ||
                code == grpc::StatusCode::UNKNOWN) {
       // The transport failed: the peer is gone or cut off, unless the failure passes.

@@ -183,7 +183,7 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
   // What a call's reply says of its time at this peer.
   struct CallTimes {
     double queued_s = 0;   // waiting for its turn at the gate and for the compute lock
-    double compute_s = 0;  // from then until it let go (the deliberate slow-down included)
+    double compute_s = 0;  // from then until it let go (the slow-down and the commit included)
   };
   // Runs `compute` for `call` of `kind` in its turn at the gate, under the compute lock, if the
   // stage still holds the call's step; then the deliberate slow-down, which stands for a slower
