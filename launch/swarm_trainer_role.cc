@@ -363,7 +363,10 @@ class Trainer {
     return std::make_pair(peer, address_[peer]);
   }
 
-  // After a call to `peer` failed: banned here, and reported when it could not be reached.
+  // After a call to `peer` failed: banned here (the router lifts the ban after a number of the
+  // stage's choices, or when the roster changes), and reported when it could not be reached.
+  // The coordinator fences it only when it cannot reach it either; a peer it reaches stays in
+  // the roster, and this trainer tries it again once the ban expires.
   void Failed(int stage, const std::string& peer, const absl::Status& s) {
     if (absl::IsDeadlineExceeded(s)) return;
     (void)routers_[stage]->Ban(peer);
@@ -373,9 +376,11 @@ class Trainer {
       rp.set_peer_id(peer);
       rp.set_reason(std::string(s.message()).substr(0, 200));
       absl::StatusOr<v1::ReportPeerResponse> r = link_->client().ReportPeer(rp);
-      if (r.ok() && r->fenced()) {
+      if (r.ok()) {
         SHOAL_LOG(Info) << "swarm trainer: peer " << peer << " of stage " << stage
-                        << " is gone; the coordinator fenced it";
+                        << (r->fenced() ? " is gone; the coordinator fenced it"
+                                        : " failed a call but the coordinator reaches it; it is "
+                                          "tried again when its ban expires");
       }
     }
   }

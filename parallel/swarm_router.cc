@@ -93,6 +93,10 @@ absl::StatusOr<std::unique_ptr<StageRouter>> StageRouter::Create(
         options.stage, " router: initial_seconds_per_sample must be finite and > 0, got ",
         options.initial_seconds_per_sample));
   }
+  if (options.ban_choices > (uint64_t{1} << 40)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        options.stage, " router: ban_choices must be at most 2^40, got ", options.ban_choices));
+  }
   return std::unique_ptr<StageRouter>(new StageRouter(options));
 }
 
@@ -102,6 +106,24 @@ StageRouter::StageRouter(const StageRouterOptions& options)
 bool StageRouter::Live(const Entry& e) const {
   auto it = peers_.find(e.peer);
   return it != peers_.end() && !it->second.banned && it->second.entry == e.id;
+}
+
+void StageRouter::LiftExpiredBans() {
+  if (counters_.choices < next_ban_end_) return;
+  next_ban_end_ = UINT64_MAX;
+  // Read once, so the peers whose bans expire together enter together (as SetRoster's do).
+  std::optional<double> enter_at;
+  for (auto& [id, p] : peers_) {
+    if (!p.banned || p.ban_ends == 0) continue;
+    if (p.ban_ends > counters_.choices) {
+      next_ban_end_ = std::min(next_ban_end_, p.ban_ends);
+      continue;
+    }
+    if (!enter_at.has_value()) enter_at = HeapMinimum();
+    p.banned = false;
+    Push(id, *enter_at);
+    ++counters_.bans_expired;
+  }
 }
 
 void StageRouter::DropStaleTop() {
@@ -200,6 +222,7 @@ absl::Status StageRouter::SetRoster(uint64_t roster_version,
       Push(id, enter_at);
     }
   }
+  next_ban_end_ = UINT64_MAX;  // no peer is banned now
   return absl::OkStatus();
 }
 
@@ -218,6 +241,7 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
         version_.has_value() ? absl::StrCat(" (roster version ", *version_, " is empty)")
                              : std::string(" (no roster yet)")));
   }
+  LiftExpiredBans();
   DropStaleTop();
   std::string chosen;
   if (!heap_.empty()) {
@@ -244,6 +268,7 @@ absl::StatusOr<std::string> StageRouter::ChooseSame(const std::string& peer, dou
   SHOAL_RETURN_IF_ERROR(CheckTaskSize(task_size));
   {
     absl::MutexLock lock(&mu_);
+    LiftExpiredBans();
     auto it = peers_.find(peer);
     if (it != peers_.end() && !it->second.banned) {
       Charge(peer, task_size);
@@ -297,6 +322,7 @@ absl::Status StageRouter::Fold(const std::string& peer,
   // sample, far above a real peer's time): it re-enters at the heap minimum, as a newcomer does,
   // rather than wait until the measured peers' virtual times reach that guess.
   Peer& p = it->second;
+  if (!p.banned) p.ban_doublings = -1;  // a call made since its last ban succeeded
   if (p.ema.updates() == 1 && !p.banned) {
     const double at = HeapMinimum();
     if (at < p.virtual_time) Push(peer, at);
@@ -312,9 +338,17 @@ absl::Status StageRouter::Ban(const std::string& peer) {
     return absl::NotFoundError(
         absl::StrCat(options_.stage, ": cannot ban peer '", peer, "', which is not in the roster"));
   }
-  if (!it->second.banned) {
-    it->second.banned = true;
-    it->second.entry = 0;  // its heap entry goes stale
+  Peer& p = it->second;
+  if (!p.banned) {
+    p.banned = true;
+    p.entry = 0;  // its heap entry goes stale
+    p.ban_doublings = std::min(p.ban_doublings + 1, kMaxBanDoublings);
+    if (options_.ban_choices > 0) {
+      p.ban_ends = counters_.choices + (options_.ban_choices << p.ban_doublings);
+      next_ban_end_ = std::min(next_ban_end_, p.ban_ends);
+    } else {
+      p.ban_ends = 0;
+    }
     ++counters_.bans;
   }
   return absl::OkStatus();

@@ -16,7 +16,10 @@
 // Membership comes from the coordinator's roster (SetRoster): a newcomer enters the heap at the
 // current minimum, so it is tried within the next |stage| choices; a departed peer's heap entry
 // goes stale and is skipped when it surfaces. A peer that failed a call is banned (Ban) until the
-// roster version changes. If every peer of the roster is banned, the fault is more likely the
+// roster version changes or the stage has made `ban_choices` more choices, whichever comes first
+// (a peer that failed once but lives, and that the coordinator therefore keeps, is tried again);
+// a peer banned again before a call to it succeeded is banned twice as long, up to
+// kMaxBanDoublings doublings. If every peer of the roster is banned, the fault is more likely the
 // trainer's own (its network, say) than every peer's, so Choose then ignores the bans rather than
 // stall, and counts it.
 //
@@ -93,7 +96,13 @@ struct StageRouterOptions {
   // Seconds per unit of task size assumed for a peer not yet measured (SWARM's initial
   // throughput, which multiplies: 1 s per sample).
   double initial_seconds_per_sample = 1.0;
+  // How many of the stage's choices a ban lasts at first (a roster change lifts it sooner);
+  // 0: until the roster changes.
+  uint64_t ban_choices = 64;
 };
+
+// A ban lasts at most ban_choices << kMaxBanDoublings choices.
+inline constexpr int kMaxBanDoublings = 4;
 
 struct StageRouterCounters {
   uint64_t choices = 0;                // successful Choose and ChooseSame calls
@@ -101,6 +110,7 @@ struct StageRouterCounters {
   uint64_t all_banned_choices = 0;     // of them, made ignoring bans (every peer was banned)
   uint64_t stale_entries_skipped = 0;  // heap entries of departed, banned or re-pushed peers
   uint64_t bans = 0;                   // Ban calls that banned a peer
+  uint64_t bans_expired = 0;           // bans lifted by ban_choices (not by a roster change)
   uint64_t reports = 0;                // Report calls folded into a peer's EMA
   uint64_t roster_changes = 0;         // SetRoster calls that installed a new roster version
   uint64_t peers_added = 0;
@@ -149,10 +159,14 @@ class StageRouter {
   // less what it waited there behind the others.
   absl::Status ReportSeconds(const std::string& peer, double task_size, double seconds);
 
-  // Stops choosing `peer` until the roster version changes (a call to it failed with something
-  // other than a deadline: a slow peer is not banned, it just accrues virtual time). Banning a
-  // banned peer again is not an error. Its measurements are kept (reports still reach them), so
-  // it comes back with them. kNotFound when the peer is not in the roster.
+  // Stops choosing `peer` until the roster version changes or the stage has made the ban's
+  // length of choices (a call to it failed with something other than a deadline: a slow peer is
+  // not banned, it just accrues virtual time). The length is options.ban_choices, doubled for each
+  // earlier ban that no successful call (a Report made while it was not banned) has followed, at
+  // most kMaxBanDoublings times. An expired ban puts the peer back at the heap minimum, as a
+  // newcomer. Banning a banned peer again is not an error and changes nothing. Its measurements
+  // are kept (reports still reach them), so it comes back with them. kNotFound when the peer is
+  // not in the roster.
   absl::Status Ban(const std::string& peer);
 
   // The peer's measured throughput (task size per second); nullopt when it is not in the roster
@@ -171,6 +185,8 @@ class StageRouter {
     explicit Peer(double alpha) : ema(alpha) {}
     ThroughputEma ema;
     bool banned = false;
+    uint64_t ban_ends = 0;    // while banned: the choice count at which the ban expires (0: never)
+    int ban_doublings = -1;   // the last ban's doublings; -1 when a call succeeded since
     double virtual_time = 0;  // where its next entry is (or would be) in the heap
     uint64_t entry = 0;       // id of its live heap entry; 0 when it has none
   };
@@ -187,6 +203,9 @@ class StageRouter {
   // kInvalidArgument naming the stage unless task_size is finite and > 0.
   absl::Status CheckTaskSize(double task_size) const;
   bool Live(const Entry& e) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Lifts the bans that expired by now (counters_.choices), the peers entering at the heap
+  // minimum.
+  void LiftExpiredBans() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Pops stale entries off the top; rebuilds the heap when stale entries dominate it.
   void DropStaleTop() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Push(const std::string& peer, double virtual_time) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -209,6 +228,9 @@ class StageRouter {
   std::vector<Entry> heap_ ABSL_GUARDED_BY(mu_);  // a std::push_heap/pop_heap heap, Later
   uint64_t next_entry_ ABSL_GUARDED_BY(mu_) = 1;
   double last_virtual_time_ ABSL_GUARDED_BY(mu_) = 0;
+  // The earliest ban_ends of a banned peer (UINT64_MAX when no ban expires), so choices skip the
+  // scan for expired bans until one is due.
+  uint64_t next_ban_end_ ABSL_GUARDED_BY(mu_) = UINT64_MAX;
   StageRouterCounters counters_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -17,11 +17,13 @@
 namespace shoal::parallel {
 namespace {
 
-std::unique_ptr<StageRouter> MakeRouter(uint64_t seed = 7, double initial = 1.0) {
+std::unique_ptr<StageRouter> MakeRouter(uint64_t seed = 7, double initial = 1.0,
+                                        uint64_t ban_choices = 0) {
   StageRouterOptions options;
   options.stage = "stage 1";
   options.seed = seed;
   options.initial_seconds_per_sample = initial;
+  options.ban_choices = ban_choices;
   auto router = StageRouter::Create(options);
   EXPECT_TRUE(router.ok()) << router.status();
   return std::move(router).value();
@@ -449,6 +451,12 @@ TEST(StageRouter, RosterChecks) {
   bad.alpha = 0.1;
   bad.initial_seconds_per_sample = 0;
   EXPECT_EQ(StageRouter::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  bad.initial_seconds_per_sample = 1;
+  bad.ban_choices = (uint64_t{1} << 40) + 1;
+  absl::StatusOr<std::unique_ptr<StageRouter>> long_ban = StageRouter::Create(bad);
+  EXPECT_EQ(long_ban.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(long_ban.status().message().find("ban_choices"), std::string::npos);
+  EXPECT_EQ(StageRouterOptions().ban_choices, 64u);  // bans expire unless asked otherwise
 }
 
 // --- StageRouter: bans ---------------------------------------------------------------------------
@@ -473,6 +481,116 @@ TEST(StageRouter, BanLastsUntilTheRosterVersionChanges) {
   for (int i = 0; i < 3; ++i) next.insert(*router->Choose(1));
   EXPECT_EQ(next.count("b"), 1u);
   EXPECT_EQ(router->counters().all_banned_choices, 0u);
+  EXPECT_EQ(router->counters().bans_expired, 0u);
+}
+
+// How many choices it takes until `peer` is chosen, choosing at most `limit` times; every chosen
+// peer's task is reported as taking 1 s per unit (so measured peers stay equal), `peer`'s only
+// when `report_peer` (otherwise its call is taken as failed).
+int ChoicesUntil(StageRouter& router, const std::string& peer, int limit,
+                 bool report_peer = true) {
+  for (int i = 1; i <= limit; ++i) {
+    absl::StatusOr<std::string> got = router.Choose(1);
+    EXPECT_TRUE(got.ok()) << got.status();
+    if (!got.ok()) return -1;
+    if (*got != peer || report_peer) EXPECT_TRUE(router.ReportSeconds(*got, 1, 1).ok());
+    if (*got == peer) return i;
+  }
+  return limit + 1;
+}
+
+TEST(StageRouter, BanExpiresAfterBanChoicesAndPeerReturnsAtOnce) {
+  // A peer that failed one call but lives (the coordinator kept it in the roster) is tried again
+  // once the stage has made ban_choices choices, at the heap minimum as a newcomer is: within
+  // |stage| choices after that, however far the others' virtual times moved meanwhile.
+  constexpr uint64_t kBan = 10;
+  for (uint64_t seed = 0; seed < 20; ++seed) {
+    auto router = MakeRouter(seed, 1.0, kBan);
+    ASSERT_TRUE(router->SetRoster(1, {"a", "b", "c"}).ok());
+    for (const char* p : {"a", "b", "c"}) ASSERT_TRUE(router->ReportSeconds(p, 1, 1).ok());
+    ASSERT_TRUE(router->Ban("b").ok());
+    const uint64_t banned_at = router->counters().choices;
+    const int first = ChoicesUntil(*router, "b", 100);
+    // Chosen neither before the ban ends nor later than |stage| choices after it.
+    EXPECT_GT(static_cast<uint64_t>(first), kBan) << "seed " << seed;
+    EXPECT_LE(static_cast<uint64_t>(first), kBan + 3) << "seed " << seed;
+    EXPECT_FALSE(router->banned("b"));
+    EXPECT_EQ(router->counters().bans_expired, 1u);
+    EXPECT_EQ(router->counters().choices, banned_at + static_cast<uint64_t>(first));
+    // And then in its share again: about one choice in three.
+    std::map<std::string, int> count;
+    for (int i = 0; i < 30; ++i) {
+      const std::string got = *router->Choose(1);
+      ASSERT_TRUE(router->ReportSeconds(got, 1, 1).ok());
+      ++count[got];
+    }
+    EXPECT_GE(count["b"], 9) << "seed " << seed;
+    EXPECT_LE(count["b"], 11) << "seed " << seed;
+  }
+}
+
+TEST(StageRouter, BanDoublesUntilACallSucceeds) {
+  constexpr uint64_t kBan = 8;
+  auto router = MakeRouter(3, 1.0, kBan);
+  ASSERT_TRUE(router->SetRoster(1, {"a", "b"}).ok());
+  // Banned again each time it returns, with no successful call between: 8, 16, 32, 64, 128 and
+  // then 128 again (kMaxBanDoublings = 4).
+  std::vector<uint64_t> lengths;
+  for (int ban = 0; ban < kMaxBanDoublings + 2; ++ban) {
+    ASSERT_TRUE(router->Ban("b").ok());
+    const uint64_t from = router->counters().choices;
+    uint64_t length = 0;
+    while (true) {
+      const std::string got = *router->Choose(1);
+      if (got == "b") break;  // no report for b: its call "failed" again
+      ASSERT_TRUE(router->ReportSeconds(got, 1, 1).ok());
+      ASSERT_LT(router->counters().choices - from, 1000u);
+    }
+    length = router->counters().choices - from - 1;  // the choices b sat out
+    lengths.push_back(length);
+  }
+  ASSERT_EQ(lengths.size(), static_cast<size_t>(kMaxBanDoublings + 2));
+  for (int i = 0; i <= kMaxBanDoublings; ++i) {
+    EXPECT_GE(lengths[i], kBan << i) << "ban " << i;
+    EXPECT_LE(lengths[i], (kBan << i) + 2) << "ban " << i;
+  }
+  EXPECT_GE(lengths.back(), kBan << kMaxBanDoublings);
+  EXPECT_LE(lengths.back(), (kBan << kMaxBanDoublings) + 2);
+  // A call that succeeds after the ban (a report while b is not banned) resets the length.
+  ASSERT_TRUE(router->ReportSeconds("b", 1, 1).ok());
+  ASSERT_TRUE(router->Ban("b").ok());
+  const uint64_t from = router->counters().choices;
+  const int first = ChoicesUntil(*router, "b", 1000);
+  EXPECT_GE(static_cast<uint64_t>(first), kBan + 1);
+  EXPECT_LE(static_cast<uint64_t>(first), kBan + 2);
+  EXPECT_EQ(router->counters().choices, from + static_cast<uint64_t>(first));
+  // A report that reaches b while it is banned (a call begun before the ban) resets nothing.
+  ASSERT_TRUE(router->Ban("b").ok());
+  ASSERT_TRUE(router->ReportSeconds("b", 1, 1).ok());
+  ASSERT_GE(ChoicesUntil(*router, "b", 1000, /*report_peer=*/false), static_cast<int>(kBan + 1));
+  ASSERT_TRUE(router->Ban("b").ok());
+  const int again = ChoicesUntil(*router, "b", 1000);
+  EXPECT_GE(static_cast<uint64_t>(again), 2 * kBan + 1);
+  EXPECT_LE(static_cast<uint64_t>(again), 2 * kBan + 2);
+}
+
+TEST(StageRouter, ExpiredBansAreLiftedEvenWhenEveryPeerIsBanned) {
+  // Choices made ignoring bans still count towards the bans' ends.
+  auto router = MakeRouter(5, 1.0, 4);
+  ASSERT_TRUE(router->SetRoster(1, {"a", "b"}).ok());
+  ASSERT_TRUE(router->Ban("a").ok());
+  ASSERT_TRUE(router->Ban("b").ok());
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(router->Choose(1).ok());
+  EXPECT_EQ(router->counters().all_banned_choices, 4u);
+  ASSERT_TRUE(router->Choose(1).ok());
+  EXPECT_EQ(router->counters().all_banned_choices, 4u);
+  EXPECT_FALSE(router->banned("a"));
+  EXPECT_FALSE(router->banned("b"));
+  EXPECT_EQ(router->counters().bans_expired, 2u);
+  // ChooseSame sees a lifted ban too.
+  ASSERT_TRUE(router->Ban("a").ok());
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE(router->Choose(1).ok());
+  EXPECT_EQ(*router->ChooseSame("a", 1), "a");
 }
 
 TEST(StageRouter, AllBannedFallsBackToIgnoringBans) {
