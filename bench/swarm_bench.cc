@@ -15,6 +15,13 @@
 //                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
 //                 --swarm`'s model of the same two arms (the same SwarmState policy, each peer at
 //                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
+//   simulated     the churn arms predicted without running them: the swarm's by `shoal
+//                 simulate --swarm` (6 preemptible peers at this machine's fp32 GEMM rate over
+//                 the throttle, failing at the kills' mean rate, replaced after a start), the
+//                 static pipeline's by a 1F1B step time from the same FLOPs and rate with every
+//                 kill costing a start and the steps since the newest checkpoint
+//                 (scheduler::SimulateStaticRestarts). A start is the static no-kill arm's time
+//                 from launch to its first step, measured.
 //   links         (root) the swarm of the churn arms on --links-config, every process (the
 //                 coordinator, 6 peers, the trainer) in a network namespace of its own behind a
 //                 veth shaped with tc tbf to --link-mbit each way (bench/shaped_network.h): DeMo
@@ -37,6 +44,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -62,6 +70,7 @@
 #include "common/status.h"
 #include "runtime/config.h"
 #include "runtime/profiler.h"
+#include "scheduler/layout_solver.h"
 #include "scheduler/simulator.h"
 #include "scheduler/swarm_simulator.h"
 
@@ -136,6 +145,7 @@ struct ArmResult {
   double tokens_per_s = 0;
   int kills = 0;
   int64_t replays = 0, lost = 0, duplicates = 0, moves = 0, restarts = 0;
+  double first_step_s = -1;  // the static arms: from launch to rank 0's first step; -1: none
 };
 
 class SwarmBench {
@@ -235,6 +245,14 @@ class SwarmBench {
     double next_kill = o_.kill_every_s;
     int code = -1;
     while ((code = run.Poll()) < 0 && SecondsSince(t0) < o_.seconds) {
+      if (r.first_step_s < 0) {
+        // The start (launch, rendezvous, loading, the first step) the simulated arms charge for
+        // every restart, to within the 0.1 s of this loop.
+        absl::StatusOr<std::string> log = ReadFileToString(run.log());
+        if (log.ok() && log->find("] step ") != std::string::npos) {
+          r.first_step_s = SecondsSince(t0);
+        }
+      }
       if (churn && SecondsSince(t0) >= next_kill) {
         const std::vector<pid_t> ranks = ChildrenOf(run.pid());
         if (ranks.size() == 6) {
@@ -467,6 +485,21 @@ class SwarmBench {
       line["replayed_microbatches"] = swarm_churn.replays;
       line["lost_microbatches"] = swarm_churn.lost;
       line["duplicate_microbatches"] = swarm_churn.duplicates;
+      line["static_start_s"] = static_free.first_step_s >= 0
+                                   ? nlohmann::json(static_free.first_step_s)
+                                   : nlohmann::json(nullptr);
+      absl::StatusOr<SimulatedChurn> predicted = SimulateChurnArms(static_free.first_step_s);
+      if (predicted.ok()) {
+        // null when the simulated static job commits nothing between kills.
+        line["simulated_churn_ratio"] = predicted->static_killed > 0
+                                            ? nlohmann::json(predicted->swarm_killed /
+                                                             predicted->static_killed)
+                                            : nlohmann::json(nullptr);
+        line["simulated_churn_free_ratio"] = predicted->swarm_free / predicted->static_free;
+      } else {
+        std::fprintf(stderr, "shoal bench swarm: no simulated churn ratio: %s\n",
+                     std::string(predicted.status().message()).c_str());
+      }
     }
     if (straggler) {
       // Relative to the machine's speed (base throttle T): two at T, one at 4T (16x), one at 2T.
@@ -534,13 +567,10 @@ class SwarmBench {
           open.tokens_per_s > 0 ? nlohmann::json(demo.tokens_per_s / open.tokens_per_s)
                                 : nlohmann::json(nullptr);
     }
-    // Not built yet (docs/swarm.md): the simulator's prediction of the churn arms (it has no
-    // model of the static pipeline's restarts from a checkpoint).
-    line["simulated_churn_ratio"] = nullptr;
-    for (const char* key : {"demo_speedup_shaped", "shaped_over_unshaped"}) {
+    for (const char* key : {"demo_speedup_shaped", "shaped_over_unshaped", "simulated_churn_ratio",
+                            "simulated_churn_free_ratio", "simulated_straggler_ratio"}) {
       if (!line.contains(key)) line[key] = nullptr;
     }
-    if (!line.contains("simulated_straggler_ratio")) line["simulated_straggler_ratio"] = nullptr;
     std::printf("%s\n", line.dump().c_str());
     return absl::OkStatus();
   }
@@ -552,17 +582,8 @@ class SwarmBench {
   // (127.0.0.1); --seconds of virtual time each, with --rebalance-s 3 and 0. The ratio of their
   // tokens/s.
   absl::StatusOr<double> SimulatedStragglerRatio() {
-    runtime::ProfileOptions po;
-    po.seconds = 1.0;
-    SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile machine, runtime::ProfileDevice(po));
-    const double g = machine.fp32_gflops() / o_.throttle;
-    std::string toml = absl::StrCat(
-        "[job]\nname = \"bench-swarm-straggler\"\nn_layer = ", config_.model.n_layer,
-        "\nn_head = ", config_.model.n_head, "\nn_embd = ", config_.model.n_embd,
-        "\nblock_size = ", config_.model.block_size, "\nvocab_size = ", config_.model.vocab_size,
-        "\nglobal_batch = ", SwarmMicroBatches() * o_.batch_size,
-        "\n\n[simulation]\nlease_s = 5\nheartbeat_s = 0.25\nreport_every_s = ",
-        std::max(1.0, o_.seconds), "\nmax_hours = ", o_.seconds / 3600, "\n");
+    SHOAL_ASSIGN_OR_RETURN(const double g, PeerGflops());
+    std::string toml = SimulatedJob("straggler", 5, 0, o_.seconds);
     struct Peer {
       const char* name;
       double gflops;
@@ -595,6 +616,111 @@ class SwarmBench {
     return rate[1] / rate[0];
   }
 
+  // One process's fp32 GEMM rate: this machine's (one thread, as the processes run; profiled
+  // once, for a second) over the throttle.
+  absl::StatusOr<double> PeerGflops() {
+    if (machine_gflops_ <= 0) {
+      runtime::ProfileOptions po;
+      po.seconds = 1.0;
+      SHOAL_ASSIGN_OR_RETURN(const v1::DeviceProfile machine, runtime::ProfileDevice(po));
+      machine_gflops_ = machine.fp32_gflops();
+    }
+    return machine_gflops_ / o_.throttle;
+  }
+
+  // A devices file's [job] (the swarm arms' job) and [simulation] tables, `seconds` of virtual
+  // time; the [[group]]s follow.
+  std::string SimulatedJob(const std::string& name, double lease_s, double replace_after_s,
+                           double seconds) const {
+    return absl::StrCat(
+        "[job]\nname = \"bench-swarm-", name, "\"\nn_layer = ", config_.model.n_layer,
+        "\nn_head = ", config_.model.n_head, "\nn_embd = ", config_.model.n_embd,
+        "\nblock_size = ", config_.model.block_size, "\nvocab_size = ", config_.model.vocab_size,
+        "\nglobal_batch = ", SwarmMicroBatches() * o_.batch_size, "\n\n[simulation]\nlease_s = ",
+        lease_s, "\nheartbeat_s = ", std::min(0.25, lease_s / 2), "\nreplace_after_s = ",
+        replace_after_s, "\nreport_every_s = ", std::max(1.0, seconds),
+        "\nmax_hours = ", seconds / 3600, "\n");
+  }
+
+  // The churn arms' prediction: each arm's steady rate over kSimulatedChurnS of virtual time (so
+  // the start of a run weighs little), tokens/s:
+  //   swarm   6 preemptible peers at PeerGflops(), failing at the kills' mean rate (one every
+  //           --kill-every s among the 6: exponential lifetimes, averaged over 4 seeds), replaced
+  //           `start_s` later; fenced 1 s after they fail (the live swarm fences a peer as soon
+  //           as a call to it fails); checkpoints as the arms'.
+  //   static  a 1F1B pipeline step (PipelineStepSeconds) of the uniform 3-stage split, each
+  //           micro-batch's FLOPs at PeerGflops(); every --kill-every s a kill costs `start_s`
+  //           and the steps since the newest checkpoint (SimulateStaticRestarts). The data-
+  //           parallel all-reduce (127.0.0.1) and the optimizer step are left out, as the swarm
+  //           simulator leaves out its own.
+  static constexpr double kSimulatedChurnS = 1800;
+  struct SimulatedChurn {
+    double static_free = 0, static_killed = 0, swarm_free = 0, swarm_killed = 0;
+  };
+  absl::StatusOr<SimulatedChurn> SimulateChurnArms(double start_s) {
+    if (start_s < 0) {
+      return absl::UnavailableError("the static arm logged no step: no start time to charge");
+    }
+    SHOAL_ASSIGN_OR_RETURN(const double g, PeerGflops());
+    std::string toml = SimulatedJob("churn", 1, start_s, kSimulatedChurnS);
+    absl::StrAppend(&toml, "\n[[group]]\nname = \"peer\"\ncount = 6\npreemptible = true\n",
+                    "kind = \"cpu\"\nfp32_gflops = ", g, "\nhost_memory_gib = 8\nnet_gbps = 10\n");
+    SHOAL_ASSIGN_OR_RETURN(const scheduler::ClusterSpec spec,
+                           scheduler::ParseClusterToml(toml, "the churn arms"));
+    double swarm[2] = {0, 0};  // [0]: no kills, [1]: kills
+    for (int churn = 0; churn < 2; ++churn) {
+      const int seeds = churn == 0 ? 1 : 4;
+      for (int seed = 1; seed <= seeds; ++seed) {
+        scheduler::SwarmSimulationOptions so;
+        so.stages = 3;
+        so.micro_batches = SwarmMicroBatches();
+        so.in_flight = o_.in_flight;
+        so.steps = 1000000000;
+        so.checkpoint_every = kCheckpointEvery;
+        so.churn_per_hour = churn == 0 ? 0 : 3600 / (o_.kill_every_s * 6);
+        so.seed = static_cast<uint64_t>(seed);
+        SHOAL_ASSIGN_OR_RETURN(const scheduler::SwarmSimulationResult r,
+                               scheduler::SimulateSwarm(spec, so));
+        swarm[churn] += r.summary.mean_tokens_per_s / seeds;
+      }
+    }
+    // The static pipeline's step: a micro-batch of --batch-size sequences through each stage's
+    // blocks (and the head on the last), forward and backward.
+    const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(spec.job.model());
+    const std::vector<int> split = UniformSplit(config_.model.n_layer, 3);
+    const double tokens = static_cast<double>(o_.batch_size) * config_.model.block_size;
+    std::vector<double> stage_s;
+    for (size_t s = 0; s < split.size(); ++s) {
+      double flops = tokens * split[s] * costs.block_flops_per_token;
+      if (s + 1 == split.size()) flops += tokens * costs.head_flops_per_token;
+      stage_s.push_back(flops / (g * 1e9));
+    }
+    scheduler::StaticRestartOptions ro;
+    ro.seconds = kSimulatedChurnS;
+    ro.step_s = scheduler::PipelineStepSeconds(stage_s, o_.micro_batches);
+    ro.start_s = start_s;
+    ro.checkpoint_every = kCheckpointEvery;
+    ro.kill_every_s = std::numeric_limits<double>::infinity();
+    SHOAL_ASSIGN_OR_RETURN(const scheduler::StaticRestartResult free,
+                           scheduler::SimulateStaticRestarts(ro));
+    ro.kill_every_s = o_.kill_every_s;
+    SHOAL_ASSIGN_OR_RETURN(const scheduler::StaticRestartResult killed,
+                           scheduler::SimulateStaticRestarts(ro));
+    const double per_step = TokensPerStep(/*links=*/false);
+    const double static_free = static_cast<double>(free.steps) * per_step / kSimulatedChurnS;
+    const double static_killed = static_cast<double>(killed.steps) * per_step / kSimulatedChurnS;
+    std::fprintf(stderr,
+                 "  simulated churn: static %.0f / %.0f tokens/s (step %.3f s, start %.1f s, "
+                 "%lld kills, %lld steps lost), swarm %.0f / %.0f tokens/s (no kills / kills)\n",
+                 static_free, static_killed, ro.step_s, start_s,
+                 static_cast<long long>(killed.kills), static_cast<long long>(killed.steps_lost),
+                 swarm[0], swarm[1]);
+    if (!(static_free > 0) || !(swarm[0] > 0)) {
+      return absl::InternalError("a simulated arm without kills trained nothing");
+    }
+    return SimulatedChurn{static_free, static_killed, swarm[0], swarm[1]};
+  }
+
   void Print(const char* what, const ArmResult& r) {
     std::fprintf(stderr,
                  "  %-28s %6.1f s  %5lld steps  %8.0f tokens/s  kills %d  restarts %lld  "
@@ -611,6 +737,7 @@ class SwarmBench {
   bool remove_dir_ = false;
   std::string http_;  // the coordinator's status address, HOST:PORT
   runtime::Config links_config_;
+  double machine_gflops_ = 0;  // PeerGflops' profile, once measured
 };
 
 }  // namespace

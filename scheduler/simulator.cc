@@ -894,6 +894,45 @@ absl::StatusOr<SimulationResult> Simulate(const ClusterSpec& spec,
   return sim.Run();
 }
 
+absl::StatusOr<StaticRestartResult> SimulateStaticRestarts(const StaticRestartOptions& o) {
+  auto bad = [](const char* name, double v, const char* want) {
+    return absl::InvalidArgumentError(absl::StrCat("static restarts: ", name, " must be ", want,
+                                                   ", got ", v));
+  };
+  if (!(std::isfinite(o.seconds) && o.seconds > 0)) return bad("seconds", o.seconds, "> 0");
+  if (!(std::isfinite(o.step_s) && o.step_s > 0)) return bad("step_s", o.step_s, "> 0");
+  if (!(std::isfinite(o.start_s) && o.start_s >= 0)) return bad("start_s", o.start_s, ">= 0");
+  if (o.checkpoint_every < 1) {
+    return bad("checkpoint_every", static_cast<double>(o.checkpoint_every), ">= 1");
+  }
+  if (!(o.kill_every_s > 0)) return bad("kill_every_s", o.kill_every_s, "> 0");
+  if (o.seconds / o.step_s > 1e9) {
+    return bad("seconds / step_s", o.seconds / o.step_s, "at most 1e9 steps");
+  }
+  StaticRestartResult r;
+  int64_t step = 0, saved = 0;
+  double next_kill = o.kill_every_s;
+  double t = o.start_s;  // when the next step begins
+  while (true) {
+    // A kill before the next step ends (during a start too) stops the job; it starts again
+    // from the newest checkpoint. Steps that would end after the run's end are not counted.
+    if (next_kill < std::min(t + o.step_s, o.seconds)) {
+      ++r.kills;
+      r.steps_lost += step - saved;
+      step = saved;
+      t = next_kill + o.start_s;
+      next_kill += o.kill_every_s;
+      continue;
+    }
+    if (t + o.step_s > o.seconds) break;
+    t += o.step_s;
+    ++step;
+    if (step % o.checkpoint_every == 0) saved = step;
+    r.steps = std::max(r.steps, step);
+  }
+  return r;
+}
+
 std::string FormatSimulationTable(const SimulationResult& result) {
   std::string out =
       absl::StrFormat("%9s %6s %7s %10s %11s %11s %9s %9s  %s\n", "time", "alive", "layout",

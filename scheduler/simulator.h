@@ -120,6 +120,26 @@ struct SimulationResult {
 absl::StatusOr<SimulationResult> Simulate(const ClusterSpec& spec,
                                           const SimulationOptions& options);
 
+// A fixed-world job under kills, as `shoal run --max-restarts` runs it: every kill stops the
+// whole job, which starts again (start_s: launch, rendezvous, loading) from its newest checkpoint,
+// losing the steps since. The kills come every kill_every_s from launch; a kill during a start
+// begins it again. The job starts at time 0 like the first launch. Steps take step_s each,
+// checkpoints (every checkpoint_every steps) cost nothing.
+struct StaticRestartOptions {
+  double seconds = 0;            // the run's length, > 0
+  double step_s = 0;             // > 0
+  double start_s = 0;            // >= 0
+  int64_t checkpoint_every = 0;  // >= 1
+  double kill_every_s = 0;       // > 0; infinity: no kills
+};
+struct StaticRestartResult {
+  int64_t steps = 0;       // the furthest step reached (as a log's "step N" counts it)
+  int64_t kills = 0;       // kills within the run
+  int64_t steps_lost = 0;  // steps run again after kills
+};
+// kInvalidArgument naming the option out of range.
+absl::StatusOr<StaticRestartResult> SimulateStaticRestarts(const StaticRestartOptions& options);
+
 // The human table (a header, one line per row, then the summary) and the JSON lines
 // ({"type":"row",...} per row, then {"type":"summary",...}).
 std::string FormatSimulationTable(const SimulationResult& result);

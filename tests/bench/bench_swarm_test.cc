@@ -75,6 +75,26 @@ TEST(BenchSwarmTest, ChurnArmsKillAndTheSwarmLosesNothing) {
   EXPECT_EQ(j["lost_microbatches"].get<int>(), 0) << r.output;
   EXPECT_EQ(j["duplicate_microbatches"].get<int>(), 0) << r.output;
   EXPECT_FALSE(j.contains("straggler_ratio")) << r.output;  // only the arms asked for
+  // The simulated arms: from the static no-kill arm's start on. The static model commits nothing
+  // when a start and a step outlast the kills' interval (null then); the no-kill prediction
+  // always exists.
+  ASSERT_TRUE(j["static_start_s"].is_number()) << r.output;
+  const double start = j["static_start_s"].get<double>();
+  EXPECT_GT(start, 0) << r.output;
+  EXPECT_LT(start, 24) << r.output;
+  ASSERT_TRUE(j["simulated_churn_free_ratio"].is_number()) << r.output;
+  EXPECT_GT(j["simulated_churn_free_ratio"].get<double>(), 0) << r.output;
+  if (j["simulated_churn_ratio"].is_number()) {
+    // Kills cost the static pipeline more than the swarm, in the model too: the swarm loses a
+    // peer's share for a start, the static job every rank's plus the steps since its checkpoint.
+    EXPECT_GT(j["simulated_churn_ratio"].get<double>(),
+              j["simulated_churn_free_ratio"].get<double>())
+        << r.output;
+  } else {
+    ASSERT_TRUE(j["simulated_churn_ratio"].is_null()) << r.output;
+    EXPECT_GT(start, 4) << "a start of " << start << " s leaves the 5 s between kills room for "
+                        << "steps\n" << r.output;
+  }
 }
 
 // The network namespaces and the links of this machine's own namespace, by name.

@@ -1,11 +1,15 @@
 // The simulator: a real CoordinatorCore on a manual clock with virtual workers. Checks that it is
 // deterministic, that without churn it runs at exactly the solver's prediction, that failures and
 // joins change the layout the way leases say they must, that the tokens are the integral of the
-// throughput, and that bad devices files are refused with the key named.
+// throughput, and that bad devices files are refused with the key named. The static restart model
+// against closed forms and a per-interval reference.
 #include <dirent.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -351,6 +355,109 @@ TEST(SimulatorTest, CommandLine) {
   EXPECT_NE(bad.output.find("bad.toml"), std::string::npos) << bad.output;
   testing::CommandResult missing = testing::RunCommand(bin + " simulate --steps 5");
   EXPECT_EQ(missing.exit_code, 2) << missing.output;
+}
+
+// --- SimulateStaticRestarts -----------------------------------------------------------------------
+
+StaticRestartOptions Restarts(double seconds, double step_s, double start_s, int64_t every,
+                              double kill_every_s) {
+  StaticRestartOptions o;
+  o.seconds = seconds;
+  o.step_s = step_s;
+  o.start_s = start_s;
+  o.checkpoint_every = every;
+  o.kill_every_s = kill_every_s;
+  return o;
+}
+
+TEST(StaticRestartsTest, ClosedForms) {
+  const double kNever = std::numeric_limits<double>::infinity();
+  // No kills: the steps that fit after the start.
+  absl::StatusOr<StaticRestartResult> r = SimulateStaticRestarts(Restarts(100, 3, 5, 5, kNever));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps, 31);  // floor(95 / 3)
+  EXPECT_EQ(r->kills, 0);
+  EXPECT_EQ(r->steps_lost, 0);
+  // A checkpoint every step and no start cost: each kill costs only the step it cut, so every
+  // 10 s interval completes floor(10 / 3) = 3 steps; 9 kills (the one at 100 is the end).
+  r = SimulateStaticRestarts(Restarts(100, 3, 0, 1, 10));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps, 30);
+  EXPECT_EQ(r->kills, 9);
+  EXPECT_EQ(r->steps_lost, 0);
+  // Kills too close to reach the first checkpoint: a start of 1 s, then 3 steps, every time;
+  // the job never gets past step 3 and loses all 3 at each of the 24 kills.
+  r = SimulateStaticRestarts(Restarts(100, 1, 1, 5, 4));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps, 3);
+  EXPECT_EQ(r->kills, 24);
+  EXPECT_EQ(r->steps_lost, 3 * 24);
+  // A start longer than the kill interval: nothing ever runs.
+  r = SimulateStaticRestarts(Restarts(100, 1, 6, 1, 5));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps, 0);
+  EXPECT_EQ(r->kills, 19);
+}
+
+// The reference: the run cut into kill intervals [a, b); in each, the job is ready at a + start
+// (a = 0 for the first launch), completes floor((min(b, end) - ready) / step) steps from its
+// newest checkpoint, and keeps the newest multiple of checkpoint_every it reached.
+StaticRestartResult ReferenceRestarts(const StaticRestartOptions& o) {
+  StaticRestartResult r;
+  int64_t saved = 0;
+  for (double a = 0; a < o.seconds; a += o.kill_every_s) {
+    const double b = a + o.kill_every_s;
+    const double end = std::min(b, o.seconds);
+    const double ready = a + o.start_s;
+    const int64_t n =
+        ready < end ? static_cast<int64_t>(std::floor((end - ready) / o.step_s)) : 0;
+    const int64_t reached = saved + n;
+    r.steps = std::max(r.steps, reached);
+    if (b < o.seconds) {
+      ++r.kills;
+      const int64_t kept = reached / o.checkpoint_every * o.checkpoint_every;
+      r.steps_lost += reached - kept;
+      saved = kept;
+    }
+  }
+  return r;
+}
+
+TEST(StaticRestartsTest, MatchesThePerIntervalReference) {
+  // Every time a multiple of 1/4 s, so both sums are exact in binary.
+  std::mt19937_64 rng(11);
+  auto quarter = [&](int lo, int hi) {
+    return std::uniform_int_distribution<int>(lo, hi)(rng) / 4.0;
+  };
+  for (int trial = 0; trial < 2000; ++trial) {
+    const StaticRestartOptions o =
+        Restarts(quarter(4, 2000), quarter(1, 20), quarter(0, 40),
+                 std::uniform_int_distribution<int64_t>(1, 12)(rng), quarter(1, 400));
+    absl::StatusOr<StaticRestartResult> got = SimulateStaticRestarts(o);
+    ASSERT_TRUE(got.ok()) << got.status();
+    const StaticRestartResult want = ReferenceRestarts(o);
+    ASSERT_EQ(got->steps, want.steps) << "trial " << trial;
+    ASSERT_EQ(got->kills, want.kills) << "trial " << trial;
+    ASSERT_EQ(got->steps_lost, want.steps_lost) << "trial " << trial;
+  }
+}
+
+TEST(StaticRestartsTest, BadOptionsAreNamed) {
+  const struct {
+    StaticRestartOptions o;
+    const char* name;
+  } cases[] = {
+      {Restarts(0, 1, 0, 1, 10), "seconds"},      {Restarts(NAN, 1, 0, 1, 10), "seconds"},
+      {Restarts(10, 0, 0, 1, 10), "step_s"},      {Restarts(10, -1, 0, 1, 10), "step_s"},
+      {Restarts(10, 1, -1, 1, 10), "start_s"},    {Restarts(10, 1, INFINITY, 1, 10), "start_s"},
+      {Restarts(10, 1, 0, 0, 10), "checkpoint_every"}, {Restarts(10, 1, 0, 1, 0), "kill_every_s"},
+      {Restarts(10, 1, 0, 1, NAN), "kill_every_s"},    {Restarts(1e12, 1e-3, 0, 1, 10), "seconds / step_s"},
+  };
+  for (const auto& c : cases) {
+    absl::StatusOr<StaticRestartResult> r = SimulateStaticRestarts(c.o);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << c.name;
+    EXPECT_NE(r.status().message().find(c.name), std::string::npos) << r.status();
+  }
 }
 
 }  // namespace
