@@ -665,7 +665,27 @@ void Combine(at::Tensor& acc, const at::Tensor& x, ReduceOp op) {
 }
 
 // What one operation knows while it runs.
+// Since when each peer's connections have kept failing with nothing answered since: a peer
+// counts as unreachable once that has lasted `grace` (a connection to a live peer can fail once:
+// on a loaded machine one to 127.0.0.1 did). One per operation, kept by its sends (a frame's
+// call failing in transport) and its waits (the peer's channel failing to connect) alike.
+class FailureClock {
+ public:
+  explicit FailureClock(absl::Duration grace) : grace_(grace) {}
+  // The peer answered (a frame delivered, its channel ready): its failures are forgotten.
+  void Answered(int peer) { since_.erase(peer); }
+  // A failure towards `peer` at `now`: true once its failures have lasted the grace.
+  bool GiveUp(int peer, absl::Time now) {
+    return now - since_.emplace(peer, now).first->second >= grace_;
+  }
+
+ private:
+  const absl::Duration grace_;
+  std::map<int, absl::Time> since_;
+};
+
 struct OpRun {
+  explicit OpRun(absl::Duration reconnect_grace) : failures(reconnect_grace) {}
   uint64_t seq = 0;  // its number in the group
   v1::ExchangeOp op = v1::EXCHANGE_OP_UNSPECIFIED;
   absl::Time deadline;
@@ -676,6 +696,7 @@ struct OpRun {
   // from that peer are still missing here: what this rank computes depends on what it
   // receives, never on whether its own frames were acknowledged.
   std::map<int, absl::Status> unreached;
+  FailureClock failures;  // PeerGroupOptions::reconnect_grace
   // The buffers posted with the mailbox. Frames are copied into them until the mailbox lets go
   // of the operation (Finish), which may be after the body returned with an error; so they live
   // here, and RunOp drops them only after Finish.
@@ -798,9 +819,8 @@ namespace {
 // Sends the pieces of a set of transfers with at most `max_in_flight` Exchange calls at once,
 // each with the operation's deadline. A peer's "mailbox full" answer is retried with backoff
 // until the deadline. A call that failed in transport (the peer is unavailable, the connection
-// broke) is retried with backoff for `grace` from the first such failure towards that peer
-// without a delivery since (a connection to a live peer can fail once: on a loaded machine one
-// to 127.0.0.1 did); then, or at once when a peer answered with its own abort, the peer goes
+// broke) is retried with backoff until `failures` gives the peer up; then, or at once when a
+// peer answered with its own abort, the peer goes
 // into `unreached` and its other frames are dropped. A retried frame that the peer answers as
 // delivered before (the failure came after it arrived) counts as delivered. Any other error (a
 // refusal, the deadline) ends the sending, cancels the calls in flight and is returned, naming
@@ -814,12 +834,12 @@ namespace {
 class FrameSender {
  public:
   FrameSender(const PeerGroup::Impl& group, absl::Time deadline, int max_in_flight,
-              absl::Duration grace, std::map<int, absl::Status>* unreached,
+              FailureClock* failures, std::map<int, absl::Status>* unreached,
               std::function<absl::Status()> interrupt)
       : group_(group),
         deadline_(deadline),
         max_in_flight_(max_in_flight),
-        grace_(grace),
+        failures_(failures),
         unreached_(unreached),
         interrupt_(std::move(interrupt)) {}
 
@@ -959,7 +979,7 @@ class FrameSender {
     // try arrived (its answer did not).
     const bool delivered = (s.ok() && !call->ack.has_abort()) ||
                            (call->job.resent && code == grpc::StatusCode::ALREADY_EXISTS);
-    if (delivered) failing_since_.erase(dest);
+    if (delivered) failures_->Answered(dest);
     if (s.ok() && call->ack.has_abort()) {
       // The peer gave up on the group: as good as gone, with its own reason.
       const int c = call->ack.abort().code();
@@ -980,8 +1000,7 @@ class FrameSender {
                code == grpc::StatusCode::UNKNOWN) {
       // The transport failed: the peer is gone or cut off, unless the failure passes.
       const absl::Time now = absl::Now();
-      const absl::Time since = failing_since_.emplace(dest, now).first->second;
-      if (now - since < grace_ && now < deadline_) {
+      if (!failures_->GiveUp(dest, now) && now < deadline_) {
         Job retry = std::move(call->job);
         retry.resent = true;
         retry.not_before = now + std::max(retry.backoff, absl::Milliseconds(50));
@@ -1032,9 +1051,8 @@ class FrameSender {
   const PeerGroup::Impl& group_;
   const absl::Time deadline_;
   const int max_in_flight_;
-  const absl::Duration grace_;
+  FailureClock* const failures_;
   std::map<int, absl::Status>* const unreached_;
-  std::map<int, absl::Time> failing_since_;  // per peer: its first transport failure unanswered
   const std::function<absl::Status()> interrupt_;
 
   grpc::CompletionQueue cq_;
@@ -1080,7 +1098,7 @@ absl::Status PeerGroup::Impl::SendAll(OpRun& run, v1::ExchangeDType dtype,
     absl::Status s = mailbox->PostedFailure(options.group, &source);
     return s.ok() ? s : PeerFailure(s, source);
   };
-  FrameSender sender(*this, run.deadline, options.max_frames_in_flight, options.reconnect_grace,
+  FrameSender sender(*this, run.deadline, options.max_frames_in_flight, &run.failures,
                      &run.unreached, interrupt);
   v1::ExchangeFrame header = Header(run, dtype);
   for (const ExpectedTransfer& t : sends) {
@@ -1102,8 +1120,8 @@ absl::Status PeerGroup::Impl::CheckUnreached(const OpRun& run) const {
 void PeerGroup::Impl::SendAborts(const OpRun& run, const absl::Status& abort, absl::Time until) {
   std::map<int, absl::Status> unreached;
   // No grace: an abort is a courtesy, and the failed operation returns only after it.
-  FrameSender sender(*this, until, std::max(1, size - 1), absl::ZeroDuration(), &unreached,
-                     nullptr);
+  FailureClock no_grace(absl::ZeroDuration());
+  FrameSender sender(*this, until, std::max(1, size - 1), &no_grace, &unreached, nullptr);
   v1::ExchangeFrame frame = Header(run, v1::EXCHANGE_DTYPE_UNSPECIFIED);
   frame.mutable_abort()->set_code(static_cast<int>(abort.code()));
   frame.mutable_abort()->set_message(std::string(abort.message().substr(0, kMaxAbortMessageBytes)));
@@ -1115,7 +1133,6 @@ void PeerGroup::Impl::SendAborts(const OpRun& run, const absl::Status& abort, ab
 
 absl::Status PeerGroup::Impl::AwaitPhase(OpRun& run, uint32_t phase) {
   std::vector<int> missing;
-  std::map<int, absl::Time> failing_since;  // per peer: since when its channel has failed
   while (true) {
     if (closing.load()) return absl::CancelledError("the group is being destroyed");
     const absl::Time until = std::min(run.deadline, absl::Now() + options.probe_interval);
@@ -1138,9 +1155,9 @@ absl::Status PeerGroup::Impl::AwaitPhase(OpRun& run, uint32_t phase) {
     const absl::Time now = absl::Now();
     for (int r : missing) {
       const grpc_connectivity_state state = channels[r]->GetState(/*try_to_connect=*/true);
-      if (state == GRPC_CHANNEL_READY) failing_since.erase(r);
+      if (state == GRPC_CHANNEL_READY) run.failures.Answered(r);
       if (state != GRPC_CHANNEL_TRANSIENT_FAILURE) continue;
-      if (now - failing_since.emplace(r, now).first->second >= options.reconnect_grace) {
+      if (run.failures.GiveUp(r, now)) {
         return absl::UnavailableError(absl::StrCat(
             Who(r), " is unreachable (connecting to it failed for ",
             absl::FormatDuration(options.reconnect_grace), ") while this rank waited for its "
@@ -1195,7 +1212,7 @@ void PeerGroup::Impl::RunWorker() {
 }
 
 absl::Status PeerGroup::Impl::RunOp(OpState& op) {
-  OpRun run;
+  OpRun run(options.reconnect_grace);
   run.seq = next_op_seq++;
   run.op = op.wire_op;
   run.deadline = op.deadline;

@@ -357,7 +357,7 @@ TEST(SimulatorTest, CommandLine) {
   EXPECT_EQ(missing.exit_code, 2) << missing.output;
 }
 
-// --- SimulateStaticRestarts -----------------------------------------------------------------------
+// --- SimulateStaticRestarts ----------------------------------------------------------------------
 
 StaticRestartOptions Restarts(double seconds, double step_s, double start_s, int64_t every,
                               double kill_every_s) {
@@ -447,11 +447,16 @@ TEST(StaticRestartsTest, BadOptionsAreNamed) {
     StaticRestartOptions o;
     const char* name;
   } cases[] = {
-      {Restarts(0, 1, 0, 1, 10), "seconds"},      {Restarts(NAN, 1, 0, 1, 10), "seconds"},
-      {Restarts(10, 0, 0, 1, 10), "step_s"},      {Restarts(10, -1, 0, 1, 10), "step_s"},
-      {Restarts(10, 1, -1, 1, 10), "start_s"},    {Restarts(10, 1, INFINITY, 1, 10), "start_s"},
-      {Restarts(10, 1, 0, 0, 10), "checkpoint_every"}, {Restarts(10, 1, 0, 1, 0), "kill_every_s"},
-      {Restarts(10, 1, 0, 1, NAN), "kill_every_s"},    {Restarts(1e12, 1e-3, 0, 1, 10), "seconds / step_s"},
+      {Restarts(0, 1, 0, 1, 10), "seconds"},
+      {Restarts(NAN, 1, 0, 1, 10), "seconds"},
+      {Restarts(10, 0, 0, 1, 10), "step_s"},
+      {Restarts(10, -1, 0, 1, 10), "step_s"},
+      {Restarts(10, 1, -1, 1, 10), "start_s"},
+      {Restarts(10, 1, INFINITY, 1, 10), "start_s"},
+      {Restarts(10, 1, 0, 0, 10), "checkpoint_every"},
+      {Restarts(10, 1, 0, 1, 0), "kill_every_s"},
+      {Restarts(10, 1, 0, 1, NAN), "kill_every_s"},
+      {Restarts(1e12, 1e-3, 0, 1, 10), "seconds / step_s"},
   };
   for (const auto& c : cases) {
     absl::StatusOr<StaticRestartResult> r = SimulateStaticRestarts(c.o);
