@@ -17,7 +17,7 @@
 //                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
 //   simulated     the churn arms predicted without running them: the swarm's by `shoal
 //                 simulate --swarm` (6 preemptible peers at this machine's fp32 GEMM rate over
-//                 the throttle, failing at the kills' mean rate, replaced after a start), the
+//                 the throttle, one killed every --kill-every s, replaced after a start), the
 //                 static pipeline's by a 1F1B step time from the same FLOPs and rate with every
 //                 kill costing a start and the steps since the newest checkpoint
 //                 (scheduler::SimulateStaticRestarts). A start is the static no-kill arm's time
@@ -644,10 +644,10 @@ class SwarmBench {
 
   // The churn arms' prediction: each arm's steady rate over kSimulatedChurnS of virtual time (so
   // the start of a run weighs little), tokens/s:
-  //   swarm   6 preemptible peers at PeerGflops(), failing at the kills' mean rate (one every
-  //           --kill-every s among the 6: exponential lifetimes, averaged over 4 seeds), replaced
-  //           `start_s` later; fenced 1 s after they fail (the live swarm fences a peer as soon
-  //           as a call to it fails); checkpoints as the arms'.
+  //   swarm   6 preemptible peers at PeerGflops(), one of them killed every --kill-every s
+  //           (which one drawn by the seed: averaged over 4 seeds), replaced `start_s` later;
+  //           fenced 1 s after they fail (the live swarm fences a peer as soon as a call to it
+  //           fails); checkpoints as the arms'.
   //   static  a 1F1B pipeline step (PipelineStepSeconds) of the uniform 3-stage split, each
   //           micro-batch's FLOPs at PeerGflops(); every --kill-every s a kill costs `start_s`
   //           and the steps since the newest checkpoint (SimulateStaticRestarts). The data-
@@ -677,7 +677,7 @@ class SwarmBench {
         so.in_flight = o_.in_flight;
         so.steps = 1000000000;
         so.checkpoint_every = kCheckpointEvery;
-        so.churn_per_hour = churn == 0 ? 0 : 3600 / (o_.kill_every_s * 6);
+        so.kill_every_s = churn == 0 ? 0 : o_.kill_every_s;
         so.seed = static_cast<uint64_t>(seed);
         SHOAL_ASSIGN_OR_RETURN(const scheduler::SwarmSimulationResult r,
                                scheduler::SimulateSwarm(spec, so));

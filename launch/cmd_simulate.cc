@@ -106,6 +106,10 @@ int SimulateMain(int argc, char** argv) {
                  "--swarm: steps between checkpoints, the target of a rollback (0: none, the "
                  "init)")
       ->capture_default_str();
+  app.add_option("--kill-every", swarm_options.kill_every_s,
+                 "--swarm: besides --churn, kill one live preemptible peer (drawn by --seed) "
+                 "every this many virtual seconds, as `shoal bench swarm` does (0: never)")
+      ->capture_default_str();
   app.add_option("--rebalance-s", swarm_options.rebalance_s,
                  "--swarm: the coordinator's --rebalance-s, seconds between rebalancing checks "
                  "(0: never)")
@@ -134,6 +138,11 @@ int SimulateMain(int argc, char** argv) {
       return RefuseFlag(absl::StrCat("--rebalance-s must be in [0, 86400] (0: never), got ",
                                      swarm_options.rebalance_s));
     }
+    if (!std::isfinite(swarm_options.kill_every_s) || swarm_options.kill_every_s < 0 ||
+        swarm_options.kill_every_s > 1e7) {
+      return RefuseFlag(absl::StrCat("--kill-every must be in [0, 1e7] (0: never), got ",
+                                     swarm_options.kill_every_s));
+    }
     if (swarm_options.checkpoint_every < 0) {
       return RefuseFlag(absl::StrCat("--checkpoint-every must be >= 0, got ",
                                      swarm_options.checkpoint_every));
@@ -144,7 +153,8 @@ int SimulateMain(int argc, char** argv) {
     return SimulateSwarmMain(devices_file, swarm_options, json);
   }
   for (const char* flag :
-       {"--stages", "--micro-batches", "--trainers", "--checkpoint-every", "--rebalance-s"}) {
+       {"--stages", "--micro-batches", "--trainers", "--checkpoint-every", "--rebalance-s",
+        "--kill-every"}) {
     if (app.count(flag) > 0) return RefuseFlag(absl::StrCat(flag, " needs --swarm"));
   }
   absl::StatusOr<scheduler::ClusterSpec> spec = scheduler::LoadClusterFile(devices_file);

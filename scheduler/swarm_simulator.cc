@@ -49,7 +49,7 @@ struct StageModel {
 };
 
 enum class EventKind {
-  kRow, kJoin, kFail, kRemove, kSynced, kHopDone, kReduced, kSlow, kRebalance
+  kRow, kJoin, kFail, kRemove, kSynced, kHopDone, kReduced, kSlow, kRebalance, kKill
 };
 
 struct Event {
@@ -164,6 +164,7 @@ class SwarmSimulation {
       }
     }
     if (options_.rebalance_s > 0) Schedule(options_.rebalance_s, EventKind::kRebalance);
+    if (options_.kill_every_s > 0) Schedule(options_.kill_every_s, EventKind::kKill);
     const double end_s = spec_.settings.max_hours * 3600;
     int64_t processed = 0;
     while (!done_ && !events_.empty()) {
@@ -227,6 +228,9 @@ class SwarmSimulation {
       case EventKind::kRebalance:
         Schedule(now_s_ + options_.rebalance_s, EventKind::kRebalance);
         return Rebalance();
+      case EventKind::kKill:
+        Schedule(now_s_ + options_.kill_every_s, EventKind::kKill);
+        return Kill();
     }
     return absl::OkStatus();
   }
@@ -323,6 +327,20 @@ class SwarmSimulation {
       Note(absl::StrCat("move ", m.peer, " from stage ", m.from, " to stage ", m.to));
     }
     return absl::OkStatus();
+  }
+
+  // A scheduled kill: one live peer of a preemptible group, drawn uniformly (none: nothing).
+  absl::Status Kill() {
+    std::vector<int> live;
+    for (size_t i = 0; i < peers_.size(); ++i) {
+      if (peers_[i].alive && spec_.groups[peers_[i].group].preemptible) {
+        live.push_back(static_cast<int>(i));
+      }
+    }
+    if (live.empty()) return absl::OkStatus();
+    const size_t pick = std::min(
+        live.size() - 1, static_cast<size_t>(rng_.Uniform() * static_cast<double>(live.size())));
+    return Fail(live[pick]);
   }
 
   absl::Status Fail(int index) {
@@ -816,6 +834,10 @@ absl::Status CheckOptions(const ClusterSpec& spec, const SwarmSimulationOptions&
   if (!std::isfinite(o.churn_per_hour) || o.churn_per_hour < 0 || o.churn_per_hour > 3600) {
     return absl::InvalidArgumentError(absl::StrCat(
         "churn must be in [0, 3600] failures per device-hour, got ", o.churn_per_hour));
+  }
+  if (!std::isfinite(o.kill_every_s) || o.kill_every_s < 0 || o.kill_every_s > 1e7) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kill_every_s must be in [0, 1e7] (0: no kills), got ", o.kill_every_s));
   }
   if (!std::isfinite(o.rebalance_s) || o.rebalance_s < 0 || o.rebalance_s > 86400) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -33,6 +33,8 @@
 //               next step opens by itself.
 //   stragglers  a group with slow_after_s computes slow_factor times slower from then on, and
 //               its peers report the new throughput.
+//   kills       with kill_every_s, a live preemptible peer drawn uniformly fails on that
+//               schedule, as any failure (below).
 //   rebalancing every rebalance_s the coordinator's check (SwarmState::Rebalance, the policy of
 //               swarm_policy.h) may move a peer: it drains, then syncs its new stage as a joiner
 //               does and reports its throughput there.
@@ -67,6 +69,9 @@ struct SwarmSimulationOptions {
   int trainers = 1;              // virtual trainers, in [1, 4096]
   int in_flight = 8;             // micro-batches each trainer runs at once (--in-flight), [1, 256]
   double churn_per_hour = 0;     // failures per preemptible device per virtual hour, [0, 3600]
+  // > 0: besides, every kill_every_s one live peer of a preemptible group, drawn uniformly, fails
+  // (a kill -9 on a schedule, as `shoal bench swarm` kills); 0: none. [0, 1e7].
+  double kill_every_s = 0;
   int64_t checkpoint_every = 0;  // every stage saved after each this many steps (free); 0: none
   uint64_t seed = 1;             // of the failure times
   double report_every_s = 0;     // a row this often; 0: the file's simulation.report_every_s

@@ -222,6 +222,47 @@ TEST(SwarmSimulatorTest, ChurnCostsReplaysButEveryStepIsAppliedOnce) {
   EXPECT_EQ(r.rows.back().deaths, r.summary.deaths);
 }
 
+TEST(SwarmSimulatorTest, KillsComeOnTheirScheduleAndOnlyToPreemptiblePeers) {
+  // kill_every_s = 7 over 100 s of virtual time: kills at 7, 14, ..., 98, 14 of them, each of a
+  // preemptible peer (never an on-demand one), each replaced; with an on-demand peer in every
+  // stage, nothing is lost or rolled back.
+  std::string text =
+      JobToml(4, "lease_s = 1\nheartbeat_s = 0.25\nreplace_after_s = 2\nreport_every_s = 1\n"
+                 "max_hours = 0.02777777777777778\n");
+  absl::StrAppend(&text, GroupToml("core", 2, "preemptible = false\n"),
+                  GroupToml("spot", 4, "preemptible = true\n"));
+  const ClusterSpec spec = Parse(text);
+  SwarmSimulationOptions o;
+  o.stages = 2;
+  o.trainers = 2;
+  o.micro_batches = 8;
+  o.steps = 1000000;
+  o.kill_every_s = 7;
+  const SwarmSimulationResult r = RunSwarm(spec, o);
+  EXPECT_EQ(r.summary.deaths, 14);
+  int fails = 0;
+  for (const SwarmSimulationRow& row : r.rows) {
+    EXPECT_EQ(row.events.find("fail core"), std::string::npos) << row.events;
+    for (size_t at = row.events.find("fail spot"); at != std::string::npos;
+         at = row.events.find("fail spot", at + 1)) {
+      ++fails;
+      // Rows come every second: the kill at 7k s shows in the row of 7k s.
+      const double k = row.time_s / 7;
+      EXPECT_NEAR(k, std::round(k), 1e-9) << "a kill in the row of " << row.time_s << " s";
+    }
+  }
+  EXPECT_EQ(fails, 14);
+  EXPECT_EQ(r.summary.rollbacks, 0);
+  EXPECT_EQ(r.summary.duplicates, 0);
+  EXPECT_EQ(r.summary.max_lost, 0);
+  EXPECT_GT(r.summary.joins, 6 + 10);  // the replacements, 2 s after each kill
+  // Without preemptible peers nothing is killed.
+  std::string core_only = JobToml(4, "lease_s = 1\nheartbeat_s = 0.25\nreport_every_s = 1\n"
+                                     "max_hours = 0.02777777777777778\n");
+  absl::StrAppend(&core_only, GroupToml("core", 4, "preemptible = false\n"));
+  EXPECT_EQ(RunSwarm(Parse(core_only), o).summary.deaths, 0);
+}
+
 TEST(SwarmSimulatorTest, LostStageRollsBackToTheNewestCheckpoint) {
   // One preemptible peer per stage: each death loses a stage, and the swarm resumes from the
   // newest checkpoint (every 5 steps) once the replacement has loaded it.
@@ -361,6 +402,11 @@ TEST(SwarmSimulatorTest, BadOptionsAreNamed) {
   o.rebalance_s = -1;
   refused(o, "rebalance_s");
   o.rebalance_s = 0;
+  o.kill_every_s = -1;
+  refused(o, "kill_every_s");
+  o.kill_every_s = NAN;
+  refused(o, "kill_every_s");
+  o.kill_every_s = 0;
   std::string no_net = SwarmToml(2, 0);
   no_net.replace(no_net.find("net_gbps = 1"), 12, "net_gbps = 0");
   absl::StatusOr<SwarmSimulationResult> r = SimulateSwarm(Parse(no_net), o);
@@ -443,6 +489,8 @@ TEST(SwarmSimulatorTest, CommandLineRefusesBadCounts) {
   ExpectRefused(run + "--swarm --stages 2 --micro-batches 0", "--micro-batches");
   ExpectRefused(run + "--swarm --stages 2 --trainers 0", "--trainers");
   ExpectRefused(run + "--stages 2", "--stages needs --swarm");
+  ExpectRefused(run + "--swarm --stages 2 --kill-every -1", "--kill-every");
+  ExpectRefused(run + "--kill-every 5", "--kill-every needs --swarm");
 }
 
 }  // namespace
