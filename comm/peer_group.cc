@@ -664,7 +664,6 @@ void Combine(at::Tensor& acc, const at::Tensor& x, ReduceOp op) {
   }
 }
 
-// What one operation knows while it runs.
 // Since when each peer's connections have kept failing with nothing answered since: a peer
 // counts as unreachable once that has lasted `grace` (a connection to a live peer can fail once:
 // on a loaded machine one to 127.0.0.1 did). One per operation, kept by its sends (a frame's
@@ -684,6 +683,7 @@ class FailureClock {
   std::map<int, absl::Time> since_;
 };
 
+// What one operation knows while it runs.
 struct OpRun {
   explicit OpRun(absl::Duration reconnect_grace) : failures(reconnect_grace) {}
   uint64_t seq = 0;  // its number in the group
@@ -820,12 +820,12 @@ namespace {
 // each with the operation's deadline. A peer's "mailbox full" answer is retried with backoff
 // until the deadline. A call that failed in transport (the peer is unavailable, the connection
 // broke) is retried with backoff until `failures` gives the peer up; then, or at once when a
-// peer answered with its own abort, the peer goes
-// into `unreached` and its other frames are dropped. A retried frame that the peer answers as
-// delivered before (the failure came after it arrived) counts as delivered. Any other error (a
-// refusal, the deadline) ends the sending, cancels the calls in flight and is returned, naming
-// the peer. `interrupt` is polled while waiting: a non-OK status from it (a peer's abort, the
-// group being destroyed) ends the sending with that status.
+// peer answered with its own abort, the peer goes into `unreached` and its other frames are
+// dropped. A retried frame that the peer answers as delivered before (the failure came after it
+// arrived) counts as delivered. Any other error (a refusal, the deadline) ends the sending,
+// cancels the calls in flight and is returned, naming the peer. `interrupt` is polled while
+// waiting: a non-OK status from it (a peer's abort, the group being destroyed) ends the sending
+// with that status.
 //
 // Everything runs on the calling thread: the calls complete on a completion queue of this
 // sender's own, which Run polls. (gRPC's callback API would need no loop here, but on this
