@@ -245,9 +245,9 @@ class SwarmBench {
     double next_kill = o_.kill_every_s;
     int code = -1;
     while ((code = run.Poll()) < 0 && SecondsSince(t0) < o_.seconds) {
-      if (r.first_step_s < 0) {
+      if (!churn && r.first_step_s < 0) {
         // The start (launch, rendezvous, loading, the first step) the simulated arms charge for
-        // every restart, to within the 0.1 s of this loop.
+        // every restart, to within the 0.1 s of this loop (read on the no-kill arm only).
         absl::StatusOr<std::string> log = ReadFileToString(run.log());
         if (log.ok() && log->find("] step ") != std::string::npos) {
           r.first_step_s = SecondsSince(t0);
