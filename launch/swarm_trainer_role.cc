@@ -460,13 +460,12 @@ class Trainer {
     const double end = Now();
     // The call's time less what it waited at the peer behind other calls (this trainer's or
     // another's): transit and compute, the peer's cost for one more task, folded as it is.
-    // Folded as intervals (Report), calls whose replies this trainer's threads read late counted
-    // as taking next to no time, and in `shoal bench swarm` one of stage 0's two equal peers
-    // drew 60 % of the calls (with this measure, each drew as many calls a step as the other).
+    // (Timed as intervals whose overlaps count once, calls whose replies this trainer's threads
+    // read late counted as taking next to no time: see ThroughputEma.)
     // A peer's queued_s outside [0, the call's time] is not believed: the whole call counts.
     const double wall = end - t0;
     const bool believed = std::isfinite(queued_s) && queued_s >= 0 && queued_s <= wall;
-    (void)routers_[stage]->ReportSeconds(peer, work, believed ? wall - queued_s : wall);
+    (void)routers_[stage]->Report(peer, work, believed ? wall - queued_s : wall);
     std::lock_guard<std::mutex> lock(calls_mu_);
     CallTimes& c = calls_[{stage, peer}];
     ++c.calls;

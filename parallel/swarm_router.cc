@@ -14,8 +14,8 @@ namespace shoal::parallel {
 
 namespace {
 
-// PerformanceEMA's floor on seconds per sample: a task measured at zero seconds (one that lay
-// entirely inside time already counted) gives a huge but finite throughput.
+// PerformanceEMA's floor on seconds per sample: a task measured at zero seconds gives a huge but
+// finite throughput.
 constexpr double kMinSecondsPerSample = 1e-20;
 
 bool FinitePositive(double x) { return std::isfinite(x) && x > 0; }
@@ -26,25 +26,7 @@ bool FinitePositive(double x) { return std::isfinite(x) && x > 0; }
 
 ThroughputEma::ThroughputEma(double alpha) : alpha_(alpha) { assert(alpha > 0 && alpha <= 1); }
 
-absl::Status ThroughputEma::Update(double samples, double start_s, double end_s) {
-  if (!FinitePositive(samples)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("throughput update: samples must be finite and > 0, got ", samples));
-  }
-  if (!std::isfinite(start_s) || !std::isfinite(end_s) || end_s < start_s) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("throughput update: need finite times with start <= end, got start ", start_s,
-                     " s, end ", end_s, " s"));
-  }
-  // Time before the latest end seen was already attributed to another task on this peer.
-  const double from = updates_ > 0 ? std::max(start_s, last_end_s_) : start_s;
-  const double seconds = std::max(0.0, end_s - from);
-  last_end_s_ = updates_ > 0 ? std::max(last_end_s_, end_s) : end_s;
-  Fold(seconds / samples);
-  return absl::OkStatus();
-}
-
-absl::Status ThroughputEma::UpdateSeconds(double samples, double seconds) {
+absl::Status ThroughputEma::Update(double samples, double seconds) {
   if (!FinitePositive(samples)) {
     return absl::InvalidArgumentError(
         absl::StrCat("throughput update: samples must be finite and > 0, got ", samples));
@@ -295,25 +277,14 @@ void StageRouter::Charge(const std::string& peer, double task_size) {
   ++counters_.choices;
 }
 
-absl::Status StageRouter::Report(const std::string& peer, double task_size, double start_s,
-                                 double end_s) {
-  return Fold(peer, [&](ThroughputEma& ema) { return ema.Update(task_size, start_s, end_s); });
-}
-
-absl::Status StageRouter::ReportSeconds(const std::string& peer, double task_size,
-                                        double seconds) {
-  return Fold(peer, [&](ThroughputEma& ema) { return ema.UpdateSeconds(task_size, seconds); });
-}
-
-absl::Status StageRouter::Fold(const std::string& peer,
-                               absl::FunctionRef<absl::Status(ThroughputEma&)> update) {
+absl::Status StageRouter::Report(const std::string& peer, double task_size, double seconds) {
   absl::MutexLock lock(&mu_);
   auto it = peers_.find(peer);
   if (it == peers_.end()) {
     return absl::NotFoundError(
         absl::StrCat(options_.stage, ": report for peer '", peer, "', which is not in the roster"));
   }
-  absl::Status s = update(it->second.ema);
+  absl::Status s = it->second.ema.Update(task_size, seconds);
   if (!s.ok()) {
     return absl::InvalidArgumentError(
         absl::StrCat(options_.stage, " peer '", peer, "': ", s.message()));

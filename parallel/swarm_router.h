@@ -37,7 +37,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -49,24 +48,20 @@ namespace shoal::parallel {
 // (ema / (1 - (1 - alpha)^n) after n updates), throughput = 1 / max(seconds per sample, 1e-20).
 // So the first measurement is taken as it is, and a constant rate is reported as that rate.
 //
-// Tasks may overlap (several micro-batches in flight on one peer): each task is measured from
-// max(its start, the latest end seen so far), so time already attributed to an earlier task is
-// not counted twice. A task that lies entirely inside time already counted adds its samples with
-// zero seconds. Tasks are best reported in the order they end; an early-ending task reported late
-// is measured as if it had ended at the latest end seen.
+// Each task comes with the seconds its caller measured for it. A trainer with several calls in
+// flight to one peer measures each call's time less what it waited there behind the others (the
+// peer's reply says how long), so overlapping calls need no accounting here. (Timing calls as
+// intervals and counting the time two of them overlap once takes a call whose reply was read late
+// as taking next to no time: in `shoal bench swarm` that gave one of two equal peers 60 % of the
+// calls.)
 class ThroughputEma {
  public:
   // REQUIRES: 0 < alpha <= 1.
   explicit ThroughputEma(double alpha = 0.1);
 
-  // Folds in a task of `samples` (> 0) that ran from `start_s` to `end_s` (>= start_s), both
-  // finite. kInvalidArgument naming the bad value; the average is then unchanged.
-  absl::Status Update(double samples, double start_s, double end_s);
-  // Folds in a task of `samples` (> 0) measured as `seconds` (finite, >= 0) by its caller, with
-  // no overlap accounting: for measurements that already leave out the time the task waited
-  // behind others (a peer's queue), which concurrent tasks reported out of order would otherwise
-  // turn into zero-second tasks and an inflated throughput. kInvalidArgument as Update.
-  absl::Status UpdateSeconds(double samples, double seconds);
+  // Folds in a task of `samples` (> 0) measured as `seconds` (finite, >= 0). kInvalidArgument
+  // naming the bad value; the average is then unchanged.
+  absl::Status Update(double samples, double seconds);
 
   // Samples per second; 0 before the first update.
   double Throughput() const;
@@ -86,7 +81,6 @@ class ThroughputEma {
   double weighted_sum_ = 0;
   double weight_ = 0;
   int64_t updates_ = 0;
-  double last_end_s_ = 0;  // the latest end seen; meaningful once updates_ > 0
 };
 
 struct StageRouterOptions {
@@ -148,16 +142,12 @@ class StageRouter {
   // Choose's would. Otherwise Choose(task_size).
   absl::StatusOr<std::string> ChooseSame(const std::string& peer, double task_size);
 
-  // A task of `task_size` ran on `peer` from `start_s` to `end_s` (seconds on the caller's clock):
-  // folds it into the peer's throughput (ThroughputEma). The peer's first report moves it back
-  // to the heap minimum (its earlier choices were charged at initial_seconds_per_sample, which
-  // would otherwise keep it unchosen until the measured peers caught up). kInvalidArgument for bad numbers;
-  // kNotFound when the peer is not in the roster (it left meanwhile: nothing to do).
-  absl::Status Report(const std::string& peer, double task_size, double start_s, double end_s);
-  // As Report, for a task its caller measured as `seconds` of the peer's time (ThroughputEma::
-  // UpdateSeconds): a trainer with several calls in flight to one peer reports each call's time
-  // less what it waited there behind the others.
-  absl::Status ReportSeconds(const std::string& peer, double task_size, double seconds);
+  // A task of `task_size` took `seconds` of `peer`'s time (ThroughputEma::Update): folds it into
+  // the peer's throughput. The peer's first report moves it back to the heap minimum (its earlier
+  // choices were charged at initial_seconds_per_sample, which would otherwise keep it unchosen
+  // until the measured peers caught up). kInvalidArgument for bad numbers; kNotFound when the peer
+  // is not in the roster (it left meanwhile: nothing to do).
+  absl::Status Report(const std::string& peer, double task_size, double seconds);
 
   // Stops choosing `peer` until the roster version changes or the stage has made the ban's
   // length of choices (a call to it failed with something other than a deadline: a slow peer is
@@ -215,10 +205,6 @@ class StageRouter {
   // The smallest virtual time of a live entry, or of the last choice when there is none.
   double HeapMinimum() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double ExpectedSeconds(const Peer& p, double task_size) const;
-  // Report's and ReportSeconds' common part: `update` on the peer's EMA, then the first
-  // measurement's re-entry.
-  absl::Status Fold(const std::string& peer,
-                    absl::FunctionRef<absl::Status(ThroughputEma&)> update);
 
   const StageRouterOptions options_;
   mutable absl::Mutex mu_;

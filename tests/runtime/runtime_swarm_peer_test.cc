@@ -181,9 +181,7 @@ class SwarmOverGrpc {
         // alternates between them and each one holds part of every step. (Measured times on a
         // loaded machine would let one peer take all the work; the router's own tests cover
         // weighting by measured throughput.)
-        const double t0 = clock_;
-        clock_ += 0.01;
-        EXPECT_TRUE(routers_[stage]->Report(*chosen, 1.0, t0, clock_).ok());
+        EXPECT_TRUE(routers_[stage]->Report(*chosen, 1.0, 0.01).ok());
         return reply;
       }
       if (!absl::IsUnavailable(reply.status())) return reply.status();
@@ -337,7 +335,6 @@ class SwarmOverGrpc {
   uint64_t roster_version_ = 0;
   scheduler::SwarmLedger ledger_;
   int64_t fenced_ = 0;
-  double clock_ = 0;  // the trainer's task clock (see OnSomePeer)
   bool broken_ = false;  // a round failed on some peer
 };
 
