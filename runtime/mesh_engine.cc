@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -20,12 +19,6 @@
 
 namespace shoal::runtime {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
 
 // The tag of the tied-embedding gradient exchange on the pipeline group; the executor's tags
 // stay below it (parallel/pipeline_executor.cc).
@@ -52,13 +45,13 @@ class MeshStage final : public parallel::StageCompute {
     Gpt& model = Chunk(chunk);
     const auto& [x, y] = Batch(micro_batch);
     MicroBatch mb{&y, x.size(0), x.size(1), slot};
-    const Clock::time_point t0 = Clock::now();
+    const WorkClock work = WorkClock::Start();
     at::Tensor out = model.StageForward(model.has_embedding() ? x : input, mb);
     if (model.has_head()) {
       loss_sum_ += out.item<double>();
       out = at::Tensor();
     }
-    throttle_.After(Seconds(t0, Clock::now()));
+    throttle_.After(work);
     return out;
   }
 
@@ -66,10 +59,10 @@ class MeshStage final : public parallel::StageCompute {
                       const at::Tensor& grad_output) override {
     Gpt& model = Chunk(chunk);
     Batch(micro_batch);
-    const Clock::time_point t0 = Clock::now();
+    const WorkClock work = WorkClock::Start();
     at::Tensor g = model.StageBackward(model.has_head() ? at::Tensor() : grad_output,
                                        loss_scale_, slot);
-    throttle_.After(Seconds(t0, Clock::now()));
+    throttle_.After(work);
     return g;
   }
 

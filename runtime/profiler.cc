@@ -2,8 +2,10 @@
 
 #include <google/protobuf/util/json_util.h>
 #include <sys/statvfs.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -126,6 +128,27 @@ absl::Status Throttle::CheckFactor(double factor, const char* what) {
         absl::StrCat(what, " must be a finite number >= 1, got ", factor));
   }
   return absl::OkStatus();
+}
+
+WorkClock WorkClock::Start() {
+  WorkClock c;
+  c.cpu0_ = ProcessCpuSeconds();
+  c.wall0_ = std::chrono::steady_clock::now();
+  return c;
+}
+
+double WorkClock::Seconds() const {
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0_).count();
+  const double cpu = ProcessCpuSeconds() - cpu0_;
+  // A clock that could not be read (0 both times) leaves the wall time.
+  return cpu > 0 ? std::min(wall, cpu) : wall;
+}
+
+double WorkClock::ProcessCpuSeconds() {
+  timespec ts{};
+  if (::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return 0;
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 double Throttle::After(double work_seconds) const {

@@ -6,10 +6,12 @@
 //
 // `throttle` >= 1 slows this worker on purpose by that factor (tests and benchmarks of
 // heterogeneity on one machine): measured rates are divided by it, and Throttle::After() sleeps
-// (factor - 1) x the time of the work it follows.
+// (factor - 1) x the time of the work it follows (WorkClock: its wall time, but no more than the
+// CPU time the process spent on it).
 #ifndef SHOAL_RUNTIME_PROFILER_H_
 #define SHOAL_RUNTIME_PROFILER_H_
 
+#include <chrono>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -28,6 +30,29 @@ struct ProfileOptions {
 // does not exist; each message names the option.
 absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options);
 
+// How long a piece of work took as a Throttle counts it: its wall time from Start() to
+// Seconds(), but no more than the CPU time this process spent meanwhile (all its threads). Several
+// throttled ranks share one machine's cores as several devices; time a rank's work spent waiting
+// for a core another rank held is then not multiplied by the throttle, since the device it stands
+// for would not have waited. (Counted as wall time, that wait was: in `shoal bench swarm` a
+// stage-0 micro-batch, forward and backward, that computes in 16 ms alone took 30 ms among the
+// run's 8 processes, 120 ms throttled 4×.) Work on several threads at once takes more CPU time
+// than wall time: the wall time counts, as before. The process's other threads (a peer receiving
+// its next call) count too, so the work is never counted as less than its own CPU time.
+// Plain value; Seconds() may be called any number of times.
+class WorkClock {
+ public:
+  static WorkClock Start();
+  double Seconds() const;
+  // The process's CPU seconds so far (CLOCK_PROCESS_CPUTIME_ID; 0 where it cannot be read).
+  static double ProcessCpuSeconds();
+
+ private:
+  WorkClock() = default;
+  std::chrono::steady_clock::time_point wall0_;
+  double cpu0_ = 0;
+};
+
 // The deliberate slow-down: after a piece of work that took `work_seconds`, After() sleeps
 // (factor - 1) x that, so the work appears `factor` times slower to everyone downstream. A test
 // device, not a scheduler: one machine can then play ranks of different speeds. Thread-safe.
@@ -38,6 +63,8 @@ class Throttle {
   static absl::Status CheckFactor(double factor, const char* what);
   // Sleeps; returns the seconds slept (0 when factor is 1).
   double After(double work_seconds) const;
+  // After(work.Seconds()): the work timed from `work`'s start to now.
+  double After(const WorkClock& work) const { return After(work.Seconds()); }
   double factor() const { return factor_; }
 
  private:

@@ -161,10 +161,10 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     load_.samples += samples;
     load_.compute_s += seconds;
   }
-  // The deliberate slow-down after a compute that began at t0 (SwarmPeerOptions::slowdown).
-  void SlowDown(std::chrono::steady_clock::time_point t0) const {
+  // The deliberate slow-down after a compute timed by `work` (SwarmPeerOptions::slowdown).
+  void SlowDown(const WorkClock& work) const {
     if (!options_.slowdown) return;
-    Throttle(options_.slowdown()).After(SecondsSince(t0));
+    Throttle(options_.slowdown()).After(work);
   }
   SwarmPeerLoad TakeLoad() {
     std::lock_guard<std::mutex> lock(load_mu_);
@@ -199,8 +199,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
     // The step cannot change while this call holds the lock (WithStage takes it).
     SHOAL_RETURN_IF_ERROR(CheckStep(call, stage.optimizer_steps()));
     const auto t0 = std::chrono::steady_clock::now();
+    const WorkClock work = WorkClock::Start();
     compute();
-    SlowDown(t0);
+    SlowDown(work);
     settle();
     return CallTimes{std::chrono::duration<double>(t0 - asked).count(), SecondsSince(t0)};
   }

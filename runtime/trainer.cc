@@ -249,6 +249,7 @@ absl::StatusOr<bool> Trainer::StopAgreed() {
 
 absl::StatusOr<StepStats> Trainer::TrainStep(int64_t step, Batches& micro, double* seconds) {
   const Clock::time_point t0 = Clock::now();
+  const WorkClock work = WorkClock::Start();
   for (int m = 0; m < batch_.micro_batches; ++m) {
     // This replica's m-th micro-batch: global index first + m under a coordinator's layout.
     const int index = batch_.numbered_globally() ? batch_.first_micro_batch + m : m;
@@ -262,7 +263,7 @@ absl::StatusOr<StepStats> Trainer::TrainStep(int64_t step, Batches& micro, doubl
   // backward itself (a slow device delays its neighbours through the pipeline).
   const double compute_s = Seconds(t0, Clock::now());
   const Throttle throttle(engine_->mesh() != nullptr ? 1.0 : options_.throttle);
-  *seconds = compute_s + throttle.After(compute_s);
+  *seconds = compute_s + throttle.After(work);
   if (!std::isfinite(stats->loss)) {
     return absl::AbortedError(absl::StrCat("loss is ", stats->loss, " at step ", step,
                                            "; lower optim.lr or check the data"));

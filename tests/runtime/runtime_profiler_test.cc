@@ -14,6 +14,7 @@
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/file_util.h"
@@ -196,6 +197,30 @@ TEST(ThrottleTest, SleepsFactorMinusOneTimesTheWork) {
   EXPECT_DOUBLE_EQ(t.After(0.02), 0.04);  // (3 - 1) x 20 ms
   // A sleep lasts at least as long as asked (a lower bound only: no timing assertion).
   EXPECT_GE(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 0.04);
+}
+
+TEST(ThrottleTest, WorkClockCountsNoMoreThanTheCpuTimeSpent) {
+  // Waiting (here a sleep, as a rank waits for a core another rank holds) spends no CPU time:
+  // next to none of it counts, so a throttle multiplies none of it.
+  const WorkClock idle = WorkClock::Start();
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_LT(idle.Seconds(), 0.1);
+  // Work on the CPU counts in full: spin until the process has spent 50 ms of CPU time. What is
+  // counted lies between that CPU time and the wall time it took.
+  const double cpu0 = WorkClock::ProcessCpuSeconds();
+  ASSERT_GT(cpu0, 0);
+  const auto wall0 = std::chrono::steady_clock::now();
+  const WorkClock busy = WorkClock::Start();
+  volatile double sink = 0;
+  while (WorkClock::ProcessCpuSeconds() - cpu0 < 0.05) sink = sink + 1;
+  const double counted = busy.Seconds();
+  const double wall =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
+  EXPECT_GE(counted, 0.05 - 1e-3);
+  EXPECT_LE(counted, wall);
+  // Throttle::After(WorkClock) sleeps (factor - 1) x what the clock counts: for the idle wait,
+  // next to nothing.
+  EXPECT_LT(Throttle(3.0).After(idle), 0.2);
 }
 
 TEST(GemmTest, MeasuresSmallProducts) {
