@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "comm/swarm_client.h"
 #include "common/file_util.h"
 #include "common/logging.h"
@@ -465,23 +466,30 @@ class Trainer {
     // A peer's queued_s outside [0, the call's time] is not believed: the whole call counts.
     const double wall = end - t0;
     const bool believed = std::isfinite(queued_s) && queued_s >= 0 && queued_s <= wall;
-    (void)routers_[stage]->Report(peer, work, believed ? wall - queued_s : wall);
+    const double measured = believed ? wall - queued_s : wall;
+    (void)routers_[stage]->Report(peer, work, measured);
     std::lock_guard<std::mutex> lock(calls_mu_);
     CallTimes& c = calls_[{stage, peer}];
     ++c.calls;
     c.seconds += end - t0;
     c.compute_s += compute_s;
+    c.measured_s += measured;
   }
 
   // Where the calls' time went, per peer (logged at the end).
   void LogCalls() {
     std::lock_guard<std::mutex> lock(calls_mu_);
     for (const auto& [key, c] : calls_) {
+      const std::optional<double> rate = routers_[key.first]->Throughput(key.second);
       SHOAL_LOG(Info) << "swarm trainer " << link_->id() << ": stage " << key.first << " peer "
                       << key.second << ": " << c.calls
                       << " calls, " << std::llround(1e3 * c.seconds / c.calls) << " ms each, "
                       << std::llround(1e3 * c.compute_s / c.calls)
-                      << " ms of it computing at the peer (the rest queued there or in transit)";
+                      << " ms of it computing at the peer (the rest queued there or in transit), "
+                      << std::llround(1e3 * c.measured_s / c.calls)
+                      << " ms as the router measured it (less the queue)"
+                      << (rate.has_value() ? absl::StrFormat("; its rate at the end: %.1f", *rate)
+                                           : std::string("; gone from the router"));
     }
   }
 
@@ -575,6 +583,7 @@ class Trainer {
   struct CallTimes {
     int64_t calls = 0;
     double seconds = 0, compute_s = 0;
+    double measured_s = 0;  // what the router was told (the call's time less its queue)
   };
   std::mutex calls_mu_;
   std::map<std::pair<int, std::string>, CallTimes> calls_;  // per (stage, peer), calls_mu_
