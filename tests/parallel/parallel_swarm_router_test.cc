@@ -91,8 +91,9 @@ TEST(ThroughputEma, RefusesBadMeasurements) {
 // A fake-clock run: peers of fixed true throughputs, each serving its tasks one at a time in
 // arrival order; the trainer keeps `in_flight` tasks of `size` going, submitting a new one
 // whenever one ends, and reports each with its service time (its time less its wait in the
-// peer's queue, as a peer's reply tells the trainer). With `jitter` > 0 each service time is multiplied by a factor drawn uniformly from
-// [1 - jitter, 1 + jitter] (mean 1, seeded). Returns how many tasks each peer got.
+// peer's queue, as a peer's reply tells the trainer). With `jitter` > 0 each service time is
+// multiplied by a factor drawn uniformly from [1 - jitter, 1 + jitter] (mean 1, seeded). Returns
+// how many tasks each peer got.
 std::map<std::string, int> Simulate(StageRouter* router, const std::map<std::string, double>& rate,
                                     int tasks, int in_flight, double size, double jitter = 0) {
   std::mt19937_64 rng(99);
