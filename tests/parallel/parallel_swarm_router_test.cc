@@ -143,24 +143,10 @@ TEST(StageRouter, SharesFollowThroughputs) {
     for (const auto& [id, t] : rate) {
       const double share = static_cast<double>(count[id]) / tasks, want = t / total;
       EXPECT_NEAR(share, want, 0.02 * want) << id << " with " << in_flight << " in flight";
-      // The router learned the peer's true speed (service time, not time in the queue).
+      // The router's rate is the peer's true speed: it was told the service times.
       EXPECT_NEAR(*router->Throughput(id), t, 1e-9 * t) << id;
     }
   }
-}
-
-TEST(ThroughputEma, FoldsTheGivenTimeWhateverTheCallsOrderOrOverlap) {
-  // Two tasks of 4 samples, 0.2 s and 0.1 s: the bias-corrected mean of 0.05 and 0.025 s a
-  // sample with weights 0.9 and 1, whatever order or overlap their calls had.
-  ThroughputEma ema(0.1);
-  ASSERT_TRUE(ema.Update(4, 0.2).ok());
-  EXPECT_DOUBLE_EQ(ema.SecondsPerSample(), 0.05);
-  ASSERT_TRUE(ema.Update(4, 0.1).ok());
-  EXPECT_NEAR(ema.SecondsPerSample(), (0.9 * 0.05 + 0.025) / 1.9, 1e-15);
-  EXPECT_FALSE(ema.Update(0, 0.1).ok());
-  EXPECT_FALSE(ema.Update(4, -0.1).ok());
-  EXPECT_FALSE(ema.Update(4, std::nan("")).ok());
-  EXPECT_EQ(ema.updates(), 2);
 }
 
 TEST(StageRouter, EqualPeersShareEquallyWhenCallsEndOutOfOrderAndReportTheirTimeLessTheQueue) {
