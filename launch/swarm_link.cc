@@ -1,6 +1,9 @@
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <thread>
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -223,6 +226,23 @@ int WorkerFail(const absl::Status& status) {
   // A join refused for a name in use or for memory that fits no stage is the user's to fix too.
   if (absl::IsAlreadyExists(status) || absl::IsResourceExhausted(status)) return 2;
   return ExitCodeFor(status);
+}
+
+double SwarmPeakGflops(const v1::SwarmRoster& roster) {
+  std::map<std::string, double> host_peak;
+  for (const v1::SwarmStageEntry& st : roster.stages()) {
+    for (const v1::SwarmPeerEntry& p : st.peers()) {
+      if (p.state() != "SERVING" && p.state() != "DRAINING") continue;
+      if (!std::isfinite(p.peak_gflops()) || p.peak_gflops() <= 0) continue;
+      // A peer without a host is a host of its own (ids and host names cannot collide: "\n").
+      const std::string host = p.host().empty() ? "\n" + p.id() : p.host();
+      double& peak = host_peak[host];
+      peak = std::max(peak, p.peak_gflops());
+    }
+  }
+  double sum = 0;
+  for (const auto& [host, peak] : host_peak) sum += peak;
+  return sum;
 }
 
 }  // namespace shoal::launch

@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "comm/swarm_client.h"
 #include "common/file_util.h"
+#include "common/gpt_arithmetic.h"
 #include "common/logging.h"
 #include "common/sha256.h"
 #include "common/status.h"
@@ -331,6 +332,10 @@ class Trainer {
       rec.grad_norm = d.grad_norm();
       rec.tokens_per_s = last_decision_s_ > 0 ? tokens / std::max(1e-9, now - last_decision_s_)
                                               : 0;
+      // Model FLOPs per second over the peak of the hardware serving the stages now.
+      const double peak = SwarmPeakGflops(r);
+      const double flops_per_token = GptFlopsPerToken(runtime::ShapeOf(config_.model));
+      rec.mfu = peak > 0 ? rec.tokens_per_s * flops_per_token / (peak * 1e9) : 0;
       rec.elapsed_s = now - started_;
       rec.eta_s = rec.elapsed_s / static_cast<double>(rec.step) *
                   static_cast<double>(total_steps_ - rec.step);
@@ -343,7 +348,7 @@ class Trainer {
       metrics_->Write({{"kind", "train"}, {"step", rec.step}, {"loss", rec.loss},
                        {"step_loss", rec.loss}, {"lr", rec.lr}, {"grad_norm", rec.grad_norm},
                        {"clip_scale", d.clip_scale()}, {"tokens_per_s", rec.tokens_per_s},
-                       {"elapsed_s", rec.elapsed_s}, {"eta_s", rec.eta_s}});
+                       {"mfu", rec.mfu}, {"elapsed_s", rec.elapsed_s}, {"eta_s", rec.eta_s}});
       v1::StepStats stats;
       stats.set_step(rec.step);
       stats.set_loss(rec.loss);

@@ -222,6 +222,9 @@ absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options) {
   profile.set_net_gbps(0);
   profile.set_rtt_ms(0);
   profile.set_blas(DescribeBlas());  // the library can change under a cached profile
+  // MFU's denominator, as mesh mode's trainer takes it (cached per machine on its own).
+  SHOAL_ASSIGN_OR_RETURN(const double peak, PeakGflops());
+  profile.set_peak_gflops(peak);
   return profile;
 }
 

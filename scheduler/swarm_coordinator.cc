@@ -322,6 +322,10 @@ struct SwarmCoordinator::Impl {
         pe->set_drifts(p.drifts);
         pe->set_can_leave(p.can_leave);
         pe->set_moving_to(p.moving_to);
+        if (const auto w = workers.find(p.id); w != workers.end()) {
+          pe->set_host(w->second.device.host());
+          pe->set_peak_gflops(w->second.device.peak_gflops());
+        }
         if (p.state == SwarmPeerState::kSyncing) pe->set_sync_source(SourceName(p.source));
       }
     }

@@ -96,6 +96,8 @@ absl::Status CheckDevice(const v1::DeviceProfile& d, const ValidationLimits& lim
   }
   if (!(s = CheckDouble(d.fp32_gflops(), 0, limits.max_gflops, f("fp32_gflops"))).ok()) return s;
   if (!(s = CheckDouble(d.bf16_gflops(), 0, limits.max_gflops, f("bf16_gflops"))).ok()) return s;
+  // 0: not measured (an older worker); MFU then leaves the host out.
+  if (!(s = CheckDouble(d.peak_gflops(), 0, limits.max_gflops, f("peak_gflops"))).ok()) return s;
   if (!(s = CheckDouble(d.h2d_gbps(), 0, limits.max_gbps, f("h2d_gbps"))).ok()) return s;
   if (!(s = CheckDouble(d.d2h_gbps(), 0, limits.max_gbps, f("d2h_gbps"))).ok()) return s;
   if (!(s = CheckDouble(d.host_copy_gbps(), 0, limits.max_gbps, f("host_copy_gbps"))).ok()) {

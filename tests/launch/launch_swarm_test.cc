@@ -42,6 +42,8 @@
 #include <vector>
 
 #include "runtime/checkpoint.h"
+#include "runtime/config.h"
+#include "runtime/device_probe.h"
 #include "tests/json_util.h"
 #include "tests/monitoring_util.h"
 #include "tests/test_util.h"
@@ -297,6 +299,35 @@ void PrintRoundBytes(const std::string& dir, const std::string& name, int peers,
   EXPECT_EQ(by_stage.size(), 3u) << line.dump();
 }
 
+// Every logged step's MFU is its tokens/s times the model's FLOPs per token (6 per weight that
+// multiplies an activation, with the tied head, plus 12 L C T of attention) over the peak of the
+// one host every peer runs on: counted once however many peers share it, at the peak mesh mode's
+// MFU divides by (runtime::PeakGflops, cached per machine; run_report.h counts a node once too).
+void ExpectMfuOverOneHost(const std::string& run) {
+  absl::StatusOr<runtime::Config> c =
+      runtime::LoadConfig(std::string(SHOAL_SOURCE_DIR) + "/configs/tiny.toml", {});
+  ASSERT_TRUE(c.ok()) << c.status();
+  const double L = c->model.n_layer, C = c->model.n_embd, T = c->model.block_size,
+               V = c->model.vocab_size;
+  const double weights = L * (12 * C * C + 13 * C) + V * C + 2 * C;
+  const double flops_per_token = 6 * weights + 12 * L * C * T;
+  absl::StatusOr<double> peak = runtime::PeakGflops();
+  ASSERT_TRUE(peak.ok()) << peak.status();
+  ASSERT_GT(*peak, 0);
+  std::istringstream in(ReadTextFile(run + "/metrics.jsonl"));
+  std::string line;
+  int checked = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j["kind"] != "train" || !(j["tokens_per_s"].get<double>() > 0)) continue;
+    const double expected =
+        j["tokens_per_s"].get<double>() * flops_per_token / (*peak * 1e9);
+    EXPECT_NEAR(j["mfu"].get<double>(), expected, 1e-9 + 1e-6 * expected) << line;
+    ++checked;
+  }
+  EXPECT_GE(checked, kSteps - 1) << run;  // the first step has no tokens/s
+}
+
 void ExpectSameRun(const std::string& one, const std::string& swarm, double loss_tol,
                    double weight_tol) {
   const std::vector<double> a = StepLosses(one + "/metrics.jsonl");
@@ -317,8 +348,11 @@ TEST_F(SwarmTest, TrainsLikeOneProcessWithOneAndTwoPeersPerStage) {
   Process coordinator = Coordinator("ab", &grpc, &http);
   const std::string a = RunWorkers("a", grpc, 3, 1, coordinator.log());
   ExpectSameRun(one, a, 1e-5, 1e-5);
+  ExpectMfuOverOneHost(a);
   EXPECT_EQ(Number(Status(http)["swarm"].value("job", nlohmann::json(0))), 1);
-  ExpectSameRun(one, RunWorkers("b", grpc, 6, 2, coordinator.log()), 1e-5, 1e-5);
+  const std::string b = RunWorkers("b", grpc, 6, 2, coordinator.log());
+  ExpectSameRun(one, b, 1e-5, 1e-5);
+  ExpectMfuOverOneHost(b);
   PrintRoundBytes(tmp_.path(), "b", 6, "adamw");
   const nlohmann::json second = Status(http);
   EXPECT_EQ(Number(second["swarm"].value("job", nlohmann::json(0))), 2) << second.dump();

@@ -147,6 +147,8 @@ TEST(ValidateTest, EachBadJoinFieldIsNamed) {
       {"device.fp32_gflops", [&](v1::JoinRequest* r) { dev(r)->set_fp32_gflops(2e7); }},
       {"device.bf16_gflops", [&](v1::JoinRequest* r) { dev(r)->set_bf16_gflops(1e12); }},
       {"device.bf16_gflops", [&](v1::JoinRequest* r) { dev(r)->set_bf16_gflops(-kInf); }},
+      {"device.peak_gflops", [&](v1::JoinRequest* r) { dev(r)->set_peak_gflops(-1); }},
+      {"device.peak_gflops", [&](v1::JoinRequest* r) { dev(r)->set_peak_gflops(kInf); }},
       {"device.h2d_gbps", [&](v1::JoinRequest* r) { dev(r)->set_h2d_gbps(-1); }},
       {"device.d2h_gbps", [&](v1::JoinRequest* r) { dev(r)->set_d2h_gbps(kNaN); }},
       {"device.host_copy_gbps", [&](v1::JoinRequest* r) { dev(r)->set_host_copy_gbps(1e5); }},
