@@ -358,13 +358,38 @@ class Trainer {
     }
   }
 
+  // The work a micro-batch holds on one peer per stage (StageRouter::Choose's hold): from the
+  // forward that picks the peer to the stage's last call, given back then or however the
+  // micro-batch ends.
+  class Holds {
+   public:
+    explicit Holds(std::vector<std::unique_ptr<parallel::StageRouter>>& routers)
+        : routers_(routers), held_(routers.size()) {}
+    ~Holds() {
+      for (size_t s = 0; s < held_.size(); ++s) Release(static_cast<int>(s));
+    }
+    void Add(int stage, const std::string& peer, double work) { held_[stage] = {peer, work}; }
+    void Release(int stage) {
+      auto& [peer, work] = held_[stage];
+      if (work > 0) (void)routers_[stage]->Release(peer, work);  // kNotFound: it left
+      work = 0;
+    }
+
+   private:
+    std::vector<std::unique_ptr<parallel::StageRouter>>& routers_;
+    std::vector<std::pair<std::string, double>> held_;  // per stage
+  };
+
   // A peer of `stage` for a task, and its address: `same` when it can still serve (the peer that
   // ran the micro-batch's forward holds its activations, so its backward skips the recompute).
+  // A fresh choice holds `hold` on the peer in `holds` (the task and what must follow it there).
   absl::StatusOr<std::pair<std::string, std::string>> Choose(int stage, double size,
+                                                             Holds& holds, double hold,
                                                              const std::string& same = "") {
     SHOAL_ASSIGN_OR_RETURN(std::string peer, same.empty()
-                                                 ? routers_[stage]->Choose(size)
+                                                 ? routers_[stage]->Choose(size, hold)
                                                  : routers_[stage]->ChooseSame(same, size));
+    if (same.empty()) holds.Add(stage, peer, hold);
     std::lock_guard<std::mutex> lock(address_mu_);
     return std::make_pair(peer, address_[peer]);
   }
@@ -412,9 +437,13 @@ class Trainer {
     call.micro_batch = micro;
     call.trainer_id = link_->id();
     call.rollbacks = job.rollbacks;
+    Holds holds(routers_);
     for (int s = 0; s + 1 < stages_; ++s) {
       const double work = parallel::kSwarmForwardWork * static_cast<double>(B);
-      SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, work));
+      // The stage's backward follows on the same peer (the stages from `lowest` on).
+      const double hold = s >= lowest ? work + parallel::kSwarmBackwardWork * static_cast<double>(B)
+                                      : work;
+      SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(s, work, holds, hold));
       call.stage = s;
       const double t0 = Now();
       absl::StatusOr<comm::StageReply> out = client_->Forward(peer.second, call, inputs[s]);
@@ -423,12 +452,13 @@ class Trainer {
         return out.status();
       }
       Timed(s, peer.first, work, t0, *out);
+      if (s < lowest) holds.Release(s);
       forward_peer[s] = peer.first;
       inputs[s + 1] = out->tensor;
     }
     const int last = stages_ - 1;
     const double fb_work = parallel::kSwarmForwardBackwardWork * static_cast<double>(B);
-    SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(last, fb_work));
+    SHOAL_ASSIGN_OR_RETURN(auto peer, Choose(last, fb_work, holds, fb_work));
     call.stage = last;
     double t0 = Now();
     absl::StatusOr<comm::StageReply> fb =
@@ -440,10 +470,13 @@ class Trainer {
       return fb.status();
     }
     Timed(last, peer.first, fb_work, t0, *fb);
+    holds.Release(last);
     at::Tensor grad = fb->tensor;
     for (int s = last - 1; s >= lowest; --s) {
       const double work = parallel::kSwarmBackwardWork * static_cast<double>(B);
-      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, work, forward_peer[s]));
+      // Another peer than the forward's (that one cannot serve): its hold is void.
+      SHOAL_ASSIGN_OR_RETURN(auto bp, Choose(s, work, holds, 0, forward_peer[s]));
+      if (bp.first != forward_peer[s]) holds.Release(s);
       call.stage = s;
       t0 = Now();
       absl::StatusOr<comm::StageReply> b = client_->Backward(bp.second, call, inputs[s], grad,
@@ -453,6 +486,7 @@ class Trainer {
         return b.status();
       }
       Timed(s, bp.first, work, t0, *b);
+      holds.Release(s);
       grad = b->tensor;
     }
     return absl::OkStatus();
@@ -465,9 +499,7 @@ class Trainer {
     const double compute_s = reply.compute_s, queued_s = reply.queued_s;
     const double end = Now();
     // The call's time less what it waited at the peer behind other calls (this trainer's or
-    // another's): transit and compute, the peer's cost for one more task, folded as it is.
-    // (Timed as intervals whose overlaps count once, calls whose replies this trainer's threads
-    // read late counted as taking next to no time: see ThroughputEma.)
+    // another's): transit and compute, the peer's cost for one more task (see ThroughputEma).
     // A peer's queued_s outside [0, the call's time] is not believed: the whole call counts.
     const double wall = end - t0;
     const bool believed = std::isfinite(queued_s) && queued_s >= 0 && queued_s <= wall;

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <set>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -132,7 +133,8 @@ void StageRouter::Push(const std::string& peer, double virtual_time) {
   Peer& p = peers_.at(peer);
   p.virtual_time = virtual_time;
   p.entry = next_entry_++;
-  heap_.push_back(Entry{virtual_time, rng_(), p.entry, peer});
+  p.tie = rng_();
+  heap_.push_back(Entry{virtual_time, p.tie, p.entry, peer});
   std::push_heap(heap_.begin(), heap_.end(), Later());
 }
 
@@ -144,6 +146,18 @@ double StageRouter::HeapMinimum() {
 double StageRouter::ExpectedSeconds(const Peer& p, double task_size) const {
   if (!p.ema.measured()) return task_size * options_.initial_seconds_per_sample;
   return task_size / p.ema.Throughput();
+}
+
+double StageRouter::HeldSecondsPerSample(const Peer& p) const {
+  if (p.ema.measured()) return p.ema.SecondsPerSample();
+  double sum = 0;
+  int measured = 0;
+  for (const auto& [id, q] : peers_) {
+    if (!q.ema.measured()) continue;
+    sum += q.ema.SecondsPerSample();
+    ++measured;
+  }
+  return measured > 0 ? sum / measured : options_.initial_seconds_per_sample;
 }
 
 absl::Status StageRouter::SetRoster(uint64_t roster_version,
@@ -208,14 +222,21 @@ absl::Status StageRouter::SetRoster(uint64_t roster_version,
   return absl::OkStatus();
 }
 
+absl::Status StageRouter::CheckWork(double work, const char* what) const {
+  if (std::isfinite(work) && work >= 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat(options_.stage, ": ", what, " must be finite and >= 0, got ", work));
+}
+
 absl::Status StageRouter::CheckTaskSize(double task_size) const {
   if (FinitePositive(task_size)) return absl::OkStatus();
   return absl::InvalidArgumentError(
       absl::StrCat(options_.stage, ": task size must be finite and > 0, got ", task_size));
 }
 
-absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
+absl::StatusOr<std::string> StageRouter::Choose(double task_size, double hold) {
   SHOAL_RETURN_IF_ERROR(CheckTaskSize(task_size));
+  SHOAL_RETURN_IF_ERROR(CheckWork(hold, "hold"));
   absl::MutexLock lock(&mu_);
   if (peers_.empty()) {
     return absl::UnavailableError(absl::StrCat(
@@ -224,26 +245,50 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size) {
                              : std::string(" (no roster yet)")));
   }
   LiftExpiredBans();
-  DropStaleTop();
-  std::string chosen;
-  if (!heap_.empty()) {
-    Entry top = heap_.front();
-    std::pop_heap(heap_.begin(), heap_.end(), Later());
-    heap_.pop_back();
-    chosen = top.peer;
-  } else {
-    // Every peer is banned (a peer that is not banned always has a live entry). Choose among
-    // them by their virtual times, as if there were no bans, without re-entering them into the
-    // heap: the bans still hold once the roster changes.
-    auto best = peers_.begin();
-    for (auto it = peers_.begin(); it != peers_.end(); ++it) {
-      if (it->second.virtual_time < best->second.virtual_time) best = it;
+  DropStaleTop();  // each choice leaves a stale entry behind; this keeps the heap small
+  // The least held time, then the earliest virtual time, then the random tie-break (the heap's
+  // order). If every peer is banned, the fault is more likely the caller's own: choose among them
+  // as if there were no bans, without lifting them (they still hold once the roster changes).
+  bool all_banned = true;
+  for (const auto& [id, p] : peers_) all_banned = all_banned && p.banned;
+  const std::string* chosen = nullptr;
+  double best_held_s = 0, best_time = 0;
+  uint64_t best_tie = 0;
+  for (const auto& [id, p] : peers_) {
+    if (p.banned && !all_banned) continue;
+    const double held_s = p.held * HeldSecondsPerSample(p);
+    if (chosen != nullptr &&
+        std::tie(held_s, p.virtual_time, p.tie) >= std::tie(best_held_s, best_time, best_tie)) {
+      continue;
     }
-    chosen = best->first;
-    ++counters_.all_banned_choices;
+    chosen = &id;
+    best_held_s = held_s;
+    best_time = p.virtual_time;
+    best_tie = p.tie;
   }
-  Charge(chosen, task_size);
-  return chosen;
+  if (all_banned) ++counters_.all_banned_choices;
+  const std::string peer = *chosen;
+  Charge(peer, task_size);
+  peers_.at(peer).held += hold;
+  return peer;
+}
+
+absl::Status StageRouter::Release(const std::string& peer, double work) {
+  SHOAL_RETURN_IF_ERROR(CheckWork(work, "released work"));
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  if (it == peers_.end()) {
+    return absl::NotFoundError(absl::StrCat(options_.stage, ": cannot release work of peer '",
+                                            peer, "', which is not in the roster"));
+  }
+  it->second.held = std::max(0.0, it->second.held - work);
+  return absl::OkStatus();
+}
+
+double StageRouter::held(const std::string& peer) const {
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(peer);
+  return it == peers_.end() ? 0 : it->second.held;
 }
 
 absl::StatusOr<std::string> StageRouter::ChooseSame(const std::string& peer, double task_size) {
