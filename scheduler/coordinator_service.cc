@@ -225,11 +225,13 @@ class CoordinatorServiceImpl final
       if (!next.ok()) return ToGrpc(next.status());
       if (next->version() == known) continue;
       known = next->version();
-      if (!writer->Write(*next)) return grpc::Status(grpc::StatusCode::CANCELLED, "client gone");
+      if (!writer->Write(*next)) break;
     }
     if (stopping_->load()) {
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
     }
+    // The client went away: a peer killed with it is fenced now, not when a call to it fails.
+    swarm_->WatchEnded(request->worker_id());
     return grpc::Status(grpc::StatusCode::CANCELLED, "watch cancelled");
   }
 

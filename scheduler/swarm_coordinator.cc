@@ -706,19 +706,38 @@ absl::StatusOr<v1::ReportPeerResponse> SwarmCoordinator::ReportPeer(
     }
     address = (*p)->address;
   }
+  v1::ReportPeerResponse response;
+  response.set_fenced(FenceIfUnreachable(
+      request.peer_id(), address,
+      absl::StrCat("reported by ", request.worker_id(), ": ", request.reason())));
+  return response;
+}
+
+bool SwarmCoordinator::WatchEnded(const std::string& worker_id) {
+  Impl& m = *impl_;
+  std::string address;
+  {
+    absl::MutexLock lock(&m.mu);
+    absl::StatusOr<Impl::Worker*> p = m.Live(worker_id, "worker_id");
+    if (!p.ok() || (*p)->role != v1::WORKER_ROLE_PEER) return false;
+    address = (*p)->address;
+  }
+  return FenceIfUnreachable(worker_id, address, "its roster watch ended");
+}
+
+bool SwarmCoordinator::FenceIfUnreachable(const std::string& peer_id, const std::string& address,
+                                          const std::string& why) {
+  Impl& m = *impl_;
   // The dial runs without the lock: it may take a moment.
   const bool reachable = !m.options.reachable || m.options.reachable(address);
-  v1::ReportPeerResponse response;
-  if (reachable) return response;
+  if (reachable) return false;
   absl::MutexLock lock(&m.mu);
-  absl::StatusOr<Impl::Worker*> p = m.Live(request.peer_id(), "peer_id");
+  absl::StatusOr<Impl::Worker*> p = m.Live(peer_id, "peer_id");
   if (p.ok()) {
     m.Remove(**p, v1::WORKER_STATE_DEAD, SwarmLeaveReason::kDead,
-             absl::StrCat("is unreachable at ", address, " (reported by ", request.worker_id(),
-                          ": ", request.reason(), "): fenced"));
+             absl::StrCat("is unreachable at ", address, " (", why, "): fenced"));
   }
-  response.set_fenced(true);
-  return response;
+  return true;
 }
 
 absl::StatusOr<v1::PeerSyncedResponse> SwarmCoordinator::PeerSynced(

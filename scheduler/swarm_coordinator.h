@@ -12,7 +12,10 @@
 // lease_ms) is dead: a peer is fenced (RemovePeer kDead: its micro-batches become replays), a
 // trainer's leases go back to the pool. ReportPeer (a trainer or peer whose call to a peer failed)
 // dials the peer at once and fences it when it cannot be reached, so a killed peer is fenced
-// within a dial's time of the first failed call, not a lease later.
+// within a dial's time of the first failed call, not a lease later. So does WatchEnded, when a
+// peer's roster watch ends without a leave (a killed process's connection closes with it): the
+// peer is fenced before a trainer has called it, and a peer that joins meanwhile is placed in the
+// stage that lost it, not in one that only seems short of nothing.
 //
 // The roster (v1::SwarmRoster) is SwarmState's snapshot with addresses, the open step's plans, the
 // newest decisions (with the step's loss: the mean of the losses its last stage's peers committed,
@@ -93,6 +96,10 @@ class SwarmCoordinator {
   absl::StatusOr<v1::LeaseResponse> Lease(const v1::LeaseRequest& request);
   absl::Status Commit(const v1::CommitRequest& request);
   absl::StatusOr<v1::ReportPeerResponse> ReportPeer(const v1::ReportPeerRequest& request);
+  // `worker_id`'s roster watch ended (the client went away; the service calls it). A live peer is
+  // dialled and fenced when it cannot be reached; a live one that reconnects keeps its place.
+  // Anything else (a trainer, a worker unknown, dead or gone) changes nothing. Whether it fenced.
+  bool WatchEnded(const std::string& worker_id);
   absl::StatusOr<v1::PeerSyncedResponse> PeerSynced(const v1::PeerSyncedRequest& request);
   absl::StatusOr<v1::StageReportResponse> StageReport(const v1::StageReportRequest& request);
   // A trainer wrote every stage's state `step` to `path`: the newest checkpoint, which a
@@ -114,6 +121,10 @@ class SwarmCoordinator {
 
  private:
   explicit SwarmCoordinator(std::unique_ptr<Impl> impl);
+  // Dials `address` (options.reachable, without the lock) and, when it cannot be reached, fences
+  // `peer_id` if it is still live, logging `why`. Whether it could not be reached.
+  bool FenceIfUnreachable(const std::string& peer_id, const std::string& address,
+                          const std::string& why);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -398,7 +398,14 @@ TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkRepla
   absl::StatusOr<v1::ReportPeerResponse> kept = swarm_->ReportPeer(report);
   ASSERT_TRUE(kept.ok());
   EXPECT_FALSE(kept->fenced());
+  // So does the end of a reachable peer's roster watch (it reconnects), and of a trainer's or an
+  // unknown worker's.
+  EXPECT_FALSE(swarm_->WatchEnded(victim));
+  EXPECT_FALSE(swarm_->WatchEnded("t"));
+  EXPECT_FALSE(swarm_->WatchEnded("nobody"));
+  EXPECT_EQ(swarm_->Roster().counters().fences(), 0);
   dead_.insert(address[victim]);
+  EXPECT_FALSE(swarm_->WatchEnded("t"));  // a trainer is never dialled
   absl::StatusOr<v1::ReportPeerResponse> fenced = swarm_->ReportPeer(report);
   ASSERT_TRUE(fenced.ok());
   EXPECT_TRUE(fenced->fenced());
@@ -435,6 +442,33 @@ TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkRepla
 // once the rollback voided that lease, even where the trainer holds the id again (the ledger
 // would otherwise count the stale call for the new lease and refuse the new call as a
 // duplicate); a commit of the current epoch counts, once.
+TEST_F(SwarmCoordinatorTest, APeerWhoseWatchEndsUnreachableIsDeadAndAJoinerTakesItsStage) {
+  // Two peers a stage. One of stage 1 is killed: its watch ends and it cannot be dialled, so it
+  // is fenced before any call to it failed, and the next peer to join goes to stage 1 (the join
+  // rule's emptiest stage), not to stage 0 as it would while the dead peer still counted.
+  std::map<int, std::vector<std::string>> by_stage;
+  std::map<std::string, std::string> address;
+  for (int i = 0; i < 4; ++i) {
+    const std::string id = "p" + std::to_string(i);
+    address[id] = "127.0.0.1:" + std::to_string(i + 1);
+    auto j = JoinPeer(id, address[id]);
+    ASSERT_TRUE(j.ok()) << j.status();
+    by_stage[j->swarm().stage()].push_back(id);
+  }
+  ASSERT_EQ(by_stage[0].size(), 2u);
+  ASSERT_EQ(by_stage[1].size(), 2u);
+  const std::string victim = by_stage[1][1];
+  dead_.insert(address[victim]);
+  EXPECT_TRUE(swarm_->WatchEnded(victim));
+  // (A death, not a fence: no round has opened, so it held nothing.)
+  EXPECT_EQ(swarm_->Roster().counters().deaths(), 1);
+  EXPECT_FALSE(swarm_->WatchEnded(victim));  // gone already: nothing more
+  EXPECT_EQ(swarm_->Roster().counters().deaths(), 1);
+  auto joiner = JoinPeer("p4", "127.0.0.1:5");
+  ASSERT_TRUE(joiner.ok()) << joiner.status();
+  EXPECT_EQ(joiner->swarm().stage(), 1);
+}
+
 TEST_F(SwarmCoordinatorTest, ACommitLeasedBeforeARollbackIsRefused) {
   std::map<int, std::string> at;
   const std::map<std::string, std::string> address = {{"a", "127.0.0.1:11"},
