@@ -281,7 +281,10 @@ absl::Status StageRouter::Release(const std::string& peer, double work) {
     return absl::NotFoundError(absl::StrCat(options_.stage, ": cannot release work of peer '",
                                             peer, "', which is not in the roster"));
   }
-  it->second.held = std::max(0.0, it->second.held - work);
+  // What rounding leaves of work held and released in other orders is nothing: 0, so peers with
+  // nothing held tie and the virtual times decide between them.
+  const double left = it->second.held - work;
+  it->second.held = left > 1e-9 * (it->second.held + work) ? left : 0.0;
   return absl::OkStatus();
 }
 
