@@ -57,6 +57,21 @@ class SwarmCoordinatorTest : public ::testing::Test {
     swarm_ = std::move(*made);
   }
 
+  // Four peers p0..p3 at 127.0.0.1:1..4, which the join rule puts two in each stage: their ids
+  // by stage, and their addresses.
+  void JoinFourPeers(std::map<int, std::vector<std::string>>* by_stage,
+                     std::map<std::string, std::string>* address) {
+    for (int i = 0; i < 4; ++i) {
+      const std::string id = "p" + std::to_string(i);
+      (*address)[id] = "127.0.0.1:" + std::to_string(i + 1);
+      auto j = JoinPeer(id, (*address)[id]);
+      ASSERT_TRUE(j.ok()) << j.status();
+      (*by_stage)[j->swarm().stage()].push_back(id);
+    }
+    ASSERT_EQ((*by_stage)[0].size(), 2u);
+    ASSERT_EQ((*by_stage)[1].size(), 2u);
+  }
+
   absl::StatusOr<v1::JoinResponse> JoinPeer(const std::string& name, const std::string& address,
                                             int64_t bytes = 1 << 20, double net_gbps = 0) {
     v1::JoinRequest r;
@@ -364,15 +379,7 @@ TEST_F(SwarmCoordinatorTest, ExpiredOrUnreachablePeersAreFencedAndTheirWorkRepla
   // round has two peers there.
   std::map<int, std::vector<std::string>> by_stage;
   std::map<std::string, std::string> address;
-  for (int i = 0; i < 4; ++i) {
-    const std::string id = "p" + std::to_string(i);
-    address[id] = "127.0.0.1:" + std::to_string(i + 1);
-    auto j = JoinPeer(id, address[id]);
-    ASSERT_TRUE(j.ok()) << j.status();
-    by_stage[j->swarm().stage()].push_back(id);
-  }
-  ASSERT_EQ(by_stage[0].size(), 2u);
-  ASSERT_EQ(by_stage[1].size(), 2u);
+  ASSERT_NO_FATAL_FAILURE(JoinFourPeers(&by_stage, &address));
   ASSERT_TRUE(Synced(by_stage[0][0], 0, 1).ok());
   ASSERT_TRUE(Synced(by_stage[0][1], 0, 1).ok());
   ASSERT_TRUE(Synced(by_stage[1][0], 0, 2).ok());
@@ -448,15 +455,7 @@ TEST_F(SwarmCoordinatorTest, APeerWhoseWatchEndsUnreachableIsDeadAndAJoinerTakes
   // rule's emptiest stage), not to stage 0 as it would while the dead peer still counted.
   std::map<int, std::vector<std::string>> by_stage;
   std::map<std::string, std::string> address;
-  for (int i = 0; i < 4; ++i) {
-    const std::string id = "p" + std::to_string(i);
-    address[id] = "127.0.0.1:" + std::to_string(i + 1);
-    auto j = JoinPeer(id, address[id]);
-    ASSERT_TRUE(j.ok()) << j.status();
-    by_stage[j->swarm().stage()].push_back(id);
-  }
-  ASSERT_EQ(by_stage[0].size(), 2u);
-  ASSERT_EQ(by_stage[1].size(), 2u);
+  ASSERT_NO_FATAL_FAILURE(JoinFourPeers(&by_stage, &address));
   const std::string victim = by_stage[1][1];
   dead_.insert(address[victim]);
   EXPECT_TRUE(swarm_->WatchEnded(victim));
