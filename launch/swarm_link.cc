@@ -2,8 +2,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <thread>
 #include <map>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
