@@ -87,6 +87,7 @@ class Trainer {
     SHOAL_ASSIGN_OR_RETURN(config_, runtime::ParseConfig(job.config_toml(), "the swarm's config"));
     stages_ = job.stages();
     micro_batches_ = job.micro_batches();
+    flops_per_token_ = GptFlopsPerToken(runtime::ShapeOf(config_.model));
     total_steps_ = job.total_steps();
     const std::string dir = options_.data_dir.empty() ? config_.data.dir : options_.data_dir;
     if (sha.empty() && !job.train_sha256().empty()) {
@@ -334,8 +335,7 @@ class Trainer {
                                               : 0;
       // Model FLOPs per second over the peak of the hardware serving the stages now.
       const double peak = SwarmPeakGflops(r);
-      const double flops_per_token = GptFlopsPerToken(runtime::ShapeOf(config_.model));
-      rec.mfu = peak > 0 ? rec.tokens_per_s * flops_per_token / (peak * 1e9) : 0;
+      rec.mfu = peak > 0 ? rec.tokens_per_s * flops_per_token_ / (peak * 1e9) : 0;
       rec.elapsed_s = now - started_;
       rec.eta_s = rec.elapsed_s / static_cast<double>(rec.step) *
                   static_cast<double>(total_steps_ - rec.step);
@@ -626,6 +626,7 @@ class Trainer {
   std::map<std::pair<int, std::string>, CallTimes> calls_;  // per (stage, peer), calls_mu_
   std::string out_dir_;
   int stages_ = 1, micro_batches_ = 1;
+  double flops_per_token_ = 0;  // the model's, forward and backward (MFU's numerator per token)
   int64_t total_steps_ = 0;
   uint64_t routed_version_ = 0;
   int64_t logged_step_ = -1;

@@ -109,9 +109,10 @@ int RunSwarmTrainer(const SwarmWorkerOptions& options, std::atomic<bool>* stop);
 
 // The peak GFLOP/s of the hardware computing `roster`'s stages, MFU's denominator: each host
 // (SwarmPeerEntry.host) counted once, at the highest peak its SERVING or DRAINING peers reported
-// when they joined (DeviceProfile.peak_gflops, the figure mesh mode's MFU divides by; peers on one
-// host share its cores, as mesh ranks on one node do: run_report.h). A peer with no host counts as a host of its own; one with no rate (not finite,
-// or <= 0) counts nothing. 0 when no peer counts.
+// when they joined (DeviceProfile.peak_gflops, the figure mesh mode's MFU divides by; peers on
+// one host share its cores, as mesh ranks on one node do: run_report.h). A peer with no host
+// counts as a host of its own; one with no rate (not finite, or <= 0) counts nothing. 0 when no
+// peer counts.
 double SwarmPeakGflops(const v1::SwarmRoster& roster);
 
 // 2 for what the user can fix (a flag, a file, a refusal that names the value), 1 otherwise; the

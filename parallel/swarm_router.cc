@@ -148,8 +148,7 @@ double StageRouter::ExpectedSeconds(const Peer& p, double task_size) const {
   return task_size / p.ema.Throughput();
 }
 
-double StageRouter::HeldSecondsPerSample(const Peer& p) const {
-  if (p.ema.measured()) return p.ema.SecondsPerSample();
+double StageRouter::UnmeasuredSecondsPerSample() const {
   double sum = 0;
   int measured = 0;
   for (const auto& [id, q] : peers_) {
@@ -251,12 +250,14 @@ absl::StatusOr<std::string> StageRouter::Choose(double task_size, double hold) {
   // as if there were no bans, without lifting them (they still hold once the roster changes).
   bool all_banned = true;
   for (const auto& [id, p] : peers_) all_banned = all_banned && p.banned;
+  const double unmeasured_spp = UnmeasuredSecondsPerSample();
   const std::string* chosen = nullptr;
   double best_held_s = 0, best_time = 0;
   uint64_t best_tie = 0;
   for (const auto& [id, p] : peers_) {
     if (p.banned && !all_banned) continue;
-    const double held_s = p.held * HeldSecondsPerSample(p);
+    const double held_s =
+        p.held * (p.ema.measured() ? p.ema.SecondsPerSample() : unmeasured_spp);
     if (chosen != nullptr &&
         std::tie(held_s, p.virtual_time, p.tie) >= std::tie(best_held_s, best_time, best_tie)) {
       continue;

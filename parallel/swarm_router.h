@@ -229,9 +229,9 @@ class StageRouter {
   // The smallest virtual time of a live entry, or of the last choice when there is none.
   double HeapMinimum() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   double ExpectedSeconds(const Peer& p, double task_size) const;
-  // Seconds per sample for the held work's time: the peer's measured rate, else the mean of the
-  // measured peers' (options.initial_seconds_per_sample when none is measured).
-  double HeldSecondsPerSample(const Peer& p) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Seconds per sample for an unmeasured peer's held work: the mean of the measured peers'
+  // (options.initial_seconds_per_sample when none is measured).
+  double UnmeasuredSecondsPerSample() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const StageRouterOptions options_;
   mutable absl::Mutex mu_;

@@ -353,7 +353,6 @@ std::vector<int> SimulateSteps(bool hold, int steps) {
   for (int step = 0; step < steps; ++step) {
     struct Micro {
       std::string peer;
-      double forward_service;
       double back_at;  // when its backward reaches the peer
       bool backward_sent = false;
       double ends = 0;  // when its backward ends
@@ -367,7 +366,7 @@ std::vector<int> SimulateSteps(bool hold, int steps) {
       const double service = factor(rng) * 0.1;
       const double start = std::max(now, free_at[*peer]);
       free_at[*peer] = start + service;
-      running.push_back({*peer, service, start + service + elsewhere(rng) * 0.2});
+      running.push_back({*peer, start + service + elsewhere(rng) * 0.2});
       ASSERT_TRUE(router->Report(*peer, 1.0, service).ok());
       ++count[*peer];
       ++leased;
