@@ -14,8 +14,8 @@
 // dials the peer at once and fences it when it cannot be reached, so a killed peer is fenced
 // within a dial's time of the first failed call, not a lease later. So does WatchEnded, when a
 // peer's roster watch ends without a leave (a killed process's connection closes with it): the
-// peer is fenced before a trainer has called it, and a peer that joins meanwhile is placed in the
-// stage that lost it, not in one that only seems short of nothing.
+// peer is fenced before any call to it has failed, so a peer that joins meanwhile is placed by a
+// roster without it.
 //
 // The roster (v1::SwarmRoster) is SwarmState's snapshot with addresses, the open step's plans, the
 // newest decisions (with the step's loss: the mean of the losses its last stage's peers committed,
