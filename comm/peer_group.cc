@@ -776,10 +776,21 @@ struct PeerGroup::Impl {
   std::deque<std::shared_ptr<OpState>> queue;  // guarded by queue_mu
   bool stopping = false;                       // guarded by queue_mu
   std::atomic<bool> closing{false};
+  std::atomic<bool> aborting{false};  // Abort was called: its reason is in `aborted`
+  std::mutex abort_mu;
+  absl::Status aborted;  // guarded by abort_mu
   std::thread worker;
   uint64_t next_op_seq = 0;  // the worker's
 
   std::string Who(int r) const { return absl::StrCat("rank ", r, " (", options.roster[r], ")"); }
+
+  // Why the operations must stop now: the group is being destroyed, or Abort was called.
+  absl::Status Interrupted() {
+    if (closing.load()) return absl::CancelledError("the group is being destroyed");
+    if (!aborting.load()) return absl::OkStatus();
+    std::lock_guard<std::mutex> lock(abort_mu);
+    return aborted;
+  }
   std::string Context(absl::string_view op) const { return absl::StrCat(op, " on ", label); }
 
   std::unique_ptr<Work> Enqueue(std::string context, v1::ExchangeOp wire_op,
@@ -1093,7 +1104,7 @@ v1::ExchangeFrame PeerGroup::Impl::Header(const OpRun& run, v1::ExchangeDType dt
 absl::Status PeerGroup::Impl::SendAll(OpRun& run, v1::ExchangeDType dtype,
                                       const std::vector<ExpectedTransfer>& sends) {
   auto interrupt = [this]() -> absl::Status {
-    if (closing.load()) return absl::CancelledError("the group is being destroyed");
+    SHOAL_RETURN_IF_ERROR(Interrupted());
     int source = -1;
     absl::Status s = mailbox->PostedFailure(options.group, &source);
     return s.ok() ? s : PeerFailure(s, source);
@@ -1134,7 +1145,7 @@ void PeerGroup::Impl::SendAborts(const OpRun& run, const absl::Status& abort, ab
 absl::Status PeerGroup::Impl::AwaitPhase(OpRun& run, uint32_t phase) {
   std::vector<int> missing;
   while (true) {
-    if (closing.load()) return absl::CancelledError("the group is being destroyed");
+    SHOAL_RETURN_IF_ERROR(Interrupted());
     const absl::Time until = std::min(run.deadline, absl::Now() + options.probe_interval);
     int source = -1;
     absl::Status s = mailbox->AwaitPhase(options.group, phase, until, &missing, &source);
@@ -1197,6 +1208,8 @@ void PeerGroup::Impl::RunWorker() {
     absl::Status s;
     if (closing.load()) {
       s = absl::CancelledError(absl::StrCat(op->context, ": the group was destroyed"));
+    } else if (absl::Status stop = Interrupted(); !stop.ok()) {
+      s = WithContext(op->context, stop);  // queued when Abort was called
     } else if (absl::Status usable = health.CheckUsable(); !usable.ok()) {
       s = WithContext(op->context, usable);  // an operation queued before it failed
     } else {
@@ -1449,6 +1462,16 @@ PeerGroup::~PeerGroup() {
   impl_->queue_cv.notify_all();
   impl_->worker.join();
   impl_->mailbox->Close(impl_->options.group, absl::OkStatus());
+}
+
+void PeerGroup::Abort(const absl::Status& why) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->abort_mu);
+    if (impl_->aborting.load()) return;
+    impl_->aborted = why.ok() ? absl::AbortedError("aborted") : why;
+    impl_->aborting = true;
+  }
+  impl_->queue_cv.notify_all();
 }
 
 int PeerGroup::rank() const { return impl_->rank; }

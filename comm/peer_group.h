@@ -165,6 +165,12 @@ class PeerGroup final : public Backend {
   // probe_interval), then closes the group in the mailbox.
   ~PeerGroup() override;
 
+  // Fails the operation running (within about probe_interval) and those queued or issued later
+  // with `why` (kAborted when it is OK); the others are told as of any failure, and the group is
+  // unusable after it. Thread-safe: another thread calls it while one waits on a Work (a round
+  // the coordinator voided, say). Calls after the first change nothing.
+  void Abort(const absl::Status& why);
+
   int rank() const override;
   int size() const override;
   std::string name() const override;  // "peergroup"

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <map>
@@ -439,6 +440,8 @@ class Peer {
           tied, Group(std::move(roster), tied_rank,
                       absl::StrCat("tied.k", step, ".p", first.plan(), ".", last.plan())));
     }
+    // A rollback voids the round while it runs (its partner may never join, having acted on it).
+    RollbackWatch watch(*link_, rollbacks_seen_, {group.get(), tied.get()});
     RoundResult result;
     result.lr = lr;
     double sum_squares = 0;
@@ -495,6 +498,35 @@ class Peer {
     round_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return absl::OkStatus();
   }
+
+  // While a round's collectives run: aborts its groups (kAborted) once the roster counts a
+  // rollback past `epoch`, instead of leaving them to their timeout.
+  class RollbackWatch {
+   public:
+    RollbackWatch(SwarmLink& link, int64_t epoch, std::vector<comm::PeerGroup*> groups)
+        : thread_([this, &link, epoch, groups] {
+            absl::StatusOr<v1::SwarmRoster> r = link.Await(
+                [epoch](const v1::SwarmRoster& n) { return n.counters().rollbacks() != epoch; },
+                absl::InfiniteDuration(), &done_);
+            if (!r.ok()) return;  // the round ended first (or the link is gone)
+            const absl::Status why = absl::AbortedError(absl::StrCat(
+                "the swarm rolled back (rollback ", r->counters().rollbacks(),
+                "): this round is void"));
+            for (comm::PeerGroup* g : groups) {
+              if (g != nullptr) g->Abort(why);
+            }
+          }) {}
+    ~RollbackWatch() {
+      done_ = true;
+      thread_.join();
+    }
+    RollbackWatch(const RollbackWatch&) = delete;
+    RollbackWatch& operator=(const RollbackWatch&) = delete;
+
+   private:
+    std::atomic<bool> done_{false};
+    std::thread thread_;
+  };
 
   static absl::Status CheckHeld(const runtime::SwarmStage& st, const std::vector<int64_t>& ids,
                                 int64_t step) {
@@ -638,18 +670,28 @@ class Peer {
         return absl::FailedPreconditionError("removed from the swarm's roster");
       }
       if (r.counters().rollbacks() != rollbacks_seen_) {
+        const int64_t epoch = r.counters().rollbacks();
         if (rollbacks_seen_ >= 0) {
-          // The swarm rolled back: the step in progress is void everywhere.
-          SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": the swarm rolled back to step "
-                             << r.next_step() << "; dropping the step in progress";
-          SHOAL_RETURN_IF_ERROR(server_->WithStage([](runtime::SwarmStage& st) {
-            st.DropStep();
+          // The swarm rolled back: the step in progress is void everywhere. What this peer kept
+          // of it goes, unless the stage has kept the new epoch's work already (its commit
+          // dropped the old; this peer learns of the rollback late).
+          bool dropped = false;
+          int64_t kept = 0;
+          SHOAL_RETURN_IF_ERROR(server_->WithStage([&](runtime::SwarmStage& st) {
+            dropped = st.EnterEpoch(epoch);
+            kept = st.kept_micro_batches();
             return absl::OkStatus();
           }));
+          SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": the swarm rolled back to step "
+                             << r.next_step() << "; "
+                             << (dropped  ? "dropped the step in progress"
+                                 : kept > 0 ? absl::StrCat("holds ", kept,
+                                                           " micro-batch(es) of the step run again")
+                                            : "held nothing of the step in progress");
           round_ = RoundResult{};
           done_key.clear();
         }
-        rollbacks_seen_ = r.counters().rollbacks();
+        rollbacks_seen_ = epoch;
         continue;
       }
       if (draining && me->state() == "SYNCING") return absl::OkStatus();  // it holds nothing
@@ -699,6 +741,12 @@ class Peer {
       if (!plans.has_value() || plans->key == done_key) continue;
       absl::Status s = Reduce(*plans, step, r.open_lr());
       done_key = plans->key;
+      if (absl::IsAborted(s)) {
+        // Voided by a rollback (here or at a peer of the round): no peer is at fault.
+        SHOAL_LOG(Info) << "swarm peer " << link_->id() << ": round of step " << step
+                        << " (plan " << plans->key << ") voided: " << s.message();
+        continue;
+      }
       if (!s.ok()) {
         SHOAL_LOG(Warning) << "swarm peer " << link_->id() << ": reduction of step " << step
                            << " (plan " << plans->key << ") failed: " << s;

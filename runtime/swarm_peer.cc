@@ -514,6 +514,9 @@ class SwarmPeerService final : public v1::SwarmPeer::Service {
       load_.commit_s += SecondsSince(t0);
     }
     const bool keep = recorded.ok();
+    // The ledger took it in its epoch: work kept in an earlier one belongs to a step the swarm
+    // rolled back (this peer may not have acted on the rollback yet), and goes first.
+    if (keep) (void)stage->EnterEpoch(call.rollbacks());
     SHOAL_RETURN_IF_ERROR(stage->Settle(key, keep));
     if (absl::IsAlreadyExists(recorded)) return absl::OkStatus();
     return recorded;

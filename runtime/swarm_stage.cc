@@ -511,16 +511,28 @@ absl::Status SwarmStage::RestoreDemoResidual() {
   return absl::OkStatus();
 }
 
-void SwarmStage::DropStep() {
+void SwarmStage::DropKept() {
   if (!demo_before_.empty()) {
     (void)RestoreDemoResidual();
     demo_before_.clear();
   }
-  model_->ZeroGrad();
   for (memory::FlatBuffer& a : accumulation_) a.flat().zero_();
-  pending_ = false;
   kept_ = 0;
+}
+
+void SwarmStage::DropStep() {
+  DropKept();
+  model_->ZeroGrad();
+  pending_ = false;
   for (Slot& s : slots_) s = Slot{};
+}
+
+bool SwarmStage::EnterEpoch(int64_t epoch) {
+  if (epoch <= epoch_) return false;
+  epoch_ = epoch;
+  const bool dropped = kept_ > 0 || !demo_before_.empty();
+  DropKept();
+  return dropped;
 }
 
 uint32_t SwarmStage::ParamHash() const {

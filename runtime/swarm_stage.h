@@ -158,6 +158,13 @@ class SwarmStage {
   // accumulation, the pending micro-batch and the activation cache are dropped (and a DeMo
   // residual is put back as it was before the step's DemoCompress).
   void DropStep();
+  // The swarm's rollback count the accumulation belongs to (the micro-batches' CallInfo
+  // rollbacks). A rollback voids the step in progress: EnterEpoch(e) with e newer than epoch()
+  // drops what was kept (and puts a DeMo residual back as DropStep does) but keeps a pending
+  // micro-batch and the activation cache, which may already be the new epoch's; true when it
+  // dropped anything. An older or equal e changes nothing.
+  bool EnterEpoch(int64_t epoch);
+  int64_t epoch() const { return epoch_; }
 
   // DeMo. A DeMo stage keeps no AdamW moments: each peer keeps its own residual and the stage's
   // peers exchange top-k DCT payloads of it (all-gather) instead of summing gradients. Two
@@ -248,6 +255,8 @@ class SwarmStage {
   // DeMo: demo_before_ = a copy of the residuals and step now; and back to it.
   void SaveDemoResidual();
   absl::Status RestoreDemoResidual();
+  // The accumulation (and a DeMo residual's step in progress) back to none kept.
+  void DropKept();
 
   ModelConfig config_;
   int stage_, num_stages_;
@@ -263,6 +272,7 @@ class SwarmStage {
   bool pending_ = false;
   MicroBatchKey pending_key_;
   int64_t kept_ = 0;
+  int64_t epoch_ = 0;  // EnterEpoch's
   // What SumSquares counts: (group, the model's gradient view), placed in any buffers laid out
   // as Gradients().
   std::vector<std::pair<int, at::Tensor>> counted_grads_;

@@ -829,6 +829,44 @@ TEST(PeerGroupLocalTest, DestroyingTheGroupCancelsItsOperations) {
   EXPECT_LT(SecondsSince(t0), 20);
 }
 
+// Abort from another thread (a round the coordinator voided) fails the running operation and the
+// queued one with its reason, long before the 60 s timeout; a peer that takes part later is told
+// and fails at once too.
+TEST(PeerGroupLocalTest, AbortFromAnotherThreadFailsItsOperationsAndTellsThePeers) {
+  LocalPeer a = StartLocalPeer();
+  LocalPeer b = StartLocalPeer();
+  auto g = MustCreate(GroupOptions({a.address, b.address}, 0, "voided", absl::Seconds(60)), a);
+  ASSERT_NE(g, nullptr);
+  at::Tensor t = at::ones({1000});
+  at::Tensor u = at::ones({10});
+  const auto t0 = std::chrono::steady_clock::now();
+  auto running = g->AllReduce(t, ReduceOp::kSum);
+  auto queued = g->AllReduce(u, ReduceOp::kSum);
+  std::thread aborter([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    g->Abort(absl::AbortedError("the round is void"));
+    g->Abort(absl::UnavailableError("a second reason"));  // changes nothing
+  });
+  const absl::Status first = running->Wait();
+  aborter.join();
+  EXPECT_TRUE(absl::IsAborted(first)) << first;
+  EXPECT_TRUE(absl::StrContains(first.message(), "the round is void")) << first;
+  const absl::Status second = queued->Wait();
+  EXPECT_TRUE(absl::IsAborted(second)) << second;
+  EXPECT_LT(SecondsSince(t0), 20);
+  EXPECT_TRUE(at::equal(t, at::ones({1000})));  // a failed operation leaves its tensor alone
+  EXPECT_FALSE(WaitOn(g->Barrier()).ok());
+
+  auto gb = MustCreate(GroupOptions({a.address, b.address}, 1, "voided", absl::Seconds(60)), b);
+  ASSERT_NE(gb, nullptr);
+  at::Tensor v = at::ones({1000});
+  const auto t1 = std::chrono::steady_clock::now();
+  const absl::Status peer = WaitOn(gb->AllReduce(v, ReduceOp::kSum));
+  EXPECT_TRUE(absl::IsAborted(peer)) << peer;
+  EXPECT_TRUE(absl::StrContains(peer.message(), "the round is void")) << peer;
+  EXPECT_LT(SecondsSince(t1), 20);
+}
+
 // TLS on both ends (a certificate for 127.0.0.1 made by the openssl CLI); a plaintext peer
 // cannot take part.
 TEST(PeerGroupLocalTest, WorksOverTls) {

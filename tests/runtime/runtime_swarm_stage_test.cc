@@ -299,6 +299,50 @@ TEST(SwarmStageTest, DroppedAccumulationLeavesNoTraceAndItsReplayRestoresTheStep
   ExpectFirstStepMatches(swarm, ref, loss);
 }
 
+TEST(SwarmStageTest, ANewEpochDropsTheRolledBackWorkAndKeepsItsOwnPendingMicroBatch) {
+  // Step 0 runs in epoch 0 (micro-batches 0-2 kept everywhere), then the swarm rolls back and
+  // runs it again in epoch 1. Micro-batch 0 of epoch 1 is pending at each stage when the stage
+  // enters the epoch (as a commit of the new epoch does, before the peer has acted on the
+  // rollback): the old work goes, the pending one is kept, and the step equals one process's.
+  Swarm swarm(/*peers=*/1);
+  Reference ref;
+  const int64_t step = 0;
+  for (int id = 0; id < 3; ++id) swarm.Drive(step, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+  for (int s = 0; s < kStages; ++s) {
+    ASSERT_EQ(swarm.Peer(s, 0).kept_micro_batches(), 3);
+    EXPECT_EQ(swarm.Peer(s, 0).epoch(), 0);
+  }
+  const Batch b = MicroBatchOf(step, 0);
+  const MicroBatchKey key{step, 0};
+  auto h = swarm.Peer(0, 0).Forward(key, b.tokens);
+  ASSERT_TRUE(h.ok());
+  auto x = swarm.Peer(1, 0).Forward(key, *h);
+  ASSERT_TRUE(x.ok());
+  auto enter_and_keep = [&](int s) {
+    EXPECT_TRUE(swarm.Peer(s, 0).pending());
+    EXPECT_TRUE(swarm.Peer(s, 0).EnterEpoch(1)) << "stage " << s;
+    EXPECT_FALSE(swarm.Peer(s, 0).EnterEpoch(1));  // once
+    EXPECT_FALSE(swarm.Peer(s, 0).EnterEpoch(0));  // never back
+    EXPECT_EQ(swarm.Peer(s, 0).epoch(), 1);
+    EXPECT_EQ(swarm.Peer(s, 0).kept_micro_batches(), 0);
+    ASSERT_TRUE(swarm.Peer(s, 0).Settle(key, true).ok());
+    EXPECT_EQ(swarm.Peer(s, 0).kept_micro_batches(), 1);
+  };
+  auto last = swarm.Peer(2, 0).ForwardBackward(key, *x, b.targets, 1.0f / kMicro, true);
+  ASSERT_TRUE(last.ok());
+  enter_and_keep(2);
+  double loss = last->loss;
+  auto g1 = swarm.Peer(1, 0).Backward(key, *h, last->grad_input, 1.0f / kMicro, true);
+  ASSERT_TRUE(g1.ok());
+  enter_and_keep(1);
+  ASSERT_TRUE(swarm.Peer(0, 0).Backward(key, b.tokens, *g1, 1.0f / kMicro, true).ok());
+  enter_and_keep(0);
+  for (int id = 1; id < kMicro; ++id) {
+    loss += swarm.Drive(step, id, {0, 0, 0}, {0, 0, 0}, {true, true, true});
+  }
+  ExpectFirstStepMatches(swarm, ref, loss);
+}
+
 TEST(SwarmStageTest, RefusesBadInputsByName) {
   Swarm swarm(/*peers=*/1);
   const MicroBatchKey key{0, 0};
