@@ -174,14 +174,21 @@ absl::StatusOr<v1::SwarmRoster> SwarmLink::Await(
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError("no roster with what this worker waits for");
     }
-    // Wakes on a new roster, a lost link, or every 100 ms to look at `stop`.
+    // Wakes on a new roster, a lost link, `stop` (seen when the mutex is released, as Wake
+    // does), or every 100 ms to look at `stop`.
     Impl* impl = impl_.get();
-    auto changed = [impl, checked]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
-      return !impl->lost.ok() || (impl->have_roster && impl->roster.version() != checked);
+    auto changed = [impl, checked, stop]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+      return !impl->lost.ok() || (impl->have_roster && impl->roster.version() != checked) ||
+             (stop != nullptr && stop->load());
     };
     impl_->mu.AwaitWithDeadline(absl::Condition(&changed),
         std::min(deadline, absl::Now() + absl::Milliseconds(100)));
   }
+}
+
+void SwarmLink::Wake() {
+  // absl::Mutex evaluates its waiters' conditions when it is released.
+  absl::MutexLock lock(&impl_->mu);
 }
 
 v1::SwarmRoster SwarmLink::latest() const {

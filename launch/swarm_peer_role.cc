@@ -504,8 +504,8 @@ class Peer {
   class RollbackWatch {
    public:
     RollbackWatch(SwarmLink& link, int64_t epoch, std::vector<comm::PeerGroup*> groups)
-        : thread_([this, &link, epoch, groups] {
-            absl::StatusOr<v1::SwarmRoster> r = link.Await(
+        : link_(link), thread_([this, epoch, groups] {
+            absl::StatusOr<v1::SwarmRoster> r = link_.Await(
                 [epoch](const v1::SwarmRoster& n) { return n.counters().rollbacks() != epoch; },
                 absl::InfiniteDuration(), &done_);
             if (!r.ok()) return;  // the round ended first (or the link is gone)
@@ -518,12 +518,14 @@ class Peer {
           }) {}
     ~RollbackWatch() {
       done_ = true;
+      link_.Wake();  // the round's end costs no Await period
       thread_.join();
     }
     RollbackWatch(const RollbackWatch&) = delete;
     RollbackWatch& operator=(const RollbackWatch&) = delete;
 
    private:
+    SwarmLink& link_;
     std::atomic<bool> done_{false};
     std::thread thread_;
   };

@@ -86,6 +86,8 @@ class SwarmLink {
   // set (kCancelled). kDeadlineExceeded after `timeout`.
   absl::StatusOr<v1::SwarmRoster> Await(const std::function<bool(const v1::SwarmRoster&)>& done,
                                         absl::Duration timeout, const std::atomic<bool>* stop);
+  // Has every Await look at its `stop` now (set it first) rather than within 100 ms.
+  void Wake();
   v1::SwarmRoster latest() const;
   // Stats for the next heartbeat.
   void SetStats(const v1::StepStats& stats);
