@@ -784,6 +784,7 @@ struct PeerGroup::Impl {
 
   std::string Who(int r) const { return absl::StrCat("rank ", r, " (", options.roster[r], ")"); }
 
+  std::string Context(absl::string_view op) const { return absl::StrCat(op, " on ", label); }
   // Why the operations must stop now: the group is being destroyed, or Abort was called.
   absl::Status Interrupted() {
     if (closing.load()) return absl::CancelledError("the group is being destroyed");
@@ -791,7 +792,6 @@ struct PeerGroup::Impl {
     std::lock_guard<std::mutex> lock(abort_mu);
     return aborted;
   }
-  std::string Context(absl::string_view op) const { return absl::StrCat(op, " on ", label); }
 
   std::unique_ptr<Work> Enqueue(std::string context, v1::ExchangeOp wire_op,
                                 const CollectiveOptions& o,

@@ -166,9 +166,10 @@ class PeerGroup final : public Backend {
   ~PeerGroup() override;
 
   // Fails the operation running (within about probe_interval) and those queued or issued later
-  // with `why` (kAborted when it is OK); the others are told as of any failure, and the group is
-  // unusable after it. Thread-safe: another thread calls it while one waits on a Work (a round
-  // the coordinator voided, say). Calls after the first change nothing.
+  // with `why` (kAborted when it is OK; the running one reports a kInvalidArgument or
+  // kFailedPrecondition as kInternal, as any failure); the others are told as of any failure, and
+  // the group is unusable after it. Thread-safe: another thread calls it while one waits on a
+  // Work (a round the coordinator voided, say). Calls after the first change nothing.
   void Abort(const absl::Status& why);
 
   int rank() const override;
