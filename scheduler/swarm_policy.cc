@@ -71,8 +71,9 @@ absl::StatusOr<SwarmStageChoice> ChooseStage(const std::vector<SwarmStageLoad>& 
   const double swarm_mean = swarm_serving > 0 ? swarm_sum / swarm_serving : 1.0;
 
   const SwarmStageLoad* smallest = nullptr;
-  bool have = false;
-  SwarmStageChoice best;
+  std::vector<SwarmStageChoice> fitting;
+  std::vector<bool> single;  // per fitting stage: held by one peer, serving or syncing
+  double lowest = std::numeric_limits<double>::infinity();
   for (const SwarmStageLoad& st : stages) {
     if (smallest == nullptr || st.bytes < smallest->bytes ||
         (st.bytes == smallest->bytes && st.index < smallest->index)) {
@@ -87,12 +88,28 @@ absl::StatusOr<SwarmStageChoice> ChooseStage(const std::vector<SwarmStageLoad>& 
     const double expected_syncing =
         st.serving_throughputs.empty() ? swarm_mean : sum / st.serving_throughputs.size();
     c.capacity = sum + st.syncing_peers * expected_syncing;
-    // Empty stages first, then the lowest capacity, then the lowest index.
-    const bool better = !have || (c.empty != best.empty         ? c.empty
+    if (!c.empty) lowest = std::min(lowest, c.capacity);
+    fitting.push_back(c);
+    single.push_back(st.serving_throughputs.size() + st.syncing_peers == 1);
+  }
+  // Rank: empty stages first (rule 2), then single-peer stages near the lowest capacity (rule
+  // 3), then the rest; within a rank the lowest capacity, then the lowest index.
+  auto rank = [&](size_t i) {
+    if (fitting[i].empty) return 0;
+    return single[i] && fitting[i].capacity * kJoinBalanceQuality <= lowest ? 1 : 2;
+  };
+  bool have = false;
+  SwarmStageChoice best;
+  int best_rank = 0;
+  for (size_t i = 0; i < fitting.size(); ++i) {
+    const SwarmStageChoice& c = fitting[i];
+    const int r = rank(i);
+    const bool better = !have || (r != best_rank                   ? r < best_rank
                                   : c.capacity != best.capacity ? c.capacity < best.capacity
                                                                 : c.index < best.index);
     if (better) {
       best = c;
+      best_rank = r;
       have = true;
     }
   }

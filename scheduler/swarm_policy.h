@@ -41,7 +41,12 @@ struct SwarmStageChoice {
 //   1. Stages whose `bytes` exceed the joiner's memory are out.
 //   2. An empty stage (no serving and no syncing peer) comes first: the swarm cannot train until
 //      every stage has someone. The lowest index among them.
-//   3. Otherwise the stage of lowest capacity, ties to the lower index. A stage's capacity is the
+//   3. Then a stage held by a single peer (serving or syncing) whose capacity is within
+//      1 / kJoinBalanceQuality of the lowest capacity (below), the lowest such, ties to the lower
+//      index. A stage on one peer is one failure from a rollback (every stage's step redone from
+//      the newest checkpoint), and a joiner sent there instead of to the weakest stage costs the
+//      bottleneck less than the rebalancer would move a peer to win back.
+//   4. Otherwise the stage of lowest capacity, ties to the lower index. A stage's capacity is the
 //      sum of its serving peers' throughputs plus, for each syncing peer, the throughput it is
 //      expected to bring: the mean of the stage's serving peers, or where the stage has none, the
 //      mean of every serving peer of the swarm (1 if nobody serves yet). Counting syncing peers as
@@ -53,6 +58,9 @@ struct SwarmStageChoice {
 // joiner's free bytes and the smallest stage's need, when no stage fits.
 absl::StatusOr<SwarmStageChoice> ChooseStage(const std::vector<SwarmStageLoad>& stages,
                                              int64_t joiner_free_bytes);
+
+// ChooseStage's rule 3: the rebalancer's default balance quality (Petals' 0.75).
+inline constexpr double kJoinBalanceQuality = 0.75;
 
 // --- When a peer moves (the rebalancer) --------------------------------------------------------
 

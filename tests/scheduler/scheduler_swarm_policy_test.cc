@@ -1,6 +1,6 @@
-// Swarm stage policy: where a joiner goes (the weakest stage it can hold, empty stages first,
-// syncing peers as pending capacity) and what a stage costs (against parameters counted tensor by
-// tensor for a tiny model).
+// Swarm stage policy: where a joiner goes (the weakest stage it can hold, empty stages first, a
+// stage on one peer near the weakest next, syncing peers as pending capacity) and what a stage
+// costs (against parameters counted tensor by tensor for a tiny model).
 #include "scheduler/swarm_policy.h"
 
 #include <algorithm>
@@ -75,9 +75,60 @@ TEST(ChooseStage, SyncingPeersCountAsPendingCapacity) {
   // against 2.5.
   auto c = ChooseStage({Stage(0, {1}, 2), Stage(1, {2.5})}, 1000);
   EXPECT_EQ(c->index, 1);
-  EXPECT_EQ(Chosen({Stage(0, {1}, 1), Stage(1, {2.5})}), 0);  // 2 < 2.5
+  EXPECT_EQ(Chosen({Stage(0, {1}, 1), Stage(1, {3})}), 0);  // 2 < 3 (3 x 0.75 > 2)
   // Nobody serves anywhere: a syncing peer counts 1, so the stage with fewer of them.
   EXPECT_EQ(Chosen({Stage(0, {}, 2), Stage(1, {}, 1), Stage(2, {}, 3)}), 1);
+}
+
+TEST(ChooseStage, AStageOnOnePeerNearTheLowestCapacityComesFirst) {
+  // The case of a swarm of 3 stages x 2 peers where a stage-1 peer died: stage 0 holds twice
+  // stage 1's blocks, so its two peers together match stage 1's one (capacities 10, 10, 12). A
+  // joiner sent to stage 0 would leave stage 1 one failure from a rollback, for no gain: the
+  // bottleneck is 10 either way.
+  EXPECT_EQ(Chosen({Stage(0, {5, 5}), Stage(1, {10}), Stage(2, {6, 6})}), 1);
+  // Measured noise: stage 1's lone peer 20 % above stage 0's pair still counts as near.
+  EXPECT_EQ(Chosen({Stage(0, {5, 5}), Stage(1, {12}), Stage(2, {6, 6})}), 1);
+  // A joiner still syncing counts: stage 1 then has two peers, and the joiner goes to stage 0.
+  EXPECT_EQ(Chosen({Stage(0, {5, 5}), Stage(1, {10}, 1), Stage(2, {6, 6})}), 0);
+
+  // Near means within 1 / kJoinBalanceQuality of the lowest capacity: checked against every
+  // capacity around the edge (lowest 10, edge 10 / 0.75 = 13.33...).
+  for (double one : {10.0, 11.0, 13.0, 13.3, 13.4, 14.0, 20.0}) {
+    const bool near = one * kJoinBalanceQuality <= 10;
+    EXPECT_EQ(Chosen({Stage(0, {5, 5}), Stage(1, {one})}), near ? 1 : 0) << one;
+  }
+  // Among several single-peer stages near the lowest, the lowest capacity, then the index.
+  EXPECT_EQ(Chosen({Stage(0, {6, 6}), Stage(1, {13}), Stage(2, {11}), Stage(3, {4, 7})}), 2);
+  EXPECT_EQ(Chosen({Stage(0, {6, 6}), Stage(2, {11}), Stage(1, {11})}), 1);
+  // An empty stage still comes before a single-peer one.
+  EXPECT_EQ(Chosen({Stage(0, {5, 5}), Stage(1, {10}), Stage(2, {})}), 2);
+  // The rule picks the single-peer stage only when it costs less than the threshold: against
+  // brute force over small pools, the bottleneck it leaves is within kJoinBalanceQuality of the
+  // best a joiner (matching its stage's mean peer) could give.
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> rate(1, 8);
+  for (int trial = 0; trial < 500; ++trial) {
+    std::vector<SwarmStageLoad> stages;
+    for (int s = 0; s < 3; ++s) {
+      std::vector<double> peers(1 + rng() % 3);
+      for (double& p : peers) p = rate(rng);
+      stages.push_back(Stage(s, peers));
+    }
+    auto bottleneck_with = [&](int chosen) {
+      double b = std::numeric_limits<double>::infinity();
+      for (const SwarmStageLoad& st : stages) {
+        double sum = 0;
+        for (double t : st.serving_throughputs) sum += t;
+        if (st.index == chosen) sum += sum / st.serving_throughputs.size();
+        b = std::min(b, sum);
+      }
+      return b;
+    };
+    double best = 0;
+    for (int s = 0; s < 3; ++s) best = std::max(best, bottleneck_with(s));
+    const int c = Chosen(stages);
+    EXPECT_GE(bottleneck_with(c), best * kJoinBalanceQuality - 1e-12) << "trial " << trial;
+  }
 }
 
 TEST(ChooseStage, SkipsStagesTooBigForTheJoiner) {

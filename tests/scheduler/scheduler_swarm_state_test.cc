@@ -341,17 +341,20 @@ TEST(SwarmState, JoinersSpreadOverTheStagesByWeakness) {
   ASSERT_TRUE(w.st().ReportLoad("c", 5, 1).ok());
 
   // Capacities 10, 2, 5: stage 1. A joiner there counts as the stage's mean (2) while syncing:
-  // 4 < 5, stage 1 again; then 6 > 5: stage 2.
+  // 4, and stage 2 (5) is on one peer within 1 / 0.75 of it, so stage 2 (policy rule 3); then
+  // 4 < 10: stage 1.
   SwarmJoin d = w.Join("d");
   EXPECT_EQ(d.stage, 1);
   EXPECT_EQ(d.source, SwarmSyncSource::kDonor);
   EXPECT_EQ(d.donor, "b");
   EXPECT_EQ(d.donor_address, "b.addr:7000");
   EXPECT_EQ(d.step, 0);
-  EXPECT_EQ(w.Join("e").stage, 1);
+  SwarmJoin e = w.Join("e");
+  EXPECT_EQ(e.stage, 2);
+  EXPECT_EQ(e.donor, "c");
   SwarmJoin f = w.Join("f");
-  EXPECT_EQ(f.stage, 2);
-  EXPECT_EQ(f.donor, "c");
+  EXPECT_EQ(f.stage, 1);
+  EXPECT_EQ(f.donor, "b");
   // Memory: 150 bytes fit stage 0 only (100, 200, 300), although it is the strongest.
   SwarmJoin g = w.Join("g", 150);
   EXPECT_EQ(g.stage, 0);
