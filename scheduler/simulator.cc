@@ -307,6 +307,7 @@ absl::Status ReadSettings(const toml::table* table, const std::string& source,
   SHOAL_RETURN_IF_ERROR(r.Number("heartbeat_s", 0.01, 86400, false, false, &s->heartbeat_s));
   SHOAL_RETURN_IF_ERROR(r.Number("replace_after_s", 0, 1e7, false, false, &s->replace_after_s));
   SHOAL_RETURN_IF_ERROR(r.Number("restart_s", 0, 1e6, false, false, &s->restart_s));
+  SHOAL_RETURN_IF_ERROR(r.Number("round_s", 0, 3600, false, false, &s->round_s));
   SHOAL_RETURN_IF_ERROR(r.Number("relayout_gain", 0, 10, false, false, &s->relayout_gain));
   SHOAL_RETURN_IF_ERROR(r.Number("report_every_s", 1, 1e7, false, false, &s->report_every_s));
   SHOAL_RETURN_IF_ERROR(r.Number("max_hours", 0, 1e5, true, false, &s->max_hours));

@@ -51,6 +51,9 @@ struct SimulationSettings {
   double heartbeat_s = 2;        // the heartbeat interval
   double replace_after_s = 120;  // a failed device's replacement joins this long after
   double restart_s = 30;         // training time lost when the placement changes
+  // `shoal simulate --swarm` only: a stage round's fixed cost beside its bytes (the plan, the
+  // group's connections, the report, the next step's lease), in [0, 3600]; 0: none.
+  double round_s = 0;
   double relayout_gain = 0;      // the coordinator's relayout_min_gain (coordinator_core.h)
   double report_every_s = 600;   // a table row at least this often
   double max_hours = 168;        // stop here even if the steps are not done

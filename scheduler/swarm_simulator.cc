@@ -656,7 +656,8 @@ class SwarmSimulation {
           slowest = std::min(slowest, peers_[peer_index_.at(id)].net_bytes_per_s);
         }
         const double n = static_cast<double>(plan_peers.size());
-        const double seconds = stages_[info.index].gradient_bytes * 2 * (n - 1) / n / slowest;
+        const double seconds = stages_[info.index].gradient_bytes * 2 * (n - 1) / n / slowest +
+                               spec_.settings.round_s;
         Schedule(now_s_ + seconds, EventKind::kReduced, info.index, info.reduction->plan);
       }
       // Joiners with no sync in flight fetch from the source the roster names, by seniority

@@ -29,8 +29,9 @@
 //               settings.replace_after_s later.
 //   reduction   once a stage holds all M micro-batches, its plan's P peers report together after
 //               grad_bytes per parameter × 2(P-1)/P over the slowest plan peer's net_gbps (a
-//               ring all-reduce); the report that completes the step returns the Apply, and the
-//               next step opens by itself.
+//               ring all-reduce) plus the file's simulation.round_s (the round's fixed cost: the
+//               plan, the connections, the report, the next step's lease); the report that
+//               completes the step returns the Apply, and the next step opens by itself.
 //   stragglers  a group with slow_after_s computes slow_factor times slower from then on, and
 //               its peers report the new throughput.
 //   kills       with kill_every_s, a live preemptible peer drawn uniformly fails on that

@@ -120,6 +120,35 @@ TEST(SwarmSimulatorTest, OnePeerPerStageOneTrainerMatchesTheClosedForm) {
   EXPECT_NEAR(r.summary.utilisation, 0.5, 1e-9);
 }
 
+TEST(SwarmSimulatorTest, TheRoundsFixedCostAddsToEveryStep) {
+  // The closed form above with simulation.round_s = R: every stage's round ends R after its last
+  // backward, the step's Apply comes with stage 0's (its backward is the step's last work), and
+  // the next step opens only then, so t_k = (k + 1) · (M · (c0 + c1) + R).
+  constexpr double kRound = 0.375;
+  const ClusterSpec spec = Parse(
+      JobToml(4, absl::StrCat("lease_s = 5\nheartbeat_s = 1\nround_s = ", kRound, "\n")) +
+      GroupToml("core", 2, ""));
+  EXPECT_EQ(spec.settings.round_s, kRound);
+  SwarmSimulationOptions o;
+  o.in_flight = 1;
+  o.stages = 2;
+  o.micro_batches = 4;
+  o.steps = 5;
+  const SwarmSimulationResult r = RunSwarm(spec, o);
+  const double step_s = 4 * (MicroBatchSeconds(0, 2, 4) + MicroBatchSeconds(1, 2, 4)) + kRound;
+  ASSERT_EQ(r.applied.size(), 5u);
+  for (int k = 0; k < 5; ++k) {
+    EXPECT_NEAR(r.applied[k].time_s, (k + 1) * step_s, 1e-9 * step_s) << "step " << k;
+  }
+  // Out of range: named.
+  for (const char* bad : {"-1", "3601"}) {
+    absl::StatusOr<ClusterSpec> s = ParseClusterToml(
+        JobToml(4, absl::StrCat("round_s = ", bad, "\n")) + GroupToml("core", 2, ""), "r.toml");
+    ASSERT_FALSE(s.ok()) << bad;
+    EXPECT_NE(s.status().message().find("simulation.round_s"), std::string::npos) << s.status();
+  }
+}
+
 // A trainer with several micro-batches in flight keeps both stages busy at once (a pipeline):
 // a step takes less than one micro-batch after another, M (c0 + c1), and no less than the
 // busier peer's own work, M · max(c0, c1); with M in flight and the step's micro-batches
