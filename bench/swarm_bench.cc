@@ -15,13 +15,13 @@
 //                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
 //                 --swarm`'s model of the same two arms (the same SwarmState policy, each peer at
 //                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
-//   simulated     the churn arms predicted without running them: the swarm's by `shoal
-//                 simulate --swarm` (6 preemptible peers at this machine's fp32 GEMM rate over
-//                 the throttle, one killed every --kill-every s, replaced after a start), the
-//                 static pipeline's by a 1F1B step time from the same FLOPs and rate with every
-//                 kill costing a start and the steps since the newest checkpoint
-//                 (scheduler::SimulateStaticRestarts). A start is the static no-kill arm's time
-//                 from launch to its first step, measured.
+//   simulated     three churn arms predicted from the fourth, the static one without kills:
+//                 the device's rate on this job calibrated on its steady step, and a start as
+//                 its time to the first step less that step. The swarm's by `shoal simulate
+//                 --swarm` (6 preemptible peers at that rate, one killed every --kill-every s,
+//                 replaced after a start), the static pipeline's with kills by every kill
+//                 costing a start and the steps since the newest checkpoint
+//                 (scheduler::SimulateStaticRestarts).
 //   links         (root) the swarm of the churn arms on --links-config, every process (the
 //                 coordinator, 6 peers, the trainer) in a network namespace of its own behind a
 //                 veth shaped with tc tbf to --link-mbit each way (bench/shaped_network.h): DeMo
@@ -145,7 +145,9 @@ struct ArmResult {
   double tokens_per_s = 0;
   int kills = 0;
   int64_t replays = 0, lost = 0, duplicates = 0, moves = 0, restarts = 0;
-  double first_step_s = -1;  // the static arms: from launch to rank 0's first step; -1: none
+  // The no-kill churn arms: from launch to the first step (the static job's rank 0 logged it;
+  // the swarm applied it); -1: none or not read.
+  double first_step_s = -1;
 };
 
 class SwarmBench {
@@ -402,6 +404,13 @@ class SwarmBench {
     double next_kill = o_.kill_every_s;  // from the coordinator's start, as the static arm's
     int code = -1;
     while ((code = trainer.Poll()) < 0 && SecondsSince(t0) < o_.seconds) {
+      if (!churn && !arm.links && r.first_step_s < 0) {
+        // The swarm's start, as the static arm's (the simulated arms calibrate on both).
+        const nlohmann::json st = Status();
+        if (st.is_object() && st.contains("swarm") && JsonInt(st["swarm"], "next_step") >= 1) {
+          r.first_step_s = SecondsSince(t0);
+        }
+      }
       if (churn && SecondsSince(t0) >= next_kill) {
         std::vector<size_t> live;
         for (size_t i = 0; i < peers.size(); ++i) {
@@ -488,7 +497,7 @@ class SwarmBench {
       line["static_start_s"] = static_free.first_step_s >= 0
                                    ? nlohmann::json(static_free.first_step_s)
                                    : nlohmann::json(nullptr);
-      absl::StatusOr<SimulatedChurn> predicted = SimulateChurnArms(static_free.first_step_s);
+      absl::StatusOr<SimulatedChurn> predicted = SimulateChurnArms(static_free, swarm_free);
       if (predicted.ok()) {
         // null when the simulated static job commits nothing between kills.
         line["simulated_churn_ratio"] = predicted->static_killed > 0
@@ -496,6 +505,7 @@ class SwarmBench {
                                                              predicted->static_killed)
                                             : nlohmann::json(nullptr);
         line["simulated_churn_free_ratio"] = predicted->swarm_free / predicted->static_free;
+        line["simulated_round_s"] = predicted->round_s;
       } else {
         std::fprintf(stderr, "shoal bench swarm: no simulated churn ratio: %s\n",
                      std::string(predicted.status().message()).c_str());
@@ -568,7 +578,8 @@ class SwarmBench {
                                 : nlohmann::json(nullptr);
     }
     for (const char* key : {"demo_speedup_shaped", "shaped_over_unshaped", "simulated_churn_ratio",
-                            "simulated_churn_free_ratio", "simulated_straggler_ratio"}) {
+                            "simulated_churn_free_ratio", "simulated_round_s",
+                            "simulated_straggler_ratio"}) {
       if (!line.contains(key)) line[key] = nullptr;
     }
     std::printf("%s\n", line.dump().c_str());
@@ -631,7 +642,7 @@ class SwarmBench {
   // A devices file's [job] (the swarm arms' job) and [simulation] tables, `seconds` of virtual
   // time; the [[group]]s follow.
   std::string SimulatedJob(const std::string& name, double lease_s, double replace_after_s,
-                           double seconds) const {
+                           double seconds, double round_s = 0) const {
     return absl::StrCat(
         "[job]\nname = \"bench-swarm-", name, "\"\nn_layer = ", config_.model.n_layer,
         "\nn_head = ", config_.model.n_head, "\nn_embd = ", config_.model.n_embd,
@@ -639,38 +650,72 @@ class SwarmBench {
         "\nglobal_batch = ", SwarmMicroBatches() * o_.batch_size, "\n\n[simulation]\nlease_s = ",
         lease_s, "\nheartbeat_s = ", std::min(0.25, lease_s / 2), "\nreplace_after_s = ",
         replace_after_s, "\nreport_every_s = ", std::max(1.0, seconds),
-        "\nmax_hours = ", seconds / 3600, "\n");
+        "\nmax_hours = ", seconds / 3600, "\nround_s = ", round_s, "\n");
   }
 
-  // The churn arms' prediction: each arm's steady rate over kSimulatedChurnS of virtual time (so
-  // the start of a run weighs little), tokens/s:
-  //   swarm   6 preemptible peers at PeerGflops(), one of them killed every --kill-every s
-  //           (which one drawn by the seed: averaged over 4 seeds), replaced `start_s` later;
+  // The kill arms' prediction, calibrated on the two arms without kills (as a simulator is
+  // calibrated on a profile of the job), each arm's steady rate over kSimulatedChurnS of virtual
+  // time (so the start of a run weighs little), tokens/s:
+  //   rate    the peers' fp32 rate: PeerGflops() scaled so that the static pipeline's modelled
+  //           step (PipelineStepSeconds of the uniform 3-stage split, each micro-batch's FLOPs
+  //           at that rate) equals the static arm's measured steady step (its time after the
+  //           first step over its steps after the first);
+  //   start   the static arm's time to its first step less one steady step (the first step is
+  //           work the job keeps);
+  //   round   the swarm's step boundary (simulation.round_s: the round's connections, the
+  //           report, the next step's lease), which the simulator cannot know: the swarm arm's
+  //           measured steady step (as the static arm's) less the one simulated without it.
+  // Then the two kill arms are predicted:
+  //   swarm   6 preemptible peers at that rate and round, one of them killed every --kill-every
+  //           s (which one drawn by the seed: averaged over 4 seeds), replaced a start later;
   //           fenced 1 s after they fail (the live swarm fences a peer as soon as a call to it
   //           fails); checkpoints as the arms'.
-  //   static  a 1F1B pipeline step (PipelineStepSeconds) of the uniform 3-stage split, each
-  //           micro-batch's FLOPs at PeerGflops(); every --kill-every s a kill costs a start
-  //           and the steps since the newest checkpoint (SimulateStaticRestarts), averaged over
-  //           starts spread over one checkpoint interval around `start_s`. The data-
-  //           parallel all-reduce (127.0.0.1) and the optimizer step are left out, as the swarm
-  //           simulator leaves out its own.
+  //   static  the measured steady step; every --kill-every s a kill costs a start and the steps
+  //           since the newest checkpoint (SimulateStaticRestarts), averaged over starts spread
+  //           over one checkpoint interval around the measured one.
+  // The no-kill arms come out as measured but for the swarm's round, which is not negative (a
+  // simulated swarm slower than the real one keeps round 0): their ratio checks the fit.
   static constexpr double kSimulatedChurnS = 1800;
   struct SimulatedChurn {
     double static_free = 0, static_killed = 0, swarm_free = 0, swarm_killed = 0;
+    double round_s = 0;  // the calibrated simulation.round_s
   };
-  absl::StatusOr<SimulatedChurn> SimulateChurnArms(double start_s) {
-    if (start_s < 0) {
-      return absl::UnavailableError("the static arm logged no step: no start time to charge");
+  absl::StatusOr<SimulatedChurn> SimulateChurnArms(const ArmResult& measured,
+                                                   const ArmResult& measured_swarm) {
+    if (measured.first_step_s < 0 || measured.steps < 2 ||
+        !(measured.wall_s > measured.first_step_s)) {
+      return absl::UnavailableError(
+          "the static arm logged fewer than two steps: no start or step time to calibrate on");
     }
-    SHOAL_ASSIGN_OR_RETURN(const double g, PeerGflops());
-    std::string toml = SimulatedJob("churn", 1, start_s, kSimulatedChurnS);
-    absl::StrAppend(&toml, "\n[[group]]\nname = \"peer\"\ncount = 6\npreemptible = true\n",
-                    "kind = \"cpu\"\nfp32_gflops = ", g, "\nhost_memory_gib = 8\nnet_gbps = 10\n");
-    SHOAL_ASSIGN_OR_RETURN(const scheduler::ClusterSpec spec,
-                           scheduler::ParseClusterToml(toml, "the churn arms"));
-    double swarm[2] = {0, 0};  // [0]: no kills, [1]: kills
-    for (int churn = 0; churn < 2; ++churn) {
-      const int seeds = churn == 0 ? 1 : 4;
+    const double step_s =
+        (measured.wall_s - measured.first_step_s) / static_cast<double>(measured.steps - 1);
+    const double start_s = std::max(0.0, measured.first_step_s - step_s);
+    // The static pipeline's step at PeerGflops(): a micro-batch of --batch-size sequences through
+    // each stage's blocks (and the head on the last), forward and backward.
+    SHOAL_ASSIGN_OR_RETURN(const double g0, PeerGflops());
+    auto spec_at = [&](double gflops, double round_s) {
+      std::string toml = SimulatedJob("churn", 1, start_s, kSimulatedChurnS, round_s);
+      absl::StrAppend(&toml, "\n[[group]]\nname = \"peer\"\ncount = 6\npreemptible = true\n",
+                      "kind = \"cpu\"\nfp32_gflops = ", gflops,
+                      "\nhost_memory_gib = 8\nnet_gbps = 10\n");
+      return scheduler::ParseClusterToml(toml, "the churn arms");
+    };
+    SHOAL_ASSIGN_OR_RETURN(const scheduler::ClusterSpec uncalibrated, spec_at(g0, 0));
+    const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(uncalibrated.job.model());
+    const std::vector<int> split = UniformSplit(config_.model.n_layer, 3);
+    const double tokens = static_cast<double>(o_.batch_size) * config_.model.block_size;
+    std::vector<double> stage_s;
+    for (size_t s = 0; s < split.size(); ++s) {
+      double flops = tokens * split[s] * costs.block_flops_per_token;
+      if (s + 1 == split.size()) flops += tokens * costs.head_flops_per_token;
+      stage_s.push_back(flops / (g0 * 1e9));
+    }
+    const double modelled_step_s = scheduler::PipelineStepSeconds(stage_s, o_.micro_batches);
+    const double g = g0 * modelled_step_s / step_s;
+    auto run_swarm = [&](double round_s, double kill_every_s) -> absl::StatusOr<double> {
+      SHOAL_ASSIGN_OR_RETURN(const scheduler::ClusterSpec spec, spec_at(g, round_s));
+      const int seeds = kill_every_s > 0 ? 4 : 1;
+      double rate = 0;
       for (int seed = 1; seed <= seeds; ++seed) {
         scheduler::SwarmSimulationOptions so;
         so.stages = 3;
@@ -678,27 +723,35 @@ class SwarmBench {
         so.in_flight = o_.in_flight;
         so.steps = 1000000000;
         so.checkpoint_every = kCheckpointEvery;
-        so.kill_every_s = churn == 0 ? 0 : o_.kill_every_s;
+        so.kill_every_s = kill_every_s;
         so.seed = static_cast<uint64_t>(seed);
         SHOAL_ASSIGN_OR_RETURN(const scheduler::SwarmSimulationResult r,
                                scheduler::SimulateSwarm(spec, so));
-        swarm[churn] += r.summary.mean_tokens_per_s / seeds;
+        rate += r.summary.mean_tokens_per_s / seeds;
       }
+      return rate;
+    };
+    const double per_step = TokensPerStep(/*links=*/false);
+    SHOAL_ASSIGN_OR_RETURN(const double unrounded, run_swarm(0, 0));
+    if (!(unrounded > 0) || !(measured_swarm.tokens_per_s > 0)) {
+      return absl::UnavailableError("the swarm (measured or simulated) trained nothing without "
+                                    "kills: no round time to calibrate on");
     }
-    // The static pipeline's step: a micro-batch of --batch-size sequences through each stage's
-    // blocks (and the head on the last), forward and backward.
-    const scheduler::ModelCosts costs = scheduler::ComputeModelCosts(spec.job.model());
-    const std::vector<int> split = UniformSplit(config_.model.n_layer, 3);
-    const double tokens = static_cast<double>(o_.batch_size) * config_.model.block_size;
-    std::vector<double> stage_s;
-    for (size_t s = 0; s < split.size(); ++s) {
-      double flops = tokens * split[s] * costs.block_flops_per_token;
-      if (s + 1 == split.size()) flops += tokens * costs.head_flops_per_token;
-      stage_s.push_back(flops / (g * 1e9));
-    }
+    // A round's cost falls once on every step (the next step waits for it): one correction, to
+    // the measured steady step (from the first step on, as the static arm's).
+    const double swarm_step_s =
+        measured_swarm.first_step_s >= 0 && measured_swarm.steps >= 2 &&
+                measured_swarm.wall_s > measured_swarm.first_step_s
+            ? (measured_swarm.wall_s - measured_swarm.first_step_s) /
+                  static_cast<double>(measured_swarm.steps - 1)
+            : per_step / measured_swarm.tokens_per_s;
+    const double round_s = std::max(0.0, swarm_step_s - per_step / unrounded);
+    double swarm[2] = {0, 0};  // [0]: no kills, [1]: kills
+    SHOAL_ASSIGN_OR_RETURN(swarm[0], run_swarm(round_s, 0));
+    SHOAL_ASSIGN_OR_RETURN(swarm[1], run_swarm(round_s, o_.kill_every_s));
     scheduler::StaticRestartOptions ro;
     ro.seconds = kSimulatedChurnS;
-    ro.step_s = scheduler::PipelineStepSeconds(stage_s, o_.micro_batches);
+    ro.step_s = step_s;
     ro.start_s = start_s;
     ro.checkpoint_every = kCheckpointEvery;
     ro.kill_every_s = std::numeric_limits<double>::infinity();
@@ -721,18 +774,19 @@ class SwarmBench {
       kills += static_cast<double>(killed.kills) / kPhases;
       steps_lost += static_cast<double>(killed.steps_lost) / kPhases;
     }
-    const double per_step = TokensPerStep(/*links=*/false);
     const double static_free = static_cast<double>(free.steps) * per_step / kSimulatedChurnS;
     const double static_killed = killed_steps * per_step / kSimulatedChurnS;
     std::fprintf(stderr,
-                 "  simulated churn: static %.0f / %.0f tokens/s (step %.3f s, start %.1f s, "
-                 "%.0f kills, %.0f steps lost), swarm %.0f / %.0f tokens/s (no kills / kills)\n",
-                 static_free, static_killed, ro.step_s, start_s, kills, steps_lost, swarm[0],
-                 swarm[1]);
+                 "  simulated churn: calibrated %.2f GFLOP/s a peer (GEMM rate %.2f: the modelled "
+                 "step %.3f s against %.3f s measured), a round %.3f s; static %.0f / %.0f "
+                 "tokens/s (start %.1f s, %.0f kills, %.0f steps lost), swarm %.0f / %.0f "
+                 "tokens/s (no kills / kills)\n",
+                 g, g0, modelled_step_s, step_s, round_s, static_free, static_killed, start_s,
+                 kills, steps_lost, swarm[0], swarm[1]);
     if (!(static_free > 0) || !(swarm[0] > 0)) {
       return absl::InternalError("a simulated arm without kills trained nothing");
     }
-    return SimulatedChurn{static_free, static_killed, swarm[0], swarm[1]};
+    return SimulatedChurn{static_free, static_killed, swarm[0], swarm[1], round_s};
   }
 
   void Print(const char* what, const ArmResult& r) {
