@@ -15,13 +15,13 @@
 //                 (--rebalance-s 3) against without it (--rebalance-s 0). `shoal simulate
 //                 --swarm`'s model of the same two arms (the same SwarmState policy, each peer at
 //                 this machine's measured fp32 GEMM rate over its throttle) predicts their ratio.
-//   simulated     three churn arms predicted from the fourth, the static one without kills:
-//                 the device's rate on this job calibrated on its steady step, and a start as
-//                 its time to the first step less that step. The swarm's by `shoal simulate
+//   simulated     the two kill arms predicted from the two without: the device's rate on this
+//                 job calibrated on the static arm's steady step, a start as its time to the
+//                 first step less that step, and the swarm's step boundary (simulation.round_s)
+//                 on the swarm arm's steady step. The swarm with kills by `shoal simulate
 //                 --swarm` (6 preemptible peers at that rate, one killed every --kill-every s,
-//                 replaced after a start), the static pipeline's with kills by every kill
-//                 costing a start and the steps since the newest checkpoint
-//                 (scheduler::SimulateStaticRestarts).
+//                 replaced after a start), the static pipeline's by every kill costing a start
+//                 and the steps since the newest checkpoint (scheduler::SimulateStaticRestarts).
 //   links         (root) the swarm of the churn arms on --links-config, every process (the
 //                 coordinator, 6 peers, the trainer) in a network namespace of its own behind a
 //                 veth shaped with tc tbf to --link-mbit each way (bench/shaped_network.h): DeMo

@@ -42,10 +42,11 @@ struct SwarmStageChoice {
 //   2. An empty stage (no serving and no syncing peer) comes first: the swarm cannot train until
 //      every stage has someone. The lowest index among them.
 //   3. Then a stage held by a single peer (serving or syncing) whose capacity is within
-//      1 / kJoinBalanceQuality of the lowest capacity (below), the lowest such, ties to the lower
-//      index. A stage on one peer is one failure from a rollback (every stage's step redone from
-//      the newest checkpoint), and a joiner sent there instead of to the weakest stage costs the
-//      bottleneck less than the rebalancer would move a peer to win back.
+//      1 / kJoinBalanceQuality of the lowest capacity (rule 4's) among the stages left, the
+//      lowest such, ties to the lower index. A stage on one peer is one failure from a rollback
+//      (every stage's step redone from the newest checkpoint), and a joiner sent there instead
+//      of to the weakest stage costs the bottleneck less than the rebalancer would move a peer
+//      to win back.
 //   4. Otherwise the stage of lowest capacity, ties to the lower index. A stage's capacity is the
 //      sum of its serving peers' throughputs plus, for each syncing peer, the throughput it is
 //      expected to bring: the mean of the stage's serving peers, or where the stage has none, the
