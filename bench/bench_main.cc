@@ -28,6 +28,9 @@ std::vector<Subcommand> Benches(const BenchHost& host) {
        "A swarm vs the static pipeline with workers killed, and a straggler with and without "
        "the rebalancer: committed tokens/s",
        bind(SwarmBenchMain)},
+      {"allocator",
+       "Host memory: bench train with glibc's allocator defaults vs freed blocks kept for reuse",
+       bind(AllocatorBenchMain)},
       {"coordinator",
        "Coordinator: layout solve time on 16 .. 4096 synthetic devices, heartbeats per second",
        bind(CoordinatorBenchMain)},

@@ -12,6 +12,11 @@ namespace shoal::bench {
 // thread against 1 rank x 2 threads at the same global batch; a JSON line with `ratio`.
 int DpBenchMain(int argc, char** argv, const BenchHost& host);
 
+// shoal bench allocator --config FILE [--steps N] [--rounds R] [--set ...]: `shoal bench train`
+// with SHOAL_HOST_ALLOCATOR=system against =keep (common/host_allocator.h), alternated R times;
+// a JSON line with `ratio` (keep's tokens/s over system's).
+int AllocatorBenchMain(int argc, char** argv, const BenchHost& host);
+
 // shoal bench comm [--backend gloo|mpi|nccl] [--ranks N] [--max-mb MB] [--iterations K]:
 // outside a job, starts N ranks of this binary (`shoal run`, or mpirun for mpi) on the same
 // command; inside one, RunCommBench on this rank (comm_bench.h).

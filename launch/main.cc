@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "bench/bench_main.h"
+#include "common/host_allocator.h"
 #include "common/subcommand_table.h"
 #include "launch/env.h"
 #include "launch/exit_code.h"
@@ -132,6 +133,11 @@ int main(int argc, char** argv) {
     ::execv("/proc/self/exe", argv);
     // execv failed: carry on with the pools as they are.
   }
+  // Freed tensors stay mapped for the next step (common/host_allocator.h), in every role.
+  const absl::StatusOr<shoal::HostAllocatorPolicy> allocator =
+      shoal::HostAllocatorPolicyFromEnvironment();
+  if (!allocator.ok()) return shoal::launch::Fail(allocator.status());
+  (void)shoal::ApplyHostAllocatorPolicy(*allocator);
   if (sub == "--version") {
     std::cout << "shoal 0.1.0" << std::endl;
     return 0;

@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/peer_group.h"
+#include "common/host_allocator.h"
 #include "common/logging.h"
 #include "common/status.h"
 #include "launch/swarm_worker.h"
@@ -136,7 +137,8 @@ class Peer {
           config_.model, config_.train.omp_threads, config_.train.blas_threads);
       SHOAL_RETURN_IF_ERROR(runtime::ApplyThreadPlan(plan));
       SHOAL_LOG(Info) << "swarm peer: " << plan.omp_threads << " OpenMP thread(s), "
-                      << plan.blas_threads << " BLAS thread(s) (" << plan.reason << ")";
+                      << plan.blas_threads << " BLAS thread(s) (" << plan.reason << "); "
+                      << AppliedHostAllocator();
     }
     stage_index_ = job.stage();
     stages_ = job.stages();

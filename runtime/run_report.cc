@@ -5,6 +5,7 @@
 #include "absl/strings/str_join.h"
 #include "common/file_util.h"
 #include "common/gpt_arithmetic.h"
+#include "common/host_allocator.h"
 #include "common/logging.h"
 #include "common/progress.h"
 #include "common/process_memory.h"
@@ -87,7 +88,7 @@ void RunReport::Describe(const ThreadPlan& threads, double throttle, bool layout
   if (options_.rank_lines) {
     SHOAL_LOG(Info) << "threads: OpenMP " << threads.omp_threads << ", BLAS "
                     << threads.blas_threads << " (" << threads.reason
-                    << "); BLAS: " << DescribeBlas();
+                    << "); BLAS: " << DescribeBlas() << "; " << AppliedHostAllocator();
   }
   if (throttle > 1.0) {
     SHOAL_LOG(Info) << "throttle: rank " << options_.rank << " sleeps " << throttle - 1.0

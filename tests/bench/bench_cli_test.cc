@@ -31,7 +31,7 @@ TEST(BenchTableTest, HelpListsEveryBenchAndUnknownNamesAreUsageErrors) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("Usage"), std::string::npos) << r.output;
   for (const char* name : {"train", "dp", "comm", "split", "pipeline", "hetero", "demo", "memory",
-                           "swarm", "coordinator"}) {
+                           "swarm", "allocator", "coordinator"}) {
     EXPECT_NE(r.output.find(std::string("  ") + name + " "), std::string::npos)
         << name << "\n" << r.output;
   }
@@ -40,7 +40,7 @@ TEST(BenchTableTest, HelpListsEveryBenchAndUnknownNamesAreUsageErrors) {
   EXPECT_NE(r.output.find("no-such-bench"), std::string::npos) << r.output;
   EXPECT_EQ(RunCommand(std::string(SHOAL_BINARY) + " bench").exit_code, 2);
   for (const char* name :
-       {"dp", "comm", "split", "hetero", "demo", "memory", "swarm", "coordinator"}) {
+       {"dp", "comm", "split", "hetero", "demo", "memory", "swarm", "allocator", "coordinator"}) {
     r = RunCommand(std::string(SHOAL_BINARY) + " bench " + name + " --help");
     EXPECT_EQ(r.exit_code, 0) << name << "\n" << r.output;
     EXPECT_NE(r.output.find(std::string("shoal bench ") + name), std::string::npos) << r.output;
@@ -160,6 +160,40 @@ TEST(BenchDemoTest, TrainsBothOptimizersAndReportsBytesAndLosses) {
                  "/configs/tiny.toml --ranks 1");
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("--ranks must be >= 2"), std::string::npos) << r.output;
+}
+
+// Both arms of `bench allocator` train, each under its policy (the children's thread lines say
+// which), and glibc's own settings in the environment are refused (they would override both).
+TEST(BenchAllocatorTest, TrainsUnderBothPoliciesAndRefusesGlibcSettings) {
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  TempDir tmp;
+  ASSERT_NO_FATAL_FAILURE(PrepareData(tmp));
+  const std::string args = " bench allocator --config " + std::string(SHOAL_SOURCE_DIR) +
+                           "/configs/tiny.toml --set data.dir=" + (tmp / "data") +
+                           " optim.name=demo train.out_dir=" + (tmp / "runs") +
+                           " --steps 2 --rounds 1";
+  CommandResult r = RunCommand("timeout -k 5 240 " + std::string(SHOAL_BINARY) + args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json j = LastJsonLine(r.output);
+  ASSERT_EQ(j["bench"], "allocator") << r.output;
+  EXPECT_EQ(j["rounds"], 1);
+  for (const char* k : {"tokens_per_s_system", "tokens_per_s_keep"}) {
+    EXPECT_GT(j[k].get<double>(), 0) << k;
+  }
+  EXPECT_NEAR(j["ratio"].get<double>(),
+              j["tokens_per_s_keep"].get<double>() / j["tokens_per_s_system"].get<double>(), 1e-9);
+  EXPECT_NE(r.output.find("host allocator: the C library's defaults"), std::string::npos)
+      << r.output;
+  EXPECT_NE(r.output.find("MiB of freed memory kept for reuse"), std::string::npos) << r.output;
+
+  r = RunCommand("MALLOC_TRIM_THRESHOLD_=1048576 " + std::string(SHOAL_BINARY) + args);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("MALLOC_"), std::string::npos) << r.output;
+  r = RunCommand("SHOAL_HOST_ALLOCATOR=fast " + std::string(SHOAL_BINARY) + " bench --help");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("SHOAL_HOST_ALLOCATOR must be \"keep\" or \"system\" (got \"fast\")"),
+            std::string::npos)
+      << r.output;
 }
 
 // GPT parameters at width 64, context 32, byte vocabulary (the output head shares the token
