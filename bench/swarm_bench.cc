@@ -28,7 +28,8 @@
 //                 stage rounds (swarm.sync = auto, which must choose DeMo there) against fp32
 //                 sums at that rate, and DeMo (swarm.sync = demo) on the same namespaces
 //                 unshaped; --links-micro-batches x --links-batch-size sequences a step, their
-//                 activations --links-codec (bf16) on the wire.
+//                 activations --links-codec (int8: blockwise 8-bit, as swarms on slow links
+//                 send them) on the wire.
 //
 // Every arm trains the same job (the same global batch: each static replica runs
 // --micro-batches micro-batches of --batch-size sequences, the swarm twice as many of the same
@@ -122,7 +123,7 @@ struct Options {
   std::string links_config = "configs/small.toml";  // the links arms' job
   int links_micro_batches = 4;
   int links_batch_size = 2;
-  std::string links_codec = "bf16";  // activations on the links arms' wire
+  std::string links_codec = "int8";  // activations on the links arms' wire
   double link_mbit = 100;
   std::string work_dir;  // empty: a temporary folder, removed at the end
   uint64_t seed = 1;
