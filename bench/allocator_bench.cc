@@ -1,8 +1,9 @@
 // `shoal bench allocator`: the host allocator policy (common/host_allocator.h) measured. The same
 // `shoal bench train` child run with SHOAL_HOST_ALLOCATOR=system (glibc's defaults) and =keep
 // (freed blocks kept for reuse), alternated --rounds times in one run; the mean tokens/s of
-// each and their ratio in one JSON line. DeMo (optim.name = "demo") allocates and frees its
+// each, their ratio and the largest peak RSS of each in one JSON line. DeMo (optim.name = "demo") allocates and frees its
 // coefficient tensors every step, which is where the policy shows.
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -29,11 +30,8 @@ absl::Status RunBenchAllocator(const std::string& config_path,
   // Checked here so a bad config fails before any child starts.
   SHOAL_RETURN_IF_ERROR(runtime::LoadConfig(config_path, overrides).status());
   // glibc's own settings would make both children alike (they win over SHOAL_HOST_ALLOCATOR).
-  absl::StatusOr<HostAllocatorPolicy> keep = ChooseHostAllocatorPolicy(
-      "keep", std::getenv("GLIBC_TUNABLES"),
-      std::getenv("MALLOC_MMAP_THRESHOLD_") != nullptr ||
-          std::getenv("MALLOC_TRIM_THRESHOLD_") != nullptr ||
-          std::getenv("MALLOC_TOP_PAD_") != nullptr || std::getenv("MALLOC_MMAP_MAX_") != nullptr);
+  absl::StatusOr<HostAllocatorPolicy> keep =
+      ChooseHostAllocatorPolicy("keep", std::getenv("GLIBC_TUNABLES"), MallocVariablesSet());
   if (!keep.ok() || *keep != HostAllocatorPolicy::kKeep) {
     return absl::FailedPreconditionError(
         "bench allocator: glibc's malloc settings are set in the environment (MALLOC_*_ or "
@@ -43,7 +41,7 @@ absl::Status RunBenchAllocator(const std::string& config_path,
   for (const std::string& o : overrides) sets += " --set '" + o + "'";
   const std::string train = absl::StrCat(SelfExecutablePath(), " bench train --config ",
                                          config_path, " --steps ", steps, sets);
-  double sum[2] = {0, 0}, step_ms[2] = {0, 0};
+  double sum[2] = {0, 0}, step_ms[2] = {0, 0}, peak_mb[2] = {0, 0};
   const char* names[2] = {"system", "keep"};
   for (int r = 0; r < rounds; ++r) {
     for (int arm = 0; arm < 2; ++arm) {
@@ -52,6 +50,9 @@ absl::Status RunBenchAllocator(const std::string& config_path,
           RunForJson(absl::StrCat("SHOAL_HOST_ALLOCATOR=", names[arm], " ", train)));
       sum[arm] += j["tokens_per_s"].get<double>();
       if (j.contains("step_time_ms")) step_ms[arm] += j["step_time_ms"].get<double>();
+      if (j.contains("peak_rss_mb")) {
+        peak_mb[arm] = std::max(peak_mb[arm], j["peak_rss_mb"].get<double>());
+      }
     }
   }
   const nlohmann::json j = {{"bench", "allocator"},
@@ -61,6 +62,8 @@ absl::Status RunBenchAllocator(const std::string& config_path,
                             {"tokens_per_s_keep", sum[1] / rounds},
                             {"step_time_ms_system", step_ms[0] / rounds},
                             {"step_time_ms_keep", step_ms[1] / rounds},
+                            {"peak_rss_mb_system", peak_mb[0]},
+                            {"peak_rss_mb_keep", peak_mb[1]},
                             {"ratio", sum[1] / sum[0]}};
   std::cout << j.dump() << std::endl;
   return absl::OkStatus();

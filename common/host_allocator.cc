@@ -57,14 +57,17 @@ absl::StatusOr<HostAllocatorPolicy> ChooseHostAllocatorPolicy(const char* shoal_
   return glibc_tuned ? HostAllocatorPolicy::kSystem : wanted;
 }
 
-absl::StatusOr<HostAllocatorPolicy> HostAllocatorPolicyFromEnvironment() {
-  bool set = false;
+bool MallocVariablesSet() {
   for (const char* name : {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                            "MALLOC_MMAP_MAX_"}) {
-    set = set || std::getenv(name) != nullptr;
+    if (std::getenv(name) != nullptr) return true;
   }
+  return false;
+}
+
+absl::StatusOr<HostAllocatorPolicy> HostAllocatorPolicyFromEnvironment() {
   return ChooseHostAllocatorPolicy(std::getenv("SHOAL_HOST_ALLOCATOR"),
-                                   std::getenv("GLIBC_TUNABLES"), set);
+                                   std::getenv("GLIBC_TUNABLES"), MallocVariablesSet());
 }
 
 std::string ApplyHostAllocatorPolicy(HostAllocatorPolicy policy) {

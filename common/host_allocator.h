@@ -11,8 +11,8 @@
 //
 // "keep" (the default): blocks up to 32 MiB (the most glibc allows) come from the heaps, and a
 // heap keeps up to 256 MiB of free memory before it gives any back, so the next step reuses
-// pages already mapped. Peak memory is unchanged; memory freed after a peak is held up to that
-// bound. "system": glibc's own defaults. Chosen by SHOAL_HOST_ALLOCATOR; glibc's own settings
+// pages already mapped. Memory freed after a peak is held up to that bound; the peak itself is
+// what the program allocates (`shoal bench allocator` reports both arms' peak RSS). "system": glibc's own defaults. Chosen by SHOAL_HOST_ALLOCATOR; glibc's own settings
 // (MALLOC_*_ variables, GLIBC_TUNABLES naming glibc.malloc) win over it.
 #ifndef SHOAL_COMMON_HOST_ALLOCATOR_H_
 #define SHOAL_COMMON_HOST_ALLOCATOR_H_
@@ -39,6 +39,10 @@ absl::StatusOr<HostAllocatorPolicy> ChooseHostAllocatorPolicy(
 
 // The same, from this process's environment.
 absl::StatusOr<HostAllocatorPolicy> HostAllocatorPolicyFromEnvironment();
+
+// Whether any of glibc's malloc variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_,
+// MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_) is set in this process's environment.
+bool MallocVariablesSet();
 
 // Applies `policy` to this process (glibc only; elsewhere a no-op). Returns what was done, for
 // the log; a setting glibc refuses is reported there, not failed: the run goes on with glibc's

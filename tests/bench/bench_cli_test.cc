@@ -177,7 +177,8 @@ TEST(BenchAllocatorTest, TrainsUnderBothPoliciesAndRefusesGlibcSettings) {
   const nlohmann::json j = LastJsonLine(r.output);
   ASSERT_EQ(j["bench"], "allocator") << r.output;
   EXPECT_EQ(j["rounds"], 1);
-  for (const char* k : {"tokens_per_s_system", "tokens_per_s_keep"}) {
+  for (const char* k :
+       {"tokens_per_s_system", "tokens_per_s_keep", "peak_rss_mb_system", "peak_rss_mb_keep"}) {
     EXPECT_GT(j[k].get<double>(), 0) << k;
   }
   EXPECT_NEAR(j["ratio"].get<double>(),
