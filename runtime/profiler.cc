@@ -86,9 +86,11 @@ double MeasureHostCopyGbps(double seconds) {
   return best;
 }
 
-std::string CacheKey(const std::string& host, const std::string& cpu, int cores,
-                     double throttle) {
-  return absl::StrFormat("%s|%s|%d cores|throttle %g", host, cpu, cores, throttle);
+// The machine's own rates are cached, unthrottled: every throttle divides the same measurement,
+// so two devices throttled differently on one machine keep exactly the ratio of their throttles
+// (two measurements taken under different loads need not).
+std::string CacheKey(const std::string& host, const std::string& cpu, int cores) {
+  return absl::StrFormat("%s|%s|%d cores", host, cpu, cores);
 }
 
 // The cache file as a JSON object; an unreadable or corrupt file reads as empty, with a
@@ -171,7 +173,7 @@ absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options) {
   const std::string host = HostName();
   const std::string cpu = CpuModel();
   const int cores = AvailableCores();
-  const std::string key = CacheKey(host, cpu, cores, options.throttle);
+  const std::string key = CacheKey(host, cpu, cores);
   const std::string dir = CacheDir();
   const std::string path = dir + "/profile.json";
 
@@ -194,11 +196,11 @@ absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options) {
     profile.set_host(host);
     profile.set_kind(v1::DEVICE_KIND_CPU);
     profile.set_device_name(absl::StrCat(cpu, " (", cores, cores == 1 ? " core)" : " cores)"));
-    profile.set_fp32_gflops(fp32 / options.throttle);
-    profile.set_bf16_gflops(bf16 / options.throttle);
-    profile.set_host_copy_gbps(copy / options.throttle);
+    profile.set_fp32_gflops(fp32);
+    profile.set_bf16_gflops(bf16);
+    profile.set_host_copy_gbps(copy);
     profile.set_cores(cores);
-    profile.set_throttle(options.throttle);
+    profile.set_throttle(1.0);
     profile.set_shoal_version(kShoalVersion);
     std::string json;
     google::protobuf::util::JsonPrintOptions jo;
@@ -210,6 +212,10 @@ absl::StatusOr<v1::DeviceProfile> ProfileDevice(const ProfileOptions& options) {
       if (!s.ok()) SHOAL_LOG(Warning) << "could not cache the device profile: " << s.message();
     }
   }
+  profile.set_fp32_gflops(profile.fp32_gflops() / options.throttle);
+  profile.set_bf16_gflops(profile.bf16_gflops() / options.throttle);
+  profile.set_host_copy_gbps(profile.host_copy_gbps() / options.throttle);
+  profile.set_throttle(options.throttle);
   // Free memory and disk change from run to run: always measured now, never cached. So are the
   // network figures, which the caller measures against its coordinator.
   v1::MemoryTiers* memory = profile.mutable_memory();

@@ -1,11 +1,11 @@
 // The worker's device profile, measured in a few seconds at start: fp32 and bf16 GEMM rates,
 // memory per tier (host RAM available, disk free under a path; GPU memory on a CUDA build with a
-// GPU), host memcpy bandwidth, core count. Cached per machine (host name, CPU model, cores,
-// throttle) in $SHOAL_CACHE_DIR or ~/.cache/shoal/profile.json; the round trip and bandwidth to the
-// coordinator are measured by the caller on every start (they depend on the network).
+// GPU), host memcpy bandwidth, core count. Cached per machine (host name, CPU model, cores) in
+// $SHOAL_CACHE_DIR or ~/.cache/shoal/profile.json, unthrottled; the round trip and bandwidth to
+// the coordinator are measured by the caller on every start (they depend on the network).
 //
 // `throttle` >= 1 slows this worker on purpose by that factor (tests and benchmarks of
-// heterogeneity on one machine): measured rates are divided by it, and Throttle::After() sleeps
+// heterogeneity on one machine): the machine's rates are divided by it, and Throttle::After() sleeps
 // (factor - 1) x the time of the work it follows (WorkClock: its wall time, but no more than the
 // CPU time the process spent on it).
 #ifndef SHOAL_RUNTIME_PROFILER_H_
