@@ -726,12 +726,12 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
 // least 2, at best 1.5x the swarm's rate. With `--rebalance-s 10` the move must come within 3
 // periods of the slowdown, nothing moves back, and tokens/s over the 30 s after the mover first
 // serves is at least 1.25x that over the 30 s before the move (from the slowdown on; the steps'
-// applies from /api/status, a step's progress taken as even within it). Why 8 and not 4: seven peers at 4 need 1.75 cores busy, and on a 2-core machine with
-// the trainer and the coordinator beside them the swarm was bound by the cores, not by stage 1 (a
-// move gained nothing). M = 128 micro-batches a step and 16 in flight keep the step boundaries
-// and the pipeline's fill short against the step. Runs alone (RUN_SERIAL): other tests' processes
-// on the same two cores would change the rate between the two windows. Prints one JSON line
-// (`swarm_straggler`).
+// applies from /api/status, a step's progress taken as even within it). Why 8 and not 4: seven
+// peers at 4 need 1.75 cores busy, and on a 2-core machine with the trainer and the coordinator
+// beside them the swarm was bound by the cores, not by stage 1 (a move gained nothing). M = 128
+// micro-batches a step and 16 in flight keep the step boundaries and the pipeline's fill short
+// against the step. Runs alone (RUN_SERIAL): other tests' processes on the same two cores would
+// change the rate between the two windows. Prints one JSON line (`swarm_straggler`).
 TEST_F(SwarmTest, StragglerGetsAPeerMovedIntoItsStage) {
   constexpr int kSlowAfterS = 60;
   int grpc = 0, http = 0;
@@ -798,6 +798,10 @@ TEST_F(SwarmTest, StragglerGetsAPeerMovedIntoItsStage) {
   // Within 3 periods of the slowdown (and not before it: stage 1 had been no bottleneck).
   EXPECT_GT(move_at, slow_at) << coordinator_log;
   EXPECT_LE(move_at - slow_at, 30.0 + 1.0) << coordinator_log;
+  // The first move is the mover's into stage 1, and it never leaves stage 1 again.
+  EXPECT_EQ(coordinator_log.find("rebalancing: peer " + mover + " moves from stage 0 to stage 1"),
+            coordinator_log.find("rebalancing: peer "))
+      << coordinator_log;
   EXPECT_FALSE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 1"))
       << coordinator_log;
 
