@@ -114,7 +114,9 @@ std::optional<v1::DeviceProfile> CachedProfile(const nlohmann::json& cache, cons
   v1::DeviceProfile profile;
   const auto status =
       google::protobuf::util::JsonStringToMessage(cache[key].dump(), &profile);
-  if (!status.ok() || !(profile.fp32_gflops() > 0) || !(profile.host_copy_gbps() > 0)) {
+  // An entry holds the machine's own rates (throttle 1); any other is not one this build wrote.
+  if (!status.ok() || !(profile.fp32_gflops() > 0) || !(profile.host_copy_gbps() > 0) ||
+      profile.throttle() != 1.0) {
     SHOAL_LOG(Warning) << "device profile cache " << path << ": entry '" << key
                        << "' is corrupt; measuring again";
     return std::nullopt;

@@ -5,9 +5,9 @@
 // the coordinator are measured by the caller on every start (they depend on the network).
 //
 // `throttle` >= 1 slows this worker on purpose by that factor (tests and benchmarks of
-// heterogeneity on one machine): the machine's rates are divided by it, and Throttle::After() sleeps
-// (factor - 1) x the time of the work it follows (WorkClock: its wall time, but no more than the
-// CPU time the process spent on it).
+// heterogeneity on one machine): the machine's rates are divided by it, and Throttle::After()
+// sleeps (factor - 1) x the time of the work it follows (WorkClock: its wall time, but no more
+// than the CPU time the process spent on it).
 #ifndef SHOAL_RUNTIME_PROFILER_H_
 #define SHOAL_RUNTIME_PROFILER_H_
 

@@ -164,6 +164,16 @@ TEST_F(ProfilerTest, CorruptCacheIsIgnoredAndRewritten) {
   EXPECT_GT(again->fp32_gflops(), 0);
   cache = nlohmann::json::parse(ReadTextFile(CachePath()));
   EXPECT_TRUE(cache[key]["fp32_gflops"].is_number());
+
+  // An entry that is not the machine's own rates (a throttle in it): measured again, replaced.
+  cache[key]["throttle"] = 3;
+  cache[key]["fp32_gflops"] = 12345.5;
+  WriteTextFile(CachePath(), cache.dump());
+  auto third = ProfileDevice(options_);
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_NE(third->fp32_gflops(), 12345.5);
+  cache = nlohmann::json::parse(ReadTextFile(CachePath()));
+  EXPECT_EQ(cache[key].value("throttle", 0.0), 1.0) << cache.dump();
 }
 
 TEST_F(ProfilerTest, BadOptionsAreNamed) {
