@@ -793,11 +793,11 @@ class Peer {
   // compute over the current window (2 s or more old) and the whole window before it, 6 to 8 s
   // of work in all once it runs. A new window never stands alone: on a shared machine one call
   // can take a tenth or ten times its usual time, and the rebalancer must not move a peer on it
-  // (it also waits for the same move to win two checks). Windows of 4 s, not longer: a peer that
-  // slows down shows it within about 8 s, so with the two checks the rebalancer moves within 3
-  // periods of 10 s. (A 3x slowdown took 10 to 14 s to show with 10 s windows, moves came 22 to
-  // 34 s after it; 8 to 10 s with 5 s windows, a move at 24 s.) A peer that computed nothing keeps
-  // its last figure.
+  // (it also waits for the same move to win two checks). Windows of 4 s, not longer, so that with
+  // the two checks a move comes within 3 periods of 10 s. Sampled every 2 s, a 3x slowdown became
+  // large enough for a move 9 to 14 s after it with 10 s windows (moves 29 and 34 s after it), 8
+  // to 10 s with 5 s windows (a move at 24 s); with 4 s windows moves came 19.4 s after it in three
+  // runs. A peer that computed nothing keeps its last figure.
   void ReportLoad(LoadWindows* load) {
     const runtime::SwarmPeerLoad add = server_->TakeLoad();
     if (add.compute_s > 0) {

@@ -227,6 +227,17 @@ class SwarmTest : public ::testing::Test {
     return static_cast<int64_t>(Number(s["swarm"].value("next_step", nlohmann::json(0))));
   }
 
+  // When each step was applied (unix seconds), from a status's job history.
+  static std::map<int64_t, double> AppliedAt(const nlohmann::json& s) {
+    std::map<int64_t, double> out;
+    if (!s.is_object() || !s.contains("job_status")) return out;
+    for (const nlohmann::json& p : s["job_status"].value("history", nlohmann::json::array())) {
+      out[static_cast<int64_t>(Number(p.value("step", nlohmann::json(0))))] =
+          Number(p.value("unix_ms", nlohmann::json(0))) / 1000.0;
+    }
+    return out;
+  }
+
   static double Counter(const nlohmann::json& s, const std::string& name) {
     if (!s.is_object() || !s.contains("swarm")) return -1;
     return Number(s["swarm"]["counters"].value(name, nlohmann::json(0)));
@@ -696,11 +707,7 @@ TEST_F(SwarmTest, RebalancerMovesAPeerIntoTheSlowStageAndTrainingStaysExact) {
   // history: steps after the first two before the move, and from two steps after it (the mover
   // syncs and enters a round) to the end; null when a window is empty (a move during step 2
   // leaves no steady step before it).
-  std::map<int64_t, double> applied_at;  // step -> seconds
-  for (const nlohmann::json& p : s["job_status"].value("history", nlohmann::json::array())) {
-    applied_at[static_cast<int64_t>(Number(p.value("step", nlohmann::json(0))))] =
-        Number(p.value("unix_ms", nlohmann::json(0))) / 1000.0;
-  }
+  std::map<int64_t, double> applied_at = AppliedAt(s);  // step -> seconds
   auto rate = [&](int64_t from, int64_t to) {
     if (to <= from || applied_at.count(from) == 0 || applied_at.count(to) == 0) return 0.0;
     return static_cast<double>(to - from) / (applied_at[to] - applied_at[from]);
@@ -805,22 +812,16 @@ TEST_F(SwarmTest, StragglerGetsAPeerMovedIntoItsStage) {
   EXPECT_FALSE(Contains(coordinator_log, "rebalancing: peer " + mover + " moves from stage 1"))
       << coordinator_log;
 
-  std::map<int64_t, double> applied_at;  // step -> seconds
-  for (const nlohmann::json& p : last["job_status"].value("history", nlohmann::json::array())) {
-    applied_at[static_cast<int64_t>(Number(p.value("step", nlohmann::json(0))))] =
-        Number(p.value("unix_ms", nlohmann::json(0))) / 1000.0;
-  }
+  const std::map<int64_t, double> applied_at = AppliedAt(last);  // step -> seconds
   // The swarm's progress in steps at time t: step k runs from step k - 1's apply to its own (step
   // 0 from the trainer's start-up, not counted), evenly within; rate() is tokens/s in steps.
   auto progress = [&](double t) {
-    for (auto it = applied_at.begin(); it != applied_at.end(); ++it) {
-      const auto next = std::next(it);
-      if (next == applied_at.end() || t < next->second) {
-        if (t < it->second || next == applied_at.end()) return static_cast<double>(it->first);
-        return it->first + (t - it->second) / (next->second - it->second);
-      }
-    }
-    return 0.0;
+    auto next = std::find_if(applied_at.begin(), applied_at.end(),
+                             [&](const auto& step) { return t < step.second; });
+    if (next == applied_at.begin()) return static_cast<double>(next->first);
+    const auto prev = std::prev(next);
+    if (next == applied_at.end()) return static_cast<double>(prev->first);
+    return prev->first + (t - prev->second) / (next->second - prev->second);
   };
   auto rate = [&](double from, double to) {
     return to - from >= 5.0 ? (progress(to) - progress(from)) / (to - from) : 0.0;
