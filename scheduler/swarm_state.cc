@@ -314,6 +314,14 @@ struct SwarmState::Impl {
            (p.synced_step == next_step || (p.synced_step == next_step - 1 && p.verified));
   }
 
+  // A promotable joiner becomes SERVING.
+  static void Promote(Peer& p) {
+    p.state = SwarmPeerState::kServing;
+    p.synced = false;
+    p.donor.clear();
+    p.donor_failures.clear();
+  }
+
   // --- Rounds ----------------------------------------------------------------------------------
 
   Member* FindMember(int stage, const std::string& id) {
@@ -475,6 +483,19 @@ struct SwarmState::Impl {
                              lacking.size() > 1 ? "s " : " ", absl::StrJoin(lacking, ", "));
       return;
     }
+    // A round's peers are fixed when it opens, so one opened before any trainer can feed it
+    // would leave the peers that sync meanwhile (a job's peers start together) out of it for the
+    // whole step. Meanwhile the joiners at the newest state serve (and donate) already.
+    if (std::none_of(trainers.begin(), trainers.end(),
+                     [](const auto& t) { return t.second; })) {
+      bool promoted = false;
+      for (auto& [id, p] : peers) {
+        if (Promotable(p) && p.synced_step == next_step) Promote(p), promoted = true;
+      }
+      if (promoted) Bump();
+      waiting = absl::StrCat("step ", next_step, " waits for a trainer");
+      return;
+    }
     const double lr = options.learning_rate(next_step);
     if (!std::isfinite(lr) || lr < 0) {
       waiting = absl::StrCat("step ", next_step, ": the learning-rate schedule gives ", lr,
@@ -489,12 +510,7 @@ struct SwarmState::Impl {
     for (int s = 0; s < job.stages; ++s) {
       for (const std::string& id : rosters[s]) {
         Peer& p = peers.at(id);
-        if (p.state == SwarmPeerState::kSyncing) {
-          p.state = SwarmPeerState::kServing;
-          p.synced = false;
-          p.donor.clear();
-          p.donor_failures.clear();
-        }
+        if (p.state == SwarmPeerState::kSyncing) Promote(p);
         p.in_round = true;
         round[s].members.push_back(Member{id});
       }
@@ -1043,6 +1059,7 @@ absl::Status SwarmState::AddTrainer(const std::string& id) {
   }
   st.trainers[id] = true;
   st.Bump();
+  st.Settle();  // the round that waited for a trainer opens
   return absl::OkStatus();
 }
 

@@ -20,30 +20,34 @@
 // joiner's memory, empty stages first. Draining peers do not count as serving, so a stage whose
 // last serving peer drains looks empty and the next joiner goes there first (its successor). The
 // joiner syncs state next_step() from a donor: a SERVING peer of its stage (a DRAINING one only
-// where the stage has none serving) with fewer than max_joiners_per_donor joiners syncing from
-// it, the least loaded, ties to the one chosen longest ago. Every donor is at the newest state:
-// serving peers are exactly the round's, and joiners become serving only when a round opens.
-// When all donors are full the joiner waits (kWaitForDonor) and gets one as soon as one frees up;
-// the roster says which. A stage with nobody holding its state syncs from the newest checkpoint
-// (kCheckpoint) when that is next_step(), or from the model's init at step 0 (kInit).
+// where the stage has none serving) with fewer than max_joiners_per_donor joiners syncing from it,
+// the least loaded, ties to the one chosen longest ago. Every donor is at the newest state: joiners
+// become serving when a round opens (serving peers are then exactly the round's), or, at the newest
+// state, while the next round waits only for a trainer. When all donors are full the joiner waits
+// (kWaitForDonor) and gets one as soon as one frees up; the roster says which. A stage with nobody
+// holding its state syncs from the newest checkpoint (kCheckpoint) when that is next_step(), or
+// from the model's init at step 0 (kInit).
 //
 // Syncing. PeerSynced(id, step, hash) claims state `step` == next_step() with parameter hash
-// `hash`. It is checked against the stage's hash of that state where the stage has already
-// agreed on one (its reduction this round); otherwise it is accepted and checked when the stage's
-// peers agree on it later in the round, and a mismatch then sends the joiner back to syncing (a
-// refused sync, counted). A synced joiner becomes SERVING when the next round opens, never in the
-// round in progress. A joiner that synced state K during round K enters round K+1 one step
-// behind: before serving it applies step K's update (Decision(K), and its stage's reduced step-K
-// gradient from its donor); its first report in round K+1 checks that it did.
+// `hash`. It is checked against the stage's hash of that state where the stage has already agreed
+// on one (its reduction this round); otherwise it is accepted and checked when the stage's peers
+// agree on it later in the round, and a mismatch then sends the joiner back to syncing (a refused
+// sync, counted). A synced joiner becomes SERVING when the next round opens (or while it waits for
+// a trainer, see Rounds), never in the round in progress. A joiner that synced state K during round
+// K enters round K+1 one step behind: before serving it applies step K's update (Decision(K), and
+// its stage's reduced step-K gradient from its donor); its first report in round K+1 checks that it
+// did.
 //
 // Rounds. A step opens by itself as soon as the previous one is applied (or at the start, or after
-// a rollback), every stage has a SERVING peer (counting the synced joiners it admits), and the
-// learning-rate schedule gives a finite lr >= 0 for it (so the swarm's first round has the first
-// peer of each stage to sync, and the others enter the next). Its round roster per stage is the
-// stage's SERVING and DRAINING peers at that moment; the ledger (swarm_ledger.h) then tracks
+// a rollback), every stage has a SERVING peer (counting the synced joiners it admits), a trainer is
+// alive, and the learning-rate schedule gives a finite lr >= 0 for it. Waiting for a trainer keeps
+// a round from fixing its peers before anyone can feed it: a job's peers started together all serve
+// its first step when the trainer comes after them. While a step waits only for a trainer, joiners
+// synced at the newest state are SERVING already (not in a round). A round's roster per stage is
+// the stage's SERVING and DRAINING peers at that moment; the ledger (swarm_ledger.h) then tracks
 // every (stage, micro-batch). Trainers Lease micro-batches and route them to SERVING round peers
-// (to a DRAINING one only where its stage's round has no SERVING peer: the round must finish);
-// the peer that accumulated a micro-batch reports it with Commit, naming the trainer.
+// (to a DRAINING one only where its stage's round has no SERVING peer: the round must finish); the
+// peer that accumulated a micro-batch reports it with Commit, naming the trainer.
 //
 // Reductions. When every micro-batch is held at a stage, the stage gets a reduction plan: a plan
 // number, its live round peers in roster order, and the ids each holds. Every plan peer sums its

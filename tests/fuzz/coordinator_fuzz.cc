@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "proto/coordinator.pb.h"
@@ -711,8 +712,12 @@ class SwarmFuzz {
     if (!r.failed_donor().empty()) {
       CheckJoinInfo("PeerSynced (failed donor)", s->swarm(), cfg_, roster_);
     } else if (p == nullptr || (p->state() == "SYNCING" && !p->synced()) ||
-               (p->state() != "SYNCING" && !p->in_round())) {
-      // An accepted claim: synced, or already serving in a round that opened with it.
+               (p->state() != "SYNCING" && !p->in_round() &&
+                !(p->state() == "SERVING" && !roster_.step_open() &&
+                  roster_.trainers_size() == 0 &&
+                  absl::StrContains(roster_.waiting(), "waits for a trainer")))) {
+      // An accepted claim: synced, already serving in a round that opened with it, or serving
+      // while the next round waits for a trainer.
       Violation(absl::StrCat("PeerSynced of ", r.peer_id(), " accepted; the roster has ",
                              p ? p->ShortDebugString() : "nothing"));
     }

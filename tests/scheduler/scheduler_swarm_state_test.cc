@@ -140,10 +140,13 @@ std::string Flatten(const SwarmSnapshot& s) {
 // The swarm and its simulated peers.
 class World {
  public:
-  explicit World(const SwarmJob& job = Job()) : job_(job) {
+  // A round opens only while a trainer is alive: the world starts with `trainers`.
+  explicit World(const SwarmJob& job = Job(), const std::vector<std::string>& trainers = {"t"})
+      : job_(job) {
     auto st = SwarmState::Create(job, Options());
     EXPECT_TRUE(st.ok()) << st.status();
     st_ = *std::move(st);
+    for (const std::string& t : trainers) EXPECT_TRUE(st_->AddTrainer(t).ok()) << t;
   }
 
   SwarmState& st() { return *st_; }
@@ -297,10 +300,10 @@ void ExpectClosedForm(const SwarmApply& a, double clip) {
   EXPECT_NEAR(a.clip_scale, want, 1e-12 * want) << "step " << a.step;
 }
 
-// A round opens as soon as every stage has a serving peer, so the first round has the first
-// peer to sync of each stage; the others enter the next one. Runs that first step (trainer t).
+// With a trainer alive, a round opens as soon as every stage has a serving peer, so the first
+// round has the first peer to sync of each stage; the others enter the next one. Runs that first
+// step (trainer t).
 void Warm(World& w) {
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
 }
@@ -382,13 +385,55 @@ TEST(SwarmState, JoinersSpreadOverTheStagesByWeakness) {
   EXPECT_EQ(snap.counters.joins, 8);
 }
 
+// No round opens before a trainer is there to feed it: a round's peers are fixed when it opens,
+// so peers joining while a round waited for the trainer would sit out that whole step. Six peers
+// join before any has synced (each from init), then sync: all six serve step 0.
+TEST(SwarmState, TheFirstRoundWaitsForATrainerAndTakesEveryPeerSyncedByThen) {
+  World w(Job(), /*trainers=*/{});
+  for (const char* id : {"a", "b", "c", "d", "e", "f"}) {
+    const SwarmJoin j = w.Join(id);
+    EXPECT_EQ(j.source, SwarmSyncSource::kInit) << id;  // no peer serves yet: no donor
+  }
+  w.SyncAll();
+  SwarmSnapshot snap = w.Snap();
+  EXPECT_FALSE(snap.open_step.has_value());
+  EXPECT_NE(snap.waiting.find("waits for a trainer"), std::string::npos) << snap.waiting;
+  for (int s = 0; s < kStages; ++s) {
+    EXPECT_TRUE(Routable(snap, s).empty()) << "stage " << s;  // in no round
+    for (const SwarmPeerInfo& p : snap.stages[s].peers) {
+      EXPECT_EQ(p.state, SwarmPeerState::kServing) << p.id;  // serving (and donors) already
+    }
+  }
+  // So a later joiner syncs from one of them, and is left out of step 0 only if still syncing
+  // when the trainer comes.
+  const SwarmJoin late = w.Join("g");
+  EXPECT_EQ(late.source, SwarmSyncSource::kDonor);
+  EXPECT_EQ(late.stage, 0);
+
+  ASSERT_TRUE(w.st().AddTrainer("t").ok());
+  snap = w.Snap();
+  ASSERT_EQ(snap.open_step, 0);
+  EXPECT_TRUE(snap.waiting.empty()) << snap.waiting;
+  for (int s = 0; s < kStages; ++s) EXPECT_EQ(Routable(snap, s).size(), 2u) << "stage " << s;
+  EXPECT_EQ(FindPeer(snap, "g")->state, SwarmPeerState::kSyncing);
+  w.RunAll("t", w.Spread());
+  snap = w.Snap();
+  for (int s = 0; s < kStages; ++s) {
+    ASSERT_TRUE(snap.stages[s].reduction.has_value()) << "stage " << s;
+    EXPECT_EQ(snap.stages[s].reduction->peers.size(), 2u) << "stage " << s;
+  }
+  std::optional<SwarmApply> apply = w.ReportAll();
+  ASSERT_TRUE(apply.has_value());
+  ExpectClosedForm(*apply, 1.0);
+  EXPECT_EQ(w.Snap().open_step, 1);  // the trainer is still there
+}
+
 TEST(SwarmState, AStepAppliesWithTheClosedFormClipScale) {
   for (double clip : {1.0, 1000.0, 0.0}) {
     SCOPED_TRACE(clip);
     World w(Job(clip));
     for (const char* id : {"a", "b", "c", "d", "e", "f"}) w.Join(id);  // two per stage
     w.SyncAll();
-    ASSERT_TRUE(w.st().AddTrainer("t").ok());
     for (int64_t step = 0; step < 3; ++step) {
       SwarmSnapshot snap = w.Snap();
       ASSERT_EQ(snap.open_step, step);
@@ -473,10 +518,8 @@ TEST(SwarmState, APeerDyingWithAccumulationsIsFencedAndItsIdsReplayedAtItsStageO
 }
 
 TEST(SwarmState, ATrainerDyingMidLeaseHasItsIdsReleasedWithoutDuplicates) {
-  World w;
+  World w(Job(), {"t1", "t2"});
   StartFour(w);
-  ASSERT_TRUE(w.st().AddTrainer("t1").ok());
-  ASSERT_TRUE(w.st().AddTrainer("t2").ok());
   auto first = w.st().Lease("t1", 3);
   ASSERT_TRUE(first.ok());
   ASSERT_EQ(first->size(), 3u);  // ids 0, 1, 2
@@ -518,7 +561,6 @@ TEST(SwarmState, ATrainerDyingMidLeaseHasItsIdsReleasedWithoutDuplicates) {
 TEST(SwarmState, AJoinerSyncsFromADonorAtTheNewestStateAndServesFromTheNextRound) {
   World w;
   StartFour(w);  // a, d | b | c
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   for (const char* id : {"a", "d", "c"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
   ASSERT_TRUE(w.st().ReportLoad("b", 1, 4).ok());
   auto part = w.st().Lease("t", 4);
@@ -620,7 +662,6 @@ TEST(SwarmState, AJoinerSyncsFromADonorAtTheNewestStateAndServesFromTheNextRound
 TEST(SwarmState, AClaimFoundWrongWhenItsStageAgreesSendsTheJoinerBack) {
   World w;
   StartFour(w);
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   SwarmJoin j = w.Join("j");
   ASSERT_EQ(j.stage, 1);
   ASSERT_TRUE(w.st().PeerSynced("j", 0, 12345).ok());  // nobody can check it yet
@@ -722,7 +763,6 @@ TEST(SwarmState, ATieBetweenTwoReportsGoesToTheSeniorPeer) {
 TEST(SwarmState, DrainingAStagesLastPeerSendsTheNextJoinerThere) {
   World w;
   StartFour(w);  // a, d | b | c
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   for (const char* id : {"a", "d", "b"}) ASSERT_TRUE(w.st().ReportLoad(id, 10, 0).ok());
   ASSERT_TRUE(w.st().ReportLoad("c", 1, 0).ok());  // stage 2 is the weakest
   const uint64_t version = w.Snap().roster_version;
@@ -922,7 +962,6 @@ TEST(SwarmState, RebalanceMovesNothingWhoseStateTransferWouldNotPayBack) {
 TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
   World w;
   StartFour(w);  // a, d | b | c
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
   ASSERT_TRUE(w.st().CheckpointSaved(1).ok());
@@ -1010,7 +1049,6 @@ TEST(SwarmState, AStageLosingItsLastPeerNeedsARollback) {
 TEST(SwarmState, WithoutACheckpointARollbackGoesBackToInit) {
   World w;
   StartFour(w);
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   ASSERT_TRUE(w.ReportAll().has_value());
   // Between rounds nobody holds stage 2's state 1 once c is gone, and no checkpoint has it.
@@ -1038,7 +1076,6 @@ TEST(SwarmState, ASwarmResumesFromACheckpoint) {
   EXPECT_EQ(w.st().PeerSynced("a", 0, StateHash(0, 0)).code(), Code::kOutOfRange);
   w.SyncAll();
   ASSERT_EQ(w.Snap().open_step, 5);
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   w.RunAll("t", w.Spread());
   std::optional<SwarmApply> apply = w.ReportAll();
   ASSERT_TRUE(apply.has_value());
@@ -1079,7 +1116,6 @@ TEST(SwarmState, EveryInputIsCheckedAndARefusedCallChangesNothing) {
 
   World w;
   StartFour(w);
-  ASSERT_TRUE(w.st().AddTrainer("t").ok());
   auto two = w.st().Lease("t", 2);  // ids 0 and 1
   ASSERT_TRUE(two.ok());
   SwarmState& st = w.st();
@@ -1293,7 +1329,7 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
   int64_t moves_started = 0, moves_seen = 0;
   int next_peer = 0, next_trainer = 0;
   int64_t applies = 0, drifts = 0, deaths = 0, rollbacks = 0, replays_leased = 0, leaves = 0;
-  int64_t clipped = 0;
+  int64_t clipped = 0, trainer_waits = 0;
   uint64_t last_version = 0, last_apply_version = 0;
   std::tuple<int64_t, int64_t, int64_t> round_key{-2, -1, -1};
 
@@ -1465,6 +1501,12 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
     } else if (roll < 235) {  // trainers come and go
       if (alive_trainers.size() < 3 && (alive_trainers.empty() || chance(0.6))) {
         ASSERT_TRUE(st.AddTrainer("t" + std::to_string(next_trainer++)).ok());
+        // A step that waited only for a trainer opens now.
+        if (alive_trainers.empty() && snap.waiting.find("waits for a trainer") !=
+                                          std::string::npos) {
+          ASSERT_EQ(st.Snapshot().open_step, snap.next_step) << snap.waiting;
+          ++trainer_waits;
+        }
       } else if (!alive_trainers.empty()) {
         const std::string t = pick(alive_trainers);
         auto released = st.RemoveTrainer(t);
@@ -1623,7 +1665,13 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
                               << a.step;
           all_serving = all_serving && serves;
         }
-        ASSERT_EQ(after.open_step.has_value(), all_serving);
+        const bool trainer = std::any_of(after.trainers.begin(), after.trainers.end(),
+                                         [](const SwarmTrainerInfo& t) { return t.alive; });
+        ASSERT_EQ(after.open_step.has_value(), all_serving && trainer);
+        if (all_serving && !trainer) {
+          ASSERT_NE(after.waiting.find("waits for a trainer"), std::string::npos)
+              << after.waiting;
+        }
         if (after.open_step) {
           ASSERT_EQ(*after.open_step, a.step + 1);
         }
@@ -1650,7 +1698,8 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
             << ", evictions " << end.counters.evictions << ", rollbacks " << rollbacks
             << ", replays " << end.counters.replays << ", joins " << end.counters.joins
             << ", fences " << end.counters.fences << ", moves " << moves_seen << " of "
-            << moves_started << " started\n";
+            << moves_started << " started, steps that waited for a trainer " << trainer_waits
+            << "\n";
   EXPECT_GE(applies, 100);
   EXPECT_GT(moves_seen, 0);
   EXPECT_LE(moves_seen, moves_started);
@@ -1662,6 +1711,7 @@ TEST(SwarmState, RandomEventsKeepEveryMicroBatchExactlyOncePerStage) {
   EXPECT_GT(drifts, 0);
   EXPECT_GT(rollbacks, 0);
   EXPECT_GT(replays_leased, 0);
+  EXPECT_GT(trainer_waits, 0);
   EXPECT_EQ(end.counters.replays, replays_leased);
   EXPECT_EQ(end.counters.rollbacks, rollbacks);
 }
