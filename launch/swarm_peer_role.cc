@@ -268,6 +268,7 @@ class Peer {
     runtime::SwarmStageOptions so;
     so.catchup_steps = options_.catchup_steps;
     so.cache_slots = options_.cache_slots;
+    SHOAL_ASSIGN_OR_RETURN(so.kernels, runtime::ParseKernels(config_.train.kernels));
     if (config_.optim.name == "demo") {
       SHOAL_ASSIGN_OR_RETURN(so.demo, runtime::DemoOptionsOf(config_.optim));
     }

@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "common/file_util.h"
 #include "common/status.h"
+#include "runtime/piece_ops.h"
 
 namespace shoal::runtime {
 namespace {
@@ -58,6 +59,7 @@ const std::vector<Field>& Schema() {
       SHOAL_FIELD(train, out_dir, Kind::kString),
       SHOAL_FIELD(train, omp_threads, Kind::kInt),
       SHOAL_FIELD(train, blas_threads, Kind::kInt),
+      SHOAL_FIELD(train, kernels, Kind::kString),
       SHOAL_FIELD(optim, lr, Kind::kDouble),
       SHOAL_FIELD(optim, min_lr_ratio, Kind::kDouble),
       SHOAL_FIELD(optim, warmup_steps, Kind::kInt64),
@@ -576,6 +578,9 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(!c.train.out_dir.empty(), "train.out_dir must not be empty");
   non_negative("train.omp_threads", c.train.omp_threads);
   non_negative("train.blas_threads", c.train.blas_threads);
+  if (absl::StatusOr<Kernels> k = ParseKernels(c.train.kernels); !k.ok()) {
+    p.Check(false, std::string(k.status().message()));
+  }
 
   p.Check(std::isfinite(c.optim.lr) && c.optim.lr > 0,
           absl::StrCat("optim.lr must be finite and > 0 (got ", c.optim.lr, ")"));

@@ -45,6 +45,9 @@ struct TrainConfig {
   std::string out_dir = "runs/default";  // metrics.jsonl and (by default) checkpoints
   int omp_threads = 0;             // LibTorch/OpenMP threads; 0: chosen by shoal
   int blas_threads = 0;            // OpenBLAS threads; 0: chosen by shoal
+  // The model's operations other than matrix multiplies (runtime/piece_ops.h): "fused" (the
+  // hand-written CPU kernels) or "aten" (device-generic ATen calls).
+  std::string kernels = "fused";
 };
 
 struct OptimConfig {

@@ -455,6 +455,10 @@ void Gpt::SetBlockRecompute(const std::vector<bool>& recompute) {
   SetBlockActivationModes(modes);
 }
 
+void Gpt::SetKernels(Kernels kernels) {
+  for (auto& piece : pieces_) piece->SetOps(OpsFor(kernels));
+}
+
 int64_t Gpt::ActivationBytes() const {
   int64_t n = 0;
   for (const auto& piece : pieces_) n += piece->ActivationBytes();

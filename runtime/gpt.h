@@ -55,6 +55,7 @@
 #include "memory/flat_buffer.h"
 #include "memory/state_paging.h"
 #include "runtime/config.h"
+#include "runtime/piece_ops.h"
 
 namespace shoal::runtime {
 
@@ -123,6 +124,14 @@ class Piece {
   // Bytes of activations the piece holds now in tensors (all slots; its input not counted; an
   // offloader's staging buffers not counted).
   virtual int64_t ActivationBytes() const { return 0; }
+  // The operations it computes with (runtime/piece_ops.h); the fused CPU kernels until set.
+  void SetOps(const PieceOps& ops) { ops_ = &ops; }
+
+ protected:
+  const PieceOps& ops() const { return *ops_; }
+
+ private:
+  const PieceOps* ops_ = &OpsFor(Kernels::kFused);
 };
 
 // Parameter declaration used while laying out the flat buffers.
@@ -231,6 +240,9 @@ class Gpt {
   void SetBlockActivationModes(const std::vector<ActivationMode>& modes,
                                std::unique_ptr<ActivationOffloader> offloader = nullptr);
   void SetBlockRecompute(const std::vector<bool>& recompute);
+  // The operations every piece computes with (`train.kernels`; runtime/piece_ops.h): the fused
+  // CPU kernels until set. Call between steps.
+  void SetKernels(Kernels kernels);
   // Bytes of activations its pieces hold now in tensors (the offloader's staging buffers, at most
   // its staging_buffers x slot_bytes, apart).
   int64_t ActivationBytes() const;

@@ -7,15 +7,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "memory/activation_offload.h"
-#include "runtime/kernels.h"
 
 namespace shoal::runtime {
 namespace {
 
 constexpr float kLnEps = 1e-5f;
 
-
-float* F(const at::Tensor& t) { return t.data_ptr<float>(); }
 
 // y (N, out) = x (N, in) @ W^T + b
 void LinearForward(const at::Tensor& x, const Param& w, const Param& b, at::Tensor& y) {
@@ -84,15 +81,13 @@ class EmbeddingPiece final : public Piece {
     a.tokens = tokens;
     Ensure(a.out, {mb.batch * mb.seq, c});
     if (!tp_.active()) {
-      kernels::EmbeddingForward(ids, F(wte_.value), F(wpe_.value), mb.batch, mb.seq, c,
-                                F(a.out));
+      ops().EmbeddingForward(tokens, wte_.value, wpe_.value, a.out);
     } else {
       // Vocabulary-parallel: each id's row lives on exactly one rank, the others contribute
       // zeros, so the sum is wte[id] exactly; wpe is added after it, as the unsharded kernel does.
-      kernels::EmbeddingShardForward(ids, F(wte_.value), v_begin_, wte_.value.size(0),
-                                     mb.batch * mb.seq, c, F(a.out));
+      ops().EmbeddingShardForward(tokens, wte_.value, v_begin_, a.out);
       tp_.AllReduce(a.out, comm::ReduceOp::kSum, "the embedding");
-      kernels::AddPositionEmbedding(F(wpe_.value), mb.batch, mb.seq, c, F(a.out));
+      ops().AddPositionEmbedding(wpe_.value, mb.batch, mb.seq, a.out);
     }
     a.batch = mb.batch;
     a.seq = mb.seq;
@@ -105,14 +100,11 @@ class EmbeddingPiece final : public Piece {
                     dout.size(1) == wte_.value.size(1),
                 "embedding backward expects a contiguous (B*T, C) gradient");
     if (!tp_.active()) {
-      kernels::EmbeddingBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
-                                 wte_.value.size(1), F(wte_.grad), F(wpe_.grad));
+      ops().EmbeddingBackward(a.tokens, dout, wte_.grad, wpe_.grad);
     } else {
       // dout is the same on every rank: each takes the rows of its own ids, and all the (same)
       // wpe gradient.
-      kernels::EmbeddingShardBackward(a.tokens.data_ptr<int64_t>(), F(dout), a.batch, a.seq,
-                                      wte_.value.size(1), v_begin_, wte_.value.size(0),
-                                      F(wte_.grad), F(wpe_.grad));
+      ops().EmbeddingShardBackward(a.tokens, dout, v_begin_, wte_.grad, wpe_.grad);
     }
     return at::Tensor();
   }
@@ -189,8 +181,7 @@ class BlockPiece final : public Piece {
     Ensure(a.ln1, {N, C});
     Ensure(a.mean1, {N});
     Ensure(a.rstd1, {N});
-    kernels::LayerNormForward(F(x), F(p_.ln1_w.value), F(p_.ln1_b.value), N, C, kLnEps,
-                              F(a.ln1), F(a.mean1), F(a.rstd1));
+    ops().LayerNormForward(x, p_.ln1_w.value, p_.ln1_b.value, kLnEps, a.ln1, a.mean1, a.rstd1);
     // qkv (N, 3CL) -> heads (3, B*H, T, D)
     Ensure(qkv_, {N, 3 * CL});
     LinearForward(a.ln1, p_.qkv_w, p_.qkv_b, qkv_);
@@ -200,7 +191,7 @@ class BlockPiece final : public Piece {
     // att (B*H, T, T) = softmax(q k^T / sqrt(D)) with the causal mask
     Ensure(a.att, {B * H, T, T});
     at::bmm_out(a.att, q, k.transpose(1, 2));
-    kernels::CausalSoftmaxForward(F(a.att), B * H, T, 1.0f / std::sqrt(static_cast<float>(D)));
+    ops().CausalSoftmaxForward(a.att, 1.0f / std::sqrt(static_cast<float>(D)));
     Ensure(yh_, {B * H, T, D});
     at::bmm_out(yh_, a.att, v);
     // merge heads -> (N, CL), project to (N, C), add the residual
@@ -214,12 +205,12 @@ class BlockPiece final : public Piece {
     Ensure(a.ln2, {N, C});
     Ensure(a.mean2, {N});
     Ensure(a.rstd2, {N});
-    kernels::LayerNormForward(F(a.x1), F(p_.ln2_w.value), F(p_.ln2_b.value), N, C, kLnEps,
-                              F(a.ln2), F(a.mean2), F(a.rstd2));
+    ops().LayerNormForward(a.x1, p_.ln2_w.value, p_.ln2_b.value, kLnEps, a.ln2, a.mean2,
+                           a.rstd2);
     Ensure(a.h, {N, HID});
     LinearForward(a.ln2, p_.fc_w, p_.fc_b, a.h);
     Ensure(a.g, {N, HID});
-    kernels::GeluForward(F(a.h), N * HID, F(a.g));
+    ops().GeluForward(a.h, a.g);
     Ensure(a.out, {N, C});
     RowParallelLinearForward(a.g, p_.mproj_w, p_.mproj_b, tp_, "MLP output projection", a.out);
     a.out.add_(a.x1);
@@ -257,14 +248,14 @@ class BlockPiece final : public Piece {
     // mproj bias gets the same gradient everywhere; dln is a partial sum over the hidden units.
     Ensure(dg_, {N, HID});
     LinearBackward(dout, a.g, p_.mproj_w, &p_.mproj_b, ones_, &dg_);
-    kernels::GeluBackward(F(a.h), F(dg_), N * HID, F(dg_));
+    ops().GeluBackward(a.h, dg_);
     Ensure(dln_, {N, C});
     LinearBackward(dg_, a.ln2, p_.fc_w, &p_.fc_b, ones_, &dln_);
     if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "MLP backward");
     Ensure(dx1_, {N, C});
     dx1_.copy_(dout);  // residual path
-    kernels::LayerNormBackward(F(dln_), F(a.x1), F(p_.ln2_w.value), F(a.mean2), F(a.rstd2), N, C,
-                               F(dx1_), F(p_.ln2_w.grad), F(p_.ln2_b.grad));
+    ops().LayerNormBackward(dln_, a.x1, p_.ln2_w.value, a.mean2, a.rstd2, dx1_, p_.ln2_w.grad,
+                            p_.ln2_b.grad);
     // attention output projection
     Ensure(dy_, {N, CL});
     LinearBackward(dx1_, a.y, p_.proj_w, &p_.proj_b, ones_, &dy_);
@@ -277,8 +268,7 @@ class BlockPiece final : public Piece {
     at::bmm_out(dv, a.att.transpose(1, 2), dyh_);
     Ensure(datt_, {B * H, T, T});
     at::bmm_out(datt_, dyh_, v.transpose(1, 2));
-    kernels::CausalSoftmaxBackward(F(a.att), F(datt_), B * H, T,
-                                   1.0f / std::sqrt(static_cast<float>(D)));
+    ops().CausalSoftmaxBackward(a.att, datt_, 1.0f / std::sqrt(static_cast<float>(D)));
     at::bmm_out(dq, datt_, k);
     at::bmm_out(dk, datt_.transpose(1, 2), q);
     Ensure(dqkv_, {N, 3 * CL});
@@ -287,8 +277,8 @@ class BlockPiece final : public Piece {
     if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "attention backward");
     Ensure(dx_, {N, C});
     dx_.copy_(dx1_);  // residual path
-    kernels::LayerNormBackward(F(dln_), F(a.x), F(p_.ln1_w.value), F(a.mean1), F(a.rstd1), N, C,
-                               F(dx_), F(p_.ln1_w.grad), F(p_.ln1_b.grad));
+    ops().LayerNormBackward(dln_, a.x, p_.ln1_w.value, a.mean1, a.rstd1, dx_, p_.ln1_w.grad,
+                            p_.ln1_b.grad);
     return dx_;
   }
 
@@ -338,8 +328,7 @@ class HeadPiece final : public Piece {
     Ensure(a.ln, {N, C});
     Ensure(a.mean, {N});
     Ensure(a.rstd, {N});
-    kernels::LayerNormForward(F(x), F(lnf_w_.value), F(lnf_b_.value), N, C, kLnEps, F(a.ln),
-                              F(a.mean), F(a.rstd));
+    ops().LayerNormForward(x, lnf_w_.value, lnf_b_.value, kLnEps, a.ln, a.mean, a.rstd);
     Ensure(a.probs, {N, V});
     at::mm_out(a.probs, a.ln, wte_.value.t());
     if (mb.targets == nullptr) {
@@ -358,15 +347,15 @@ class HeadPiece final : public Piece {
     }
     double loss;
     if (!tp_.active()) {
-      loss = kernels::CrossEntropyForward(F(a.probs), t, N, V);
+      loss = ops().CrossEntropyForward(a.probs, a.targets);
     } else {
       Ensure(row_max_, {N});
       Ensure(stats_, {2, N});
-      kernels::CrossEntropyShardMax(F(a.probs), N, V, F(row_max_));
+      ops().CrossEntropyShardMax(a.probs, row_max_);
       tp_.AllReduce(row_max_, comm::ReduceOp::kMax, "the loss (logit maxima)");
-      kernels::CrossEntropyShardExp(F(a.probs), t, v_begin_, N, V, F(row_max_), F(stats_));
+      ops().CrossEntropyShardExp(a.probs, a.targets, v_begin_, row_max_, stats_);
       tp_.AllReduce(stats_, comm::ReduceOp::kSum, "the loss (softmax sums)");
-      loss = kernels::CrossEntropyShardFinish(F(a.probs), F(stats_), N, V);
+      loss = ops().CrossEntropyShardFinish(a.probs, stats_);
     }
     a.batch = N;
     return at::scalar_tensor(loss, at::kDouble);
@@ -380,10 +369,9 @@ class HeadPiece final : public Piece {
     a.batch = 0;
     const float scale = static_cast<float>(dloss.item<double>());
     if (!tp_.active()) {
-      kernels::CrossEntropyBackward(F(a.probs), a.targets.data_ptr<int64_t>(), N, V, scale);
+      ops().CrossEntropyBackward(a.probs, a.targets, scale);
     } else {
-      kernels::CrossEntropyShardBackward(F(a.probs), a.targets.data_ptr<int64_t>(), v_begin_, N,
-                                         V, scale);
+      ops().CrossEntropyShardBackward(a.probs, a.targets, v_begin_, scale);
     }
     Ensure(dln_, {N, C});
     at::mm_out(dln_, a.probs, wte_.value);
@@ -392,8 +380,8 @@ class HeadPiece final : public Piece {
     wte_.grad.addmm_(a.probs.t(), a.ln);
     Ensure(dx_, {N, C});
     dx_.zero_();
-    kernels::LayerNormBackward(F(dln_), F(a.x), F(lnf_w_.value), F(a.mean), F(a.rstd), N, C,
-                               F(dx_), F(lnf_w_.grad), F(lnf_b_.grad));
+    ops().LayerNormBackward(dln_, a.x, lnf_w_.value, a.mean, a.rstd, dx_, lnf_w_.grad,
+                            lnf_b_.grad);
     return dx_;
   }
 

@@ -128,6 +128,7 @@ class MeshEngine final : public StepEngine {
       SHOAL_ASSIGN_OR_RETURN(std::unique_ptr<Gpt> chunk,
                              Gpt::CreateStage(config_.model, config_.train.seed, first_piece,
                                               end_piece, /*pad_multiple=*/16, tp));
+      SHOAL_RETURN_IF_ERROR(UseKernels(*chunk));
       if (c == 0) {
         model_ = std::move(chunk);
       } else {

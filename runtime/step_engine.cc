@@ -187,6 +187,7 @@ class AdamWEngine : public StepEngine {
       model_ = std::make_unique<Gpt>(config_.model, config_.train.seed,
                                      16 * static_cast<int64_t>(world), pager);
     }));
+    SHOAL_RETURN_IF_ERROR(UseKernels(*model_));
     SHOAL_RETURN_IF_ERROR(PlanActivations(rank));
     SHOAL_ASSIGN_OR_RETURN(parallel::MomentOffload moments, offload());
     return CatchTorch("building the optimizer", [&] {
@@ -438,6 +439,7 @@ class DemoEngine final : public StepEngine {
       model_ = std::make_unique<Gpt>(config_.model, config_.train.seed,
                                      16 * static_cast<int64_t>(world));
     }));
+    SHOAL_RETURN_IF_ERROR(UseKernels(*model_));
     SHOAL_RETURN_IF_ERROR(PlanActivations(rank));
     // Every replica keeps its own residual and exchanges top-k DCT coefficients of it; there is
     // no gradient all-reduce and no AdamW state.
@@ -589,6 +591,12 @@ absl::Status StepEngine::PlanActivations(int rank) {
     line = ApplyActivationPlan(config_, batch_.micro_batch_size, rank, *model_);
   }));
   SHOAL_ASSIGN_OR_RETURN(activation_plan_, std::move(line));
+  return absl::OkStatus();
+}
+
+absl::Status StepEngine::UseKernels(Gpt& model) const {
+  SHOAL_ASSIGN_OR_RETURN(const Kernels kernels, ParseKernels(config_.train.kernels));
+  model.SetKernels(kernels);
   return absl::OkStatus();
 }
 

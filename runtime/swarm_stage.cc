@@ -50,6 +50,7 @@ absl::StatusOr<std::unique_ptr<SwarmStage>> SwarmStage::Create(
   const int end_piece = stage == num_stages - 1 ? model.n_layer + 2 : end_block + 1;
   SHOAL_ASSIGN_OR_RETURN(s->model_, Gpt::CreateStage(model, seed, first_piece, end_piece));
   Gpt& m = *s->model_;
+  m.SetKernels(options.kernels);
   for (int g : {Gpt::kDecay, Gpt::kNoDecay}) s->accumulation_[g] = m.grads(g).MakeLike();
   const bool one_copy = m.has_embedding() != m.has_head();
   if (options.demo.has_value()) {

@@ -48,6 +48,7 @@
 #include "parallel/adamw.h"
 #include "parallel/demo.h"
 #include "runtime/config.h"
+#include "runtime/piece_ops.h"
 
 namespace shoal::runtime {
 
@@ -61,6 +62,8 @@ struct SwarmStageOptions {
   std::optional<parallel::DemoOptions> demo;
   // Steps kept in the catch-up log (UpdatesFrom), >= 0.
   int catchup_steps = 4;
+  // The model's operations besides its matmuls (the job's train.kernels; runtime/piece_ops.h).
+  Kernels kernels = Kernels::kFused;
 };
 
 // One step of the catch-up log: what turned state step - 1 into state `step`, enough for a

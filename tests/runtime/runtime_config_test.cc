@@ -47,6 +47,7 @@ void ExpectSameValues(const Config& a, const Config& b) {
   EXPECT_EQ(a.train.out_dir, b.train.out_dir);
   EXPECT_EQ(a.train.omp_threads, b.train.omp_threads);
   EXPECT_EQ(a.train.blas_threads, b.train.blas_threads);
+  EXPECT_EQ(a.train.kernels, b.train.kernels);
   EXPECT_EQ(a.optim.lr, b.optim.lr);  // exact: the round trip must not lose bits
   EXPECT_EQ(a.optim.min_lr_ratio, b.optim.min_lr_ratio);
   EXPECT_EQ(a.optim.warmup_steps, b.optim.warmup_steps);
@@ -235,6 +236,7 @@ TEST(ConfigTest, ValidationNamesEachBadKey) {
       {"train.eval_every=-1", "train.eval_every"},
       {"train.omp_threads=-1", "train.omp_threads"},
       {"train.blas_threads=-2", "train.blas_threads"},
+      {"train.kernels=cuda", "train.kernels = 'cuda'"},
       {"checkpoint.every=-1", "checkpoint.every"},
       {"checkpoint.keep=-1", "checkpoint.keep"},
       {"optim.lr=0", "optim.lr"},
@@ -311,6 +313,7 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   original.train.out_dir = "runs/#not-a-comment";
   original.train.omp_threads = 3;
   original.train.blas_threads = 1;
+  original.train.kernels = "aten";
   original.optim.lr = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
   original.optim.min_lr_ratio = 1.0;
   original.optim.warmup_steps = 123;

@@ -1,6 +1,7 @@
-// Golden test: shoal's hand-written GPT forward/backward and its AdamW step against an
-// independent PyTorch implementation (tests/reference/gpt_reference.py, run with Debian's
-// python3-torch) loading the very same weights from a safetensors file.
+// Golden test: shoal's hand-written GPT forward/backward (with either set of operations,
+// train.kernels) and its AdamW step against an independent PyTorch implementation
+// (tests/reference/gpt_reference.py, run with Debian's python3-torch) loading the very same
+// weights from a safetensors file.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
@@ -25,7 +26,11 @@ double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() / denom;
 }
 
-TEST(GptGoldenTest, MatchesPyTorchReference) {
+// train.kernels: the fused CPU kernels and the device-generic ATen calls, each against the
+// reference.
+class GptGoldenTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GptGoldenTest, MatchesPyTorchReference) {
   char tmpl[] = "/tmp/shoal_golden_XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
   const std::string dir = tmpl;
@@ -42,6 +47,7 @@ TEST(GptGoldenTest, MatchesPyTorchReference) {
   cfg.optim.min_lr_ratio = 0.1;
   cfg.optim.weight_decay = 0.1;
   cfg.optim.grad_clip = 0.5;  // low enough that clipping engages
+  cfg.train.kernels = GetParam();
   const int64_t steps = 5, micro = 2, B = 3, T = 16;
 
   absl::StatusOr<std::unique_ptr<StepEngine>> built =
@@ -126,6 +132,11 @@ TEST(GptGoldenTest, MatchesPyTorchReference) {
   }
   std::system(("rm -rf " + dir).c_str());
 }
+
+INSTANTIATE_TEST_SUITE_P(Kernels, GptGoldenTest, ::testing::Values("fused", "aten"),
+                         [](const ::testing::TestParamInfo<std::string>& p) {
+                           return p.param;
+                         });
 
 }  // namespace
 }  // namespace shoal::runtime

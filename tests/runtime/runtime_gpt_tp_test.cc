@@ -189,14 +189,16 @@ void SgdStep(Gpt& model, float lr) {
   for (int g = 0; g < 2; ++g) model.params(g).flat().add_(model.grads(g).flat(), -lr);
 }
 
-// The whole model sharded over the group against the unsharded model, through 5 SGD steps.
-absl::Status RunMatchCase(comm::Backend& group) {
+// The whole model sharded over the group against the unsharded model, through 5 SGD steps. The
+// sharded model computes with `kernels`; the unsharded one with the fused CPU kernels.
+absl::Status RunMatchCase(comm::Backend& group, Kernels kernels) {
   const int r = group.rank(), t = group.size();
   const ModelConfig cfg = TpModel();
   Gpt full(cfg, kSeed);
   auto made = Gpt::CreateStage(cfg, kSeed, 0, kPieces, 1, TensorParallel{&group});
   if (!made.ok()) return made.status();
   Gpt& sharded = **made;
+  sharded.SetKernels(kernels);
   RANK_EXPECT(sharded.tp_rank() == r && sharded.tp_size() == t, "tp rank/size ",
               sharded.tp_rank(), "/", sharded.tp_size());
   SHOAL_RETURN_IF_ERROR(CheckShardsOfFull(sharded, full, r, t));
@@ -411,7 +413,9 @@ int RunRank() {
   absl::Status s;
   try {
     if (name == "match") {
-      s = RunMatchCase(**backend);
+      s = RunMatchCase(**backend, Kernels::kFused);
+    } else if (name == "match_aten") {
+      s = RunMatchCase(**backend, Kernels::kAten);
     } else if (name == "stages") {
       s = RunStagesCase(**backend);
     } else if (name == "bad_size") {
@@ -454,6 +458,12 @@ TEST(GptTensorParallelTest, TwoRanksMatchTheUnshardedModel) { RunRanks("match", 
 
 TEST(GptTensorParallelTest, FourRanksWithUnevenVocabularyMatchTheUnshardedModel) {
   RunRanks("match", 4);
+}
+
+// The vocabulary-parallel embedding and loss through ATen's calls (train.kernels = "aten"),
+// with the uneven split: some ranks' shards miss most targets.
+TEST(GptTensorParallelTest, FourRanksWithAtenKernelsMatchTheUnshardedModel) {
+  RunRanks("match_aten", 4);
 }
 
 TEST(GptTensorParallelTest, PipelineStagesOverTwoRanksMatchTheUnshardedModel) {
