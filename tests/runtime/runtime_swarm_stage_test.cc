@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -157,6 +158,30 @@ void ExpectMatchesReference(Swarm& swarm, Reference& ref, int steps) {
   }
 }
 
+// `steps` steps of kMicro micro-batches, each routed by `route` (forward and backward peers per
+// stage) and accumulated everywhere, against the reference: after each reduction the gradients
+// (within 1e-5 at step 0, `later_tolerance` after), then the mean loss; `after_step`, if given,
+// after each update.
+void StepAgainstReference(Swarm& swarm, Reference& ref, int64_t steps, double later_tolerance,
+                          const std::function<void(std::vector<int>&, std::vector<int>&)>& route,
+                          const std::function<void(int64_t)>& after_step = nullptr) {
+  for (int64_t step = 0; step < steps; ++step) {
+    double loss = 0;
+    for (int id = 0; id < kMicro; ++id) {
+      std::vector<int> fwd(kStages), bwd(kStages);
+      route(fwd, bwd);
+      loss += swarm.Drive(step, id, fwd, bwd, std::vector<bool>(kStages, true));
+    }
+    swarm.Reduce();
+    const double want = ref.Accumulate(step);
+    ExpectGradientsMatch(swarm, ref, step == 0 ? 1e-5 : later_tolerance);
+    swarm.Update();
+    ref.Update();
+    EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want))) << "step " << step;
+    if (after_step) after_step(step);
+  }
+}
+
 // Closes step 0 of both sides and compares: the reduced gradients, the mean loss, the parameters.
 void ExpectFirstStepMatches(Swarm& swarm, Reference& ref, double loss_sum) {
   swarm.Reduce();
@@ -172,27 +197,20 @@ TEST(SwarmStageTest, RandomRoutesEqualOneProcessWithGradAccum) {
   Swarm swarm(/*peers=*/2);
   Reference ref;
   std::mt19937 rng(99);
-  for (int64_t step = 0; step < 4; ++step) {
-    double loss = 0;
-    for (int id = 0; id < kMicro; ++id) {
-      std::vector<int> fwd(kStages), bwd(kStages);
-      for (int s = 0; s < kStages; ++s) {
-        fwd[s] = static_cast<int>(rng() % 2);
-        bwd[s] = static_cast<int>(rng() % 2);  // often not the forward's peer: a recompute
-      }
-      loss += swarm.Drive(step, id, fwd, bwd, std::vector<bool>(kStages, true));
-    }
-    swarm.Reduce();
-    const double want = ref.Accumulate(step);
-    ExpectGradientsMatch(swarm, ref, step == 0 ? 1e-5 : 1e-4);
-    swarm.Update();
-    ref.Update();
-    EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want))) << "step " << step;
-    for (int s = 0; s < kStages; ++s) {
-      EXPECT_EQ(swarm.Peer(s, 0).ParamHash(), swarm.Peer(s, 1).ParamHash()) << "stage " << s;
-      EXPECT_EQ(swarm.Peer(s, 0).optimizer_steps(), step + 1);
-    }
-  }
+  StepAgainstReference(
+      swarm, ref, 4, /*later_tolerance=*/1e-4,
+      [&](std::vector<int>& fwd, std::vector<int>& bwd) {
+        for (int s = 0; s < kStages; ++s) {
+          fwd[s] = static_cast<int>(rng() % 2);
+          bwd[s] = static_cast<int>(rng() % 2);  // often not the forward's peer: a recompute
+        }
+      },
+      [&](int64_t step) {
+        for (int s = 0; s < kStages; ++s) {
+          EXPECT_EQ(swarm.Peer(s, 0).ParamHash(), swarm.Peer(s, 1).ParamHash()) << "stage " << s;
+          EXPECT_EQ(swarm.Peer(s, 0).optimizer_steps(), step + 1);
+        }
+      });
   int64_t recomputes = 0;
   for (int s = 0; s < kStages; ++s) {
     for (int p = 0; p < 2; ++p) recomputes += swarm.Peer(s, p).recomputes();
@@ -208,19 +226,12 @@ TEST(SwarmStageTest, RandomRoutesEqualOneProcessWithGradAccum) {
 TEST(SwarmStageTest, AtenKernelsEqualOneProcessWithGradAccum) {
   Swarm swarm(/*peers=*/2, /*cache_slots=*/2, Kernels::kAten);
   Reference ref;
-  for (int64_t step = 0; step < 2; ++step) {
-    double loss = 0;
-    for (int id = 0; id < kMicro; ++id) {
-      const std::vector<int> route(kStages, id % 2);
-      loss += swarm.Drive(step, id, route, route, std::vector<bool>(kStages, true));
-    }
-    swarm.Reduce();
-    const double want = ref.Accumulate(step);
-    ExpectGradientsMatch(swarm, ref, step == 0 ? 1e-5 : 1e-3);
-    swarm.Update();
-    ref.Update();
-    EXPECT_NEAR(loss / kMicro, want, 1e-5 * std::max(1.0, std::abs(want))) << "step " << step;
-  }
+  int id = 0;
+  StepAgainstReference(swarm, ref, 2, /*later_tolerance=*/1e-3,
+                       [&](std::vector<int>& fwd, std::vector<int>& bwd) {
+                         fwd.assign(kStages, id++ % 2);  // alternate between the two peers
+                         bwd = fwd;
+                       });
   ExpectMatchesReference(swarm, ref, 2);
 }
 
