@@ -684,6 +684,12 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(!model_parallel || c.parallel.zero == 0,
           "parallel.zero = 1 (ZeRO-1) is for data parallelism only; set it to 0 with "
           "parallel.tp or parallel.pp > 1");
+  // NCCL moves device memory only, and the trainer's gradients live on the CPU (there is no
+  // train.device yet); DeMo stages its small payloads through the GPU, so it may use NCCL.
+  p.Check(c.parallel.backend != "nccl" || demo || model_parallel,
+          "parallel.backend = \"nccl\" moves CUDA tensors only, and this trainer's gradients "
+          "are CPU tensors (training on a GPU is not built yet): use \"gloo\" or \"mpi\" (DeMo, "
+          "optim.name = \"demo\", stages its payloads through the GPU and may use \"nccl\")");
   // DeMo replaces the gradient all-reduce with its own exchange between data-parallel
   // replicas, each holding a whole model and its own momentum; it has no sharded or
   // model-parallel form yet. Any backend can carry the exchange.

@@ -249,6 +249,7 @@ TEST(ConfigTest, ValidationNamesEachBadKey) {
       {"optim.weight_decay=-0.1", "optim.weight_decay"},
       {"optim.grad_clip=-1", "optim.grad_clip"},
       {"data.dir=\"\"", "data.dir"},
+      {"parallel.backend=nccl", "parallel.backend = \"nccl\" moves CUDA tensors only"},
   };
   for (const Case& c : cases) {
     absl::StatusOr<Config> config = Parse(kMinimal, {c.override_text});
