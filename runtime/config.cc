@@ -578,9 +578,8 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(!c.train.out_dir.empty(), "train.out_dir must not be empty");
   non_negative("train.omp_threads", c.train.omp_threads);
   non_negative("train.blas_threads", c.train.blas_threads);
-  if (absl::StatusOr<Kernels> k = ParseKernels(c.train.kernels); !k.ok()) {
-    p.Check(false, std::string(k.status().message()));
-  }
+  const absl::Status kernels = ParseKernels(c.train.kernels).status();
+  p.Check(kernels.ok(), std::string(kernels.message()));
 
   p.Check(std::isfinite(c.optim.lr) && c.optim.lr > 0,
           absl::StrCat("optim.lr must be finite and > 0 (got ", c.optim.lr, ")"));
@@ -686,6 +685,7 @@ absl::Status ValidateConfig(const Config& c) {
           "parallel.tp or parallel.pp > 1");
   // NCCL moves device memory only, and the trainer's gradients live on the CPU (there is no
   // train.device yet); DeMo stages its small payloads through the GPU, so it may use NCCL.
+  // Model parallelism is refused any backend but gloo just above.
   p.Check(c.parallel.backend != "nccl" || demo || model_parallel,
           "parallel.backend = \"nccl\" moves CUDA tensors only, and this trainer's gradients "
           "are CPU tensors (training on a GPU is not built yet): use \"gloo\" or \"mpi\" (DeMo, "

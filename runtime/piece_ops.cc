@@ -244,8 +244,9 @@ class AtenOps final : public PieceOps {
 const char* KernelsName(Kernels k) { return k == Kernels::kAten ? "aten" : "fused"; }
 
 absl::StatusOr<Kernels> ParseKernels(const std::string& name) {
-  if (name == "fused") return Kernels::kFused;
-  if (name == "aten") return Kernels::kAten;
+  for (Kernels k : {Kernels::kFused, Kernels::kAten}) {
+    if (name == KernelsName(k)) return k;
+  }
   return absl::InvalidArgumentError(absl::StrCat(
       "train.kernels = '", name, "': must be 'fused' (the CPU kernels) or 'aten' (ATen calls, "
       "any device)"));

@@ -107,7 +107,7 @@ nlohmann::json LoadCache(const std::string& path) {
   return cache;
 }
 
-// A cached entry, if it parses as a DeviceProfile with positive measured rates.
+// A cached entry, if it parses as a DeviceProfile with positive measured rates at throttle 1.
 std::optional<v1::DeviceProfile> CachedProfile(const nlohmann::json& cache, const std::string& key,
                                                const std::string& path) {
   if (!cache.contains(key)) return std::nullopt;
@@ -118,7 +118,7 @@ std::optional<v1::DeviceProfile> CachedProfile(const nlohmann::json& cache, cons
   if (!status.ok() || !(profile.fp32_gflops() > 0) || !(profile.host_copy_gbps() > 0) ||
       profile.throttle() != 1.0) {
     SHOAL_LOG(Warning) << "device profile cache " << path << ": entry '" << key
-                       << "' is corrupt; measuring again";
+                       << "' is corrupt or not this machine's own rates; measuring again";
     return std::nullopt;
   }
   return profile;

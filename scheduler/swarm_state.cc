@@ -490,7 +490,10 @@ struct SwarmState::Impl {
                      [](const auto& t) { return t.second; })) {
       bool promoted = false;
       for (auto& [id, p] : peers) {
-        if (Promotable(p) && p.synced_step == next_step) Promote(p), promoted = true;
+        if (Promotable(p) && p.synced_step == next_step) {
+          Promote(p);
+          promoted = true;
+        }
       }
       if (promoted) Bump();
       waiting = absl::StrCat("step ", next_step, " waits for a trainer");

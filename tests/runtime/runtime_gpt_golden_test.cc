@@ -16,15 +16,10 @@
 #include "runtime/gpt.h"
 #include "runtime/safetensors.h"
 #include "runtime/step_engine.h"
+#include "tests/runtime/tensor_compare.h"
 
 namespace shoal::runtime {
 namespace {
-
-// max |a - b| / max(max |b|, tiny): a scale-aware error that a sign or index slip cannot pass.
-double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
-  const double denom = std::max(b.abs().max().item<double>(), 1e-12);
-  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() / denom;
-}
 
 // train.kernels: the fused CPU kernels and the device-generic ATen calls, each against the
 // reference.

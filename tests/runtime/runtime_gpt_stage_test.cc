@@ -15,6 +15,7 @@
 
 #include "runtime/config.h"
 #include "runtime/gpt.h"
+#include "tests/runtime/tensor_compare.h"
 
 namespace shoal::runtime {
 namespace {
@@ -26,12 +27,6 @@ constexpr int kPieces = kLayers + 2;  // embedding, 4 blocks, head
 ModelConfig SmallModel() {
   return ModelConfig{/*n_layer=*/kLayers, /*n_head=*/2, /*n_embd=*/16, /*block_size=*/8,
                      /*vocab_size=*/32};
-}
-
-// max |a - b| / max(max |b|, tiny): scale-aware, so a sign or index slip cannot pass.
-double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
-  const double denom = std::max(b.abs().max().item<double>(), 1e-12);
-  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() / denom;
 }
 
 struct Batch {

@@ -18,6 +18,7 @@
 #include "runtime/config.h"
 #include "runtime/gpt.h"
 #include "runtime/step_engine.h"
+#include "tests/runtime/tensor_compare.h"
 
 namespace shoal::runtime {
 namespace {
@@ -26,19 +27,6 @@ const PieceOps& Fused() { return OpsFor(Kernels::kFused); }
 const PieceOps& Aten() { return OpsFor(Kernels::kAten); }
 
 at::Generator Gen(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
-
-// max |a - b| / max(max |b|, tiny) over the finite entries of b; equal entries (infinities
-// included: a rank with no vocabulary rows has -inf maxima) count as no error, and a NaN
-// anywhere as a failure.
-double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
-  if (b.numel() == 0) return a.numel() == 0 ? 0.0 : 1.0;
-  const at::Tensor ad = a.to(at::kDouble), bd = b.to(at::kDouble);
-  const at::Tensor finite = bd.isfinite();
-  const double denom =
-      std::max(at::where(finite, bd.abs(), at::zeros_like(bd)).max().item<double>(), 1e-12);
-  const at::Tensor diff = (ad - bd).abs().masked_fill_(ad.eq(bd), 0.0);
-  return diff.max().item<double>() / denom;
-}
 
 // Runs `op` on clones of `inputs` once per set and compares every tensor afterwards (the ops
 // work in place and accumulate, so the outputs are among the inputs).

@@ -15,6 +15,7 @@
 #include "parallel/adamw.h"
 #include "runtime/config.h"
 #include "runtime/gpt.h"
+#include "tests/runtime/tensor_compare.h"
 
 namespace shoal::runtime::swarm_test {
 
@@ -40,11 +41,6 @@ inline Batch MicroBatchOf(int64_t step, int id) {
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1000 * step + id + 7);
   return {at::randint(Model().vocab_size, {kB, kT}, gen, at::kLong),
           at::randint(Model().vocab_size, {kB, kT}, gen, at::kLong)};
-}
-
-inline double RelMaxError(const at::Tensor& a, const at::Tensor& b) {
-  const double denom = std::max(b.abs().max().item<double>(), 1e-12);
-  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() / denom;
 }
 
 // The single process: the full model, grad_accum = M, clipping by the global norm, AdamW.
