@@ -88,6 +88,10 @@ absl::StatusOr<std::shared_ptr<scheduler::SwarmCoordinator>> MakeSwarm(
   if (config.parallel.schedule == "interleaved" || config.parallel.virtual_stages > 1) {
     return refuse("parallel.schedule = interleaved: a swarm peer serves one contiguous stage");
   }
+  if (config.train.dtype != "fp32") {
+    return refuse(absl::StrCat("train.dtype = ", config.train.dtype,
+                               ": swarm peers exchange float32 activations (use fp32)"));
+  }
   if (config.memory.activation_budget.set()) {
     return refuse(absl::StrCat("memory.activation_budget = ", config.memory.activation_budget.text,
                                ": swarm peers keep their activations"));

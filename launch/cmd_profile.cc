@@ -75,7 +75,11 @@ int ProfileMain(int argc, char** argv) {
   if (o.refresh) {
     // The MFU denominator is cached beside the profile; a refresh renews both (a peak measured
     // while the machine was busy makes MFU read high).
-    if (auto peak = runtime::PeakGflops(/*refresh=*/true); !peak.ok()) return Fail(peak.status());
+    for (runtime::GemmType type : {runtime::GemmType::kFloat32, runtime::GemmType::kBFloat16}) {
+      if (auto peak = runtime::PeakGflops(/*refresh=*/true, type); !peak.ok()) {
+        return Fail(peak.status());
+      }
+    }
   }
   auto profile = runtime::ProfileDevice(o);
   if (!profile.ok()) return Fail(profile.status());

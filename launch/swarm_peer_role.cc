@@ -268,7 +268,9 @@ class Peer {
     runtime::SwarmStageOptions so;
     so.catchup_steps = options_.catchup_steps;
     so.cache_slots = options_.cache_slots;
-    SHOAL_ASSIGN_OR_RETURN(so.kernels, runtime::ParseKernels(config_.train.kernels));
+    // The coordinator refuses train.dtype other than fp32 for a swarm.
+    SHOAL_ASSIGN_OR_RETURN(so.kernels, runtime::ParseKernels(config_.train.kernels,
+                                                             runtime::Precision::kFp32));
     if (config_.optim.name == "demo") {
       SHOAL_ASSIGN_OR_RETURN(so.demo, runtime::DemoOptionsOf(config_.optim));
     }

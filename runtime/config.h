@@ -46,8 +46,12 @@ struct TrainConfig {
   int omp_threads = 0;             // LibTorch/OpenMP threads; 0: chosen by shoal
   int blas_threads = 0;            // OpenBLAS threads; 0: chosen by shoal
   // The model's operations other than matrix multiplies (runtime/piece_ops.h): "fused" (the
-  // hand-written CPU kernels) or "aten" (device-generic ATen calls).
-  std::string kernels = "fused";
+  // hand-written CPU kernels) or "aten" (device-generic ATen calls);
+  // "auto" picks fused at fp32 and aten at bf16.
+  std::string kernels = "auto";
+  // The compute type of activations and matrix multiplies: "fp32" or "bf16" (parameters,
+  // gradients, AdamW state and checkpoints stay float32).
+  std::string dtype = "fp32";
 };
 
 struct OptimConfig {

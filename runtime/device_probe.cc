@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "common/logging.h"
+#include "common/status.h"
 
 namespace shoal::runtime {
 namespace {
@@ -182,14 +183,16 @@ double MeasureGemmGflops(GemmType type, int64_t min_n, int64_t max_n, double sec
   }
 }
 
-absl::StatusOr<double> PeakGflops(bool refresh) {
+absl::StatusOr<double> PeakGflops(bool refresh, GemmType type) {
   // The machine's peak, even when this process is bound to fewer cores (mpirun binds each rank
   // to one): measured on the cores we may use, scaled to every online core.
   const int cores = AvailableCores();
   const int online = std::max<int>(cores, static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN)));
   char host[256] = {0};
   ::gethostname(host, sizeof(host) - 1);
-  const std::string key = absl::StrCat(host, "|", CpuModel(), "|", online, " cores");
+  // fp32's key is the one caches written before the type was part of it use.
+  const std::string key = absl::StrCat(host, "|", CpuModel(), "|", online, " cores",
+                                       type == GemmType::kFloat32 ? "" : "|bf16");
   const std::string dir = CacheDir();
   const std::string path = dir + "/peak_gflops.json";
   nlohmann::json cache = nlohmann::json::object();
@@ -201,8 +204,13 @@ absl::StatusOr<double> PeakGflops(bool refresh) {
     }
   }
   // Best of five 2048^3 products: large enough to reach the BLAS kernel's steady rate.
-  double best = MeasureGemmGflops(GemmType::kFloat32, 2048, 2048, 0.0, 5);
-  best *= static_cast<double>(online) / cores;
+  double best = MeasureGemmGflops(type, 2048, 2048, 0.0, 5) * online / cores;
+  if (best <= 0 && type != GemmType::kFloat32) {
+    // No matmul of that type in this build: fp32's peak, cached under both keys.
+    SHOAL_ASSIGN_OR_RETURN(best, PeakGflops(refresh, GemmType::kFloat32));
+    cache = nlohmann::json::parse(ReadFileToString(path).value_or("{}"), nullptr, false);
+    if (!cache.is_object()) cache = nlohmann::json::object();
+  }
   cache[key] = best;
   if (MakeDirs(dir).ok()) {
     absl::Status s = WriteFileAtomic(path, cache.dump(2));

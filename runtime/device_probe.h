@@ -60,11 +60,12 @@ enum class GemmType { kFloat32, kBFloat16 };
 double MeasureGemmGflops(GemmType type, int64_t min_n, int64_t max_n, double seconds,
                          int min_reps);
 
-// fp32 GEMM peak of this machine in GFLOP/s with every core on BLAS (best of several 2048^3
-// matmuls; a process bound to fewer cores measures on those and scales to all online cores).
-// Cached per machine (host name, CPU model, core count) in
-// $SHOAL_CACHE_DIR or ~/.cache/shoal/peak_gflops.json; `refresh` re-measures.
-absl::StatusOr<double> PeakGflops(bool refresh = false);
+// GEMM peak of this machine in GFLOP/s for `type` (fp32 unless told) with every core on BLAS
+// (best of several 2048^3 matmuls; a process bound to fewer cores measures on those and scales
+// to all online cores): the MFU denominator of a run computing in that type. A type this build
+// has no matmul for gives the fp32 peak. Cached per machine (host name, CPU model, core count)
+// and type in $SHOAL_CACHE_DIR or ~/.cache/shoal/peak_gflops.json; `refresh` re-measures.
+absl::StatusOr<double> PeakGflops(bool refresh = false, GemmType type = GemmType::kFloat32);
 
 }  // namespace shoal::runtime
 

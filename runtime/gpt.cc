@@ -425,7 +425,8 @@ at::Tensor Gpt::Logits(const at::Tensor& tokens) {
   mb.backward = false;
   at::Tensor x = tokens;
   for (size_t p = 0; p < pieces_.size(); ++p) x = RunForward(static_cast<int>(p), x, mb);
-  return x.view({mb.batch, mb.seq, config_.vocab_size}).clone();
+  // float32 whatever the compute type (a copy either way).
+  return x.view({mb.batch, mb.seq, config_.vocab_size}).to(at::kFloat, false, true);
 }
 
 void Gpt::SetBlockActivationModes(const std::vector<ActivationMode>& modes,
@@ -457,6 +458,13 @@ void Gpt::SetBlockRecompute(const std::vector<bool>& recompute) {
 
 void Gpt::SetKernels(Kernels kernels) {
   for (auto& piece : pieces_) piece->SetOps(OpsFor(kernels));
+}
+
+void Gpt::SetPrecision(Precision precision) {
+  TORCH_CHECK(precision == Precision::kFp32 || tp_size_ == 1, "train.dtype = '",
+              PrecisionName(precision), "' is not implemented with tensor parallelism (size ",
+              tp_size_, ")");
+  for (auto& piece : pieces_) piece->SetComputeType(ComputeType(precision));
 }
 
 int64_t Gpt::ActivationBytes() const {

@@ -126,12 +126,17 @@ class Piece {
   virtual int64_t ActivationBytes() const { return 0; }
   // The operations it computes with (runtime/piece_ops.h); the fused CPU kernels until set.
   void SetOps(const PieceOps& ops) { ops_ = &ops; }
+  // The type of its activations and matrix multiplies (at::kFloat until set; at::kBFloat16 needs
+  // the aten operations). Parameters and their gradients stay float32.
+  void SetComputeType(at::ScalarType type) { compute_type_ = type; }
 
  protected:
   const PieceOps& ops() const { return *ops_; }
+  at::ScalarType compute_type() const { return compute_type_; }
 
  private:
   const PieceOps* ops_ = &OpsFor(Kernels::kFused);
+  at::ScalarType compute_type_ = at::kFloat;
 };
 
 // Parameter declaration used while laying out the flat buffers.
@@ -243,6 +248,11 @@ class Gpt {
   // The operations every piece computes with (`train.kernels`; runtime/piece_ops.h): the fused
   // CPU kernels until set. Call between steps.
   void SetKernels(Kernels kernels);
+  // The pieces' compute type (`train.dtype`): fp32 until set. With bf16, activations and matrix
+  // multiplies are bfloat16 (the weights rounded at each use) and need the aten kernels;
+  // parameters, gradients and the loss stay float32 (a stage's boundary activations are
+  // bfloat16). Call between steps. Throws c10::Error for bf16 with tensor parallelism.
+  void SetPrecision(Precision precision);
   // Bytes of activations its pieces hold now in tensors (the offloader's staging buffers, at most
   // its staging_buffers x slot_bytes, apart).
   int64_t ActivationBytes() const;

@@ -14,19 +14,47 @@ namespace {
 constexpr float kLnEps = 1e-5f;
 
 
-// y (N, out) = x (N, in) @ W^T + b
-void LinearForward(const at::Tensor& x, const Param& w, const Param& b, at::Tensor& y) {
-  at::addmm_out(y, b.value, x, w.value.t());
+// A float32 parameter as an operand of a matrix multiply in `type` (the compute type): itself at
+// fp32, rounded to bfloat16 at each use under mixed precision (the master weights stay float32).
+at::Tensor Operand(const at::Tensor& value, at::ScalarType type) {
+  return value.scalar_type() == type ? value : value.to(type);
 }
 
-// dx = dy @ W (written, unless dx is null); dW += dy^T @ x; db += dy^T @ 1.
+// Activation tensors: the compute type, on the parameters' device; float32 there for statistics.
+at::TensorOptions ActOptions(const Param& p, at::ScalarType type) {
+  return p.value.options().dtype(type);
+}
+at::TensorOptions StatOptions(const Param& p) { return p.value.options().dtype(at::kFloat); }
+
+// grad (float32) += a @ b, where a and b are in the compute type: in place at fp32; under mixed
+// precision the product is formed in bfloat16 (float32 accumulation inside) and added.
+void AddMatmul(const at::Tensor& grad, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == grad.scalar_type()) {
+    grad.addmm_(a, b);
+  } else {
+    grad.add_(at::mm(a, b));
+  }
+}
+
+// y (N, out) = x (N, in) @ W^T + b, in x's type.
+void LinearForward(const at::Tensor& x, const Param& w, const Param& b, at::Tensor& y) {
+  at::addmm_out(y, Operand(b.value, x.scalar_type()), x,
+                Operand(w.value, x.scalar_type()).t());
+}
+
+// dx = dy @ W (written, unless dx is null); dW += dy^T @ x; db += dy^T @ 1 (`ones`: N float32
+// ones on dy's device; the sum is taken in float32 under mixed precision).
 void LinearBackward(const at::Tensor& dy, const at::Tensor& x, const Param& w, const Param* b,
                     const at::Tensor& ones, at::Tensor* dx) {
-  if (dx != nullptr) at::mm_out(*dx, dy, w.value);
-  w.grad.addmm_(dy.t(), x);
-  if (b != nullptr) b->grad.addmv_(dy.t(), ones);
+  if (dx != nullptr) at::mm_out(*dx, dy, Operand(w.value, dy.scalar_type()));
+  AddMatmul(w.grad, dy.t(), x);
+  if (b == nullptr) return;
+  if (dy.scalar_type() == b->grad.scalar_type()) {
+    b->grad.addmv_(dy.t(), ones);
+  } else {
+    b->grad.add_(at::sum(dy, {0}, false, b->grad.scalar_type()));
+  }
 }
-
 
 
 // Row-parallel linear: x (N, in / t) holds this rank's slice of the input features and W its
@@ -38,7 +66,7 @@ void RowParallelLinearForward(const at::Tensor& x, const Param& w, const Param& 
     LinearForward(x, w, b, y);
     return;
   }
-  at::mm_out(y, x, w.value.t());
+  at::mm_out(y, x, Operand(w.value, x.scalar_type()).t());
   tp.AllReduce(y, comm::ReduceOp::kSum, where);
   y.add_(b.value);
 }
@@ -79,7 +107,7 @@ class EmbeddingPiece final : public Piece {
     }
     Acts& a = ForwardSlot(slots_, mb.slot);
     a.tokens = tokens;
-    Ensure(a.out, {mb.batch * mb.seq, c});
+    Ensure(a.out, {mb.batch * mb.seq, c}, ActOptions(wte_, compute_type()));
     if (!tp_.active()) {
       ops().EmbeddingForward(tokens, wte_.value, wpe_.value, a.out);
     } else {
@@ -178,40 +206,42 @@ class BlockPiece final : public Piece {
     const int64_t N = B * T, C = x.size(1), H = n_head_, D = head_dim_, CL = H * D,
                   HID = p_.fc_w.value.size(0);
     a.x = x;
-    Ensure(a.ln1, {N, C});
-    Ensure(a.mean1, {N});
-    Ensure(a.rstd1, {N});
+    const at::TensorOptions act = ActOptions(p_.qkv_w, compute_type()),
+                            stat = StatOptions(p_.qkv_w);
+    Ensure(a.ln1, {N, C}, act);
+    Ensure(a.mean1, {N}, stat);
+    Ensure(a.rstd1, {N}, stat);
     ops().LayerNormForward(x, p_.ln1_w.value, p_.ln1_b.value, kLnEps, a.ln1, a.mean1, a.rstd1);
     // qkv (N, 3CL) -> heads (3, B*H, T, D)
-    Ensure(qkv_, {N, 3 * CL});
+    Ensure(qkv_, {N, 3 * CL}, act);
     LinearForward(a.ln1, p_.qkv_w, p_.qkv_b, qkv_);
-    Ensure(a.qkvh, {3, B * H, T, D});
+    Ensure(a.qkvh, {3, B * H, T, D}, act);
     a.qkvh.view({3, B, H, T, D}).copy_(qkv_.view({B, T, 3, H, D}).permute({2, 0, 3, 1, 4}));
     const at::Tensor q = a.qkvh[0], k = a.qkvh[1], v = a.qkvh[2];
     // att (B*H, T, T) = softmax(q k^T / sqrt(D)) with the causal mask
-    Ensure(a.att, {B * H, T, T});
+    Ensure(a.att, {B * H, T, T}, act);
     at::bmm_out(a.att, q, k.transpose(1, 2));
     ops().CausalSoftmaxForward(a.att, 1.0f / std::sqrt(static_cast<float>(D)));
-    Ensure(yh_, {B * H, T, D});
+    Ensure(yh_, {B * H, T, D}, act);
     at::bmm_out(yh_, a.att, v);
     // merge heads -> (N, CL), project to (N, C), add the residual
-    Ensure(a.y, {N, CL});
+    Ensure(a.y, {N, CL}, act);
     a.y.view({B, T, H, D}).copy_(yh_.view({B, H, T, D}).permute({0, 2, 1, 3}));
-    Ensure(a.x1, {N, C});
+    Ensure(a.x1, {N, C}, act);
     RowParallelLinearForward(a.y, p_.proj_w, p_.proj_b, tp_, "attention output projection",
                              a.x1);
     a.x1.add_(x);
     // MLP: LayerNorm, fc (N, HID), GELU, proj, residual
-    Ensure(a.ln2, {N, C});
-    Ensure(a.mean2, {N});
-    Ensure(a.rstd2, {N});
+    Ensure(a.ln2, {N, C}, act);
+    Ensure(a.mean2, {N}, stat);
+    Ensure(a.rstd2, {N}, stat);
     ops().LayerNormForward(a.x1, p_.ln2_w.value, p_.ln2_b.value, kLnEps, a.ln2, a.mean2,
                            a.rstd2);
-    Ensure(a.h, {N, HID});
+    Ensure(a.h, {N, HID}, act);
     LinearForward(a.ln2, p_.fc_w, p_.fc_b, a.h);
-    Ensure(a.g, {N, HID});
+    Ensure(a.g, {N, HID}, act);
     ops().GeluForward(a.h, a.g);
-    Ensure(a.out, {N, C});
+    Ensure(a.out, {N, C}, act);
     RowParallelLinearForward(a.g, p_.mproj_w, p_.mproj_b, tp_, "MLP output projection", a.out);
     a.out.add_(a.x1);
     a.batch = B;
@@ -243,39 +273,42 @@ class BlockPiece final : public Piece {
                   CL = H * D, HID = p_.fc_w.value.size(0);
     TORCH_CHECK(dout.is_contiguous() && dout.dim() == 2 && dout.size(0) == N && dout.size(1) == C,
                 "block backward expects a contiguous (B*T, C) gradient");
-    if (!ones_.defined() || ones_.size(0) != N) ones_ = at::ones({N}, at::kFloat);
+    const at::TensorOptions act = ActOptions(p_.qkv_w, compute_type());
+    if (!ones_.defined() || ones_.size(0) != N || ones_.device() != act.device()) {
+      ones_ = at::ones({N}, StatOptions(p_.qkv_w));
+    }
     // MLP. dout is the same on every rank of a tensor-parallel group, so the replicated
     // mproj bias gets the same gradient everywhere; dln is a partial sum over the hidden units.
-    Ensure(dg_, {N, HID});
+    Ensure(dg_, {N, HID}, act);
     LinearBackward(dout, a.g, p_.mproj_w, &p_.mproj_b, ones_, &dg_);
     ops().GeluBackward(a.h, dg_);
-    Ensure(dln_, {N, C});
+    Ensure(dln_, {N, C}, act);
     LinearBackward(dg_, a.ln2, p_.fc_w, &p_.fc_b, ones_, &dln_);
     if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "MLP backward");
-    Ensure(dx1_, {N, C});
+    Ensure(dx1_, {N, C}, act);
     dx1_.copy_(dout);  // residual path
     ops().LayerNormBackward(dln_, a.x1, p_.ln2_w.value, a.mean2, a.rstd2, dx1_, p_.ln2_w.grad,
                             p_.ln2_b.grad);
     // attention output projection
-    Ensure(dy_, {N, CL});
+    Ensure(dy_, {N, CL}, act);
     LinearBackward(dx1_, a.y, p_.proj_w, &p_.proj_b, ones_, &dy_);
-    Ensure(dyh_, {B * H, T, D});
+    Ensure(dyh_, {B * H, T, D}, act);
     dyh_.view({B, H, T, D}).copy_(dy_.view({B, T, H, D}).permute({0, 2, 1, 3}));
     const at::Tensor q = a.qkvh[0], k = a.qkvh[1], v = a.qkvh[2];
-    Ensure(dqkvh_, {3, B * H, T, D});
+    Ensure(dqkvh_, {3, B * H, T, D}, act);
     // dv = att^T dy;  datt = dy v^T;  dS = softmax backward;  dq = dS k;  dk = dS^T q
     at::Tensor dq = dqkvh_[0], dk = dqkvh_[1], dv = dqkvh_[2];
     at::bmm_out(dv, a.att.transpose(1, 2), dyh_);
-    Ensure(datt_, {B * H, T, T});
+    Ensure(datt_, {B * H, T, T}, act);
     at::bmm_out(datt_, dyh_, v.transpose(1, 2));
     ops().CausalSoftmaxBackward(a.att, datt_, 1.0f / std::sqrt(static_cast<float>(D)));
     at::bmm_out(dq, datt_, k);
     at::bmm_out(dk, datt_.transpose(1, 2), q);
-    Ensure(dqkv_, {N, 3 * CL});
+    Ensure(dqkv_, {N, 3 * CL}, act);
     dqkv_.view({B, T, 3, H, D}).copy_(dqkvh_.view({3, B, H, T, D}).permute({1, 3, 0, 2, 4}));
     LinearBackward(dqkv_, a.ln1, p_.qkv_w, &p_.qkv_b, ones_, &dln_);
     if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "attention backward");
-    Ensure(dx_, {N, C});
+    Ensure(dx_, {N, C}, act);
     dx_.copy_(dx1_);  // residual path
     ops().LayerNormBackward(dln_, a.x, p_.ln1_w.value, a.mean1, a.rstd1, dx_, p_.ln1_w.grad,
                             p_.ln1_b.grad);
@@ -325,12 +358,13 @@ class HeadPiece final : public Piece {
     Acts& a = ForwardSlot(slots_, mb.slot);
     a.x = x;
     a.batch = 0;  // no backward until the loss is known
-    Ensure(a.ln, {N, C});
-    Ensure(a.mean, {N});
-    Ensure(a.rstd, {N});
+    const at::TensorOptions act = ActOptions(wte_, compute_type());
+    Ensure(a.ln, {N, C}, act);
+    Ensure(a.mean, {N}, StatOptions(wte_));
+    Ensure(a.rstd, {N}, StatOptions(wte_));
     ops().LayerNormForward(x, lnf_w_.value, lnf_b_.value, kLnEps, a.ln, a.mean, a.rstd);
-    Ensure(a.probs, {N, V});
-    at::mm_out(a.probs, a.ln, wte_.value.t());
+    Ensure(a.probs, {N, V}, act);
+    at::mm_out(a.probs, a.ln, Operand(wte_.value, compute_type()).t());
     if (mb.targets == nullptr) {
       TORCH_CHECK(!tp_.active(), "logits of a tensor-parallel head are not implemented (this rank "
                   "holds vocabulary rows [", v_begin_, ", ", v_begin_ + V, ") of ", vocab_, ")");
@@ -349,8 +383,8 @@ class HeadPiece final : public Piece {
     if (!tp_.active()) {
       loss = ops().CrossEntropyForward(a.probs, a.targets);
     } else {
-      Ensure(row_max_, {N});
-      Ensure(stats_, {2, N});
+      Ensure(row_max_, {N}, StatOptions(wte_));
+      Ensure(stats_, {2, N}, StatOptions(wte_));
       ops().CrossEntropyShardMax(a.probs, row_max_);
       tp_.AllReduce(row_max_, comm::ReduceOp::kMax, "the loss (logit maxima)");
       ops().CrossEntropyShardExp(a.probs, a.targets, v_begin_, row_max_, stats_);
@@ -373,12 +407,13 @@ class HeadPiece final : public Piece {
     } else {
       ops().CrossEntropyShardBackward(a.probs, a.targets, v_begin_, scale);
     }
-    Ensure(dln_, {N, C});
-    at::mm_out(dln_, a.probs, wte_.value);
+    const at::TensorOptions act = ActOptions(wte_, compute_type());
+    Ensure(dln_, {N, C}, act);
+    at::mm_out(dln_, a.probs, Operand(wte_.value, compute_type()));
     // A sum over the vocabulary: each rank has its rows' share.
     if (tp_.active()) tp_.AllReduce(dln_, comm::ReduceOp::kSum, "the head backward");
-    wte_.grad.addmm_(a.probs.t(), a.ln);
-    Ensure(dx_, {N, C});
+    AddMatmul(wte_.grad, a.probs.t(), a.ln);
+    Ensure(dx_, {N, C}, act);
     dx_.zero_();
     ops().LayerNormBackward(dln_, a.x, lnf_w_.value, a.mean, a.rstd, dx_, lnf_w_.grad,
                             lnf_b_.grad);

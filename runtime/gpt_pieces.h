@@ -16,9 +16,13 @@
 
 namespace shoal::runtime {
 
-// (Re)allocates `t` only when the shape changes, so steady-state steps allocate nothing.
-inline void Ensure(at::Tensor& t, at::IntArrayRef shape) {
-  if (!t.defined() || t.sizes() != shape) t = at::empty(shape, at::kFloat);
+// (Re)allocates `t` only when its shape or type changes, so steady-state steps allocate nothing.
+inline void Ensure(at::Tensor& t, at::IntArrayRef shape,
+                   const at::TensorOptions& options = at::kFloat) {
+  if (!t.defined() || t.sizes() != shape || t.scalar_type() != options.dtype() ||
+      t.device() != options.device()) {
+    t = at::empty(shape, options);
+  }
 }
 
 // The tensor-parallel group as the pieces use it; `group` is null without tensor parallelism.

@@ -97,12 +97,17 @@ class FusedOps final : public PieceOps {
   }
 };
 
+// `t` as float32: itself when it is, else a float32 copy (mixed precision: see piece_ops.h).
+at::Tensor Up(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
 // Device-generic ATen calls: no raw pointers, so the same code runs on any device's tensors.
+// Activations may be bfloat16 (train.dtype): each operation computes in float32 (Up) and writes
+// its result back in the destination's type; float32 tensors take no extra copy.
 class AtenOps final : public PieceOps {
  public:
   void LayerNormForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, float eps,
                         at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) const override {
-    auto [y, m, r] = at::native_layer_norm(x, {x.size(1)}, w, b, eps);
+    auto [y, m, r] = at::native_layer_norm(Up(x), {x.size(1)}, w, b, eps);
     out.copy_(y);
     mean.copy_(m.view({-1}));
     rstd.copy_(r.view({-1}));
@@ -111,33 +116,41 @@ class AtenOps final : public PieceOps {
                          const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx,
                          at::Tensor& dw, at::Tensor& db) const override {
     const int64_t n = x.size(0);
+    const at::Tensor d = Up(dout);
     auto [gx, gw, unused] = at::native_layer_norm_backward(
-        dout, x, {x.size(1)}, mean.view({n, 1}), rstd.view({n, 1}), w, at::Tensor(),
+        d, Up(x), {x.size(1)}, mean.view({n, 1}), rstd.view({n, 1}), w, at::Tensor(),
         {true, true, false});
     dx.add_(gx);
     dw.add_(gw);
-    db.add_(dout.sum(0));
+    db.add_(d.sum(0));
   }
   void GeluForward(const at::Tensor& x, at::Tensor& out) const override {
-    at::gelu_out(out, x, "tanh");
+    if (x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat) {
+      at::gelu_out(out, x, "tanh");
+    } else {
+      out.copy_(at::gelu(Up(x), "tanh"));
+    }
   }
   void GeluBackward(const at::Tensor& x, at::Tensor& dout_to_dx) const override {
-    dout_to_dx.copy_(at::gelu_backward(dout_to_dx, x, "tanh"));
+    dout_to_dx.copy_(at::gelu_backward(Up(dout_to_dx), Up(x), "tanh"));
   }
   void CausalSoftmaxForward(at::Tensor& scores, float scale) const override {
-    scores.mul_(scale).masked_fill_(Above(scores), -std::numeric_limits<float>::infinity());
-    scores.copy_(at::_softmax(scores, -1, false));
+    at::Tensor s = Up(scores);  // scores itself when float32
+    s.mul_(scale).masked_fill_(Above(scores), -std::numeric_limits<float>::infinity());
+    scores.copy_(at::_softmax(s, -1, false));
   }
   void CausalSoftmaxBackward(const at::Tensor& p, at::Tensor& dp, float scale) const override {
     // P is 0 above the diagonal, so the gradient is too.
-    dp.copy_(at::_softmax_backward_data(dp, p, -1, p.scalar_type()).mul_(scale));
+    dp.copy_(at::_softmax_backward_data(Up(dp), Up(p), -1, at::kFloat).mul_(scale));
   }
   double CrossEntropyForward(at::Tensor& logits_to_probs,
                              const at::Tensor& targets) const override {
-    const at::Tensor lse = at::logsumexp(logits_to_probs, {1});
-    const at::Tensor target_logit = logits_to_probs.gather(1, targets.view({-1, 1})).view({-1});
+    at::Tensor l = Up(logits_to_probs);  // logits_to_probs itself when float32
+    const at::Tensor lse = at::logsumexp(l, {1});
+    const at::Tensor target_logit = l.gather(1, targets.view({-1, 1})).view({-1});
     const double loss = (lse.to(at::kDouble) - target_logit.to(at::kDouble)).mean().item<double>();
-    logits_to_probs.sub_(lse.unsqueeze(1)).exp_();
+    l.sub_(lse.unsqueeze(1)).exp_();
+    if (!l.is_same(logits_to_probs)) logits_to_probs.copy_(l);
     return loss;
   }
   void CrossEntropyBackward(at::Tensor& probs_to_grad, const at::Tensor& targets,
@@ -150,13 +163,19 @@ class AtenOps final : public PieceOps {
   void EmbeddingForward(const at::Tensor& tokens, const at::Tensor& wte, const at::Tensor& wpe,
                         at::Tensor& out) const override {
     const int64_t b = tokens.size(0), t = tokens.size(1), c = wte.size(1);
-    at::index_select_out(out, wte, 0, tokens.view({-1}));
-    out.view({b, t, c}).add_(wpe.narrow(0, 0, t));
+    if (out.scalar_type() == wte.scalar_type()) {
+      at::index_select_out(out, wte, 0, tokens.view({-1}));
+      out.view({b, t, c}).add_(wpe.narrow(0, 0, t));
+    } else {  // summed in float32, rounded once
+      out.view({b, t, c})
+          .copy_(wte.index_select(0, tokens.view({-1})).view({b, t, c}).add_(wpe.narrow(0, 0, t)));
+    }
   }
   void EmbeddingBackward(const at::Tensor& tokens, const at::Tensor& dout, at::Tensor& dwte,
                          at::Tensor& dwpe) const override {
-    dwte.index_add_(0, tokens.view({-1}), dout);
-    AddPositionGrad(dout, tokens.size(0), tokens.size(1), dwpe);
+    const at::Tensor d = Up(dout);
+    dwte.index_add_(0, tokens.view({-1}), d);
+    AddPositionGrad(d, tokens.size(0), tokens.size(1), dwpe);
   }
   void EmbeddingShardForward(const at::Tensor& tokens, const at::Tensor& wte_shard,
                              int64_t v_begin, at::Tensor& out) const override {
@@ -243,13 +262,35 @@ class AtenOps final : public PieceOps {
 
 const char* KernelsName(Kernels k) { return k == Kernels::kAten ? "aten" : "fused"; }
 
-absl::StatusOr<Kernels> ParseKernels(const std::string& name) {
-  for (Kernels k : {Kernels::kFused, Kernels::kAten}) {
-    if (name == KernelsName(k)) return k;
+const char* PrecisionName(Precision p) { return p == Precision::kBf16 ? "bf16" : "fp32"; }
+
+at::ScalarType ComputeType(Precision p) {
+  return p == Precision::kBf16 ? at::kBFloat16 : at::kFloat;
+}
+
+absl::StatusOr<Precision> ParsePrecision(const std::string& name) {
+  for (Precision p : {Precision::kFp32, Precision::kBf16}) {
+    if (name == PrecisionName(p)) return p;
   }
   return absl::InvalidArgumentError(absl::StrCat(
-      "train.kernels = '", name, "': must be 'fused' (the CPU kernels) or 'aten' (ATen calls, "
-      "any device)"));
+      "train.dtype = '", name, "': must be 'fp32' or 'bf16' (bfloat16 activations and matrix "
+      "multiplies, float32 weights and optimizer state)"));
+}
+
+absl::StatusOr<Kernels> ParseKernels(const std::string& name, Precision precision) {
+  if (name == "auto") return precision == Precision::kFp32 ? Kernels::kFused : Kernels::kAten;
+  for (Kernels k : {Kernels::kFused, Kernels::kAten}) {
+    if (name != KernelsName(k)) continue;
+    if (k == Kernels::kFused && precision != Precision::kFp32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "train.kernels = 'fused' with train.dtype = '", PrecisionName(precision),
+          "': the fused CPU kernels are float32 only; use 'aten' or 'auto'"));
+    }
+    return k;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "train.kernels = '", name, "': must be 'auto' (fused at fp32, aten at bf16), 'fused' (the "
+      "CPU kernels) or 'aten' (ATen calls, any device)"));
 }
 
 const PieceOps& OpsFor(Kernels k) {

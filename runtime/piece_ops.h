@@ -6,6 +6,11 @@
 // Both keep one contract, the kernels' (see kernels.h for each formula): "+=" where a gradient
 // accumulates, in place where the kernel works in place. Shapes: N rows (tokens), C channels,
 // V vocabulary rows (this rank's, under tensor parallelism).
+//
+// Mixed precision (`train.dtype = "bf16"`, kAten only): activations and their gradients may be
+// bfloat16; parameters, their gradients and LayerNorm's mean and rstd are always float32. The
+// aten set computes every operation here in float32 and rounds only what it writes into a
+// bfloat16 tensor, so only the matrix multiplies (the pieces' own) run in bfloat16.
 #ifndef SHOAL_RUNTIME_PIECE_OPS_H_
 #define SHOAL_RUNTIME_PIECE_OPS_H_
 
@@ -22,8 +27,23 @@ enum class Kernels { kFused, kAten };
 
 // "fused" or "aten".
 const char* KernelsName(Kernels k);
-// Parses `train.kernels`; kInvalidArgument names the value and the choices.
-absl::StatusOr<Kernels> ParseKernels(const std::string& name);
+
+// The compute type of activations and matrix multiplies (`train.dtype`); parameters, gradients
+// and optimizer states stay float32 either way.
+enum class Precision { kFp32, kBf16 };
+
+// "fp32" or "bf16".
+const char* PrecisionName(Precision p);
+// at::kFloat or at::kBFloat16.
+at::ScalarType ComputeType(Precision p);
+// Parses `train.dtype`; kInvalidArgument names the value and the choices.
+absl::StatusOr<Precision> ParsePrecision(const std::string& name);
+
+// Parses `train.kernels` for a run at `precision`: "fused", "aten", or "auto" (fused at fp32,
+// aten at bf16). kInvalidArgument names the value and the choices, and refuses "fused" with
+// bf16 (the fused kernels are float32 only).
+absl::StatusOr<Kernels> ParseKernels(const std::string& name,
+                                     Precision precision = Precision::kFp32);
 
 class PieceOps {
  public:

@@ -13,9 +13,19 @@
 #include "parallel/adamw.h"
 #include "parallel/demo.h"
 #include "parallel/mesh.h"
+#include "runtime/piece_ops.h"
 
 namespace shoal::runtime {
 namespace {
+
+// train.kernels as the run resolves it ("auto" named with what it chose).
+std::string KernelsOf(const TrainConfig& t) {
+  const absl::StatusOr<Precision> precision = ParsePrecision(t.dtype);
+  const absl::StatusOr<Kernels> kernels =
+      precision.ok() ? ParseKernels(t.kernels, *precision) : precision.status();
+  if (!kernels.ok() || t.kernels != "auto") return t.kernels;
+  return absl::StrCat("auto (", KernelsName(*kernels), ")");
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -104,7 +114,7 @@ void RunReport::Describe(const ThreadPlan& threads, double throttle, bool layout
   SHOAL_LOG(Info) << "model: GPT " << c.model.n_layer << " layers, " << c.model.n_head
                   << " heads, width " << c.model.n_embd << ", context " << c.model.block_size
                   << ", vocab " << c.model.vocab_size << ": " << GptParameters(ShapeOf(c.model))
-                  << " parameters";
+                  << " parameters; compute " << c.train.dtype << ", kernels " << KernelsOf(c.train);
   SHOAL_LOG(Info) << "data: " << c.data.dir << ": " << data.train->size() << " train / "
                   << data.val->size() << " val tokens";
   const std::string how =

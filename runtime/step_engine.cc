@@ -595,9 +595,10 @@ absl::Status StepEngine::PlanActivations(int rank) {
 }
 
 absl::Status StepEngine::UseKernels(Gpt& model) const {
-  SHOAL_ASSIGN_OR_RETURN(const Kernels kernels, ParseKernels(config_.train.kernels));
+  SHOAL_ASSIGN_OR_RETURN(const Precision precision, ParsePrecision(config_.train.dtype));
+  SHOAL_ASSIGN_OR_RETURN(const Kernels kernels, ParseKernels(config_.train.kernels, precision));
   model.SetKernels(kernels);
-  return absl::OkStatus();
+  return CatchTorch("setting the compute type", [&] { model.SetPrecision(precision); });
 }
 
 absl::StatusOr<double> StepEngine::EvaluateLoss(const Batches& batches) {

@@ -129,7 +129,8 @@ class StepEngine {
   // Applies memory.activation_budget's plan to model_ (keep, recompute or offload per block) and
   // keeps its line for the log. `rank` names the offload tier's file.
   absl::Status PlanActivations(int rank);
-  // Sets `model`'s operations to train.kernels' (runtime/piece_ops.h).
+  // Sets `model`'s operations and compute type to train.kernels' and train.dtype's
+  // (runtime/piece_ops.h).
   absl::Status UseKernels(Gpt& model) const;
 
   const Config config_;

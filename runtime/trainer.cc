@@ -104,7 +104,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   // the others wait in the broadcast, so ranks sharing a host do not measure at once and see
   // half the machine each.
   if (t->rank_ == 0) {
-    SHOAL_ASSIGN_OR_RETURN(t->peak_gflops_, PeakGflops());
+    // MFU against the peak of the type the matmuls run in (train.dtype).
+    SHOAL_ASSIGN_OR_RETURN(t->peak_gflops_,
+                           PeakGflops(false, c.train.dtype == "bf16" ? GemmType::kBFloat16
+                                                                     : GemmType::kFloat32));
   }
   if (t->world_ > 1) {
     at::Tensor peak = at::full({1}, t->peak_gflops_, at::kDouble);

@@ -48,6 +48,7 @@ void ExpectSameValues(const Config& a, const Config& b) {
   EXPECT_EQ(a.train.omp_threads, b.train.omp_threads);
   EXPECT_EQ(a.train.blas_threads, b.train.blas_threads);
   EXPECT_EQ(a.train.kernels, b.train.kernels);
+  EXPECT_EQ(a.train.dtype, b.train.dtype);
   EXPECT_EQ(a.optim.lr, b.optim.lr);  // exact: the round trip must not lose bits
   EXPECT_EQ(a.optim.min_lr_ratio, b.optim.min_lr_ratio);
   EXPECT_EQ(a.optim.warmup_steps, b.optim.warmup_steps);
@@ -237,6 +238,7 @@ TEST(ConfigTest, ValidationNamesEachBadKey) {
       {"train.omp_threads=-1", "train.omp_threads"},
       {"train.blas_threads=-2", "train.blas_threads"},
       {"train.kernels=cuda", "train.kernels = 'cuda'"},
+      {"train.dtype=fp16", "train.dtype = 'fp16'"},
       {"checkpoint.every=-1", "checkpoint.every"},
       {"checkpoint.keep=-1", "checkpoint.keep"},
       {"optim.lr=0", "optim.lr"},
@@ -256,6 +258,20 @@ TEST(ConfigTest, ValidationNamesEachBadKey) {
     EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << c.override_text;
     EXPECT_THAT(Msg(config.status()), HasSubstr(c.key)) << c.override_text;
   }
+  // bf16 where it is not implemented yet, or with the float32-only kernels.
+  const std::pair<std::vector<std::string>, std::string> mixed[] = {
+      {{"train.dtype=bf16", "train.kernels=fused"}, "'fused' with train.dtype = 'bf16'"},
+      {{"train.dtype=bf16", "parallel.pp=2"}, "not implemented with model parallelism"},
+      {{"train.dtype=bf16", "memory.activation_budget=\"64MiB\""},
+       "not implemented with memory.activation_budget"},
+  };
+  for (const auto& [overrides, message] : mixed) {
+    absl::StatusOr<Config> config = Parse(kMinimal, overrides);
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << overrides[1];
+    EXPECT_THAT(Msg(config.status()), HasSubstr(message)) << overrides[1];
+  }
+  EXPECT_TRUE(Parse(kMinimal, {"train.dtype=bf16"}).ok());
+  EXPECT_TRUE(Parse(kMinimal, {"train.dtype=bf16", "train.kernels=aten"}).ok());
   // Boundary values that are fine.
   EXPECT_TRUE(Parse(kMinimal, {"model.vocab_size=2", "optim.beta1=0", "optim.min_lr_ratio=1",
                                "train.eval_every=0", "checkpoint.keep=0", "optim.grad_clip=0"})
@@ -314,7 +330,7 @@ TEST(ConfigTest, ToTomlRoundTrips) {
   original.train.out_dir = "runs/#not-a-comment";
   original.train.omp_threads = 3;
   original.train.blas_threads = 1;
-  original.train.kernels = "aten";
+  original.train.kernels = "aten";  // (train.dtype stays fp32: bf16 refuses this config's pp)
   original.optim.lr = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
   original.optim.min_lr_ratio = 1.0;
   original.optim.warmup_steps = 123;
