@@ -9,7 +9,7 @@ std::vector<Subcommand> Benches(const BenchHost& host) {
   auto bind = [&host](int (*main)(int, char**, const BenchHost&)) {
     return [main, host](int argc, char** argv) { return main(argc, argv, host); };
   };
-  return {
+  std::vector<Subcommand> table = {
       {"dp", "Data parallel on one host: 2 ranks x 1 thread vs 1 rank x 2 threads, same global batch",
        bind(DpBenchMain)},
       {"comm", "All-reduce time and bus bandwidth, 4 KB .. 256 MB, beside raw loopback TCP",
@@ -24,17 +24,22 @@ std::vector<Subcommand> Benches(const BenchHost& host) {
        bind(DemoBenchMain)},
       {"memory", "Model states paged to disk under a host budget vs all in RAM: tokens/s, RSS",
        bind(MemoryBenchMain)},
-      {"swarm",
-       "A swarm vs the static pipeline with workers killed, and a straggler with and without "
-       "the rebalancer: committed tokens/s",
-       bind(SwarmBenchMain)},
       {"allocator",
        "Host memory: bench train with glibc's allocator defaults vs freed blocks kept for reuse",
        bind(AllocatorBenchMain)},
+  };
+#ifdef SHOAL_HAVE_COORDINATOR
+  // They run the coordinator (SHOAL_COORDINATOR: gRPC).
+  table.push_back({"swarm",
+                   "A swarm vs the static pipeline with workers killed, and a straggler with and "
+                   "without the rebalancer: committed tokens/s",
+                   bind(SwarmBenchMain)});
+  table.push_back(
       {"coordinator",
        "Coordinator: layout solve time on 16 .. 4096 synthetic devices, heartbeats per second",
-       bind(CoordinatorBenchMain)},
-  };
+       bind(CoordinatorBenchMain)});
+#endif
+  return table;
 }
 
 int BenchMain(int argc, char** argv, const BenchHost& host, const std::vector<Subcommand>& extra) {

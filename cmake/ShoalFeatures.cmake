@@ -17,17 +17,48 @@ find_package(Torch REQUIRED)
 shoal_report("LibTorch" Torch_FOUND "${Torch_VERSION} (${TORCH_INSTALL_PREFIX})")
 find_package(Protobuf REQUIRED)
 shoal_report("Protocol Buffers" Protobuf_FOUND "${Protobuf_VERSION}")
-find_package(gRPC CONFIG REQUIRED)
-shoal_report("gRPC" gRPC_FOUND "${gRPC_VERSION}")
-# The coordinator's HTTP port: Prometheus text from prometheus-cpp's registry and serializer,
-# served with cpp-httplib (a compiled library in Debian, found through pkg-config).
-find_package(prometheus-cpp CONFIG REQUIRED)
-shoal_report("prometheus-cpp" prometheus-cpp_FOUND "${prometheus-cpp_VERSION}")
+
+# Optional features, each ON where its dependencies are found (and not switched off), so that a
+# machine without them (the GPU machines have only LibTorch and CUDA) still builds the core:
+# common/, memory/, comm/ (Gloo, NCCL), parallel/, scheduler/'s solver and simulator, runtime/,
+# and the train, run, bench, profile, prepare-data and env subcommands.
+#   SHOAL_COORDINATOR  the coordinator service, its HTTP status and dashboard, swarm mode, and
+#                      the workers' link to it (`shoal coordinator`, `worker`, `status`,
+#                      `train --coordinator`): gRPC, prometheus-cpp, cpp-httplib.
+#   SHOAL_MPI          the MPI backend (parallel.backend = "mpi"): an MPI with C++ bindings.
+option(SHOAL_COORDINATOR
+       "Build the coordinator and swarm mode where gRPC, prometheus-cpp and cpp-httplib are found"
+       ON)
+option(SHOAL_MPI "Build the MPI backend where MPI is found" ON)
 find_package(PkgConfig REQUIRED)
-pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
-shoal_report("cpp-httplib" HTTPLIB_FOUND "${HTTPLIB_VERSION}")
-find_package(MPI COMPONENTS CXX QUIET)
-shoal_report("MPI" MPI_CXX_FOUND "${MPI_CXX_VERSION}")
+set(SHOAL_HAVE_COORDINATOR OFF)
+if(SHOAL_COORDINATOR)
+  find_package(gRPC CONFIG QUIET)
+  shoal_report("gRPC" gRPC_FOUND "${gRPC_VERSION}")
+  # The coordinator's HTTP port: Prometheus text from prometheus-cpp's registry and serializer,
+  # served with cpp-httplib (a compiled library in Debian, found through pkg-config).
+  find_package(prometheus-cpp CONFIG QUIET)
+  shoal_report("prometheus-cpp" prometheus-cpp_FOUND "${prometheus-cpp_VERSION}")
+  pkg_check_modules(HTTPLIB QUIET IMPORTED_TARGET cpp-httplib)
+  shoal_report("cpp-httplib" HTTPLIB_FOUND "${HTTPLIB_VERSION}")
+  if(gRPC_FOUND AND prometheus-cpp_FOUND AND HTTPLIB_FOUND)
+    set(SHOAL_HAVE_COORDINATOR ON)
+  endif()
+  shoal_report("feature SHOAL_COORDINATOR" SHOAL_HAVE_COORDINATOR
+               "(needs gRPC, prometheus-cpp and cpp-httplib)")
+else()
+  message(STATUS "shoal: feature SHOAL_COORDINATOR: off (-DSHOAL_COORDINATOR=OFF)")
+endif()
+set(SHOAL_HAVE_MPI OFF)
+if(SHOAL_MPI)
+  find_package(MPI COMPONENTS CXX QUIET)
+  shoal_report("MPI" MPI_CXX_FOUND "${MPI_CXX_VERSION}")
+  if(MPI_CXX_FOUND)
+    set(SHOAL_HAVE_MPI ON)
+  endif()
+else()
+  message(STATUS "shoal: feature SHOAL_MPI: off (-DSHOAL_MPI=OFF)")
+endif()
 find_package(tomlplusplus CONFIG REQUIRED)
 shoal_report("toml++" tomlplusplus_FOUND "")
 find_package(nlohmann_json CONFIG REQUIRED)

@@ -5,6 +5,7 @@
 // How the process ends (exit codes 0 / 1 / 2 / 128 + signal, stop signals) is exit_code.h's.
 #include <unistd.h>
 
+#include <cstdio>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -98,6 +99,23 @@ int BenchMain(int argc, char** argv) {
         BenchTrainMain}});
 }
 
+// The coordinator's subcommands need SHOAL_COORDINATOR (gRPC): a binary built without it keeps
+// their names, and each says so and exits 2.
+#ifdef SHOAL_HAVE_COORDINATOR
+#define SHOAL_IF_COORDINATOR(main, name) main
+#define SHOAL_NOT_BUILT ""
+#else
+#define SHOAL_NOT_BUILT " [not in this build: SHOAL_COORDINATOR]"
+#define SHOAL_IF_COORDINATOR(main, name)                                                       \
+  [](int, char**) {                                                                            \
+    std::fprintf(stderr,                                                                       \
+                 "shoal " name ": this binary was built without the coordinator "              \
+                 "(SHOAL_COORDINATOR: gRPC, prometheus-cpp and cpp-httplib were not found, "   \
+                 "or it was switched off at configure)\n");                                    \
+    return 2;                                                                                  \
+  }
+#endif
+
 // Every subcommand, in the order `shoal --help` lists them.
 const std::vector<Subcommand>& Subcommands() {
   static const auto* const table = new std::vector<Subcommand>{
@@ -107,11 +125,14 @@ const std::vector<Subcommand>& Subcommands() {
       {"run", "Start and supervise the local ranks of a job: shoal run [flags] -- <subcommand>",
        RunLauncherMain},
       {"bench", "Benchmarks that print figures", BenchMain},
-      {"coordinator", "Run the coordinator service (gRPC, HTTP status and dashboard)",
-       CoordinatorMain},
-      {"worker", "Join a swarm as a stage peer or (--trainer) a trainer: shoal worker --join ...",
-       WorkerMain},
-      {"status", "Show the cluster as the coordinator sees it", StatusMain},
+      {"coordinator",
+       "Run the coordinator service (gRPC, HTTP status and dashboard)" SHOAL_NOT_BUILT,
+       SHOAL_IF_COORDINATOR(CoordinatorMain, "coordinator")},
+      {"worker", "Join a swarm as a stage peer or (--trainer) a trainer: shoal worker --join ..."
+           SHOAL_NOT_BUILT,
+       SHOAL_IF_COORDINATOR(WorkerMain, "worker")},
+      {"status", "Show the cluster as the coordinator sees it" SHOAL_NOT_BUILT,
+       SHOAL_IF_COORDINATOR(StatusMain, "status")},
       {"simulate", "Run the coordinator's membership and solver on virtual devices", SimulateMain},
       {"profile", "Measure this machine's device profile (as workers send it)", ProfileMain},
       {"env", "Print this process's place in a distributed job (rank, world size, ...) as JSON",
