@@ -9,6 +9,7 @@
 #include <memory>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "absl/time/time.h"
 #include "comm/backend.h"
