@@ -3,8 +3,8 @@
 #
 #   OUT=/tmp/out bash bench/gpu/memory_check.sh
 #
-# It prints the toolchain, unpacks abseil and googletest from .gpu-debs/ if that folder is there
-# (the GPU machines have no development packages; see README.md for fetching them), builds
+# It prints the toolchain, unpacks abseil and googletest from .gpu-debs/ into a prefix if that
+# folder is there (the GPU machines have no development packages; bench/gpu/fetch-debs), builds
 # bench/gpu/ (a standalone CMake project: the device tier's sources, its test and offload_bench)
 # into $BUILD_DIR, then runs the test, offload_bench's self-check against a CPU reference, the
 # benchmark at its defaults (states 4x over the device budget) and at 8x, the offloaded run of
@@ -28,33 +28,9 @@ LOG=$OUT/memory_check.log
 : > "$LOG"
 export PATH="$PATH:$CUDA_HOME/bin"
 
-say() { echo "memory_check: $*" | tee -a "$LOG"; }
-
-failed=() skipped=() passed=()
-# step NAME TIMEOUT_S COMMAND...: runs it with its output into the log (and on the terminal),
-# records how it ended and how long it took; returns its status.
-step() {
-  local name=$1 limit=$2
-  shift 2
-  say "=== $name: $*"
-  local t0 rc ms
-  t0=$(date +%s%N)
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-  local took="$((ms / 1000)).$(printf %03d $((ms % 1000))) s"
-  case "$rc" in
-    0) passed+=("$name"); say "=== $name: ok in $took" ;;
-    77) skipped+=("$name"); say "=== $name: SKIPPED (exit 77) in $took" ;;
-    124) failed+=("$name"); say "=== $name: TIMED OUT after $limit s" ;;
-    *) failed+=("$name"); say "=== $name: FAILED (exit $rc) in $took" ;;
-  esac
-  return "$rc"
-}
-# Information only: logged, never counted as a failure.
-info() { say "--- $*"; timeout 30 "$@" 2>&1 | tee -a "$LOG"; }
-# A step that cannot run because one it needs failed.
-not_run() { failed+=("$1"); say "=== $1: not run ($2)"; }
+NAME=memory_check
+# shellcheck source=bench/gpu/steps.sh
+source bench/gpu/steps.sh
 
 say "repository $(pwd), results in $OUT, build in $BUILD_DIR, started $(date -u +%FT%TZ)"
 step nvidia-smi 30 nvidia-smi -L
@@ -65,22 +41,9 @@ info g++ --version
 info cmake --version
 info nproc
 
-# abseil and googletest as Debian packages, unpacked over / (or, without the right to write
-# there, into a prefix that CMake is pointed at).
-PREFIX_ARGS=()
-if [ -d .gpu-debs ] && ls .gpu-debs/*.deb > /dev/null 2>&1; then
-  root=/
-  if [ ! -w /usr/lib ]; then
-    root=/tmp/gpu-debs-root
-    mkdir -p "$root"
-    PREFIX_ARGS=(-DCMAKE_PREFIX_PATH="$root/usr")
-    export LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  fi
-  step unpack-debs 120 bash -c \
-    'for f in .gpu-debs/*.deb; do echo "dpkg -x $f $0"; dpkg -x "$f" "$0" || exit 1; done' "$root"
-else
-  say "no .gpu-debs/*.deb: using the abseil and googletest already installed, if any"
-fi
+# abseil and googletest as Debian packages (with the rest of .gpu-debs), unpacked into a prefix
+# that CMake is pointed at: over / they would replace the machine's own libraries (OpenSSL).
+unpack_debs /tmp/gpu-debs-root
 
 GENERATOR=(-G Ninja)
 command -v ninja > /dev/null 2>&1 || GENERATOR=()
@@ -124,10 +87,4 @@ fi
 # NCCL on this machine too (bench/gpu/nccl_check.sh: one rank per GPU here), since it is lent.
 step nccl-check 300 env OUT_DIR=/tmp/nccl bash bench/gpu/nccl_check.sh 2 268435456 10
 
-say "passed: ${passed[*]:-none}"
-say "skipped: ${skipped[*]:-none}"
-say "failed: ${failed[*]:-none}"
-say "finished $(date -u +%FT%TZ)"
-if [ ${#failed[@]} -gt 0 ]; then exit 1; fi
-if [ ${#skipped[@]} -gt 0 ]; then exit 77; fi
-exit 0
+finish
