@@ -579,12 +579,10 @@ absl::Status ValidateConfig(const Config& c) {
   p.Check(!c.train.out_dir.empty(), "train.out_dir must not be empty");
   non_negative("train.omp_threads", c.train.omp_threads);
   non_negative("train.blas_threads", c.train.blas_threads);
-  const absl::StatusOr<Precision> precision = ParsePrecision(c.train.dtype);
-  p.Check(precision.ok(), std::string(precision.status().message()));
-  if (precision.ok()) {
-    const absl::Status kernels = ParseKernels(c.train.kernels, *precision).status();
-    p.Check(kernels.ok(), std::string(kernels.message()));
-    if (*precision != Precision::kFp32) {
+  const absl::StatusOr<Compute> compute = ParseCompute(c.train.kernels, c.train.dtype);
+  p.Check(compute.ok(), std::string(compute.status().message()));
+  if (compute.ok()) {
+    if (compute->precision != Precision::kFp32) {
       // Not yet: the pipeline's and tensor parallelism's exchanges carry float32 activations,
       // and the activation offloader packs float32.
       p.Check(c.parallel.tp == 1 && c.parallel.pp == 1,

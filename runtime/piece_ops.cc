@@ -293,6 +293,17 @@ absl::StatusOr<Kernels> ParseKernels(const std::string& name, Precision precisio
       "CPU kernels) or 'aten' (ATen calls, any device)"));
 }
 
+absl::StatusOr<Compute> ParseCompute(const std::string& kernels, const std::string& dtype) {
+  Compute c;
+  absl::StatusOr<Precision> precision = ParsePrecision(dtype);
+  if (!precision.ok()) return precision.status();
+  c.precision = *precision;
+  absl::StatusOr<Kernels> k = ParseKernels(kernels, c.precision);
+  if (!k.ok()) return k.status();
+  c.kernels = *k;
+  return c;
+}
+
 const PieceOps& OpsFor(Kernels k) {
   static const FusedOps fused;
   static const AtenOps aten;

@@ -45,6 +45,14 @@ absl::StatusOr<Precision> ParsePrecision(const std::string& name);
 absl::StatusOr<Kernels> ParseKernels(const std::string& name,
                                      Precision precision = Precision::kFp32);
 
+// What a run computes with: `train.kernels` resolved for `train.dtype` (the one place both are
+// read together). Errors as ParsePrecision's, then ParseKernels'.
+struct Compute {
+  Kernels kernels = Kernels::kFused;
+  Precision precision = Precision::kFp32;
+};
+absl::StatusOr<Compute> ParseCompute(const std::string& kernels, const std::string& dtype);
+
 class PieceOps {
  public:
   virtual ~PieceOps() = default;

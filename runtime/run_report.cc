@@ -20,11 +20,9 @@ namespace {
 
 // train.kernels as the run resolves it ("auto" named with what it chose).
 std::string KernelsOf(const TrainConfig& t) {
-  const absl::StatusOr<Precision> precision = ParsePrecision(t.dtype);
-  const absl::StatusOr<Kernels> kernels =
-      precision.ok() ? ParseKernels(t.kernels, *precision) : precision.status();
-  if (!kernels.ok() || t.kernels != "auto") return t.kernels;
-  return absl::StrCat("auto (", KernelsName(*kernels), ")");
+  const absl::StatusOr<Compute> compute = ParseCompute(t.kernels, t.dtype);
+  if (!compute.ok() || t.kernels != "auto") return t.kernels;
+  return absl::StrCat("auto (", KernelsName(compute->kernels), ")");
 }
 
 using Clock = std::chrono::steady_clock;

@@ -595,10 +595,10 @@ absl::Status StepEngine::PlanActivations(int rank) {
 }
 
 absl::Status StepEngine::UseKernels(Gpt& model) const {
-  SHOAL_ASSIGN_OR_RETURN(const Precision precision, ParsePrecision(config_.train.dtype));
-  SHOAL_ASSIGN_OR_RETURN(const Kernels kernels, ParseKernels(config_.train.kernels, precision));
-  model.SetKernels(kernels);
-  return CatchTorch("setting the compute type", [&] { model.SetPrecision(precision); });
+  SHOAL_ASSIGN_OR_RETURN(const Compute compute,
+                         ParseCompute(config_.train.kernels, config_.train.dtype));
+  model.SetKernels(compute.kernels);
+  return CatchTorch("setting the compute type", [&] { model.SetPrecision(compute.precision); });
 }
 
 absl::StatusOr<double> StepEngine::EvaluateLoss(const Batches& batches) {

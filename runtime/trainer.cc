@@ -105,9 +105,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const Config& config,
   // half the machine each.
   if (t->rank_ == 0) {
     // MFU against the peak of the type the matmuls run in (train.dtype).
+    SHOAL_ASSIGN_OR_RETURN(const Compute compute, ParseCompute(c.train.kernels, c.train.dtype));
     SHOAL_ASSIGN_OR_RETURN(t->peak_gflops_,
-                           PeakGflops(false, c.train.dtype == "bf16" ? GemmType::kBFloat16
-                                                                     : GemmType::kFloat32));
+                           PeakGflops(false, compute.precision == Precision::kBf16
+                                                 ? GemmType::kBFloat16
+                                                 : GemmType::kFloat32));
   }
   if (t->world_ > 1) {
     at::Tensor peak = at::full({1}, t->peak_gflops_, at::kDouble);

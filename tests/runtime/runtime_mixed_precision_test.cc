@@ -42,6 +42,14 @@ TEST(MixedPrecisionTest, DtypeAndKernelsParseAndBadValuesAreRefusedNamingThem) {
   ASSERT_FALSE(fused.ok());
   EXPECT_NE(fused.status().message().find("'fused' with train.dtype = 'bf16'"), std::string::npos)
       << fused.status();
+  const absl::StatusOr<Compute> compute = ParseCompute("auto", "bf16");
+  ASSERT_TRUE(compute.ok()) << compute.status();
+  EXPECT_EQ(compute->kernels, Kernels::kAten);
+  EXPECT_EQ(compute->precision, Precision::kBf16);
+  EXPECT_NE(ParseCompute("auto", "fp8").status().message().find("train.dtype = 'fp8'"),
+            std::string::npos);
+  EXPECT_NE(ParseCompute("cuda", "fp32").status().message().find("train.kernels = 'cuda'"),
+            std::string::npos);
 }
 
 // Each aten op on bfloat16 activations against the same op on their float32 values: the
